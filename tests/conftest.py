@@ -1,0 +1,21 @@
+"""Shared test setup: offline environment, and the bitsandbytes silent-gradient warning as an error."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+from cadre.env import OFFLINE_ENV
+
+os.environ.update(OFFLINE_ENV)
+
+
+@pytest.fixture(autouse=True)
+def _bitsandbytes_autograd_warning_is_an_error():
+    # STACK.md: a no-grad forward on a 4-bit model repacks its weights and training then silently
+    # loses gradients; bitsandbytes only warns. In tests that warning fails the test.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*gemv_4bit.*autograd kernel.*")
+        yield
