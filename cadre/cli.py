@@ -16,8 +16,9 @@ from pathlib import Path
 from rich.console import Console
 
 from cadre.config import ConfigError, load_config
+from cadre.env import apply_env
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 EXIT_INVALID = 2
 
 
@@ -30,14 +31,20 @@ def _config_arg(parser: argparse.ArgumentParser, positional: bool = False) -> No
 
 
 def _load(file: str):
+    """Validate the file (exit 2 on problems) and point this process at the project's services.
+
+    The environment is set here, before anything imports Prefect: Prefect reads its settings at import.
+    """
     try:
-        return load_config(file)
+        config = load_config(file)
     except ConfigError as error:
         for issue in error.issues:
             print(issue.render(str(file)), file=sys.stderr)
         noun = "problem" if len(error.issues) == 1 else "problems"
         console.print(f"[red]{file}: {len(error.issues)} {noun}; nothing was run.[/red]")
         raise SystemExit(EXIT_INVALID) from None
+    apply_env(config)
+    return config
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -172,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("run", help="run a flow now, through its Prefect deployment, and wait for it")
     _config_arg(p)
-    p.add_argument("flow", choices=["reindex", "optimize", "refresh", "feedback", "noop"], help="which flow")
+    p.add_argument("flow", choices=["check", "reindex", "optimize", "refresh", "feedback"], help="which flow")
     p.add_argument("-s", "--specialist", help="specialist name (default: every specialist)")
     p.add_argument("--budget", choices=["smoke", "full"], default="full", help="smoke: the reduced budget (default: %(default)s)")
     p.set_defaults(func=cmd_run)

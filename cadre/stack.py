@@ -221,6 +221,8 @@ class Stack:
         if service.name == "prefect":
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{self.state / 'prefect' / 'prefect.db'}"
             env["PREFECT_UI_API_URL"] = self.config.project.prefect.api
+        if service.name == "worker":
+            env["PREFECT_WORKER_QUERY_SECONDS"] = "2"  # pick up a triggered run within ~2 s, not 10
         (self.state / "prefect").mkdir(parents=True, exist_ok=True)
         (self.state / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
         log = self._log(service).open("ab")

@@ -1,0 +1,127 @@
+"""MLflow runs for Cadre's flows: one run per flow run, resolved config logged before any work.
+
+Every flow opens its run with `open_run`, which records the validated specialist config, the
+pipelines.yaml hash, the code version and the Prefect flow-run id (so `cadre run` and a reviewer can
+go from a Prefect run to its MLflow run and back). Tasks log to the run by id through `MlflowClient`,
+which is safe from any thread.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cadre.config import CadreConfig
+
+TAG_SPECIALIST = "cadre.specialist"
+TAG_FLOW = "cadre.flow"
+TAG_FLOW_RUN = "cadre.prefect_flow_run_id"
+TAG_BUDGET = "cadre.budget"
+TAG_CONFIG_SHA = "cadre.pipelines_sha256"
+TAG_CODE = "cadre.code_version"
+
+
+def experiment_name(config: CadreConfig, specialist: str) -> str:
+    return f"{config.project.name}/{specialist}"
+
+
+def code_version(root: Path) -> str:
+    """The git commit of the project (with `+dirty` when the tree has changes), or `unknown`."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """Identifies the MLflow run of one flow run."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+    @property
+    def url(self) -> str:
+        return f"{self.tracking_uri}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+def open_run(config: CadreConfig, specialist: str, flow: str, budget: str, flow_run_id: str | None) -> RunHandle:
+    """Create the MLflow run of a flow run and log the resolved config first.
+
+    Args:
+        config: the validated pipelines file.
+        specialist: the specialist the flow works for.
+        flow: flow kind (reindex, optimize, refresh, feedback, check).
+        budget: `smoke` or `full`.
+        flow_run_id: the Prefect flow-run id, recorded as a tag.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(config.project.mlflow.uri)
+    name = experiment_name(config, specialist)
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name, tags={TAG_SPECIALIST: specialist})
+    settings = config.specialist(specialist)
+    tags = {
+        TAG_SPECIALIST: specialist,
+        TAG_FLOW: flow,
+        TAG_BUDGET: budget,
+        TAG_CONFIG_SHA: config.sha256,
+        TAG_CODE: code_version(config.root),
+        "mlflow.runName": f"{flow}-{budget}",
+    }
+    if flow_run_id:
+        tags[TAG_FLOW_RUN] = flow_run_id
+        tags["cadre.prefect_flow_run_url"] = f"{config.project.prefect.ui}/runs/flow-run/{flow_run_id}"
+    run = client.create_run(experiment_id, tags=tags)
+    run_id = run.info.run_id
+    resolved = {"project": config.project.model_dump(mode="json"), "specialist": settings.model_dump(mode="json")}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "resolved_config.json"
+        path.write_text(json.dumps(resolved, indent=2))
+        client.log_artifact(run_id, str(path), artifact_path="config")
+    from mlflow.entities import Param
+
+    params = [Param(key, value) for key, value in flatten(settings.model_dump(mode="json")).items()]
+    for start in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
+        client.log_batch(run_id, params=params[start:start + 100])
+    return RunHandle(run_id=run_id, experiment_id=experiment_id, tracking_uri=config.project.mlflow.uri)
+
+
+def close_run(handle: RunHandle, status: str = "FINISHED") -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(handle.tracking_uri).set_terminated(handle.run_id, status=status)
+
+
+def find_run(tracking_uri: str, flow_run_id: str):
+    """The MLflow run a Prefect flow run logged to, or None."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return None
+    runs = client.search_runs(experiments, filter_string=f"tags.`{TAG_FLOW_RUN}` = '{flow_run_id}'", max_results=1)
+    return runs[0] if runs else None
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested settings into `a.b.c` → short string params (lists and long texts are summarised)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
+            out[name] = text if len(text) <= 250 else text[:247] + "..."
+    return out

@@ -1,0 +1,203 @@
+"""Prefect deployments of the team: one per specialist × flow, on the project's process work pool.
+
+`deploy_all` is idempotent. A deployment is named `<flow>/<specialist>`; its schedule carries the
+stable slug `<specialist>-<flow>` and keeps the `active` flag a user set in the UI (redeploying never
+re-activates a paused schedule). Deployments of removed specialists or schedules are deleted. Every
+deployment allows one run at a time (`concurrency_limit=1`). `run_now` triggers a deployment and
+follows the run to its end, printing its state and the MLflow run it logged to.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from cadre.config import CadreConfig
+from cadre.env import apply_env
+from cadre.tracking import find_run
+from flows import FLOWS
+
+TAG_MANAGED = "cadre"
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """What one deployment should look like."""
+
+    flow_kind: str
+    specialist: str
+    cron: str | None
+    timezone: str
+    active: bool
+
+    @property
+    def slug(self) -> str:
+        return f"{self.specialist}-{self.flow_kind}"
+
+
+def desired_deployments(config: CadreConfig) -> list[DeploymentSpec]:
+    """Every specialist × flow kind that exists in code: scheduled ones with their cron, `check` unscheduled."""
+    specs = []
+    for specialist in config.specialists:
+        for kind in FLOWS:
+            schedule = getattr(specialist.schedules, kind, None)
+            specs.append(DeploymentSpec(
+                flow_kind=kind, specialist=specialist.name,
+                cron=schedule.cron if schedule else None,
+                timezone=schedule.timezone if schedule else "UTC",
+                active=schedule.active if schedule else False,
+            ))
+    return specs
+
+
+def _flow_object(kind: str):
+    module, _, function = FLOWS[kind].rpartition(".")
+    return getattr(importlib.import_module(module), function)
+
+
+def _ensure_work_pool(client, name: str) -> None:
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    try:
+        client.read_work_pool(name)
+    except ObjectNotFound:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+        except ObjectAlreadyExists:
+            pass
+
+
+def deploy_all(config: CadreConfig, console: Console | None = None) -> list[str]:
+    """Create or update every deployment of the team; delete the ones no longer declared. Returns their names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.deployments.runner import EntrypointType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.schedules import Schedule
+
+    console = console or Console(stderr=True)
+    apply_env(config)
+    project_tag = f"project:{config.project.name}"
+    names = []
+    with get_client(sync_client=True) as client:
+        _ensure_work_pool(client, config.project.prefect.work_pool)
+        for spec in desired_deployments(config):
+            flow = _flow_object(spec.flow_kind)
+            full_name = f"{flow.name}/{spec.specialist}"
+            schedules = []
+            if spec.cron:
+                active = spec.active
+                try:
+                    existing = client.read_deployment_by_name(full_name)
+                    for schedule in existing.schedules:
+                        if schedule.slug == spec.slug:
+                            active = schedule.active  # the UI's pause wins over the file
+                except ObjectNotFound:
+                    pass
+                schedules = [Schedule(cron=spec.cron, timezone=spec.timezone, active=active, slug=spec.slug)]
+            deployment = flow.to_deployment(
+                name=spec.specialist,
+                schedules=schedules,
+                concurrency_limit=1,
+                parameters={"specialist": spec.specialist, "config_path": str(config.file)},
+                tags=[TAG_MANAGED, project_tag, f"specialist:{spec.specialist}", f"flow:{spec.flow_kind}"],
+                description=f"{spec.flow_kind} for specialist {spec.specialist} (managed by `cadre deploy` from {config.file.name})",
+                work_pool_name=config.project.prefect.work_pool,
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+            deployment.apply()
+            names.append(full_name)
+            when = f"cron '{spec.cron}' {spec.timezone}" + ("" if schedules and schedules[0].active else " (paused)") if spec.cron else "on demand"
+            console.print(f"[green]✓[/green] {full_name}: {when}")
+        wanted = set(names)
+        managed = client.read_deployments(deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[TAG_MANAGED, project_tag])))
+        for deployment in managed:
+            flow_name = client.read_flow(deployment.flow_id).name
+            if f"{flow_name}/{deployment.name}" not in wanted:
+                client.delete_deployment(deployment.id)
+                console.print(f"[yellow]−[/yellow] removed {flow_name}/{deployment.name} (no longer in {config.file.name})")
+    console.print(f"{len(names)} deployment(s) on work pool '{config.project.prefect.work_pool}'. "
+                  f"Prefect UI: {config.project.prefect.ui}/deployments")
+    return names
+
+
+def _online_workers(client, pool: str) -> int:
+    from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+
+    return len(client.read_workers_for_work_pool(pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))))
+
+
+def run_now(config: CadreConfig, flow_kind: str, specialist: str, budget: str = "full", console: Console | None = None,
+            timeout_s: float | None = None) -> bool:
+    """Trigger `flow_kind` for a specialist through its deployment, follow it to the end, print a summary.
+
+    Returns:
+        True when the flow run ended COMPLETED.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    console = console or Console(stderr=True)
+    apply_env(config)
+    if flow_kind not in FLOWS:
+        console.print(f"[red]flow {flow_kind!r} is not available yet; available: {', '.join(FLOWS)}[/red]")
+        return False
+    flow = _flow_object(flow_kind)
+    name = f"{flow.name}/{specialist}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            console.print(f"deployment {name} does not exist yet; deploying the team first")
+            deploy_all(config, console)
+        if _online_workers(client, config.project.prefect.work_pool) == 0:
+            console.print(f"[red]no worker is polling work pool '{config.project.prefect.work_pool}': "
+                          "start the stack with `cadre up` (or run `cadre worker`) and try again[/red]")
+            return False
+    flow_run = run_deployment(name, parameters={"budget": budget}, timeout=0, as_subflow=False,
+                              tags=[f"budget:{budget}", "trigger:cli"])
+    url = f"{config.project.prefect.ui}/runs/flow-run/{flow_run.id}"
+    console.print(f"▶ {name} ({budget}) — flow run [bold]{flow_run.name}[/bold]: {url}")
+    started = time.monotonic()
+    last_state = None
+    with get_client(sync_client=True) as client, console.status("waiting for the worker …") as status:
+        while True:
+            flow_run = client.read_flow_run(flow_run.id)
+            state = flow_run.state
+            if state and state.name != last_state:
+                last_state = state.name
+                console.print(f"  {time.monotonic() - started:6.1f}s  {state.name}")
+            status.update(f"{name}: {state.name if state else 'pending'} ({time.monotonic() - started:.0f}s)")
+            if state and state.is_final():
+                break
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                console.print(f"[red]gave up waiting after {timeout_s:.0f}s; the run continues in Prefect: {url}[/red]")
+                return False
+            time.sleep(1.0)
+    completed = state.is_completed()
+    colour = "green" if completed else "red"
+    console.print(f"[{colour}]{name} {state.name}[/{colour}] in {time.monotonic() - started:.1f}s"
+                  + ("" if completed else f": {state.message or ''}"))
+    mlflow_run = find_run(config.project.mlflow.uri, str(flow_run.id))
+    if mlflow_run is not None:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(mlflow_run.data.metrics.items())[:12])
+        console.print(f"  MLflow run: {config.project.mlflow.uri}/#/experiments/{mlflow_run.info.experiment_id}/runs/"
+                      f"{mlflow_run.info.run_id}" + (f"\n  metrics: {metrics}" if metrics else ""))
+    return completed
+
+
+def run_worker(config: CadreConfig) -> int:
+    """Run a Prefect process worker on the project's pool in the foreground (what `cadre up` starts in the background)."""
+    apply_env(config)
+    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+    command = [prefect, "worker", "start", "--pool", config.project.prefect.work_pool, "--type", "process"]
+    return subprocess.call(command, env=os.environ.copy(), cwd=config.root)

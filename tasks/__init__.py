@@ -1,0 +1,1 @@
+"""Prefect tasks: one unit of work each, grouped by domain. A task gets only the settings it needs."""
