@@ -192,9 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cadre.stack import StackError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except StackError as error:
+        console.print(f"[red]{error}[/red]")
+        return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return 130

@@ -1,0 +1,105 @@
+"""Orchestration overhead, measured side by side in one run.
+
+1. A flow of 10 no-op tasks run against Cadre's local Prefect server vs. the same 10 functions called
+   as plain Python (the ratio is what Prefect's bookkeeping costs per flow run).
+2. `cadre validate` on the shipped pipelines.yaml: in-process (load + validate) and as a command.
+
+Run: `.venv/bin/python bench/overhead.py [--runs 5]` (starts the Prefect server with `cadre up --only
+prefect` when none is running, and stops it again afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cadre.config import load_config  # noqa: E402
+from cadre.env import apply_env  # noqa: E402
+from cadre.stack import Stack  # noqa: E402
+
+console = Console(width=120)
+
+
+def noop(value: int) -> int:
+    return value + 1
+
+
+def plain_ten(start: int = 0) -> int:
+    value = start
+    for _ in range(10):
+        value = noop(value)
+    return value
+
+
+def _median_ms(function, runs: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        function()
+        times.append(1000 * (time.perf_counter() - started))
+    return statistics.median(times), times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="flow runs to time (median reported)")
+    parser.add_argument("--config", default=str(ROOT / "pipelines.yaml"))
+    args = parser.parse_args()
+
+    config = load_config(args.config)
+    apply_env(config)  # before Prefect is imported: it reads its settings at import
+    stack = Stack(config)
+    started_here = False
+    if not any(row["service"] == "prefect" and row["state"] == "up" for row in stack.status()):
+        console.print("starting the Prefect server for the benchmark …")
+        stack.up(services=["prefect"], console=console)
+        started_here = True
+    try:
+        from prefect import flow, task
+
+        noop_task = task(noop, name="noop")
+
+        @flow(name="bench-overhead-10-tasks")
+        def ten_tasks(start: int = 0) -> int:
+            value = start
+            for _ in range(10):
+                value = noop_task(value)
+            return value
+
+        ten_tasks()  # warm-up: registers the flow, opens the client
+        flow_ms, flow_all = _median_ms(ten_tasks, args.runs)
+        plain_ms, _ = _median_ms(lambda: [plain_ten() for _ in range(1000)], args.runs)
+        plain_ms /= 1000
+    finally:
+        if started_here:
+            stack.down(console=console)
+
+    validate_ms, _ = _median_ms(lambda: load_config(args.config), 20)
+    command_ms, _ = _median_ms(lambda: subprocess.run([sys.executable, "-m", "cadre.cli", "validate", args.config],
+                                                      check=True, capture_output=True), 3)
+
+    table = Table(title="Orchestration overhead (median)", title_justify="left")
+    for column in ("what", "ours (Cadre + Prefect server)", "bare", "ratio"):
+        table.add_column(column, justify="right")
+    table.add_row("10 no-op tasks in one flow", f"{flow_ms:.0f} ms", f"{plain_ms * 1000:.2f} µs (plain Python)",
+                  f"{flow_ms / plain_ms:,.0f}×")
+    table.add_row("per task", f"{flow_ms / 10:.1f} ms", f"{plain_ms * 100:.3f} µs", "")
+    table.add_row("cadre validate (in-process)", f"{validate_ms:.1f} ms", "", "")
+    table.add_row("cadre validate (command)", f"{command_ms:.0f} ms", "", "")
+    console.print(table)
+    console.print(f"flow runs: {', '.join(f'{t:.0f}' for t in flow_all)} ms; the absolute cost, ~{flow_ms / 10:.0f} ms a task, "
+                  "is what matters next to tasks that embed, train or call an LM for seconds to minutes.")
+
+
+if __name__ == "__main__":
+    main()

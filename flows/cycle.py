@@ -1,0 +1,84 @@
+"""The main job (`cadre demo`): bring the stack up, prepare models, deploy, run the team's full cycle.
+
+Each flow runs through its Prefect deployment (so it shows in the Prefect UI exactly like a
+scheduled run) in the order the loop needs: re-index → optimize prompts → refresh adapter → learn
+from feedback. Flows that do not exist yet are skipped. The job ends with a summary a person can act
+on: what ran, how it ended, what was promoted or refused and why, and where to look.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from cadre.config import CadreConfig
+from cadre.models import prepare_models
+from cadre.stack import Stack
+from flows import FLOWS
+from flows.deployments import deploy_all, run_now
+
+CYCLE_ORDER = ("reindex", "optimize", "refresh", "feedback")
+
+
+@dataclass
+class StepOutcome:
+    specialist: str
+    flow: str
+    completed: bool
+    seconds: float
+
+
+def cycle_steps() -> list[str]:
+    """The flows of the cycle that exist in code; `check` alone until the first real flow lands."""
+    steps = [kind for kind in CYCLE_ORDER if kind in FLOWS]
+    return steps or ["check"]
+
+
+def run_demo(config: CadreConfig, budget: str = "smoke", console: Console | None = None) -> bool:
+    """Run the whole main job; returns True when every step completed."""
+    console = console or Console(stderr=True)
+    started = time.monotonic()
+    console.rule("[bold]Cadre[/bold] — the demo team's full cycle")
+    prepare_models(config, console=console)
+    stack = Stack(config)
+    stack.up(console=console)
+    deploy_all(config, console=console)
+    outcomes: list[StepOutcome] = []
+    for specialist in config.specialists:
+        for kind in cycle_steps():
+            console.rule(f"{kind} · {specialist.name} · budget {budget}")
+            step_started = time.monotonic()
+            completed = run_now(config, kind, specialist.name, budget=budget, console=console)
+            outcomes.append(StepOutcome(specialist.name, kind, completed, time.monotonic() - step_started))
+            if not completed and kind == "reindex":
+                console.print("[yellow]re-index failed: the later flows of this specialist would use a stale index; skipping them[/yellow]")
+                break
+    print_summary(config, outcomes, time.monotonic() - started, console)
+    return all(o.completed for o in outcomes)
+
+
+def print_summary(config: CadreConfig, outcomes: list[StepOutcome], seconds: float, console: Console) -> None:
+    table = Table(title=f"What ran ({seconds / 60:.1f} min)", title_justify="left")
+    for column in ("specialist", "flow", "result", "time"):
+        table.add_column(column)
+    for outcome in outcomes:
+        result = "[green]completed[/green]" if outcome.completed else "[red]failed[/red]"
+        table.add_row(outcome.specialist, outcome.flow, result, f"{outcome.seconds:.0f}s")
+    console.print(table)
+    try:
+        from cadre.registry_view import print_champions
+    except ImportError:
+        pass
+    else:
+        print_champions(config, console)
+    project = config.project
+    console.print(
+        f"\nWhere to look:\n"
+        f"  Prefect UI (schedules, runs): {project.prefect.ui}/deployments\n"
+        f"  MLflow UI (runs, registry, gate reports): {project.mlflow.uri}/#/models\n"
+        f"  Logs of the services: {config.state_dir / 'logs'}\n"
+        f"  Stop everything: cadre down"
+    )

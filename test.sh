@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The second command: run the tests (installs first if needed).
+#   ./test.sh          every tier CI runs: unit, then integration and e2e (real MLflow, Prefect, LM, index)
+#   ./test.sh unit     the fast unit tier only
+# Extra arguments go to pytest, e.g. ./test.sh unit -k config
+set -euo pipefail
+cd "$(dirname "$0")"
+[ -x .venv/bin/cadre ] || ./setup.sh --no-demo
+tier="${1:-all}"
+[ $# -gt 0 ] && shift
+case "$tier" in
+  unit) exec .venv/bin/python -m pytest tests/unit "$@" ;;
+  all)  exec .venv/bin/python -m pytest -m "not slow" tests "$@" ;;
+  *)    echo "usage: ./test.sh [unit|all] [pytest args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,174 @@
+"""The real local stack: `cadre up`, deploy, a run through Prefect, read back through Prefect's and
+MLflow's own clients, `cadre down` leaving no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+CADRE = [sys.executable, "-m", "cadre.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _write_project(root: Path, ports: dict[str, int], specialists: list[str]) -> Path:
+    (root / "evals" / "suite").mkdir(parents=True, exist_ok=True)
+    team = "".join(
+        textwrap.dedent(
+            f"""\
+              - name: {name}
+                description: test specialist {name}
+                program:
+                  instruction: Answer.
+                  inputs: [{{name: question}}]
+                  outputs: [{{name: answer}}]
+                  retrieve_k: 0
+                evaluation: {{suite: evals/suite}}
+            """
+        )
+        for name in specialists
+    )
+    text = textwrap.dedent(
+        f"""\
+        version: 1
+        project:
+          name: stacktest
+          state_dir: state
+          mlflow: {{port: {ports['mlflow']}}}
+          prefect: {{port: {ports['prefect']}, work_pool: stacktest-pool}}
+          lm: {{port: {ports['lm']}}}
+        specialists:
+        """
+    ) + textwrap.indent(team, "")
+    path = root / "pipelines.yaml"
+    path.write_text(text)
+    return path
+
+
+def _cadre(*args: str, config: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    return subprocess.run([*CADRE, *args, "-c", str(config)] if args[0] not in ("validate",) else [*CADRE, *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=config.parent, env=env)
+
+
+def _processes_under(folder: Path) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            continue
+        if str(folder) in cmdline and state != "Z":
+            found.append(f"{entry.name}: {cmdline[:200]}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    ports = {"mlflow": _free_port(), "prefect": _free_port(), "lm": _free_port()}
+    config = _write_project(root, ports, ["alpha", "beta"])
+    up = _cadre("up", config=config)
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield config, ports
+    down = _cadre("down", config=config)
+    assert down.returncode == 0, down.stderr
+    leftovers = _processes_under(root)
+    for line in leftovers:  # never leave processes on the machine, even when failing
+        os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    assert not leftovers, "cadre down left processes behind:\n" + "\n".join(leftovers)
+
+
+def test_up_is_idempotent_and_status_shows_urls(stack) -> None:
+    config, ports = stack
+    again = _cadre("up", config=config)
+    assert again.returncode == 0
+    assert again.stderr.count("already running") == 4
+    status = _cadre("status", config=config)
+    assert f"http://127.0.0.1:{ports['prefect']}" in status.stderr
+    assert f"http://127.0.0.1:{ports['mlflow']}" in status.stderr
+
+
+def test_deploy_run_and_read_back_through_prefect_and_mlflow(stack) -> None:
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterDeploymentId
+
+    config, ports = stack
+    deploy = _cadre("deploy", config=config)
+    assert deploy.returncode == 0, deploy.stderr
+    run = _cadre("run", "check", "--specialist", "alpha", "--budget", "smoke", config=config)
+    assert run.returncode == 0, run.stderr
+    assert "Completed" in run.stderr
+
+    api = f"http://127.0.0.1:{ports['prefect']}/api"
+    with SyncPrefectClient(api) as client:
+        deployment = client.read_deployment_by_name("check/alpha")
+        assert {"cadre", "specialist:alpha", "flow:check"} <= set(deployment.tags)
+        assert deployment.work_pool_name == "stacktest-pool"
+        assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])))
+        assert runs and runs[0].state.is_completed()
+        flow_run_id = str(runs[0].id)
+        assert runs[0].parameters["budget"] == "smoke"
+        assert len(client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["alpha", "beta"])))) == 2
+
+    mlflow = MlflowClient(f"http://127.0.0.1:{ports['mlflow']}")
+    experiment = mlflow.get_experiment_by_name("stacktest/alpha")
+    found = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.`cadre.prefect_flow_run_id` = '{flow_run_id}'")
+    assert len(found) == 1
+    mlflow_run = found[0]
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.tags["cadre.flow"] == "check"
+    assert mlflow_run.data.params["program.instruction"] == "Answer."
+    assert {"probe_mlflow_ms", "probe_prefect_ms", "probe_lm_ms"} <= set(mlflow_run.data.metrics)
+    resolved = json.loads(Path(mlflow.download_artifacts(mlflow_run.info.run_id, "config/resolved_config.json")).read_text())
+    assert resolved["specialist"]["name"] == "alpha"
+
+
+def test_removed_specialist_loses_its_deployments(stack) -> None:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.exceptions import ObjectNotFound
+
+    config, ports = stack
+    original = config.read_text()
+    try:
+        _write_project(config.parent, ports, ["alpha"])
+        deploy = _cadre("deploy", config=config)
+        assert deploy.returncode == 0, deploy.stderr
+        assert "removed check/beta" in deploy.stderr
+        with SyncPrefectClient(f"http://127.0.0.1:{ports['prefect']}/api") as client:
+            client.read_deployment_by_name("check/alpha")
+            with pytest.raises(ObjectNotFound):
+                client.read_deployment_by_name("check/beta")
+    finally:
+        config.write_text(original)
+
+
+def test_port_taken_by_another_program_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        config = _write_project(tmp_path, {"mlflow": taken, "prefect": _free_port(), "lm": _free_port()}, ["alpha"])
+        result = _cadre("up", "--only", "mlflow", config=config, timeout=60)
+    assert result.returncode == 1
+    assert f"port {taken}" in result.stderr and "already in use" in result.stderr
+    assert not _processes_under(tmp_path)
