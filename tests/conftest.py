@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 
 from cadre.env import OFFLINE_ENV
 
 os.environ.update(OFFLINE_ENV)
+# One prepared copy of the packaged models for every test project (prepared on first use).
+os.environ.setdefault("CADRE_MODELS_DIR", str(Path(__file__).resolve().parents[1] / ".cadre" / "models"))
 
 
 @pytest.fixture(autouse=True)
