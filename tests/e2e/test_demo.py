@@ -1,0 +1,85 @@
+"""The README's main command on the smoke budget, then what Prefect's and MLflow's own clients report.
+
+A copy of the shipped `pipelines.yaml` runs in a temporary project on free ports, so the test never
+touches a stack a developer has running.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from flows import FLOWS
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    shutil.copytree(ROOT / "evals", root / "evals", ignore=shutil.ignore_patterns("__pycache__"))
+    yaml = YAML()
+    document = yaml.load((ROOT / "pipelines.yaml").read_text())
+    ports = {"mlflow": _free_port(), "prefect": _free_port(), "lm": _free_port()}
+    for service, port in ports.items():
+        document["project"][service]["port"] = port
+    with (root / "pipelines.yaml").open("w") as handle:
+        yaml.dump(document, handle)
+    config = root / "pipelines.yaml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    try:
+        run = subprocess.run([sys.executable, "-m", "cadre.cli", "demo", "-c", str(config), "--budget", "smoke"],
+                             capture_output=True, text=True, timeout=45 * 60, cwd=root, env=env)
+        yield run, ports
+    finally:
+        subprocess.run([sys.executable, "-m", "cadre.cli", "down", "-c", str(config)], capture_output=True, timeout=120,
+                       cwd=root, env=env)
+
+
+def test_demo_completes_and_ends_with_a_summary(demo) -> None:
+    run, ports = demo
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "What ran" in run.stderr
+    assert f"http://127.0.0.1:{ports['prefect']}/deployments" in run.stderr
+    assert f"http://127.0.0.1:{ports['mlflow']}/#/models" in run.stderr
+
+
+def test_prefect_shows_the_schedules_and_completed_runs(demo) -> None:
+    from prefect.client.orchestration import SyncPrefectClient
+
+    _, ports = demo
+    with SyncPrefectClient(f"http://127.0.0.1:{ports['prefect']}/api") as client:
+        deployments = {d.name + ":" + client.read_flow(d.flow_id).name: d for d in client.read_deployments()}
+        scheduled = [d for d in deployments.values() if d.schedules]
+        assert len(deployments) >= len(FLOWS)
+        for deployment in scheduled:
+            assert all(s.schedule.cron and s.active for s in deployment.schedules)
+        runs = client.read_flow_runs()
+        assert runs and all(r.state.is_completed() for r in runs if r.deployment_id), [(r.name, r.state.name) for r in runs]
+
+
+def test_mlflow_holds_a_run_per_flow_run(demo) -> None:
+    from mlflow import MlflowClient
+
+    _, ports = demo
+    client = MlflowClient(f"http://127.0.0.1:{ports['mlflow']}")
+    experiment = client.get_experiment_by_name("cadre-demo/icd10-coder")
+    runs = client.search_runs([experiment.experiment_id])
+    flows_logged = {r.data.tags.get("cadre.flow") for r in runs}
+    assert flows_logged, "no MLflow run was logged"
+    assert all(r.info.status == "FINISHED" for r in runs if r.data.tags.get("cadre.flow"))
+    assert all("cadre.prefect_flow_run_id" in r.data.tags for r in runs if r.data.tags.get("cadre.flow"))
