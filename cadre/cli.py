@@ -132,6 +132,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _specialist_or_exit(config, name: str):
+    try:
+        return config.specialist(name)
+    except KeyError as error:
+        console.print(f"[red]{error.args[0]}[/red]")
+        raise SystemExit(EXIT_INVALID) from None
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from cadre.registry_view import print_history
+
+    config = _load(args.file)
+    _specialist_or_exit(config, args.specialist)
+    print_history(config, args.specialist, args.kind, console)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from cadre.registry import RegistryError, default_actor, promote
+    from cadre.registry_view import describe_record, registry_client
+
+    config = _load(args.file)
+    _specialist_or_exit(config, args.specialist)
+    if args.force and not (args.reason or "").strip():
+        console.print("[red]--force needs --reason \"why\" (it is recorded in the history)[/red]")
+        return EXIT_INVALID
+    try:
+        record = promote(registry_client(config), project=config.project.name, specialist=args.specialist, kind=args.kind,
+                         version=args.version, actor=args.actor or default_actor(), force=args.force, reason=args.reason)
+    except RegistryError as error:
+        console.print(f"[red]{error}[/red]")
+        return 1
+    console.print(describe_record(record))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from cadre.registry import RegistryError, default_actor, rollback
+    from cadre.registry_view import describe_record, registry_client
+
+    config = _load(args.file)
+    _specialist_or_exit(config, args.specialist)
+    try:
+        record = rollback(registry_client(config), config.project.name, args.specialist, args.kind,
+                          actor=args.actor or default_actor(), reason=args.reason)
+    except RegistryError as error:
+        console.print(f"[red]{error}[/red]")
+        return 1
+    console.print(describe_record(record))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.cycle import run_demo
 
@@ -183,6 +235,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--specialist", help="specialist name (default: every specialist)")
     p.add_argument("--budget", choices=["smoke", "full"], default="full", help="smoke: the reduced budget (default: %(default)s)")
     p.set_defaults(func=cmd_run)
+
+    kinds = ["index", "program", "adapter"]
+    p = commands.add_parser("history", help="promotions, refusals and rollbacks of a specialist, oldest first")
+    _config_arg(p)
+    p.add_argument("specialist")
+    p.add_argument("kind", nargs="?", choices=kinds, help="only this artifact kind (default: all)")
+    p.set_defaults(func=cmd_history)
+
+    p = commands.add_parser("promote", help="make a registered version champion (its gates must have passed unless --force)")
+    _config_arg(p)
+    p.add_argument("specialist")
+    p.add_argument("kind", choices=kinds)
+    p.add_argument("version", help="model version number, as the MLflow registry shows it")
+    p.add_argument("--force", action="store_true", help="promote although its gates failed (needs --reason)")
+    p.add_argument("--reason", help="why; recorded in the history")
+    p.add_argument("--actor", help="who is acting (default: user@host)")
+    p.set_defaults(func=cmd_promote)
+
+    p = commands.add_parser("rollback", help="restore the previous champion in one step")
+    _config_arg(p)
+    p.add_argument("specialist")
+    p.add_argument("kind", choices=kinds)
+    p.add_argument("--reason", help="why; recorded in the history")
+    p.add_argument("--actor", help="who is acting (default: user@host)")
+    p.set_defaults(func=cmd_rollback)
 
     p = commands.add_parser("demo", help="the main job: bring the stack up, deploy, and run the team's full cycle")
     _config_arg(p)

@@ -29,15 +29,22 @@ def experiment_name(config: CadreConfig, specialist: str) -> str:
     return f"{config.project.name}/{specialist}"
 
 
-def code_version(root: Path) -> str:
-    """The git commit of the project (with `+dirty` when the tree has changes), or `unknown`."""
+def code_version() -> str:
+    """The git commit of the checkout Cadre runs from (`+dirty` if tracked files changed), else its package version."""
+    here = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        # --no-optional-locks: reading the status must never write the index of a shared checkout.
+        status = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=here, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        return f"{sha}+dirty" if status else sha
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"cadre=={version('cadre')}"
+        except PackageNotFoundError:
+            return "unknown"
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,7 @@ def open_run(config: CadreConfig, specialist: str, flow: str, budget: str, flow_
         TAG_FLOW: flow,
         TAG_BUDGET: budget,
         TAG_CONFIG_SHA: config.sha256,
-        TAG_CODE: code_version(config.root),
+        TAG_CODE: code_version(),
         "mlflow.runName": f"{flow}-{budget}",
     }
     if flow_run_id:

@@ -78,7 +78,6 @@ def deploy_all(config: CadreConfig, console: Console | None = None) -> list[str]
     """Create or update every deployment of the team; delete the ones no longer declared. Returns their names."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
-    from prefect.client.schemas.schedules import CronSchedule
     from prefect.deployments.runner import EntrypointType
     from prefect.exceptions import ObjectNotFound
     from prefect.schedules import Schedule

@@ -104,7 +104,8 @@ class ThreadSettings(Strict):
 class ProjectSettings(Strict):
     """Settings shared by every specialist."""
 
-    name: str = Field("cadre", min_length=1, description="Project name; prefixes MLflow experiments and registered models.")
+    name: str = Field("cadre", pattern=r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$",
+                      description="Project name (lowercase letters, digits, dashes); prefixes MLflow experiments and registered models.")
     state_dir: str = Field(".cadre", description="Where services, indexes, models and caches keep their state (relative to this file).")
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="MLflow tracking and registry.")
     prefect: PrefectSettings = Field(default_factory=PrefectSettings, description="Prefect orchestration.")

@@ -1,0 +1,120 @@
+"""Tables of what the MLflow registry holds, for `cadre status` and `cadre history`.
+
+Reads the MLflow server named by `pipelines.yaml` (`project.mlflow.uri`) through `cadre.registry`;
+writes nothing. Each function takes the validated config and a rich console, so the CLI only parses
+arguments and calls them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from mlflow import MlflowClient
+from rich.console import Console
+from rich.table import Table
+
+from cadre.config import CadreConfig, Specialist
+from cadre.registry import ARTIFACT_KINDS, ChampionInfo, PromotionRecord, champions, history
+
+
+def registry_client(config: CadreConfig) -> MlflowClient:
+    """An MLflow client of the project's tracking server, which is also its model registry."""
+    uri = config.project.mlflow.uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def print_champions(config: CadreConfig, console: Console) -> None:
+    """Print each specialist's champion per artifact kind: version, when promoted, key metric.
+
+    Args:
+        config: the validated pipelines file.
+        console: where to print.
+    """
+    client = registry_client(config)
+    table = Table(title=f"Champions in {config.project.mlflow.uri}", title_justify="left")
+    for column in ("specialist", "kind", "version", "promoted", "by", "key metric", "run"):
+        table.add_column(column, no_wrap=column in ("version", "run"))
+    for specialist in config.specialists:
+        found = champions(client, config.project.name, specialist.name)
+        if not found:
+            table.add_row(specialist.name, "—", "[dim]no champion yet[/dim]", "", "", "", "")
+            continue
+        for kind in ARTIFACT_KINDS:
+            info = found.get(kind)
+            if info is None:
+                continue
+            table.add_row(specialist.name, kind, f"v{info.version}", _when(info.promoted_at), info.promoted_by or "",
+                          _key_metric(info, _gate_metrics(specialist, kind)), (info.run_id or "")[:12])
+    console.print(table)
+
+
+def print_history(config: CadreConfig, specialist: str, kind: str | None, console: Console) -> None:
+    """Print a specialist's promotions, refusals and rollbacks, oldest first.
+
+    Args:
+        config: the validated pipelines file.
+        specialist: specialist name (must exist in the config).
+        kind: only this artifact kind, or None for all.
+        console: where to print.
+
+    Raises:
+        KeyError: no such specialist.
+    """
+    settings = config.specialist(specialist)
+    client = registry_client(config)
+    records = history(client, config.project.name, specialist, kind)
+    title = f"History of {specialist}" + (f" ({kind})" if kind else "")
+    if not records:
+        console.print(f"{title}: nothing promoted, refused or rolled back yet.")
+        return
+    table = Table(title=title, title_justify="left")
+    for column in ("#", "when", "event", "kind", "version", "champion", "gate", "metrics", "by", "reason"):
+        table.add_column(column, no_wrap=column in ("#", "when", "version", "champion"))
+    for record in records:
+        table.add_row(str(record.seq), _when(record.at), _event(record), record.kind, f"v{record.version}",
+                      f"{_v(record.from_version)} → {_v(record.to_version)}", record.gate or "—",
+                      _metrics(record.metrics, _gate_metrics(settings, record.kind)), record.actor, record.reason or "")
+    console.print(table)
+
+
+def describe_record(record: PromotionRecord) -> str:
+    """One line for the CLI after `promote` / `rollback`: what happened to which champion, by whom, why."""
+    forced = " (forced)" if record.forced else ""
+    reason = f": {record.reason}" if record.reason else ""
+    return (f"{record.event}{forced} of {record.model_name} v{record.version}: champion "
+            f"{_v(record.from_version)} → {_v(record.to_version)}, by {record.actor} at {_when(record.at)}{reason}")
+
+
+def _gate_metrics(specialist: Specialist, kind: str) -> list[str]:
+    """The metrics the kind's gates read, in rule order: the numbers a reviewer looks at first."""
+    rules = getattr(specialist.gates, kind, [])
+    return list(dict.fromkeys(rule.metric for rule in rules))
+
+
+def _key_metric(info: ChampionInfo, preferred: list[str]) -> str:
+    for name in preferred:
+        if name in info.metrics:
+            return f"{name} = {info.metrics[name]:.3g}"
+    if info.metrics:
+        name = sorted(info.metrics)[0]
+        return f"{name} = {info.metrics[name]:.3g}"
+    return "—"
+
+
+def _metrics(metrics: dict[str, float], preferred: list[str]) -> str:
+    names = [n for n in preferred if n in metrics] or sorted(metrics)[:3]
+    return ", ".join(f"{n} = {metrics[n]:.3g}" for n in names) or "—"
+
+
+def _event(record: PromotionRecord) -> str:
+    style = {"promotion": "green", "refusal": "yellow", "rollback": "magenta"}.get(record.event, "")
+    text = record.event + (" (forced)" if record.forced else "")
+    return f"[{style}]{text}[/{style}]" if style else text
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "—"
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "none"
