@@ -51,7 +51,9 @@ def run_demo(config: CadreConfig, budget: str = "smoke", console: Console | None
         for kind in cycle_steps():
             console.rule(f"{kind} · {specialist.name} · budget {budget}")
             step_started = time.monotonic()
-            completed = run_now(config, kind, specialist.name, budget=budget, console=console)
+            # The cycle runs optimize right after re-index itself, so the re-index must not queue another.
+            extra = {"trigger_optimize": False} if kind == "reindex" else None
+            completed = run_now(config, kind, specialist.name, budget=budget, console=console, parameters=extra)
             outcomes.append(StepOutcome(specialist.name, kind, completed, time.monotonic() - step_started))
             if not completed and kind == "reindex":
                 console.print("[yellow]re-index failed: the later flows of this specialist would use a stale index; skipping them[/yellow]")

@@ -9,7 +9,6 @@ follows the run to its end, printing its state and the MLflow run it logged to.
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from rich.console import Console
 from cadre.config import CadreConfig
 from cadre.env import apply_env
 from cadre.tracking import find_run
-from flows import FLOWS
+from flows import FLOWS, flow_object
 
 TAG_MANAGED = "cadre"
 
@@ -56,11 +55,6 @@ def desired_deployments(config: CadreConfig) -> list[DeploymentSpec]:
     return specs
 
 
-def _flow_object(kind: str):
-    module, _, function = FLOWS[kind].rpartition(".")
-    return getattr(importlib.import_module(module), function)
-
-
 def _ensure_work_pool(client, name: str) -> None:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -89,7 +83,7 @@ def deploy_all(config: CadreConfig, console: Console | None = None) -> list[str]
     with get_client(sync_client=True) as client:
         _ensure_work_pool(client, config.project.prefect.work_pool)
         for spec in desired_deployments(config):
-            flow = _flow_object(spec.flow_kind)
+            flow = flow_object(spec.flow_kind)
             full_name = f"{flow.name}/{spec.specialist}"
             schedules = []
             if spec.cron:
@@ -135,7 +129,7 @@ def _online_workers(client, pool: str) -> int:
 
 
 def run_now(config: CadreConfig, flow_kind: str, specialist: str, budget: str = "full", console: Console | None = None,
-            timeout_s: float | None = None) -> bool:
+            timeout_s: float | None = None, parameters: dict | None = None) -> bool:
     """Trigger `flow_kind` for a specialist through its deployment, follow it to the end, print a summary.
 
     Returns:
@@ -150,7 +144,7 @@ def run_now(config: CadreConfig, flow_kind: str, specialist: str, budget: str = 
     if flow_kind not in FLOWS:
         console.print(f"[red]flow {flow_kind!r} is not available yet; available: {', '.join(FLOWS)}[/red]")
         return False
-    flow = _flow_object(flow_kind)
+    flow = flow_object(flow_kind)
     name = f"{flow.name}/{specialist}"
     with get_client(sync_client=True) as client:
         try:
@@ -162,7 +156,7 @@ def run_now(config: CadreConfig, flow_kind: str, specialist: str, budget: str = 
             console.print(f"[red]no worker is polling work pool '{config.project.prefect.work_pool}': "
                           "start the stack with `cadre up` (or run `cadre worker`) and try again[/red]")
             return False
-    flow_run = run_deployment(name, parameters={"budget": budget}, timeout=0, as_subflow=False,
+    flow_run = run_deployment(name, parameters={"budget": budget, **(parameters or {})}, timeout=0, as_subflow=False,
                               tags=[f"budget:{budget}", "trigger:cli"])
     url = f"{config.project.prefect.ui}/runs/flow-run/{flow_run.id}"
     console.print(f"▶ {name} ({budget}) — flow run [bold]{flow_run.name}[/bold]: {url}")

@@ -1,0 +1,107 @@
+"""Tasks of the re-index flow: build a new index version, evaluate retrieval, move the live pointer."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from prefect import get_run_logger, task
+
+from cadre.config import CadreConfig
+from cadre.evaluation import EvaluationResult, Prediction, evaluate_cases, load_cases
+from cadre.index.base import VersionNotFound
+from cadre.metrics import is_retrieval_metric
+from cadre.promotion import champion_version
+from cadre.reindex import ReindexResult, Retriever, live_version, promote_version, prune_versions, reindex_specialist
+from cadre.tracking import RunHandle
+
+
+@task(name="sync-live-index-with-registry", retries=2, retry_delay_seconds=5)
+def sync_live_pointer(config: CadreConfig, specialist: str) -> str | None:
+    """Make the live index version the registry's champion (repairs a run that died between the two moves)."""
+    version = champion_version(config, specialist, "index")
+    if version is None:
+        return live_version(config.state_dir, specialist)
+    tags = MlflowClient(config.project.mlflow.uri).get_model_version(
+        f"{config.project.name}.{specialist}.index", version).tags
+    name = tags.get("cadre.lineage.index_version")
+    if name and name != live_version(config.state_dir, specialist):
+        promote_version(config.state_dir, specialist, name)
+    return name or live_version(config.state_dir, specialist)
+
+
+@task(name="build-index-version", retries=1, retry_delay_seconds=10)
+def build_index_version(config: CadreConfig, specialist: str, budget: str) -> ReindexResult:
+    """Load the sources, embed only what changed, write a new version beside the live one (resumes a killed run)."""
+    return reindex_specialist(config, specialist, budget=budget, show_progress=True)
+
+
+@task(name="log-reindex-result", retries=3, retry_delay_seconds=2)
+def log_reindex_result(handle: RunHandle, result: ReindexResult) -> None:
+    """Counts, durations and throughput as metrics; the skip report and manifest as artifacts."""
+    client = MlflowClient(handle.tracking_uri)
+    client.log_batch(handle.run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in result.metrics().items()])
+    client.set_tag(handle.run_id, "cadre.corpus_fingerprint", result.corpus_fingerprint)
+    client.set_tag(handle.run_id, "cadre.index_version", result.version or "")
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "reindex_report.json"
+        report.write_text(json.dumps(result.as_dict(), indent=2, default=str))
+        client.log_artifact(handle.run_id, str(report), artifact_path="index")
+        if result.manifest_path:
+            client.log_artifact(handle.run_id, result.manifest_path, artifact_path="index")
+
+
+@task(name="evaluate-retrieval")
+def evaluate_retrieval(config: CadreConfig, specialist: str, version: str | None, budget: str, label: str) -> EvaluationResult | None:
+    """Retrieval metrics of one index version on the specialist's test split (None when there is no such version).
+
+    Under a document cap (smoke budget, `index.max_documents`), only cases whose relevant documents the
+    version holds can be answered; the others are left out and counted, so the numbers measure ranking
+    rather than the cap.
+    """
+    if version is None:
+        return None
+    settings = config.specialist(specialist)
+    metrics = settings.evaluation.retrieval_metrics
+    limit = settings.smoke.max_eval_cases if budget == "smoke" else settings.evaluation.max_cases
+    retriever = Retriever.from_config(config, specialist)
+    k = max([int(m.split("@")[1]) for m in metrics if "@" in m] + [10])
+    with_relevance = [c for c in load_cases(config.resolve(settings.evaluation.suite), "test") if c.get("relevant_ids")]
+    held = _held_record_ids(retriever, version)
+    answerable = [c for c in with_relevance if held is None or set(c["relevant_ids"]) & held]
+    cases = answerable[:limit] if limit else answerable
+    if len(answerable) < len(with_relevance):
+        get_run_logger().info("%s: %d of %d test cases have their relevant documents in version %s (document cap); "
+                              "evaluating those", label, len(answerable), len(with_relevance), version)
+
+    def predict(case: dict[str, Any]) -> Prediction:
+        query = " ".join(str(case[f.name]) for f in settings.program.inputs if f.name in case)
+        hits = retriever.search(query, k=k, version=version)
+        ranked = list(dict.fromkeys(hit.record_id for hit in hits))
+        return Prediction(output=ranked[0] if ranked else None, retrieved_ids=ranked)
+
+    return evaluate_cases(cases, predict, [m for m in metrics if is_retrieval_metric(m)], name=f"{label} {version}",
+                          output_field=None, retrieval_field="relevant_ids", confidence=settings.evaluation.confidence,
+                          bootstrap_samples=settings.evaluation.bootstrap_samples)
+
+
+def _held_record_ids(retriever: Retriever, version: str) -> set[str] | None:
+    try:
+        states = retriever.backend.open_version(version).chunk_states()
+    except (VersionNotFound, AttributeError):
+        return None
+    return {state.doc_id.split(":", 1)[1] for state in states}
+
+
+@task(name="make-index-live", retries=2, retry_delay_seconds=2)
+def make_live(config: CadreConfig, specialist: str, version: str, retention: int) -> list[str]:
+    """Point serving at the promoted version, then prune old versions; returns the versions dropped."""
+    from cadre.index import open_backend
+
+    promote_version(config.state_dir, specialist, version)
+    backend = open_backend(config.project.index, config.state_dir, specialist)
+    return prune_versions(config.state_dir, specialist, retention, backend=backend).dropped
