@@ -524,6 +524,12 @@ def score_predictions(
     examples = _examples(cases, predictions, quality, output_field, retrieval_field)
     if len({example.case_id for example in examples}) != len(examples):
         raise ValueError("case ids are not unique; results could not be paired with a champion's")
+    return _result_from_examples(name, quality, examples, skipped_cases=skipped_cases, confidence=confidence,
+                                 bootstrap_samples=bootstrap_samples, seed=seed)
+
+
+def _result_from_examples(name: str, quality: list[str], examples: list[ExampleResult], *, skipped_cases: int,
+                          confidence: float, bootstrap_samples: int, seed: int) -> EvaluationResult:
     every_metric = [*quality, *RUNTIME_METRICS]
     per_case = {metric: [example.value(metric) for example in examples] for metric in every_metric}
     intervals = bootstrap_intervals(per_case, confidence=confidence, samples=bootstrap_samples, seed=seed)
@@ -543,6 +549,20 @@ def score_predictions(
         bootstrap_samples=bootstrap_samples,
         seed=seed,
     )
+
+
+def restrict(result: EvaluationResult, *, only_slice: str | None = None, exclude_slice: str | None = None) -> EvaluationResult | None:
+    """The same evaluation over a subset of its cases: one slice, or every case but one slice.
+
+    Aggregates, intervals and slices are recomputed from the kept examples; None when none is kept.
+    """
+    kept = [e for e in result.examples
+            if (only_slice is None or e.slice == only_slice) and (exclude_slice is None or e.slice != exclude_slice)]
+    if not kept:
+        return None
+    scope = f"slice {only_slice}" if only_slice is not None else f"all but slice {exclude_slice}"
+    return _result_from_examples(f"{result.name} ({scope})", list(result.metrics), kept, skipped_cases=0,
+                                 confidence=result.confidence, bootstrap_samples=result.bootstrap_samples, seed=result.seed)
 
 
 def _predict_one(predict: Callable[[dict[str, Any]], Prediction], case: dict[str, Any]) -> Prediction:

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cadre.config.evaluation import GateRule
-from cadre.evaluation import Comparison, EvaluationResult, compare, higher_is_better
+from cadre.evaluation import Comparison, EvaluationResult, compare, higher_is_better, restrict
 
 CHAMPION_RELATIVE = ("beat_champion_by", "max_slice_drop")
 MIN_SLICE_CASES = 10
@@ -196,6 +196,25 @@ def _check(rule: GateRule, candidate: EvaluationResult, champion: EvaluationResu
     return _check_slices(rule, comparison, min_slice_cases)
 
 
+def _comparison(rules: Sequence[GateRule], candidate: EvaluationResult, champion: EvaluationResult | None,
+                confidence: float, samples: int, seed: int) -> Comparison | None:
+    relative = [r.metric for r in rules if r.kind in CHAMPION_RELATIVE and r.metric in candidate.scores]
+    comparable = [m for m in dict.fromkeys(relative) if champion is not None and m in champion.scores]
+    return compare(candidate, champion, comparable, confidence=confidence, samples=samples, seed=seed) if champion is not None else None
+
+
+def _check_scoped(rule: GateRule, candidate: EvaluationResult, champion: EvaluationResult | None, confidence: float,
+                  samples: int, seed: int, min_slice_cases: int) -> RuleOutcome:
+    """A rule judged on one slice, or on every case but one slice (both results restricted the same way)."""
+    scope = {"only_slice": rule.slice, "exclude_slice": rule.exclude_slice}
+    scoped_candidate = restrict(candidate, **scope)
+    if scoped_candidate is None:
+        return _outcome(rule, passed=False, detail="the candidate has no case in that scope")
+    scoped_champion = restrict(champion, **scope) if champion is not None else None
+    comparison = _comparison([rule], scoped_candidate, scoped_champion, confidence, samples, seed)
+    return _check(rule, scoped_candidate, scoped_champion, comparison, confidence, min_slice_cases)
+
+
 def _summary(kind: str, outcomes: Sequence[RuleOutcome], champion: EvaluationResult | None) -> str:
     if not outcomes:
         return f"PASSED: no {kind} gate rules are configured, so nothing was checked."
@@ -240,10 +259,13 @@ def decide(
         The decision, with one outcome per rule.
     """
     rules = list(rules)
-    relative = [r.metric for r in rules if r.kind in CHAMPION_RELATIVE and r.metric in candidate.scores]
-    comparable = [m for m in dict.fromkeys(relative) if champion is not None and m in champion.scores]
-    comparison = compare(candidate, champion, comparable, confidence=confidence, samples=samples, seed=seed) if champion is not None else None
-    outcomes = [_check(rule, candidate, champion, comparison, confidence, min_slice_cases) for rule in rules]
+    comparison = _comparison(rules, candidate, champion, confidence, samples, seed)
+    outcomes = []
+    for rule in rules:
+        if rule.slice is None and rule.exclude_slice is None:
+            outcomes.append(_check(rule, candidate, champion, comparison, confidence, min_slice_cases))
+        else:
+            outcomes.append(_check_scoped(rule, candidate, champion, confidence, samples, seed, min_slice_cases))
     return GateDecision(
         kind=kind,
         passed=all(o.passed is not False for o in outcomes),

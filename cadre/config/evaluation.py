@@ -58,6 +58,10 @@ class GateRule(Strict):
     beat_champion_by: float | None = Field(None, description="Candidate must exceed the champion by at least this much (skipped when there is no champion).")
     significant: bool = Field(False, description="With beat_champion_by: the bootstrap interval of the gain must lie above it.")
     max_slice_drop: float | None = Field(None, ge=0.0, description="No slice may fall more than this below the champion.")
+    slice: str | None = Field(None, description="Judge the rule on this slice of the suite only (e.g. `feedback`).")
+    exclude_slice: str | None = Field(
+        None, description="Judge the rule on every case but this slice (e.g. `feedback`: no regression on the regular suite)."
+    )
 
     @model_validator(mode="after")
     def _exactly_one_kind(self) -> GateRule:
@@ -66,6 +70,8 @@ class GateRule(Strict):
             raise ValueError(f"a gate rule needs exactly one of {', '.join(_RULE_KINDS)}; got {', '.join(given) or 'none'}")
         if self.significant and self.beat_champion_by is None:
             raise FieldError(("significant",), "significant only applies to beat_champion_by")
+        if self.slice is not None and self.exclude_slice is not None:
+            raise FieldError(("exclude_slice",), "give slice or exclude_slice, not both")
         return self
 
     @property
@@ -84,6 +90,10 @@ class GateRule(Strict):
             "beat_champion_by": f"{self.metric} beats champion by ≥ {self.threshold:g}" + (" (significant)" if self.significant else ""),
             "max_slice_drop": f"no slice of {self.metric} drops more than {self.threshold:g} below champion",
         }[self.kind]
+        if self.slice is not None:
+            text += f" on slice {self.slice}"
+        if self.exclude_slice is not None:
+            text += f" excluding slice {self.exclude_slice}"
         return text
 
 

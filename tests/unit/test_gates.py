@@ -188,3 +188,29 @@ def test_a_stored_champion_result_can_still_be_paired():
 def test_every_rule_kind_reports_its_kind(kind):
     decision = decide("program", [rule(metric="exact_match", **{kind: 0.5})], result("v2", [1, 0]), result("v1", [1, 0]))
     assert decision.outcomes[0].kind == kind and decision.outcomes[0].metric == "exact_match"
+
+
+def test_rules_scoped_to_a_slice_or_excluding_it() -> None:
+    """A feedback candidate that aces the corrections but regresses elsewhere is refused by an exclude_slice rule."""
+    from cadre.config.evaluation import GateRule
+    from cadre.evaluation import score_predictions
+    from cadre.gates import decide
+
+    cases = [{"id": f"r{i}", "code": "A00.0", "slice": "regular"} for i in range(30)]
+    cases += [{"id": f"f{i}", "code": "B00.0", "slice": "feedback"} for i in range(30)]
+    champion = score_predictions(cases, ["A00.0"] * 30 + ["X"] * 30, ["exact_match"], name="champion", output_field="code",
+                                 bootstrap_samples=200)
+    candidate = score_predictions(cases, ["A00.0"] * 20 + ["X"] * 10 + ["B00.0"] * 30, ["exact_match"], name="candidate",
+                                  output_field="code", bootstrap_samples=200)
+    overall = GateRule(metric="exact_match", beat_champion_by=-0.01)
+    regular = GateRule(metric="exact_match", beat_champion_by=-0.01, exclude_slice="feedback")
+    learned = GateRule(metric="exact_match", at_least=0.9, slice="feedback")
+
+    assert decide("feedback", [overall], candidate, champion).passed  # 0.83 vs 0.5 overall hides the regression
+    decision = decide("feedback", [overall, regular, learned], candidate, champion)
+    assert not decision.passed
+    by_rule = {o.rule_text: o for o in decision.outcomes}
+    regression = by_rule["exact_match beats champion by ≥ -0.01 excluding slice feedback"]
+    assert regression.passed is False and abs(regression.candidate - 20 / 30) < 1e-9 and regression.champion == 1.0
+    assert by_rule["exact_match ≥ 0.9 on slice feedback"].passed is True
+    assert "excluding slice feedback" in decision.to_markdown()
