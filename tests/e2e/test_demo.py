@@ -68,8 +68,13 @@ def test_prefect_shows_the_schedules_and_completed_runs(demo) -> None:
         assert len(deployments) >= len(FLOWS)
         for deployment in scheduled:
             assert all(s.schedule.cron and s.active for s in deployment.schedules)
-        runs = client.read_flow_runs()
-        assert runs and all(r.state.is_completed() for r in runs if r.deployment_id), [(r.name, r.state.name) for r in runs]
+        runs = [r for r in client.read_flow_runs() if r.deployment_id]
+        upcoming = [r for r in runs if r.state.is_scheduled()]  # the scheduler's next cron runs
+        started = [r for r in runs if not r.state.is_scheduled()]
+        assert upcoming, "active schedules should have queued upcoming runs"
+        assert started and all(r.state.is_completed() for r in started), [(r.name, r.state.name) for r in started]
+        ran = {client.read_flow(r.flow_id).name for r in started}
+        assert "reindex" in ran
 
 
 def test_mlflow_holds_a_run_per_flow_run(demo) -> None:
