@@ -9,7 +9,6 @@ import importlib
 FLOWS: dict[str, str] = {
     "check": "flows.check.check_stack",
     "reindex": "flows.reindex.reindex",
-    "feedback": "flows.learn_from_feedback.learn_from_feedback",
 }
 """Flow kind → `module.function` of the Prefect flow. Kinds not listed here are not deployed yet."""
 
