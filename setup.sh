@@ -16,6 +16,14 @@ fi
 echo "installing Cadre and its stack (llama-cpp-python compiles once, ~7 min on 2 cores; pip caches the wheel) …"
 .venv/bin/python -m pip install --quiet -e ".[test]"
 .venv/bin/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') and '+cu' not in v else f'unexpected torch {v}')"
+# llama.cpp's LoRA → GGUF converter (so a trained adapter can be served) ships only in the
+# llama-cpp-python sdist: fetch it once from PyPI (pip caches it) and extract the scripts into .venv.
+if [ ! -f .venv/share/cadre/llama.cpp/convert_lora_to_gguf.py ]; then
+  LLAMA_CPP_VERSION=$(.venv/bin/python -c "from cadre.adapters import LLAMA_CPP_PYTHON_VERSION as v; print(v)")
+  mkdir -p .cadre/vendor
+  .venv/bin/python -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==${LLAMA_CPP_VERSION}" -d .cadre/vendor
+  .venv/bin/python -m cadre.adapters install-converter ".cadre/vendor/llama_cpp_python-${LLAMA_CPP_VERSION}.tar.gz"
+fi
 .venv/bin/cadre validate pipelines.yaml
 
 if [ "${1:-}" = "--no-demo" ]; then

@@ -25,16 +25,16 @@ from pathlib import Path
 # Run as a script, this file's folder leads sys.path and this file would shadow the `evaluate` package.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
-from cadre.env import OFFLINE_ENV  # noqa: E402
+from cadre.env import OFFLINE_ENV
 
 os.environ.update(OFFLINE_ENV)  # before `evaluate` is imported: it reads the hub settings at import
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.table import Table
 
-from cadre import metrics  # noqa: E402
-from cadre.config import load_config  # noqa: E402
-from cadre.evaluation import load_cases, score_predictions  # noqa: E402
+from cadre import metrics
+from cadre.config import load_config
+from cadre.evaluation import load_cases, score_predictions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,7 +79,7 @@ def main() -> None:
     def scores_only() -> object:
         return {name: metrics.compute(name, outputs, references) for name in answer_metrics}
 
-    import evaluate  # noqa: E402 - after the offline environment is set
+    import evaluate
 
     started = time.perf_counter()
     modules = {name: evaluate.load(str(metrics.evaluate_module_path(name))) for name in answer_metrics}

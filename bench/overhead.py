@@ -23,9 +23,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cadre.config import load_config  # noqa: E402
-from cadre.env import apply_env  # noqa: E402
-from cadre.stack import Stack  # noqa: E402
+from cadre.config import load_config
+from cadre.env import apply_env
+from cadre.stack import Stack
 
 console = Console(width=120)
 

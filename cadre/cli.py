@@ -190,6 +190,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(_load(args.file), budget=args.budget, console=console) else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cadre.serve import ServeError, ServeLimits, ServeSettings, run_server
+
+    config = _load(args.file)
+    if args.route_fallback:
+        _specialist_or_exit(config, args.route_fallback)
+    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_input_chars=args.max_input_chars, max_prompt_tokens=args.max_prompt_tokens,
+                         max_tokens=args.max_tokens, max_in_flight=args.max_in_flight)
+    settings = ServeSettings(host=args.host, port=args.port, contexts=args.contexts, n_threads=args.threads, n_ctx=args.n_ctx,
+                             poll_interval_s=args.poll_interval, api_key_env=args.api_key_env, route=not args.no_route,
+                             route_threshold=args.route_threshold, route_margin=args.route_margin, route_fallback=args.route_fallback, limits=limits)
+    try:
+        return run_server(config, settings, console=console)
+    except ServeError as error:
+        console.print(f"[red]{error}[/red]")
+        return 1
+
+
+def cmd_feedback_export(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from cadre.feedback import open_store, store_url_for
+
+    config = _load(args.file)
+    names = [args.specialist] if args.specialist else [s.name for s in config.specialists]
+    for name in names:
+        _specialist_or_exit(config, name)
+    urls: dict[str, list[str]] = {}
+    for name in names:
+        urls.setdefault(store_url_for(config, name), []).append(name)
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout if args.output == "-" else stack.enter_context(Path(args.output).open("w", encoding="utf-8"))
+        written = sum(open_store(url).export_jsonl(out, specialist=name) for url, members in urls.items() for name in members)
+    where = "stdout" if args.output == "-" else args.output
+    console.print(f"wrote {written} feedback record(s) of {', '.join(names)} to {where}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cadre", description="Keep a team of specialist small language models fresh.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -260,6 +298,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", help="why; recorded in the history")
     p.add_argument("--actor", help="who is acting (default: user@host)")
     p.set_defaults(func=cmd_rollback)
+
+    p = commands.add_parser("serve", help="serve the team behind an OpenAI-compatible API; champions go live without a restart")
+    _config_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--contexts", type=int, default=1, help="llama.cpp contexts per base model: generations at once (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="decode threads per context (default: project.lm.n_threads)")
+    p.add_argument("--n-ctx", type=int, help="context window in tokens (default: project.lm.n_ctx)")
+    p.add_argument("--poll-interval", type=float, default=30.0, help="seconds between checks of the registry's champions (default: %(default)s)")
+    p.add_argument("--api-key-env", default="CADRE_API_KEY", help="environment variable with the API key; unset: no key (default: %(default)s)")
+    p.add_argument("--no-route", action="store_true", help="do not serve `model: auto`")
+    p.add_argument("--route-threshold", type=float, help="router similarity floor (default: chosen on evals/suites/routing)")
+    p.add_argument("--route-margin", type=float, help="margin over the off-topic profile (default: chosen on evals/suites/routing)")
+    p.add_argument("--route-fallback", help="specialist answering `auto` requests nothing matches (default: answer 422)")
+    p.add_argument("--max-in-flight", type=int, default=8, help="requests admitted at once; more get 429 (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body (default: %(default)s)")
+    p.add_argument("--max-input-chars", type=int, default=4000, help="longest user message (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest rendered prompt (default: context window less the answer)")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens a request may generate (default: %(default)s)")
+    p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("feedback", help="feedback captured by `cadre serve`")
+    actions = p.add_subparsers(dest="feedback_command", required=True, metavar="ACTION")
+    q = actions.add_parser("export", help="write ratings and corrections, with the responses they rate, as JSONL")
+    _config_arg(q)
+    q.add_argument("--specialist", help="only this specialist (default: all)")
+    q.add_argument("-o", "--output", default="-", help="file to write, or - for stdout (default: %(default)s)")
+    q.set_defaults(func=cmd_feedback_export)
 
     p = commands.add_parser("demo", help="the main job: bring the stack up, deploy, and run the team's full cycle")
     _config_arg(p)

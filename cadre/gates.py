@@ -26,7 +26,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cadre.config.evaluation import GateRule
-from cadre.evaluation import Comparison, EvaluationResult, compare, higher_is_better, restrict
+from cadre.evaluation import (
+    Comparison,
+    EvaluationResult,
+    compare,
+    higher_is_better,
+    restrict,
+)
 
 CHAMPION_RELATIVE = ("beat_champion_by", "max_slice_drop")
 MIN_SLICE_CASES = 10
@@ -341,8 +347,8 @@ def _render_markdown(decision: GateDecision) -> str:
         "",
         f"**Verdict:** {decision.summary}",
         "",
-        f"Candidate **{decision.candidate_name}** vs {versus}{shared} · {decision.confidence:.0%} bootstrap intervals "
-        f"({decision.samples:,} resamples, paired for Δ) in brackets · decided {decision.decided_at}",
+        (f"Candidate **{decision.candidate_name}** vs {versus}{shared} · {decision.confidence:.0%} bootstrap intervals "
+         f"({decision.samples:,} resamples, paired for Δ) in brackets · decided {decision.decided_at}"),
         "",
     ]
     if decision.outcomes:

@@ -10,8 +10,8 @@ Run: `cadre models prepare`.
 
 from __future__ import annotations
 
-import hashlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil

@@ -20,7 +20,13 @@ from mlflow.entities import Metric
 from cadre.config import CadreConfig
 from cadre.evaluation import EvaluationResult
 from cadre.gates import GateDecision, decide
-from cadre.registry import EVENT_PROMOTION, PromotionRecord, decide_and_promote, get_champion, register_candidate
+from cadre.registry import (
+    EVENT_PROMOTION,
+    PromotionRecord,
+    decide_and_promote,
+    get_champion,
+    register_candidate,
+)
 from cadre.tracking import RunHandle
 
 ARTIFACT_OF_GATE = {"index": "index", "program": "program", "adapter": "adapter", "feedback": "adapter"}

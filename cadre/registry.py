@@ -47,7 +47,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -320,7 +320,7 @@ class _Lease:
                     tags={"cadre.lock": "true", "cadre.lock.token": self.token, "cadre.lock.holder": self.holder,
                           "cadre.lock.operation": self.operation, "cadre.lock.expires_at": f"{expires:.3f}"},
                     description=(f"Promotion lease held by {self.holder} ({self.operation}) until "
-                                 f"{_iso(datetime.fromtimestamp(expires, timezone.utc))}. Cadre deletes it when done; "
+                                 f"{_iso(datetime.fromtimestamp(expires, UTC))}. Cadre deletes it when done; "
                                  "one that outlives that time was abandoned and is broken by the next promotion."),
                 )
                 return
@@ -983,11 +983,11 @@ def _step(hook: StepHook | None, step: str) -> None:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _v(version: str | None) -> str:

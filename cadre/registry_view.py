@@ -7,14 +7,20 @@ arguments and calls them.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from mlflow import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
 from cadre.config import CadreConfig, Specialist
-from cadre.registry import ARTIFACT_KINDS, ChampionInfo, PromotionRecord, champions, history
+from cadre.registry import (
+    ARTIFACT_KINDS,
+    ChampionInfo,
+    PromotionRecord,
+    champions,
+    history,
+)
 
 
 def registry_client(config: CadreConfig) -> MlflowClient:
@@ -96,7 +102,7 @@ def _key_metric(info: ChampionInfo, preferred: list[str]) -> str:
         if name in info.metrics:
             return f"{name} = {info.metrics[name]:.3g}"
     if info.metrics:
-        name = sorted(info.metrics)[0]
+        name = min(info.metrics)
         return f"{name} = {info.metrics[name]:.3g}"
     return "—"
 
@@ -113,7 +119,7 @@ def _event(record: PromotionRecord) -> str:
 
 
 def _when(moment: datetime | None) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "—"
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "—"
 
 
 def _v(version: str | None) -> str:

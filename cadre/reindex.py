@@ -392,8 +392,9 @@ class _Run:
             if len(self.pending) >= self.write_batch_size:
                 self.write_pending()
 
-    def write_pending(self) -> None:
-        while self.pending:
+    def write_pending(self, final: bool = False) -> None:
+        """Embed and upsert full batches of pending chunks; with `final`, the last partial one too."""
+        while len(self.pending) >= self.write_batch_size or (final and self.pending):
             batch, self.pending = self.pending[: self.write_batch_size], self.pending[self.write_batch_size :]
             target = self.ensure_target()
             with self.timer.phase("embed"):
@@ -503,7 +504,7 @@ def plan_and_apply(
                     run.chunk_documents(waiting, state)
                     waiting = []
             run.chunk_documents(waiting, state)
-            run.write_pending()
+            run.write_pending(final=True)
         deleted = sum(1 for doc_id in live_hashes if doc_id not in run.document_chunks)
         run.delete_stale(state)
         fingerprint = corpus_fingerprint((doc_id, content_hash) for doc_id, (content_hash, _) in run.document_chunks.items())

@@ -9,6 +9,9 @@ import importlib
 FLOWS: dict[str, str] = {
     "check": "flows.check.check_stack",
     "reindex": "flows.reindex.reindex",
+    "optimize": "flows.optimize_prompts.optimize_prompts",
+    "refresh": "flows.refresh_adapter.refresh_adapter",
+    "feedback": "flows.learn_from_feedback.learn_from_feedback",
 }
 """Flow kind → `module.function` of the Prefect flow. Kinds not listed here are not deployed yet."""
 

@@ -16,7 +16,13 @@ from prefect.runtime import flow_run
 from cadre.config import load_config
 from cadre.env import apply_env
 from tasks.promotion import promote_through_gates
-from tasks.reindex import build_index_version, evaluate_retrieval, log_reindex_result, make_live, sync_live_pointer
+from tasks.reindex import (
+    build_index_version,
+    evaluate_retrieval,
+    log_reindex_result,
+    make_live,
+    sync_live_pointer,
+)
 from tasks.tracking import close_tracking_run, open_tracking_run
 from tasks.triggers import trigger_flow
 

@@ -7,7 +7,12 @@ from prefect.runtime import flow_run
 
 from cadre.config import CadreConfig
 from cadre.evaluation import EvaluationResult
-from cadre.promotion import ARTIFACT_OF_GATE, PromotionOutcome, champion_version, gate_and_promote
+from cadre.promotion import (
+    ARTIFACT_OF_GATE,
+    PromotionOutcome,
+    champion_version,
+    gate_and_promote,
+)
 from cadre.tracking import RunHandle
 
 ARTIFACT_DIR = {"index": "index", "program": "program", "adapter": "adapter"}

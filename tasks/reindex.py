@@ -16,7 +16,14 @@ from cadre.evaluation import EvaluationResult, Prediction, evaluate_cases, load_
 from cadre.index.base import VersionNotFound
 from cadre.metrics import is_retrieval_metric
 from cadre.promotion import champion_version
-from cadre.reindex import ReindexResult, Retriever, live_version, promote_version, prune_versions, reindex_specialist
+from cadre.reindex import (
+    ReindexResult,
+    Retriever,
+    live_version,
+    promote_version,
+    prune_versions,
+    reindex_specialist,
+)
 from cadre.tracking import RunHandle
 
 

@@ -25,7 +25,6 @@ from ruamel.yaml.error import MarkedYAMLError
 
 from cadre.config.base import FieldError
 from cadre.config.pipelines import CadreConfig, PipelinesFile, merge_defaults
-from cadre.config.specialist import Specialist
 
 Path_ = tuple[str | int, ...]
 
@@ -160,9 +159,7 @@ def _data_path(loc: Path_, data: Any) -> Path_:
     node = data
     for position, part in enumerate(loc):
         last = position == len(loc) - 1
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
         elif not last:
             if isinstance(node, dict) and isinstance(part, str) and part.isidentifier() and part not in _UNION_LABELS:

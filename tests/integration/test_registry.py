@@ -421,7 +421,7 @@ def load_test_module():
 
 def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", _CHILD_PRELUDE + textwrap.dedent(code), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
 
 
 def start_python(code: str, *args: str) -> subprocess.Popen:

@@ -62,7 +62,7 @@ def _write_project(root: Path, ports: dict[str, int], specialists: list[str]) ->
 def _cadre(*args: str, config: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     return subprocess.run([*CADRE, *args, "-c", str(config)] if args[0] not in ("validate",) else [*CADRE, *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=config.parent, env=env)
+                          check=False, capture_output=True, text=True, timeout=timeout, cwd=config.parent, env=env)
 
 
 def _processes_under(folder: Path) -> list[str]:
@@ -109,7 +109,12 @@ def test_up_is_idempotent_and_status_shows_urls(stack) -> None:
 def test_deploy_run_and_read_back_through_prefect_and_mlflow(stack) -> None:
     from mlflow import MlflowClient
     from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterDeploymentId
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+    )
 
     config, ports = stack
     deploy = _cadre("deploy", config=config)

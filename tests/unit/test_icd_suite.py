@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import simple_icd_10_cm as icd
 
-from cadre.demo.icd10 import billable_codes, build_suite, chapter_range, load_documents, normalize_phrase
+from cadre.demo.icd10 import (
+    billable_codes,
+    build_suite,
+    chapter_range,
+    load_documents,
+    normalize_phrase,
+)
 from cadre.evaluation import read_split
 
 SUITE = Path(__file__).resolve().parents[2] / "evals" / "suites" / "icd10-coder"

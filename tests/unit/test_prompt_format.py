@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from cadre.prompt_format import FieldSpec, PromptSpec, parse_completion, render_completion, render_prompt
+from cadre.prompt_format import (
+    FieldSpec,
+    PromptSpec,
+    parse_completion,
+    render_completion,
+    render_prompt,
+)
 
 ICD = PromptSpec(
     instruction="Answer with the ICD-10-CM code.",

@@ -1,0 +1,386 @@
+"""The team as it serves: each specialist's champion program, live index and champion adapter, swapped live.
+
+A `SpecialistRuntime` is an immutable snapshot of what answers for one specialist: the program (the
+registry's `program` champion, else the declared program), the index version that was live when it
+was built, and a lease on the `adapter` champion loaded into the engine (else the base model).
+`Team` maps names to snapshots; a request takes the snapshot (and a lease on its adapter) once, at
+its start, so a swap never changes what an in-flight request runs on.
+
+`ChampionWatcher` polls the registry aliases and the live index pointer every `interval_s`; when a
+champion moved it builds the new snapshot completely (downloads, program load, adapter load) and only
+then swaps it in. A failure keeps the old snapshot serving and is retried at the next poll; a request
+never waits for a load and never fails because of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cadre.prompt_format import PromptSpec
+from cadre.serving.engine import AdapterLease, LoraEngine
+
+log = logging.getLogger("cadre.serve")
+
+DECLARED = "declared"
+BASE = "base"
+NO_INDEX = "none"
+
+
+@dataclass(frozen=True)
+class ChampionVersions:
+    """What the registry and the index say should serve one specialist.
+
+    Attributes:
+        program: version of the `program` champion; None: the declared (un-optimized) program.
+        adapter: version of the `adapter` champion; None: the base model.
+        index: the live index version; None when the program does not retrieve (or nothing is live).
+    """
+
+    program: str | None
+    adapter: str | None
+    index: str | None
+
+    def describe(self) -> dict[str, str]:
+        """As the API reports them: `declared` program, `base` adapter, `none` index when absent."""
+        return {"program": self.program or DECLARED, "index": self.index or NO_INDEX, "adapter": self.adapter or BASE}
+
+
+class SpecialistUnavailable(RuntimeError):
+    """The specialist cannot answer now (e.g. it retrieves and no index is live); the message says why."""
+
+
+@dataclass
+class SpecialistRuntime:
+    """What answers for one specialist: program state, prompt spec, retrieval and adapter, fixed at build time.
+
+    Attributes:
+        name: the specialist.
+        versions: the versions actually serving (an adapter champion without a GGUF serves the base model).
+        registry: the versions the registry showed when this was built (what the watcher compares with).
+        spec: the prompt spec of the program's predictor (its instruction, inputs, outputs).
+        demos: the program's demos (rendered before the question).
+        input_names: the program's declared inputs, in order.
+        retrieve: search of the pinned index version, or None when the program does not retrieve.
+        retrieve_k: passages per request.
+        max_tokens: the program's answer length.
+        temperature: the program's temperature.
+        engine: the llama.cpp engine of the specialist's base model.
+        adapter: lease on the adapter in that engine.
+        built_at: when this snapshot was built (epoch seconds).
+    """
+
+    name: str
+    versions: ChampionVersions
+    registry: ChampionVersions
+    spec: PromptSpec
+    demos: list[dict[str, Any]]
+    input_names: list[str]
+    retrieve: Callable[[str, int], list[Any]] | None
+    retrieve_k: int
+    max_tokens: int
+    temperature: float
+    engine: LoraEngine
+    adapter: AdapterLease
+    built_at: float = field(default_factory=time.time)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [f.name for f in self.spec.outputs]
+
+    def render(self, inputs: Mapping[str, Any]) -> tuple[str, list[str]]:
+        """The prompt for one request and the ids of the passages in it — what the program's forward sends.
+
+        Retrieval uses the query `SpecialistProgram.forward` builds (the inputs joined by spaces); the prompt is
+        the completion adapter's rendering of the predictor's signature, demos and instruction.
+        """
+        from cadre.prompt_format import render_prompt
+
+        values = {name: inputs.get(name) for name in self.input_names}
+        passages: list[Any] = []
+        if self.retrieve is not None and self.spec.context_field:
+            query = " ".join(str(values[name]) for name in self.input_names if values.get(name))
+            passages = self.retrieve(query, self.retrieve_k)
+            values = {self.spec.context_field: [p.render() for p in passages], **values}
+        prompt = render_prompt(self.spec, values, self.demos, instruction=self.spec.instruction)
+        return prompt, [p.id for p in passages]
+
+    def close(self) -> None:
+        self.adapter.release()
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """A specialist that cannot serve now, why, and the registry state that was tried."""
+
+    name: str
+    reason: str
+    registry: ChampionVersions | None = None
+
+
+class Team:
+    """Specialist name → the snapshot serving it; swapped atomically."""
+
+    def __init__(self, names: list[str]):
+        self._entries: dict[str, SpecialistRuntime | Unavailable] = {name: Unavailable(name, "not loaded yet") for name in names}
+        self._lock = threading.Lock()
+        self.swaps = 0
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def entry(self, name: str) -> SpecialistRuntime | Unavailable:
+        return self._entries[name]
+
+    def checkout(self, name: str) -> tuple[SpecialistRuntime, AdapterLease]:
+        """The snapshot serving `name` and a lease on its adapter, to hold until the request is done.
+
+        Raises:
+            KeyError: no such specialist.
+            SpecialistUnavailable: it cannot serve now.
+        """
+        with self._lock:
+            entry = self._entries[name]
+            if isinstance(entry, Unavailable):
+                raise SpecialistUnavailable(entry.reason)
+            return entry, entry.adapter.share()
+
+    def install(self, name: str, entry: SpecialistRuntime | Unavailable) -> SpecialistRuntime | Unavailable:
+        """Swap in a new snapshot (or mark unavailable); returns the one it replaced, whose adapter lease is released.
+
+        Requests that took the old snapshot keep their own leases and finish on it.
+        """
+        with self._lock:
+            old = self._entries[name]
+            self._entries[name] = entry
+            if isinstance(entry, SpecialistRuntime) and isinstance(old, SpecialistRuntime):
+                self.swaps += 1
+        if isinstance(old, SpecialistRuntime) and old is not entry:
+            old.close()
+        return old
+
+    def close(self) -> None:
+        for name in self.names:
+            self.install(name, Unavailable(name, "server stopping"))
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+@dataclass(frozen=True)
+class RegistrySource:
+    """The slice of config the team reads champions from.
+
+    Attributes:
+        tracking_uri: the MLflow server with the registry.
+        project: project name (prefix of the registered models).
+        state_dir: where the live index pointers are and where artifacts are downloaded to.
+    """
+
+    tracking_uri: str
+    project: str
+    state_dir: str
+
+
+def current_versions(source: RegistrySource, specialist: str, retrieves: bool) -> ChampionVersions:
+    """The champion versions the registry and the live pointer show now (two alias reads and a file read)."""
+    from mlflow import MlflowClient
+
+    from cadre.registry import CHAMPION, registered_model_name
+    from cadre.reindex import live_version
+
+    client = MlflowClient(source.tracking_uri)
+
+    def champion(kind: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return client.get_registered_model(registered_model_name(source.project, specialist, kind)).aliases.get(CHAMPION)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+
+    index = live_version(Path(source.state_dir), specialist) if retrieves else None
+    return ChampionVersions(program=champion("program"), adapter=champion("adapter"), index=index)
+
+
+def download_champion(source: RegistrySource, specialist: str, kind: str, version: str, suffix: str) -> Path | None:
+    """Download the file of a champion version's artifact that ends with `suffix` (`program.json`, `.gguf`); None if it has none.
+
+    Files are kept under `<state_dir>/serving/<specialist>/<kind>-v<version>/` and reused; a download goes to a
+    temporary folder first, so a crash never leaves half a file that looks complete.
+    """
+    from mlflow import MlflowClient
+
+    from cadre.registry import registered_model_name
+
+    folder = Path(source.state_dir) / "serving" / specialist / f"{kind}-v{version}"
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(suffix)) if folder.is_dir() else []
+    if found:
+        return found[0]
+    client = MlflowClient(source.tracking_uri)
+    model_version = client.get_model_version(registered_model_name(source.project, specialist, kind), version)
+    artifact = model_version.tags.get("cadre.artifact_path", kind)
+    wanted = _find_artifact(client, model_version.run_id, artifact, suffix)
+    if wanted is None:
+        return None
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    client.download_artifacts(model_version.run_id, wanted, str(partial))
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.replace(folder)
+    return next(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(suffix))
+
+
+def _find_artifact(client: Any, run_id: str, path: str, suffix: str) -> str | None:
+    for item in client.list_artifacts(run_id, path):
+        if item.is_dir:
+            nested = _find_artifact(client, run_id, item.path, suffix)
+            if nested:
+                return nested
+        elif item.path.endswith(suffix):
+            return item.path
+    return None
+
+
+def build_runtime(config: Any, specialist: str, registry: ChampionVersions, engine: LoraEngine,
+                  source: RegistrySource) -> SpecialistRuntime:
+    """Build a specialist's snapshot for the given champion versions (downloads, loads the program, the adapter).
+
+    Raises:
+        SpecialistUnavailable: the program retrieves and no index version is live.
+    """
+    from cadre.program import IndexTarget, SpecialistProgram, load_program
+
+    settings = config.specialist(specialist)
+    program_settings = settings.program
+    retrieve = None
+    if program_settings.retrieve_k:
+        if registry.index is None:
+            raise SpecialistUnavailable(f"specialist {specialist!r} retrieves (retrieve_k={program_settings.retrieve_k}) but has no live "
+                                        "index yet; run the re-index flow (`cadre run reindex`) and it will serve within one poll")
+        target = IndexTarget.from_config(config, specialist, pin_live=False)
+        retrieve = _index_search(target, registry.index)
+
+    program_file = download_champion(source, specialist, "program", registry.program, "program.json") if registry.program else None
+    program = (load_program(program_file, program_settings, retriever=retrieve) if program_file
+               else SpecialistProgram(program_settings, retriever=retrieve))
+    adapter_file = download_champion(source, specialist, "adapter", registry.adapter, ".gguf") if registry.adapter else None
+    if registry.adapter and adapter_file is None:
+        log.warning("%s: champion adapter v%s has no GGUF file; serving the base model", specialist, registry.adapter)
+    predictor = next(iter(program.named_predictors()))[1]
+    from cadre.program import CompletionAdapter
+
+    spec = CompletionAdapter(program_settings.context_field if program_settings.retrieve_k else None).prompt_spec(predictor.signature)
+    demos = [dict(demo.items()) if hasattr(demo, "items") else dict(demo) for demo in predictor.demos]
+    lease = engine.load_adapter(adapter_file)
+    served = ChampionVersions(program=registry.program if program_file else None, adapter=registry.adapter if adapter_file else None,
+                              index=registry.index if retrieve is not None else None)
+    return SpecialistRuntime(name=specialist, versions=served, registry=registry, spec=spec, demos=demos,
+                             input_names=[f.name for f in program_settings.inputs], retrieve=retrieve,
+                             retrieve_k=program_settings.retrieve_k, max_tokens=program_settings.max_tokens,
+                             temperature=program_settings.temperature, engine=engine, adapter=lease)
+
+
+def _index_search(target: Any, version: str) -> Callable[[str, int], list[Any]]:
+    """Search one index version, the way `cadre.program.open_retriever` does, without its per-run query cache.
+
+    A server sees an unbounded stream of distinct queries; the program's `SharedRetriever` remembers
+    every one for the life of the run, which suits an optimization and would grow without bound here.
+    """
+    from cadre.embedding import Embedder
+    from cadre.index import open_backend
+    from cadre.program import Passage
+    from cadre.reindex import Retriever
+
+    embedder = Embedder.load(target.embedding, target.threads, root=Path(target.root))
+    backend = open_backend(target.backend, Path(target.state_dir), target.specialist, dimension=embedder.dimension)
+    index = Retriever(target.specialist, Path(target.state_dir), backend, embedder, target.search_mode)
+
+    def search(query: str, k: int) -> list[Passage]:
+        passages: dict[str, Passage] = {}
+        for hit in index.search(query, k * 2, version=version):
+            passages.setdefault(hit.record_id, Passage(hit.record_id, hit.title))
+        return list(passages.values())[:k]
+
+    return search
+
+
+# ------------------------------------------------------------------------------------- watching
+
+
+class ChampionWatcher:
+    """Polls champions every `interval_s` and swaps in new snapshots when they move (a daemon thread)."""
+
+    def __init__(self, team: Team, resolve: Callable[[str], ChampionVersions],
+                 build: Callable[[str, ChampionVersions], SpecialistRuntime], interval_s: float):
+        self.team = team
+        self.resolve = resolve
+        self.build = build
+        self.interval_s = interval_s
+        self.last_poll: float | None = None
+        self.last_error: str | None = None
+        self._failed: dict[str, ChampionVersions] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cadre-champion-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def poll(self) -> list[str]:
+        """Check every specialist once; returns the names whose snapshot was swapped."""
+        swapped = []
+        for name in self.team.names:
+            try:
+                wanted = self.resolve(name)
+            except Exception as error:  # noqa: BLE001 - a registry hiccup must not stop serving; retried next poll
+                self.last_error = f"{name}: could not read champions: {error}"
+                log.warning(self.last_error)
+                continue
+            entry = self.team.entry(name)
+            if entry.registry == wanted:
+                continue  # serving these versions, or known to be unable to (e.g. no live index yet)
+            started = time.perf_counter()
+            try:
+                runtime = self.build(name, wanted)
+            except SpecialistUnavailable as error:
+                if isinstance(entry, Unavailable):
+                    self.team.install(name, Unavailable(name, str(error), wanted))
+                self._remember_failure(name, wanted, str(error))
+                continue
+            except Exception as error:  # noqa: BLE001 - keep the old snapshot serving; retried at the next poll
+                self._remember_failure(name, wanted, f"{type(error).__name__}: {error}")
+                continue
+            self._failed.pop(name, None)
+            self.team.install(name, runtime)
+            swapped.append(name)
+            before = entry.registry.describe() if entry.registry else {}
+            log.info("%s: champions moved %s -> %s; swapped in %.1f s", name, json.dumps(before), json.dumps(wanted.describe()),
+                     time.perf_counter() - started)
+        self.last_poll = time.time()
+        return swapped
+
+    def _remember_failure(self, name: str, wanted: ChampionVersions, reason: str) -> None:
+        if self._failed.get(name) != wanted:
+            log.error("%s: could not load champions %s; the previous ones keep serving: %s", name, json.dumps(wanted.describe()), reason)
+        self._failed[name] = wanted
+        self.last_error = f"{name}: {reason}"

@@ -1,0 +1,79 @@
+"""The `learn-from-feedback` flow: user corrections → preference pairs → DPO on the champion adapter → gate → promote.
+
+Weekly. Run it by hand with `cadre run feedback -s icd10-coder --budget smoke`.
+
+Steps: log the resolved config → read the specialist's corrections from the feedback store that
+`cadre serve` fills → with fewer than `feedback.min_pairs`, record "not enough corrections (N < min)"
+and stop, promoting nothing → render each correction as a preference pair in the serving prompt
+format (chosen = the correction, rejected = what the model answered) and as a case of the `feedback`
+slice → DPO with trl on the champion adapter (a fresh LoRA when there is none) → export the adapter to
+GGUF and log it → run the specialist with the candidate and with the champion adapter (or the base
+model) on the regular test cases plus the feedback slice → decide the `feedback` gates, register the
+candidate as an `adapter` version with its lineage, promote only if they pass → close the run.
+A running `cadre serve` picks the new champion up at its next poll.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from cadre.config import load_config
+from cadre.env import apply_env
+from cadre.feedback import store_url_for
+from cadre.program import IndexTarget
+from tasks.feedback import (
+    build_feedback_data,
+    collect_corrections,
+    export_dpo_candidate,
+    feedback_run_dir,
+    gate_register_promote_feedback,
+    plan_feedback,
+    record_not_enough,
+    split_scores,
+    train_dpo_candidate,
+)
+from tasks.prompts import RegistryTarget, fetch_champion_adapter, fetch_champion_program
+from tasks.refresh import evaluate_adapters, load_test_cases, prepare_base_model
+from tasks.tracking import close_tracking_run, open_tracking_run
+
+
+@flow(name="learn-from-feedback", log_prints=True)
+def learn_from_feedback(specialist: str, config_path: str, budget: str = "full") -> dict:
+    """Learn the specialist's user corrections with DPO; promote the adapter only if its gate passes."""
+    config = load_config(config_path)
+    apply_env(config)
+    settings = config.specialist(specialist)
+    plan = plan_feedback(settings, budget)
+    handle = open_tracking_run(config, specialist, "feedback", budget)
+    try:
+        outputs = [item.name for item in settings.program.outputs]
+        collected = collect_corrections(handle, store_url_for(config, specialist), specialist, outputs)
+        if len(collected.corrections) < settings.feedback.min_pairs:
+            message = record_not_enough(handle, len(collected.corrections), settings.feedback.min_pairs)
+            close_tracking_run(handle)
+            return {"mlflow_run_id": handle.run_id, "promoted": False, "corrections": len(collected.corrections), "summary": message}
+        scratch = feedback_run_dir(config.state_dir, handle.run_id)
+        registry = RegistryTarget(config.project.mlflow.uri, config.project.name, specialist)
+        program = fetch_champion_program(registry, scratch)
+        champion_gguf, champion_version = fetch_champion_adapter(registry, scratch)
+        index = IndexTarget.from_config(config, specialist) if settings.program.retrieve_k else None
+        base = prepare_base_model(config, settings.base_model)
+        data = build_feedback_data(handle, collected, settings.program, index, program, scratch)
+        trained = train_dpo_candidate(handle, data, settings.feedback, settings.tuning, base, champion_gguf, scratch, plan.max_steps,
+                                      config.project.threads.torch)
+        exported = export_dpo_candidate(handle, trained, data, base, str(config.state_dir), scratch)
+        cases = load_test_cases(str(config.resolve(settings.evaluation.suite)), plan.eval_cases) + data.cases
+        scores = evaluate_adapters(settings.program, settings.evaluation, index, str(config.state_dir / "cache" / "dspy"), cases, base,
+                                   str(exported.gguf), champion_gguf, champion_version, program, config.project.lm.n_threads,
+                                   config.project.lm.n_ctx)
+        lineage = {"base_model": base.identity, "data_fingerprint": data.fingerprint, "method": "dpo",
+                   "program_version": program.version if program else "declared", "index_version": index.version if index else "-",
+                   "parent_versions": f"adapter:{champion_version or '-'},program:{program.version if program else '-'}"}
+        outcome = gate_register_promote_feedback(config, specialist, handle, scores, lineage, champion_version)
+    except BaseException:
+        close_tracking_run(handle, "FAILED")
+        raise
+    close_tracking_run(handle)
+    return {"mlflow_run_id": handle.run_id, **outcome, "corrections": len(collected.corrections), "pairs": trained.pairs,
+            "steps": trained.steps, "train_seconds": trained.train_seconds, "started_from": trained.started_from,
+            "champion_name": scores.champion.result.name, "scores": split_scores(scores)}

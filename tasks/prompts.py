@@ -1,0 +1,461 @@
+"""Tasks of the prompt-optimization flow: one unit of work each, given only the config slice it needs.
+
+Reading and writing MLflow (champion lookup, logging, registration, promotion) and probing the LM
+are I/O and retried; compiling and evaluating are long, deterministic and cached, and are not.
+Tasks that take DSPy programs or evaluation results skip Prefect's input hashing (`NO_CACHE`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from cadre.evaluation import EvaluationResult, load_cases
+from cadre.gates import GateDecision, decide
+from cadre.lm import LMUnavailable
+from cadre.optimize import (
+    CompileResult,
+    EvaluationRun,
+    OptimizationPlan,
+    compile_program,
+    evaluate_program,
+    evaluate_retrieval_only,
+)
+from cadre.program import (
+    CompletionLM,
+    IndexTarget,
+    LMTarget,
+    LMUnreachable,
+    SpecialistProgram,
+    build_client,
+    load_program,
+    open_retriever,
+    program_fingerprint,
+    render_program_markdown,
+    save_program,
+    use_disk_cache,
+)
+from cadre.tracking import RunHandle
+
+PROGRAM_ARTIFACT = "program"
+"""Artifact folder of a run that holds the program (what the registry version points at)."""
+PROGRAM_FILE = "program.json"
+
+
+@dataclass(frozen=True)
+class ProgramRuntime:
+    """What running a program needs: its LM, its index and the DSPy cache."""
+
+    lm: LMTarget
+    index: IndexTarget | None
+    cache_dir: str
+
+
+@dataclass(frozen=True)
+class RegistryTarget:
+    """The registered models of one specialist."""
+
+    tracking_uri: str
+    project: str
+    specialist: str
+
+
+@dataclass(frozen=True)
+class ChampionProgram:
+    """The serving program, downloaded: its version and local JSON."""
+
+    version: str
+    path: str
+    fingerprint: str
+    run_id: str | None
+
+
+@dataclass(frozen=True)
+class CompiledCandidate:
+    """The compiled program on disk and what compiling it took."""
+
+    path: str
+    markdown_path: str
+    fingerprint: str
+    instruction: str
+    summary: dict[str, Any]
+    candidates: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class TestScores:
+    """Champion (or un-optimized baseline) and candidate on the same test cases, plus retrieval-only."""
+
+    baseline: EvaluationResult
+    candidate: EvaluationResult
+    retrieval_only: EvaluationResult | None
+    baseline_is_champion: bool
+    costs: dict[str, dict[str, float]]
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+@task(name="load-cases")
+def load_optimization_cases(suite_dir: str, plan: OptimizationPlan) -> dict[str, list[dict[str, Any]]]:
+    """The train, dev and test cases the plan allows (the first N of each split, in file order)."""
+    limits = plan.case_limits()
+    cases = {split: load_cases(suite_dir, split, limits[split]) for split in ("train", "dev", "test")}
+    for split, found in cases.items():
+        if not found:
+            raise ValueError(f"{suite_dir}: the {split} split holds no usable case")
+    return cases
+
+
+def cases_fingerprint(cases: dict[str, list[dict[str, Any]]]) -> str:
+    """sha256 of the cases a run used (ids and contents, per split)."""
+    return hashlib.sha256(json.dumps(cases, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- registry
+
+
+@task(name="fetch-champion-program", retries=3, retry_delay_seconds=[2, 5, 10])
+def fetch_champion_program(registry: RegistryTarget, dest: str) -> ChampionProgram | None:
+    """Download the champion program's JSON, or None when no program has been promoted yet."""
+    from mlflow import MlflowClient
+
+    from cadre.registry import get_champion
+
+    client = MlflowClient(registry.tracking_uri)
+    version = get_champion(client, registry.project, registry.specialist, "program")
+    if version is None:
+        return None
+    artifact = version.tags.get("cadre.artifact_path", PROGRAM_ARTIFACT)
+    folder = Path(dest) / f"champion-v{version.version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    local = Path(client.download_artifacts(version.run_id, f"{artifact}/{PROGRAM_FILE}", str(folder)))
+    return ChampionProgram(version.version, str(local), program_fingerprint(local), version.run_id)
+
+
+@task(name="fetch-champion-adapter", retries=3, retry_delay_seconds=[2, 5, 10])
+def fetch_champion_adapter(registry: RegistryTarget, dest: str) -> tuple[str | None, str | None]:
+    """The champion LoRA adapter in GGUF form (path, version), or (None, None) without one.
+
+    The refresh flow registers adapters; llama.cpp can apply one only in GGUF form, so a champion
+    whose artifacts hold no `.gguf` file is reported and the base model is used.
+    """
+    from mlflow import MlflowClient
+
+    from cadre.registry import get_champion
+
+    client = MlflowClient(registry.tracking_uri)
+    version = get_champion(client, registry.project, registry.specialist, "adapter")
+    if version is None:
+        return None, None
+    artifact = version.tags.get("cadre.artifact_path", "adapter")
+    folder = Path(dest) / f"adapter-v{version.version}"
+    local = Path(client.download_artifacts(version.run_id, artifact, str(folder)))
+    found = sorted(local.rglob("*.gguf")) if local.is_dir() else ([local] if local.suffix == ".gguf" else [])
+    if not found:
+        print(f"champion adapter v{version.version} has no GGUF file; the program runs on the base model")
+        return None, None
+    return str(found[0]), version.version
+
+
+# ---------------------------------------------------------------------------------------------- LM
+
+
+@task(name="check-lm", retries=2, retry_delay_seconds=[2, 5])
+def check_lm(target: LMTarget) -> float:
+    """Fail the run before any work when the LM endpoint is down (returns the probe's milliseconds).
+
+    The probe lists the endpoint's models (`GET /models`) rather than generating, so a run whose
+    every completion comes from the cache makes no LM call at all. An in-process model needs no probe.
+    """
+    if target.kind != "endpoint":
+        return 0.0
+    import os
+    import time
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {os.environ[target.api_key_env]}"} if target.api_key_env and target.api_key_env in os.environ else {}
+    started = time.perf_counter()
+    try:
+        response = httpx.get(f"{(target.base_url or '').rstrip('/')}/models", headers=headers, timeout=10)
+        response.raise_for_status()
+    except httpx.HTTPError as error:
+        raise LMUnavailable(f"the LM at {target.describe()} is unreachable; nothing was compiled or promoted: {error}") from error
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _lm(target: LMTarget, max_tokens: int, temperature: float, budget: Any = None) -> CompletionLM:
+    return CompletionLM(build_client(target), model_id=target.identity, max_tokens=max_tokens, temperature=temperature, budget=budget)
+
+
+# ----------------------------------------------------------------------------------------- compile
+
+
+@task(name="compile-program", cache_policy=NO_CACHE)
+def compile_candidate(program_settings: Any, evaluation: Any, runtime: ProgramRuntime, train: list[dict[str, Any]],
+                      dev: list[dict[str, Any]], plan: OptimizationPlan, out_dir: str) -> CompiledCandidate:
+    """Compile the declared program within the plan's budget; save it as JSON and readable Markdown."""
+    use_disk_cache(runtime.cache_dir)
+    retriever = open_retriever(runtime.index) if runtime.index is not None and program_settings.retrieve_k else None
+    lm = _lm(runtime.lm, program_settings.max_tokens, program_settings.temperature, plan.budget())
+    reflection = _reflection_lm(program_settings.optimizer.reflection_lm)
+    try:
+        result = compile_program(program_settings, evaluation, retriever, lm, train, dev, reflection_lm=reflection,
+                                 log_dir=str(Path(out_dir) / "optimizer-logs"))
+    except LMUnreachable as error:
+        raise LMUnavailable(f"the LM at {runtime.lm.describe()} became unreachable while compiling; nothing was promoted: {error}") from None
+    return _save_candidate(result, program_settings, out_dir)
+
+
+def _reflection_lm(model: str | None) -> Any:
+    if not model:
+        return None
+    import dspy
+
+    # A LiteLLM model string from pipelines.yaml. Against llama.cpp use `hosted_vllm/…`: it sends
+    # max_tokens, which llama.cpp honours; `openai/…` sends max_completion_tokens, which it ignores (STACK.md).
+    return dspy.LM(model, max_tokens=1024, temperature=1.0, cache=True)
+
+
+def _save_candidate(result: CompileResult, program_settings: Any, out_dir: str) -> CompiledCandidate:
+    folder = Path(out_dir) / PROGRAM_ARTIFACT
+    path = folder / PROGRAM_FILE
+    fingerprint = save_program(result.program, path)
+    (folder / "settings.json").write_text(json.dumps(program_settings.model_dump(mode="json"), indent=2), encoding="utf-8")
+    markdown = folder / "program.md"
+    stopped = f" — stopped by the budget ({result.stop_reason}); best program scored so far" if result.stopped_by_budget else ""
+    markdown.write_text(render_program_markdown(result.program, program_settings, f"Candidate program ({result.optimizer}){stopped}"),
+                        encoding="utf-8")
+    candidates = [{"candidate": c.index, "dev_score": c.score, "dev_cases": c.cases, "demos": c.demos, "instruction": c.instruction}
+                  for c in result.candidates]
+    instruction = next(iter(result.program.named_predictors()))[1].signature.instructions
+    return CompiledCandidate(str(path), str(markdown), fingerprint, instruction, result.summary(), candidates)
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+
+
+@task(name="evaluate-on-test", cache_policy=NO_CACHE)
+def evaluate_on_test(program_settings: Any, evaluation: Any, runtime: ProgramRuntime, test: list[dict[str, Any]],
+                     champion: ChampionProgram | None, candidate: CompiledCandidate) -> TestScores:
+    """Score the champion (or the un-optimized program) and the candidate on the same test cases.
+
+    The retriever's top-1 document is scored too, as the reference an LM must beat. A candidate
+    identical to the champion is scored once.
+    """
+    use_disk_cache(runtime.cache_dir)
+    retriever = open_retriever(runtime.index) if runtime.index is not None and program_settings.retrieve_k else None
+    lm = _lm(runtime.lm, program_settings.max_tokens, program_settings.temperature)
+    baseline_program = load_program(champion.path, program_settings, retriever) if champion else SpecialistProgram(program_settings, retriever)
+    baseline_name = f"champion-v{champion.version}" if champion else "unoptimized"
+    try:
+        baseline = evaluate_program(baseline_program, program_settings, evaluation, lm, test, baseline_name)
+        if champion is not None and champion.fingerprint == candidate.fingerprint:
+            scored = EvaluationRun(_renamed(baseline.result, "candidate"), baseline.usage, baseline.wall_seconds)
+        else:
+            scored = evaluate_program(load_program(candidate.path, program_settings, retriever), program_settings, evaluation, lm, test, "candidate")
+    except LMUnreachable as error:
+        raise LMUnavailable(f"the LM at {runtime.lm.describe()} became unreachable while evaluating; nothing was promoted: {error}") from None
+    reference = evaluate_retrieval_only(retriever, program_settings, evaluation, test) if retriever is not None else None
+    costs = {name: {**run.usage.to_metrics(), "wall_seconds": round(run.wall_seconds, 3)}
+             for name, run in (("baseline", baseline), ("candidate", scored), ("retrieval_only", reference)) if run is not None}
+    return TestScores(baseline.result, scored.result, reference.result if reference else None, champion is not None, costs)
+
+
+def _renamed(result: EvaluationResult, name: str) -> EvaluationResult:
+    from dataclasses import replace
+
+    return replace(result, name=name)
+
+
+@task(name="decide-program-gate", cache_policy=NO_CACHE)
+def decide_program_gate(rules: list[Any], scores: TestScores, evaluation: Any) -> GateDecision:
+    """The program gate: candidate vs champion on the shared test cases (absolute rules only without a champion)."""
+    champion = scores.baseline if scores.baseline_is_champion else None
+    return decide("program", rules, scores.candidate, champion, confidence=evaluation.confidence,
+                  samples=evaluation.bootstrap_samples)
+
+
+# ----------------------------------------------------------------------------------------- logging
+
+
+@task(name="log-optimization", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
+def log_optimization(handle: RunHandle, plan: OptimizationPlan, target: LMTarget, data_fingerprint: str,
+                     candidate: CompiledCandidate, scores: TestScores, decision: GateDecision) -> None:
+    """Log the program, the score tables, the costs and the gate report to the flow's MLflow run."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(handle.tracking_uri)
+    client.log_artifacts(handle.run_id, str(Path(candidate.path).parent), PROGRAM_ARTIFACT)
+    import mlflow
+
+    mlflow.set_tracking_uri(handle.tracking_uri)
+    mlflow.log_table(scores.candidate.columns(), "eval/candidate_test.json", run_id=handle.run_id)
+    mlflow.log_table(scores.baseline.columns(), "eval/baseline_test.json", run_id=handle.run_id)
+    if candidate.candidates:
+        mlflow.log_table({key: [row[key] for row in candidate.candidates] for key in candidate.candidates[0]}, "eval/dev_candidates.json",
+                         run_id=handle.run_id)
+    results = {"candidate": scores.candidate, "baseline": scores.baseline, "retrieval_only": scores.retrieval_only}
+    client.log_dict(handle.run_id, {name: r.to_dict() for name, r in results.items() if r is not None}, "eval/test_results.json")
+    client.log_dict(handle.run_id, decision.to_dict(), "gate/gate_report.json")
+    client.log_text(handle.run_id, decision.to_markdown(), "gate/gate_report.md")
+    client.log_text(handle.run_id, score_table_markdown(scores, candidate), "eval/summary.md")
+
+    stamp = _now_ms()
+    metrics = {**{f"candidate_{k}": v for k, v in scores.candidate.mlflow_metrics().items()},
+               **{f"baseline_{k}": v for k, v in scores.baseline.mlflow_metrics().items()},
+               **({f"retrieval_only_{k}": v for k, v in scores.retrieval_only.mlflow_metrics().items()} if scores.retrieval_only else {}),
+               **{f"test_{name}_{key}": value for name, cost in scores.costs.items() for key, value in cost.items()},
+               **{k: float(v) for k, v in candidate.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None},
+               "compile_stopped_by_budget": float(bool(candidate.summary.get("stopped_by_budget"))),
+               "gate_passed": float(decision.passed)}
+    batch = [Metric(key, float(value), stamp, 0) for key, value in metrics.items()]
+    for start in range(0, len(batch), 500):
+        client.log_batch(handle.run_id, metrics=batch[start:start + 500])
+    params = {"optimize.budget": plan.budget_name, "optimize.train_cases": str(plan.train_cases), "optimize.dev_cases": str(plan.dev_cases),
+              "optimize.test_cases": str(len(scores.candidate.examples)), "optimize.max_lm_calls": str(plan.max_lm_calls),
+              "optimize.max_wall_seconds": str(plan.max_wall_seconds), "optimize.lm": target.describe()[:250],
+              "optimize.data_fingerprint": data_fingerprint, "optimize.program_sha256": candidate.fingerprint}
+    client.log_batch(handle.run_id, params=[Param(k, v) for k, v in params.items()])
+    client.set_tag(handle.run_id, "cadre.gate", "passed" if decision.passed else "refused")
+    client.set_tag(handle.run_id, "mlflow.note.content", score_table_markdown(scores, candidate) + "\n\n" + decision.to_markdown())
+
+
+def score_table_markdown(scores: TestScores, candidate: CompiledCandidate) -> str:
+    """The test-split comparison a reviewer reads first: quality, LM calls and time per system."""
+    rows = [("retrieval only (top-1 code)", scores.retrieval_only, scores.costs.get("retrieval_only")),
+            (scores.baseline.name + (" (champion)" if scores.baseline_is_champion else " (declared program)"), scores.baseline,
+             scores.costs.get("baseline")),
+            ("candidate", scores.candidate, scores.costs.get("candidate"))]
+    metrics = scores.candidate.metrics
+    lines = [f"### Test split: {scores.candidate.cases} cases", "",
+             "| system | " + " | ".join(metrics) + " | LM calls | wall s |", "|---" * (len(metrics) + 3) + "|"]
+    for name, result, cost in rows:
+        if result is None:
+            continue
+        values = " | ".join(f"{result.scores.get(m, 0.0):.3f}" for m in metrics)
+        lines.append(f"| {name} | {values} | {int((cost or {}).get('lm_calls', 0))} | {(cost or {}).get('wall_seconds', 0.0):.1f} |")
+    summary = candidate.summary
+    lines += ["", f"Compile: {summary.get('optimizer')}, {int(summary.get('compile_lm_calls', 0))} LM calls "
+              f"({int(summary.get('compile_lm_cache_hits', 0))} cache hits), {int(summary.get('compile_tokens', 0))} tokens, "
+              f"${summary.get('compile_cost_usd', 0.0):.4f}, {summary.get('compile_wall_seconds', 0.0):.1f} s"
+              + (f"; stopped by the budget: {summary.get('stop_reason')}" if summary.get("stopped_by_budget") else "") + "."]
+    return "\n".join(lines)
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+# ------------------------------------------------------------------------------ register & promote
+
+
+@task(name="register-instruction-prompt", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
+def register_instruction_prompt(handle: RunHandle, registry: RegistryTarget, instruction: str) -> str:
+    """Register the candidate's instruction in MLflow's prompt registry (a new version only when it changed).
+
+    Returns:
+        The prompt URI (`prompts:/<name>/<version>`), also linked to the run.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(handle.tracking_uri)
+    name = prompt_name(registry)
+    try:
+        latest = client.search_prompt_versions(name, max_results=1)  # newest first
+        current = latest[0] if latest else None
+    except MlflowException:  # no such prompt yet
+        current = None
+    if current is None or current.template != instruction:
+        current = client.register_prompt(name, instruction, commit_message=f"optimize-prompts run {handle.run_id}",
+                                         tags={"cadre.specialist": registry.specialist, "cadre.run_id": handle.run_id})
+    client.link_prompt_version_to_run(handle.run_id, current)
+    client.set_tag(handle.run_id, "cadre.prompt_uri", current.uri)
+    return current.uri
+
+
+def prompt_name(registry: RegistryTarget) -> str:
+    """The specialist's instruction in the prompt registry: `{project}.{specialist}.instruction`."""
+    return f"{registry.project}.{registry.specialist}.instruction"
+
+
+@task(name="register-program", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
+def register_program(handle: RunHandle, registry: RegistryTarget, candidate: CompiledCandidate, lineage: dict[str, str],
+                     description: str) -> str:
+    """Register the run's program as a candidate version; a version with the same program is reused.
+
+    Returns:
+        The version number.
+    """
+    from mlflow import MlflowClient
+
+    from cadre.registry import register_candidate, registered_model_name
+
+    client = MlflowClient(handle.tracking_uri)
+    name = registered_model_name(registry.project, registry.specialist, "program")
+    for version in _versions(client, name):
+        if version.tags.get("cadre.lineage.program_sha256") == candidate.fingerprint and version.tags.get("cadre.registration") == "complete":
+            print(f"the candidate is identical to {name} v{version.version}; reusing that version")
+            return version.version
+    version = register_candidate(client, project=registry.project, specialist=registry.specialist, kind="program", run_id=handle.run_id,
+                                 artifact_path=PROGRAM_ARTIFACT, lineage=lineage, description=description, actor=f"optimize-prompts:{handle.run_id}")
+    return version.version
+
+
+def _versions(client: Any, name: str) -> list[Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        return []
+
+
+@task(name="promote-program", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
+def promote_program(handle: RunHandle, registry: RegistryTarget, version: str, decision: GateDecision, scores: TestScores,
+                    champion: ChampionProgram | None, prompt_uri: str | None) -> dict[str, Any]:
+    """Record the gate decision on the version; `champion` moves only if the gate passed.
+
+    When the program is promoted, the prompt registry's `champion` alias follows its instruction.
+    """
+    from mlflow import MlflowClient
+
+    from cadre.registry import decide_and_promote
+
+    client = MlflowClient(handle.tracking_uri)
+    record = decide_and_promote(client, project=registry.project, specialist=registry.specialist, kind="program", version=version,
+                                decision=decision, actor=f"optimize-prompts:{handle.run_id}", reason=decision.summary,
+                                metrics=scores.candidate.scores, expected_champion=champion.version if champion else None)
+    promoted = record.event == "promotion" and record.to_version == str(version)
+    if promoted and prompt_uri:
+        _, _, prompt_version = prompt_uri.rpartition("/")
+        client.set_prompt_alias(prompt_name(registry), "champion", int(prompt_version))
+    client.set_tag(handle.run_id, "cadre.program_version", str(version))
+    client.set_tag(handle.run_id, "cadre.promoted", str(promoted).lower())
+    return {"event": record.event, "version": str(version), "champion": record.to_version, "promoted": promoted}
+
+
+def work_dir(state_dir: Path, run_id: str) -> str:
+    """Scratch folder of one run (program files before they are logged, downloads)."""
+    folder = Path(state_dir) / "work" / "optimize" / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
+
+
+__all__ = [
+    "ChampionProgram", "CompiledCandidate", "ProgramRuntime", "RegistryTarget", "TestScores", "cases_fingerprint", "check_lm",
+    "compile_candidate", "decide_program_gate", "evaluate_on_test", "fetch_champion_adapter", "fetch_champion_program",
+    "load_optimization_cases", "log_optimization", "promote_program", "prompt_name", "register_instruction_prompt",
+    "register_program", "score_table_markdown", "work_dir",
+]

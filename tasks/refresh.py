@@ -1,0 +1,401 @@
+"""Tasks of the adapter-refresh flow: one unit of work each, given only the config slice it needs.
+
+Order in the flow: prepare the base model → build the training data → train (resumable) → export the
+adapter (PEFT + GGUF) and log it → evaluate candidate and champion as the specialist runs → gate,
+register, promote. Writing to MLflow is I/O and retried; training and evaluating are long and
+deterministic and are not (a retried training resumes from its checkpoint anyway). Tasks that take
+large objects (training data, evaluation results) skip Prefect's input hashing (`NO_CACHE`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from cadre.adapters import (
+    ExportedAdapter,
+    convert_model_to_gguf,
+    export_adapter,
+    file_sha256,
+    verify_gguf_adapter,
+)
+from cadre.evaluation import EvaluationResult, load_cases
+from cadre.finetune import (
+    TrainingResult,
+    base_model_id,
+    train_adapter,
+    training_config_hash,
+    work_dir,
+)
+from cadre.optimize import EvaluationRun, evaluate_program
+from cadre.program import (
+    CompletionLM,
+    IndexTarget,
+    LMTarget,
+    SpecialistProgram,
+    build_client,
+    load_program,
+    open_retriever,
+    use_disk_cache,
+)
+from cadre.prompt_format import PromptSpec
+from cadre.tracking import RunHandle
+from cadre.training_data import (
+    TrainingData,
+    build_training_data,
+    read_records,
+    token_counter,
+    training_sources,
+)
+from tasks.prompts import ChampionProgram
+
+ADAPTER_ARTIFACT = "adapter"
+"""Artifact folder of a run that holds the adapter (what the registry version points at)."""
+GGUF_CHECK_PROMPTS = 4
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The base model a specialist fine-tunes and runs.
+
+    Attributes:
+        name: as written in pipelines.yaml (`gemma3-270m` or a folder).
+        hf_dir: transformers safetensors folder (what peft/trl train).
+        gguf: the same model as GGUF (what llama.cpp runs, with or without an adapter).
+        identity: name plus a hash of its config (lineage, checkpoint keys).
+    """
+
+    name: str
+    hf_dir: str
+    gguf: str
+    identity: str
+
+
+@dataclass(frozen=True)
+class AdapterScores:
+    """Candidate and champion (adapter, or the bare base model) on the same test cases."""
+
+    candidate: EvaluationRun
+    champion: EvaluationRun
+    champion_is_adapter: bool
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+@task(name="prepare-base-model")
+def prepare_base_model(config: Any, base_model: str) -> BaseModel:
+    """The base model as safetensors and as GGUF, prepared once and cached under the state dir."""
+    from cadre.models import PACKAGED_GEMMA, ensure_gguf, ensure_hf_model, hf_model_dir
+
+    packaged = base_model == PACKAGED_GEMMA
+    hf_dir = ensure_hf_model(config) if packaged else hf_model_dir(config, base_model)
+    identity = base_model_id(hf_dir, base_model)
+    if packaged:
+        gguf = ensure_gguf(config)
+    else:
+        folder = config.state_dir / "models" / identity.replace("/", "_").replace("@", "-")
+        gguf = convert_model_to_gguf(hf_dir, folder / "model-f16.gguf", config.state_dir)
+    return BaseModel(base_model, str(hf_dir), str(gguf), identity)
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def _serving_prompt(program_settings: Any, champion: ChampionProgram | None) -> tuple[str | None, list[dict[str, Any]]]:
+    """The instruction and demos of the program that serves (the champion's, else the declared zero-shot one)."""
+    if champion is None:
+        return None, []
+    program = load_program(champion.path, program_settings)
+    predictor = program.answer
+    demos = [dict(demo.items()) if hasattr(demo, "items") else dict(demo) for demo in predictor.demos]
+    return predictor.signature.instructions, demos
+
+
+@task(name="build-training-data", cache_policy=NO_CACHE)
+def build_refresh_data(handle: RunHandle, tuning: Any, program_settings: Any, suite_dir: str, data_files: list[str], base: BaseModel,
+                       index: IndexTarget | None, champion_program: ChampionProgram | None, max_examples: int | None,
+                       out_dir: str) -> TrainingData:
+    """Render the specialist's training examples exactly as its program prompts, and log fingerprint and counts.
+
+    The suite's train split (if `from_eval_train`) and the `tuning.data` files are read; the prompts
+    carry the passages the program retrieves from the live index and the serving program's
+    instruction and demos.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+    from transformers import AutoTokenizer
+
+    if program_settings.module != "predict":
+        raise ValueError(f"the adapter refresh trains `predict` programs; a {program_settings.module} program's prompts need reasoning "
+                         "traces the training data does not have (set program.module: predict or skip this flow)")
+    spec = PromptSpec.from_settings(program_settings)
+    instruction, demos = _serving_prompt(program_settings, champion_program)
+    retrieve = None
+    if spec.context_field:
+        retriever = open_retriever(index)
+        names = [item.name for item in program_settings.inputs]
+
+        def retrieve(inputs: dict[str, Any]) -> list[str]:
+            # The query SpecialistProgram.forward sends: the input values joined by spaces.
+            query = " ".join(str(inputs[name]) for name in names if inputs.get(name))
+            return [passage.render() for passage in retriever(query, program_settings.retrieve_k)]
+
+    sources = training_sources(Path(suite_dir), [Path(f) for f in data_files], tuning.from_eval_train)
+    records, skipped = read_records(sources)
+    started = time.perf_counter()
+    data = build_training_data(records, spec, count_tokens=token_counter(AutoTokenizer.from_pretrained(base.hf_dir)),
+                               max_length=tuning.max_length, heldout_fraction=tuning.heldout_fraction, seed=tuning.seed,
+                               retrieve=retrieve, demos=demos, instruction=instruction, max_examples=max_examples, skipped=skipped)
+    seconds = time.perf_counter() - started
+    print(f"training data: {data.counts['train']} train / {data.counts['heldout']} held-out examples from {len(sources)} file(s) "
+          f"({data.counts['invalid']} invalid, {data.counts['duplicates']} duplicates, {data.counts['too_long']} too long, "
+          f"{data.counts['capped']} beyond the step budget) in {seconds:.0f} s; fingerprint {data.fingerprint[:16]}")
+
+    client = MlflowClient(handle.tracking_uri)
+    stamp = int(time.time() * 1000)
+    client.log_batch(handle.run_id, metrics=[Metric(f"data_{k}", float(v), stamp, 0) for k, v in data.counts.items()]
+                     + [Metric("data_seconds", seconds, stamp, 0)],
+                     params=[Param("data.fingerprint", data.fingerprint), Param("data.sources", json.dumps([str(s) for s in sources])[:500]),
+                             Param("data.prompt_program", f"champion v{champion_program.version}" if champion_program else "declared")])
+    client.set_tag(handle.run_id, "cadre.data_fingerprint", data.fingerprint)
+    folder = Path(out_dir) / "data"
+    data.write_jsonl(folder / "training_data.jsonl")
+    (folder / "skipped.json").write_text(json.dumps([vars(s) for s in data.skipped[:1000]], indent=1))
+    client.log_artifacts(handle.run_id, str(folder), "data")
+    return data
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+class _MlflowSink:
+    """Streams step metrics to the flow's run; a failed logging call is reported, never fatal to training."""
+
+    def __init__(self, handle: RunHandle, say: Any):
+        from mlflow import MlflowClient
+
+        self.client, self.run_id, self.say = MlflowClient(handle.tracking_uri), handle.run_id, say
+        self.steps: set[int] = set()
+        self.failures = 0
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        try:
+            self.client.log_batch(self.run_id, metrics=[Metric(f"train/{key}", float(value), stamp, step) for key, value in metrics.items()])
+            if "loss" in metrics:
+                self.steps.add(step)
+        except Exception as error:  # noqa: BLE001 - losing a metric point must not lose an hour of training
+            self.failures += 1
+            if self.failures <= 3:
+                self.say(f"warning: could not log step {step} to MLflow: {error}")
+
+
+@task(name="train-adapter", cache_policy=NO_CACHE, log_prints=False)
+def train_candidate(handle: RunHandle, data: TrainingData, tuning: Any, base: BaseModel, state_dir: str, specialist: str,
+                    max_steps: int | None, threads: int) -> TrainingResult:
+    """Fine-tune the candidate adapter, resuming from this data's and config's last checkpoint if one exists.
+
+    Step metrics stream to the run; steps trained by an earlier, interrupted run (before the
+    checkpoint) are filled in afterwards from the trainer's history, so the run's curve is complete.
+    Progress goes to the task's logger: `log_prints` is off here because `datasets` fingerprints its
+    map functions with dill, which disassembles them to stdout, and those lines would flood the log.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+    from prefect import get_run_logger
+
+    say = get_run_logger().info
+
+    config_hash = training_config_hash(tuning, base.identity, max_steps)
+    folder = work_dir(Path(state_dir), specialist, data.fingerprint, config_hash)
+    say(f"training {tuning.method} (r={tuning.rank}, alpha={tuning.alpha}) on {base.name} for "
+        f"{max_steps if max_steps is not None else f'{tuning.epochs} epochs of'} steps; checkpoints in {folder}")
+    sink = _MlflowSink(handle, say)
+    result = train_adapter(data, tuning, base_model_dir=Path(base.hf_dir), work_dir=folder, max_steps=max_steps, threads=threads,
+                           sink=sink, say=say, config_hash=config_hash)
+
+    client = MlflowClient(handle.tracking_uri)
+    stamp = int(time.time() * 1000)
+    missing = [row for row in result.loss_curve if int(row["step"]) not in sink.steps]
+    backfill = [Metric(f"train/{key}", value, stamp, int(row["step"])) for row in missing for key, value in row.items() if key != "step"]
+    summary = {"train_mean_loss": result.train_loss, "heldout_loss": result.heldout_loss, "train_seconds": result.train_seconds,
+               "train_seconds_per_step": result.seconds_per_step, "train_tokens_per_second": result.tokens_per_second,
+               "train_global_step": result.global_step, "train_resumed_from_step": result.resumed_from_step,
+               "train_peak_rss_mb": result.peak_rss_mb, "train_trainable_parameters": result.trainable_parameters}
+    metrics = backfill + [Metric(k, float(v), stamp, result.global_step) for k, v in summary.items() if v is not None]
+    for start in range(0, len(metrics), 500):
+        client.log_batch(handle.run_id, metrics=metrics[start:start + 500])
+    params = {"train.method": result.method, "train.device": result.device, "train.precision": result.precision,
+              "train.max_steps": str(result.max_steps), "train.config_hash": config_hash, "train.reused": str(result.reused).lower(),
+              "train.base_model": base.identity}
+    client.log_batch(handle.run_id, params=[Param(k, v) for k, v in params.items()])
+    if result.method == "qlora" and result.device == "cpu":
+        say("note: this was QLoRA on CPU — a 4-bit nf4 base through bitsandbytes' CPU backend, fp32 compute")
+    where = "reused" if result.reused else (f"resumed at step {result.resumed_from_step}" if result.resumed_from_step else "trained")
+    say(f"adapter {where}: {result.global_step} steps on {result.device}/{result.precision}, {result.train_seconds:.0f} s, "
+        f"final loss {result.loss_curve[-1]['loss'] if result.loss_curve else float('nan'):.4f}, held-out loss {result.heldout_loss}")
+    return result
+
+
+# --------------------------------------------------------------------------------------- export
+
+
+@task(name="export-adapter", cache_policy=NO_CACHE)
+def export_candidate(handle: RunHandle, result: TrainingResult, data: TrainingData, tuning: Any, base: BaseModel, state_dir: str,
+                     out_dir: str, max_tokens: int, stop: list[str], threads: int) -> ExportedAdapter:
+    """Write the adapter artifact (PEFT + GGUF + configs), check the GGUF answers like the PEFT adapter, log it.
+
+    The artifact folder holds `adapter_model.safetensors`, `adapter_config.json`, `adapter.gguf`,
+    `training_config.json` (what was trained, on what) and `training_result.json`; the loss curve
+    goes to `training/` as a table, a CSV and a plot.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    exported = export_adapter(result.adapter_dir, Path(base.hf_dir), Path(out_dir) / ADAPTER_ARTIFACT, Path(state_dir))
+    training_config = {"tuning": tuning.model_dump(mode="json"), "max_steps": result.max_steps, "base_model": base.identity,
+                       "data_fingerprint": data.fingerprint, "config_hash": result.config_hash, "method": result.method,
+                       "device": result.device, "precision": result.precision, "data_counts": data.counts}
+    (exported.folder / "training_config.json").write_text(json.dumps(training_config, indent=2))
+    (exported.folder / "training_result.json").write_text(json.dumps(result.to_dict(), indent=2))
+
+    prompts = [e.prompt for e in (data.heldout + data.train)[:GGUF_CHECK_PROMPTS]]
+    check = verify_gguf_adapter(exported.folder, Path(base.hf_dir), exported.gguf, Path(base.gguf), prompts, max_tokens=max_tokens,
+                                stop=stop, threads=threads)
+    print(f"GGUF adapter vs PEFT adapter: {check.agreement:.0%} identical greedy answers on {check.prompts} prompts {check.pairs}")
+    if check.agreement < 0.5:
+        print("warning: the GGUF adapter answers differently from the PEFT adapter on most prompts; the gate will judge the GGUF one")
+
+    client = MlflowClient(handle.tracking_uri)
+    client.log_artifacts(handle.run_id, str(exported.folder), ADAPTER_ARTIFACT)
+    _log_loss_curve(client, handle, result.loss_curve, Path(out_dir) / "training")
+    stamp = int(time.time() * 1000)
+    client.log_batch(handle.run_id, metrics=[Metric("gguf_peft_agreement", check.agreement, stamp, 0),
+                                             Metric("gguf_conversion_seconds", exported.conversion_seconds, stamp, 0),
+                                             Metric("adapter_gguf_mb", exported.gguf.stat().st_size / 1e6, stamp, 0)])
+    return exported
+
+
+def _log_loss_curve(client: Any, handle: RunHandle, curve: list[dict[str, float]], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = sorted({key for row in curve for key in row}, key=lambda k: (k != "step", k))
+    with (folder / "loss_curve.csv").open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(curve)
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    axis.plot([row["step"] for row in curve], [row["loss"] for row in curve], linewidth=1.2)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("training loss (completion tokens)")
+    axis.set_title("Adapter refresh: training loss")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(folder / "loss_curve.png", dpi=110)
+    plt.close(figure)
+    client.log_artifacts(handle.run_id, str(folder), "training")
+
+
+# ----------------------------------------------------------------------------------- evaluation
+
+
+@task(name="load-test-cases")
+def load_test_cases(suite_dir: str, limit: int | None) -> list[dict[str, Any]]:
+    """The test split's first `limit` cases (the same cases for candidate and champion)."""
+    cases = load_cases(suite_dir, "test", limit)
+    if not cases:
+        raise ValueError(f"{suite_dir}: the test split holds no usable case")
+    return cases
+
+
+def _llama_target(base: BaseModel, adapter_gguf: str | None, n_threads: int, n_ctx: int, version: str | None) -> LMTarget:
+    identity = f"llama.cpp:{Path(base.gguf).name}" + (f"+lora:{file_sha256(Path(adapter_gguf))[:16]}" if adapter_gguf else "")
+    return LMTarget(kind="llama_cpp", model=base.gguf, adapter_gguf=adapter_gguf, adapter_version=version, n_threads=n_threads,
+                    n_ctx=n_ctx, identity=identity)
+
+
+@task(name="evaluate-adapters", cache_policy=NO_CACHE)
+def evaluate_adapters(program_settings: Any, evaluation: Any, index: IndexTarget | None, cache_dir: str, cases: list[dict[str, Any]],
+                      base: BaseModel, candidate_gguf: str, champion_gguf: str | None, champion_version: str | None,
+                      champion_program: ChampionProgram | None, n_threads: int, n_ctx: int) -> AdapterScores:
+    """Run the specialist as it serves — its program, retrieval from the live index, llama.cpp on the GGUF base —
+    once with the candidate adapter and once with the champion adapter (or none), on the same cases.
+
+    Both run in this process on the same engine and base file, so the adapter is the only difference.
+    """
+    use_disk_cache(cache_dir)
+    retriever = open_retriever(index) if index is not None and program_settings.retrieve_k else None
+
+    def program() -> SpecialistProgram:
+        if champion_program is not None:
+            return load_program(champion_program.path, program_settings, retriever)
+        return SpecialistProgram(program_settings, retriever)
+
+    def run(adapter: str | None, version: str | None, name: str) -> EvaluationRun:
+        target = _llama_target(base, adapter, n_threads, n_ctx, version)
+        lm = CompletionLM(build_client(target), model_id=target.identity, max_tokens=program_settings.max_tokens,
+                          temperature=program_settings.temperature)
+        scored = evaluate_program(program(), program_settings, evaluation, lm, cases, name)
+        print(f"{name}: " + ", ".join(f"{m} {scored.result.scores[m]:.3f}" for m in evaluation.answer_metrics)
+              + f" on {scored.result.cases} cases in {scored.wall_seconds:.0f} s")
+        return scored
+
+    champion_name = f"adapter-v{champion_version}" if champion_gguf else "base-model"
+    champion = run(champion_gguf, champion_version, champion_name)
+    candidate = run(candidate_gguf, None, "candidate-adapter")
+    return AdapterScores(candidate=candidate, champion=champion, champion_is_adapter=champion_gguf is not None)
+
+
+# ------------------------------------------------------------------------------- gate & promote
+
+
+@task(name="gate-register-promote", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE)
+def gate_register_promote(config: Any, specialist: str, handle: RunHandle, scores: AdapterScores, lineage: dict[str, str],
+                          champion_version: str | None) -> dict[str, Any]:
+    """Decide the adapter gates against the champion adapter — or the base model when there is none —, register
+    the candidate with its lineage, and promote it only if the gates pass (`cadre.promotion.gate_and_promote`)."""
+    from mlflow import MlflowClient
+
+    from cadre.promotion import gate_and_promote
+
+    outcome = gate_and_promote(config, specialist, "adapter", handle, ADAPTER_ARTIFACT, scores.candidate.result, scores.champion.result,
+                               lineage, expected_champion=champion_version, actor=f"refresh-adapter:{handle.run_id}")
+    client = MlflowClient(handle.tracking_uri)
+    client.set_tag(handle.run_id, "mlflow.note.content", score_table(scores) + "\n\n" + outcome.decision.to_markdown())
+    client.set_tag(handle.run_id, "cadre.promoted", str(outcome.promoted).lower())
+    print(score_table(scores))
+    print(outcome.summary())
+    return {"version": outcome.version, "promoted": outcome.promoted, "gate_passed": outcome.decision.passed,
+            "summary": outcome.decision.summary}
+
+
+def score_table(scores: AdapterScores) -> str:
+    """Champion (or base model) and candidate side by side, as a reviewer reads it in the run's note."""
+    metrics = scores.candidate.result.metrics
+    lines = [f"### Test split: {scores.candidate.result.cases} cases, same program and retrieval", "",
+             "| system | " + " | ".join(metrics) + " | wall s |", "|---" * (len(metrics) + 2) + "|"]
+    for run in (scores.champion, scores.candidate):
+        result: EvaluationResult = run.result
+        lines.append(f"| {result.name} | " + " | ".join(f"{result.scores.get(m, 0.0):.3f}" for m in metrics) + f" | {run.wall_seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def run_dir(state_dir: Path, run_id: str) -> str:
+    """Scratch folder of one refresh run (exported adapter, data dump, downloads)."""
+    folder = Path(state_dir) / "work" / "refresh" / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
