@@ -105,7 +105,7 @@ def gate_and_promote(config: CadreConfig, specialist: str, gate_kind: str, handl
         description=f"{gate_kind} candidate for {specialist}, made by run {handle.run_id}",
     )
     record = decide_and_promote(client, project=config.project.name, specialist=specialist, kind=artifact_kind,
-                                version=version.version, decision=decision, actor=actor,
+                                version=version.version, decision=decision, actor=actor, reason=decision.summary,
                                 expected_champion=expected_champion)
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "gate_report.md"

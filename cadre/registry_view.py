@@ -83,6 +83,41 @@ def print_history(config: CadreConfig, specialist: str, kind: str | None, consol
     console.print(table)
 
 
+def print_decisions(config: CadreConfig, since: datetime, console: Console) -> int:
+    """Print what the gates decided since a moment: each promotion or refusal, why, and where its report is.
+
+    Args:
+        config: the validated pipelines file.
+        since: only events at or after this moment (timezone-aware).
+        console: where to print.
+
+    Returns:
+        How many decisions were printed.
+    """
+    client = registry_client(config)
+    table = Table(title="What the gates decided", title_justify="left")
+    for column in ("specialist", "kind", "version", "decision", "why", "gate report (MLflow UI)"):
+        table.add_column(column, no_wrap=column in ("version", "decision"), overflow="fold")
+    count = 0
+    for specialist in config.specialists:
+        for record in history(client, config.project.name, specialist.name):
+            if record.at is None or record.at < since:
+                continue
+            table.add_row(specialist.name, record.kind, f"v{record.version}", _event(record), record.reason or record.gate or "—",
+                          version_url(config, record.model_name, record.version))
+            count += 1
+    if count:
+        console.print(table)
+    else:
+        console.print("The gates decided nothing in this cycle (no flow produced a candidate).")
+    return count
+
+
+def version_url(config: CadreConfig, model_name: str, version: str) -> str:
+    """The MLflow UI page of a registered model version (its description is the gate report)."""
+    return f"{config.project.mlflow.uri}/#/models/{model_name}/versions/{version}"
+
+
 def describe_record(record: PromotionRecord) -> str:
     """One line for the CLI after `promote` / `rollback`: what happened to which champion, by whom, why."""
     forced = " (forced)" if record.forced else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from rich.console import Console
 from rich.table import Table
@@ -40,7 +41,7 @@ def cycle_steps() -> list[str]:
 def run_demo(config: CadreConfig, budget: str = "smoke", console: Console | None = None) -> bool:
     """Run the whole main job; returns True when every step completed."""
     console = console or Console(stderr=True)
-    started = time.monotonic()
+    started, started_at = time.monotonic(), datetime.now(UTC)
     console.rule("[bold]Cadre[/bold] — the demo team's full cycle")
     prepare_models(config, console=console)
     stack = Stack(config)
@@ -58,11 +59,12 @@ def run_demo(config: CadreConfig, budget: str = "smoke", console: Console | None
             if not completed and kind == "reindex":
                 console.print("[yellow]re-index failed: the later flows of this specialist would use a stale index; skipping them[/yellow]")
                 break
-    print_summary(config, outcomes, time.monotonic() - started, console)
+    print_summary(config, outcomes, time.monotonic() - started, console, since=started_at)
     return all(o.completed for o in outcomes)
 
 
-def print_summary(config: CadreConfig, outcomes: list[StepOutcome], seconds: float, console: Console) -> None:
+def print_summary(config: CadreConfig, outcomes: list[StepOutcome], seconds: float, console: Console,
+                  since: datetime | None = None) -> None:
     table = Table(title=f"What ran ({seconds / 60:.1f} min)", title_justify="left")
     for column in ("specialist", "flow", "result", "time"):
         table.add_column(column)
@@ -70,12 +72,11 @@ def print_summary(config: CadreConfig, outcomes: list[StepOutcome], seconds: flo
         result = "[green]completed[/green]" if outcome.completed else "[red]failed[/red]"
         table.add_row(outcome.specialist, outcome.flow, result, f"{outcome.seconds:.0f}s")
     console.print(table)
-    try:
-        from cadre.registry_view import print_champions
-    except ImportError:
-        pass
-    else:
-        print_champions(config, console)
+    from cadre.registry_view import print_champions, print_decisions
+
+    if since is not None:
+        print_decisions(config, since, console)
+    print_champions(config, console)
     project = config.project
     console.print(
         f"\nWhere to look:\n"

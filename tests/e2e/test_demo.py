@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from flows import FLOWS
+from flows import FLOWS, flow_name
+from flows.cycle import cycle_steps
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +55,7 @@ def test_demo_completes_and_ends_with_a_summary(demo) -> None:
     run, ports = demo
     assert run.returncode == 0, run.stderr[-4000:]
     assert "What ran" in run.stderr
+    assert "What the gates decided" in run.stderr  # each promotion/refusal this cycle, with its reason
     assert f"http://127.0.0.1:{ports['prefect']}/deployments" in run.stderr
     assert f"http://127.0.0.1:{ports['mlflow']}/#/models" in run.stderr
 
@@ -74,7 +76,7 @@ def test_prefect_shows_the_schedules_and_completed_runs(demo) -> None:
         assert upcoming, "active schedules should have queued upcoming runs"
         assert started and all(r.state.is_completed() for r in started), [(r.name, r.state.name) for r in started]
         ran = {client.read_flow(r.flow_id).name for r in started}
-        assert "reindex" in ran
+        assert {flow_name(kind) for kind in cycle_steps()} <= ran, ran
 
 
 def test_mlflow_holds_a_run_per_flow_run(demo) -> None:
@@ -88,3 +90,9 @@ def test_mlflow_holds_a_run_per_flow_run(demo) -> None:
     assert flows_logged, "no MLflow run was logged"
     assert all(r.info.status == "FINISHED" for r in runs if r.data.tags.get("cadre.flow"))
     assert all("cadre.prefect_flow_run_id" in r.data.tags for r in runs if r.data.tags.get("cadre.flow"))
+    index_model = "cadre-demo.icd10-coder.index"
+    champion = client.get_model_version_by_alias(index_model, "champion")
+    assert champion.tags.get("cadre.gate") == "passed"
+    for version in client.search_model_versions("name LIKE 'cadre-demo.icd10-coder.%'"):
+        if not version.name.endswith(".lock"):
+            assert version.tags.get("cadre.gate") in ("passed", "refused"), (version.name, version.version, version.tags)

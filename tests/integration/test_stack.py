@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from flows import FLOWS
+
 pytestmark = pytest.mark.integration
 
 CADRE = [sys.executable, "-m", "cadre.cli"]
@@ -133,7 +135,7 @@ def test_deploy_run_and_read_back_through_prefect_and_mlflow(stack) -> None:
         assert runs and runs[0].state.is_completed()
         flow_run_id = str(runs[0].id)
         assert runs[0].parameters["budget"] == "smoke"
-        assert len(client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["alpha", "beta"])))) == 2
+        assert len(client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["alpha", "beta"])))) == 2 * len(FLOWS)
 
     mlflow = MlflowClient(f"http://127.0.0.1:{ports['mlflow']}")
     experiment = mlflow.get_experiment_by_name("stacktest/alpha")
