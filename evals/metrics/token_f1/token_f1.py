@@ -6,36 +6,11 @@
 The scores come from `cadre.metrics.token_f1`, so this module and Cadre's evaluation runner agree.
 """
 
-import datasets
-import evaluate
-
-from cadre import metrics
-
-_DESCRIPTION = """SQuAD-style F1 over bags of tokens after casefolding and removing punctuation and English articles; an empty prediction scores 0."""
-
-_INPUTS = """
-Args:
-    predictions (list of str): one answer per example; None or empty scores 0.
-    references (list of str, or list of lists of str): the reference, or the acceptable references, per example.
-Returns:
-    token_f1 (float): the mean of the per-example scores (0.0 for no examples).
-"""
+import cadre.metric_modules as shared
 
 
-class TokenF1(evaluate.Metric):
+class TokenF1(shared.AnswerMetric):
     """SQuAD-style token F1."""
 
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_INPUTS,
-            features=[
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}),
-            ],
-        )
-
-    def _compute(self, predictions, references):
-        scores = metrics.token_f1(predictions, references)
-        return {"token_f1": sum(scores) / len(scores) if scores else 0.0}
+    metric_name = "token_f1"
+    description_text = """SQuAD-style F1 over bags of tokens after casefolding and removing punctuation and English articles; an empty prediction scores 0."""
