@@ -38,3 +38,28 @@ def test_shipped_yaml_is_valid(path: Path) -> None:
 def test_committed_json_schema_is_current() -> None:
     committed = json.loads((ROOT / "pipelines.schema.json").read_text())
     assert committed == json_schema(), "pipelines.schema.json is stale: run `cadre schema`"
+
+
+def test_the_readmes_new_specialist_validates_and_inherits_the_defaults(tmp_path: Path) -> None:
+    """The snippet under "Adding a specialist" in README.md, added to the shipped file, is a valid specialist."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Adding a specialist", 1)[1].split("\n## ", 1)[0]
+    snippet = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    entry = YAML(typ="safe").load(snippet)[0]
+    document = YAML(typ="safe").load((ROOT / "pipelines.yaml").read_text())
+    document["specialists"].append(entry)
+    for source in entry.get("sources", []):
+        (tmp_path / source["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / source["path"]).write_text('{"id": "1", "text": "a clause"}\n')
+    for suite in (document["specialists"][0]["evaluation"]["suite"], entry["evaluation"]["suite"]):
+        (tmp_path / suite).mkdir(parents=True, exist_ok=True)
+        for split in ("train", "dev", "test"):
+            source = ROOT / suite / f"{split}.jsonl"
+            (tmp_path / suite / f"{split}.jsonl").write_text(source.read_text() if source.exists() else "")
+    path = tmp_path / "pipelines.yaml"
+    with path.open("w") as handle:
+        YAML().dump(document, handle)
+    config = load_config(path)
+    added = config.specialist(entry["name"])
+    assert added.tuning.method == config.specialist("icd10-coder").tuning.method
+    assert added.schedules.reindex is not None and added.gates.program
