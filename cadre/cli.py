@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -194,13 +195,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cadre.serve import ServeError, ServeLimits, ServeSettings, run_server
 
     config = _load(args.file)
+    declared = config.project.serving
+
+    def pick(flag: str, key: str | None = None) -> Any:
+        """The command-line value when given, else `project.serving.<key>` from pipelines.yaml."""
+        value = getattr(args, flag)
+        return getattr(declared, key or flag) if value is None else value
+
     if args.route_fallback:
         _specialist_or_exit(config, args.route_fallback)
-    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_input_chars=args.max_input_chars, max_prompt_tokens=args.max_prompt_tokens,
-                         max_tokens=args.max_tokens, max_in_flight=args.max_in_flight)
-    settings = ServeSettings(host=args.host, port=args.port, contexts=args.contexts, n_threads=args.threads, n_ctx=args.n_ctx,
-                             poll_interval_s=args.poll_interval, api_key_env=args.api_key_env, route=not args.no_route,
-                             route_threshold=args.route_threshold, route_margin=args.route_margin, route_fallback=args.route_fallback, limits=limits)
+    limits = ServeLimits(max_body_bytes=pick("max_body_bytes"), max_input_chars=pick("max_input_chars"),
+                         max_prompt_tokens=pick("max_prompt_tokens"), max_tokens=pick("max_tokens"), max_in_flight=pick("max_in_flight"))
+    settings = ServeSettings(host=pick("host"), port=pick("port"), contexts=pick("contexts"), n_threads=args.threads, n_ctx=args.n_ctx,
+                             poll_interval_s=pick("poll_interval", "poll_interval_s"), api_key_env=pick("api_key_env"),
+                             route=declared.route and not args.no_route, route_threshold=pick("route_threshold"),
+                             route_margin=pick("route_margin"), route_fallback=pick("route_fallback"), limits=limits)
     try:
         return run_server(config, settings, console=console)
     except ServeError as error:
@@ -301,22 +310,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("serve", help="serve the team behind an OpenAI-compatible API; champions go live without a restart")
     _config_arg(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    p.add_argument("--contexts", type=int, default=1, help="llama.cpp contexts per base model: generations at once (default: %(default)s)")
+    p.add_argument("--host", help="interface to bind (default: project.serving.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: project.serving.port, 8000)")
+    p.add_argument("--contexts", type=int, help="llama.cpp contexts per base model: generations at once (default: project.serving.contexts)")
     p.add_argument("--threads", type=int, help="decode threads per context (default: project.lm.n_threads)")
     p.add_argument("--n-ctx", type=int, help="context window in tokens (default: project.lm.n_ctx)")
-    p.add_argument("--poll-interval", type=float, default=30.0, help="seconds between checks of the registry's champions (default: %(default)s)")
-    p.add_argument("--api-key-env", default="CADRE_API_KEY", help="environment variable with the API key; unset: no key (default: %(default)s)")
+    p.add_argument("--poll-interval", type=float, help="seconds between checks of the registry's champions (default: project.serving.poll_interval_s)")
+    p.add_argument("--api-key-env", help="environment variable with the API key; unset: no key (default: project.serving.api_key_env)")
     p.add_argument("--no-route", action="store_true", help="do not serve `model: auto`")
-    p.add_argument("--route-threshold", type=float, help="router similarity floor (default: chosen on evals/suites/routing)")
-    p.add_argument("--route-margin", type=float, help="margin over the off-topic profile (default: chosen on evals/suites/routing)")
-    p.add_argument("--route-fallback", help="specialist answering `auto` requests nothing matches (default: answer 422)")
-    p.add_argument("--max-in-flight", type=int, default=8, help="requests admitted at once; more get 429 (default: %(default)s)")
-    p.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="largest request body (default: %(default)s)")
-    p.add_argument("--max-input-chars", type=int, default=4000, help="longest user message (default: %(default)s)")
-    p.add_argument("--max-prompt-tokens", type=int, help="longest rendered prompt (default: context window less the answer)")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens a request may generate (default: %(default)s)")
+    p.add_argument("--route-threshold", type=float, help="router similarity floor (default: project.serving.route_threshold)")
+    p.add_argument("--route-margin", type=float, help="margin over the off-topic profile (default: project.serving.route_margin)")
+    p.add_argument("--route-fallback", help="specialist answering `auto` requests nothing matches (default: project.serving.route_fallback)")
+    p.add_argument("--max-in-flight", type=int, help="requests admitted at once; more get 429 (default: project.serving.max_in_flight)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body (default: project.serving.max_body_bytes)")
+    p.add_argument("--max-input-chars", type=int, help="longest user message (default: project.serving.max_input_chars)")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest rendered prompt in tokens (default: project.serving.max_prompt_tokens)")
+    p.add_argument("--max-tokens", type=int, help="most tokens a request may generate (default: project.serving.max_tokens)")
     p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("feedback", help="feedback captured by `cadre serve`")

@@ -13,8 +13,9 @@ new champions in without a restart (`cadre.serving.team`). Every response is rec
 store so that `POST /v1/feedback` can rate and correct it, and the learn-from-feedback flow can learn
 from the corrections. `model: auto` is routed by `cadre.router`.
 
-Settings come from the command line (`cadre serve --help`); an API key, when wanted, from the
-environment variable named by `--api-key-env` (default `CADRE_API_KEY`).
+Settings come from `project.serving` in pipelines.yaml, overridden by the command line (`cadre serve
+--help`); an API key, when wanted, from the environment variable named by `api_key_env` (default
+`CADRE_API_KEY`).
 """
 
 from __future__ import annotations

@@ -101,6 +101,26 @@ class ThreadSettings(Strict):
     embedding: int = Field(2, ge=1, description="threads while embedding with sentence-transformers.")
 
 
+class ServingSettings(Strict):
+    """`cadre serve`: the team behind one OpenAI-compatible API. Command-line flags override these."""
+
+    host: str = Field(LOOPBACK, description="Interface to bind (loopback by default: put a TLS proxy in front to expose it).")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the API.")
+    contexts: int = Field(1, ge=1, le=64, description="llama.cpp contexts per base model: generations at the same time (each adds a KV cache).")
+    poll_interval_s: float = Field(30.0, gt=0, description="Seconds between checks of the registry's champions (moves go live without a restart).")
+    api_key_env: str = Field("CADRE_API_KEY", min_length=1,
+                             description="Environment variable holding the API key; unset or empty means no key is required.")
+    route: bool = Field(True, description="Serve `model: auto` through the router.")
+    route_threshold: float | None = Field(None, ge=-1.0, le=1.0, description="Router similarity floor (null: chosen on evals/suites/routing).")
+    route_margin: float | None = Field(None, ge=-1.0, le=1.0, description="Margin over the off-topic profile (null: chosen on evals/suites/routing).")
+    route_fallback: str | None = Field(None, description="Specialist answering `auto` requests nothing matches (null: answer 422).")
+    max_in_flight: int = Field(8, ge=1, description="Requests admitted at once; more get 429 with Retry-After.")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body (413 above).")
+    max_input_chars: int = Field(4000, ge=1, description="Longest user message (400 above).")
+    max_prompt_tokens: int | None = Field(None, ge=16, description="Longest rendered prompt in tokens (null: the context window less the answer).")
+    max_tokens: int = Field(256, ge=1, description="Most tokens a request may generate.")
+
+
 class ProjectSettings(Strict):
     """Settings shared by every specialist."""
 
@@ -113,10 +133,11 @@ class ProjectSettings(Strict):
     index: IndexBackendSettings = Field(default_factory=IndexBackendSettings, description="Vector index backend.")
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings, description="Embedding model.")
     threads: ThreadSettings = Field(default_factory=ThreadSettings, description="CPU thread counts.")
+    serving: ServingSettings = Field(default_factory=ServingSettings, description="`cadre serve` (the OpenAI-compatible API of the team).")
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> ProjectSettings:
-        services = {"mlflow": self.mlflow, "prefect": self.prefect, "lm": self.lm}
+        services = {"mlflow": self.mlflow, "prefect": self.prefect, "lm": self.lm, "serving": self.serving}
         seen: dict[int, str] = {}
         for name, settings in services.items():
             if settings.port in seen:
