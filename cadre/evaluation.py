@@ -16,6 +16,7 @@ example for ``mlflow.log_table``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -65,14 +66,31 @@ class CaseSplit:
     skipped: list[SkippedLine]
 
 
+def case_id(case: dict[str, Any]) -> str | None:
+    """A case's id: its `id` field (a string, or an integer as text), else a hash of its content.
+
+    Returns None when `id` is present but empty or of another type.
+    """
+    value = case.get("id")
+    if value is None:
+        canonical = json.dumps(case, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return "h" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value
+    return None
+
+
 def _problem(case: Any, seen: set[str]) -> str | None:
     if not isinstance(case, dict):
         return f"expected a JSON object, got {type(case).__name__}"
-    case_id = case.get("id")
-    if not isinstance(case_id, str) or not case_id.strip():
-        return "missing or empty string field 'id'"
-    if case_id in seen:
-        return f"duplicate id {case_id!r}"
+    identity = case_id(case)
+    if identity is None:
+        return "field 'id' must be a non-empty string or an integer (or be left out: the case's content hash is used)"
+    case["id"] = identity
+    if identity in seen:
+        return f"duplicate id {identity!r}"
     if "slice" in case and not isinstance(case["slice"], str):
         return "field 'slice' must be a string"
     relevant = case.get("relevant_ids", [])
@@ -84,8 +102,9 @@ def _problem(case: Any, seen: set[str]) -> str | None:
 def read_split(suite_dir: str | Path, split: str, limit: int | None = None) -> CaseSplit:
     """Read ``<suite_dir>/<split>.jsonl``, keeping valid cases and recording every skipped line.
 
-    A case is a JSON object with a non-empty, unique string ``id``; ``slice`` (string) and
-    ``relevant_ids`` (list of strings) are checked when present. Blank lines are ignored.
+    A case is a JSON object with a unique ``id`` (a string or an integer; left out, a hash of the
+    case's content stands in); ``slice`` (string) and ``relevant_ids`` (list of strings) are checked
+    when present. Blank lines are ignored.
 
     Args:
         suite_dir: Folder of the suite.

@@ -48,7 +48,7 @@ def test_malformed_lines_are_skipped_and_counted(tmp_path, caplog):
             json.dumps(CASES[0]),
             "{not json",
             "[1, 2]",
-            json.dumps({"phrase": "no id"}),
+            json.dumps({"id": "", "phrase": "empty id"}),
             json.dumps(CASES[0]),  # duplicate id
             json.dumps({"id": "x", "relevant_ids": "A01.02"}),
             "",
@@ -60,13 +60,23 @@ def test_malformed_lines_are_skipped_and_counted(tmp_path, caplog):
     assert [(s.line, s.reason.split(":")[0]) for s in read.skipped] == [
         (2, "invalid JSON"),
         (3, "expected a JSON object, got list"),
-        (4, "missing or empty string field 'id'"),
+        (4, "field 'id' must be a non-empty string or an integer (or be left out"),
         (5, "duplicate id 'c1'"),
         (6, "field 'relevant_ids' must be a list of strings"),
     ]
     with caplog.at_level(logging.WARNING, logger="cadre.evaluation"):
         assert [case["id"] for case in load_cases(suite, "test")] == ["c1", "c2"]
     assert "skipped 5 malformed line(s)" in caplog.text
+
+
+def test_a_case_without_id_gets_a_stable_content_hash_and_integer_ids_become_text(tmp_path):
+    suite = write_split(tmp_path, [json.dumps({"phrase": "no id", "code": "A01.02"}), json.dumps({"id": 7, "phrase": "p", "code": "B"}),
+                                   json.dumps({"code": "A01.02", "phrase": "no id"})])  # same content, other key order
+    read = read_split(suite, "test")
+    first = read.cases[0]["id"]
+    assert first.startswith("h") and len(first) == 17 and read_split(suite, "test").cases[0]["id"] == first
+    assert read.cases[1]["id"] == "7"
+    assert [(s.line, s.reason) for s in read.skipped] == [(3, f"duplicate id {first!r}")]
 
 
 def test_limit_counts_valid_cases(tmp_path):
