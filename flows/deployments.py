@@ -182,10 +182,41 @@ def run_now(config: CadreConfig, flow_kind: str, specialist: str, budget: str = 
                   + ("" if completed else f": {state.message or ''}"))
     mlflow_run = find_run(config.project.mlflow.uri, str(flow_run.id))
     if mlflow_run is not None:
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(mlflow_run.data.metrics.items())[:12])
-        console.print(f"  MLflow run: {config.project.mlflow.uri}/#/experiments/{mlflow_run.info.experiment_id}/runs/"
-                      f"{mlflow_run.info.run_id}" + (f"\n  metrics: {metrics}" if metrics else ""))
+        console.print(f"  MLflow run: {config.project.mlflow.uri}/#/experiments/{mlflow_run.info.experiment_id}/runs/{mlflow_run.info.run_id}")
+        verdict = run_verdict(mlflow_run.data.tags)
+        if verdict:
+            console.print(f"  {verdict}")
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in key_metrics(config, specialist, flow_kind, mlflow_run.data.metrics).items())
+        if metrics:
+            console.print(f"  metrics: {metrics}")
     return completed
+
+
+GATE_OF_FLOW = {"reindex": "index", "optimize": "program", "refresh": "adapter", "feedback": "feedback"}
+"""Which gates of `pipelines.yaml` decide a flow's candidate."""
+
+
+def key_metrics(config: CadreConfig, specialist: str, flow_kind: str, metrics: dict[str, float], most: int = 12) -> dict[str, float]:
+    """The numbers a person reads first: the metrics the flow's gates judge (candidate and champion), else the first few."""
+    rules = getattr(config.specialist(specialist).gates, GATE_OF_FLOW.get(flow_kind, ""), [])
+    wanted = list(dict.fromkeys(rule.metric for rule in rules))
+    picked = {name: metrics[name] for metric in wanted for name in (f"candidate_{metric}", f"champion_{metric}", f"baseline_{metric}", metric)
+              if name in metrics}
+    return dict(list(picked.items())[:most]) if picked else dict(sorted(metrics.items())[:most])
+
+
+def run_verdict(tags: dict[str, str]) -> str:
+    """One line on what the run's gate decided, from the tags the flows set."""
+    if tags.get("cadre.outcome") == "not_enough_corrections":
+        return "nothing to learn: not enough corrections yet"
+    gate, promoted = tags.get("cadre.gate"), tags.get("cadre.promoted")
+    if gate is None and promoted is None:
+        return ""
+    if promoted == "true" or (promoted is None and gate == "passed"):
+        return "[green]gate passed: the candidate is the new champion[/green]"
+    if gate == "passed":
+        return "gate passed; the champion did not move (see the run's note)"
+    return "[yellow]gate refused: the champion is unchanged (the run's note and the version's description say why)[/yellow]"
 
 
 def run_worker(config: CadreConfig) -> int:

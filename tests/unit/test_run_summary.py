@@ -1,0 +1,28 @@
+"""What `cadre run` prints after a flow: the gate's verdict and the metrics the gates judged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cadre.config import load_config
+from flows.deployments import key_metrics, run_verdict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_key_metrics_are_the_ones_the_flows_gates_judge() -> None:
+    config = load_config(ROOT / "pipelines.yaml")
+    metrics = {"candidate_cases": 300.0, "candidate_recall@10": 0.91, "champion_recall@10": 0.88, "candidate_mrr": 0.6,
+               "candidate_exact_match": 0.4}
+    assert key_metrics(config, "icd10-coder", "reindex", metrics) == {
+        "candidate_recall@10": 0.91, "champion_recall@10": 0.88, "candidate_mrr": 0.6}
+    assert key_metrics(config, "icd10-coder", "refresh", metrics) == {"candidate_exact_match": 0.4}
+    assert list(key_metrics(config, "icd10-coder", "check", metrics)) == sorted(metrics)
+
+
+def test_the_verdict_line_says_promoted_refused_or_nothing_to_learn() -> None:
+    assert "new champion" in run_verdict({"cadre.gate": "passed", "cadre.promoted": "true"})
+    assert "refused" in run_verdict({"cadre.gate": "refused", "cadre.promoted": "false"})
+    assert "did not move" in run_verdict({"cadre.gate": "passed", "cadre.promoted": "false"})
+    assert "not enough corrections" in run_verdict({"cadre.outcome": "not_enough_corrections"})
+    assert run_verdict({}) == ""
