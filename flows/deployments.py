@@ -19,6 +19,7 @@ from rich.console import Console
 
 from cadre.config import CadreConfig
 from cadre.env import apply_env
+from cadre.evaluation import mlflow_metric_name
 from cadre.tracking import find_run
 from flows import FLOWS, flow_object
 
@@ -199,7 +200,7 @@ GATE_OF_FLOW = {"reindex": "index", "optimize": "program", "refresh": "adapter",
 def key_metrics(config: CadreConfig, specialist: str, flow_kind: str, metrics: dict[str, float], most: int = 12) -> dict[str, float]:
     """The numbers a person reads first: the metrics the flow's gates judge (candidate and champion), else the first few."""
     rules = getattr(config.specialist(specialist).gates, GATE_OF_FLOW.get(flow_kind, ""), [])
-    wanted = list(dict.fromkeys(rule.metric for rule in rules))
+    wanted = list(dict.fromkeys(mlflow_metric_name(rule.metric) for rule in rules))  # as MLflow stores them
     picked = {name: metrics[name] for metric in wanted for name in (f"candidate_{metric}", f"champion_{metric}", f"baseline_{metric}", metric)
               if name in metrics}
     return dict(list(picked.items())[:most]) if picked else dict(sorted(metrics.items())[:most])

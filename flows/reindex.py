@@ -45,7 +45,7 @@ def reindex(specialist: str, config_path: str, budget: str = "full", trigger_opt
         return {"changed": False, "live": live}
 
     candidate = evaluate_retrieval(config, specialist, result.version, budget, "candidate")
-    champion = evaluate_retrieval(config, specialist, live, budget, "champion")
+    champion = evaluate_retrieval(config, specialist, live, budget, "champion", cases_of=result.version)  # the same cases
     outcome = promote_through_gates(
         config, specialist, "index", handle, candidate, champion,
         lineage={"corpus_fingerprint": result.corpus_fingerprint, "index_key": result.index_key,

@@ -63,12 +63,15 @@ def log_reindex_result(handle: RunHandle, result: ReindexResult) -> None:
 
 
 @task(name="evaluate-retrieval")
-def evaluate_retrieval(config: CadreConfig, specialist: str, version: str | None, budget: str, label: str) -> EvaluationResult | None:
+def evaluate_retrieval(config: CadreConfig, specialist: str, version: str | None, budget: str, label: str,
+                       cases_of: str | None = None) -> EvaluationResult | None:
     """Retrieval metrics of one index version on the specialist's test split (None when there is no such version).
 
     Under a document cap (smoke budget, `index.max_documents`), only cases whose relevant documents the
-    version holds can be answered; the others are left out and counted, so the numbers measure ranking
-    rather than the cap.
+    candidate holds can be answered; the others are left out and counted, so the numbers measure ranking
+    rather than the cap. `cases_of` names the version whose coverage picks the cases (default: `version`
+    itself): the champion is evaluated on the candidate's cases, so both are judged on the same cases and
+    a champion built under a cap scores what it really misses.
     """
     if version is None:
         return None
@@ -78,12 +81,13 @@ def evaluate_retrieval(config: CadreConfig, specialist: str, version: str | None
     retriever = Retriever.from_config(config, specialist)
     k = max([int(m.split("@")[1]) for m in metrics if "@" in m] + [10])
     with_relevance = [c for c in load_cases(config.resolve(settings.evaluation.suite), "test") if c.get("relevant_ids")]
-    held = _held_record_ids(retriever, version)
+    coverage = cases_of or version
+    held = _held_record_ids(retriever, coverage)
     answerable = [c for c in with_relevance if held is None or set(c["relevant_ids"]) & held]
     cases = answerable[:limit] if limit else answerable
     if len(answerable) < len(with_relevance):
-        get_run_logger().info("%s: %d of %d test cases have their relevant documents in version %s (document cap); "
-                              "evaluating those", label, len(answerable), len(with_relevance), version)
+        get_run_logger().info("%s %s: evaluating the %d of %d test cases whose relevant documents version %s holds (document cap)",
+                              label, version, len(answerable), len(with_relevance), coverage)
 
     def predict(case: dict[str, Any]) -> Prediction:
         query = " ".join(str(case[f.name]) for f in settings.program.inputs if f.name in case)

@@ -12,10 +12,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_key_metrics_are_the_ones_the_flows_gates_judge() -> None:
     config = load_config(ROOT / "pipelines.yaml")
-    metrics = {"candidate_cases": 300.0, "candidate_recall@10": 0.91, "champion_recall@10": 0.88, "candidate_mrr": 0.6,
-               "candidate_exact_match": 0.4}
+    metrics = {"candidate_cases": 300.0, "candidate_recall_at_10": 0.91, "champion_recall_at_10": 0.88, "candidate_mrr": 0.6,
+               "candidate_exact_match": 0.4}  # as MLflow stores them: `@` is not allowed in a metric name
     assert key_metrics(config, "icd10-coder", "reindex", metrics) == {
-        "candidate_recall@10": 0.91, "champion_recall@10": 0.88, "candidate_mrr": 0.6}
+        "candidate_recall_at_10": 0.91, "champion_recall_at_10": 0.88, "candidate_mrr": 0.6}
     assert key_metrics(config, "icd10-coder", "refresh", metrics) == {"candidate_exact_match": 0.4}
     assert list(key_metrics(config, "icd10-coder", "check", metrics)) == sorted(metrics)
 
