@@ -433,6 +433,7 @@ def plan_and_apply(
     retry: RetryPolicy = DEFAULT_RETRY,
     write_batch_size: int = 1024,
     show_progress: bool = False,
+    priority_ids: Sequence[str] = (),
 ) -> ReindexResult:
     """Bring a specialist's index up to date with its sources, as a new version beside the live one.
 
@@ -454,6 +455,7 @@ def plan_and_apply(
         retry: Retries for reaching sources.
         write_batch_size: Chunks embedded and written per commit.
         show_progress: Show a progress bar of chunks embedded.
+        priority_ids: Under `max_documents`, ids that python sources accepting `priority_ids=` load first.
 
     Returns:
         What the run did.
@@ -481,7 +483,7 @@ def plan_and_apply(
         added = updated = unchanged = 0
         waiting: list[Document] = []
         documents = load_documents(sources, root=root, max_document_bytes=chunking.max_document_bytes, skips=skips,
-                                   limit_per_source=max_documents, retry=retry)
+                                   limit_per_source=max_documents, retry=retry, priority_ids=priority_ids)
         from tqdm.auto import tqdm
 
         with tqdm(desc=f"embedding {specialist}", unit="chunk", disable=not show_progress, leave=False) as run.progress:
@@ -727,4 +729,17 @@ def reindex_specialist(config: CadreConfig, specialist: str, *, budget: Literal[
     return plan_and_apply(
         specialist, settings.sources, settings.chunking, root=config.root, state_dir=config.state_dir,
         embedder=embedder, backend=backend, max_documents=cap, retry=retry, show_progress=show_progress,
+        priority_ids=suite_relevant_ids(config.resolve(settings.evaluation.suite)) if cap else (),
     )
+
+
+def suite_relevant_ids(suite_dir: Path, splits: Sequence[str] = ("test", "dev")) -> list[str]:
+    """The document ids the suite's cases need (test first), so a capped index can still answer them."""
+    from cadre.evaluation import load_cases
+
+    ids: dict[str, None] = {}
+    for split in splits:
+        if (Path(suite_dir) / f"{split}.jsonl").exists():
+            for case in load_cases(suite_dir, split):
+                ids.update(dict.fromkeys(case.get("relevant_ids", [])))
+    return list(ids)

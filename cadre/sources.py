@@ -649,18 +649,26 @@ def _load_entrypoint(source: PythonSource, root: Path) -> Callable[..., Iterable
 
 
 def _accepts_limit(function: Callable[..., Any]) -> bool:
+    return _accepts(function, "limit")
+
+
+def _accepts(function: Callable[..., Any], name: str) -> bool:
+    """Whether the loader takes keyword `name` (by name, or through **kwargs)."""
     try:
         parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.name == "limit" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
-def _iter_python(source: PythonSource, root: Path, checker: _RecordChecker, limit: int | None) -> Iterator[Document]:
+def _iter_python(source: PythonSource, root: Path, checker: _RecordChecker, limit: int | None,
+                 priority_ids: Sequence[str] = ()) -> Iterator[Document]:
     function = _load_entrypoint(source, root)
     options = dict(source.options)
     if limit is not None and _accepts_limit(function):
         options["limit"] = limit
+        if priority_ids and _accepts(function, "priority_ids"):
+            options["priority_ids"] = list(priority_ids)
     try:
         records = iter(function(**options))
     except Exception as error:
@@ -698,6 +706,7 @@ def iter_source(
     skips: SkipReport,
     limit: int | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
+    priority_ids: Sequence[str] = (),
 ) -> Iterator[Document]:
     """Documents of one source, in a stable order; bad records are skipped and counted in `skips`.
 
@@ -708,6 +717,9 @@ def iter_source(
         skips: Receives every skipped record.
         limit: Stop after this many documents (a python source receives it as `limit=` when it accepts one).
         retry: Retries for reaching a database.
+        priority_ids: Under a `limit`, ids a python source should yield first when it accepts
+            `priority_ids=` (the smoke budget passes the evaluation suite's relevant ids, so a capped
+            index still holds the documents its test cases need).
 
     Yields:
         Valid documents.
@@ -723,7 +735,7 @@ def iter_source(
     elif isinstance(source, SqlSource):
         documents = _iter_sql(source, root, checker, retry)
     elif isinstance(source, PythonSource):
-        documents = _iter_python(source, root, checker, limit)
+        documents = _iter_python(source, root, checker, limit, priority_ids)
     else:  # pragma: no cover - the schema admits no other kind
         raise SourceError(f"unknown source kind {type(source).__name__}")
     return itertools.islice(documents, limit) if limit is not None else documents
@@ -737,6 +749,7 @@ def load_documents(
     skips: SkipReport,
     limit_per_source: int | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
+    priority_ids: Sequence[str] = (),
 ) -> Iterator[Document]:
     """Documents of every source in order; a repeated document id is skipped as `duplicate_id`.
 
@@ -747,6 +760,7 @@ def load_documents(
         skips: Receives every skipped record.
         limit_per_source: Cap on documents taken from each source (the smoke budget); None = all.
         retry: Retries for reaching a database.
+        priority_ids: Under a cap, ids python sources that accept them yield first (see `iter_source`).
 
     Yields:
         Valid documents with unique ids.
@@ -756,7 +770,8 @@ def load_documents(
     """
     seen: set[str] = set()
     for source in sources:
-        for document in iter_source(source, root=root, max_document_bytes=max_document_bytes, skips=skips, limit=limit_per_source, retry=retry):
+        for document in iter_source(source, root=root, max_document_bytes=max_document_bytes, skips=skips, limit=limit_per_source, retry=retry,
+                                    priority_ids=priority_ids):
             if document.id in seen:
                 skips.add(SkipReason.DUPLICATE_ID, document.id, "an earlier record has the same id")
                 continue

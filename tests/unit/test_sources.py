@@ -260,6 +260,11 @@ def loader_module(tmp_path: Path) -> str:
         def no_limit():
             yield {"id": "x", "text": "only one"}
 
+        def prioritised(limit=None, priority_ids=()):
+            ordered = list(priority_ids) + [f"d{n}" for n in range(10) if f"d{n}" not in priority_ids]
+            for doc_id in ordered[:limit]:
+                yield {"id": doc_id, "text": f"text of {doc_id}"}
+
         def broken():
             yield {"id": "ok", "text": "fine"}
             raise RuntimeError("database went away")
@@ -283,6 +288,25 @@ def test_python_source_receives_the_limit(tmp_path: Path, loader_module: str):
     assert importlib.import_module(loader_module).CALLS == [1]
     documents, _ = load(PythonSource(kind="python", name="py", entrypoint=f"{loader_module}:no_limit"), tmp_path, limit=1)
     assert len(documents) == 1
+
+
+def test_under_a_cap_a_python_source_yields_the_priority_ids_first(tmp_path: Path, loader_module: str):
+    source = PythonSource(kind="python", name="py", entrypoint=f"{loader_module}:prioritised")
+    documents, _ = load(source, tmp_path, limit=3, priority_ids=["d7", "d9"])
+    assert [document.id for document in documents] == ["py:d7", "py:d9", "py:d0"]
+    documents, _ = load(source, tmp_path, priority_ids=["d7"])  # no cap: every document, priorities ignored
+    assert [document.id for document in documents] == [f"py:d{n}" for n in range(10)]
+
+
+def test_the_demo_suite_ids_lead_a_capped_icd10_index() -> None:
+    from cadre.demo.icd10 import load_documents
+    from cadre.reindex import suite_relevant_ids
+
+    needed = suite_relevant_ids(Path(__file__).resolve().parents[2] / "evals" / "suites" / "icd10-coder")
+    assert len(needed) > 500  # distinct codes of the test and dev cases
+    loaded = [d["id"] for d in load_documents(billable_only=True, limit=len(needed), priority_ids=needed)]
+    normal = lambda code: code.replace(".", "")
+    assert {normal(c) for c in loaded} == {normal(c) for c in needed}
 
 
 def test_python_source_failures_are_source_errors(tmp_path: Path, loader_module: str):
