@@ -277,9 +277,13 @@ def _renamed(result: EvaluationResult, name: str) -> EvaluationResult:
 
 @task(name="decide-program-gate", cache_policy=NO_CACHE)
 def decide_program_gate(rules: list[Any], scores: TestScores, evaluation: Any) -> GateDecision:
-    """The program gate: candidate vs champion on the shared test cases (absolute rules only without a champion)."""
-    champion = scores.baseline if scores.baseline_is_champion else None
-    return decide("program", rules, scores.candidate, champion, confidence=evaluation.confidence,
+    """The program gate: the candidate against the program that serves now, on the same test cases.
+
+    Without a champion the declared (un-optimized) program is what serves (`cadre serve`, the refresh
+    flow's prompts), so the comparative rules judge the candidate against it: a compile that makes the
+    specialist worse than its own declared program is refused like one that is worse than a champion.
+    """
+    return decide("program", rules, scores.candidate, scores.baseline, confidence=evaluation.confidence,
                   samples=evaluation.bootstrap_samples)
 
 

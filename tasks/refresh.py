@@ -113,7 +113,11 @@ def _serving_prompt(program_settings: Any, champion: ChampionProgram | None) -> 
     """The instruction and demos of the program that serves (the champion's, else the declared zero-shot one)."""
     if champion is None:
         return None, []
-    program = load_program(champion.path, program_settings)
+
+    def no_search(query: str, k: int) -> list[Any]:
+        raise RuntimeError("the refresh reads the champion program's instruction and demos; it never runs its retrieval")
+
+    program = load_program(champion.path, program_settings, retriever=no_search if program_settings.retrieve_k else None)
     predictor = program.answer
     demos = [dict(demo.items()) if hasattr(demo, "items") else dict(demo) for demo in predictor.demos]
     return predictor.signature.instructions, demos

@@ -214,3 +214,16 @@ def test_rules_scoped_to_a_slice_or_excluding_it() -> None:
     assert regression.passed is False and abs(regression.candidate - 20 / 30) < 1e-9 and regression.champion == 1.0
     assert by_rule["exact_match ≥ 0.9 on slice feedback"].passed is True
     assert "excluding slice feedback" in decision.to_markdown()
+
+
+def test_without_a_champion_program_the_candidate_must_beat_the_declared_program_that_serves():
+    from cadre.config import EvaluationSettings
+    from tasks.prompts import TestScores, decide_program_gate
+
+    declared, worse = result("unoptimized", [1, 1, 0, 1, 0, 1]), result("candidate", [0, 1, 0, 0, 0, 1])
+    scores = TestScores(baseline=declared, candidate=worse, retrieval_only=None, baseline_is_champion=False, costs={})
+    decision = decide_program_gate.fn([rule(metric="exact_match", beat_champion_by=0.0)], scores, EvaluationSettings(suite="s"))
+    assert not decision.passed
+    better = result("candidate", [1, 1, 1, 1, 0, 1])
+    scores = TestScores(baseline=declared, candidate=better, retrieval_only=None, baseline_is_champion=False, costs={})
+    assert decide_program_gate.fn([rule(metric="exact_match", beat_champion_by=0.0)], scores, EvaluationSettings(suite="s")).passed
