@@ -282,8 +282,13 @@ def build_training_data(
     too_long = len(rendered) - len(kept)
     if not kept:
         reasons = Counter(s.reason.split(":")[0] for s in bad).most_common(3)
+        hint = ""
+        if too_long:
+            typical = sorted(lengths)[len(lengths) // 2]
+            hint = (f"; the serving program's prompts (instruction, demos, passages) are ~{typical} tokens: raise tuning.max_length "
+                    f"above that, or serve a program with fewer demos or passages")
         raise ValueError(f"no training examples left: {len(records)} records read, {len(bad)} invalid {reasons}, "
-                         f"{duplicates} duplicates, {too_long} longer than max_length={max_length} tokens")
+                         f"{duplicates} duplicates, {too_long} longer than max_length={max_length} tokens{hint}")
 
     kept.sort(key=lambda e: e.digest)
     heldout = [e for e in kept if _hash_fraction(seed, e.digest) < heldout_fraction]
