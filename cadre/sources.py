@@ -668,7 +668,8 @@ def _iter_python(source: PythonSource, root: Path, checker: _RecordChecker, limi
     if limit is not None and _accepts_limit(function):
         options["limit"] = limit
         if priority_ids and _accepts(function, "priority_ids"):
-            options["priority_ids"] = list(priority_ids)
+            # The source's own `priority_ids` option comes first; the suite's ids follow.
+            options["priority_ids"] = list(dict.fromkeys([*options.get("priority_ids", []), *priority_ids]))
     try:
         records = iter(function(**options))
     except Exception as error:
