@@ -47,6 +47,9 @@ TABLE_SUFFIX = ".lance"
 _PARTIAL_MARK = ".partial-"
 _VALID_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 _DELETE_BATCH = 2000
+RRF_K = 60
+"""Reciprocal-rank fusion constant (LanceDB's `RRFReranker` default)."""
+
 _RESULT_COLUMNS = ["id", "doc_id", "record_id", "source", "chunk_index", "title", "text", "metadata"]
 
 
@@ -182,24 +185,21 @@ class LanceDBVersion:
         where = _where(filters)
         hybrid = mode == "hybrid" and bool(query_text.strip()) and "content" in self._index_names()
         if hybrid:
-            query = (
-                self.table.search(query_type="hybrid", vector_column_name="vector", fts_columns="content")
-                .vector(vector)
-                .text(query_text)
-                .distance_type("cosine")
-            )
+            rows = self._hybrid_rows(vector, query_text, k, where)
         else:
             query = self.table.search(vector, vector_column_name="vector").distance_type("cosine")
             # Naming the score column keeps LanceDB from warning that it will stop adding it.
             query = query.select([*_RESULT_COLUMNS, "_distance"])
-        if self.nprobes:
-            query = query.nprobes(self.nprobes)
-        if where:
-            query = query.where(where, prefilter=True)
-        rows = query.limit(k).to_arrow().to_pylist()
+            if self.nprobes:
+                query = query.nprobes(self.nprobes)
+            if where:
+                query = query.where(where, prefilter=True)
+            rows = query.limit(k).to_arrow().to_pylist()
+            for row in rows:
+                row["_relevance_score"] = 1.0 - row["_distance"]
         hits = []
         for row in rows:
-            score = row["_relevance_score"] if hybrid else 1.0 - row["_distance"]
+            score = row["_relevance_score"]
             hits.append(
                 SearchHit(
                     id=row["id"],
@@ -214,6 +214,32 @@ class LanceDBVersion:
                 )
             )
         return hits
+
+    def _hybrid_rows(self, vector: np.ndarray, query_text: str, k: int, where: str | None) -> list[dict[str, Any]]:
+        """Reciprocal-rank fusion of the vector and BM25 rankings, computed here so that it is deterministic.
+
+        BM25 scores tie often (codes and titles share words), and LanceDB returns tied rows in no fixed
+        order, so its own hybrid query can rank the same query differently in two processes; prompts,
+        training-data fingerprints and DSPy's cache depend on the same query getting the same passages.
+        Each ranking orders ties by chunk id; fused ties too.
+        """
+        depth = k * 3 + 10
+        semantic = self.table.search(vector, vector_column_name="vector").distance_type("cosine").select([*_RESULT_COLUMNS, "_distance"])
+        lexical = self.table.search(query_text, query_type="fts", fts_columns="content").select([*_RESULT_COLUMNS, "_score"])
+        if self.nprobes:
+            semantic = semantic.nprobes(self.nprobes)
+        if where:
+            semantic, lexical = semantic.where(where, prefilter=True), lexical.where(where, prefilter=True)
+        by_vector = sorted(semantic.limit(depth).to_arrow().to_pylist(), key=lambda row: (row["_distance"], row["id"]))
+        by_text = sorted(lexical.limit(depth).to_arrow().to_pylist(), key=lambda row: (-row["_score"], row["id"]))
+        fused: dict[str, float] = {}
+        rows: dict[str, dict[str, Any]] = {}
+        for ranking in (by_vector, by_text):
+            for rank, row in enumerate(ranking):
+                fused[row["id"]] = fused.get(row["id"], 0.0) + 1.0 / (RRF_K + rank + 1)
+                rows.setdefault(row["id"], row)
+        best = sorted(fused, key=lambda chunk_id: (-fused[chunk_id], chunk_id))[:k]
+        return [{**rows[chunk_id], "_relevance_score": fused[chunk_id]} for chunk_id in best]
 
     def ensure_indexes(self) -> None:
         """Compact, build missing indexes, fold new rows into existing ones, drop superseded table versions."""
