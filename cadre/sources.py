@@ -667,9 +667,8 @@ def _iter_python(source: PythonSource, root: Path, checker: _RecordChecker, limi
     options = dict(source.options)
     if limit is not None and _accepts_limit(function):
         options["limit"] = limit
-        if priority_ids and _accepts(function, "priority_ids"):
-            # The source's own `priority_ids` option comes first; the suite's ids follow.
-            options["priority_ids"] = list(dict.fromkeys([*options.get("priority_ids", []), *priority_ids]))
+        if priority_ids and "priority_ids" not in options and _accepts(function, "priority_ids"):
+            options["priority_ids"] = list(priority_ids)  # a source's own `priority_ids` option wins
     try:
         records = iter(function(**options))
     except Exception as error:

@@ -295,8 +295,8 @@ def test_under_a_cap_a_python_source_yields_the_priority_ids_first(tmp_path: Pat
     documents, _ = load(source, tmp_path, limit=3, priority_ids=["d7", "d9"])
     assert [document.id for document in documents] == ["py:d7", "py:d9", "py:d0"]
     own = PythonSource(kind="python", name="py", entrypoint=f"{loader_module}:prioritised", options={"priority_ids": ["d5"]})
-    documents, _ = load(own, tmp_path, limit=3, priority_ids=["d7", "d5"])  # the source's own option leads
-    assert [document.id for document in documents] == ["py:d5", "py:d7", "py:d0"]
+    documents, _ = load(own, tmp_path, limit=3, priority_ids=["d7", "d9"])  # the source's own option wins
+    assert [document.id for document in documents] == ["py:d5", "py:d0", "py:d1"]
     documents, _ = load(source, tmp_path, priority_ids=["d7"])  # no cap: every document, priorities ignored
     assert [document.id for document in documents] == [f"py:d{n}" for n in range(10)]
 
