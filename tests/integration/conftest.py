@@ -89,3 +89,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield uri
     finally:
         _stop_group(process)
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[None]:
+    """Prefect's test harness: flows called in-process record to a throwaway server."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):  # a shared 2-core box can take a while
+        yield
+
+
+@pytest.fixture()
+def clean_environment() -> Iterator[None]:
+    """The flow applies the project's environment to the process; give the session its own back."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

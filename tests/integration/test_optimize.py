@@ -81,23 +81,6 @@ def lm_server(gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             process.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def harness() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):  # a shared 2-core box can take a while
-        yield
-
-
-@pytest.fixture()
-def clean_environment() -> Iterator[None]:
-    """The flow applies the project's environment to the process; give the session its own back."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def _write_project(root: Path, mlflow_uri: str, lm_url: str) -> tuple[Path, dict[str, list[dict]]]:
     """A one-specialist ICD-10 project whose index holds every code its cases need, plus neighbours."""
     suite = root / "suite"

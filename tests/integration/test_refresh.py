@@ -19,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -114,23 +113,6 @@ def project_root(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, p
     built = reindex_specialist(config, SPECIALIST, budget="smoke", show_progress=False)
     promote_version(config.state_dir, SPECIALIST, built.version)
     return root
-
-
-@pytest.fixture(scope="module")
-def harness() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
-@pytest.fixture()
-def clean_environment() -> Iterator[None]:
-    """The flow applies the project's environment to the process; give the session its own back."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def _check_refresh_run(client, result: dict, method: str, champion_before: str | None) -> None:
