@@ -10,6 +10,11 @@ the same retrieval (the specialist's live index) and the same LM server, each wi
   budget, so the flow's budget is set out of reach. Both use the completion adapter: without it the
   base model's answers cannot be parsed at all (STACK.md), so there would be no compile to compare.
 
+The flow learns only from *grounded* train cases (a relevant document among the retrieved passages;
+`cadre.optimize.grounded_train_examples`), the bare script from every train case as a plain script
+would: that filter is part of what is measured (fewer bootstrap calls that cannot succeed, and no
+demo whose answer its candidates do not contain). The table says how many train cases each side used.
+
 Run: `.venv/bin/python bench/optimize.py [-c pipelines.yaml] [-s icd10-coder] [--train 16 --dev 12
 --candidates 2]` with the LM server up (`cadre up`) and the specialist's index live (re-index flow).
 """
@@ -100,7 +105,7 @@ def run_flow_compile(config, specialist: str, program, evaluation, train, dev, s
     summary = candidate.summary
     return {"wall_s": wall, "compile_s": summary["compile_wall_seconds"], "lm_calls": int(summary["compile_lm_calls"]),
             "cache_hits": int(summary["compile_lm_cache_hits"]), "tokens": int(summary["compile_tokens"]),
-            "dev_score": summary["compile_dev_score"], "demos": _demos(candidate.path)}
+            "dev_score": summary["compile_dev_score"], "demos": _demos(candidate.path), "train_used": int(summary["compile_train_examples"])}
 
 
 def run_bare_compile(config, specialist: str, program, evaluation, train, dev) -> dict:
@@ -153,7 +158,8 @@ def run_bare_compile(config, specialist: str, program, evaluation, train, dev) -
     best = max((c["score"] for c in compiled.candidate_programs), default=None)
     usage = [entry.get("usage") or {} for entry in lm.history]
     return {"wall_s": wall, "compile_s": wall, "lm_calls": len(lm.history), "cache_hits": 0,
-            "tokens": sum(int(u.get("total_tokens") or 0) for u in usage), "dev_score": best, "demos": len(compiled.answer.demos)}
+            "tokens": sum(int(u.get("total_tokens") or 0) for u in usage), "dev_score": best, "demos": len(compiled.answer.demos),
+            "train_used": len(train)}
 
 
 def bare_completion_lm(base_url: str, model: str, max_tokens: int):
@@ -196,7 +202,8 @@ def report(flow_side: dict, bare_side: dict, args) -> None:
     table.add_column("flow ÷ bare", justify="right")
     rows = [("wall time, whole run (s)", "wall_s", "{:.1f}"), ("wall time, compile only (s)", "compile_s", "{:.1f}"),
             ("LM calls", "lm_calls", "{:d}"), ("cache hits", "cache_hits", "{:d}"), ("tokens", "tokens", "{:d}"),
-            ("best dev score (%)", "dev_score", "{:.1f}"), ("demos in the result", "demos", "{:d}")]
+            ("best dev score (%)", "dev_score", "{:.1f}"), ("demos in the result", "demos", "{:d}"),
+            ("train cases learned from", "train_used", "{:d}")]
     for label, key, shape in rows:
         ours, theirs = flow_side.get(key), bare_side.get(key)
         ratio = f"{ours / theirs:.2f}" if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and theirs else "—"

@@ -185,6 +185,22 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retire(args: argparse.Namespace) -> int:
+    from cadre.registry import RegistryError, default_actor, retire
+    from cadre.registry_view import describe_record, registry_client
+
+    config = _load(args.file)
+    _specialist_or_exit(config, args.specialist)
+    try:
+        record = retire(registry_client(config), config.project.name, args.specialist, args.kind,
+                        actor=args.actor or default_actor(), reason=args.reason)
+    except RegistryError as error:
+        console.print(f"[red]{error}[/red]")
+        return 1
+    console.print(describe_record(record))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.cycle import run_demo
 
@@ -307,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", help="why; recorded in the history")
     p.add_argument("--actor", help="who is acting (default: user@host)")
     p.set_defaults(func=cmd_rollback)
+
+    p = commands.add_parser("retire", help="stop serving a program or adapter champion (the declared program / base model serves)")
+    _config_arg(p)
+    p.add_argument("specialist")
+    p.add_argument("kind", choices=["program", "adapter"])
+    p.add_argument("--reason", help="why; recorded in the history")
+    p.add_argument("--actor", help="who is acting (default: user@host)")
+    p.set_defaults(func=cmd_retire)
 
     p = commands.add_parser("serve", help="serve the team behind an OpenAI-compatible API; champions go live without a restart")
     _config_arg(p)

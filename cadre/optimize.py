@@ -6,7 +6,8 @@ The prompt flow (`flows/optimize_prompts.py`) calls these functions; they know n
   reads the optimizer settings, `smoke` the specialist's `SmokeBudget`).
 - `compile_program(...)`: runs the configured optimizer — MIPROv2 (`auto` light/medium/heavy), GEPA
   (reflection LM configurable, default the program's own LM) or BootstrapFewShotWithRandomSearch — on
-  the train split, selecting on the dev split; the test split is never shown to it. The LM's `Budget`
+  the train split (its grounded cases: those with a relevant document among their retrieved passages),
+  selecting on the dev split; the test split is never shown to it. The LM's `Budget`
   stops the run at `max_lm_calls` / `max_wall_seconds` by raising `BudgetExhausted`; this loop catches
   it and returns the best program the optimizer had evaluated on the dev split so far (a DSPy callback
   watches every dev evaluation; GEPA reports its own through a GEPA callback).
@@ -160,15 +161,42 @@ def to_examples(cases: Sequence[dict[str, Any]], program: Any, retriever: Retrie
     labeled demo (taken as it is from the train split) shows the model the same candidates a
     bootstrapped demo would.
     """
+    return [example for example, _ in _examples_with_passages(cases, program, retriever)]
+
+
+def _examples_with_passages(cases: Sequence[dict[str, Any]], program: Any,
+                            retriever: Retriever | None) -> list[tuple[dspy.Example, list[str] | None]]:
     names = [item.name for item in program.inputs]
     examples = []
     for case in cases:
-        values = dict(case)
+        values, ids = dict(case), None
         if retriever is not None and program.retrieve_k:
             query = " ".join(str(case[name]) for name in names if case.get(name))
-            values[program.context_field] = [p.render() for p in retriever(query, program.retrieve_k)]
-        examples.append(dspy.Example(**values).with_inputs(*names))
+            passages = retriever(query, program.retrieve_k)
+            values[program.context_field] = [p.render() for p in passages]
+            ids = [p.id for p in passages]
+        examples.append((dspy.Example(**values).with_inputs(*names), ids))
     return examples
+
+
+def grounded_train_examples(cases: Sequence[dict[str, Any]], program: Any,
+                            retriever: Retriever | None) -> tuple[list[dspy.Example], int]:
+    """The train examples an optimizer may learn from, and how many were left out as ungrounded.
+
+    A case whose relevant documents are not among the passages retrieved for it cannot be answered
+    from them. As a labeled demo it would show the model an answer the context does not support,
+    which teaches a small model to invent answers; for bootstrapping it only costs LM calls that
+    cannot succeed. Such cases are left out when the program retrieves and the case names its
+    `relevant_ids`. If no case is grounded, all are kept (and a warning logged).
+    """
+    pairs = _examples_with_passages(cases, program, retriever)
+    kept = [example for example, ids in pairs
+            if ids is None or not example.get("relevant_ids") or set(map(str, example.get("relevant_ids"))) & set(ids)]
+    if not kept and pairs:
+        log.warning("none of the %d train cases has a relevant document among its %d retrieved passages; "
+                    "the optimizer learns from all of them", len(pairs), program.retrieve_k)
+        return [example for example, _ in pairs], 0
+    return kept, len(pairs) - len(kept)
 
 
 # ---------------------------------------------------------------------------------- best so far
@@ -241,6 +269,8 @@ class CompileResult:
         candidates: every candidate scored on the dev split.
         usage: the LM usage of the compile (real calls, cache hits, tokens, cost).
         wall_seconds: compile wall time.
+        train_examples: train cases the optimizer learned from.
+        train_ungrounded: train cases left out: none of their relevant documents was retrieved.
         reflection_lm_calls: calls made to an external reflection/prompt LM (not capped by the budget).
     """
 
@@ -253,6 +283,8 @@ class CompileResult:
     candidates: list[CandidateScore]
     usage: LMUsage
     wall_seconds: float
+    train_examples: int = 0
+    train_ungrounded: int = 0
     reflection_lm_calls: int = 0
 
     def summary(self) -> dict[str, Any]:
@@ -260,6 +292,7 @@ class CompileResult:
         return {"optimizer": self.optimizer, "metric": self.metric, "stopped_by_budget": self.stopped_by_budget,
                 "stop_reason": self.stop_reason, "compile_dev_score": self.dev_score, "compile_candidates": len(self.candidates),
                 "compile_wall_seconds": round(self.wall_seconds, 3), "compile_reflection_lm_calls": self.reflection_lm_calls,
+                "compile_train_examples": self.train_examples, "compile_train_ungrounded": self.train_ungrounded,
                 **self.usage.to_metrics("compile_")}
 
 
@@ -290,7 +323,7 @@ def compile_program(program_settings: Any, evaluation: Any, retriever: Retriever
     retriever = SharedRetriever(retriever) if retriever is not None and not isinstance(retriever, SharedRetriever) else retriever
     metric_name, metric = answer_metric(program_settings, evaluation)
     student = SpecialistProgram(program_settings, retriever)
-    train = to_examples(trainset, program_settings, retriever)
+    train, ungrounded = grounded_train_examples(trainset, program_settings, retriever)
     dev = to_examples(devset, program_settings, retriever)
     budget = lm.budget or Budget()
     lm.budget = budget.start()
@@ -315,7 +348,7 @@ def compile_program(program_settings: Any, evaluation: Any, retriever: Retriever
     return CompileResult(
         program=candidate, optimizer=optimizer.kind, stopped_by_budget=stop_reason is not None, stop_reason=stop_reason,
         metric=metric_name, dev_score=dev_score, candidates=tracker.candidates, usage=lm.usage.since(before),
-        wall_seconds=time.monotonic() - started,
+        wall_seconds=time.monotonic() - started, train_examples=len(train), train_ungrounded=ungrounded,
         reflection_lm_calls=len(getattr(reflection_lm, "history", [])) if reflection_lm is not None and not isinstance(reflection_lm, CompletionLM) else 0,
     )
 
@@ -481,6 +514,6 @@ def evaluate_retrieval_only(retriever: Retriever, program_settings: Any, evaluat
 
 __all__ = [
     "CandidateScore", "CompileResult", "DevEvaluationTracker", "EvaluationRun", "OptimizationPlan", "answer_metric",
-    "compile_program", "evaluate_program", "evaluate_retrieval_only", "feedback_metric", "plan_optimization",
+    "compile_program", "evaluate_program", "evaluate_retrieval_only", "feedback_metric", "grounded_train_examples", "plan_optimization",
     "program_metrics", "to_examples",
 ]

@@ -65,6 +65,10 @@ CHALLENGER = "challenger"
 EVENT_PROMOTION = "promotion"
 EVENT_REFUSAL = "refusal"
 EVENT_ROLLBACK = "rollback"
+EVENT_RETIREMENT = "retirement"
+
+RETIRABLE_KINDS = ("program", "adapter")
+"""Kinds that can be served without a champion: the declared program, the base model. An index cannot."""
 
 # Named points where `on_step` is called, in the order they happen.
 STEP_VERSION_CREATED = "version_created"  # register_candidate: version exists, not yet complete
@@ -132,6 +136,10 @@ class PromotionRefusedError(RegistryError):
     """A manual promotion of a version whose gate did not pass, without `force` and a reason."""
 
 
+class NotRetirableError(RegistryError):
+    """The artifact kind cannot be left without a champion (an index: nothing could be searched)."""
+
+
 class NothingToRollBackError(RegistryError):
     """History holds no earlier champion to restore."""
 
@@ -146,10 +154,10 @@ class LockTimeoutError(RegistryError):
 
 @dataclass(frozen=True)
 class PromotionRecord:
-    """One event in a registered model's history: a promotion, a refusal or a rollback.
+    """One event in a registered model's history: a promotion, a refusal, a rollback or a retirement.
 
     Attributes:
-        event: `promotion`, `refusal` or `rollback`.
+        event: `promotion`, `refusal`, `rollback` or `retirement` (the champion removed; to_version None).
         project: project name.
         specialist: specialist name.
         kind: artifact kind (`index`, `program`, `adapter`).
@@ -648,12 +656,56 @@ def rollback(client: MlflowClient, project: str, specialist: str, kind: str, act
         if stack and stack[-1] == champion:
             stack = stack[:-1]
         if not stack:
-            raise NothingToRollBackError(f"{target.name}: v{champion} is the first champion in the history; there is no earlier one to restore")
+            hint = (f"; to stop serving it (the {_WITHOUT_CHAMPION[kind]} serves again) run `cadre retire {specialist} {kind}`"
+                    if kind in RETIRABLE_KINDS else "")
+            raise NothingToRollBackError(f"{target.name}: v{champion} is the first champion in the history; there is no earlier one to restore{hint}")
         restored = _complete_version(client, target.name, stack[-1])
         return _record_and_apply(client, target, lease, events, on_step, event=EVENT_ROLLBACK, version=restored.version,
                                  from_version=champion, to_version=restored.version, actor=actor, reason=reason,
                                  gate=restored.tags.get(_GATE), forced=False, metrics=_version_metrics(restored),
                                  candidate_run_id=restored.run_id)
+
+
+_WITHOUT_CHAMPION = {"program": "declared (un-optimized) program", "adapter": "base model without an adapter"}
+
+
+def retire(client: MlflowClient, project: str, specialist: str, kind: str, actor: str, reason: str | None = None, *,
+           on_step: StepHook | None = None, lock_timeout_s: float = LOCK_TIMEOUT_S) -> PromotionRecord:
+    """Stop serving the champion of a program or adapter: remove the `champion` alias, and record it.
+
+    What serves afterwards is what served before the first promotion: the declared program from
+    `pipelines.yaml`, or the base model without an adapter. This is the way back from a *first*
+    champion, which `rollback` cannot undo (there is no earlier one). The version itself stays in the
+    registry with its gate report; `cadre promote` can reinstate it.
+
+    Args:
+        client: MLflow client.
+        project: project name.
+        specialist: specialist name.
+        kind: `program` or `adapter`.
+        actor: who retires it.
+        reason: why; recorded with the event.
+        on_step: failure-injection hook (see `STEP_*`).
+        lock_timeout_s: how long to wait for a concurrent promotion of the same model.
+
+    Raises:
+        NotRetirableError: `kind` is `index` (serving and programs need a live index).
+        NothingToRollBackError: there is no champion to retire.
+    """
+    if kind not in RETIRABLE_KINDS:
+        raise NotRetirableError(f"an {kind} champion cannot be retired: programs and serving search it. Roll back to an earlier "
+                                f"version (`cadre rollback {specialist} {kind}`) or re-index (`cadre run reindex --specialist {specialist}`)")
+    target = _Target(project, specialist, kind)
+    with model_lock(client, target.name, holder=actor, operation="retire", timeout_s=lock_timeout_s) as lease:
+        events = _settle_pending(client, target)
+        champion = _champion_version(client, target.name)
+        if champion is None:
+            raise NothingToRollBackError(f"{target.name} has no champion; the {_WITHOUT_CHAMPION[kind]} already serves")
+        retired = client.get_model_version(target.name, champion)
+        return _record_and_apply(client, target, lease, events, on_step, event=EVENT_RETIREMENT, version=champion,
+                                 from_version=champion, to_version=None, actor=actor, reason=reason,
+                                 gate=retired.tags.get(_GATE), forced=False, metrics=_version_metrics(retired),
+                                 candidate_run_id=retired.run_id)
 
 
 def _complete_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
@@ -731,6 +783,10 @@ def _record_and_apply(client: MlflowClient, target: _Target, lease: _Lease, even
         if to_version is not None and to_version != from_version:
             lease.check()
             _move_alias(client, target.name, CHAMPION, to_version)
+            client.set_registered_model_tag(target.name, "cadre.champion.previous", from_version or "")
+        elif event == EVENT_RETIREMENT:
+            lease.check()
+            client.delete_registered_model_alias(target.name, CHAMPION)
             client.set_registered_model_tag(target.name, "cadre.champion.previous", from_version or "")
         _step(on_step, STEP_ALIAS_MOVED)
     except BaseException:
@@ -889,6 +945,9 @@ def _champion_stack(events: list[PromotionRecord]) -> list[str]:
     """The champions in the order they were installed, with rolled-back ones removed."""
     stack: list[str] = []
     for e in events:
+        if e.outcome == "applied" and e.event == EVENT_RETIREMENT:
+            stack = []
+            continue
         if e.outcome != "applied" or e.to_version is None:
             continue
         if e.event == EVENT_PROMOTION:

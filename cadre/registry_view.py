@@ -119,7 +119,7 @@ def version_url(config: CadreConfig, model_name: str, version: str) -> str:
 
 
 def describe_record(record: PromotionRecord) -> str:
-    """One line for the CLI after `promote` / `rollback`: what happened to which champion, by whom, why."""
+    """One line for the CLI after `promote` / `rollback` / `retire`: what happened to which champion, by whom, why."""
     forced = " (forced)" if record.forced else ""
     reason = f": {record.reason}" if record.reason else ""
     return (f"{record.event}{forced} of {record.model_name} v{record.version}: champion "
@@ -148,7 +148,7 @@ def _metrics(metrics: dict[str, float], preferred: list[str]) -> str:
 
 
 def _event(record: PromotionRecord) -> str:
-    style = {"promotion": "green", "refusal": "yellow", "rollback": "magenta"}.get(record.event, "")
+    style = {"promotion": "green", "refusal": "yellow", "rollback": "magenta", "retirement": "red"}.get(record.event, "")
     text = record.event + (" (forced)" if record.forced else "")
     return f"[{style}]{text}[/{style}]" if style else text
 

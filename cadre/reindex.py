@@ -505,6 +505,8 @@ def plan_and_apply(
                 if len(waiting) >= CHUNKING_BATCH_DOCUMENTS:
                     run.chunk_documents(waiting, state)
                     waiting = []
+                    # The source is streamed, so the chunk total is unknown; the documents read so far tell how far it got.
+                    run.progress.set_postfix(documents=added + updated + unchanged, unchanged=unchanged, refresh=False)
             run.chunk_documents(waiting, state)
             run.write_pending(final=True)
         deleted = sum(1 for doc_id in live_hashes if doc_id not in run.document_chunks)

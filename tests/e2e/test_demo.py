@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
+from support import free_port
 
 from flows import FLOWS, flow_name
 from flows.cycle import cycle_steps
@@ -23,19 +23,13 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     shutil.copytree(ROOT / "evals", root / "evals", ignore=shutil.ignore_patterns("__pycache__"))
     yaml = YAML()
     document = yaml.load((ROOT / "pipelines.yaml").read_text())
-    ports = {"mlflow": _free_port(), "prefect": _free_port(), "lm": _free_port()}
+    ports = {"mlflow": free_port(), "prefect": free_port(), "lm": free_port()}
     for service, port in ports.items():
         document["project"][service]["port"] = port
     with (root / "pipelines.yaml").open("w") as handle:

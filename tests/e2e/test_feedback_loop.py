@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 from ruamel.yaml import YAML
+from support import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -42,12 +42,6 @@ MAX_CORRECTIONS = 8
 EVAL_CASES = 10
 DPO_STEPS = 6  # 8 pairs in batches of the specialist's tuning.batch_size (2 here): 1.5 epochs
 POLL_S = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _cases(split: str, count: int, skip_codes: set[str] = frozenset()) -> list[dict]:
@@ -92,7 +86,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yaml = YAML()
     document = yaml.load((ROOT / "pipelines.yaml").read_text())
     for service in ("mlflow", "prefect", "lm"):
-        document["project"][service]["port"] = _free_port()
+        document["project"][service]["port"] = free_port()
     document["project"]["threads"] = {"torch": 2, "embedding": 1}
     coder = document["specialists"][0]
     needed = sorted({c["code"] for c in _cases("train", ASKED + 8) + _cases("test", EVAL_CASES)})
@@ -126,7 +120,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def server(project: Path) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     log = (project.parent / "serve.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "cadre.cli", "serve", "-c", str(project), "--port", str(port), "--poll-interval",

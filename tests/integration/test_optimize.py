@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 from cadre.env import OFFLINE_ENV
 
@@ -34,12 +34,6 @@ SPECIALIST = "coder"
 PROJECT = "optimizetest"
 CASES = {"train": 16, "dev": 8, "test": 10}
 LM_START_TIMEOUT_S = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +51,7 @@ def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def lm_server(gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real llama.cpp server (as `cadre up` starts it) on a free port; yields its /v1 URL."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("lm") / "server.log"
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                "--n_threads", "1", "--n_ctx", "2048", "--model_alias", "gemma3-270m"]
@@ -97,7 +91,7 @@ def _write_project(root: Path, mlflow_uri: str, lm_url: str) -> tuple[Path, dict
           name: {PROJECT}
           state_dir: state
           mlflow: {{tracking_uri: "{mlflow_uri}"}}
-          prefect: {{port: {_free_port()}}}
+          prefect: {{port: {free_port()}}}
           lm: {{api_base: "{lm_url}", model: gemma3-270m}}
           threads: {{torch: 1, embedding: 1}}
         specialists:
@@ -198,7 +192,7 @@ def test_unreachable_lm_fails_the_run_and_promotes_nothing(project: Path, mlflow
     from cadre.tracking import experiment_name
     from flows.optimize_prompts import optimize_prompts
 
-    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    dead = f"http://127.0.0.1:{free_port()}/v1"
     text = project.read_text(encoding="utf-8")
     before = text.split('api_base: "')[1].split('"')[0]
     broken = project.with_name("dead-lm.yaml")

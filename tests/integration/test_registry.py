@@ -29,11 +29,13 @@ from cadre.registry import (
     STEP_VERSION_CREATED,
     IncompleteVersionError,
     NothingToRollBackError,
+    NotRetirableError,
     PromotionRefusedError,
     decide_and_promote,
     history,
     promote,
     register_candidate,
+    retire,
     rollback,
 )
 from cadre.registry_view import describe_record, print_champions, print_history
@@ -227,6 +229,32 @@ def test_rollback_restores_previous_champion_and_history_lists_every_event(clien
     with pytest.raises(NothingToRollBackError, match="no earlier one"):
         rollback(client, project, SPECIALIST, KIND, actor="alice")
     assert aliases(client, project)[CHAMPION] == v1
+
+
+def test_retire_removes_a_first_champion_and_promote_reinstates_it(client, project):
+    v1 = candidate(client, project)
+    decide(client, project, v1, 0.70)
+    with pytest.raises(NothingToRollBackError, match=f"cadre retire {SPECIALIST} {KIND}"):
+        rollback(client, project, SPECIALIST, KIND, actor="alice")
+
+    retired = retire(client, project, SPECIALIST, KIND, actor="alice", reason="v1 hurts the cardiology slice")
+    assert (retired.event, retired.version, retired.from_version, retired.to_version) == ("retirement", v1, v1, None)
+    assert CHAMPION not in aliases(client, project)
+    assert registry.get_champion(client, project, SPECIALIST, KIND) is None
+    assert "champion v1 → none" in describe_record(retired)
+    with pytest.raises(NothingToRollBackError, match="base model without an adapter already serves"):
+        retire(client, project, SPECIALIST, KIND, actor="alice")
+    with pytest.raises(NothingToRollBackError, match="has no champion"):
+        rollback(client, project, SPECIALIST, KIND, actor="alice")
+
+    back = promote(client, project=project, specialist=SPECIALIST, kind=KIND, version=v1, actor="alice")  # its gate passed
+    assert aliases(client, project)[CHAMPION] == v1 and back.from_version is None
+    events = history(client, project, SPECIALIST, KIND)
+    assert [(e.event, e.from_version, e.to_version) for e in events] == [
+        ("promotion", None, v1), ("retirement", v1, None), ("promotion", None, v1)]
+    assert events[1].reason == "v1 hurts the cardiology slice"
+    with pytest.raises(NotRetirableError, match="cadre rollback"):
+        retire(client, project, SPECIALIST, "index", actor="alice")
 
 
 def test_rollback_without_champion_is_a_clear_error(client, project):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -34,12 +34,6 @@ PROJECT = "servetest"
 PHRASES = ["Reticular erythematous mucinosis", "Ethmoidal polyp of sinus", "Viral oral mucositis (ulcerative)"]
 POLL_S = 2
 START_TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +188,7 @@ def adapters(project: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(project: Path, adapters: list[str]) -> Iterator[tuple[str, subprocess.Popen]]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     log = (project.parent / "serve.log").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "cadre.cli", "serve", "-c", str(project), "--port", str(port),

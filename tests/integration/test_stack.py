@@ -13,18 +13,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 from flows import FLOWS
 
 pytestmark = pytest.mark.integration
 
 CADRE = [sys.executable, "-m", "cadre.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _write_project(root: Path, ports: dict[str, int], specialists: list[str]) -> Path:
@@ -85,7 +80,7 @@ def _processes_under(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
-    ports = {"mlflow": _free_port(), "prefect": _free_port(), "lm": _free_port()}
+    ports = {"mlflow": free_port(), "prefect": free_port(), "lm": free_port()}
     config = _write_project(root, ports, ["alpha", "beta"])
     up = _cadre("up", config=config)
     assert up.returncode == 0, up.stdout + up.stderr
@@ -174,7 +169,7 @@ def test_port_taken_by_another_program_is_a_clear_error(tmp_path: Path) -> None:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        config = _write_project(tmp_path, {"mlflow": taken, "prefect": _free_port(), "lm": _free_port()}, ["alpha"])
+        config = _write_project(tmp_path, {"mlflow": taken, "prefect": free_port(), "lm": free_port()}, ["alpha"])
         result = _cadre("up", "--only", "mlflow", config=config, timeout=60)
     assert result.returncode == 1
     assert f"port {taken}" in result.stderr and "already in use" in result.stderr

@@ -17,7 +17,7 @@ import pytest
 
 from cadre.config import EvaluationSettings, ProgramSettings, load_config
 from cadre.lm import EndpointClient, LlamaCppClient
-from cadre.optimize import compile_program, plan_optimization
+from cadre.optimize import compile_program, grounded_train_examples, plan_optimization
 from cadre.program import (
     Budget,
     BudgetExhausted,
@@ -213,6 +213,24 @@ def test_compile_stops_at_the_budget_and_a_rerun_makes_no_lm_call(client: LlamaC
     second = compile_program(settings, evaluation, None, lm_for(client, Budget(max_lm_calls=8)), TRAIN, DEV)
     assert (second.usage.calls, second.usage.cache_hits) == (0, 8)
     assert save_program(second.program, tmp_path / "second.json") == program_fingerprint(path)
+
+
+def test_optimizer_learns_only_from_train_cases_their_passages_can_answer() -> None:
+    """A labeled demo whose answer is not among its candidates teaches a small model to invent codes."""
+    from cadre.program import Passage
+
+    shelf = {"Typhoid meningitis": ["A01.01", "A01.02"], "Paratyphoid fever A": ["A01.4", "A01.2"], "Salmonella enteritis": ["A02.0"]}
+
+    def retrieve(query: str, k: int) -> list[Passage]:
+        return [Passage(code, f"title of {code}") for code in shelf.get(query, [])][:k]
+
+    cases = [{**case, "relevant_ids": [case["code"]]} for case in TRAIN[2:5]] + [{"id": "t9", "phrase": "Typhoid meningitis", "code": "A01.01"}]
+    kept, left_out = grounded_train_examples(cases, ICD, retrieve)
+    assert [example.id for example in kept] == ["t3", "t5", "t9"] and left_out == 1  # t4's code A01.1 was not retrieved
+    assert kept[0].context == ["A01.01 — title of A01.01", "A01.02 — title of A01.02"]
+    assert grounded_train_examples(cases, NO_RETRIEVAL, None)[1] == 0
+    nothing_found, _ = grounded_train_examples(cases[1:2], ICD, retrieve)
+    assert [example.id for example in nothing_found] == ["t4"]  # none grounded: all kept rather than none
 
 
 def test_plans_read_the_optimizer_settings_and_the_smoke_budget() -> None:
