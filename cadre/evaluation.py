@@ -177,6 +177,8 @@ class Prediction:
         error: Why the case failed, if it did; a failed case scores 0.
         latency_ms: Wall time of the call; `evaluate_cases` measures it, `score_predictions`
             takes it as given (0 when unknown).
+        replayed_ms: Time the answers served from a cache took when first computed; `evaluate_cases`
+            adds it to the measured latency, so a cached re-run reports the model's latency.
     """
 
     output: str | None = None
@@ -186,6 +188,7 @@ class Prediction:
     cost_usd: float = 0.0
     error: str | None = None
     latency_ms: float | None = None
+    replayed_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -590,7 +593,7 @@ def _predict_one(predict: Callable[[dict[str, Any]], Prediction], case: dict[str
         prediction = _as_prediction(predict(case))
     except Exception as error:  # noqa: BLE001 - one failing case is a wrong answer, not a failed evaluation
         prediction = Prediction(error=f"{type(error).__name__}: {error}")
-    return replace(prediction, latency_ms=(time.perf_counter() - started) * 1000.0)
+    return replace(prediction, latency_ms=(time.perf_counter() - started) * 1000.0 + prediction.replayed_ms)
 
 
 def evaluate_cases(

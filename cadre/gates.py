@@ -12,7 +12,9 @@ Rules come from pipelines.yaml (`cadre.config.evaluation.GateRule`):
   evaluated on must be at least the threshold; with ``significant`` the lower bound of the paired
   bootstrap interval of the gain must exceed it.
 - ``max_slice_drop``: no slice (of at least ``min_slice_cases`` shared cases) may be worse than
-  the champion by more than the threshold.
+  the champion by more than the threshold; with ``significant`` a slice fails only when its drop is
+  also real: the paired bootstrap interval of the drop, at a level corrected for the number of
+  slices judged (Bonferroni), lies above zero.
 
 With no champion (the first version) champion-relative rules are *skipped*, not failed, and the
 absolute rules decide. A kind with no rules passes, and the decision says nothing was checked.
@@ -31,6 +33,7 @@ from cadre.evaluation import (
     EvaluationResult,
     compare,
     higher_is_better,
+    paired_bootstrap_intervals,
     restrict,
 )
 
@@ -172,7 +175,8 @@ def _pairing(shared: int) -> str:
     return f"; paired on {shared} shared cases" if shared else "; no shared cases, compared unpaired"
 
 
-def _check_slices(rule: GateRule, comparison: Comparison, min_slice_cases: int) -> RuleOutcome:
+def _check_slices(rule: GateRule, comparison: Comparison, min_slice_cases: int, candidate: EvaluationResult | None = None,
+                  champion: EvaluationResult | None = None, confidence: float = 0.95, samples: int = 1000, seed: int = 0) -> RuleOutcome:
     slices = [row for row in comparison.slices if row.metric == rule.metric]
     judged = [row for row in slices if row.cases >= min_slice_cases]
     too_small = len(slices) - len(judged)
@@ -180,15 +184,60 @@ def _check_slices(rule: GateRule, comparison: Comparison, min_slice_cases: int) 
     if not judged:
         return _outcome(rule, passed=True, detail=f"no slice has {min_slice_cases} or more shared cases, nothing to judge{note}")
     worst = max(judged, key=lambda row: row.drop)
+    if rule.significant and comparison.shared_cases and candidate is not None and champion is not None:
+        return _check_slices_significant(rule, judged, worst, note, candidate, champion, confidence, samples, seed)
     passed = worst.drop <= rule.threshold + _TOLERANCE
     detail = (
         f"worst slice {worst.slice} ({worst.cases} cases): {_number(worst.champion)} → {_number(worst.candidate)}, "
         f"drop {_number(max(worst.drop, 0.0))} {'≤' if passed else '>'} {_number(rule.threshold)} across {len(judged)} slice(s){note}"
     )
+    if rule.significant:
+        detail += "; compared unpaired, so judged on the drop alone"
     return _outcome(rule, passed=passed, candidate=worst.candidate, champion=worst.champion, delta=worst.delta, detail=detail)
 
 
-def _check(rule: GateRule, candidate: EvaluationResult, champion: EvaluationResult | None, comparison: Comparison | None, confidence: float, min_slice_cases: int) -> RuleOutcome:
+def _check_slices_significant(rule: GateRule, judged: list[Any], worst: Any, note: str, candidate: EvaluationResult,
+                              champion: EvaluationResult, confidence: float, samples: int, seed: int) -> RuleOutcome:
+    """A slice fails only if it drops more than the threshold *and* its paired interval of the drop lies above zero.
+
+    The interval's level is Bonferroni-corrected for the number of slices judged: with 15 slices of
+    ~20 cases, two programs of equal quality that disagree on one case in eight would otherwise show
+    some slice "dropping" by more than 0.15 about half the time.
+    """
+    level = 1.0 - (1.0 - confidence) / len(judged)
+    over = [row for row in judged if row.drop > rule.threshold + _TOLERANCE]
+    drops = {row.slice: _slice_drop_interval(rule.metric, row.slice, candidate, champion, level, samples, seed) for row in over}
+    real = [row for row in over if drops[row.slice][0] > _TOLERANCE]
+    shown = max(real, key=lambda row: row.drop) if real else (max(over, key=lambda row: row.drop) if over else worst)
+    head = (f"worst slice {shown.slice} ({shown.cases} cases): {_number(shown.champion)} → {_number(shown.candidate)}, "
+            f"drop {_number(max(shown.drop, 0.0))}")
+    interval = None
+    if not over:
+        detail = f"{head} ≤ {_number(rule.threshold)} across {len(judged)} slice(s){note}"
+    else:
+        low, high = drops[shown.slice]
+        interval = (-high, -low) if higher_is_better(rule.metric) else (low, high)  # of delta = candidate − champion
+        verdict = "a real drop" if real else "not a significant drop"
+        detail = (f"{head} > {_number(rule.threshold)}, {verdict}: {level:.1%} CI of the drop [{_signed(low)}, {_signed(high)}] "
+                  f"(paired; level corrected for {len(judged)} slices); {len(over)} slice(s) over the threshold, "
+                  f"{len(real)} significantly{note}")
+    return _outcome(rule, passed=not real, candidate=shown.candidate, champion=shown.champion, delta=shown.delta, interval=interval,
+                    detail=detail)
+
+
+def _slice_drop_interval(metric: str, name: str, candidate: EvaluationResult, champion: EvaluationResult, level: float,
+                         samples: int, seed: int) -> tuple[float, float]:
+    """Paired bootstrap interval of how much worse the candidate is on one slice (positive = worse)."""
+    theirs = champion.values(metric)
+    members = [e.case_id for e in candidate.examples if e.slice == name and e.case_id in theirs]
+    mine = candidate.values(metric)
+    low, high = paired_bootstrap_intervals({metric: ([mine[c] for c in members], [theirs[c] for c in members])},
+                                           confidence=level, samples=samples, seed=seed)[metric]
+    return (-high, -low) if higher_is_better(metric) else (low, high)
+
+
+def _check(rule: GateRule, candidate: EvaluationResult, champion: EvaluationResult | None, comparison: Comparison | None, confidence: float,
+           min_slice_cases: int, samples: int = 1000, seed: int = 0) -> RuleOutcome:
     if rule.metric not in candidate.scores:
         return _outcome(rule, passed=False, detail=f"the candidate was not evaluated on {rule.metric}")
     if rule.kind not in CHAMPION_RELATIVE:
@@ -199,7 +248,7 @@ def _check(rule: GateRule, candidate: EvaluationResult, champion: EvaluationResu
         return _outcome(rule, skipped=True, detail=f"skipped: the champion has no {rule.metric} score")
     if rule.kind == "beat_champion_by":
         return _check_beat(rule, comparison, confidence)
-    return _check_slices(rule, comparison, min_slice_cases)
+    return _check_slices(rule, comparison, min_slice_cases, candidate, champion, confidence, samples, seed)
 
 
 def _comparison(rules: Sequence[GateRule], candidate: EvaluationResult, champion: EvaluationResult | None,
@@ -218,7 +267,7 @@ def _check_scoped(rule: GateRule, candidate: EvaluationResult, champion: Evaluat
         return _outcome(rule, passed=False, detail="the candidate has no case in that scope")
     scoped_champion = restrict(champion, **scope) if champion is not None else None
     comparison = _comparison([rule], scoped_candidate, scoped_champion, confidence, samples, seed)
-    return _check(rule, scoped_candidate, scoped_champion, comparison, confidence, min_slice_cases)
+    return _check(rule, scoped_candidate, scoped_champion, comparison, confidence, min_slice_cases, samples, seed)
 
 
 def _summary(kind: str, outcomes: Sequence[RuleOutcome], champion: EvaluationResult | None) -> str:
@@ -269,7 +318,7 @@ def decide(
     outcomes = []
     for rule in rules:
         if rule.slice is None and rule.exclude_slice is None:
-            outcomes.append(_check(rule, candidate, champion, comparison, confidence, min_slice_cases))
+            outcomes.append(_check(rule, candidate, champion, comparison, confidence, min_slice_cases, samples, seed))
         else:
             outcomes.append(_check_scoped(rule, candidate, champion, confidence, samples, seed, min_slice_cases))
     return GateDecision(

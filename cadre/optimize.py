@@ -483,7 +483,7 @@ def evaluate_program(program: SpecialistProgram, program_settings: Any, evaluati
         answer = program(**{field_name: case.get(field_name) for field_name in inputs})
         used = lm.usage.since(before)
         return Prediction(output=answer.get(output), retrieved_ids=answer.get("retrieved_ids") if program_settings.retrieve_k else None,
-                          lm_calls=used.calls, tokens=used.tokens, cost_usd=used.cost_usd)
+                          lm_calls=used.calls, tokens=used.tokens, cost_usd=used.cost_usd, replayed_ms=used.replayed_seconds * 1000.0)
 
     started, before = time.monotonic(), lm.usage.snapshot()
     with program_context(lm, program_settings):

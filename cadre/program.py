@@ -121,7 +121,11 @@ class Budget:
 
 @dataclass
 class LMUsage:
-    """What the LM did: requests, of which real calls (the ones that cost) and cache hits; tokens, cost, LM time."""
+    """What the LM did: requests, of which real calls (the ones that cost) and cache hits; tokens, cost, LM time.
+
+    `replayed_seconds` is the time the cache hits took when they were first answered: an evaluation
+    adds it to its measured latency, so a latency gate judges the model, not the cache.
+    """
 
     requests: int = 0
     calls: int = 0
@@ -130,6 +134,7 @@ class LMUsage:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     lm_seconds: float = 0.0
+    replayed_seconds: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -211,6 +216,7 @@ class CompletionLM(dspy.BaseLM):
         if answer is not None:
             with self._lock:
                 self.usage.cache_hits += 1
+                self.usage.replayed_seconds += float(answer.get("seconds") or 0.0)
             return _response(self.model, answer, billed=False)
         answer = self._complete(request)
         if use_cache:
@@ -232,7 +238,7 @@ class CompletionLM(dspy.BaseLM):
             self.usage.cost_usd += cost
             self.usage.lm_seconds += completion.seconds
         return {"text": completion.text, "prompt_tokens": completion.prompt_tokens,
-                "completion_tokens": completion.completion_tokens, "cost_usd": cost}
+                "completion_tokens": completion.completion_tokens, "cost_usd": cost, "seconds": completion.seconds}
 
 
 def _message_text(message: Mapping[str, Any]) -> str:

@@ -56,7 +56,9 @@ class GateRule(Strict):
     at_least: float | None = Field(None, description="Absolute minimum of the candidate's score.")
     at_most: float | None = Field(None, description="Absolute maximum (latency, cost, LM calls).")
     beat_champion_by: float | None = Field(None, description="Candidate must exceed the champion by at least this much (skipped when there is no champion).")
-    significant: bool = Field(False, description="With beat_champion_by: the bootstrap interval of the gain must lie above it.")
+    significant: bool = Field(False, description=(
+        "With beat_champion_by: the bootstrap interval of the gain must lie above it. With max_slice_drop: a slice fails only if "
+        "its drop is also significant (paired interval of the drop above zero, level corrected for the number of slices)."))
     max_slice_drop: float | None = Field(None, ge=0.0, description="No slice may fall more than this below the champion.")
     slice: str | None = Field(None, description="Judge the rule on this slice of the suite only (e.g. `feedback`).")
     exclude_slice: str | None = Field(
@@ -68,8 +70,8 @@ class GateRule(Strict):
         given = [kind for kind in _RULE_KINDS if getattr(self, kind) is not None]
         if len(given) != 1:
             raise ValueError(f"a gate rule needs exactly one of {', '.join(_RULE_KINDS)}; got {', '.join(given) or 'none'}")
-        if self.significant and self.beat_champion_by is None:
-            raise FieldError(("significant",), "significant only applies to beat_champion_by")
+        if self.significant and self.beat_champion_by is None and self.max_slice_drop is None:
+            raise FieldError(("significant",), "significant only applies to beat_champion_by and max_slice_drop")
         if self.slice is not None and self.exclude_slice is not None:
             raise FieldError(("exclude_slice",), "give slice or exclude_slice, not both")
         return self
@@ -88,7 +90,7 @@ class GateRule(Strict):
             "at_least": f"{self.metric} ≥ {self.threshold:g}",
             "at_most": f"{self.metric} ≤ {self.threshold:g}",
             "beat_champion_by": f"{self.metric} beats champion by ≥ {self.threshold:g}" + (" (significant)" if self.significant else ""),
-            "max_slice_drop": f"no slice of {self.metric} drops more than {self.threshold:g} below champion",
+            "max_slice_drop": f"no slice of {self.metric} drops more than {self.threshold:g} below champion" + (" (significantly)" if self.significant else ""),
         }[self.kind]
         if self.slice is not None:
             text += f" on slice {self.slice}"

@@ -89,6 +89,33 @@ def test_max_slice_drop_fails_on_the_worst_slice():
     assert decide("adapter", [rule(metric="exact_match", max_slice_drop=0.6)], candidate, champion).passed is True
 
 
+def test_a_significant_slice_rule_tells_a_real_drop_from_noise():
+    """15 slices of 18 cases: a slice where 4 answers flip to wrong and none to right is noise at that size
+    once 15 slices are compared; a slice where 9 of 18 flip is not."""
+    names = [f"S{i:02d}" for i in range(15)]
+    slices = [name for name in names for _ in range(18)]
+    champion_hits = [1 if i % 18 < 8 else 0 for i in range(len(slices))]
+    noisy = list(champion_hits)
+    for i in range(4):
+        noisy[i] = 0  # S00: 8 → 4 right of 18 (drop 0.222), every other slice unchanged
+    strict, lenient = rule(metric="exact_match", max_slice_drop=0.15), rule(metric="exact_match", max_slice_drop=0.15, significant=True)
+    champion, candidate = result("v1", champion_hits, slices=slices), result("v2", noisy, slices=slices)
+    assert decide("program", [strict], candidate, champion).passed is False
+    judged = decide("program", [lenient], candidate, champion).outcomes[0]
+    assert judged.passed is True and judged.rule_text.endswith("(significantly)")
+    assert "S00 (18 cases): 0.444 → 0.222" in judged.detail and "not a significant drop" in judged.detail and "15 slices" in judged.detail
+
+    real = list(champion_hits)
+    for i in range(8):
+        real[i] = 0  # S00: 8 → 0 right
+    failed = decide("program", [lenient], result("v3", real, slices=slices), champion).outcomes[0]
+    assert failed.passed is False and "a real drop" in failed.detail
+    low, high = failed.interval
+    assert high < 0 and failed.delta == pytest.approx(-8 / 18)
+    with pytest.raises(ValueError, match="significant only applies"):
+        rule(metric="exact_match", at_least=0.2, significant=True)
+
+
 def test_slices_too_small_to_judge_are_reported_not_judged():
     slices = ["A00-B99"] * 20 + ["U00-U85"] * 2
     champion = result("v1", [1] * 22, slices=slices)

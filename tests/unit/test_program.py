@@ -147,6 +147,23 @@ def test_rerun_with_same_inputs_makes_no_lm_call(client: LlamaCppClient, cache_d
     with program_context(again, NO_RETRIEVAL):
         assert [program(phrase=p).code for p in phrases] == answers[:3]
     assert (again.usage.calls, again.usage.cache_hits, again.usage.tokens) == (0, 3, 0)
+    # A cached answer still reports what it cost the model the first time, so latency gates judge the model.
+    first_three = first.usage.lm_seconds
+    assert again.usage.lm_seconds == 0 and again.usage.replayed_seconds == pytest.approx(first_three, rel=1e-6)
+    assert again.usage.replayed_seconds > 0
+
+
+def test_a_cached_evaluation_reports_the_models_latency(client: LlamaCppClient, cache_dir: Path) -> None:
+    from cadre.optimize import evaluate_program
+
+    evaluation = EvaluationSettings(suite="evals/suites/icd10-coder", answer_metrics=["exact_match"])
+    program = SpecialistProgram(NO_RETRIEVAL)
+    cold = evaluate_program(program, NO_RETRIEVAL, evaluation, lm_for(client), DEV, "cold")
+    dspy.cache.reset_memory_cache()
+    warm = evaluate_program(program, NO_RETRIEVAL, evaluation, lm_for(client), DEV, "warm")
+    assert warm.usage.calls == 0 and warm.usage.cache_hits == len(DEV)
+    cold_p50, warm_p50 = cold.result.scores["latency_p50_ms"], warm.result.scores["latency_p50_ms"]
+    assert warm_p50 == pytest.approx(cold_p50, rel=0.5) and warm_p50 > 5  # not the microseconds of a cache read
 
 
 def test_budget_stops_before_the_call_that_would_exceed_it(client: LlamaCppClient, cache_dir: Path) -> None:
