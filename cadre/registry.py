@@ -268,10 +268,15 @@ def lock_model_name(model_name: str) -> str:
 
 def default_actor() -> str:
     """`user@host`: who is acting when no flow run names itself."""
+    import getpass
+
     try:
         user = os.getlogin()
     except OSError:
-        user = os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
+        try:
+            user = getpass.getuser()  # the environment's name, else the account of the process (no terminal needed)
+        except (KeyError, OSError):
+            user = "unknown"
     return f"{user}@{socket.gethostname()}"
 
 
