@@ -38,6 +38,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from cadre.config.tuning import AUTO_MAX_LENGTH
 from cadre.feedback import PreferencePair
 
 MetricsSink = Callable[[dict[str, float], int], None]
@@ -141,9 +142,10 @@ def train_dpo(pairs: Sequence[PreferencePair], settings: Any, tuning: Any, *, ba
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kept = [p for p in pairs if _tokens(tokenizer, p.prompt + max(p.chosen, p.rejected, key=len)) <= tuning.max_length]
+    limit = AUTO_MAX_LENGTH if tuning.max_length == "auto" else tuning.max_length
+    kept = [p for p in pairs if _tokens(tokenizer, p.prompt + max(p.chosen, p.rejected, key=len)) <= limit]
     if not kept:
-        raise ValueError(f"none of the {len(pairs)} preference pairs fits in max_length={tuning.max_length} tokens")
+        raise ValueError(f"none of the {len(pairs)} preference pairs fits in max_length={limit} tokens")
 
     dtype = torch.bfloat16 if hardware.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype)
@@ -170,7 +172,7 @@ def train_dpo(pairs: Sequence[PreferencePair], settings: Any, tuning: Any, *, ba
         lr_scheduler_type="constant",  # tens of steps: a decaying schedule would spend half of them barely moving
         beta=settings.beta,
         loss_type=list(loss_types),
-        max_length=tuning.max_length,
+        max_length=limit,
         precompute_ref_log_probs=precompute,
         bf16=hardware.bf16,
         use_cpu=hardware.device == "cpu",

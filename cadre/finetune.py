@@ -53,7 +53,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from cadre.config.tuning import TuningSettings
+from cadre.config.tuning import AUTO_MAX_LENGTH, TuningSettings
 from cadre.training_data import TrainingData
 
 RECIPE_VERSION = 1
@@ -277,7 +277,7 @@ def load_model(base_model_dir: Path, tuning: TuningSettings, hardware: Hardware)
     return get_peft_model(model, lora), tokenizer
 
 
-def sft_config(tuning: TuningSettings, hardware: Hardware, output_dir: Path, max_steps: int | None):
+def sft_config(tuning: TuningSettings, hardware: Hardware, output_dir: Path, max_steps: int | None, max_length: int | None = None):
     """trl's `SFTConfig` for the settings: the one place training arguments are decided."""
     from trl import SFTConfig
 
@@ -291,7 +291,7 @@ def sft_config(tuning: TuningSettings, hardware: Hardware, output_dir: Path, max
         learning_rate=tuning.learning_rate,
         lr_scheduler_type=tuning.lr_scheduler,
         warmup_steps=tuning.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        max_length=tuning.max_length,
+        max_length=max_length or (AUTO_MAX_LENGTH if tuning.max_length == "auto" else tuning.max_length),
         completion_only_loss=True,
         packing=False,
         seed=tuning.seed,
@@ -532,7 +532,7 @@ def train_adapter(
     heldout_set = Dataset.from_dict(data.columns("heldout")) if data.heldout else None
     metrics = StepMetrics(sink, say)
     callbacks = [FourBitGuard(), metrics, *extra_callbacks]
-    trainer = trainer_class(hardware, model)(model=model, args=sft_config(tuning, hardware, work_dir, max_steps), train_dataset=train_set,
+    trainer = trainer_class(hardware, model)(model=model, args=sft_config(tuning, hardware, work_dir, max_steps, data.max_length or None), train_dataset=train_set,
                                              eval_dataset=heldout_set, processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cadre.config.tuning import AUTO_MAX_LENGTH
 from cadre.prompt_format import PromptSpec, render_completion, render_prompt
 
 Retrieve = Callable[[Mapping[str, Any]], list[str]]
@@ -79,6 +80,7 @@ class TrainingData:
         fingerprint: sha256 over both splits' rendered examples (keys checkpoints, recorded as lineage).
         counts: records read, skipped per reason, duplicates, capped, too long, train and held-out sizes.
         skipped: the records left out as invalid, with reasons.
+        max_length: the token limit the examples were filtered by (`auto` resolved: the longest kept example).
     """
 
     train: list[TrainingExample]
@@ -86,6 +88,7 @@ class TrainingData:
     fingerprint: str
     counts: dict[str, int]
     skipped: list[SkippedRecord] = field(default_factory=list)
+    max_length: int = 0
 
     def columns(self, split: str = "train") -> dict[str, list[str]]:
         """The split as `{"prompt": [...], "completion": [...]}`, ready for `datasets.Dataset.from_dict`."""
@@ -211,7 +214,7 @@ def build_training_data(
     spec: PromptSpec,
     *,
     count_tokens: CountTokens,
-    max_length: int,
+    max_length: int | str,
     heldout_fraction: float,
     seed: int,
     retrieve: Retrieve | None = None,
@@ -228,7 +231,7 @@ def build_training_data(
         count_tokens: token counter of the base model's tokenizer; an example whose prompt and
             completion together exceed `max_length` tokens is dropped (never truncated: a cut
             prompt would teach answers to questions the model was not asked).
-        max_length: most tokens per example.
+        max_length: most tokens per example; `auto` for the longest example up to `AUTO_MAX_LENGTH`.
         heldout_fraction: share of examples held out for the eval loss.
         seed: seeds the held-out choice and the cap.
         retrieve: fills the spec's context field the way the program does at inference; required
@@ -278,7 +281,9 @@ def build_training_data(
                                 f"{record.source}:{record.line}")
                 for record, inputs, outputs in usable]
     lengths = count_tokens([e.prompt + e.completion for e in rendered]) if rendered else []
-    kept = [e for e, n in zip(rendered, lengths, strict=True) if n <= max_length]
+    limit = AUTO_MAX_LENGTH if max_length == "auto" else int(max_length)
+    kept = [e for e, n in zip(rendered, lengths, strict=True) if n <= limit]
+    resolved = max((n for n in lengths if n <= limit), default=limit) if max_length == "auto" else limit
     too_long = len(rendered) - len(kept)
     if not kept:
         reasons = Counter(s.reason.split(":")[0] for s in bad).most_common(3)
@@ -286,9 +291,9 @@ def build_training_data(
         if too_long:
             typical = sorted(lengths)[len(lengths) // 2]
             hint = (f"; the serving program's prompts (instruction, demos, passages) are ~{typical} tokens: raise tuning.max_length "
-                    f"above that, or serve a program with fewer demos or passages")
+                    f"above that (`auto` follows them up to {AUTO_MAX_LENGTH}), or serve a program with fewer demos or passages")
         raise ValueError(f"no training examples left: {len(records)} records read, {len(bad)} invalid {reasons}, "
-                         f"{duplicates} duplicates, {too_long} longer than max_length={max_length} tokens{hint}")
+                         f"{duplicates} duplicates, {too_long} longer than max_length={limit} tokens{hint}")
 
     kept.sort(key=lambda e: e.digest)
     heldout = [e for e in kept if _hash_fraction(seed, e.digest) < heldout_fraction]
@@ -306,7 +311,8 @@ def build_training_data(
         "train": len(train),
         "heldout": len(heldout),
     }
-    return TrainingData(train=train, heldout=heldout, fingerprint=fingerprint(train, heldout), counts=counts, skipped=bad)
+    return TrainingData(train=train, heldout=heldout, fingerprint=fingerprint(train, heldout), counts=counts, skipped=bad,
+                        max_length=resolved)
 
 
 def fingerprint(train: Sequence[TrainingExample], heldout: Sequence[TrainingExample]) -> str:

@@ -198,9 +198,13 @@ GATE_OF_FLOW = {"reindex": "index", "optimize": "program", "refresh": "adapter",
 
 
 def key_metrics(config: CadreConfig, specialist: str, flow_kind: str, metrics: dict[str, float], most: int = 12) -> dict[str, float]:
-    """The numbers a person reads first: the metrics the flow's gates judge (candidate and champion), else the first few."""
-    rules = getattr(config.specialist(specialist).gates, GATE_OF_FLOW.get(flow_kind, ""), [])
-    wanted = list(dict.fromkeys(mlflow_metric_name(rule.metric) for rule in rules))  # as MLflow stores them
+    """The numbers a person reads first: the metrics the flow's gates judge (candidate and champion); without gate
+    rules, the specialist's answer metrics (retrieval metrics for a re-index); else the first few."""
+    settings = config.specialist(specialist)
+    rules = getattr(settings.gates, GATE_OF_FLOW.get(flow_kind, ""), [])
+    fallback = settings.evaluation.retrieval_metrics if flow_kind == "reindex" else settings.evaluation.answer_metrics
+    judged = [rule.metric for rule in rules] or (fallback if flow_kind in GATE_OF_FLOW else [])
+    wanted = list(dict.fromkeys(mlflow_metric_name(metric) for metric in judged))  # as MLflow stores them
     picked = {name: metrics[name] for metric in wanted for name in (f"candidate_{metric}", f"champion_{metric}", f"baseline_{metric}", metric)
               if name in metrics}
     return dict(list(picked.items())[:most]) if picked else dict(sorted(metrics.items())[:most])

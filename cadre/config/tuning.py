@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from cadre.config.base import ExistingProjectPath, FieldError, Strict
+
+AUTO_MAX_LENGTH = 1024
+"""The most tokens per example `tuning.max_length: auto` allows."""
 
 
 class TuningSettings(Strict):
@@ -26,7 +29,9 @@ class TuningSettings(Strict):
     epochs: float | None = Field(None, gt=0, description="Epochs, when max_steps is null.")
     batch_size: int = Field(4, gt=0, description="Per-device batch size.")
     gradient_accumulation: int = Field(1, gt=0, description="Gradient accumulation steps.")
-    max_length: int = Field(256, ge=16, le=32768, description="Examples longer than this many tokens are dropped.")
+    max_length: Annotated[int, Field(ge=16, le=32768)] | Literal["auto"] = Field("auto", description=(
+        "Most tokens per training example (prompt + answer); longer ones are dropped, never cut. `auto`: the longest example, "
+        f"up to {AUTO_MAX_LENGTH} tokens (a served program's demos and passages make prompts long; `auto` follows them)."))
     checkpoint_every: int = Field(25, gt=0, description="Steps between checkpoints (a killed run resumes from the last one).")
     heldout_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of training examples held out for eval loss.")
     data: list[ExistingProjectPath] = Field([], description="Extra training files (JSONL/Parquet with the program's field names).")

@@ -18,6 +18,10 @@ def test_key_metrics_are_the_ones_the_flows_gates_judge() -> None:
         "candidate_recall_at_10": 0.91, "champion_recall_at_10": 0.88, "candidate_mrr": 0.6}
     assert key_metrics(config, "icd10-coder", "refresh", metrics) == {"candidate_exact_match": 0.4}
     assert list(key_metrics(config, "icd10-coder", "check", metrics)) == sorted(metrics)
+    ungated = load_config(ROOT / "pipelines.yaml")
+    ungated.specialist("icd10-coder").gates.adapter = []  # a new specialist that only gates its program
+    assert key_metrics(ungated, "icd10-coder", "refresh", {**metrics, "adapter_gguf_mb": 7.6, "candidate_icd_hierarchy": 0.5}) == {
+        "candidate_exact_match": 0.4, "candidate_icd_hierarchy": 0.5}
 
 
 def test_the_verdict_line_says_promoted_refused_or_nothing_to_learn() -> None:

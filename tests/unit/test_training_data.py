@@ -95,6 +95,18 @@ def test_examples_longer_than_max_length_tokens_are_dropped_not_truncated() -> N
         build([{"phrase": long_phrase, "code": "A00.1"}], max_length=30)
 
 
+def test_auto_max_length_follows_the_longest_example_up_to_the_ceiling() -> None:
+    """A served program's demos make every prompt long; `auto` trains on them instead of dropping them all."""
+    from cadre.config.tuning import AUTO_MAX_LENGTH
+
+    medium, huge = " ".join(["word"] * 300), " ".join(["word"] * (AUTO_MAX_LENGTH + 10))
+    rows = [{"phrase": "short", "code": "A00.0"}, {"phrase": medium, "code": "A00.1"}, {"phrase": huge, "code": "A00.2"}]
+    data = build(rows, max_length="auto")
+    assert sorted(e.completion for e in data.train) == [" A00.0\n", " A00.1\n"] and data.counts["too_long"] == 1
+    assert data.max_length == max(words([e.prompt + e.completion for e in data.train])) > 300
+    assert build(rows[:1], max_length=64).max_length == 64
+
+
 def test_heldout_split_is_stable_and_near_the_fraction() -> None:
     rows = [{"phrase": f"phrase {i}", "code": f"A{i:03d}"} for i in range(400)]
     data = build(rows, heldout_fraction=0.1)
