@@ -19,7 +19,10 @@ from rich.console import Console
 from cadre.config import ConfigError, load_config
 from cadre.env import apply_env
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped into a log or a CI job there is no terminal to measure and rich would assume 80 columns, which
+# folds the history and champion tables into unreadable slivers; a terminal (or COLUMNS) sets its own width.
+console = Console(stderr=True, highlight=False, soft_wrap=True,
+                  width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 160)
 EXIT_INVALID = 2
 
 

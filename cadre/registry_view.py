@@ -127,9 +127,11 @@ def describe_record(record: PromotionRecord) -> str:
 
 
 def _gate_metrics(specialist: Specialist, kind: str) -> list[str]:
-    """The metrics the kind's gates read, in rule order: the numbers a reviewer looks at first."""
+    """The metrics the kind's gates read, in rule order: the numbers a reviewer looks at first. Without rules,
+    the specialist's retrieval metrics (index) or answer metrics (program, adapter)."""
     rules = getattr(specialist.gates, kind, [])
-    return list(dict.fromkeys(rule.metric for rule in rules))
+    fallback = specialist.evaluation.retrieval_metrics if kind == "index" else specialist.evaluation.answer_metrics
+    return list(dict.fromkeys([rule.metric for rule in rules] or fallback))
 
 
 def _key_metric(info: ChampionInfo, preferred: list[str]) -> str:
