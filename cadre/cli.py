@@ -173,30 +173,27 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from cadre.registry import RegistryError, default_actor, rollback
-    from cadre.registry_view import describe_record, registry_client
+    from cadre.registry import rollback
 
-    config = _load(args.file)
-    _specialist_or_exit(config, args.specialist)
-    try:
-        record = rollback(registry_client(config), config.project.name, args.specialist, args.kind,
-                          actor=args.actor or default_actor(), reason=args.reason)
-    except RegistryError as error:
-        console.print(f"[red]{error}[/red]")
-        return 1
-    console.print(describe_record(record))
-    return 0
+    return _move_champion(args, rollback)
 
 
 def cmd_retire(args: argparse.Namespace) -> int:
-    from cadre.registry import RegistryError, default_actor, retire
+    from cadre.registry import retire
+
+    return _move_champion(args, retire)
+
+
+def _move_champion(args: argparse.Namespace, operation: Any) -> int:
+    """Run a registry operation that moves a specialist's champion (`rollback`, `retire`) and print the recorded event."""
+    from cadre.registry import RegistryError, default_actor
     from cadre.registry_view import describe_record, registry_client
 
     config = _load(args.file)
     _specialist_or_exit(config, args.specialist)
     try:
-        record = retire(registry_client(config), config.project.name, args.specialist, args.kind,
-                        actor=args.actor or default_actor(), reason=args.reason)
+        record = operation(registry_client(config), config.project.name, args.specialist, args.kind,
+                           actor=args.actor or default_actor(), reason=args.reason)
     except RegistryError as error:
         console.print(f"[red]{error}[/red]")
         return 1

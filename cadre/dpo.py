@@ -38,7 +38,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from cadre.config.tuning import AUTO_MAX_LENGTH
+from cadre.config.tuning import length_limit
 from cadre.feedback import PreferencePair
 
 MetricsSink = Callable[[dict[str, float], int], None]
@@ -142,7 +142,7 @@ def train_dpo(pairs: Sequence[PreferencePair], settings: Any, tuning: Any, *, ba
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    limit = AUTO_MAX_LENGTH if tuning.max_length == "auto" else tuning.max_length
+    limit = length_limit(tuning.max_length)
     kept = [p for p in pairs if _tokens(tokenizer, p.prompt + max(p.chosen, p.rejected, key=len)) <= limit]
     if not kept:
         raise ValueError(f"none of the {len(pairs)} preference pairs fits in max_length={limit} tokens")

@@ -53,7 +53,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from cadre.config.tuning import AUTO_MAX_LENGTH, TuningSettings
+from cadre.config.tuning import TuningSettings, length_limit
 from cadre.training_data import TrainingData
 
 RECIPE_VERSION = 1
@@ -291,7 +291,7 @@ def sft_config(tuning: TuningSettings, hardware: Hardware, output_dir: Path, max
         learning_rate=tuning.learning_rate,
         lr_scheduler_type=tuning.lr_scheduler,
         warmup_steps=tuning.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        max_length=max_length or (AUTO_MAX_LENGTH if tuning.max_length == "auto" else tuning.max_length),
+        max_length=max_length or length_limit(tuning.max_length),
         completion_only_loss=True,
         packing=False,
         seed=tuning.seed,

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cadre.config.tuning import AUTO_MAX_LENGTH
+from cadre.config.tuning import AUTO_MAX_LENGTH, length_limit
 from cadre.prompt_format import PromptSpec, render_completion, render_prompt
 
 Retrieve = Callable[[Mapping[str, Any]], list[str]]
@@ -281,7 +281,7 @@ def build_training_data(
                                 f"{record.source}:{record.line}")
                 for record, inputs, outputs in usable]
     lengths = count_tokens([e.prompt + e.completion for e in rendered]) if rendered else []
-    limit = AUTO_MAX_LENGTH if max_length == "auto" else int(max_length)
+    limit = length_limit(max_length)
     kept = [e for e, n in zip(rendered, lengths, strict=True) if n <= limit]
     resolved = max((n for n in lengths if n <= limit), default=limit) if max_length == "auto" else limit
     too_long = len(rendered) - len(kept)

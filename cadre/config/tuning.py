@@ -12,6 +12,11 @@ AUTO_MAX_LENGTH = 1024
 """The most tokens per example `tuning.max_length: auto` allows."""
 
 
+def length_limit(max_length: int | str) -> int:
+    """The token limit a `tuning.max_length` setting filters by: its number, or `AUTO_MAX_LENGTH` for `auto`."""
+    return AUTO_MAX_LENGTH if max_length == "auto" else int(max_length)
+
+
 class TuningSettings(Strict):
     """Supervised (Q)LoRA fine-tuning of the base model with peft + trl."""
 
