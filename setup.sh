@@ -6,24 +6,42 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+mkdir -p .cadre/logs
+log=.cadre/logs/install.log
+: > "$log"
+# pip's own chatter (warnings about this machine's index settings, build-backend notices) goes to the
+# log; a failing step prints the log's tail and stops.
+step() {
+  local what="$1"; shift
+  echo "• $what"
+  if ! "$@" >>"$log" 2>&1; then
+    echo "✗ $what failed; the last lines of $log:" >&2
+    tail -n 40 "$log" >&2
+    exit 1
+  fi
+}
+
 if [ ! -x .venv/bin/python ]; then
-  "${PYTHON:-python3}" -m venv .venv
+  step "creating .venv" "${PYTHON:-python3}" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
+step "upgrading pip" .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first, from the CPU wheel pip finds on local disk; the project pins the same version so no
 # later install can swap it for a multi-GB CUDA build.
-.venv/bin/python -m pip install --quiet "torch==2.13.0"
-echo "installing Cadre and its stack (llama-cpp-python compiles once, ~7 min on 2 cores; pip caches the wheel) …"
-.venv/bin/python -m pip install --quiet -e ".[test]"
+step "installing torch 2.13.0 (CPU)" .venv/bin/python -m pip install --quiet "torch==2.13.0"
+step "installing Cadre and its stack (llama-cpp-python compiles once, ~7 min on 2 cores; pip caches the wheel)" \
+  .venv/bin/python -m pip install --quiet -e ".[test]"
 .venv/bin/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') and '+cu' not in v else f'unexpected torch {v}')"
 # llama.cpp's LoRA → GGUF converter (so a trained adapter can be served) ships only in the
 # llama-cpp-python sdist: fetch it once from PyPI (pip caches it) and extract the scripts into .venv.
 if [ ! -f .venv/share/cadre/llama.cpp/convert_lora_to_gguf.py ]; then
   LLAMA_CPP_VERSION=$(.venv/bin/python -c "from cadre.adapters import LLAMA_CPP_PYTHON_VERSION as v; print(v)")
   mkdir -p .cadre/vendor
-  .venv/bin/python -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==${LLAMA_CPP_VERSION}" -d .cadre/vendor
-  .venv/bin/python -m cadre.adapters install-converter ".cadre/vendor/llama_cpp_python-${LLAMA_CPP_VERSION}.tar.gz"
+  step "fetching llama.cpp's LoRA converter (llama-cpp-python ${LLAMA_CPP_VERSION} sdist)" \
+    .venv/bin/python -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==${LLAMA_CPP_VERSION}" -d .cadre/vendor
+  step "installing the converter into .venv" \
+    .venv/bin/python -m cadre.adapters install-converter ".cadre/vendor/llama_cpp_python-${LLAMA_CPP_VERSION}.tar.gz"
 fi
+echo "• installed (pip's log: $log)"
 .venv/bin/cadre validate pipelines.yaml
 
 if [ "${1:-}" = "--no-demo" ]; then

@@ -6,6 +6,7 @@ starts, so a scheduled run executed by the worker sees exactly what a run starte
 
 from __future__ import annotations
 
+import logging
 import os
 
 from cadre.config import CadreConfig
@@ -25,6 +26,13 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "GIT_PYTHON_REFRESH": "quiet",
 }
+
+
+# Library warnings that only ever say "could not download X": on these offline machines they are
+# noise in every run's log. bitsandbytes looks for a CPU kernel on the Hugging Face hub at import.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+for _name in QUIET_LOGGERS:  # at import: the warning fires when the library is first imported
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 def cadre_env(config: CadreConfig) -> dict[str, str]:

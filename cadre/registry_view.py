@@ -42,16 +42,34 @@ def print_champions(config: CadreConfig, console: Console) -> None:
         table.add_column(column, no_wrap=column in ("version", "run"))
     for specialist in config.specialists:
         found = champions(client, config.project.name, specialist.name)
-        if not found:
-            table.add_row(specialist.name, "—", "[dim]no champion yet[/dim]", "", "", "", "")
-            continue
+        events = history(client, config.project.name, specialist.name) if len(found) < len(ARTIFACT_KINDS) else []
         for kind in ARTIFACT_KINDS:
             info = found.get(kind)
-            if info is None:
-                continue
-            table.add_row(specialist.name, kind, f"v{info.version}", _when(info.promoted_at), info.promoted_by or "",
-                          _key_metric(info, _gate_metrics(specialist, kind)), (info.run_id or "")[:12])
+            if info is not None:
+                table.add_row(specialist.name, kind, f"v{info.version}", _when(info.promoted_at), info.promoted_by or "",
+                              _key_metric(info, _gate_metrics(specialist, kind)), (info.run_id or "")[:12])
+            elif kind != "index" or specialist.sources:
+                table.add_row(specialist.name, kind, "—", f"[dim]none: {WITHOUT_A_CHAMPION[kind]}[/dim]", "",
+                              _last_event(events, kind), "")
     console.print(table)
+
+
+# What answers when a kind has no champion, as `cadre serve` and the flows behave.
+WITHOUT_A_CHAMPION = {
+    "index": "no retrieval until an index is promoted",
+    "program": "the declared program serves",
+    "adapter": "the base model serves",
+}
+
+
+def _last_event(events: list[PromotionRecord], kind: str) -> str:
+    """`last: v3 refused 2026-… (why)` for a kind without a champion, or that nothing was decided yet."""
+    mine = [record for record in events if record.kind == kind]
+    if not mine:
+        return "[dim]no candidate yet[/dim]"
+    last = mine[-1]
+    done = {"promotion": "promoted", "refusal": "refused", "rollback": "rolled back", "retirement": "retired"}.get(last.event, last.event)
+    return f"last: v{last.version} {done} {_when(last.at)}" + (f": {last.reason}" if last.reason else "")
 
 
 def print_history(config: CadreConfig, specialist: str, kind: str | None, console: Console) -> None:

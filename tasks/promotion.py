@@ -18,6 +18,16 @@ from cadre.tracking import RunHandle
 ARTIFACT_DIR = {"index": "index", "program": "program", "adapter": "adapter"}
 
 
+def flow_actor(outside_a_flow: str = "cadre") -> str:
+    """Who a flow's registry events are recorded as: `prefect:<flow>/<flow run name>`, the same in every flow.
+
+    Called outside a flow run (a benchmark, a test calling the task's function), `outside_a_flow`.
+    """
+    if flow_run.get_id() is None:
+        return outside_a_flow
+    return f"prefect:{flow_run.get_flow_name() or 'flow'}/{flow_run.get_name() or flow_run.get_id()}"
+
+
 @task(name="gate-and-promote", retries=2, retry_delay_seconds=[5, 15])
 def promote_through_gates(config: CadreConfig, specialist: str, gate_kind: str, handle: RunHandle,
                           candidate: EvaluationResult, champion: EvaluationResult | None,
@@ -30,6 +40,5 @@ def promote_through_gates(config: CadreConfig, specialist: str, gate_kind: str, 
     artifact_kind = ARTIFACT_OF_GATE[gate_kind]
     if expected_champion is None:
         expected_champion = champion_version(config, specialist, artifact_kind)
-    actor = f"prefect:{flow_run.get_flow_name() or 'flow'}/{flow_run.get_name() or flow_run.get_id()}"
     return gate_and_promote(config, specialist, gate_kind, handle, ARTIFACT_DIR[artifact_kind], candidate, champion,
-                            lineage, expected_champion=expected_champion, actor=actor)
+                            lineage, expected_champion=expected_champion, actor=flow_actor())

@@ -42,6 +42,7 @@ from cadre.program import (
     use_disk_cache,
 )
 from cadre.tracking import RunHandle
+from tasks.promotion import flow_actor
 
 PROGRAM_ARTIFACT = "program"
 """Artifact folder of a run that holds the program (what the registry version points at)."""
@@ -413,7 +414,7 @@ def register_program(handle: RunHandle, registry: RegistryTarget, candidate: Com
             print(f"the candidate is identical to {name} v{version.version}; reusing that version")
             return version.version
     version = register_candidate(client, project=registry.project, specialist=registry.specialist, kind="program", run_id=handle.run_id,
-                                 artifact_path=PROGRAM_ARTIFACT, lineage=lineage, description=description, actor=f"optimize-prompts:{handle.run_id}")
+                                 artifact_path=PROGRAM_ARTIFACT, lineage=lineage, description=description, actor=flow_actor(f"optimize-prompts:{handle.run_id}"))
     return version.version
 
 
@@ -439,7 +440,7 @@ def promote_program(handle: RunHandle, registry: RegistryTarget, version: str, d
 
     client = MlflowClient(handle.tracking_uri)
     record = decide_and_promote(client, project=registry.project, specialist=registry.specialist, kind="program", version=version,
-                                decision=decision, actor=f"optimize-prompts:{handle.run_id}", reason=decision.summary,
+                                decision=decision, actor=flow_actor(f"optimize-prompts:{handle.run_id}"), reason=decision.summary,
                                 metrics=scores.candidate.scores, expected_champion=champion.version if champion else None)
     promoted = record.event == "promotion" and record.to_version == str(version)
     if promoted and prompt_uri:

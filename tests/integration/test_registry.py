@@ -431,7 +431,9 @@ def test_registry_view_prints_champions_and_history(client, project, mlflow_serv
     print_champions(config, console)
     print_history(config, SPECIALIST, None, console)
     text = console.export_text()
-    assert f"v{v1}" in text and "exact_match = 0.7" in text and "no champion yet" in text
+    assert f"v{v1}" in text and "exact_match = 0.7" in text
+    assert "none: the declared program serves" in text and "none: the base model serves" in text and "no candidate yet" in text
+    assert "index" not in text.split("History of")[0], "a specialist without sources has no index row"
     assert "promotion" in text and "refusal" in text and "exact_match = 0.2" in text
 
 
