@@ -110,7 +110,7 @@ def test_a_significant_slice_rule_tells_a_real_drop_from_noise():
         real[i] = 0  # S00: 8 → 0 right
     failed = decide("program", [lenient], result("v3", real, slices=slices), champion).outcomes[0]
     assert failed.passed is False and "a real drop" in failed.detail
-    low, high = failed.interval
+    _low, high = failed.interval
     assert high < 0 and failed.delta == pytest.approx(-8 / 18)
     with pytest.raises(ValueError, match="significant only applies"):
         rule(metric="exact_match", at_least=0.2, significant=True)
