@@ -125,6 +125,11 @@ class ExportedAdapter:
     sha256: dict[str, str]
     conversion_seconds: float
 
+    @property
+    def weights_sha256(self) -> str:
+        """The trained weights' digest: the same adapter trained again on the same data has the same one."""
+        return self.sha256[PEFT_FILES[0]]
+
 
 def export_adapter(adapter_dir: Path, base_model_dir: Path, out_dir: Path, state_dir: Path) -> ExportedAdapter:
     """Copy the PEFT adapter into `out_dir` and add its llama.cpp GGUF conversion.

@@ -24,6 +24,7 @@ from cadre.registry import (
     EVENT_PROMOTION,
     PromotionRecord,
     decide_and_promote,
+    find_identical,
     get_champion,
     register_candidate,
 )
@@ -75,7 +76,7 @@ def log_evaluation(handle: RunHandle, result: EvaluationResult, prefix: str) -> 
 
 def gate_and_promote(config: CadreConfig, specialist: str, gate_kind: str, handle: RunHandle, artifact_path: str,
                      candidate: EvaluationResult, champion: EvaluationResult | None, lineage: dict[str, str],
-                     expected_champion: str | None, actor: str) -> PromotionOutcome:
+                     expected_champion: str | None, actor: str, identity: str | None = None) -> PromotionOutcome:
     """Decide the specialist's `gate_kind` gates, register the candidate, and promote it only if they pass.
 
     Args:
@@ -89,6 +90,9 @@ def gate_and_promote(config: CadreConfig, specialist: str, gate_kind: str, handl
         expected_champion: the champion version the candidate was compared with; promotion is refused as
             stale if another run changed the champion meanwhile.
         actor: who promotes (the Prefect flow run, or a person).
+        identity: a key of `lineage` that fingerprints the artifact itself (e.g. `adapter_sha256`). A complete
+            version with the same fingerprint is judged again instead of registering the same artifact twice;
+            its decision is recorded once unless the verdict changes.
     """
     settings = config.specialist(specialist)
     rules = getattr(settings.gates, gate_kind)
@@ -99,11 +103,19 @@ def gate_and_promote(config: CadreConfig, specialist: str, gate_kind: str, handl
         log_evaluation(handle, champion, "champion")
     client = MlflowClient(config.project.mlflow.uri)
     artifact_kind = ARTIFACT_OF_GATE[gate_kind]
-    version = register_candidate(
-        client, project=config.project.name, specialist=specialist, kind=artifact_kind, run_id=handle.run_id,
-        artifact_path=artifact_path, lineage={"config_sha256": config.sha256, **lineage}, actor=actor,
-        description=f"{gate_kind} candidate for {specialist}, made by run {handle.run_id}",
-    )
+    version = None
+    if identity is not None:
+        version = find_identical(client, project=config.project.name, specialist=specialist, kind=artifact_kind,
+                                 lineage_key=identity, value=lineage[identity])
+        if version is not None:
+            print(f"the candidate is identical to {version.name} v{version.version} ({identity} {lineage[identity][:12]}); "
+                  "judging that version again instead of registering it twice")
+    if version is None:
+        version = register_candidate(
+            client, project=config.project.name, specialist=specialist, kind=artifact_kind, run_id=handle.run_id,
+            artifact_path=artifact_path, lineage={"config_sha256": config.sha256, **lineage}, actor=actor,
+            description=f"{gate_kind} candidate for {specialist}, made by run {handle.run_id}",
+        )
     record = decide_and_promote(client, project=config.project.name, specialist=specialist, kind=artifact_kind,
                                 version=version.version, decision=decision, actor=actor, reason=decision.summary,
                                 expected_champion=expected_champion)
@@ -113,4 +125,5 @@ def gate_and_promote(config: CadreConfig, specialist: str, gate_kind: str, handl
         client.log_artifact(handle.run_id, str(report), artifact_path="gate")
     client.set_tag(handle.run_id, "cadre.gate", "passed" if decision.passed else "refused")
     client.set_tag(handle.run_id, "cadre.candidate_version", f"{version.name}/{version.version}")
+    client.set_tag(handle.run_id, "cadre.already_champion", str(decision.passed and expected_champion == str(version.version)).lower())
     return PromotionOutcome(decision=decision, record=record, model_name=version.name, version=str(version.version))

@@ -474,6 +474,24 @@ def _ensure_registered_model(client: MlflowClient, name: str, project: str, spec
             raise
 
 
+def find_identical(client: MlflowClient, *, project: str, specialist: str, kind: str, lineage_key: str,
+                   value: str) -> ModelVersion | None:
+    """The oldest complete version whose lineage `lineage_key` (a fingerprint of the artifact) is `value`.
+
+    A flow re-run on unchanged inputs makes the same artifact; it is judged again as that version rather
+    than registered a second time.
+    """
+    name = registered_model_name(project, specialist, kind)
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tag.`{_TAG}lineage.{lineage_key}` = '{value}'")
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    found = [v for v in found if _is_complete(v)]
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
 def _existing_version(client: MlflowClient, name: str, run_id: str, artifact_path: str) -> ModelVersion | None:
     found = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
              if v.tags.get("cadre.artifact_path") == artifact_path and v.status != "FAILED_REGISTRATION"]

@@ -214,9 +214,14 @@ def run_verdict(tags: dict[str, str]) -> str:
     """One line on what the run's gate decided, from the tags the flows set."""
     if tags.get("cadre.outcome") == "not_enough_corrections":
         return "nothing to learn: not enough corrections yet"
+    if tags.get("cadre.outcome") == "unchanged":
+        return "no source changed: nothing embedded, no candidate, the champion index stays"
     gate, promoted = tags.get("cadre.gate"), tags.get("cadre.promoted")
     if gate is None and promoted is None:
         return ""
+    if tags.get("cadre.already_champion") == "true":
+        version = tags.get("cadre.candidate_version", "").rpartition("/")[2] or tags.get("cadre.program_version", "")
+        return f"[green]gate passed: the candidate is the champion already{f' (v{version})' if version else ''}; nothing moved[/green]"
     if promoted == "true" or (promoted is None and gate == "passed"):
         return "[green]gate passed: the candidate is the new champion[/green]"
     if gate == "passed":

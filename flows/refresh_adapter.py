@@ -60,7 +60,7 @@ def refresh_adapter(specialist: str, config_path: str, budget: str = "full") -> 
         scores = evaluate_adapters(settings.program, settings.evaluation, index, str(config.state_dir / "cache" / "dspy"), cases, base,
                                    str(exported.gguf), champion_gguf, champion_version, program, config.project.lm.n_threads,
                                    config.project.lm.n_ctx)
-        lineage = {"base_model": base.identity, "data_fingerprint": data.fingerprint, "training_config_sha256": trained.config_hash,
+        lineage = {"base_model": base.identity, "data_fingerprint": data.fingerprint, "adapter_sha256": exported.weights_sha256, "training_config_sha256": trained.config_hash,
                    "program_version": program.version if program else "declared", "index_version": index.version if index else "-",
                    "parent_versions": f"adapter:{champion_version or '-'},program:{program.version if program else '-'}"}
         outcome = gate_register_promote(config, specialist, handle, scores, lineage, champion_version)

@@ -236,7 +236,8 @@ def gate_register_promote_feedback(config: Any, specialist: str, handle: RunHand
     from tasks.refresh import score_table
 
     outcome = gate_and_promote(config, specialist, "feedback", handle, ADAPTER_ARTIFACT, scores.candidate.result, scores.champion.result,
-                               lineage, expected_champion=champion_version, actor=flow_actor(f"learn-from-feedback:{handle.run_id}"))
+                               lineage, expected_champion=champion_version, actor=flow_actor(f"learn-from-feedback:{handle.run_id}"),
+                               identity="adapter_sha256")
     table = score_table(scores) + "\n\n" + slice_table(scores)
     client = MlflowClient(handle.tracking_uri)
     client.set_tag(handle.run_id, "mlflow.note.content", table + "\n\n" + outcome.decision.to_markdown())

@@ -448,6 +448,7 @@ def promote_program(handle: RunHandle, registry: RegistryTarget, version: str, d
         client.set_prompt_alias(prompt_name(registry), "champion", int(prompt_version))
     client.set_tag(handle.run_id, "cadre.program_version", str(version))
     client.set_tag(handle.run_id, "cadre.promoted", str(promoted).lower())
+    client.set_tag(handle.run_id, "cadre.already_champion", str(decision.passed and champion is not None and champion.version == str(version)).lower())
     return {"event": record.event, "version": str(version), "champion": record.to_version, "promoted": promoted}
 
 

@@ -378,7 +378,8 @@ def gate_register_promote(config: Any, specialist: str, handle: RunHandle, score
     from cadre.promotion import gate_and_promote
 
     outcome = gate_and_promote(config, specialist, "adapter", handle, ADAPTER_ARTIFACT, scores.candidate.result, scores.champion.result,
-                               lineage, expected_champion=champion_version, actor=flow_actor(f"refresh-adapter:{handle.run_id}"))
+                               lineage, expected_champion=champion_version, actor=flow_actor(f"refresh-adapter:{handle.run_id}"),
+                               identity="adapter_sha256")
     client = MlflowClient(handle.tracking_uri)
     client.set_tag(handle.run_id, "mlflow.note.content", score_table(scores) + "\n\n" + outcome.decision.to_markdown())
     client.set_tag(handle.run_id, "cadre.promoted", str(outcome.promoted).lower())

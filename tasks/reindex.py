@@ -54,6 +54,8 @@ def log_reindex_result(handle: RunHandle, result: ReindexResult) -> None:
     client.log_batch(handle.run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in result.metrics().items()])
     client.set_tag(handle.run_id, "cadre.corpus_fingerprint", result.corpus_fingerprint)
     client.set_tag(handle.run_id, "cadre.index_version", result.version or "")
+    if not result.created_version:
+        client.set_tag(handle.run_id, "cadre.outcome", "unchanged")
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "reindex_report.json"
         report.write_text(json.dumps(result.as_dict(), indent=2, default=str))

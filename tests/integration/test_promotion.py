@@ -88,3 +88,27 @@ def test_refused_then_promoted_with_a_readable_report(config, tmp_path: Path) ->
     assert champion_version(config, "coder", "program") == promoted.version
     events = [record.event for record in history(client, config.project.name, "coder", "program")]
     assert events == ["refusal", "promotion", "refusal"]
+
+
+def test_the_same_artifact_from_a_rerun_is_judged_again_not_registered_twice(config, tmp_path: Path) -> None:
+    weak = _evaluate(config, 0.3, "weak")
+    lineage = {"data_fingerprint": "abc", "adapter_sha256": "f00d" * 16}
+    first = gate_and_promote(config, "coder", "program", _candidate_run(config, tmp_path), "program", weak, None,
+                             lineage=lineage, expected_champion=None, actor="test", identity="adapter_sha256")
+    rerun = gate_and_promote(config, "coder", "program", _candidate_run(config, tmp_path), "program", weak, None,
+                             lineage=lineage, expected_champion=None, actor="test", identity="adapter_sha256")
+    assert rerun.version == first.version and not rerun.promoted
+    client = MlflowClient(config.project.mlflow.uri)
+    assert len(client.search_model_versions(f"name = '{first.model_name}'")) == 1
+    assert [record.event for record in history(client, config.project.name, "coder", "program")] == ["refusal"]
+
+    # A different artifact is a new version; the same one judged better (new gate, better cases) is promoted.
+    other = gate_and_promote(config, "coder", "program", _candidate_run(config, tmp_path), "program", weak, None,
+                             lineage={**lineage, "adapter_sha256": "beef" * 16}, expected_champion=None, actor="test",
+                             identity="adapter_sha256")
+    assert other.version != first.version
+    strong = _evaluate(config, 0.8, "strong")
+    promoted = gate_and_promote(config, "coder", "program", _candidate_run(config, tmp_path), "program", strong, None,
+                                lineage=lineage, expected_champion=None, actor="test", identity="adapter_sha256")
+    assert promoted.promoted and promoted.version == first.version
+    assert champion_version(config, "coder", "program") == first.version

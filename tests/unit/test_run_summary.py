@@ -30,3 +30,7 @@ def test_the_verdict_line_says_promoted_refused_or_nothing_to_learn() -> None:
     assert "did not move" in run_verdict({"cadre.gate": "passed", "cadre.promoted": "false"})
     assert "not enough corrections" in run_verdict({"cadre.outcome": "not_enough_corrections"})
     assert run_verdict({}) == ""
+    assert "no source changed" in run_verdict({"cadre.outcome": "unchanged", "cadre.index_version": ""})
+    again = run_verdict({"cadre.gate": "passed", "cadre.promoted": "true", "cadre.already_champion": "true",
+                         "cadre.candidate_version": "cadre-demo.coder.adapter/3"})
+    assert "champion already (v3)" in again and "new champion" not in again
