@@ -427,6 +427,17 @@ def _versions(client: Any, name: str) -> list[Any]:
         return []
 
 
+@task(name="mark-champion-unchanged", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
+def mark_champion_unchanged(handle: RunHandle, champion: ChampionProgram, decision: GateDecision) -> None:
+    """Tag a run whose compiled program is the champion itself: nothing registered, nothing moved."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(handle.tracking_uri)
+    for key, value in {"cadre.program_version": champion.version, "cadre.promoted": "false",
+                       "cadre.gate": "passed" if decision.passed else "refused", "cadre.already_champion": "true"}.items():
+        client.set_tag(handle.run_id, key, value)
+
+
 @task(name="promote-program", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
 def promote_program(handle: RunHandle, registry: RegistryTarget, version: str, decision: GateDecision, scores: TestScores,
                     champion: ChampionProgram | None, prompt_uri: str | None) -> dict[str, Any]:
