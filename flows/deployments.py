@@ -162,21 +162,15 @@ def run_now(config: CadreConfig, flow_kind: str, specialist: str, budget: str = 
     url = f"{config.project.prefect.ui}/runs/flow-run/{flow_run.id}"
     console.print(f"▶ {name} ({budget}) — flow run [bold]{flow_run.name}[/bold]: {url}")
     started = time.monotonic()
-    last_state = None
-    with get_client(sync_client=True) as client, console.status("waiting for the worker …") as status:
-        while True:
-            flow_run = client.read_flow_run(flow_run.id)
-            state = flow_run.state
-            if state and state.name != last_state:
-                last_state = state.name
-                console.print(f"  {time.monotonic() - started:6.1f}s  {state.name}")
-            status.update(f"{name}: {state.name if state else 'pending'} ({time.monotonic() - started:.0f}s)")
-            if state and state.is_final():
-                break
-            if timeout_s is not None and time.monotonic() - started > timeout_s:
-                console.print(f"[red]gave up waiting after {timeout_s:.0f}s; the run continues in Prefect: {url}[/red]")
-                return False
-            time.sleep(1.0)
+    try:
+        state = _follow(console, name, flow_run.id, url, timeout_s)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]stopped following {flow_run.name}; it goes on in the worker: {url}[/yellow]\n"
+                      "  to stop it, press Cancel on that page. A cancelled or killed run can simply be run again:\n"
+                      "  it resumes or redoes what did not finish.")
+        raise
+    if state is None:
+        return False
     completed = state.is_completed()
     colour = "green" if completed else "red"
     console.print(f"[{colour}]{name} {state.name}[/{colour}] in {time.monotonic() - started:.1f}s"
@@ -191,6 +185,27 @@ def run_now(config: CadreConfig, flow_kind: str, specialist: str, budget: str = 
         if metrics:
             console.print(f"  metrics: {metrics}")
     return completed
+
+
+def _follow(console: Console, name: str, flow_run_id, url: str, timeout_s: float | None):
+    """Print the flow run's state changes until it ends; its final state, or None after `timeout_s`."""
+    from prefect.client.orchestration import get_client
+
+    started = time.monotonic()
+    last_state = None
+    with get_client(sync_client=True) as client, console.status("waiting for the worker …") as status:
+        while True:
+            state = client.read_flow_run(flow_run_id).state
+            if state and state.name != last_state:
+                last_state = state.name
+                console.print(f"  {time.monotonic() - started:6.1f}s  {state.name}")
+            status.update(f"{name}: {state.name if state else 'pending'} ({time.monotonic() - started:.0f}s)")
+            if state and state.is_final():
+                return state
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                console.print(f"[red]gave up waiting after {timeout_s:.0f}s; the run continues in Prefect: {url}[/red]")
+                return None
+            time.sleep(1.0)
 
 
 GATE_OF_FLOW = {"reindex": "index", "optimize": "program", "refresh": "adapter", "feedback": "feedback"}
