@@ -75,8 +75,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from cadre.stack import Stack
 
-    stack = Stack(_load(args.file))
+    config = _load(args.file)
+    stack = Stack(config)
     stack.up(services=args.only or None, console=console)
+    if not args.only or "worker" in args.only:
+        from flows.deployments import crash_orphaned_runs
+
+        crash_orphaned_runs(config, console)
     stack.print_status(console)
     return 0
 

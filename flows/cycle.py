@@ -19,7 +19,7 @@ from cadre.config import CadreConfig
 from cadre.models import prepare_models
 from cadre.stack import Stack
 from flows import FLOWS
-from flows.deployments import deploy_all, run_now
+from flows.deployments import crash_orphaned_runs, deploy_all, run_now
 
 CYCLE_ORDER = ("reindex", "optimize", "refresh", "feedback")
 
@@ -46,6 +46,7 @@ def run_demo(config: CadreConfig, budget: str = "smoke", console: Console | None
     prepare_models(config, console=console)
     stack = Stack(config)
     stack.up(console=console)
+    crash_orphaned_runs(config, console)
     deploy_all(config, console=console)
     outcomes: list[StepOutcome] = []
     for specialist in config.specialists:

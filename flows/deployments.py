@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 
@@ -127,6 +128,65 @@ def _online_workers(client, pool: str) -> int:
     from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
 
     return len(client.read_workers_for_work_pool(pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))))
+
+
+ORPHAN_PENDING_AFTER_S = 120.0
+"""A run Pending this long without a live process was submitted by a worker that is gone."""
+
+
+def crash_orphaned_runs(config: CadreConfig, console: Console | None = None) -> list[str]:
+    """Mark Crashed the flow runs of the project's work pool whose process is gone; return their names.
+
+    A run whose process died with the stack (`cadre down` mid-run, a reboot, `kill -9`) stays Running in
+    Prefect for ever and keeps its deployment's only concurrency slot, so the next run of that flow would
+    wait for ever (AwaitingConcurrencySlot). `cadre up` calls this: leaving Running releases the slot, and
+    the flows resume or redo what did not finish when they are run again. A run whose process is alive is
+    left alone, so calling it while flows run is safe.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    console = console or Console(stderr=True)
+    apply_env(config)
+    unfinished = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+        any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING])))
+    pool = WorkPoolFilter(name=WorkPoolFilterName(any_=[config.project.prefect.work_pool]))
+    crashed = []
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(flow_run_filter=unfinished, work_pool_filter=pool):
+            if _engine_alive(run.infrastructure_pid):
+                continue
+            since = run.state.timestamp if run.state else None
+            if run.state_type == StateType.PENDING and since is not None and time.time() - since.timestamp() < ORPHAN_PENDING_AFTER_S:
+                continue  # a worker may be starting it right now
+            was = run.state.name if run.state else "?"
+            client.set_flow_run_state(run.id, Crashed(message=f"its process is gone (it was {was} when the stack stopped); "
+                                                              "run it again: it resumes or redoes what did not finish"), force=True)
+            crashed.append(run.name)
+            console.print(f"[yellow]![/yellow] flow run {run.name} ({was}) had lost its process: marked Crashed, its slot released")
+    return crashed
+
+
+def _engine_alive(infrastructure_pid: str | None) -> bool:
+    """Whether the process a process worker recorded for a flow run (`pid`, or `host:pid`) is a live flow engine."""
+    if not infrastructure_pid:
+        return False
+    host, _, pid = infrastructure_pid.rpartition(":")
+    if host and host not in (os.uname().nodename, "localhost"):
+        return True  # another machine's run: not ours to judge
+    try:
+        command = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return b"prefect" in command
 
 
 def run_now(config: CadreConfig, flow_kind: str, specialist: str, budget: str = "full", console: Console | None = None,
