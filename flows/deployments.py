@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from rich.console import Console
 
 from cadre.config import CadreConfig
@@ -130,6 +131,9 @@ def _online_workers(client, pool: str) -> int:
     return len(client.read_workers_for_work_pool(pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))))
 
 
+LOST_CONTACT_S = 20.0
+"""`cadre run` stops following a run after the Prefect server has not answered for this long."""
+
 ORPHAN_PENDING_AFTER_S = 120.0
 """A run Pending this long without a live process was submitted by a worker that is gone."""
 
@@ -171,8 +175,25 @@ def crash_orphaned_runs(config: CadreConfig, console: Console | None = None) -> 
             client.set_flow_run_state(run.id, Crashed(message=f"its process is gone (it was {was} when the stack stopped); "
                                                               "run it again: it resumes or redoes what did not finish"), force=True)
             crashed.append(run.name)
-            console.print(f"[yellow]![/yellow] flow run {run.name} ({was}) had lost its process: marked Crashed, its slot released")
+            ended = _end_tracking_run(config, str(run.id))
+            console.print(f"[yellow]![/yellow] flow run {run.name} ({was}) had lost its process: marked Crashed, its slot released"
+                          + (", its MLflow run marked KILLED" if ended else ""))
     return crashed
+
+
+def _end_tracking_run(config: CadreConfig, flow_run_id: str) -> bool:
+    """End the MLflow run of a crashed flow run as KILLED (it would show Running for ever); whether one was ended."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = find_run(config.project.mlflow.uri, flow_run_id)
+        if run is None or run.info.status != "RUNNING":
+            return False
+        MlflowClient(config.project.mlflow.uri).set_terminated(run.info.run_id, "KILLED")
+        return True
+    except (MlflowException, OSError):
+        return False  # MLflow unreachable: the run stays as it was; nothing else depends on it
 
 
 def _engine_alive(infrastructure_pid: str | None) -> bool:
@@ -254,8 +275,20 @@ def _follow(console: Console, name: str, flow_run_id, url: str, timeout_s: float
     started = time.monotonic()
     last_state = None
     with get_client(sync_client=True) as client, console.status("waiting for the worker …") as status:
+        lost_since = None
         while True:
-            state = client.read_flow_run(flow_run_id).state
+            try:
+                state = client.read_flow_run(flow_run_id).state
+                lost_since = None
+            except (httpx.HTTPError, OSError) as error:
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > LOST_CONTACT_S:
+                    console.print(f"[red]lost contact with the Prefect server ({type(error).__name__}); `cadre status` shows "
+                                  f"what is up. If the stack stopped, the run stopped with it: `cadre up` marks it Crashed "
+                                  f"and it can be run again. {url}[/red]")
+                    return None
+                time.sleep(2.0)
+                continue
             if state and state.name != last_state:
                 last_state = state.name
                 console.print(f"  {time.monotonic() - started:6.1f}s  {state.name}")

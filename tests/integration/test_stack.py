@@ -145,6 +145,40 @@ def test_deploy_run_and_read_back_through_prefect_and_mlflow(stack) -> None:
     assert resolved["specialist"]["name"] == "alpha"
 
 
+def test_a_run_whose_process_died_is_crashed_by_up_and_frees_its_slot(stack) -> None:
+    """`cadre down` mid-run, a reboot or `kill -9` leave a run Running for ever, holding its deployment's only
+    concurrency slot: every later run of that flow would wait for ever. `cadre up` must clear it."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.states import Pending, Running, Scheduled
+
+    config, ports = stack
+    assert _cadre("deploy", config=config).returncode == 0
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with SyncPrefectClient(f"http://127.0.0.1:{ports['prefect']}/api") as client:
+        deployment = client.read_deployment_by_name("check/alpha")
+        limit = deployment.global_concurrency_limit.name
+        # A run as a worker left it: it took the slot (Pending), ran (Running) in a process that is now gone.
+        orphan = client.create_flow_run_from_deployment(deployment.id, state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(days=1)))
+        client.update_flow_run(orphan.id, infrastructure_pid=str(dead.pid))
+        assert client.set_flow_run_state(orphan.id, Pending()).status.value == "ACCEPT"
+        client.set_flow_run_state(orphan.id, Running(), force=True)
+        assert client.read_global_concurrency_limit_by_name(limit).active_slots == 1
+
+        up = _cadre("up", config=config)
+        assert up.returncode == 0, up.stderr
+        assert f"flow run {orphan.name} (Running) had lost its process: marked Crashed" in up.stderr
+        assert client.read_flow_run(orphan.id).state.is_crashed()
+        assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
+
+    run = _cadre("run", "check", "--specialist", "alpha", "--budget", "smoke", config=config, timeout=180)
+    assert run.returncode == 0 and "Completed" in run.stderr, run.stderr
+    again = _cadre("up", config=config)
+    assert "lost its process" not in again.stderr, "a finished run is not an orphan"
+
+
 def test_removed_specialist_loses_its_deployments(stack) -> None:
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.exceptions import ObjectNotFound
