@@ -244,7 +244,7 @@ def run_now(config: CadreConfig, flow_kind: str, specialist: str, budget: str = 
     console.print(f"▶ {name} ({budget}) — flow run [bold]{flow_run.name}[/bold]: {url}")
     started = time.monotonic()
     try:
-        state = _follow(console, name, flow_run.id, url, timeout_s)
+        state = _follow(console, name, flow_run.id, url, config.project.prefect.api, timeout_s)
     except KeyboardInterrupt:
         console.print(f"[yellow]stopped following {flow_run.name}; it goes on in the worker: {url}[/yellow]\n"
                       "  to stop it, press Cancel on that page. A cancelled or killed run can simply be run again:\n"
@@ -268,7 +268,7 @@ def run_now(config: CadreConfig, flow_kind: str, specialist: str, budget: str = 
     return completed
 
 
-def _follow(console: Console, name: str, flow_run_id, url: str, timeout_s: float | None):
+def _follow(console: Console, name: str, flow_run_id, url: str, api: str, timeout_s: float | None):
     """Print the flow run's state changes until it ends; its final state, or None after `timeout_s`."""
     from prefect.client.orchestration import get_client
 
@@ -278,6 +278,8 @@ def _follow(console: Console, name: str, flow_run_id, url: str, timeout_s: float
         lost_since = None
         while True:
             try:
+                # A quick probe first: the client itself retries a refused connection for minutes.
+                httpx.get(f"{api}/health", timeout=5).raise_for_status()
                 state = client.read_flow_run(flow_run_id).state
                 lost_since = None
             except (httpx.HTTPError, OSError) as error:
