@@ -179,6 +179,34 @@ def test_a_run_whose_process_died_is_crashed_by_up_and_frees_its_slot(stack) -> 
     assert "lost its process" not in again.stderr, "a finished run is not an orphan"
 
 
+def test_redeploy_keeps_a_schedule_paused_in_the_ui_and_follows_a_new_cron(stack) -> None:
+    from prefect.client.orchestration import SyncPrefectClient
+
+    config, ports = stack
+    original = config.read_text()
+    scheduled = original.replace("  evaluation: {suite: evals/suite}\n",
+                                 "  evaluation: {suite: evals/suite}\n  schedules: {reindex: {cron: \"0 3 * * *\"}}\n", 1)
+    assert scheduled != original
+    try:
+        config.write_text(scheduled)
+        assert _cadre("deploy", config=config).returncode == 0
+        with SyncPrefectClient(f"http://127.0.0.1:{ports['prefect']}/api") as client:
+            deployment = client.read_deployment_by_name("reindex/alpha")
+            [schedule] = client.read_deployment_schedules(deployment.id)
+            assert schedule.active and schedule.slug == "alpha-reindex" and schedule.schedule.cron == "0 3 * * *"
+            client.update_deployment_schedule(deployment.id, schedule.id, active=False)  # what the UI's toggle does
+
+            config.write_text(scheduled.replace("0 3 * * *", "30 4 * * *"))
+            redeploy = _cadre("deploy", config=config)
+            assert redeploy.returncode == 0 and "reindex/alpha: cron '30 4 * * *' UTC (paused)" in redeploy.stderr
+            [after] = client.read_deployment_schedules(deployment.id)
+            assert not after.active, "redeploying re-activated a schedule the user paused"
+            assert after.slug == "alpha-reindex" and after.schedule.cron == "30 4 * * *"
+    finally:
+        config.write_text(original)
+        _cadre("deploy", config=config)
+
+
 def test_removed_specialist_loses_its_deployments(stack) -> None:
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.exceptions import ObjectNotFound
