@@ -18,6 +18,7 @@ from rich.console import Console
 
 from cadre.config import ConfigError, load_config
 from cadre.env import apply_env
+from cadre.stack import require_services
 
 # Piped into a log or a CI job there is no terminal to measure and rich would assume 80 columns, which
 # folds the history and champion tables into unreadable slivers; a terminal (or COLUMNS) sets its own width.
@@ -115,7 +116,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from flows.deployments import deploy_all
 
-    deploy_all(_load(args.file), console=console)
+    config = _load(args.file)
+    require_services(config, "prefect")
+    deploy_all(config, console=console)
     return 0
 
 
@@ -137,6 +140,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         except KeyError as error:
             console.print(f"[red]{error.args[0]}[/red]")
             return EXIT_INVALID
+    require_services(config, "prefect", "mlflow")
+    for name in names:
         ok &= run_now(config, args.flow, name, budget=args.budget, console=console)
     return 0 if ok else 1
 
@@ -154,6 +159,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     config = _load(args.file)
     _specialist_or_exit(config, args.specialist)
+    require_services(config, "mlflow")
     print_history(config, args.specialist, args.kind, console)
     return 0
 
@@ -167,6 +173,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if args.force and not (args.reason or "").strip():
         console.print("[red]--force needs --reason \"why\" (it is recorded in the history)[/red]")
         return EXIT_INVALID
+    require_services(config, "mlflow")
     try:
         record = promote(registry_client(config), project=config.project.name, specialist=args.specialist, kind=args.kind,
                          version=args.version, actor=args.actor or default_actor(), force=args.force, reason=args.reason)
@@ -196,6 +203,7 @@ def _move_champion(args: argparse.Namespace, operation: Any) -> int:
 
     config = _load(args.file)
     _specialist_or_exit(config, args.specialist)
+    require_services(config, "mlflow")
     try:
         record = operation(registry_client(config), config.project.name, args.specialist, args.kind,
                            actor=args.actor or default_actor(), reason=args.reason)

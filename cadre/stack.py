@@ -29,7 +29,7 @@ from cadre.env import cadre_env
 
 
 class StackError(RuntimeError):
-    """A service could not be started; the message says why and what to do."""
+    """A service could not be started or does not answer; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -241,6 +241,26 @@ class Stack:
                 return
             time.sleep(0.5)
         raise StackError(f"{service.name} did not become healthy within {service.timeout_s:.0f} s; see {self._log(service)}")
+
+
+def require_services(config: CadreConfig, *names: str) -> None:
+    """Check that the services a command needs answer (`mlflow`, `prefect`), in a couple of seconds.
+
+    Without it a command against a stopped stack waits out its client's retries for minutes and ends in
+    a traceback.
+
+    Raises:
+        StackError: one does not answer; the message names it, its URL and what to do.
+    """
+    project = config.project
+    health = {"mlflow": (f"{project.mlflow.uri}/health", project.mlflow.tracking_uri),
+              "prefect": (f"{project.prefect.api}/health", project.prefect.api_url)}
+    for name in names:
+        url, external = health[name]
+        if not _http_ok(url):
+            hint = (f"check project.{name} in {config.file.name}" if external
+                    else "start the local stack with `cadre up` (`cadre status` shows what is up)")
+            raise StackError(f"{name} is not answering at {url.rsplit('/health', 1)[0]}: {hint}")
 
 
 def _alive(pid: int) -> bool:
