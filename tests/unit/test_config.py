@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,19 @@ def test_validate_command_as_a_user_runs_it(project: Path) -> None:
     assert result.returncode == 2
     assert f"{path}:{_line_of(VALID, 'description:')}:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("command", "service"), [(["history", "coder"], "mlflow"), (["rollback", "coder", "program"], "mlflow"),
+                                                  (["run", "optimize", "-s", "coder"], "prefect"), (["deploy"], "prefect")])
+def test_commands_against_a_stopped_stack_say_so_at_once(project: Path, capsys, command, service) -> None:
+    from support import free_port
+
+    ports = {"mlflow": free_port(), "prefect": free_port()}  # nothing listens there
+    path = _write(project, VALID.replace("  name: t\n", f"  name: t\n  mlflow: {{port: {ports['mlflow']}}}\n"
+                                                       f"  prefect: {{port: {ports['prefect']}}}\n"))
+    started = time.monotonic()
+    assert main([*command, "-c", str(path)]) == 1
+    assert time.monotonic() - started < 15, "it waited out a client's retries"
+    err = capsys.readouterr().err
+    assert f"{service} is not answering at http://127.0.0.1:{ports[service]}" in err and "cadre up" in err
+    assert "Traceback" not in err
