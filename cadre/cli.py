@@ -233,6 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.route_fallback:
         _specialist_or_exit(config, args.route_fallback)
+    require_services(config, "mlflow")  # the champions to serve are read from its registry
     limits = ServeLimits(max_body_bytes=pick("max_body_bytes"), max_input_chars=pick("max_input_chars"),
                          max_prompt_tokens=pick("max_prompt_tokens"), max_tokens=pick("max_tokens"), max_in_flight=pick("max_in_flight"))
     settings = ServeSettings(host=pick("host"), port=pick("port"), contexts=pick("contexts"), n_threads=args.threads, n_ctx=args.n_ctx,

@@ -191,7 +191,8 @@ def test_validate_command_as_a_user_runs_it(project: Path) -> None:
 
 
 @pytest.mark.parametrize(("command", "service"), [(["history", "coder"], "mlflow"), (["rollback", "coder", "program"], "mlflow"),
-                                                  (["run", "optimize", "-s", "coder"], "prefect"), (["deploy"], "prefect")])
+                                                  (["run", "optimize", "-s", "coder"], "prefect"), (["deploy"], "prefect"),
+                                                  (["serve"], "mlflow")])
 def test_commands_against_a_stopped_stack_say_so_at_once(project: Path, capsys, command, service) -> None:
     from support import free_port
 
