@@ -178,7 +178,40 @@ def crash_orphaned_runs(config: CadreConfig, console: Console | None = None) -> 
             ended = _end_tracking_run(config, str(run.id))
             console.print(f"[yellow]![/yellow] flow run {run.name} ({was}) had lost its process: marked Crashed, its slot released"
                           + (", its MLflow run marked KILLED" if ended else ""))
+        stale = _end_stale_tracking_runs(config, client)
+    if stale:
+        console.print(f"[yellow]![/yellow] {stale} MLflow run(s) of flow runs that had already ended (crashed, cancelled) marked KILLED")
     return crashed
+
+
+def _end_stale_tracking_runs(config: CadreConfig, client) -> int:
+    """End as KILLED the MLflow runs still RUNNING whose Prefect flow run has ended: a flow killed by a signal (the
+    worker marks it Crashed) or cancelled never reaches its own `close` step. Returns how many were ended."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from prefect.exceptions import ObjectNotFound
+
+    from cadre.tracking import TAG_FLOW_RUN
+
+    try:
+        mlflow = MlflowClient(config.project.mlflow.uri)
+        experiments = [e.experiment_id for e in mlflow.search_experiments()]
+        running = mlflow.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=500) if experiments else []
+    except (MlflowException, OSError):
+        return 0
+    ended = 0
+    for run in running:
+        flow_run_id = run.data.tags.get(TAG_FLOW_RUN)
+        if not flow_run_id:
+            continue
+        try:
+            state = client.read_flow_run(flow_run_id).state
+        except ObjectNotFound:
+            state = None
+        if state is None or state.is_final():
+            mlflow.set_terminated(run.info.run_id, "KILLED")
+            ended += 1
+    return ended
 
 
 def _end_tracking_run(config: CadreConfig, flow_run_id: str) -> bool:
@@ -253,6 +286,8 @@ def run_now(config: CadreConfig, flow_kind: str, specialist: str, budget: str = 
     if state is None:
         return False
     completed = state.is_completed()
+    if state.is_crashed() or state.is_cancelled():
+        _end_tracking_run(config, str(flow_run.id))  # it never reached its own close step
     colour = "green" if completed else "red"
     console.print(f"[{colour}]{name} {state.name}[/{colour}] in {time.monotonic() - started:.1f}s"
                   + ("" if completed else f": {state.message or ''}"))
