@@ -166,12 +166,22 @@ def test_a_run_whose_process_died_is_crashed_by_up_and_frees_its_slot(stack) -> 
         assert client.set_flow_run_state(orphan.id, Pending()).status.value == "ACCEPT"
         client.set_flow_run_state(orphan.id, Running(), force=True)
         assert client.read_global_concurrency_limit_by_name(limit).active_slots == 1
+        # The MLflow runs such flows leave RUNNING: the orphan's, and one of a run the worker already marked Crashed.
+        from mlflow import MlflowClient
+        from prefect.states import Crashed
+
+        gone = client.create_flow_run_from_deployment(deployment.id, state=Crashed(message="killed by a signal"))
+        mlflow = MlflowClient(f"http://127.0.0.1:{ports['mlflow']}")
+        experiment = mlflow.create_experiment(f"orphans-{orphan.id}")
+        tracked = {str(run.id): mlflow.create_run(experiment, tags={"cadre.prefect_flow_run_id": str(run.id)}).info.run_id
+                   for run in (orphan, gone)}
 
         up = _cadre("up", config=config)
         assert up.returncode == 0, up.stderr
         assert f"flow run {orphan.name} (Running) had lost its process: marked Crashed" in up.stderr
         assert client.read_flow_run(orphan.id).state.is_crashed()
         assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
+        assert {mlflow.get_run(run_id).info.status for run_id in tracked.values()} == {"KILLED"}
 
     run = _cadre("run", "check", "--specialist", "alpha", "--budget", "smoke", config=config, timeout=180)
     assert run.returncode == 0 and "Completed" in run.stderr, run.stderr
