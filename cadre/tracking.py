@@ -132,3 +132,45 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
             text = json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
             out[name] = text if len(text) <= 250 else text[:247] + "..."
     return out
+
+
+def run_verdict(tags: dict[str, str]) -> str:
+    """One line on what the run's gate decided, from the tags the flows set."""
+    if tags.get("cadre.outcome") == "not_enough_corrections":
+        return "nothing to learn: not enough corrections yet"
+    if tags.get("cadre.outcome") == "unchanged":
+        return "no source changed: nothing embedded, no candidate, the champion index stays"
+    gate, promoted = tags.get("cadre.gate"), tags.get("cadre.promoted")
+    if gate is None and promoted is None:
+        return ""
+    if tags.get("cadre.already_champion") == "true":
+        if tags.get("cadre.gate") == "refused":  # the champion itself, judged on today's cases, fails an absolute rule
+            return "[yellow]the candidate is the champion itself; it stays, though its gates no longer pass (see the run's note)[/yellow]"
+        version = tags.get("cadre.candidate_version", "").rpartition("/")[2] or tags.get("cadre.program_version", "")
+        return f"[green]gate passed: the candidate is the champion already{f' (v{version})' if version else ''}; nothing moved[/green]"
+    if promoted == "true" or (promoted is None and gate == "passed"):
+        return "[green]gate passed: the candidate is the new champion[/green]"
+    if gate == "passed":
+        return "gate passed; the champion did not move (see the run's note)"
+    return "[yellow]gate refused: the champion is unchanged (the run's note and the version's description say why)[/yellow]"
+
+
+def run_summary_markdown(tracking_uri: str, run_id: str) -> str:
+    """What a finished flow run did, as Markdown for its page in the Prefect UI: the verdict, links to its MLflow
+    run and to the registry version it judged, and the run's note (score tables and gate report)."""
+    import re
+
+    from mlflow import MlflowClient
+
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    tags = run.data.tags
+    verdict = re.sub(r"\[/?[a-z ]+\]", "", run_verdict(tags)) or f"run {run.info.status.lower()}"
+    lines = [f"### {tags.get('cadre.flow', 'flow')} · {tags.get('cadre.specialist', '')}: {verdict}", "",
+             f"- MLflow run: [{run_id[:12]}]({tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run_id})"]
+    if tags.get("cadre.candidate_version"):
+        name, _, version = tags["cadre.candidate_version"].rpartition("/")
+        lines.append(f"- registry: [{name} v{version}]({tracking_uri}/#/models/{name}/versions/{version}) "
+                     "(its description is the gate report)")
+    if tags.get("mlflow.note.content"):
+        lines += ["", tags["mlflow.note.content"]]
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ from rich.console import Console
 from cadre.config import CadreConfig
 from cadre.env import apply_env
 from cadre.evaluation import mlflow_metric_name
-from cadre.tracking import find_run
+from cadre.tracking import find_run, run_verdict
 from flows import FLOWS, flow_object
 
 TAG_MANAGED = "cadre"
@@ -353,27 +353,6 @@ def key_metrics(config: CadreConfig, specialist: str, flow_kind: str, metrics: d
     picked = {name: metrics[name] for metric in wanted for name in (f"candidate_{metric}", f"champion_{metric}", f"baseline_{metric}", metric)
               if name in metrics}
     return dict(list(picked.items())[:most]) if picked else dict(sorted(metrics.items())[:most])
-
-
-def run_verdict(tags: dict[str, str]) -> str:
-    """One line on what the run's gate decided, from the tags the flows set."""
-    if tags.get("cadre.outcome") == "not_enough_corrections":
-        return "nothing to learn: not enough corrections yet"
-    if tags.get("cadre.outcome") == "unchanged":
-        return "no source changed: nothing embedded, no candidate, the champion index stays"
-    gate, promoted = tags.get("cadre.gate"), tags.get("cadre.promoted")
-    if gate is None and promoted is None:
-        return ""
-    if tags.get("cadre.already_champion") == "true":
-        if tags.get("cadre.gate") == "refused":  # the champion itself, judged on today's cases, fails an absolute rule
-            return "[yellow]the candidate is the champion itself; it stays, though its gates no longer pass (see the run's note)[/yellow]"
-        version = tags.get("cadre.candidate_version", "").rpartition("/")[2] or tags.get("cadre.program_version", "")
-        return f"[green]gate passed: the candidate is the champion already{f' (v{version})' if version else ''}; nothing moved[/green]"
-    if promoted == "true" or (promoted is None and gate == "passed"):
-        return "[green]gate passed: the candidate is the new champion[/green]"
-    if gate == "passed":
-        return "gate passed; the champion did not move (see the run's note)"
-    return "[yellow]gate refused: the champion is unchanged (the run's note and the version's description say why)[/yellow]"
 
 
 def run_worker(config: CadreConfig) -> int:

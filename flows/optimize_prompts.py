@@ -68,7 +68,7 @@ def optimize_prompts(specialist: str, config_path: str, budget: str = "full") ->
         print(decision.summary)
         if champion is not None and champion.fingerprint == candidate.fingerprint:
             outcome = {"event": "unchanged", "version": champion.version, "champion": champion.version, "promoted": False}
-            mark_champion_unchanged(handle, champion, decision)
+            mark_champion_unchanged(handle, registry, champion, decision)
             print(f"the compiled program is identical to champion v{champion.version}: nothing to register")
         else:
             prompt_uri = register_instruction_prompt(handle, registry, candidate.instruction)

@@ -428,12 +428,16 @@ def _versions(client: Any, name: str) -> list[Any]:
 
 
 @task(name="mark-champion-unchanged", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
-def mark_champion_unchanged(handle: RunHandle, champion: ChampionProgram, decision: GateDecision) -> None:
+def mark_champion_unchanged(handle: RunHandle, registry: RegistryTarget, champion: ChampionProgram, decision: GateDecision) -> None:
     """Tag a run whose compiled program is the champion itself: nothing registered, nothing moved."""
     from mlflow import MlflowClient
 
+    from cadre.registry import registered_model_name
+
     client = MlflowClient(handle.tracking_uri)
-    for key, value in {"cadre.program_version": champion.version, "cadre.promoted": "false",
+    name = registered_model_name(registry.project, registry.specialist, "program")
+    for key, value in {"cadre.program_version": champion.version, "cadre.candidate_version": f"{name}/{champion.version}",
+                       "cadre.promoted": "false",
                        "cadre.gate": "passed" if decision.passed else "refused", "cadre.already_champion": "true"}.items():
         client.set_tag(handle.run_id, key, value)
 
@@ -447,7 +451,7 @@ def promote_program(handle: RunHandle, registry: RegistryTarget, version: str, d
     """
     from mlflow import MlflowClient
 
-    from cadre.registry import decide_and_promote
+    from cadre.registry import decide_and_promote, registered_model_name
 
     client = MlflowClient(handle.tracking_uri)
     record = decide_and_promote(client, project=registry.project, specialist=registry.specialist, kind="program", version=version,
@@ -458,6 +462,7 @@ def promote_program(handle: RunHandle, registry: RegistryTarget, version: str, d
         _, _, prompt_version = prompt_uri.rpartition("/")
         client.set_prompt_alias(prompt_name(registry), "champion", int(prompt_version))
     client.set_tag(handle.run_id, "cadre.program_version", str(version))
+    client.set_tag(handle.run_id, "cadre.candidate_version", f"{registered_model_name(registry.project, registry.specialist, 'program')}/{version}")
     client.set_tag(handle.run_id, "cadre.promoted", str(promoted).lower())
     client.set_tag(handle.run_id, "cadre.already_champion", str(decision.passed and champion is not None and champion.version == str(version)).lower())
     return {"event": record.event, "version": str(version), "champion": record.to_version, "promoted": promoted}

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.runtime import flow_run
 
 from cadre.config import CadreConfig
-from cadre.tracking import RunHandle, close_run, open_run
+from cadre.tracking import RunHandle, close_run, open_run, run_summary_markdown
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 10], name="log-resolved-config")
@@ -17,4 +17,9 @@ def open_tracking_run(config: CadreConfig, specialist: str, flow: str, budget: s
 
 @task(retries=3, retry_delay_seconds=[2, 5, 10], name="close-mlflow-run")
 def close_tracking_run(handle: RunHandle, status: str = "FINISHED") -> None:
+    """End the MLflow run and put what the flow run decided on its page in the Prefect UI (Artifacts tab)."""
+    from prefect.artifacts import create_markdown_artifact
+
     close_run(handle, status)
+    create_markdown_artifact(run_summary_markdown(handle.tracking_uri, handle.run_id), key="cadre-summary",
+                             description="What this run decided, with links to its MLflow run and registry version")

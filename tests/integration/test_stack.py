@@ -129,6 +129,10 @@ def test_deploy_run_and_read_back_through_prefect_and_mlflow(stack) -> None:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])))
         assert runs and runs[0].state.is_completed()
         flow_run_id = str(runs[0].id)
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        [summary] = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[runs[0].id])))
+        assert summary.key == "cadre-summary" and "MLflow run: [" in summary.data, summary.data
         assert runs[0].parameters["budget"] == "smoke"
         assert len(client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["alpha", "beta"])))) == 2 * len(FLOWS)
 

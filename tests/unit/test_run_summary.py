@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cadre.config import load_config
-from flows.deployments import key_metrics, run_verdict
+from cadre.tracking import run_verdict
+from flows.deployments import key_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
