@@ -123,6 +123,7 @@ def gate_and_promote(config: CadreConfig, specialist: str, gate_kind: str, handl
         report = Path(folder) / "gate_report.md"
         report.write_text(decision.to_markdown())
         client.log_artifact(handle.run_id, str(report), artifact_path="gate")
+    client.set_tag(handle.run_id, "mlflow.note.content", decision.to_markdown())  # flows with score tables write a fuller one
     client.set_tag(handle.run_id, "cadre.gate", "passed" if decision.passed else "refused")
     client.set_tag(handle.run_id, "cadre.candidate_version", f"{version.name}/{version.version}")
     client.set_tag(handle.run_id, "cadre.already_champion", str(decision.passed and expected_champion == str(version.version)).lower())
