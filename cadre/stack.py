@@ -82,7 +82,7 @@ class Stack:
         services.append(Service(
             name="worker",
             command=[_bin("prefect"), "worker", "start", "--pool", project.prefect.work_pool, "--type", "process",
-                     "--name", f"cadre-{project.name}"],
+                     "--name", worker_name(self.config)],
             health_url=None, ui_url=f"{project.prefect.ui}/work-pools/work-pool/{project.prefect.work_pool}",
             port=None, host=project.prefect.host))
         if not project.lm.api_base:
@@ -241,6 +241,11 @@ class Stack:
                 return
             time.sleep(0.5)
         raise StackError(f"{service.name} did not become healthy within {service.timeout_s:.0f} s; see {self._log(service)}")
+
+
+def worker_name(config: CadreConfig) -> str:
+    """The name of the worker `cadre up` starts; Prefect labels each flow run it submits with it."""
+    return f"cadre-{config.project.name}"
 
 
 def require_services(config: CadreConfig, *names: str) -> None:

@@ -22,6 +22,7 @@ from rich.console import Console
 from cadre.config import CadreConfig
 from cadre.env import apply_env
 from cadre.evaluation import mlflow_metric_name
+from cadre.stack import worker_name
 from cadre.tracking import find_run, run_verdict
 from flows import FLOWS, flow_object
 
@@ -144,8 +145,9 @@ def crash_orphaned_runs(config: CadreConfig, console: Console | None = None) -> 
     A run whose process died with the stack (`cadre down` mid-run, a reboot, `kill -9`) stays Running in
     Prefect for ever and keeps its deployment's only concurrency slot, so the next run of that flow would
     wait for ever (AwaitingConcurrencySlot). `cadre up` calls this: leaving Running releases the slot, and
-    the flows resume or redo what did not finish when they are run again. A run whose process is alive is
-    left alone, so calling it while flows run is safe.
+    the flows resume or redo what did not finish when they are run again. Only runs submitted by the
+    worker `cadre up` starts are judged, and one whose process is alive is left alone, so calling it while
+    flows run is safe.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
@@ -163,9 +165,11 @@ def crash_orphaned_runs(config: CadreConfig, console: Console | None = None) -> 
     unfinished = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
         any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING])))
     pool = WorkPoolFilter(name=WorkPoolFilterName(any_=[config.project.prefect.work_pool]))
-    crashed = []
+    crashed, ours = [], worker_name(config)
     with get_client(sync_client=True) as client:
         for run in client.read_flow_runs(flow_run_filter=unfinished, work_pool_filter=pool):
+            if (run.labels or {}).get("prefect.worker.name") != ours:
+                continue  # submitted by another worker (`cadre worker`, another machine): its process is not ours to judge
             if _engine_alive(run.infrastructure_pid):
                 continue
             since = run.state.timestamp if run.state else None

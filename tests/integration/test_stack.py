@@ -129,7 +129,10 @@ def test_deploy_run_and_read_back_through_prefect_and_mlflow(stack) -> None:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])))
         assert runs and runs[0].state.is_completed()
         flow_run_id = str(runs[0].id)
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterFlowRunId,
+        )
 
         [summary] = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[runs[0].id])))
         assert summary.key == "cadre-summary" and "MLflow run: [" in summary.data, summary.data
@@ -167,6 +170,7 @@ def test_a_run_whose_process_died_is_crashed_by_up_and_frees_its_slot(stack) -> 
         # A run as a worker left it: it took the slot (Pending), ran (Running) in a process that is now gone.
         orphan = client.create_flow_run_from_deployment(deployment.id, state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(days=1)))
         client.update_flow_run(orphan.id, infrastructure_pid=str(dead.pid))
+        client.update_flow_run_labels(orphan.id, {"prefect.worker.name": "cadre-stacktest"})  # what our worker labels
         assert client.set_flow_run_state(orphan.id, Pending()).status.value == "ACCEPT"
         client.set_flow_run_state(orphan.id, Running(), force=True)
         assert client.read_global_concurrency_limit_by_name(limit).active_slots == 1
