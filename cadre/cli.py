@@ -101,7 +101,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     healthy = Stack(config).print_status(console)
     if healthy:
         from cadre.registry_view import print_champions
+        from flows.deployments import print_schedules
 
+        print_schedules(config, console)
         print_champions(config, console)
     return 0
 

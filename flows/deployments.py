@@ -135,6 +135,59 @@ def _online_workers(client, pool: str) -> int:
 LOST_CONTACT_S = 20.0
 """`cadre run` stops following a run after the Prefect server has not answered for this long."""
 
+def print_schedules(config: CadreConfig, console: Console) -> None:
+    """Print each deployment of the team: its schedule (paused or not), its next run and how its last run ended."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterTags,
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+    from rich.table import Table
+
+    apply_env(config)
+    table = Table(title=f"Schedules and runs in {config.project.prefect.ui}/deployments", title_justify="left")
+    for column in ("deployment", "schedule", "next run", "last run", "ended"):
+        table.add_column(column)
+    colours = {"Completed": "green", "Failed": "red", "Crashed": "red", "Cancelled": "yellow", "Running": "cyan"}
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments(deployment_filter=DeploymentFilter(
+            tags=DeploymentFilterTags(all_=[TAG_MANAGED, f"project:{config.project.name}"])))
+        flow_names = {d.flow_id: client.read_flow(d.flow_id).name for d in deployments}
+        for deployment in sorted(deployments, key=lambda d: (d.name, flow_names[d.flow_id])):
+            mine = FlowRunFilterDeploymentId(any_=[deployment.id])
+            upcoming = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id=mine, state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=1)
+            last = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id=mine, state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED]))),
+                sort=FlowRunSort.START_TIME_DESC, limit=1)
+            schedule = "on demand"
+            if deployment.schedules:
+                first = deployment.schedules[0]
+                cron = getattr(first.schedule, "cron", None) or str(first.schedule)
+                schedule = f"{cron} {getattr(first.schedule, 'timezone', '') or ''}".strip() + ("" if first.active else " [yellow](paused)[/yellow]")
+            next_run = _moment(upcoming[0].expected_start_time) if upcoming else "—"
+            if last:
+                state = last[0].state_name or "?"
+                colour = colours.get(state, "")
+                last_run = f"{last[0].name}: [{colour}]{state}[/{colour}]" if colour else f"{last[0].name}: {state}"
+                ended = _moment(last[0].end_time or last[0].start_time)
+            else:
+                last_run, ended = "[dim]never ran[/dim]", ""
+            table.add_row(f"{flow_names[deployment.flow_id]}/{deployment.name}", schedule, next_run, last_run, ended)
+    console.print(table)
+
+
+def _moment(moment) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC") if moment else "—"
+
+
 ORPHAN_PENDING_AFTER_S = 120.0
 """A run Pending this long without a live process was submitted by a worker that is gone."""
 
