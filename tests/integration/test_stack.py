@@ -151,6 +151,10 @@ def test_deploy_run_and_read_back_through_prefect_and_mlflow(stack) -> None:
     resolved = json.loads(Path(mlflow.download_artifacts(mlflow_run.info.run_id, "config/resolved_config.json")).read_text())
     assert resolved["specialist"]["name"] == "alpha"
 
+    status = _cadre("status", config=config)
+    row = next(line for line in status.stderr.splitlines() if "check/alpha" in line)
+    assert "on demand" in row and "Completed" in row, status.stderr
+
 
 def test_a_run_whose_process_died_is_crashed_by_up_and_frees_its_slot(stack) -> None:
     """`cadre down` mid-run, a reboot or `kill -9` leave a run Running for ever, holding its deployment's only
