@@ -174,3 +174,18 @@ def run_summary_markdown(tracking_uri: str, run_id: str) -> str:
     if tags.get("mlflow.note.content"):
         lines += ["", tags["mlflow.note.content"]]
     return "\n".join(lines)
+
+
+SKIP_METRICS = {"data_invalid": "invalid training records", "data_too_long": "training examples over max_length",
+                "feedback_incomplete": "incomplete feedback records"}
+"""Counters of input a flow skipped, besides the `skipped_<reason>` counts of the re-index."""
+
+
+def skipped_summary(metrics: dict[str, float]) -> str:
+    """One line on the bad input a run skipped and counted (empty when it skipped nothing)."""
+    parts = [f"{reason.replace('_', ' ')} {value:.0f}" for name, value in sorted(metrics.items())
+             if value > 0 and (reason := name.removeprefix("skipped_")) != name]
+    parts += [f"{label} {metrics[name]:.0f}" for name, label in SKIP_METRICS.items() if metrics.get(name, 0) > 0]
+    suite = max((value for name, value in metrics.items() if name.endswith("_skipped_cases")), default=0)  # candidate and champion share them
+    parts += [f"malformed evaluation-suite lines {suite:.0f}"] if suite > 0 else []
+    return f"bad input skipped and counted: {', '.join(parts)} (examples in the run's report)" if parts else ""

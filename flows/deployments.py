@@ -23,7 +23,7 @@ from cadre.config import CadreConfig
 from cadre.env import apply_env
 from cadre.evaluation import mlflow_metric_name
 from cadre.stack import worker_name
-from cadre.tracking import find_run, run_verdict
+from cadre.tracking import find_run, run_verdict, skipped_summary
 from flows import FLOWS, flow_object
 
 TAG_MANAGED = "cadre"
@@ -354,6 +354,9 @@ def run_now(config: CadreConfig, flow_kind: str, specialist: str, budget: str = 
         verdict = run_verdict(mlflow_run.data.tags)
         if verdict:
             console.print(f"  {verdict}")
+        skipped = skipped_summary(mlflow_run.data.metrics)
+        if skipped:
+            console.print(f"  [yellow]{skipped}[/yellow]")
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in key_metrics(config, specialist, flow_kind, mlflow_run.data.metrics).items())
         if metrics:
             console.print(f"  metrics: {metrics}")

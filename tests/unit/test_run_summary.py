@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cadre.config import load_config
-from cadre.tracking import run_verdict
+from cadre.tracking import run_verdict, skipped_summary
 from flows.deployments import key_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,3 +35,12 @@ def test_the_verdict_line_says_promoted_refused_or_nothing_to_learn() -> None:
     again = run_verdict({"cadre.gate": "passed", "cadre.promoted": "true", "cadre.already_champion": "true",
                          "cadre.candidate_version": "cadre-demo.coder.adapter/3"})
     assert "champion already (v3)" in again and "new champion" not in again
+
+
+def test_skipped_input_is_summarised_in_one_line():
+    line = skipped_summary({"skipped_malformed": 3, "skipped_empty": 2, "skipped_undecodable": 0, "documents_skipped": 5,
+                            "data_invalid": 4, "candidate_skipped_cases": 1, "champion_skipped_cases": 1, "recall_at_10": 0.9})
+    assert line.startswith("bad input skipped and counted: ")
+    assert "empty 2, malformed 3" in line and "undecodable" not in line
+    assert "invalid training records 4" in line and line.count("malformed evaluation-suite lines 1") == 1
+    assert skipped_summary({"skipped_malformed": 0, "recall_at_10": 0.9}) == ""
