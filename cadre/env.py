@@ -46,6 +46,8 @@ def cadre_env(config: CadreConfig) -> dict[str, str]:
         "PREFECT_HOME": str(state / "prefect"),
         "DSPY_CACHEDIR": str(state / "cache" / "dspy"),
         "HF_HOME": str(state / "cache" / "hf"),
+        # Cadre's own log records (e.g. "skipped 2 malformed line(s)") reach the flow run's log in the Prefect UI.
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "cadre",
     }
 
 

@@ -314,7 +314,7 @@ class EvaluationResult:
 
     def mlflow_metrics(self, prefix: str = "") -> dict[str, float]:
         """Aggregates and interval bounds under names MLflow accepts (``recall@10`` → ``recall_at_10``)."""
-        logged = {"cases": float(self.cases), "errors": float(self.errors), "skipped_cases": float(self.skipped_cases)}
+        logged = {"cases": float(self.cases), "errors": float(self.errors)}
         for metric, value in self.scores.items():
             key = mlflow_metric_name(metric)
             low, high = self.intervals[metric]

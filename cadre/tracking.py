@@ -186,6 +186,4 @@ def skipped_summary(metrics: dict[str, float]) -> str:
     parts = [f"{reason.replace('_', ' ')} {value:.0f}" for name, value in sorted(metrics.items())
              if value > 0 and (reason := name.removeprefix("skipped_")) != name]
     parts += [f"{label} {metrics[name]:.0f}" for name, label in SKIP_METRICS.items() if metrics.get(name, 0) > 0]
-    suite = max((value for name, value in metrics.items() if name.endswith("_skipped_cases")), default=0)  # candidate and champion share them
-    parts += [f"malformed evaluation-suite lines {suite:.0f}"] if suite > 0 else []
     return f"bad input skipped and counted: {', '.join(parts)} (examples in the run's report)" if parts else ""

@@ -39,8 +39,8 @@ def test_the_verdict_line_says_promoted_refused_or_nothing_to_learn() -> None:
 
 def test_skipped_input_is_summarised_in_one_line():
     line = skipped_summary({"skipped_malformed": 3, "skipped_empty": 2, "skipped_undecodable": 0, "documents_skipped": 5,
-                            "data_invalid": 4, "candidate_skipped_cases": 1, "champion_skipped_cases": 1, "recall_at_10": 0.9})
+                            "data_invalid": 4, "recall_at_10": 0.9})
     assert line.startswith("bad input skipped and counted: ")
     assert "empty 2, malformed 3" in line and "undecodable" not in line
-    assert "invalid training records 4" in line and line.count("malformed evaluation-suite lines 1") == 1
+    assert "invalid training records 4" in line
     assert skipped_summary({"skipped_malformed": 0, "recall_at_10": 0.9}) == ""
