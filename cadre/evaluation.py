@@ -82,9 +82,12 @@ def case_id(case: dict[str, Any]) -> str | None:
     return None
 
 
-def _problem(case: Any, seen: set[str]) -> str | None:
+def _problem(case: Any, seen: set[str], required: Sequence[str] = ()) -> str | None:
     if not isinstance(case, dict):
         return f"expected a JSON object, got {type(case).__name__}"
+    missing = [name for name in required if case.get(name) in (None, "")]
+    if missing:
+        return f"missing {', '.join(repr(name) for name in missing)} (the program's inputs and outputs need a value)"
     identity = case_id(case)
     if identity is None:
         return "field 'id' must be a non-empty string or an integer (or be left out: the case's content hash is used)"
@@ -99,7 +102,7 @@ def _problem(case: Any, seen: set[str]) -> str | None:
     return None
 
 
-def read_split(suite_dir: str | Path, split: str, limit: int | None = None) -> CaseSplit:
+def read_split(suite_dir: str | Path, split: str, limit: int | None = None, required: Sequence[str] = ()) -> CaseSplit:
     """Read ``<suite_dir>/<split>.jsonl``, keeping valid cases and recording every skipped line.
 
     A case is a JSON object with a unique ``id`` (a string or an integer; left out, a hash of the
@@ -110,6 +113,8 @@ def read_split(suite_dir: str | Path, split: str, limit: int | None = None) -> C
         suite_dir: Folder of the suite.
         split: ``train``, ``dev`` or ``test`` (any file stem works).
         limit: Keep at most this many valid cases (the first ones in file order).
+        required: Fields every case must give a value (the program's inputs and outputs); a case
+            without one is skipped and counted like a malformed line.
 
     Returns:
         The cases and the skipped lines (1-based line numbers, with the reason).
@@ -132,7 +137,7 @@ def read_split(suite_dir: str | Path, split: str, limit: int | None = None) -> C
             except json.JSONDecodeError as error:
                 skipped.append(SkippedLine(number, f"invalid JSON: {error.msg}"))
                 continue
-            problem = _problem(case, seen)
+            problem = _problem(case, seen, required)
             if problem:
                 skipped.append(SkippedLine(number, problem))
                 continue
@@ -141,7 +146,7 @@ def read_split(suite_dir: str | Path, split: str, limit: int | None = None) -> C
     return CaseSplit(path, cases, skipped)
 
 
-def load_cases(suite_dir: str | Path, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+def load_cases(suite_dir: str | Path, split: str, limit: int | None = None, required: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The valid cases of a split; malformed lines are skipped and counted in a warning.
 
     Use `read_split` to get the skipped lines themselves.
@@ -150,11 +155,12 @@ def load_cases(suite_dir: str | Path, split: str, limit: int | None = None) -> l
         suite_dir: Folder of the suite.
         split: ``train``, ``dev`` or ``test``.
         limit: Keep at most this many valid cases.
+        required: Fields every case must give a value (see `read_split`).
 
     Returns:
         The cases, in file order.
     """
-    read = read_split(suite_dir, split, limit)
+    read = read_split(suite_dir, split, limit, required)
     if read.skipped:
         first = read.skipped[0]
         log.warning("%s: skipped %d malformed line(s); first: line %d: %s", read.path, len(read.skipped), first.line, first.reason)

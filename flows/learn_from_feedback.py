@@ -62,7 +62,7 @@ def learn_from_feedback(specialist: str, config_path: str, budget: str = "full")
         trained = train_dpo_candidate(handle, data, settings.feedback, settings.tuning, base, champion_gguf, scratch, plan.max_steps,
                                       config.project.threads.torch)
         exported = export_dpo_candidate(handle, trained, data, base, str(config.state_dir), scratch)
-        cases = load_test_cases(str(config.resolve(settings.evaluation.suite)), plan.eval_cases) + data.cases
+        cases = load_test_cases(str(config.resolve(settings.evaluation.suite)), plan.eval_cases, settings.program.field_names) + data.cases
         scores = evaluate_adapters(settings.program, settings.evaluation, index, str(config.state_dir / "cache" / "dspy"), cases, base,
                                    str(exported.gguf), champion_gguf, champion_version, program, config.project.lm.n_threads,
                                    config.project.lm.n_ctx)

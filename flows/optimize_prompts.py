@@ -52,7 +52,7 @@ def optimize_prompts(specialist: str, config_path: str, budget: str = "full") ->
     handle = open_tracking_run(config, specialist, "optimize", budget)
     try:
         scratch = work_dir(config.state_dir, handle.run_id)
-        cases = load_optimization_cases(str(config.resolve(settings.evaluation.suite)), plan)
+        cases = load_optimization_cases(str(config.resolve(settings.evaluation.suite)), plan, settings.program.field_names)
         registry = RegistryTarget(config.project.mlflow.uri, config.project.name, specialist)
         champion = fetch_champion_program(registry, scratch)
         adapter_gguf, adapter_version = fetch_champion_adapter(registry, scratch)

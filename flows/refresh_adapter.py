@@ -56,7 +56,7 @@ def refresh_adapter(specialist: str, config_path: str, budget: str = "full") -> 
                                   config.project.threads.torch)
         exported = export_candidate(handle, trained, data, settings.tuning, base, str(config.state_dir), scratch,
                                     settings.program.max_tokens, PromptSpec.from_settings(settings.program).stop, config.project.lm.n_threads)
-        cases = load_test_cases(suite, plan.eval_cases)
+        cases = load_test_cases(suite, plan.eval_cases, settings.program.field_names)
         scores = evaluate_adapters(settings.program, settings.evaluation, index, str(config.state_dir / "cache" / "dspy"), cases, base,
                                    str(exported.gguf), champion_gguf, champion_version, program, config.project.lm.n_threads,
                                    config.project.lm.n_ctx)

@@ -104,10 +104,11 @@ class TestScores:
 
 
 @task(name="load-cases")
-def load_optimization_cases(suite_dir: str, plan: OptimizationPlan) -> dict[str, list[dict[str, Any]]]:
-    """The train, dev and test cases the plan allows (the first N of each split, in file order)."""
+def load_optimization_cases(suite_dir: str, plan: OptimizationPlan, fields: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The train, dev and test cases the plan allows (the first N valid ones of each split, in file order);
+    a case without one of the program's `fields` is skipped and counted."""
     limits = plan.case_limits()
-    cases = {split: load_cases(suite_dir, split, limits[split]) for split in ("train", "dev", "test")}
+    cases = {split: load_cases(suite_dir, split, limits[split], required=fields) for split in ("train", "dev", "test")}
     for split, found in cases.items():
         if not found:
             raise ValueError(f"{suite_dir}: the {split} split holds no usable case")

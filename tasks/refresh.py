@@ -319,9 +319,10 @@ def _log_loss_curve(client: Any, handle: RunHandle, curve: list[dict[str, float]
 
 
 @task(name="load-test-cases")
-def load_test_cases(suite_dir: str, limit: int | None) -> list[dict[str, Any]]:
-    """The test split's first `limit` cases (the same cases for candidate and champion)."""
-    cases = load_cases(suite_dir, "test", limit)
+def load_test_cases(suite_dir: str, limit: int | None, fields: list[str]) -> list[dict[str, Any]]:
+    """The test split's first `limit` valid cases (the same cases for candidate and champion); a case without one
+    of the program's `fields` is skipped and counted."""
+    cases = load_cases(suite_dir, "test", limit, required=fields)
     if not cases:
         raise ValueError(f"{suite_dir}: the test split holds no usable case")
     return cases

@@ -47,6 +47,11 @@ class ProgramSettings(Strict):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
     optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings, description="Optimizer settings.")
 
+    @property
+    def field_names(self) -> list[str]:
+        """The signature's input and output field names: what every evaluation case must give."""
+        return [field.name for field in (*self.inputs, *self.outputs)]
+
     @model_validator(mode="after")
     def _distinct_field_names(self) -> ProgramSettings:
         seen: set[str] = set()

@@ -261,3 +261,13 @@ def test_compare_rejects_a_metric_missing_on_one_side():
 def test_paired_interval_needs_aligned_values():
     with pytest.raises(ValueError, match="differ in length"):
         paired_bootstrap_interval("exact_match", [1.0, 0.0], [1.0])
+
+
+def test_a_case_without_a_program_field_is_skipped_and_counted(tmp_path):
+    (tmp_path / "test.jsonl").write_text('{"id": "a", "question": "q1", "module": "json"}\n'
+                                         '{"id": "b", "question": "q2"}\n'
+                                         '{"id": "c", "question": "", "module": "os"}\n')
+    read = read_split(tmp_path, "test", required=["question", "module"])
+    assert [case["id"] for case in read.cases] == ["a"]
+    assert [(s.line, s.reason.split(" (")[0]) for s in read.skipped] == [(2, "missing 'module'"), (3, "missing 'question'")]
+    assert len(read_split(tmp_path, "test").cases) == 3, "without required fields only the shape is checked"
