@@ -119,11 +119,12 @@ def gate_and_promote(config: CadreConfig, specialist: str, gate_kind: str, handl
     record = decide_and_promote(client, project=config.project.name, specialist=specialist, kind=artifact_kind,
                                 version=version.version, decision=decision, actor=actor, reason=decision.summary,
                                 expected_champion=expected_champion)
+    report_markdown = decision.to_markdown()
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "gate_report.md"
-        report.write_text(decision.to_markdown())
+        report.write_text(report_markdown)
         client.log_artifact(handle.run_id, str(report), artifact_path="gate")
-    client.set_tag(handle.run_id, "mlflow.note.content", decision.to_markdown())  # flows with score tables write a fuller one
+    client.set_tag(handle.run_id, "mlflow.note.content", report_markdown)  # flows with score tables write a fuller one
     client.set_tag(handle.run_id, "cadre.gate", "passed" if decision.passed else "refused")
     client.set_tag(handle.run_id, "cadre.candidate_version", f"{version.name}/{version.version}")
     client.set_tag(handle.run_id, "cadre.already_champion", str(decision.passed and expected_champion == str(version.version)).lower())

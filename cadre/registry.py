@@ -994,19 +994,20 @@ def get_champion(client: MlflowClient, project: str, specialist: str, kind: str)
     return client.get_model_version(name, version) if version else None
 
 
-def champions(client: MlflowClient, project: str, specialist: str) -> dict[str, ChampionInfo]:
+def champions(client: MlflowClient, project: str, specialist: str,
+              events: list[PromotionRecord] | None = None) -> dict[str, ChampionInfo]:
     """The champion of each artifact kind that has one, for `cadre status`.
 
     Args:
         client: MLflow client.
         project: project name.
         specialist: specialist name.
+        events: the specialist's `history`, when the caller has read it already (read here otherwise).
 
     Returns:
         `{kind: ChampionInfo}`; kinds without a champion are absent.
     """
     result: dict[str, ChampionInfo] = {}
-    events = None
     for kind in ARTIFACT_KINDS:
         version = get_champion(client, project, specialist, kind)
         if version is None:

@@ -41,8 +41,8 @@ def print_champions(config: CadreConfig, console: Console) -> None:
     for column in ("specialist", "kind", "version", "promoted", "by", "key metric", "run"):
         table.add_column(column, no_wrap=column in ("version", "run"))
     for specialist in config.specialists:
-        found = champions(client, config.project.name, specialist.name)
-        events = history(client, config.project.name, specialist.name) if len(found) < len(ARTIFACT_KINDS) else []
+        events = history(client, config.project.name, specialist.name)
+        found = champions(client, config.project.name, specialist.name, events)
         for kind in ARTIFACT_KINDS:
             info = found.get(kind)
             if info is not None:

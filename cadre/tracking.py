@@ -146,7 +146,7 @@ def run_verdict(tags: dict[str, str]) -> str:
     if tags.get("cadre.already_champion") == "true":
         if tags.get("cadre.gate") == "refused":  # the champion itself, judged on today's cases, fails an absolute rule
             return "[yellow]the candidate is the champion itself; it stays, though its gates no longer pass (see the run's note)[/yellow]"
-        version = tags.get("cadre.candidate_version", "").rpartition("/")[2] or tags.get("cadre.program_version", "")
+        version = tags.get("cadre.candidate_version", "").rpartition("/")[2]
         return f"[green]gate passed: the candidate is the champion already{f' (v{version})' if version else ''}; nothing moved[/green]"
     if promoted == "true" or (promoted is None and gate == "passed"):
         return "[green]gate passed: the candidate is the new champion[/green]"

@@ -135,6 +135,116 @@ def _online_workers(client, pool: str) -> int:
 LOST_CONTACT_S = 20.0
 """`cadre run` stops following a run after the Prefect server has not answered for this long."""
 
+
+ORPHAN_PENDING_AFTER_S = 120.0
+"""A run Pending this long without a live process was submitted by a worker that is gone."""
+
+
+def crash_orphaned_runs(config: CadreConfig, console: Console | None = None) -> list[str]:
+    """Mark Crashed the flow runs of the project's work pool whose process is gone; return their names.
+
+    A run whose process died with the stack (`cadre down` mid-run, a reboot, `kill -9`) stays Running in
+    Prefect for ever and keeps its deployment's only concurrency slot, so the next run of that flow would
+    wait for ever (AwaitingConcurrencySlot). `cadre up` calls this: leaving Running releases the slot, and
+    the flows resume or redo what did not finish when they are run again. Only runs submitted by the
+    worker `cadre up` starts are judged, and one whose process is alive is left alone, so calling it while
+    flows run is safe.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    console = console or Console(stderr=True)
+    apply_env(config)
+    unfinished = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+        any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING])))
+    pool = WorkPoolFilter(name=WorkPoolFilterName(any_=[config.project.prefect.work_pool]))
+    crashed, ours = [], worker_name(config)
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(flow_run_filter=unfinished, work_pool_filter=pool):
+            if (run.labels or {}).get("prefect.worker.name") != ours:
+                continue  # submitted by another worker (`cadre worker`, another machine): its process is not ours to judge
+            if _engine_alive(run.infrastructure_pid):
+                continue
+            since = run.state.timestamp if run.state else None
+            if run.state_type == StateType.PENDING and since is not None and time.time() - since.timestamp() < ORPHAN_PENDING_AFTER_S:
+                continue  # a worker may be starting it right now
+            was = run.state.name if run.state else "?"
+            client.set_flow_run_state(run.id, Crashed(message=f"its process is gone (it was {was} when the stack stopped); "
+                                                              "run it again: it resumes or redoes what did not finish"), force=True)
+            crashed.append(run.name)
+            console.print(f"[yellow]![/yellow] flow run {run.name} ({was}) had lost its process: marked Crashed, its slot released")
+        stale = _end_stale_tracking_runs(config, client)  # those just crashed included
+    if stale:
+        console.print(f"[yellow]![/yellow] {stale} MLflow run(s) of flow runs that ended without closing them (crashed, cancelled) "
+                      "marked KILLED")
+    return crashed
+
+
+def _end_stale_tracking_runs(config: CadreConfig, client) -> int:
+    """End as KILLED the MLflow runs still RUNNING whose Prefect flow run has ended: a flow killed by a signal (the
+    worker marks it Crashed) or cancelled never reaches its own `close` step. Returns how many were ended."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from prefect.exceptions import ObjectNotFound
+
+    from cadre.tracking import TAG_FLOW_RUN
+
+    try:
+        mlflow = MlflowClient(config.project.mlflow.uri)
+        experiments = [e.experiment_id for e in mlflow.search_experiments()]
+        running = mlflow.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=500) if experiments else []
+    except (MlflowException, OSError):
+        return 0
+    ended = 0
+    for run in running:
+        flow_run_id = run.data.tags.get(TAG_FLOW_RUN)
+        if not flow_run_id:
+            continue
+        try:
+            state = client.read_flow_run(flow_run_id).state
+        except ObjectNotFound:
+            state = None
+        if state is None or state.is_final():
+            ended += _end_as_killed(config.project.mlflow.uri, run)
+    return ended
+
+
+def _end_as_killed(tracking_uri: str, run) -> bool:
+    """End a flow run's MLflow run as KILLED if it is still RUNNING (its flow never reached its close step)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if run.info.status != "RUNNING":
+        return False
+    try:
+        MlflowClient(tracking_uri).set_terminated(run.info.run_id, "KILLED")
+    except (MlflowException, OSError):
+        return False  # MLflow unreachable: the run stays as it was; nothing else depends on it
+    return True
+
+
+def _engine_alive(infrastructure_pid: str | None) -> bool:
+    """Whether the process a process worker recorded for a flow run (`pid`, or `host:pid`) is a live flow engine."""
+    if not infrastructure_pid:
+        return False
+    host, _, pid = infrastructure_pid.rpartition(":")
+    if host and host not in (os.uname().nodename, "localhost"):
+        return True  # another machine's run: not ours to judge
+    try:
+        command = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return b"prefect" in command
+
+
 def print_schedules(config: CadreConfig, console: Console) -> None:
     """Print each deployment of the team: its schedule (paused or not), its next run and how its last run ended."""
     from prefect.client.orchestration import get_client
@@ -188,118 +298,6 @@ def _moment(moment) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC") if moment else "—"
 
 
-ORPHAN_PENDING_AFTER_S = 120.0
-"""A run Pending this long without a live process was submitted by a worker that is gone."""
-
-
-def crash_orphaned_runs(config: CadreConfig, console: Console | None = None) -> list[str]:
-    """Mark Crashed the flow runs of the project's work pool whose process is gone; return their names.
-
-    A run whose process died with the stack (`cadre down` mid-run, a reboot, `kill -9`) stays Running in
-    Prefect for ever and keeps its deployment's only concurrency slot, so the next run of that flow would
-    wait for ever (AwaitingConcurrencySlot). `cadre up` calls this: leaving Running releases the slot, and
-    the flows resume or redo what did not finish when they are run again. Only runs submitted by the
-    worker `cadre up` starts are judged, and one whose process is alive is left alone, so calling it while
-    flows run is safe.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-        WorkPoolFilter,
-        WorkPoolFilterName,
-    )
-    from prefect.client.schemas.objects import StateType
-    from prefect.states import Crashed
-
-    console = console or Console(stderr=True)
-    apply_env(config)
-    unfinished = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-        any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING])))
-    pool = WorkPoolFilter(name=WorkPoolFilterName(any_=[config.project.prefect.work_pool]))
-    crashed, ours = [], worker_name(config)
-    with get_client(sync_client=True) as client:
-        for run in client.read_flow_runs(flow_run_filter=unfinished, work_pool_filter=pool):
-            if (run.labels or {}).get("prefect.worker.name") != ours:
-                continue  # submitted by another worker (`cadre worker`, another machine): its process is not ours to judge
-            if _engine_alive(run.infrastructure_pid):
-                continue
-            since = run.state.timestamp if run.state else None
-            if run.state_type == StateType.PENDING and since is not None and time.time() - since.timestamp() < ORPHAN_PENDING_AFTER_S:
-                continue  # a worker may be starting it right now
-            was = run.state.name if run.state else "?"
-            client.set_flow_run_state(run.id, Crashed(message=f"its process is gone (it was {was} when the stack stopped); "
-                                                              "run it again: it resumes or redoes what did not finish"), force=True)
-            crashed.append(run.name)
-            ended = _end_tracking_run(config, str(run.id))
-            console.print(f"[yellow]![/yellow] flow run {run.name} ({was}) had lost its process: marked Crashed, its slot released"
-                          + (", its MLflow run marked KILLED" if ended else ""))
-        stale = _end_stale_tracking_runs(config, client)
-    if stale:
-        console.print(f"[yellow]![/yellow] {stale} MLflow run(s) of flow runs that had already ended (crashed, cancelled) marked KILLED")
-    return crashed
-
-
-def _end_stale_tracking_runs(config: CadreConfig, client) -> int:
-    """End as KILLED the MLflow runs still RUNNING whose Prefect flow run has ended: a flow killed by a signal (the
-    worker marks it Crashed) or cancelled never reaches its own `close` step. Returns how many were ended."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-    from prefect.exceptions import ObjectNotFound
-
-    from cadre.tracking import TAG_FLOW_RUN
-
-    try:
-        mlflow = MlflowClient(config.project.mlflow.uri)
-        experiments = [e.experiment_id for e in mlflow.search_experiments()]
-        running = mlflow.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=500) if experiments else []
-    except (MlflowException, OSError):
-        return 0
-    ended = 0
-    for run in running:
-        flow_run_id = run.data.tags.get(TAG_FLOW_RUN)
-        if not flow_run_id:
-            continue
-        try:
-            state = client.read_flow_run(flow_run_id).state
-        except ObjectNotFound:
-            state = None
-        if state is None or state.is_final():
-            mlflow.set_terminated(run.info.run_id, "KILLED")
-            ended += 1
-    return ended
-
-
-def _end_tracking_run(config: CadreConfig, flow_run_id: str) -> bool:
-    """End the MLflow run of a crashed flow run as KILLED (it would show Running for ever); whether one was ended."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = find_run(config.project.mlflow.uri, flow_run_id)
-        if run is None or run.info.status != "RUNNING":
-            return False
-        MlflowClient(config.project.mlflow.uri).set_terminated(run.info.run_id, "KILLED")
-        return True
-    except (MlflowException, OSError):
-        return False  # MLflow unreachable: the run stays as it was; nothing else depends on it
-
-
-def _engine_alive(infrastructure_pid: str | None) -> bool:
-    """Whether the process a process worker recorded for a flow run (`pid`, or `host:pid`) is a live flow engine."""
-    if not infrastructure_pid:
-        return False
-    host, _, pid = infrastructure_pid.rpartition(":")
-    if host and host not in (os.uname().nodename, "localhost"):
-        return True  # another machine's run: not ours to judge
-    try:
-        command = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return False
-    return b"prefect" in command
-
-
 def run_now(config: CadreConfig, flow_kind: str, specialist: str, budget: str = "full", console: Console | None = None,
             timeout_s: float | None = None, parameters: dict | None = None) -> bool:
     """Trigger `flow_kind` for a specialist through its deployment, follow it to the end, print a summary.
@@ -343,12 +341,12 @@ def run_now(config: CadreConfig, flow_kind: str, specialist: str, budget: str = 
     if state is None:
         return False
     completed = state.is_completed()
-    if state.is_crashed() or state.is_cancelled():
-        _end_tracking_run(config, str(flow_run.id))  # it never reached its own close step
     colour = "green" if completed else "red"
     console.print(f"[{colour}]{name} {state.name}[/{colour}] in {time.monotonic() - started:.1f}s"
                   + ("" if completed else f": {state.message or ''}"))
     mlflow_run = find_run(config.project.mlflow.uri, str(flow_run.id))
+    if mlflow_run is not None and (state.is_crashed() or state.is_cancelled()):
+        _end_as_killed(config.project.mlflow.uri, mlflow_run)
     if mlflow_run is not None:
         console.print(f"  MLflow run: {config.project.mlflow.uri}/#/experiments/{mlflow_run.info.experiment_id}/runs/{mlflow_run.info.run_id}")
         verdict = run_verdict(mlflow_run.data.tags)

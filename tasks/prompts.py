@@ -406,26 +406,17 @@ def register_program(handle: RunHandle, registry: RegistryTarget, candidate: Com
     """
     from mlflow import MlflowClient
 
-    from cadre.registry import register_candidate, registered_model_name
+    from cadre.registry import find_identical, register_candidate
 
     client = MlflowClient(handle.tracking_uri)
-    name = registered_model_name(registry.project, registry.specialist, "program")
-    for version in _versions(client, name):
-        if version.tags.get("cadre.lineage.program_sha256") == candidate.fingerprint and version.tags.get("cadre.registration") == "complete":
-            print(f"the candidate is identical to {name} v{version.version}; reusing that version")
-            return version.version
+    same = find_identical(client, project=registry.project, specialist=registry.specialist, kind="program",
+                          lineage_key="program_sha256", value=candidate.fingerprint)
+    if same is not None:
+        print(f"the candidate is identical to {same.name} v{same.version}; reusing that version")
+        return same.version
     version = register_candidate(client, project=registry.project, specialist=registry.specialist, kind="program", run_id=handle.run_id,
                                  artifact_path=PROGRAM_ARTIFACT, lineage=lineage, description=description, actor=flow_actor(f"optimize-prompts:{handle.run_id}"))
     return version.version
-
-
-def _versions(client: Any, name: str) -> list[Any]:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return list(client.search_model_versions(f"name = '{name}'"))
-    except MlflowException:
-        return []
 
 
 @task(name="mark-champion-unchanged", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
