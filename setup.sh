@@ -34,12 +34,12 @@ step "installing Cadre and its stack (llama-cpp-python compiles once, ~7 min on 
 # llama.cpp's LoRA → GGUF converter (so a trained adapter can be served) ships only in the
 # llama-cpp-python sdist: fetch it once from PyPI (pip caches it) and extract the scripts into .venv.
 if [ ! -f .venv/share/cadre/llama.cpp/convert_lora_to_gguf.py ]; then
-  LLAMA_CPP_VERSION=$(.venv/bin/python -c "from cadre.adapters import LLAMA_CPP_PYTHON_VERSION as v; print(v)")
+  LLAMA_CPP_VERSION=$(.venv/bin/python -c "from cadre.tuning.adapter_export import LLAMA_CPP_PYTHON_VERSION as v; print(v)")
   mkdir -p .cadre/vendor
   step "fetching llama.cpp's LoRA converter (llama-cpp-python ${LLAMA_CPP_VERSION} sdist)" \
     .venv/bin/python -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==${LLAMA_CPP_VERSION}" -d .cadre/vendor
   step "installing the converter into .venv" \
-    .venv/bin/python -m cadre.adapters install-converter ".cadre/vendor/llama_cpp_python-${LLAMA_CPP_VERSION}.tar.gz"
+    .venv/bin/python -m cadre.tuning.adapter_export install-converter ".cadre/vendor/llama_cpp_python-${LLAMA_CPP_VERSION}.tar.gz"
 fi
 echo "• installed (pip's log: $log)"
 .venv/bin/cadre validate pipelines.yaml

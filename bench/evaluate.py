@@ -3,9 +3,9 @@
 Scores the same 1,000 predictions on the icd10-coder suite's answer metrics (from
 pipelines.yaml) three ways and prints them side by side:
 
-- ours: `cadre.evaluation.score_predictions` — per-example scores, means, per-slice means,
+- ours: `cadre.evaluation.results.score_predictions` — per-example scores, means, per-slice means,
   runtime metrics and seeded bootstrap intervals (1,000 resamples) for every metric;
-- ours, scores only: `cadre.metrics.compute` per metric (no aggregation, no intervals);
+- ours, scores only: `cadre.evaluation.metrics.compute` per metric (no aggregation, no intervals);
 - bare evaluate: ``evaluate.load(<local module path>).compute(...)`` per metric (means only;
   module loading is timed separately and not counted).
 
@@ -25,16 +25,16 @@ from pathlib import Path
 # Run as a script, this file's folder leads sys.path and this file would shadow the `evaluate` package.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
-from cadre.env import OFFLINE_ENV
+from cadre.platform.env import OFFLINE_ENV
 
 os.environ.update(OFFLINE_ENV)  # before `evaluate` is imported: it reads the hub settings at import
 
 from rich.console import Console
 from rich.table import Table
 
-from cadre import metrics
 from cadre.config import load_config
-from cadre.evaluation import load_cases, score_predictions
+from cadre.evaluation import metrics
+from cadre.evaluation.results import load_cases, score_predictions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +74,9 @@ def main() -> None:
     references = [case[output_field] for case in cases]
 
     def ours() -> object:
-        return score_predictions(cases, outputs, answer_metrics, name="bench", output_field=output_field, bootstrap_samples=1000)
+        return score_predictions(
+            cases, outputs, answer_metrics, name="bench", output_field=output_field, bootstrap_samples=1000
+        )
 
     def scores_only() -> object:
         return {name: metrics.compute(name, outputs, references) for name in answer_metrics}
@@ -86,17 +88,24 @@ def main() -> None:
     load_seconds = time.perf_counter() - started
 
     def bare() -> dict[str, float]:
-        return {name: module.compute(predictions=outputs, references=references)[name] for name, module in modules.items()}
+        return {
+            name: module.compute(predictions=outputs, references=references)[name] for name, module in modules.items()
+        }
 
     result = ours()
     bare_means = bare()
     for name in answer_metrics:
         assert abs(result.scores[name] - bare_means[name]) < 1e-12, f"{name}: runner and evaluate disagree"
 
-    timings = {label: median_seconds(run, args.repeats) for label, run in (("ours", ours), ("scores", scores_only), ("bare", bare))}
+    timings = {
+        label: median_seconds(run, args.repeats)
+        for label, run in (("ours", ours), ("scores", scores_only), ("bare", bare))
+    }
     rate = {label: len(cases) / seconds for label, seconds in timings.items()}
 
-    table = Table(title=f"Evaluation throughput: {len(cases)} cases, metrics {', '.join(answer_metrics)} (median of {args.repeats})")
+    table = Table(
+        title=f"Evaluation throughput: {len(cases)} cases, metrics {', '.join(answer_metrics)} (median of {args.repeats})"
+    )
     table.add_column("path")
     table.add_column("what it returns")
     table.add_column("seconds", justify="right")
@@ -108,10 +117,14 @@ def main() -> None:
         ("bare", "evaluate.load(path).compute", "means only"),
     ]
     for label, path, returns in rows:
-        table.add_row(path, returns, f"{timings[label]:.3f}", f"{rate[label]:,.0f}", f"{rate[label] / rate['bare']:.2f}×")
+        table.add_row(
+            path, returns, f"{timings[label]:.3f}", f"{rate[label]:,.0f}", f"{rate[label] / rate['bare']:.2f}×"
+        )
     console = Console()
     console.print(table)
-    console.print(f"ours/bare throughput ratio: [bold]{rate['ours'] / rate['bare']:.2f}×[/bold]  ·  evaluate module loading (not counted): {load_seconds:.2f} s")
+    console.print(
+        f"ours/bare throughput ratio: [bold]{rate['ours'] / rate['bare']:.2f}×[/bold]  ·  evaluate module loading (not counted): {load_seconds:.2f} s"
+    )
     console.print("means agree: " + ", ".join(f"{name} {result.scores[name]:.4f}" for name in answer_metrics))
 
 

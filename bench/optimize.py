@@ -11,7 +11,7 @@ the same retrieval (the specialist's live index) and the same LM server, each wi
   base model's answers cannot be parsed at all (STACK.md), so there would be no compile to compare.
 
 The flow learns only from *grounded* train cases (a relevant document among the retrieved passages;
-`cadre.optimize.grounded_train_examples`), the bare script from every train case as a plain script
+`cadre.prompts.optimize.grounded_train_examples`), the bare script from every train case as a plain script
 would: that filter is part of what is measured (fewer bootstrap calls that cannot succeed, and no
 demo whose answer its candidates do not contain). The table says how many train cases each side used.
 
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cadre.config import load_config
-from cadre.env import apply_env
+from cadre.platform.env import apply_env
 
 console = Console(width=120)
 
@@ -53,10 +53,16 @@ def main() -> None:
     apply_env(config)
     _use_ephemeral_prefect_unless_up(config.project.prefect.api)
     specialist = config.specialist(args.specialist)
-    optimizer = specialist.program.optimizer.model_copy(update={"kind": "bootstrap_random_search", "num_candidate_programs": args.candidates,
-                                                                "max_lm_calls": 10_000, "max_wall_seconds": 86_400})
+    optimizer = specialist.program.optimizer.model_copy(
+        update={
+            "kind": "bootstrap_random_search",
+            "num_candidate_programs": args.candidates,
+            "max_lm_calls": 10_000,
+            "max_wall_seconds": 86_400,
+        }
+    )
     program = specialist.program.model_copy(update={"optimizer": optimizer})
-    from cadre.evaluation import load_cases
+    from cadre.evaluation.results import load_cases
 
     suite = config.resolve(specialist.evaluation.suite)
     train, dev = load_cases(suite, "train", args.train), load_cases(suite, "dev", args.dev)
@@ -79,7 +85,9 @@ def _use_ephemeral_prefect_unless_up(api: str) -> None:
             return
     except OSError:
         os.environ.pop("PREFECT_API_URL", None)
-        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a busy 2-core box needs more than 20 s
+        os.environ.setdefault(
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"
+        )  # a busy 2-core box needs more than 20 s
         console.print(f"no Prefect server at {api}: using Prefect's ephemeral API")
 
 
@@ -87,12 +95,16 @@ def run_flow_compile(config, specialist: str, program, evaluation, train, dev, s
     """The flow's compile task inside a Prefect flow run, with a fresh DSPy cache."""
     from prefect import flow
 
-    from cadre.optimize import OptimizationPlan
-    from cadre.program import IndexTarget, lm_target
+    from cadre.prompts.optimize import OptimizationPlan
+    from cadre.prompts.program import IndexTarget, lm_target
     from tasks.prompts import ProgramRuntime, compile_candidate
 
-    runtime = ProgramRuntime(lm_target(config), IndexTarget.from_config(config, specialist), str(scratch / "dspy-cache"))
-    plan = OptimizationPlan("bench", len(train), len(dev), None, program.optimizer.max_lm_calls, float(program.optimizer.max_wall_seconds))
+    runtime = ProgramRuntime(
+        lm_target(config), IndexTarget.from_config(config, specialist), str(scratch / "dspy-cache")
+    )
+    plan = OptimizationPlan(
+        "bench", len(train), len(dev), None, program.optimizer.max_lm_calls, float(program.optimizer.max_wall_seconds)
+    )
 
     @flow(name="bench-optimize-compile")
     def compile_flow():
@@ -103,32 +115,44 @@ def run_flow_compile(config, specialist: str, program, evaluation, train, dev, s
     candidate = compile_flow()
     wall = time.perf_counter() - started
     summary = candidate.summary
-    return {"wall_s": wall, "compile_s": summary["compile_wall_seconds"], "lm_calls": int(summary["compile_lm_calls"]),
-            "cache_hits": int(summary["compile_lm_cache_hits"]), "tokens": int(summary["compile_tokens"]),
-            "dev_score": summary["compile_dev_score"], "demos": _demos(candidate.path), "train_used": int(summary["compile_train_examples"])}
+    return {
+        "wall_s": wall,
+        "compile_s": summary["compile_wall_seconds"],
+        "lm_calls": int(summary["compile_lm_calls"]),
+        "cache_hits": int(summary["compile_lm_cache_hits"]),
+        "tokens": int(summary["compile_tokens"]),
+        "dev_score": summary["compile_dev_score"],
+        "demos": _demos(candidate.path),
+        "train_used": int(summary["compile_train_examples"]),
+    }
 
 
 def run_bare_compile(config, specialist: str, program, evaluation, train, dev) -> dict:
     """The same compile as a plain DSPy script: stock LM, stock optimizer, no cache, no Prefect."""
     import dspy
 
-    from cadre import metrics
-    from cadre.embedding import Embedder
-    from cadre.index import open_backend
-    from cadre.program import CompletionAdapter, make_signature
-    from cadre.reindex import Retriever
+    from cadre.evaluation import metrics
+    from cadre.knowledge.embedding import Embedder
+    from cadre.knowledge.index import open_backend
+    from cadre.knowledge.reindex import Retriever
+    from cadre.prompts.program import CompletionAdapter, make_signature
 
     settings = config.specialist(specialist)
     embedder = Embedder.load(config.project.embedding, config.project.threads, root=config.root)
-    index = Retriever(specialist, config.state_dir, open_backend(config.project.index, config.state_dir, specialist,
-                                                                   dimension=embedder.dimension), embedder, settings.index.search_mode)
+    index = Retriever(
+        specialist,
+        config.state_dir,
+        open_backend(config.project.index, config.state_dir, specialist, dimension=embedder.dimension),
+        embedder,
+        settings.index.search_mode,
+    )
     output = program.outputs[0].name
 
     def passages(query: str) -> list[str]:
         best: dict[str, str] = {}  # one passage per document, at its best rank
         for hit in index.search(query, 2 * program.retrieve_k):
             best.setdefault(hit.record_id, f"{hit.record_id} — {hit.title}")
-        return list(best.values())[:program.retrieve_k]
+        return list(best.values())[: program.retrieve_k]
 
     class Bare(dspy.Module):
         def __init__(self):
@@ -143,23 +167,37 @@ def run_bare_compile(config, specialist: str, program, evaluation, train, dev) -
 
     lm = bare_completion_lm(config.project.lm.base_url, config.project.lm.model, program.max_tokens)
     dspy.configure(lm=lm, adapter=CompletionAdapter(program.context_field))
+
     def to_example(case: dict) -> dspy.Example:
         # Train examples carry their retrieved passages, so a labeled demo shows the candidates (as the flow's do).
-        return dspy.Example(phrase=case["phrase"], code=case["code"], context=passages(case["phrase"])).with_inputs("phrase")
+        return dspy.Example(phrase=case["phrase"], code=case["code"], context=passages(case["phrase"])).with_inputs(
+            "phrase"
+        )
 
     optimizer = program.optimizer
-    search = dspy.BootstrapFewShotWithRandomSearch(metric=metric, max_bootstrapped_demos=optimizer.max_bootstrapped_demos,
-                                                   max_labeled_demos=optimizer.max_labeled_demos,
-                                                   num_candidate_programs=optimizer.num_candidate_programs, num_threads=1)
+    search = dspy.BootstrapFewShotWithRandomSearch(
+        metric=metric,
+        max_bootstrapped_demos=optimizer.max_bootstrapped_demos,
+        max_labeled_demos=optimizer.max_labeled_demos,
+        num_candidate_programs=optimizer.num_candidate_programs,
+        num_threads=1,
+    )
     console.print("[bold]bare[/bold]: the same compile as a plain DSPy script …")
     started = time.perf_counter()
     compiled = search.compile(Bare(), trainset=[to_example(c) for c in train], valset=[to_example(c) for c in dev])
     wall = time.perf_counter() - started
     best = max((c["score"] for c in compiled.candidate_programs), default=None)
     usage = [entry.get("usage") or {} for entry in lm.history]
-    return {"wall_s": wall, "compile_s": wall, "lm_calls": len(lm.history), "cache_hits": 0,
-            "tokens": sum(int(u.get("total_tokens") or 0) for u in usage), "dev_score": best, "demos": len(compiled.answer.demos),
-            "train_used": len(train)}
+    return {
+        "wall_s": wall,
+        "compile_s": wall,
+        "lm_calls": len(lm.history),
+        "cache_hits": 0,
+        "tokens": sum(int(u.get("total_tokens") or 0) for u in usage),
+        "dev_score": best,
+        "demos": len(compiled.answer.demos),
+        "train_used": len(train),
+    }
 
 
 def bare_completion_lm(base_url: str, model: str, max_tokens: int):
@@ -173,16 +211,26 @@ def bare_completion_lm(base_url: str, model: str, max_tokens: int):
 
     class _Bare(dspy.BaseLM):
         def __init__(self):
-            super().__init__(model=f"bare/{model}", model_type="text", max_tokens=max_tokens, temperature=0.0, cache=False)
+            super().__init__(
+                model=f"bare/{model}", model_type="text", max_tokens=max_tokens, temperature=0.0, cache=False
+            )
             self._http = httpx.Client(timeout=120)
 
         def forward(self, prompt=None, messages=None, **kwargs):
             options = {**self.kwargs, **kwargs}
-            body = {"model": model, "prompt": prompt, "max_tokens": options["max_tokens"], "stop": options.get("stop") or [],
-                    "temperature": options.get("temperature") or 0.0}
+            body = {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": options["max_tokens"],
+                "stop": options.get("stop") or [],
+                "temperature": options.get("temperature") or 0.0,
+            }
             data = self._http.post(f"{base_url.rstrip('/')}/completions", json=body).json()
-            return {"model": model, "choices": [{"index": 0, "finish_reason": "stop", "message": {"content": data["choices"][0]["text"]}}],
-                    "usage": data.get("usage") or {}}
+            return {
+                "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"content": data["choices"][0]["text"]}}],
+                "usage": data.get("usage") or {},
+            }
 
     return _Bare()
 
@@ -194,20 +242,37 @@ def _demos(path: str) -> int:
 
 
 def report(flow_side: dict, bare_side: dict, args) -> None:
-    table = Table(title=f"Compile: BootstrapFewShotWithRandomSearch, {args.candidates} candidates, {args.train} train / {args.dev} dev cases "
-                        "(one run, cold caches)")
+    table = Table(
+        title=f"Compile: BootstrapFewShotWithRandomSearch, {args.candidates} candidates, {args.train} train / {args.dev} dev cases "
+        "(one run, cold caches)"
+    )
     table.add_column("measure")
     table.add_column("Cadre flow (Prefect task)", justify="right")
     table.add_column("bare DSPy script", justify="right")
     table.add_column("flow ÷ bare", justify="right")
-    rows = [("wall time, whole run (s)", "wall_s", "{:.1f}"), ("wall time, compile only (s)", "compile_s", "{:.1f}"),
-            ("LM calls", "lm_calls", "{:d}"), ("cache hits", "cache_hits", "{:d}"), ("tokens", "tokens", "{:d}"),
-            ("best dev score (%)", "dev_score", "{:.1f}"), ("demos in the result", "demos", "{:d}"),
-            ("train cases learned from", "train_used", "{:d}")]
+    rows = [
+        ("wall time, whole run (s)", "wall_s", "{:.1f}"),
+        ("wall time, compile only (s)", "compile_s", "{:.1f}"),
+        ("LM calls", "lm_calls", "{:d}"),
+        ("cache hits", "cache_hits", "{:d}"),
+        ("tokens", "tokens", "{:d}"),
+        ("best dev score (%)", "dev_score", "{:.1f}"),
+        ("demos in the result", "demos", "{:d}"),
+        ("train cases learned from", "train_used", "{:d}"),
+    ]
     for label, key, shape in rows:
         ours, theirs = flow_side.get(key), bare_side.get(key)
-        ratio = f"{ours / theirs:.2f}" if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and theirs else "—"
-        table.add_row(label, shape.format(ours) if ours is not None else "—", shape.format(theirs) if theirs is not None else "—", ratio)
+        ratio = (
+            f"{ours / theirs:.2f}"
+            if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and theirs
+            else "—"
+        )
+        table.add_row(
+            label,
+            shape.format(ours) if ours is not None else "—",
+            shape.format(theirs) if theirs is not None else "—",
+            ratio,
+        )
     console.print(table)
 
 

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cadre.config import load_config
-from cadre.env import apply_env
-from cadre.stack import Stack
+from cadre.platform.env import apply_env
+from cadre.platform.stack import Stack
 
 console = Console(width=120)
 
@@ -101,25 +101,39 @@ def main() -> None:
             stack.down(console=console)
 
     validate_ms, _ = _median_ms(lambda: load_config(args.config), 20)
-    command_ms, _ = _median_ms(lambda: subprocess.run([sys.executable, "-m", "cadre.cli", "validate", args.config],
-                                                      check=True, capture_output=True), 3)
+    command_ms, _ = _median_ms(
+        lambda: subprocess.run(
+            [sys.executable, "-m", "cadre.cli", "validate", args.config], check=True, capture_output=True
+        ),
+        3,
+    )
 
     table = Table(title="Orchestration overhead (median)", title_justify="left")
     for column in ("what", "ours (Cadre + Prefect server)", "bare", "ratio"):
         table.add_column(column, justify="right")
-    table.add_row("10 no-op tasks in one flow", f"{flow_ms:.0f} ms", f"{plain_ms * 1000:.2f} µs (plain Python)",
-                  f"{flow_ms / plain_ms:,.0f}×")
+    table.add_row(
+        "10 no-op tasks in one flow",
+        f"{flow_ms:.0f} ms",
+        f"{plain_ms * 1000:.2f} µs (plain Python)",
+        f"{flow_ms / plain_ms:,.0f}×",
+    )
     table.add_row("  of which: the flow run itself (0 tasks)", f"{empty_ms:.0f} ms", "", "")
     # Per task from a 100-task flow: the 10-task flow's difference to the empty one is within its noise.
     per_task_ms = (hundred_ms - empty_ms) / 100
-    table.add_row("  of which: per task (from a 100-task flow)", f"{per_task_ms:.1f} ms", f"{plain_ms * 100:.3f} µs",
-                  f"{per_task_ms / (plain_ms / 10):,.0f}×")
+    table.add_row(
+        "  of which: per task (from a 100-task flow)",
+        f"{per_task_ms:.1f} ms",
+        f"{plain_ms * 100:.3f} µs",
+        f"{per_task_ms / (plain_ms / 10):,.0f}×",
+    )
     table.add_row("cadre validate (in-process)", f"{validate_ms:.1f} ms", "", "")
     table.add_row("cadre validate (command)", f"{command_ms:.0f} ms", "", "")
     console.print(table)
-    console.print(f"flow runs: {', '.join(f'{t:.0f}' for t in flow_all)} ms. Most of a flow run's fixed cost is Prefect "
-                  "joining its 1-second heartbeat thread at exit; next to flows that embed, train or call an LM for minutes, "
-                  "both costs are noise.")
+    console.print(
+        f"flow runs: {', '.join(f'{t:.0f}' for t in flow_all)} ms. Most of a flow run's fixed cost is Prefect "
+        "joining its 1-second heartbeat thread at exit; next to flows that embed, train or call an LM for minutes, "
+        "both costs are noise."
+    )
 
 
 if __name__ == "__main__":

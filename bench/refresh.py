@@ -3,7 +3,7 @@
 For each method (LoRA, QLoRA) two fresh processes train the same base model on the same rendered
 examples with the same settings:
 
-- `cadre`: `cadre.finetune.train_adapter`, the function the refresh flow's training task calls
+- `cadre`: `cadre.tuning.finetune.train_adapter`, the function the refresh flow's training task calls
   (its guards, step-metrics callback, checkpoints and final save included);
 - `bare trl`: the few lines a user writes with peft + trl (`SFTTrainer(..., peft_config=...)`), no
   Cadre code at all.
@@ -11,7 +11,7 @@ examples with the same settings:
 Reported: steady-state steps/s (steps after the first, from per-step timestamps), and the process's
 peak RSS. Each variant runs in its own process, so memory numbers do not bleed into each other.
 
-The examples are the demo specialist's train split rendered with `cadre.prompt_format`, each with
+The examples are the demo specialist's train split rendered with `cadre.runtime.prompt`, each with
 five candidate codes (the gold code and its neighbours in ICD-10-CM, titles from `simple-icd-10-cm`)
 standing in for retrieved passages, so prompts have the length they have in production without an
 index.
@@ -51,13 +51,15 @@ class StepTimer(TrainerCallback):
         self.stamps.append(time.perf_counter())
 """
 
-CADRE_VARIANT = TIMER + """
+CADRE_VARIANT = (
+    TIMER
+    + """
 import json, resource, sys
 from pathlib import Path
 import torch
 from cadre.config.tuning import TuningSettings
-from cadre.finetune import train_adapter
-from cadre.training_data import TrainingData, TrainingExample
+from cadre.tuning.finetune import train_adapter
+from cadre.tuning.training_data import TrainingData, TrainingExample
 
 spec = json.loads(Path(sys.argv[1]).read_text())
 examples = [TrainingExample(e["prompt"], e["completion"], "bench") for e in spec["examples"]]
@@ -69,8 +71,11 @@ result = train_adapter(data, TuningSettings(**spec["tuning"]), base_model_dir=Pa
 print("BENCH " + json.dumps({"stamps": timer.stamps, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                             "loss": result.loss_curve[-1]["loss"]}))
 """
+)
 
-BARE_VARIANT = TIMER + """
+BARE_VARIANT = (
+    TIMER
+    + """
 import json, resource, sys
 from pathlib import Path
 import torch
@@ -109,6 +114,7 @@ output = trainer.train()
 loss = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][-1]
 print("BENCH " + json.dumps({"stamps": timer.stamps, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss": loss}))
 """
+)
 
 
 def bench_examples(count: int, seed: int) -> list[dict[str, str]]:
@@ -119,8 +125,8 @@ def bench_examples(count: int, seed: int) -> list[dict[str, str]]:
 
     from cadre.config import load_config
     from cadre.demo.icd10 import billable_codes
-    from cadre.evaluation import load_cases
-    from cadre.prompt_format import PromptSpec, render_completion, render_prompt
+    from cadre.evaluation.results import load_cases
+    from cadre.runtime.prompt import PromptSpec, render_completion, render_prompt
 
     config = load_config(ROOT / "pipelines.yaml")
     settings = config.specialist("icd10-coder")
@@ -134,27 +140,48 @@ def bench_examples(count: int, seed: int) -> list[dict[str, str]]:
         neighbours = [codes[i] for i in range(max(0, at - 2), min(len(codes), at + 3))]
         rng.shuffle(neighbours)
         passages = [f"{code} — {icd.get_description(code)}" for code in neighbours[: settings.program.retrieve_k]]
-        inputs = {spec.context_field: passages, "phrase": case["phrase"]} if spec.context_field else {"phrase": case["phrase"]}
-        examples.append({"prompt": render_prompt(spec, inputs), "completion": render_completion(spec, {"code": case["code"]})})
+        inputs = (
+            {spec.context_field: passages, "phrase": case["phrase"]}
+            if spec.context_field
+            else {"phrase": case["phrase"]}
+        )
+        examples.append(
+            {"prompt": render_prompt(spec, inputs), "completion": render_completion(spec, {"code": case["code"]})}
+        )
     return examples
 
 
 def run_variant(script: str, spec_path: Path) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", script, str(spec_path)], check=False, capture_output=True, text=True, env=env, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(spec_path)], check=False, capture_output=True, text=True, env=env, cwd=ROOT
+    )
     line = next((line for line in done.stdout.splitlines() if line.startswith("BENCH ")), None)
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"variant failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
-    found = json.loads(line[len("BENCH "):])
+    found = json.loads(line[len("BENCH ") :])
     stamps = found["stamps"]
     steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
-    return {"steps_per_s": steady, "rss_mb": found["rss_mb"], "loss": found["loss"], "wall_s": time.perf_counter() - started}
+    return {
+        "steps_per_s": steady,
+        "rss_mb": found["rss_mb"],
+        "loss": found["loss"],
+        "wall_s": time.perf_counter() - started,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per variant (the first is excluded from steps/s)")
+    parser.add_argument(
+        "--steps", type=int, default=12, help="optimizer steps per variant (the first is excluded from steps/s)"
+    )
     parser.add_argument("--methods", default="lora,qlora")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: project.threads.torch)")
     args = parser.parse_args()
@@ -162,36 +189,77 @@ def main() -> None:
     import torch
 
     from cadre.config import load_config
-    from cadre.models import ensure_hf_model
+    from cadre.runtime.base_model import ensure_hf_model
 
     config = load_config(ROOT / "pipelines.yaml")
     settings = config.specialist("icd10-coder")
     threads = args.threads or config.project.threads.torch
     model = ensure_hf_model(config)
-    device = f"CUDA ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "CPU — CUDA was not available on this machine"
-    examples = bench_examples(settings.tuning.batch_size * settings.tuning.gradient_accumulation * args.steps, settings.tuning.seed)
-    console.print(f"[bold]Refresh training throughput[/bold]: {settings.base_model}, {args.steps} steps, batch {settings.tuning.batch_size}, "
-                  f"max_length {settings.tuning.max_length}, r={settings.tuning.rank}, {threads} torch threads; device: {device}")
+    device = (
+        f"CUDA ({torch.cuda.get_device_name(0)})"
+        if torch.cuda.is_available()
+        else "CPU — CUDA was not available on this machine"
+    )
+    examples = bench_examples(
+        settings.tuning.batch_size * settings.tuning.gradient_accumulation * args.steps, settings.tuning.seed
+    )
+    console.print(
+        f"[bold]Refresh training throughput[/bold]: {settings.base_model}, {args.steps} steps, batch {settings.tuning.batch_size}, "
+        f"max_length {settings.tuning.max_length}, r={settings.tuning.rank}, {threads} torch threads; device: {device}"
+    )
 
-    table = Table(title="cadre.finetune.train_adapter vs. a bare trl script (same model, data, settings; fresh process each)")
-    for column in ("method", "implementation", "steps/s", "s/step", "peak RSS (MB)", "final loss", "process wall (s)", "cadre / bare"):
+    table = Table(
+        title="cadre.finetune.train_adapter vs. a bare trl script (same model, data, settings; fresh process each)"
+    )
+    for column in (
+        "method",
+        "implementation",
+        "steps/s",
+        "s/step",
+        "peak RSS (MB)",
+        "final loss",
+        "process wall (s)",
+        "cadre / bare",
+    ):
         table.add_column(column, justify="left" if column in ("method", "implementation") else "right")
     with tempfile.TemporaryDirectory() as scratch:
         for method in args.methods.split(","):
-            tuning = settings.tuning.model_copy(update={"method": method, "max_steps": args.steps, "checkpoint_every": 10_000})
+            tuning = settings.tuning.model_copy(
+                update={"method": method, "max_steps": args.steps, "checkpoint_every": 10_000}
+            )
             results = {}
             for name, script in (("bare trl", BARE_VARIANT), ("cadre", CADRE_VARIANT)):
                 spec_path = Path(scratch) / f"{method}-{name.replace(' ', '-')}.json"
-                spec_path.write_text(json.dumps({"model": str(model), "work": str(Path(scratch) / spec_path.stem), "steps": args.steps,
-                                                 "threads": threads, "tuning": tuning.model_dump(mode="json"), "examples": examples}))
+                spec_path.write_text(
+                    json.dumps(
+                        {
+                            "model": str(model),
+                            "work": str(Path(scratch) / spec_path.stem),
+                            "steps": args.steps,
+                            "threads": threads,
+                            "tuning": tuning.model_dump(mode="json"),
+                            "examples": examples,
+                        }
+                    )
+                )
                 console.print(f"  running {method} / {name} …")
                 results[name] = run_variant(script, spec_path)
             for name, found in results.items():
                 ratio = found["steps_per_s"] / results["bare trl"]["steps_per_s"]
-                table.add_row(method, name, f"{found['steps_per_s']:.3f}", f"{1 / found['steps_per_s']:.2f}", f"{found['rss_mb']:,.0f}",
-                              f"{found['loss']:.3f}", f"{found['wall_s']:.0f}", f"{ratio:.3f}" if name == "cadre" else "")
+                table.add_row(
+                    method,
+                    name,
+                    f"{found['steps_per_s']:.3f}",
+                    f"{1 / found['steps_per_s']:.2f}",
+                    f"{found['rss_mb']:,.0f}",
+                    f"{found['loss']:.3f}",
+                    f"{found['wall_s']:.0f}",
+                    f"{ratio:.3f}" if name == "cadre" else "",
+                )
     console.print(table)
-    console.print("steps/s counts steps 2…N (the first step pays one-off costs); peak RSS is the process's maximum resident set.")
+    console.print(
+        "steps/s counts steps 2…N (the first step pays one-off costs); peak RSS is the process's maximum resident set."
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 SPECIALIST = "icd10-coder"
 
 
-def icd10_documents(change: float = 0.0, seed: int = 0, limit: int | None = None, priority_ids: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+def icd10_documents(
+    change: float = 0.0, seed: int = 0, limit: int | None = None, priority_ids: Sequence[str] = ()
+) -> Iterator[dict[str, Any]]:
     """The demo's ICD-10-CM documents, with a fraction `change` of them altered (for the re-run).
 
     Half of the changed share is edited, a quarter deleted, and as many new documents as a quarter
@@ -56,8 +58,12 @@ def icd10_documents(change: float = 0.0, seed: int = 0, limit: int | None = None
         else:
             yield document
     for number in range(int(produced * change / 4)):
-        yield {"id": f"NEW{number:05d}", "title": f"Benchmark condition {number}", "text": f"NEW{number:05d}: a condition added by the benchmark, number {number}.",
-               "metadata": {"chapter": "bench"}}
+        yield {
+            "id": f"NEW{number:05d}",
+            "title": f"Benchmark condition {number}",
+            "text": f"NEW{number:05d}: a condition added by the benchmark, number {number}.",
+            "metadata": {"chapter": "bench"},
+        }
 
 
 def percentiles(samples: Sequence[float]) -> tuple[float, float]:
@@ -78,15 +84,19 @@ def timed_calls(call, items: Sequence[Any]) -> tuple[list[float], list[Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=None, help="index only this many documents (test codes first)")
-    parser.add_argument("--threads", type=int, default=None, help="embedding threads (default: pipelines.yaml threads.embedding)")
-    parser.add_argument("--bare-sample", type=float, default=1.0, help="fraction of chunks the bare baseline embeds (time scaled up)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="embedding threads (default: pipelines.yaml threads.embedding)"
+    )
+    parser.add_argument(
+        "--bare-sample", type=float, default=1.0, help="fraction of chunks the bare baseline embeds (time scaled up)"
+    )
     parser.add_argument("--queries", type=int, default=None, help="evaluate this many test cases (default: all)")
     parser.add_argument("--state-dir", type=Path, default=None, help="where to build (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this file")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
-    from cadre.env import OFFLINE_ENV
+    from cadre.platform.env import OFFLINE_ENV
 
     os.environ.update(OFFLINE_ENV)
     from cadre.config import load_config
@@ -103,27 +113,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from cadre import metrics
     from cadre.config.knowledge import PythonSource
     from cadre.config.project import ThreadSettings
-    from cadre.embedding import Embedder, torch_threads
-    from cadre.index import open_backend
-    from cadre.reindex import Retriever, plan_and_apply, promote_version
+    from cadre.evaluation import metrics
+    from cadre.knowledge.embedding import Embedder, torch_threads
+    from cadre.knowledge.index import open_backend
+    from cadre.knowledge.reindex import Retriever, plan_and_apply, promote_version
 
     console = Console(width=max(Console().width, 130))
     torch.set_num_threads(threads)
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="cadre-bench-"))
-    cases = [json.loads(line) for line in (REPO / "evals/suites/icd10-coder/test.jsonl").read_text().splitlines() if line.strip()]
+    cases = [
+        json.loads(line)
+        for line in (REPO / "evals/suites/icd10-coder/test.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     if args.queries:
         cases = cases[: args.queries]
     options: dict[str, Any] = {}
     if args.limit:
         options["priority_ids"] = sorted({code for case in cases for code in case["relevant_ids"]})[: args.limit]
-    source = lambda change: PythonSource(kind="python", name="icd10cm", entrypoint="bench.reindex:icd10_documents", options={**options, "change": change})
 
-    embedder = Embedder.load(config.project.embedding, ThreadSettings(torch=threads, embedding=threads), root=config.root)
-    console.print(f"[bold]Cadre re-index benchmark[/] · {SPECIALIST} · {args.limit or 'all'} documents · {threads} embedding threads · "
-                  f"{os.cpu_count()} CPUs · state {state_dir}")
+    def source(change):
+        return PythonSource(
+            kind="python",
+            name="icd10cm",
+            entrypoint="bench.reindex:icd10_documents",
+            options={**options, "change": change},
+        )
+
+    embedder = Embedder.load(
+        config.project.embedding, ThreadSettings(torch=threads, embedding=threads), root=config.root
+    )
+    console.print(
+        f"[bold]Cadre re-index benchmark[/] · {SPECIALIST} · {args.limit or 'all'} documents · {threads} embedding threads · "
+        f"{os.cpu_count()} CPUs · state {state_dir}"
+    )
     with console.status("warming up (model, ICD-10-CM tables)"):
         started = time.perf_counter()
         embedder.embed(["warm up"])
@@ -134,8 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def reindex(change: float):
         started = time.perf_counter()
-        result = plan_and_apply(SPECIALIST, [source(change)], specialist.chunking, root=REPO, state_dir=state_dir, embedder=embedder,
-                                max_documents=args.limit, show_progress=True)
+        result = plan_and_apply(
+            SPECIALIST,
+            [source(change)],
+            specialist.chunking,
+            root=REPO,
+            state_dir=state_dir,
+            embedder=embedder,
+            max_documents=args.limit,
+            show_progress=True,
+        )
         return result, time.perf_counter() - started
 
     console.print("full index …")
@@ -158,12 +191,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = embedder.model
     with torch_threads(threads), torch.inference_mode():
         started = time.perf_counter()
-        model.encode([texts[i] for i in sample], batch_size=config.project.embedding.batch_size, normalize_embeddings=True, convert_to_numpy=True)
+        model.encode(
+            [texts[i] for i in sample],
+            batch_size=config.project.embedding.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+        )
         bare_embed_s = (time.perf_counter() - started) * len(texts) / len(sample)
     bare_db = lancedb.connect(str(state_dir / "bare"))
     started = time.perf_counter()
-    bare_table = bare_db.create_table("bare", pa.table({"id": rows.column("id"), "record_id": rows.column("record_id"),
-                                                        "content": rows.column("content"), "vector": rows.column("vector")}))
+    bare_table = bare_db.create_table(
+        "bare",
+        pa.table(
+            {
+                "id": rows.column("id"),
+                "record_id": rows.column("record_id"),
+                "content": rows.column("content"),
+                "vector": rows.column("vector"),
+            }
+        ),
+    )
     bare_insert_s = time.perf_counter() - started
     bare_s = bare_embed_s + bare_insert_s
 
@@ -173,9 +220,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     query_times, query_vectors = timed_calls(embedder.embed_query, phrases)
     pairs = list(zip(query_vectors, phrases))
     bare_times, bare_hits = timed_calls(
-        lambda pair: bare_table.search(pair[0]).distance_type("cosine").limit(10).select(["record_id", "_distance"]).to_arrow().column("record_id").to_pylist(), pairs)
-    vector_times, vector_hits = timed_calls(lambda pair: engine_version.search(pair[0], pair[1], 10, mode="vector"), pairs)
-    hybrid_times, hybrid_hits = timed_calls(lambda pair: engine_version.search(pair[0], pair[1], 10, mode="hybrid"), pairs)
+        lambda pair: (
+            bare_table.search(pair[0])
+            .distance_type("cosine")
+            .limit(10)
+            .select(["record_id", "_distance"])
+            .to_arrow()
+            .column("record_id")
+            .to_pylist()
+        ),
+        pairs,
+    )
+    vector_times, vector_hits = timed_calls(
+        lambda pair: engine_version.search(pair[0], pair[1], 10, mode="vector"), pairs
+    )
+    hybrid_times, hybrid_hits = timed_calls(
+        lambda pair: engine_version.search(pair[0], pair[1], 10, mode="hybrid"), pairs
+    )
     retriever = Retriever(SPECIALIST, state_dir, backend, embedder, "hybrid")
     end_to_end_times, _ = timed_calls(lambda phrase: retriever.search(phrase, 10), phrases)
 
@@ -193,30 +254,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Noise-free view: both sides embedding at the engine's measured speed.
     same_speed_ratio = (embed_s + bare_insert_s) / full_s
     numbers: dict[str, Any] = {
-        "documents": full.documents_total, "chunks": chunks, "threads": threads, "warmup_s": warmup_s,
-        "full_s": full_s, "full_phases_s": full.durations_s, "engine_chunks_per_s": engine_rate,
-        "bare_embed_s": bare_embed_s, "bare_insert_s": bare_insert_s, "bare_s": bare_s, "bare_chunks_per_s": bare_rate,
-        "bare_sample": args.bare_sample, "throughput_ratio": engine_rate / bare_rate, "same_speed_ratio": same_speed_ratio,
-        "unchanged_s": unchanged_s, "unchanged_fraction": unchanged_s / full_s, "unchanged_created_version": unchanged.created_version,
-        "unchanged_embedded": unchanged.chunks_embedded, "unchanged_phases_s": unchanged.durations_s,
-        "changed_s": changed_s, "changed_fraction": changed_s / full_s, "changed_embedded": changed.chunks_embedded,
-        "changed_deleted": changed.chunks_deleted, "changed_documents": [changed.documents_added, changed.documents_updated, changed.documents_deleted],
+        "documents": full.documents_total,
+        "chunks": chunks,
+        "threads": threads,
+        "warmup_s": warmup_s,
+        "full_s": full_s,
+        "full_phases_s": full.durations_s,
+        "engine_chunks_per_s": engine_rate,
+        "bare_embed_s": bare_embed_s,
+        "bare_insert_s": bare_insert_s,
+        "bare_s": bare_s,
+        "bare_chunks_per_s": bare_rate,
+        "bare_sample": args.bare_sample,
+        "throughput_ratio": engine_rate / bare_rate,
+        "same_speed_ratio": same_speed_ratio,
+        "unchanged_s": unchanged_s,
+        "unchanged_fraction": unchanged_s / full_s,
+        "unchanged_created_version": unchanged.created_version,
+        "unchanged_embedded": unchanged.chunks_embedded,
+        "unchanged_phases_s": unchanged.durations_s,
+        "changed_s": changed_s,
+        "changed_fraction": changed_s / full_s,
+        "changed_embedded": changed.chunks_embedded,
+        "changed_deleted": changed.chunks_deleted,
+        "changed_documents": [changed.documents_added, changed.documents_updated, changed.documents_deleted],
         "changed_phases_s": changed.durations_s,
-        "latency_ms": {name: percentiles(times) for name, times in [("query_embedding", query_times), ("bare_lancedb_flat", bare_times),
-                                                                      ("engine_vector", vector_times), ("engine_hybrid", hybrid_times),
-                                                                      ("engine_search_end_to_end", end_to_end_times)]},
-        "queries": len(cases), "recall@10_hybrid": quality(hybrid_ids)[0], "mrr_hybrid": quality(hybrid_ids)[1],
-        "recall@10_vector": quality(vector_ids)[0], "mrr_vector": quality(vector_ids)[1],
-        "recall@10_bare_flat": quality(bare_hits)[0], "mrr_bare_flat": quality(bare_hits)[1], "ann_overlap_with_flat@10": ann_overlap,
+        "latency_ms": {
+            name: percentiles(times)
+            for name, times in [
+                ("query_embedding", query_times),
+                ("bare_lancedb_flat", bare_times),
+                ("engine_vector", vector_times),
+                ("engine_hybrid", hybrid_times),
+                ("engine_search_end_to_end", end_to_end_times),
+            ]
+        },
+        "queries": len(cases),
+        "recall@10_hybrid": quality(hybrid_ids)[0],
+        "mrr_hybrid": quality(hybrid_ids)[1],
+        "recall@10_vector": quality(vector_ids)[0],
+        "mrr_vector": quality(vector_ids)[1],
+        "recall@10_bare_flat": quality(bare_hits)[0],
+        "mrr_bare_flat": quality(bare_hits)[1],
+        "ann_overlap_with_flat@10": ann_overlap,
         "index_types": {config.columns[0]: config.index_type for config in engine_version.table.list_indices()},
     }
 
     table = Table(title=f"Full index · {full.documents_total} documents · {chunks} chunks")
     for column in ("", "seconds", "chunks/s", "vs bare", "target"):
         table.add_column(column, justify="right" if column else "left")
-    table.add_row("engine (end to end)", f"{full_s:.1f}", f"{engine_rate:.1f}", f"{engine_rate / bare_rate:.3f}", ">= 0.9")
+    table.add_row(
+        "engine (end to end)", f"{full_s:.1f}", f"{engine_rate:.1f}", f"{engine_rate / bare_rate:.3f}", ">= 0.9"
+    )
     table.add_row("engine, if bare embedded at the engine's speed", "", "", f"{same_speed_ratio:.3f}", ">= 0.9")
-    table.add_row(f"bare model + LanceDB insert{' (sampled)' if args.bare_sample < 1 else ''}", f"{bare_s:.1f}", f"{bare_rate:.1f}", "1.000", "")
+    table.add_row(
+        f"bare model + LanceDB insert{' (sampled)' if args.bare_sample < 1 else ''}",
+        f"{bare_s:.1f}",
+        f"{bare_rate:.1f}",
+        "1.000",
+        "",
+    )
     table.add_row("  bare: embed / insert", f"{bare_embed_s:.1f} / {bare_insert_s:.2f}", "", "", "")
     console.print(table)
     console.print("  engine phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in full.durations_s.items()))
@@ -224,20 +321,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = Table(title="Re-runs")
     for column in ("", "seconds", "of full run", "target", "embedded", "deleted", "documents +/~/-"):
         table.add_column(column, justify="right" if column else "left")
-    table.add_row("no change", f"{unchanged_s:.2f}", f"{unchanged_s / full_s:.4f}", "<= 0.02", str(unchanged.chunks_embedded), str(unchanged.chunks_deleted),
-                  f"{unchanged.documents_added}/{unchanged.documents_updated}/{unchanged.documents_deleted}")
-    table.add_row("1% changed", f"{changed_s:.2f}", f"{changed_s / full_s:.4f}", "<= 0.03", str(changed.chunks_embedded), str(changed.chunks_deleted),
-                  f"{changed.documents_added}/{changed.documents_updated}/{changed.documents_deleted}")
+    table.add_row(
+        "no change",
+        f"{unchanged_s:.2f}",
+        f"{unchanged_s / full_s:.4f}",
+        "<= 0.02",
+        str(unchanged.chunks_embedded),
+        str(unchanged.chunks_deleted),
+        f"{unchanged.documents_added}/{unchanged.documents_updated}/{unchanged.documents_deleted}",
+    )
+    table.add_row(
+        "1% changed",
+        f"{changed_s:.2f}",
+        f"{changed_s / full_s:.4f}",
+        "<= 0.03",
+        str(changed.chunks_embedded),
+        str(changed.chunks_deleted),
+        f"{changed.documents_added}/{changed.documents_updated}/{changed.documents_deleted}",
+    )
     console.print(table)
     console.print("  no change phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in unchanged.durations_s.items()))
     console.print("  1% changed phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in changed.durations_s.items()))
 
-    table = Table(title=f"Query latency · {len(cases)} queries · k=10 · {chunks} chunks · indexes {numbers['index_types']}")
+    table = Table(
+        title=f"Query latency · {len(cases)} queries · k=10 · {chunks} chunks · indexes {numbers['index_types']}"
+    )
     for column in ("", "p50 ms", "p95 ms"):
         table.add_column(column, justify="right" if column else "left")
-    labels = {"bare_lancedb_flat": "bare LanceDB vector search (no index)", "engine_vector": "engine vector search",
-              "engine_hybrid": "engine hybrid search (vector + BM25, RRF)", "query_embedding": "query embedding (MiniLM)",
-              "engine_search_end_to_end": "engine search() end to end (embed + hybrid)"}
+    labels = {
+        "bare_lancedb_flat": "bare LanceDB vector search (no index)",
+        "engine_vector": "engine vector search",
+        "engine_hybrid": "engine hybrid search (vector + BM25, RRF)",
+        "query_embedding": "query embedding (MiniLM)",
+        "engine_search_end_to_end": "engine search() end to end (embed + hybrid)",
+    }
     for name, (p50, p95) in numbers["latency_ms"].items():
         table.add_row(labels[name], f"{p50:.1f}", f"{p95:.1f}")
     console.print(table)
@@ -247,7 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         table.add_column(column, justify="right" if column else "left")
     table.add_row("engine hybrid (default)", f"{numbers['recall@10_hybrid']:.3f}", f"{numbers['mrr_hybrid']:.3f}")
     table.add_row("engine vector (ANN)", f"{numbers['recall@10_vector']:.3f}", f"{numbers['mrr_vector']:.3f}")
-    table.add_row("bare LanceDB vector (exact)", f"{numbers['recall@10_bare_flat']:.3f}", f"{numbers['mrr_bare_flat']:.3f}")
+    table.add_row(
+        "bare LanceDB vector (exact)", f"{numbers['recall@10_bare_flat']:.3f}", f"{numbers['mrr_bare_flat']:.3f}"
+    )
     table.add_row("ANN top-10 overlap with exact", f"{ann_overlap:.3f}", "")
     console.print(table)
     if args.json:

@@ -6,7 +6,7 @@ In one run, on loopback:
    not retrieval dominates) with its own MLflow server (`cadre up --only mlflow`) and `cadre serve`
    started as a subprocess.
 2. Sequential: the same prompts one at a time through the server, then with bare llama.cpp in this
-   process (`cadre.lm.LlamaCppClient`, same GGUF, same threads, the exact prompts the server rendered,
+   process (`cadre.runtime.lm.LlamaCppClient`, same GGUF, same threads, the exact prompts the server rendered,
    read back from its feedback store). Tokens/s side by side, and their ratio.
 3. Concurrent: N clients for a fixed time (and at most a fixed number of requests): requests/s,
    generated tokens/s, p50/p95 latency, errors.
@@ -42,16 +42,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cadre.config import load_config
-from cadre.env import OFFLINE_ENV
+from cadre.platform.env import OFFLINE_ENV
 
 console = Console(width=120)
 
 QUESTIONS = [
-    "What is the capital of France?", "Why is the sky blue?", "What do bees make?", "How many legs does a spider have?",
-    "What is the largest ocean on Earth?", "Who wrote Romeo and Juliet?", "What is water made of?", "Why do leaves change colour in autumn?",
-    "What is the tallest mountain in the world?", "What does a thermometer measure?", "What is the fastest land animal?",
-    "What language is spoken in Brazil?", "What is the freezing point of water?", "What planet is known as the red planet?",
-    "What is the main ingredient of bread?", "How many days are in a leap year?",
+    "What is the capital of France?",
+    "Why is the sky blue?",
+    "What do bees make?",
+    "How many legs does a spider have?",
+    "What is the largest ocean on Earth?",
+    "Who wrote Romeo and Juliet?",
+    "What is water made of?",
+    "Why do leaves change colour in autumn?",
+    "What is the tallest mountain in the world?",
+    "What does a thermometer measure?",
+    "What is the fastest land animal?",
+    "What language is spoken in Brazil?",
+    "What is the freezing point of water?",
+    "What planet is known as the red planet?",
+    "What is the main ingredient of bread?",
+    "How many days are in a leap year?",
 ]
 
 
@@ -63,9 +74,12 @@ def _free_port() -> int:
 
 def write_project(folder: Path, max_tokens: int) -> Path:
     (folder / "suite").mkdir(parents=True, exist_ok=True)
-    (folder / "suite" / "test.jsonl").write_text('{"id": "q1", "question": "What is the capital of France?", "answer": "Paris"}\n')
+    (folder / "suite" / "test.jsonl").write_text(
+        '{"id": "q1", "question": "What is the capital of France?", "answer": "Paris"}\n'
+    )
     models = Path(os.environ.get("CADRE_MODELS_DIR", ROOT / ".cadre" / "models"))
-    (folder / "pipelines.yaml").write_text(textwrap.dedent(f"""\
+    (folder / "pipelines.yaml").write_text(
+        textwrap.dedent(f"""\
         version: 1
         project:
           name: servebench
@@ -83,7 +97,8 @@ def write_project(folder: Path, max_tokens: int) -> Path:
               retrieve_k: 0
               max_tokens: {max_tokens}
             evaluation: {{suite: suite}}
-        """))
+        """)
+    )
     os.environ.setdefault("CADRE_MODELS_DIR", str(models))
     return folder / "pipelines.yaml"
 
@@ -91,10 +106,32 @@ def write_project(folder: Path, max_tokens: int) -> Path:
 def start_server(config_path: Path, port: int, contexts: int, threads: int, max_in_flight: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))} | OFFLINE_ENV
     log = (config_path.parent / "serve.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "cadre.cli", "serve", "-c", str(config_path), "--port", str(port), "--contexts",
-                                str(contexts), "--threads", str(threads), "--no-route", "--max-in-flight", str(max_in_flight),
-                                "--poll-interval", "60"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=config_path.parent,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cadre.cli",
+            "serve",
+            "-c",
+            str(config_path),
+            "--port",
+            str(port),
+            "--contexts",
+            str(contexts),
+            "--threads",
+            str(threads),
+            "--no-route",
+            "--max-in-flight",
+            str(max_in_flight),
+            "--poll-interval",
+            "60",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=config_path.parent,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -119,8 +156,10 @@ def stop_server(process: subprocess.Popen) -> None:
 
 def ask(client: httpx.Client, url: str, question: str, max_tokens: int) -> tuple[float, dict]:
     started = time.perf_counter()
-    response = client.post(f"{url}/v1/chat/completions", json={"model": "qa", "max_tokens": max_tokens,
-                                                               "messages": [{"role": "user", "content": question}]})
+    response = client.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "qa", "max_tokens": max_tokens, "messages": [{"role": "user", "content": question}]},
+    )
     seconds = time.perf_counter() - started
     return seconds, (response.json() if response.status_code == 200 else {"status": response.status_code})
 
@@ -164,16 +203,22 @@ def concurrent(url: str, clients: int, seconds: float, max_requests: int, max_to
         thread.join()
     wall = time.perf_counter() - started
     ordered = sorted(latencies)
-    return {"requests": len(latencies), "errors": errors, "wall_s": wall, "requests_per_s": len(latencies) / wall,
-            "tokens_per_s": sum(tokens) / wall, "p50_ms": 1000 * statistics.median(ordered) if ordered else float("nan"),
-            "p95_ms": 1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else float("nan")}
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "wall_s": wall,
+        "requests_per_s": len(latencies) / wall,
+        "tokens_per_s": sum(tokens) / wall,
+        "p50_ms": 1000 * statistics.median(ordered) if ordered else float("nan"),
+        "p95_ms": 1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else float("nan"),
+    }
 
 
 def bare(config_path: Path, responses: list[dict], max_tokens: int, threads: int) -> list[tuple[float, int]]:
     """The exact prompts the server rendered, generated by llama.cpp in this process (same GGUF, threads, stop)."""
-    from cadre.feedback import open_store, store_url_for
-    from cadre.lm import LlamaCppClient
-    from cadre.models import ensure_gguf
+    from cadre.feedback.store import open_store, store_url_for
+    from cadre.runtime.base_model import ensure_gguf
+    from cadre.runtime.lm import LlamaCppClient
 
     config = load_config(config_path)
     store = open_store(store_url_for(config, "qa"))
@@ -187,7 +232,7 @@ def bare(config_path: Path, responses: list[dict], max_tokens: int, threads: int
     return timed
 
 
-MEMORY_PROBE = r'''
+MEMORY_PROBE = r"""
 import ctypes, json, sys, time
 import llama_cpp
 from llama_cpp import Llama
@@ -223,7 +268,7 @@ else:
         texts.append(answer(llm))
 after = rollup()
 print(json.dumps({"before": before, "after": after, "texts": texts}))
-'''
+"""
 
 
 def memory(config_path: Path, n_ctx: int) -> list[tuple[str, dict]]:
@@ -232,8 +277,8 @@ def memory(config_path: Path, n_ctx: int) -> list[tuple[str, dict]]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from cadre.adapters import export_adapter
-    from cadre.models import ensure_gguf, ensure_hf_model
+    from cadre.runtime.base_model import ensure_gguf, ensure_hf_model
+    from cadre.tuning.adapter_export import export_adapter
 
     config = load_config(config_path)
     base, hf = ensure_gguf(config), ensure_hf_model(config)
@@ -242,16 +287,23 @@ def memory(config_path: Path, n_ctx: int) -> list[tuple[str, dict]]:
     torch.set_num_threads(1)
     for seed in range(3):
         torch.manual_seed(seed)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32),
-                               LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32),
+            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+        )
         peft_dir = config_path.parent / f"lora{seed}"
         model.save_pretrained(peft_dir)
         paths.append(str(export_adapter(peft_dir, hf, config_path.parent / f"export{seed}", state).gguf))
         del model
     rows = []
     for layout in ("lora_path", "context_per_adapter", "switching"):
-        done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, layout, str(base), ",".join(paths), str(n_ctx)], capture_output=True,
-                              text=True, timeout=600, check=True)
+        done = subprocess.run(
+            [sys.executable, "-c", MEMORY_PROBE, layout, str(base), ",".join(paths), str(n_ctx)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
         rows.append((layout, json.loads(done.stdout.strip().splitlines()[-1])))
     return rows
 
@@ -259,16 +311,27 @@ def memory(config_path: Path, n_ctx: int) -> list[tuple[str, dict]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="duration of the concurrent phase (default: %(default)s)")
-    parser.add_argument("--max-requests", type=int, default=400, help="most requests in the concurrent phase (default: %(default)s)")
-    parser.add_argument("--contexts", type=int, default=1, help="llama.cpp contexts of the server (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="decode threads per context, and for bare llama.cpp (default: %(default)s)")
+    parser.add_argument(
+        "--seconds", type=float, default=20.0, help="duration of the concurrent phase (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-requests", type=int, default=400, help="most requests in the concurrent phase (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--contexts", type=int, default=1, help="llama.cpp contexts of the server (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="decode threads per context, and for bare llama.cpp (default: %(default)s)",
+    )
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens per answer at most (default: %(default)s)")
     parser.add_argument("--memory", action="store_true", help="also measure the memory of three adapter layouts")
     args = parser.parse_args()
     os.environ.update(OFFLINE_ENV)
 
-    from cadre.stack import Stack
+    from cadre.platform.stack import Stack
 
     with tempfile.TemporaryDirectory(prefix="cadre-serve-bench-") as folder:
         config_path = write_project(Path(folder), args.max_tokens)
@@ -281,9 +344,13 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         server = None
         try:
-            server = start_server(config_path, port, args.contexts, args.threads, max_in_flight=max(8, args.clients * 2))
-            console.print(f"MLflow and cadre serve ready in {time.perf_counter() - started:.0f} s; {args.contexts} context(s), "
-                          f"{args.threads} thread(s) each")
+            server = start_server(
+                config_path, port, args.contexts, args.threads, max_in_flight=max(8, args.clients * 2)
+            )
+            console.print(
+                f"MLflow and cadre serve ready in {time.perf_counter() - started:.0f} s; {args.contexts} context(s), "
+                f"{args.threads} thread(s) each"
+            )
             served = sequential(url, args.max_tokens)
             load = concurrent(url, args.clients, args.seconds, args.max_requests, args.max_tokens)
         finally:
@@ -301,30 +368,57 @@ def main() -> int:
     table = Table(title=f"One request at a time: {len(bodies)} prompts, same GGUF and threads")
     for column in ("", "generated tokens", "seconds", "tokens/s", "mean latency ms"):
         table.add_column(column, justify="right")
-    table.add_row("through cadre serve (HTTP, loopback)", str(server_tokens), f"{server_seconds:.2f}", f"{server_rate:.1f}",
-                  f"{1000 * server_seconds / len(bodies):.0f}")
-    table.add_row("bare llama.cpp (in process)", str(bare_tokens), f"{bare_seconds:.2f}", f"{bare_rate:.1f}",
-                  f"{1000 * bare_seconds / len(baseline):.0f}")
+    table.add_row(
+        "through cadre serve (HTTP, loopback)",
+        str(server_tokens),
+        f"{server_seconds:.2f}",
+        f"{server_rate:.1f}",
+        f"{1000 * server_seconds / len(bodies):.0f}",
+    )
+    table.add_row(
+        "bare llama.cpp (in process)",
+        str(bare_tokens),
+        f"{bare_seconds:.2f}",
+        f"{bare_rate:.1f}",
+        f"{1000 * bare_seconds / len(baseline):.0f}",
+    )
     table.add_row("[bold]server / bare[/bold]", "", "", f"[bold]{server_rate / bare_rate:.2f}[/bold]", "")
     console.print(table)
 
-    table = Table(title=f"{args.clients} concurrent clients for {load['wall_s']:.0f} s (at most {args.max_requests} requests)")
+    table = Table(
+        title=f"{args.clients} concurrent clients for {load['wall_s']:.0f} s (at most {args.max_requests} requests)"
+    )
     for column in ("requests", "errors", "requests/s", "generated tokens/s", "p50 latency ms", "p95 latency ms"):
         table.add_column(column, justify="right")
     colour = "green" if not load["errors"] else "red"
-    table.add_row(str(load["requests"]), f"[{colour}]{len(load['errors'])}[/{colour}]", f"{load['requests_per_s']:.2f}",
-                  f"{load['tokens_per_s']:.1f}", f"{load['p50_ms']:.0f}", f"{load['p95_ms']:.0f}")
+    table.add_row(
+        str(load["requests"]),
+        f"[{colour}]{len(load['errors'])}[/{colour}]",
+        f"{load['requests_per_s']:.2f}",
+        f"{load['tokens_per_s']:.1f}",
+        f"{load['p50_ms']:.0f}",
+        f"{load['p95_ms']:.0f}",
+    )
     console.print(table)
 
     if layouts:
         table = Table(title="Memory of three LoRA adapters on one base model (fresh process each, n_ctx 2048)")
         for column in ("layout", "RSS MB", "PSS MB", "PSS anonymous MB", "PSS file MB"):
             table.add_column(column, justify="right")
-        names = {"lora_path": "(a) Llama(lora_path) per adapter (mmap off)", "context_per_adapter": "(a') context per adapter, mmapped base",
-                 "switching": "(b) one context, adapters switched per request"}
+        names = {
+            "lora_path": "(a) Llama(lora_path) per adapter (mmap off)",
+            "context_per_adapter": "(a') context per adapter, mmapped base",
+            "switching": "(b) one context, adapters switched per request",
+        }
         for layout, measured in layouts:
             after = measured["after"]
-            table.add_row(names[layout], f"{after['Rss']:.0f}", f"{after['Pss']:.0f}", f"{after['Pss_Anon']:.0f}", f"{after['Pss_File']:.0f}")
+            table.add_row(
+                names[layout],
+                f"{after['Rss']:.0f}",
+                f"{after['Pss']:.0f}",
+                f"{after['Pss_Anon']:.0f}",
+                f"{after['Pss_File']:.0f}",
+            )
         console.print(table)
     return 0 if not load["errors"] else 1
 

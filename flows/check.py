@@ -8,7 +8,7 @@ from __future__ import annotations
 from prefect import flow
 
 from cadre.config import load_config
-from cadre.env import apply_env
+from cadre.platform.env import apply_env
 from tasks.platform import log_probe_metrics, probe_service
 from tasks.tracking import close_tracking_run, open_tracking_run
 
@@ -20,8 +20,11 @@ def check_stack(specialist: str, config_path: str, budget: str = "smoke") -> dic
     apply_env(config)
     handle = open_tracking_run(config, specialist, "check", budget)
     project = config.project
-    targets = {"mlflow": f"{project.mlflow.uri}/health", "prefect": f"{project.prefect.api}/health",
-               "lm": f"{project.lm.base_url}/models"}
+    targets = {
+        "mlflow": f"{project.mlflow.uri}/health",
+        "prefect": f"{project.prefect.api}/health",
+        "lm": f"{project.lm.base_url}/models",
+    }
     latencies = {name: probe_service(name, url) for name, url in targets.items()}
     log_probe_metrics(handle, latencies)
     close_tracking_run(handle)

@@ -18,9 +18,9 @@ from __future__ import annotations
 from prefect import flow
 
 from cadre.config import load_config
-from cadre.env import apply_env
-from cadre.feedback import store_url_for
-from cadre.program import IndexTarget
+from cadre.feedback.store import store_url_for
+from cadre.platform.env import apply_env
+from cadre.prompts.program import IndexTarget
 from tasks.feedback import (
     build_feedback_data,
     collect_corrections,
@@ -51,7 +51,12 @@ def learn_from_feedback(specialist: str, config_path: str, budget: str = "full")
         if len(collected.corrections) < settings.feedback.min_pairs:
             message = record_not_enough(handle, len(collected.corrections), settings.feedback.min_pairs)
             close_tracking_run(handle)
-            return {"mlflow_run_id": handle.run_id, "promoted": False, "corrections": len(collected.corrections), "summary": message}
+            return {
+                "mlflow_run_id": handle.run_id,
+                "promoted": False,
+                "corrections": len(collected.corrections),
+                "summary": message,
+            }
         scratch = feedback_run_dir(config.state_dir, handle.run_id)
         registry = RegistryTarget(config.project.mlflow.uri, config.project.name, specialist)
         program = fetch_champion_program(registry, scratch)
@@ -59,21 +64,60 @@ def learn_from_feedback(specialist: str, config_path: str, budget: str = "full")
         index = IndexTarget.from_config(config, specialist) if settings.program.retrieve_k else None
         base = prepare_base_model(config, settings.base_model)
         data = build_feedback_data(handle, collected, settings.program, index, program, scratch)
-        trained = train_dpo_candidate(handle, data, settings.feedback, settings.tuning, base, champion_gguf, scratch, plan.max_steps,
-                                      config.project.threads.torch)
+        trained = train_dpo_candidate(
+            handle,
+            data,
+            settings.feedback,
+            settings.tuning,
+            base,
+            champion_gguf,
+            scratch,
+            plan.max_steps,
+            config.project.threads.torch,
+        )
         exported = export_dpo_candidate(handle, trained, data, base, str(config.state_dir), scratch)
-        cases = load_test_cases(str(config.resolve(settings.evaluation.suite)), plan.eval_cases, settings.program.field_names) + data.cases
-        scores = evaluate_adapters(settings.program, settings.evaluation, index, str(config.state_dir / "cache" / "dspy"), cases, base,
-                                   str(exported.gguf), champion_gguf, champion_version, program, config.project.lm.n_threads,
-                                   config.project.lm.n_ctx)
-        lineage = {"base_model": base.identity, "data_fingerprint": data.fingerprint, "adapter_sha256": exported.weights_sha256, "method": "dpo",
-                   "program_version": program.version if program else "declared", "index_version": index.version if index else "-",
-                   "parent_versions": f"adapter:{champion_version or '-'},program:{program.version if program else '-'}"}
+        cases = (
+            load_test_cases(
+                str(config.resolve(settings.evaluation.suite)), plan.eval_cases, settings.program.field_names
+            )
+            + data.cases
+        )
+        scores = evaluate_adapters(
+            settings.program,
+            settings.evaluation,
+            index,
+            str(config.state_dir / "cache" / "dspy"),
+            cases,
+            base,
+            str(exported.gguf),
+            champion_gguf,
+            champion_version,
+            program,
+            config.project.lm.n_threads,
+            config.project.lm.n_ctx,
+        )
+        lineage = {
+            "base_model": base.identity,
+            "data_fingerprint": data.fingerprint,
+            "adapter_sha256": exported.weights_sha256,
+            "method": "dpo",
+            "program_version": program.version if program else "declared",
+            "index_version": index.version if index else "-",
+            "parent_versions": f"adapter:{champion_version or '-'},program:{program.version if program else '-'}",
+        }
         outcome = gate_register_promote_feedback(config, specialist, handle, scores, lineage, champion_version)
     except BaseException:
         close_tracking_run(handle, "FAILED")
         raise
     close_tracking_run(handle)
-    return {"mlflow_run_id": handle.run_id, **outcome, "corrections": len(collected.corrections), "pairs": trained.pairs,
-            "steps": trained.steps, "train_seconds": trained.train_seconds, "started_from": trained.started_from,
-            "champion_name": scores.champion.result.name, "scores": split_scores(scores)}
+    return {
+        "mlflow_run_id": handle.run_id,
+        **outcome,
+        "corrections": len(collected.corrections),
+        "pairs": trained.pairs,
+        "steps": trained.steps,
+        "train_seconds": trained.train_seconds,
+        "started_from": trained.started_from,
+        "champion_name": scores.champion.result.name,
+        "scores": split_scores(scores),
+    }

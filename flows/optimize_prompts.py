@@ -1,6 +1,6 @@
 """The `optimize-prompts` flow: compile a specialist's DSPy program, gate it against the champion, promote.
 
-Weekly, and after every promoted re-index (`request_optimization`). Run it by hand with
+Weekly, and after every promoted re-index (the re-index flow queues it). Run it by hand with
 `cadre run optimize -s icd10-coder --budget smoke`.
 
 Steps: log the resolved config → load the train/dev/test cases → find the champion program (and the
@@ -17,9 +17,9 @@ from __future__ import annotations
 from prefect import flow
 
 from cadre.config import load_config
-from cadre.env import apply_env
-from cadre.optimize import plan_optimization
-from cadre.program import IndexTarget, lm_target
+from cadre.platform.env import apply_env
+from cadre.prompts.optimize import plan_optimization
+from cadre.prompts.program import IndexTarget, lm_target
 from tasks.prompts import (
     ProgramRuntime,
     RegistryTarget,
@@ -52,7 +52,9 @@ def optimize_prompts(specialist: str, config_path: str, budget: str = "full") ->
     handle = open_tracking_run(config, specialist, "optimize", budget)
     try:
         scratch = work_dir(config.state_dir, handle.run_id)
-        cases = load_optimization_cases(str(config.resolve(settings.evaluation.suite)), plan, settings.program.field_names)
+        cases = load_optimization_cases(
+            str(config.resolve(settings.evaluation.suite)), plan, settings.program.field_names
+        )
         registry = RegistryTarget(config.project.mlflow.uri, config.project.name, specialist)
         champion = fetch_champion_program(registry, scratch)
         adapter_gguf, adapter_version = fetch_champion_adapter(registry, scratch)
@@ -60,22 +62,34 @@ def optimize_prompts(specialist: str, config_path: str, budget: str = "full") ->
         index = IndexTarget.from_config(config, specialist) if settings.program.retrieve_k else None
         runtime = ProgramRuntime(target, index, str(config.state_dir / "cache" / "dspy"))
         check_lm(target)
-        candidate = compile_candidate(settings.program, settings.evaluation, runtime, cases["train"], cases["dev"], plan, scratch)
+        candidate = compile_candidate(
+            settings.program, settings.evaluation, runtime, cases["train"], cases["dev"], plan, scratch
+        )
         scores = evaluate_on_test(settings.program, settings.evaluation, runtime, cases["test"], champion, candidate)
         decision = decide_program_gate(settings.gates.program, scores, settings.evaluation)
         log_optimization(handle, plan, target, cases_fingerprint(cases), candidate, scores, decision)
         print(score_table_markdown(scores, candidate))
         print(decision.summary)
         if champion is not None and champion.fingerprint == candidate.fingerprint:
-            outcome = {"event": "unchanged", "version": champion.version, "champion": champion.version, "promoted": False}
+            outcome = {
+                "event": "unchanged",
+                "version": champion.version,
+                "champion": champion.version,
+                "promoted": False,
+            }
             mark_champion_unchanged(handle, registry, champion, decision)
             print(f"the compiled program is identical to champion v{champion.version}: nothing to register")
         else:
             prompt_uri = register_instruction_prompt(handle, registry, candidate.instruction)
-            lineage = {"config_sha256": config.sha256, "data_fingerprint": cases_fingerprint(cases), "base_model": settings.base_model,
-                       "program_sha256": candidate.fingerprint, "lm": target.identity,
-                       "index_version": index.version if index else "-",
-                       "parent_versions": f"program:{champion.version if champion else '-'},adapter:{adapter_version or '-'}"}
+            lineage = {
+                "config_sha256": config.sha256,
+                "data_fingerprint": cases_fingerprint(cases),
+                "base_model": settings.base_model,
+                "program_sha256": candidate.fingerprint,
+                "lm": target.identity,
+                "index_version": index.version if index else "-",
+                "parent_versions": f"program:{champion.version if champion else '-'},adapter:{adapter_version or '-'}",
+            }
             version = register_program(handle, registry, candidate, lineage, score_table_markdown(scores, candidate))
             outcome = promote_program(handle, registry, version, decision, scores, champion, prompt_uri)
             print(f"program v{version}: {outcome['event']}; champion is v{outcome['champion']}")
@@ -83,25 +97,12 @@ def optimize_prompts(specialist: str, config_path: str, budget: str = "full") ->
         close_tracking_run(handle, "FAILED")
         raise
     close_tracking_run(handle)
-    return {"mlflow_run_id": handle.run_id, "gate_passed": decision.passed, **outcome,
-            "candidate": scores.candidate.scores, "baseline": scores.baseline.scores,
-            "compile_lm_calls": candidate.summary.get("compile_lm_calls"),
-            "test_lm_calls": {name: cost.get("lm_calls") for name, cost in scores.costs.items()}}
-
-
-def request_optimization(config_path: str, specialist: str, budget: str = "full", reason: str = "re-index promoted") -> str:
-    """Queue an `optimize-prompts` run of a specialist through its deployment, without waiting for it.
-
-    The re-index flow calls this after it promotes a new index, so the program is re-compiled and
-    re-gated against the knowledge it will retrieve from.
-
-    Returns:
-        The id of the queued flow run.
-    """
-    from prefect.deployments import run_deployment
-
-    run = run_deployment(f"{optimize_prompts.name}/{specialist}", parameters={"specialist": specialist, "config_path": config_path,
-                                                                               "budget": budget},
-                         timeout=0, as_subflow=False, tags=[f"budget:{budget}", "trigger:reindex"])
-    print(f"queued optimize-prompts for {specialist} ({reason}): flow run {run.id}")
-    return str(run.id)
+    return {
+        "mlflow_run_id": handle.run_id,
+        "gate_passed": decision.passed,
+        **outcome,
+        "candidate": scores.candidate.scores,
+        "baseline": scores.baseline.scores,
+        "compile_lm_calls": candidate.summary.get("compile_lm_calls"),
+        "test_lm_calls": {name: cost.get("lm_calls") for name, cost in scores.costs.items()},
+    }

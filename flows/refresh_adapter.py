@@ -16,10 +16,10 @@ from __future__ import annotations
 from prefect import flow
 
 from cadre.config import load_config
-from cadre.env import apply_env
-from cadre.finetune import plan_refresh
-from cadre.program import IndexTarget
-from cadre.prompt_format import PromptSpec
+from cadre.platform.env import apply_env
+from cadre.prompts.program import IndexTarget
+from cadre.runtime.prompt import PromptSpec
+from cadre.tuning.finetune import plan_refresh
 from tasks.prompts import RegistryTarget, fetch_champion_adapter, fetch_champion_program
 from tasks.refresh import (
     build_refresh_data,
@@ -50,25 +50,77 @@ def refresh_adapter(specialist: str, config_path: str, budget: str = "full") -> 
         index = IndexTarget.from_config(config, specialist) if settings.program.retrieve_k else None
         program = fetch_champion_program(registry, scratch)
         champion_gguf, champion_version = fetch_champion_adapter(registry, scratch)
-        data = build_refresh_data(handle, settings.tuning, settings.program, suite, [str(config.resolve(f)) for f in settings.tuning.data],
-                                  base, index, program, plan.max_examples, scratch)
-        trained = train_candidate(handle, data, settings.tuning, base, str(config.state_dir), specialist, plan.max_steps,
-                                  config.project.threads.torch)
-        exported = export_candidate(handle, trained, data, settings.tuning, base, str(config.state_dir), scratch,
-                                    settings.program.max_tokens, PromptSpec.from_settings(settings.program).stop, config.project.lm.n_threads)
+        data = build_refresh_data(
+            handle,
+            settings.tuning,
+            settings.program,
+            suite,
+            [str(config.resolve(f)) for f in settings.tuning.data],
+            base,
+            index,
+            program,
+            plan.max_examples,
+            scratch,
+        )
+        trained = train_candidate(
+            handle,
+            data,
+            settings.tuning,
+            base,
+            str(config.state_dir),
+            specialist,
+            plan.max_steps,
+            config.project.threads.torch,
+        )
+        exported = export_candidate(
+            handle,
+            trained,
+            data,
+            settings.tuning,
+            base,
+            str(config.state_dir),
+            scratch,
+            settings.program.max_tokens,
+            PromptSpec.from_settings(settings.program).stop,
+            config.project.lm.n_threads,
+        )
         cases = load_test_cases(suite, plan.eval_cases, settings.program.field_names)
-        scores = evaluate_adapters(settings.program, settings.evaluation, index, str(config.state_dir / "cache" / "dspy"), cases, base,
-                                   str(exported.gguf), champion_gguf, champion_version, program, config.project.lm.n_threads,
-                                   config.project.lm.n_ctx)
-        lineage = {"base_model": base.identity, "data_fingerprint": data.fingerprint, "adapter_sha256": exported.weights_sha256, "training_config_sha256": trained.config_hash,
-                   "program_version": program.version if program else "declared", "index_version": index.version if index else "-",
-                   "parent_versions": f"adapter:{champion_version or '-'},program:{program.version if program else '-'}"}
+        scores = evaluate_adapters(
+            settings.program,
+            settings.evaluation,
+            index,
+            str(config.state_dir / "cache" / "dspy"),
+            cases,
+            base,
+            str(exported.gguf),
+            champion_gguf,
+            champion_version,
+            program,
+            config.project.lm.n_threads,
+            config.project.lm.n_ctx,
+        )
+        lineage = {
+            "base_model": base.identity,
+            "data_fingerprint": data.fingerprint,
+            "adapter_sha256": exported.weights_sha256,
+            "training_config_sha256": trained.config_hash,
+            "program_version": program.version if program else "declared",
+            "index_version": index.version if index else "-",
+            "parent_versions": f"adapter:{champion_version or '-'},program:{program.version if program else '-'}",
+        }
         outcome = gate_register_promote(config, specialist, handle, scores, lineage, champion_version)
     except BaseException:
         close_tracking_run(handle, "FAILED")
         raise
     close_tracking_run(handle)
-    return {"mlflow_run_id": handle.run_id, **outcome, "steps": trained.global_step, "resumed_from_step": trained.resumed_from_step,
-            "train_seconds": trained.train_seconds, "data_fingerprint": data.fingerprint,
-            "candidate": scores.candidate.result.scores, "champion": scores.champion.result.scores,
-            "champion_name": scores.champion.result.name}
+    return {
+        "mlflow_run_id": handle.run_id,
+        **outcome,
+        "steps": trained.global_step,
+        "resumed_from_step": trained.resumed_from_step,
+        "train_seconds": trained.train_seconds,
+        "data_fingerprint": data.fingerprint,
+        "candidate": scores.candidate.result.scores,
+        "champion": scores.champion.result.scores,
+        "champion_name": scores.champion.result.name,
+    }

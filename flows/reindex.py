@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from cadre.config import load_config
-from cadre.env import apply_env
+from cadre.platform.env import apply_env
 from tasks.promotion import promote_through_gates
 from tasks.reindex import (
     build_index_version,
@@ -45,11 +45,22 @@ def reindex(specialist: str, config_path: str, budget: str = "full", trigger_opt
         return {"changed": False, "live": live}
 
     candidate = evaluate_retrieval(config, specialist, result.version, budget, "candidate")
-    champion = evaluate_retrieval(config, specialist, live, budget, "champion", cases_of=result.version)  # the same cases
+    champion = evaluate_retrieval(
+        config, specialist, live, budget, "champion", cases_of=result.version
+    )  # the same cases
     outcome = promote_through_gates(
-        config, specialist, "index", handle, candidate, champion,
-        lineage={"corpus_fingerprint": result.corpus_fingerprint, "index_key": result.index_key,
-                 "parent_versions": live or "", "index_version": result.version},
+        config,
+        specialist,
+        "index",
+        handle,
+        candidate,
+        champion,
+        lineage={
+            "corpus_fingerprint": result.corpus_fingerprint,
+            "index_key": result.index_key,
+            "parent_versions": live or "",
+            "index_version": result.version,
+        },
     )
     dropped = []
     if outcome.promoted:
@@ -57,5 +68,7 @@ def reindex(specialist: str, config_path: str, budget: str = "full", trigger_opt
     close_tracking_run(handle)
     print(outcome.summary() + (f"; pruned {len(dropped)} old version(s)" if dropped else ""))
     if outcome.promoted and trigger_optimize:
-        trigger_flow(config, "optimize", specialist, budget, reason=f"index {result.version} promoted by {flow_run.get_name()}")
+        trigger_flow(
+            config, "optimize", specialist, budget, reason=f"index {result.version} promoted by {flow_run.get_name()}"
+        )
     return {"changed": True, "version": result.version, "promoted": outcome.promoted, "gate": outcome.decision.summary}

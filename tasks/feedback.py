@@ -19,9 +19,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cadre.adapters import ExportedAdapter, export_adapter
-from cadre.dpo import DPOResult, train_dpo
-from cadre.feedback import (
+from cadre.feedback.store import (
     Correction,
     PreferencePair,
     corrections,
@@ -29,9 +27,11 @@ from cadre.feedback import (
     open_store,
     preference_pairs,
 )
-from cadre.program import IndexTarget, load_program, open_retriever
-from cadre.prompt_format import PromptSpec
-from cadre.tracking import RunHandle
+from cadre.prompts.program import IndexTarget, load_program, open_retriever
+from cadre.registry.runs import RunHandle
+from cadre.runtime.prompt import PromptSpec
+from cadre.tuning.adapter_export import ExportedAdapter, export_adapter
+from cadre.tuning.dpo import DPOResult, train_dpo
 from tasks.promotion import flow_actor
 from tasks.prompts import ChampionProgram
 from tasks.refresh import ADAPTER_ARTIFACT, AdapterScores, BaseModel
@@ -71,7 +71,9 @@ class CollectedCorrections:
 
 
 @task(name="collect-corrections", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
-def collect_corrections(handle: RunHandle, store_url: str, specialist: str, output_names: list[str]) -> CollectedCorrections:
+def collect_corrections(
+    handle: RunHandle, store_url: str, specialist: str, output_names: list[str]
+) -> CollectedCorrections:
     """Every usable correction of the specialist in the feedback store (latest per distinct input), counted and logged."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -80,10 +82,14 @@ def collect_corrections(handle: RunHandle, store_url: str, specialist: str, outp
     found, counts = corrections(records, output_names)
     counts["corrections"] = len(found)
     stamp = int(time.time() * 1000)
-    MlflowClient(handle.tracking_uri).log_batch(handle.run_id, metrics=[Metric(f"feedback_{k}", float(v), stamp, 0) for k, v in counts.items()])
-    print(f"feedback store: {counts['records']} feedback record(s) for {specialist}, {len(found)} usable correction(s) "
-          f"({counts['without_correction']} ratings without a correction, {counts['same_as_answer']} equal to the answer, "
-          f"{counts['superseded']} superseded by a later correction of the same input)")
+    MlflowClient(handle.tracking_uri).log_batch(
+        handle.run_id, metrics=[Metric(f"feedback_{k}", float(v), stamp, 0) for k, v in counts.items()]
+    )
+    print(
+        f"feedback store: {counts['records']} feedback record(s) for {specialist}, {len(found)} usable correction(s) "
+        f"({counts['without_correction']} ratings without a correction, {counts['same_as_answer']} equal to the answer, "
+        f"{counts['superseded']} superseded by a later correction of the same input)"
+    )
     return CollectedCorrections(found, counts)
 
 
@@ -110,8 +116,14 @@ class FeedbackData:
 
 
 @task(name="build-preference-pairs", cache_policy=NO_CACHE)
-def build_feedback_data(handle: RunHandle, collected: CollectedCorrections, program_settings: Any, index: IndexTarget | None,
-                        champion_program: ChampionProgram | None, out_dir: str) -> FeedbackData:
+def build_feedback_data(
+    handle: RunHandle,
+    collected: CollectedCorrections,
+    program_settings: Any,
+    index: IndexTarget | None,
+    champion_program: ChampionProgram | None,
+    out_dir: str,
+) -> FeedbackData:
     """Render the corrections as the serving program prompts them (champion instruction and demos, live retrieval),
     and as evaluation cases of the `feedback` slice; log both as artifacts."""
     from mlflow import MlflowClient
@@ -128,7 +140,9 @@ def build_feedback_data(handle: RunHandle, collected: CollectedCorrections, prog
         names = [item.name for item in program_settings.inputs]
 
         def retrieve(inputs: dict[str, Any]) -> list[str]:
-            query = " ".join(str(inputs[name]) for name in names if inputs.get(name))  # SpecialistProgram.forward's query
+            query = " ".join(
+                str(inputs[name]) for name in names if inputs.get(name)
+            )  # SpecialistProgram.forward's query
             return [passage.render() for passage in retriever(query, program_settings.retrieve_k)]
 
     outputs = [item.name for item in program_settings.outputs]
@@ -141,24 +155,45 @@ def build_feedback_data(handle: RunHandle, collected: CollectedCorrections, prog
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "preference_pairs.jsonl").open("w", encoding="utf-8") as out:
         for pair in pairs:
-            out.write(json.dumps({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
-                                  "response_id": pair.response_id}, ensure_ascii=False) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "prompt": pair.prompt,
+                        "chosen": pair.chosen,
+                        "rejected": pair.rejected,
+                        "response_id": pair.response_id,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
     with (folder / "feedback_cases.jsonl").open("w", encoding="utf-8") as out:
         for case in cases:
             out.write(json.dumps(case, ensure_ascii=False) + "\n")
     client = MlflowClient(handle.tracking_uri)
     client.log_artifacts(handle.run_id, str(folder), "data")
     client.set_tag(handle.run_id, "cadre.data_fingerprint", digest.hexdigest())
-    print(f"{len(pairs)} preference pair(s) rendered with the {'champion' if champion_program else 'declared'} program; "
-          f"{len(cases)} case(s) in the feedback slice")
+    print(
+        f"{len(pairs)} preference pair(s) rendered with the {'champion' if champion_program else 'declared'} program; "
+        f"{len(cases)} case(s) in the feedback slice"
+    )
     return FeedbackData(pairs, cases, digest.hexdigest())
 
 
 # log_prints off: while trl prepares the dataset, datasets' function fingerprinting prints bytecode listings, which
 # would flood the run's log; this task reports through the run logger instead.
 @task(name="train-dpo", cache_policy=NO_CACHE, log_prints=False)
-def train_dpo_candidate(handle: RunHandle, data: FeedbackData, feedback: Any, tuning: Any, base: BaseModel, champion_gguf: str | None,
-                        out_dir: str, max_steps: int, threads: int) -> DPOResult:
+def train_dpo_candidate(
+    handle: RunHandle,
+    data: FeedbackData,
+    feedback: Any,
+    tuning: Any,
+    base: BaseModel,
+    champion_gguf: str | None,
+    out_dir: str,
+    max_steps: int,
+    threads: int,
+) -> DPOResult:
     """DPO on the champion adapter (its PEFT files sit beside its GGUF), or on a fresh LoRA without one; step metrics to MLflow."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
@@ -172,85 +207,155 @@ def train_dpo_candidate(handle: RunHandle, data: FeedbackData, feedback: Any, tu
         if (folder / "adapter_model.safetensors").exists() and (folder / "adapter_config.json").exists():
             champion_dir = folder
         else:
-            say(f"the champion adapter in {folder} has no PEFT files to continue from; DPO starts a fresh LoRA on the base model")
+            say(
+                f"the champion adapter in {folder} has no PEFT files to continue from; DPO starts a fresh LoRA on the base model"
+            )
 
     def sink(metrics: dict[str, float], step: int) -> None:
-        say(f"DPO step {step}/{max_steps}: loss {metrics.get('loss', float('nan')):.4f}, "
-            f"reward accuracy {metrics.get('rewards/accuracies', float('nan')):.2f}, margin {metrics.get('rewards/margins', float('nan')):.2f}")
+        say(
+            f"DPO step {step}/{max_steps}: loss {metrics.get('loss', float('nan')):.4f}, "
+            f"reward accuracy {metrics.get('rewards/accuracies', float('nan')):.2f}, margin {metrics.get('rewards/margins', float('nan')):.2f}"
+        )
         stamp = int(time.time() * 1000)
         try:
-            client.log_batch(handle.run_id, metrics=[Metric(f"dpo/{key}", value, stamp, step) for key, value in metrics.items()])
+            client.log_batch(
+                handle.run_id, metrics=[Metric(f"dpo/{key}", value, stamp, step) for key, value in metrics.items()]
+            )
         except Exception as error:  # noqa: BLE001 - a lost metric point must not lose the training
             say(f"warning: could not log DPO step {step}: {error}")
 
-    say(f"DPO ({'on the champion adapter' if champion_dir else 'fresh LoRA on the base model'}) for {max_steps} steps on "
-          f"{len(data.pairs)} pair(s), beta {feedback.beta}, learning rate {feedback.learning_rate:g}")
-    result = train_dpo(data.pairs, feedback, tuning, base_model_dir=Path(base.hf_dir), champion_adapter_dir=champion_dir,
-                       work_dir=Path(out_dir) / "dpo", max_steps=max_steps, threads=threads, sink=sink)
+    say(
+        f"DPO ({'on the champion adapter' if champion_dir else 'fresh LoRA on the base model'}) for {max_steps} steps on "
+        f"{len(data.pairs)} pair(s), beta {feedback.beta}, learning rate {feedback.learning_rate:g}"
+    )
+    result = train_dpo(
+        data.pairs,
+        feedback,
+        tuning,
+        base_model_dir=Path(base.hf_dir),
+        champion_adapter_dir=champion_dir,
+        work_dir=Path(out_dir) / "dpo",
+        max_steps=max_steps,
+        threads=threads,
+        sink=sink,
+    )
     stamp = int(time.time() * 1000)
-    summary = {"dpo_steps": result.steps, "dpo_pairs": result.pairs, "dpo_dropped_too_long": result.dropped_too_long,
-               "dpo_train_seconds": result.train_seconds, "dpo_seconds_per_step": result.seconds_per_step,
-               "dpo_peak_rss_mb": result.peak_rss_mb}
+    summary = {
+        "dpo_steps": result.steps,
+        "dpo_pairs": result.pairs,
+        "dpo_dropped_too_long": result.dropped_too_long,
+        "dpo_train_seconds": result.train_seconds,
+        "dpo_seconds_per_step": result.seconds_per_step,
+        "dpo_peak_rss_mb": result.peak_rss_mb,
+    }
     if result.final_reward_accuracy is not None:
         summary["dpo_final_reward_accuracy"] = result.final_reward_accuracy
-    client.log_batch(handle.run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in summary.items()],
-                     params=[Param("dpo.started_from", result.started_from), Param("dpo.loss", "+".join(result.loss_types)),
-                             Param("dpo.device", result.device), Param("dpo.precision", result.precision),
-                             Param("dpo.max_steps", str(max_steps))])
+    client.log_batch(
+        handle.run_id,
+        metrics=[Metric(k, float(v), stamp, 0) for k, v in summary.items()],
+        params=[
+            Param("dpo.started_from", result.started_from),
+            Param("dpo.loss", "+".join(result.loss_types)),
+            Param("dpo.device", result.device),
+            Param("dpo.precision", result.precision),
+            Param("dpo.max_steps", str(max_steps)),
+        ],
+    )
     if result.device == "cpu" and tuning.method == "qlora":
-        say("note: DPO trains plain LoRA on the fp32 base (its reference forwards on a 4-bit base would lose gradients, STACK.md)")
-    say(f"DPO done: {result.steps} steps in {result.train_seconds:.0f} s ({result.seconds_per_step:.1f} s/step), "
-          f"final loss {result.loss_curve[-1]['loss'] if result.loss_curve else float('nan'):.4f}, "
-          f"reward accuracy {result.final_reward_accuracy}")
+        say(
+            "note: DPO trains plain LoRA on the fp32 base (its reference forwards on a 4-bit base would lose gradients, STACK.md)"
+        )
+    say(
+        f"DPO done: {result.steps} steps in {result.train_seconds:.0f} s ({result.seconds_per_step:.1f} s/step), "
+        f"final loss {result.loss_curve[-1]['loss'] if result.loss_curve else float('nan'):.4f}, "
+        f"reward accuracy {result.final_reward_accuracy}"
+    )
     return result
 
 
 @task(name="export-dpo-adapter", cache_policy=NO_CACHE)
-def export_dpo_candidate(handle: RunHandle, result: DPOResult, data: FeedbackData, base: BaseModel, state_dir: str,
-                         out_dir: str) -> ExportedAdapter:
+def export_dpo_candidate(
+    handle: RunHandle, result: DPOResult, data: FeedbackData, base: BaseModel, state_dir: str, out_dir: str
+) -> ExportedAdapter:
     """Export the candidate (PEFT + llama.cpp GGUF) with how it was made, and log it as the run's `adapter` artifact."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     exported = export_adapter(result.adapter_dir, Path(base.hf_dir), Path(out_dir) / ADAPTER_ARTIFACT, Path(state_dir))
-    (exported.folder / "training_config.json").write_text(json.dumps(
-        {"method": "dpo", "started_from": result.started_from, "loss_types": list(result.loss_types), "steps": result.steps,
-         "pairs": result.pairs, "data_fingerprint": data.fingerprint, "base_model": base.identity}, indent=2))
+    (exported.folder / "training_config.json").write_text(
+        json.dumps(
+            {
+                "method": "dpo",
+                "started_from": result.started_from,
+                "loss_types": list(result.loss_types),
+                "steps": result.steps,
+                "pairs": result.pairs,
+                "data_fingerprint": data.fingerprint,
+                "base_model": base.identity,
+            },
+            indent=2,
+        )
+    )
     (exported.folder / "training_result.json").write_text(json.dumps(result.to_dict(), indent=2))
     client = MlflowClient(handle.tracking_uri)
     client.log_artifacts(handle.run_id, str(exported.folder), ADAPTER_ARTIFACT)
     stamp = int(time.time() * 1000)
-    client.log_batch(handle.run_id, metrics=[Metric("gguf_conversion_seconds", exported.conversion_seconds, stamp, 0),
-                                             Metric("adapter_gguf_mb", exported.gguf.stat().st_size / 1e6, stamp, 0)])
+    client.log_batch(
+        handle.run_id,
+        metrics=[
+            Metric("gguf_conversion_seconds", exported.conversion_seconds, stamp, 0),
+            Metric("adapter_gguf_mb", exported.gguf.stat().st_size / 1e6, stamp, 0),
+        ],
+    )
     return exported
 
 
 @task(name="gate-register-promote-feedback", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE)
-def gate_register_promote_feedback(config: Any, specialist: str, handle: RunHandle, scores: AdapterScores, lineage: dict[str, str],
-                                   champion_version: str | None) -> dict[str, Any]:
+def gate_register_promote_feedback(
+    config: Any,
+    specialist: str,
+    handle: RunHandle,
+    scores: AdapterScores,
+    lineage: dict[str, str],
+    champion_version: str | None,
+) -> dict[str, Any]:
     """Decide the `feedback` gates (candidate vs champion adapter, or the base model, on the test split and the feedback slice),
-    register the candidate as an `adapter` version, and promote it only if they pass (`cadre.promotion.gate_and_promote`)."""
+    register the candidate as an `adapter` version, and promote it only if they pass (`cadre.registry.promotion.gate_and_promote`)."""
     from mlflow import MlflowClient
 
-    from cadre.promotion import gate_and_promote
+    from cadre.registry.promotion import gate_and_promote
     from tasks.refresh import score_table
 
-    outcome = gate_and_promote(config, specialist, "feedback", handle, ADAPTER_ARTIFACT, scores.candidate.result, scores.champion.result,
-                               lineage, expected_champion=champion_version, actor=flow_actor(f"learn-from-feedback:{handle.run_id}"),
-                               identity="adapter_sha256")
+    outcome = gate_and_promote(
+        config,
+        specialist,
+        "feedback",
+        handle,
+        ADAPTER_ARTIFACT,
+        scores.candidate.result,
+        scores.champion.result,
+        lineage,
+        expected_champion=champion_version,
+        actor=flow_actor(f"learn-from-feedback:{handle.run_id}"),
+        identity="adapter_sha256",
+    )
     table = score_table(scores) + "\n\n" + slice_table(scores)
     client = MlflowClient(handle.tracking_uri)
     client.set_tag(handle.run_id, "mlflow.note.content", table + "\n\n" + outcome.decision.to_markdown())
     client.set_tag(handle.run_id, "cadre.promoted", str(outcome.promoted).lower())
     print(table)
     print(outcome.summary())
-    return {"version": outcome.version, "promoted": outcome.promoted, "gate_passed": outcome.decision.passed,
-            "summary": outcome.decision.summary}
+    return {
+        "version": outcome.version,
+        "promoted": outcome.promoted,
+        "gate_passed": outcome.decision.passed,
+        "summary": outcome.decision.summary,
+    }
 
 
 def slice_table(scores: AdapterScores) -> str:
     """Candidate and champion per slice group: the feedback slice against everything else (the regular suite)."""
-    from cadre.feedback import FEEDBACK_SLICE
+    from cadre.feedback.store import FEEDBACK_SLICE
 
     metrics = scores.candidate.result.metrics
     lines = ["| cases | system | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
@@ -260,7 +365,9 @@ def slice_table(scores: AdapterScores) -> str:
             if not rows:
                 continue
             means = [sum(e.scores.get(m, 0.0) for e in rows) / len(rows) for m in metrics]
-            lines.append(f"| {label} ({len(rows)}) | {run.result.name} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
+            lines.append(
+                f"| {label} ({len(rows)}) | {run.result.name} | " + " | ".join(f"{v:.3f}" for v in means) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -273,7 +380,7 @@ def feedback_run_dir(state_dir: Path, run_id: str) -> str:
 
 def split_scores(scores: AdapterScores) -> dict[str, dict[str, float]]:
     """exact-match-style means of candidate and champion on the feedback slice and on the rest, for the flow's result."""
-    from cadre.feedback import FEEDBACK_SLICE
+    from cadre.feedback.store import FEEDBACK_SLICE
 
     found: dict[str, dict[str, float]] = {}
     for name, run in (("candidate", scores.candidate), ("champion", scores.champion)):
@@ -281,5 +388,7 @@ def split_scores(scores: AdapterScores) -> dict[str, dict[str, float]]:
             rows = [e for e in run.result.examples if (e.slice == FEEDBACK_SLICE) == in_feedback]
             for metric in run.result.metrics:
                 if rows:
-                    found.setdefault(f"{name}_{label}", {})[metric] = sum(e.scores.get(metric, 0.0) for e in rows) / len(rows)
+                    found.setdefault(f"{name}_{label}", {})[metric] = sum(
+                        e.scores.get(metric, 0.0) for e in rows
+                    ) / len(rows)
     return found

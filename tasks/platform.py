@@ -8,7 +8,7 @@ import urllib.request
 from mlflow import MlflowClient
 from prefect import task
 
-from cadre.tracking import RunHandle
+from cadre.registry.runs import RunHandle
 
 
 @task(retries=2, retry_delay_seconds=3, name="probe-service")

@@ -16,10 +16,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cadre.evaluation import EvaluationResult, load_cases
-from cadre.gates import GateDecision, decide
-from cadre.lm import LMUnavailable
-from cadre.optimize import (
+from cadre.evaluation.gates import GateDecision, decide
+from cadre.evaluation.results import EvaluationResult, load_cases
+from cadre.prompts.optimize import (
     CompileResult,
     EvaluationRun,
     OptimizationPlan,
@@ -27,7 +26,7 @@ from cadre.optimize import (
     evaluate_program,
     evaluate_retrieval_only,
 )
-from cadre.program import (
+from cadre.prompts.program import (
     CompletionLM,
     IndexTarget,
     LMTarget,
@@ -41,7 +40,8 @@ from cadre.program import (
     save_program,
     use_disk_cache,
 )
-from cadre.tracking import RunHandle
+from cadre.registry.runs import RunHandle
+from cadre.runtime.lm import LMUnavailable
 from tasks.promotion import flow_actor
 
 PROGRAM_ARTIFACT = "program"
@@ -104,7 +104,9 @@ class TestScores:
 
 
 @task(name="load-cases")
-def load_optimization_cases(suite_dir: str, plan: OptimizationPlan, fields: list[str]) -> dict[str, list[dict[str, Any]]]:
+def load_optimization_cases(
+    suite_dir: str, plan: OptimizationPlan, fields: list[str]
+) -> dict[str, list[dict[str, Any]]]:
     """The train, dev and test cases the plan allows (the first N valid ones of each split, in file order);
     a case without one of the program's `fields` is skipped and counted."""
     limits = plan.case_limits()
@@ -128,7 +130,7 @@ def fetch_champion_program(registry: RegistryTarget, dest: str) -> ChampionProgr
     """Download the champion program's JSON, or None when no program has been promoted yet."""
     from mlflow import MlflowClient
 
-    from cadre.registry import get_champion
+    from cadre.registry.versions import get_champion
 
     client = MlflowClient(registry.tracking_uri)
     version = get_champion(client, registry.project, registry.specialist, "program")
@@ -150,7 +152,7 @@ def fetch_champion_adapter(registry: RegistryTarget, dest: str) -> tuple[str | N
     """
     from mlflow import MlflowClient
 
-    from cadre.registry import get_champion
+    from cadre.registry.versions import get_champion
 
     client = MlflowClient(registry.tracking_uri)
     version = get_champion(client, registry.project, registry.specialist, "adapter")
@@ -183,36 +185,61 @@ def check_lm(target: LMTarget) -> float:
 
     import httpx
 
-    headers = {"Authorization": f"Bearer {os.environ[target.api_key_env]}"} if target.api_key_env and target.api_key_env in os.environ else {}
+    headers = (
+        {"Authorization": f"Bearer {os.environ[target.api_key_env]}"}
+        if target.api_key_env and target.api_key_env in os.environ
+        else {}
+    )
     started = time.perf_counter()
     try:
         response = httpx.get(f"{(target.base_url or '').rstrip('/')}/models", headers=headers, timeout=10)
         response.raise_for_status()
     except httpx.HTTPError as error:
-        raise LMUnavailable(f"the LM at {target.describe()} is unreachable; nothing was compiled or promoted: {error}") from error
+        raise LMUnavailable(
+            f"the LM at {target.describe()} is unreachable; nothing was compiled or promoted: {error}"
+        ) from error
     return (time.perf_counter() - started) * 1000.0
 
 
 def _lm(target: LMTarget, max_tokens: int, temperature: float, budget: Any = None) -> CompletionLM:
-    return CompletionLM(build_client(target), model_id=target.identity, max_tokens=max_tokens, temperature=temperature, budget=budget)
+    return CompletionLM(
+        build_client(target), model_id=target.identity, max_tokens=max_tokens, temperature=temperature, budget=budget
+    )
 
 
 # ----------------------------------------------------------------------------------------- compile
 
 
 @task(name="compile-program", cache_policy=NO_CACHE)
-def compile_candidate(program_settings: Any, evaluation: Any, runtime: ProgramRuntime, train: list[dict[str, Any]],
-                      dev: list[dict[str, Any]], plan: OptimizationPlan, out_dir: str) -> CompiledCandidate:
+def compile_candidate(
+    program_settings: Any,
+    evaluation: Any,
+    runtime: ProgramRuntime,
+    train: list[dict[str, Any]],
+    dev: list[dict[str, Any]],
+    plan: OptimizationPlan,
+    out_dir: str,
+) -> CompiledCandidate:
     """Compile the declared program within the plan's budget; save it as JSON and readable Markdown."""
     use_disk_cache(runtime.cache_dir)
     retriever = open_retriever(runtime.index) if runtime.index is not None and program_settings.retrieve_k else None
     lm = _lm(runtime.lm, program_settings.max_tokens, program_settings.temperature, plan.budget())
     reflection = _reflection_lm(program_settings.optimizer.reflection_lm)
     try:
-        result = compile_program(program_settings, evaluation, retriever, lm, train, dev, reflection_lm=reflection,
-                                 log_dir=str(Path(out_dir) / "optimizer-logs"))
+        result = compile_program(
+            program_settings,
+            evaluation,
+            retriever,
+            lm,
+            train,
+            dev,
+            reflection_lm=reflection,
+            log_dir=str(Path(out_dir) / "optimizer-logs"),
+        )
     except LMUnreachable as error:
-        raise LMUnavailable(f"the LM at {runtime.lm.describe()} became unreachable while compiling; nothing was promoted: {error}") from None
+        raise LMUnavailable(
+            f"the LM at {runtime.lm.describe()} became unreachable while compiling; nothing was promoted: {error}"
+        ) from None
     return _save_candidate(result, program_settings, out_dir)
 
 
@@ -230,13 +257,29 @@ def _save_candidate(result: CompileResult, program_settings: Any, out_dir: str) 
     folder = Path(out_dir) / PROGRAM_ARTIFACT
     path = folder / PROGRAM_FILE
     fingerprint = save_program(result.program, path)
-    (folder / "settings.json").write_text(json.dumps(program_settings.model_dump(mode="json"), indent=2), encoding="utf-8")
+    (folder / "settings.json").write_text(
+        json.dumps(program_settings.model_dump(mode="json"), indent=2), encoding="utf-8"
+    )
     markdown = folder / "program.md"
-    stopped = f" — stopped by the budget ({result.stop_reason}); best program scored so far" if result.stopped_by_budget else ""
-    markdown.write_text(render_program_markdown(result.program, program_settings, f"Candidate program ({result.optimizer}){stopped}"),
-                        encoding="utf-8")
-    candidates = [{"candidate": c.index, "dev_score": c.score, "dev_cases": c.cases, "demos": c.demos, "instruction": c.instruction}
-                  for c in result.candidates]
+    stopped = (
+        f" — stopped by the budget ({result.stop_reason}); best program scored so far"
+        if result.stopped_by_budget
+        else ""
+    )
+    markdown.write_text(
+        render_program_markdown(result.program, program_settings, f"Candidate program ({result.optimizer}){stopped}"),
+        encoding="utf-8",
+    )
+    candidates = [
+        {
+            "candidate": c.index,
+            "dev_score": c.score,
+            "dev_cases": c.cases,
+            "demos": c.demos,
+            "instruction": c.instruction,
+        }
+        for c in result.candidates
+    ]
     instruction = next(iter(result.program.named_predictors()))[1].signature.instructions
     return CompiledCandidate(str(path), str(markdown), fingerprint, instruction, result.summary(), candidates)
 
@@ -245,8 +288,14 @@ def _save_candidate(result: CompileResult, program_settings: Any, out_dir: str) 
 
 
 @task(name="evaluate-on-test", cache_policy=NO_CACHE)
-def evaluate_on_test(program_settings: Any, evaluation: Any, runtime: ProgramRuntime, test: list[dict[str, Any]],
-                     champion: ChampionProgram | None, candidate: CompiledCandidate) -> TestScores:
+def evaluate_on_test(
+    program_settings: Any,
+    evaluation: Any,
+    runtime: ProgramRuntime,
+    test: list[dict[str, Any]],
+    champion: ChampionProgram | None,
+    candidate: CompiledCandidate,
+) -> TestScores:
     """Score the champion (or the un-optimized program) and the candidate on the same test cases.
 
     The retriever's top-1 document is scored too, as the reference an LM must beat. A candidate
@@ -255,20 +304,40 @@ def evaluate_on_test(program_settings: Any, evaluation: Any, runtime: ProgramRun
     use_disk_cache(runtime.cache_dir)
     retriever = open_retriever(runtime.index) if runtime.index is not None and program_settings.retrieve_k else None
     lm = _lm(runtime.lm, program_settings.max_tokens, program_settings.temperature)
-    baseline_program = load_program(champion.path, program_settings, retriever) if champion else SpecialistProgram(program_settings, retriever)
+    baseline_program = (
+        load_program(champion.path, program_settings, retriever)
+        if champion
+        else SpecialistProgram(program_settings, retriever)
+    )
     baseline_name = f"champion-v{champion.version}" if champion else "unoptimized"
     try:
         baseline = evaluate_program(baseline_program, program_settings, evaluation, lm, test, baseline_name)
         if champion is not None and champion.fingerprint == candidate.fingerprint:
             scored = EvaluationRun(_renamed(baseline.result, "candidate"), baseline.usage, baseline.wall_seconds)
         else:
-            scored = evaluate_program(load_program(candidate.path, program_settings, retriever), program_settings, evaluation, lm, test, "candidate")
+            scored = evaluate_program(
+                load_program(candidate.path, program_settings, retriever),
+                program_settings,
+                evaluation,
+                lm,
+                test,
+                "candidate",
+            )
     except LMUnreachable as error:
-        raise LMUnavailable(f"the LM at {runtime.lm.describe()} became unreachable while evaluating; nothing was promoted: {error}") from None
-    reference = evaluate_retrieval_only(retriever, program_settings, evaluation, test) if retriever is not None else None
-    costs = {name: {**run.usage.to_metrics(), "wall_seconds": round(run.wall_seconds, 3)}
-             for name, run in (("baseline", baseline), ("candidate", scored), ("retrieval_only", reference)) if run is not None}
-    return TestScores(baseline.result, scored.result, reference.result if reference else None, champion is not None, costs)
+        raise LMUnavailable(
+            f"the LM at {runtime.lm.describe()} became unreachable while evaluating; nothing was promoted: {error}"
+        ) from None
+    reference = (
+        evaluate_retrieval_only(retriever, program_settings, evaluation, test) if retriever is not None else None
+    )
+    costs = {
+        name: {**run.usage.to_metrics(), "wall_seconds": round(run.wall_seconds, 3)}
+        for name, run in (("baseline", baseline), ("candidate", scored), ("retrieval_only", reference))
+        if run is not None
+    }
+    return TestScores(
+        baseline.result, scored.result, reference.result if reference else None, champion is not None, costs
+    )
 
 
 def _renamed(result: EvaluationResult, name: str) -> EvaluationResult:
@@ -285,16 +354,29 @@ def decide_program_gate(rules: list[Any], scores: TestScores, evaluation: Any) -
     flow's prompts), so the comparative rules judge the candidate against it: a compile that makes the
     specialist worse than its own declared program is refused like one that is worse than a champion.
     """
-    return decide("program", rules, scores.candidate, scores.baseline, confidence=evaluation.confidence,
-                  samples=evaluation.bootstrap_samples)
+    return decide(
+        "program",
+        rules,
+        scores.candidate,
+        scores.baseline,
+        confidence=evaluation.confidence,
+        samples=evaluation.bootstrap_samples,
+    )
 
 
 # ----------------------------------------------------------------------------------------- logging
 
 
 @task(name="log-optimization", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
-def log_optimization(handle: RunHandle, plan: OptimizationPlan, target: LMTarget, data_fingerprint: str,
-                     candidate: CompiledCandidate, scores: TestScores, decision: GateDecision) -> None:
+def log_optimization(
+    handle: RunHandle,
+    plan: OptimizationPlan,
+    target: LMTarget,
+    data_fingerprint: str,
+    candidate: CompiledCandidate,
+    scores: TestScores,
+    decision: GateDecision,
+) -> None:
     """Log the program, the score tables, the costs and the gate report to the flow's MLflow run."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
@@ -307,53 +389,92 @@ def log_optimization(handle: RunHandle, plan: OptimizationPlan, target: LMTarget
     mlflow.log_table(scores.candidate.columns(), "eval/candidate_test.json", run_id=handle.run_id)
     mlflow.log_table(scores.baseline.columns(), "eval/baseline_test.json", run_id=handle.run_id)
     if candidate.candidates:
-        mlflow.log_table({key: [row[key] for row in candidate.candidates] for key in candidate.candidates[0]}, "eval/dev_candidates.json",
-                         run_id=handle.run_id)
+        mlflow.log_table(
+            {key: [row[key] for row in candidate.candidates] for key in candidate.candidates[0]},
+            "eval/dev_candidates.json",
+            run_id=handle.run_id,
+        )
     results = {"candidate": scores.candidate, "baseline": scores.baseline, "retrieval_only": scores.retrieval_only}
-    client.log_dict(handle.run_id, {name: r.to_dict() for name, r in results.items() if r is not None}, "eval/test_results.json")
+    client.log_dict(
+        handle.run_id, {name: r.to_dict() for name, r in results.items() if r is not None}, "eval/test_results.json"
+    )
     client.log_dict(handle.run_id, decision.to_dict(), "gate/gate_report.json")
     client.log_text(handle.run_id, decision.to_markdown(), "gate/gate_report.md")
     client.log_text(handle.run_id, score_table_markdown(scores, candidate), "eval/summary.md")
 
     stamp = _now_ms()
-    metrics = {**{f"candidate_{k}": v for k, v in scores.candidate.mlflow_metrics().items()},
-               **{f"baseline_{k}": v for k, v in scores.baseline.mlflow_metrics().items()},
-               **({f"retrieval_only_{k}": v for k, v in scores.retrieval_only.mlflow_metrics().items()} if scores.retrieval_only else {}),
-               **{f"test_{name}_{key}": value for name, cost in scores.costs.items() for key, value in cost.items()},
-               **{k: float(v) for k, v in candidate.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None},
-               "compile_stopped_by_budget": float(bool(candidate.summary.get("stopped_by_budget"))),
-               "gate_passed": float(decision.passed)}
+    metrics = {
+        **{f"candidate_{k}": v for k, v in scores.candidate.mlflow_metrics().items()},
+        **{f"baseline_{k}": v for k, v in scores.baseline.mlflow_metrics().items()},
+        **(
+            {f"retrieval_only_{k}": v for k, v in scores.retrieval_only.mlflow_metrics().items()}
+            if scores.retrieval_only
+            else {}
+        ),
+        **{f"test_{name}_{key}": value for name, cost in scores.costs.items() for key, value in cost.items()},
+        **{
+            k: float(v)
+            for k, v in candidate.summary.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
+        },
+        "compile_stopped_by_budget": float(bool(candidate.summary.get("stopped_by_budget"))),
+        "gate_passed": float(decision.passed),
+    }
     batch = [Metric(key, float(value), stamp, 0) for key, value in metrics.items()]
     for start in range(0, len(batch), 500):
-        client.log_batch(handle.run_id, metrics=batch[start:start + 500])
-    params = {"optimize.budget": plan.budget_name, "optimize.train_cases": str(plan.train_cases), "optimize.dev_cases": str(plan.dev_cases),
-              "optimize.test_cases": str(len(scores.candidate.examples)), "optimize.max_lm_calls": str(plan.max_lm_calls),
-              "optimize.max_wall_seconds": str(plan.max_wall_seconds), "optimize.lm": target.describe()[:250],
-              "optimize.data_fingerprint": data_fingerprint, "optimize.program_sha256": candidate.fingerprint}
+        client.log_batch(handle.run_id, metrics=batch[start : start + 500])
+    params = {
+        "optimize.budget": plan.budget_name,
+        "optimize.train_cases": str(plan.train_cases),
+        "optimize.dev_cases": str(plan.dev_cases),
+        "optimize.test_cases": str(len(scores.candidate.examples)),
+        "optimize.max_lm_calls": str(plan.max_lm_calls),
+        "optimize.max_wall_seconds": str(plan.max_wall_seconds),
+        "optimize.lm": target.describe()[:250],
+        "optimize.data_fingerprint": data_fingerprint,
+        "optimize.program_sha256": candidate.fingerprint,
+    }
     client.log_batch(handle.run_id, params=[Param(k, v) for k, v in params.items()])
     client.set_tag(handle.run_id, "cadre.gate", "passed" if decision.passed else "refused")
-    client.set_tag(handle.run_id, "mlflow.note.content", score_table_markdown(scores, candidate) + "\n\n" + decision.to_markdown())
+    client.set_tag(
+        handle.run_id, "mlflow.note.content", score_table_markdown(scores, candidate) + "\n\n" + decision.to_markdown()
+    )
 
 
 def score_table_markdown(scores: TestScores, candidate: CompiledCandidate) -> str:
     """The test-split comparison a reviewer reads first: quality, LM calls and time per system."""
-    rows = [("retrieval only (top-1 code)", scores.retrieval_only, scores.costs.get("retrieval_only")),
-            (scores.baseline.name + (" (champion)" if scores.baseline_is_champion else " (declared program)"), scores.baseline,
-             scores.costs.get("baseline")),
-            ("candidate", scores.candidate, scores.costs.get("candidate"))]
+    rows = [
+        ("retrieval only (top-1 code)", scores.retrieval_only, scores.costs.get("retrieval_only")),
+        (
+            scores.baseline.name + (" (champion)" if scores.baseline_is_champion else " (declared program)"),
+            scores.baseline,
+            scores.costs.get("baseline"),
+        ),
+        ("candidate", scores.candidate, scores.costs.get("candidate")),
+    ]
     metrics = scores.candidate.metrics
-    lines = [f"### Test split: {scores.candidate.cases} cases", "",
-             "| system | " + " | ".join(metrics) + " | LM calls | wall s |", "|---" * (len(metrics) + 3) + "|"]
+    lines = [
+        f"### Test split: {scores.candidate.cases} cases",
+        "",
+        "| system | " + " | ".join(metrics) + " | LM calls | wall s |",
+        "|---" * (len(metrics) + 3) + "|",
+    ]
     for name, result, cost in rows:
         if result is None:
             continue
         values = " | ".join(f"{result.scores.get(m, 0.0):.3f}" for m in metrics)
-        lines.append(f"| {name} | {values} | {int((cost or {}).get('lm_calls', 0))} | {(cost or {}).get('wall_seconds', 0.0):.1f} |")
+        lines.append(
+            f"| {name} | {values} | {int((cost or {}).get('lm_calls', 0))} | {(cost or {}).get('wall_seconds', 0.0):.1f} |"
+        )
     summary = candidate.summary
-    lines += ["", f"Compile: {summary.get('optimizer')}, {int(summary.get('compile_lm_calls', 0))} LM calls "
-              f"({int(summary.get('compile_lm_cache_hits', 0))} cache hits), {int(summary.get('compile_tokens', 0))} tokens, "
-              f"${summary.get('compile_cost_usd', 0.0):.4f}, {summary.get('compile_wall_seconds', 0.0):.1f} s"
-              + (f"; stopped by the budget: {summary.get('stop_reason')}" if summary.get("stopped_by_budget") else "") + "."]
+    lines += [
+        "",
+        f"Compile: {summary.get('optimizer')}, {int(summary.get('compile_lm_calls', 0))} LM calls "
+        f"({int(summary.get('compile_lm_cache_hits', 0))} cache hits), {int(summary.get('compile_tokens', 0))} tokens, "
+        f"${summary.get('compile_cost_usd', 0.0):.4f}, {summary.get('compile_wall_seconds', 0.0):.1f} s"
+        + (f"; stopped by the budget: {summary.get('stop_reason')}" if summary.get("stopped_by_budget") else "")
+        + ".",
+    ]
     return "\n".join(lines)
 
 
@@ -384,8 +505,12 @@ def register_instruction_prompt(handle: RunHandle, registry: RegistryTarget, ins
     except MlflowException:  # no such prompt yet
         current = None
     if current is None or current.template != instruction:
-        current = client.register_prompt(name, instruction, commit_message=f"optimize-prompts run {handle.run_id}",
-                                         tags={"cadre.specialist": registry.specialist, "cadre.run_id": handle.run_id})
+        current = client.register_prompt(
+            name,
+            instruction,
+            commit_message=f"optimize-prompts run {handle.run_id}",
+            tags={"cadre.specialist": registry.specialist, "cadre.run_id": handle.run_id},
+        )
     client.link_prompt_version_to_run(handle.run_id, current)
     client.set_tag(handle.run_id, "cadre.prompt_uri", current.uri)
     return current.uri
@@ -397,8 +522,9 @@ def prompt_name(registry: RegistryTarget) -> str:
 
 
 @task(name="register-program", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
-def register_program(handle: RunHandle, registry: RegistryTarget, candidate: CompiledCandidate, lineage: dict[str, str],
-                     description: str) -> str:
+def register_program(
+    handle: RunHandle, registry: RegistryTarget, candidate: CompiledCandidate, lineage: dict[str, str], description: str
+) -> str:
     """Register the run's program as a candidate version; a version with the same program is reused.
 
     Returns:
@@ -406,57 +532,102 @@ def register_program(handle: RunHandle, registry: RegistryTarget, candidate: Com
     """
     from mlflow import MlflowClient
 
-    from cadre.registry import find_identical, register_candidate
+    from cadre.registry.versions import find_identical, register_candidate
 
     client = MlflowClient(handle.tracking_uri)
-    same = find_identical(client, project=registry.project, specialist=registry.specialist, kind="program",
-                          lineage_key="program_sha256", value=candidate.fingerprint)
+    same = find_identical(
+        client,
+        project=registry.project,
+        specialist=registry.specialist,
+        kind="program",
+        lineage_key="program_sha256",
+        value=candidate.fingerprint,
+    )
     if same is not None:
         print(f"the candidate is identical to {same.name} v{same.version}; reusing that version")
         return same.version
-    version = register_candidate(client, project=registry.project, specialist=registry.specialist, kind="program", run_id=handle.run_id,
-                                 artifact_path=PROGRAM_ARTIFACT, lineage=lineage, description=description, actor=flow_actor(f"optimize-prompts:{handle.run_id}"))
+    version = register_candidate(
+        client,
+        project=registry.project,
+        specialist=registry.specialist,
+        kind="program",
+        run_id=handle.run_id,
+        artifact_path=PROGRAM_ARTIFACT,
+        lineage=lineage,
+        description=description,
+        actor=flow_actor(f"optimize-prompts:{handle.run_id}"),
+    )
     return version.version
 
 
 @task(name="mark-champion-unchanged", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
-def mark_champion_unchanged(handle: RunHandle, registry: RegistryTarget, champion: ChampionProgram, decision: GateDecision) -> None:
+def mark_champion_unchanged(
+    handle: RunHandle, registry: RegistryTarget, champion: ChampionProgram, decision: GateDecision
+) -> None:
     """Tag a run whose compiled program is the champion itself: nothing registered, nothing moved."""
     from mlflow import MlflowClient
 
-    from cadre.registry import registered_model_name
+    from cadre.registry.versions import registered_model_name
 
     client = MlflowClient(handle.tracking_uri)
     name = registered_model_name(registry.project, registry.specialist, "program")
-    for key, value in {"cadre.program_version": champion.version, "cadre.candidate_version": f"{name}/{champion.version}",
-                       "cadre.promoted": "false",
-                       "cadre.gate": "passed" if decision.passed else "refused", "cadre.already_champion": "true"}.items():
+    for key, value in {
+        "cadre.program_version": champion.version,
+        "cadre.candidate_version": f"{name}/{champion.version}",
+        "cadre.promoted": "false",
+        "cadre.gate": "passed" if decision.passed else "refused",
+        "cadre.already_champion": "true",
+    }.items():
         client.set_tag(handle.run_id, key, value)
 
 
 @task(name="promote-program", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
-def promote_program(handle: RunHandle, registry: RegistryTarget, version: str, decision: GateDecision, scores: TestScores,
-                    champion: ChampionProgram | None, prompt_uri: str | None) -> dict[str, Any]:
+def promote_program(
+    handle: RunHandle,
+    registry: RegistryTarget,
+    version: str,
+    decision: GateDecision,
+    scores: TestScores,
+    champion: ChampionProgram | None,
+    prompt_uri: str | None,
+) -> dict[str, Any]:
     """Record the gate decision on the version; `champion` moves only if the gate passed.
 
     When the program is promoted, the prompt registry's `champion` alias follows its instruction.
     """
     from mlflow import MlflowClient
 
-    from cadre.registry import decide_and_promote, registered_model_name
+    from cadre.registry.versions import decide_and_promote, registered_model_name
 
     client = MlflowClient(handle.tracking_uri)
-    record = decide_and_promote(client, project=registry.project, specialist=registry.specialist, kind="program", version=version,
-                                decision=decision, actor=flow_actor(f"optimize-prompts:{handle.run_id}"), reason=decision.summary,
-                                metrics=scores.candidate.scores, expected_champion=champion.version if champion else None)
+    record = decide_and_promote(
+        client,
+        project=registry.project,
+        specialist=registry.specialist,
+        kind="program",
+        version=version,
+        decision=decision,
+        actor=flow_actor(f"optimize-prompts:{handle.run_id}"),
+        reason=decision.summary,
+        metrics=scores.candidate.scores,
+        expected_champion=champion.version if champion else None,
+    )
     promoted = record.event == "promotion" and record.to_version == str(version)
     if promoted and prompt_uri:
         _, _, prompt_version = prompt_uri.rpartition("/")
         client.set_prompt_alias(prompt_name(registry), "champion", int(prompt_version))
     client.set_tag(handle.run_id, "cadre.program_version", str(version))
-    client.set_tag(handle.run_id, "cadre.candidate_version", f"{registered_model_name(registry.project, registry.specialist, 'program')}/{version}")
+    client.set_tag(
+        handle.run_id,
+        "cadre.candidate_version",
+        f"{registered_model_name(registry.project, registry.specialist, 'program')}/{version}",
+    )
     client.set_tag(handle.run_id, "cadre.promoted", str(promoted).lower())
-    client.set_tag(handle.run_id, "cadre.already_champion", str(decision.passed and champion is not None and champion.version == str(version)).lower())
+    client.set_tag(
+        handle.run_id,
+        "cadre.already_champion",
+        str(decision.passed and champion is not None and champion.version == str(version)).lower(),
+    )
     return {"event": record.event, "version": str(version), "champion": record.to_version, "promoted": promoted}
 
 
@@ -468,8 +639,24 @@ def work_dir(state_dir: Path, run_id: str) -> str:
 
 
 __all__ = [
-    "ChampionProgram", "CompiledCandidate", "ProgramRuntime", "RegistryTarget", "TestScores", "cases_fingerprint", "check_lm",
-    "compile_candidate", "decide_program_gate", "evaluate_on_test", "fetch_champion_adapter", "fetch_champion_program",
-    "load_optimization_cases", "log_optimization", "promote_program", "prompt_name", "register_instruction_prompt",
-    "register_program", "score_table_markdown", "work_dir",
+    "ChampionProgram",
+    "CompiledCandidate",
+    "ProgramRuntime",
+    "RegistryTarget",
+    "TestScores",
+    "cases_fingerprint",
+    "check_lm",
+    "compile_candidate",
+    "decide_program_gate",
+    "evaluate_on_test",
+    "fetch_champion_adapter",
+    "fetch_champion_program",
+    "load_optimization_cases",
+    "log_optimization",
+    "promote_program",
+    "prompt_name",
+    "register_instruction_prompt",
+    "register_program",
+    "score_table_markdown",
+    "work_dir",
 ]

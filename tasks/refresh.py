@@ -19,23 +19,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cadre.adapters import (
-    ExportedAdapter,
-    convert_model_to_gguf,
-    export_adapter,
-    file_sha256,
-    verify_gguf_adapter,
-)
-from cadre.evaluation import EvaluationResult, load_cases
-from cadre.finetune import (
-    TrainingResult,
-    base_model_id,
-    train_adapter,
-    training_config_hash,
-    work_dir,
-)
-from cadre.optimize import EvaluationRun, evaluate_program
-from cadre.program import (
+from cadre.evaluation.results import EvaluationResult, load_cases
+from cadre.prompts.optimize import EvaluationRun, evaluate_program
+from cadre.prompts.program import (
     CompletionLM,
     IndexTarget,
     LMTarget,
@@ -45,9 +31,23 @@ from cadre.program import (
     open_retriever,
     use_disk_cache,
 )
-from cadre.prompt_format import PromptSpec
-from cadre.tracking import RunHandle
-from cadre.training_data import (
+from cadre.registry.runs import RunHandle
+from cadre.runtime.prompt import PromptSpec
+from cadre.tuning.adapter_export import (
+    ExportedAdapter,
+    convert_model_to_gguf,
+    export_adapter,
+    file_sha256,
+    verify_gguf_adapter,
+)
+from cadre.tuning.finetune import (
+    TrainingResult,
+    base_model_id,
+    train_adapter,
+    training_config_hash,
+    work_dir,
+)
+from cadre.tuning.training_data import (
     TrainingData,
     build_training_data,
     read_records,
@@ -94,7 +94,7 @@ class AdapterScores:
 @task(name="prepare-base-model")
 def prepare_base_model(config: Any, base_model: str) -> BaseModel:
     """The base model as safetensors and as GGUF, prepared once and cached under the state dir."""
-    from cadre.models import PACKAGED_GEMMA, ensure_gguf, ensure_hf_model, hf_model_dir
+    from cadre.runtime.base_model import PACKAGED_GEMMA, ensure_gguf, ensure_hf_model, hf_model_dir
 
     packaged = base_model == PACKAGED_GEMMA
     hf_dir = ensure_hf_model(config) if packaged else hf_model_dir(config, base_model)
@@ -116,18 +116,31 @@ def _serving_prompt(program_settings: Any, champion: ChampionProgram | None) -> 
         return None, []
 
     def no_search(query: str, k: int) -> list[Any]:
-        raise RuntimeError("the refresh reads the champion program's instruction and demos; it never runs its retrieval")
+        raise RuntimeError(
+            "the refresh reads the champion program's instruction and demos; it never runs its retrieval"
+        )
 
-    program = load_program(champion.path, program_settings, retriever=no_search if program_settings.retrieve_k else None)
+    program = load_program(
+        champion.path, program_settings, retriever=no_search if program_settings.retrieve_k else None
+    )
     predictor = program.answer
     demos = [dict(demo.items()) if hasattr(demo, "items") else dict(demo) for demo in predictor.demos]
     return predictor.signature.instructions, demos
 
 
 @task(name="build-training-data", cache_policy=NO_CACHE)
-def build_refresh_data(handle: RunHandle, tuning: Any, program_settings: Any, suite_dir: str, data_files: list[str], base: BaseModel,
-                       index: IndexTarget | None, champion_program: ChampionProgram | None, max_examples: int | None,
-                       out_dir: str) -> TrainingData:
+def build_refresh_data(
+    handle: RunHandle,
+    tuning: Any,
+    program_settings: Any,
+    suite_dir: str,
+    data_files: list[str],
+    base: BaseModel,
+    index: IndexTarget | None,
+    champion_program: ChampionProgram | None,
+    max_examples: int | None,
+    out_dir: str,
+) -> TrainingData:
     """Render the specialist's training examples exactly as its program prompts, and log fingerprint and counts.
 
     The suite's train split (if `from_eval_train`) and the `tuning.data` files are read; the prompts
@@ -139,8 +152,10 @@ def build_refresh_data(handle: RunHandle, tuning: Any, program_settings: Any, su
     from transformers import AutoTokenizer
 
     if program_settings.module != "predict":
-        raise ValueError(f"the adapter refresh trains `predict` programs; a {program_settings.module} program's prompts need reasoning "
-                         "traces the training data does not have (set program.module: predict or skip this flow)")
+        raise ValueError(
+            f"the adapter refresh trains `predict` programs; a {program_settings.module} program's prompts need reasoning "
+            "traces the training data does not have (set program.module: predict or skip this flow)"
+        )
     spec = PromptSpec.from_settings(program_settings)
     instruction, demos = _serving_prompt(program_settings, champion_program)
     retrieve = None
@@ -156,20 +171,38 @@ def build_refresh_data(handle: RunHandle, tuning: Any, program_settings: Any, su
     sources = training_sources(Path(suite_dir), [Path(f) for f in data_files], tuning.from_eval_train)
     records, skipped = read_records(sources)
     started = time.perf_counter()
-    data = build_training_data(records, spec, count_tokens=token_counter(AutoTokenizer.from_pretrained(base.hf_dir)),
-                               max_length=tuning.max_length, heldout_fraction=tuning.heldout_fraction, seed=tuning.seed,
-                               retrieve=retrieve, demos=demos, instruction=instruction, max_examples=max_examples, skipped=skipped)
+    data = build_training_data(
+        records,
+        spec,
+        count_tokens=token_counter(AutoTokenizer.from_pretrained(base.hf_dir)),
+        max_length=tuning.max_length,
+        heldout_fraction=tuning.heldout_fraction,
+        seed=tuning.seed,
+        retrieve=retrieve,
+        demos=demos,
+        instruction=instruction,
+        max_examples=max_examples,
+        skipped=skipped,
+    )
     seconds = time.perf_counter() - started
-    print(f"training data: {data.counts['train']} train / {data.counts['heldout']} held-out examples from {len(sources)} file(s) "
-          f"({data.counts['invalid']} invalid, {data.counts['duplicates']} duplicates, {data.counts['too_long']} too long, "
-          f"{data.counts['capped']} beyond the step budget) in {seconds:.0f} s; fingerprint {data.fingerprint[:16]}")
+    print(
+        f"training data: {data.counts['train']} train / {data.counts['heldout']} held-out examples from {len(sources)} file(s) "
+        f"({data.counts['invalid']} invalid, {data.counts['duplicates']} duplicates, {data.counts['too_long']} too long, "
+        f"{data.counts['capped']} beyond the step budget) in {seconds:.0f} s; fingerprint {data.fingerprint[:16]}"
+    )
 
     client = MlflowClient(handle.tracking_uri)
     stamp = int(time.time() * 1000)
-    client.log_batch(handle.run_id, metrics=[Metric(f"data_{k}", float(v), stamp, 0) for k, v in data.counts.items()]
-                     + [Metric("data_seconds", seconds, stamp, 0)],
-                     params=[Param("data.fingerprint", data.fingerprint), Param("data.sources", json.dumps([str(s) for s in sources])[:500]),
-                             Param("data.prompt_program", f"champion v{champion_program.version}" if champion_program else "declared")])
+    client.log_batch(
+        handle.run_id,
+        metrics=[Metric(f"data_{k}", float(v), stamp, 0) for k, v in data.counts.items()]
+        + [Metric("data_seconds", seconds, stamp, 0)],
+        params=[
+            Param("data.fingerprint", data.fingerprint),
+            Param("data.sources", json.dumps([str(s) for s in sources])[:500]),
+            Param("data.prompt_program", f"champion v{champion_program.version}" if champion_program else "declared"),
+        ],
+    )
     client.set_tag(handle.run_id, "cadre.data_fingerprint", data.fingerprint)
     folder = Path(out_dir) / "data"
     data.write_jsonl(folder / "training_data.jsonl")
@@ -196,7 +229,10 @@ class _MlflowSink:
 
         stamp = int(time.time() * 1000)
         try:
-            self.client.log_batch(self.run_id, metrics=[Metric(f"train/{key}", float(value), stamp, step) for key, value in metrics.items()])
+            self.client.log_batch(
+                self.run_id,
+                metrics=[Metric(f"train/{key}", float(value), stamp, step) for key, value in metrics.items()],
+            )
             if "loss" in metrics:
                 self.steps.add(step)
         except Exception as error:  # noqa: BLE001 - losing a metric point must not lose an hour of training
@@ -206,8 +242,16 @@ class _MlflowSink:
 
 
 @task(name="train-adapter", cache_policy=NO_CACHE, log_prints=False)
-def train_candidate(handle: RunHandle, data: TrainingData, tuning: Any, base: BaseModel, state_dir: str, specialist: str,
-                    max_steps: int | None, threads: int) -> TrainingResult:
+def train_candidate(
+    handle: RunHandle,
+    data: TrainingData,
+    tuning: Any,
+    base: BaseModel,
+    state_dir: str,
+    specialist: str,
+    max_steps: int | None,
+    threads: int,
+) -> TrainingResult:
     """Fine-tune the candidate adapter, resuming from this data's and config's last checkpoint if one exists.
 
     Step metrics stream to the run; steps trained by an earlier, interrupted run (before the
@@ -223,32 +267,67 @@ def train_candidate(handle: RunHandle, data: TrainingData, tuning: Any, base: Ba
 
     config_hash = training_config_hash(tuning, base.identity, max_steps)
     folder = work_dir(Path(state_dir), specialist, data.fingerprint, config_hash)
-    say(f"training {tuning.method} (r={tuning.rank}, alpha={tuning.alpha}) on {base.name} for "
-        f"{max_steps if max_steps is not None else f'{tuning.epochs} epochs of'} steps; checkpoints in {folder}")
+    say(
+        f"training {tuning.method} (r={tuning.rank}, alpha={tuning.alpha}) on {base.name} for "
+        f"{max_steps if max_steps is not None else f'{tuning.epochs} epochs of'} steps; checkpoints in {folder}"
+    )
     sink = _MlflowSink(handle, say)
-    result = train_adapter(data, tuning, base_model_dir=Path(base.hf_dir), work_dir=folder, max_steps=max_steps, threads=threads,
-                           sink=sink, say=say, config_hash=config_hash)
+    result = train_adapter(
+        data,
+        tuning,
+        base_model_dir=Path(base.hf_dir),
+        work_dir=folder,
+        max_steps=max_steps,
+        threads=threads,
+        sink=sink,
+        say=say,
+        config_hash=config_hash,
+    )
 
     client = MlflowClient(handle.tracking_uri)
     stamp = int(time.time() * 1000)
     missing = [row for row in result.loss_curve if int(row["step"]) not in sink.steps]
-    backfill = [Metric(f"train/{key}", value, stamp, int(row["step"])) for row in missing for key, value in row.items() if key != "step"]
-    summary = {"train_mean_loss": result.train_loss, "heldout_loss": result.heldout_loss, "train_seconds": result.train_seconds,
-               "train_seconds_per_step": result.seconds_per_step, "train_tokens_per_second": result.tokens_per_second,
-               "train_global_step": result.global_step, "train_resumed_from_step": result.resumed_from_step,
-               "train_peak_rss_mb": result.peak_rss_mb, "train_trainable_parameters": result.trainable_parameters}
+    backfill = [
+        Metric(f"train/{key}", value, stamp, int(row["step"]))
+        for row in missing
+        for key, value in row.items()
+        if key != "step"
+    ]
+    summary = {
+        "train_mean_loss": result.train_loss,
+        "heldout_loss": result.heldout_loss,
+        "train_seconds": result.train_seconds,
+        "train_seconds_per_step": result.seconds_per_step,
+        "train_tokens_per_second": result.tokens_per_second,
+        "train_global_step": result.global_step,
+        "train_resumed_from_step": result.resumed_from_step,
+        "train_peak_rss_mb": result.peak_rss_mb,
+        "train_trainable_parameters": result.trainable_parameters,
+    }
     metrics = backfill + [Metric(k, float(v), stamp, result.global_step) for k, v in summary.items() if v is not None]
     for start in range(0, len(metrics), 500):
-        client.log_batch(handle.run_id, metrics=metrics[start:start + 500])
-    params = {"train.method": result.method, "train.device": result.device, "train.precision": result.precision,
-              "train.max_steps": str(result.max_steps), "train.config_hash": config_hash, "train.reused": str(result.reused).lower(),
-              "train.base_model": base.identity}
+        client.log_batch(handle.run_id, metrics=metrics[start : start + 500])
+    params = {
+        "train.method": result.method,
+        "train.device": result.device,
+        "train.precision": result.precision,
+        "train.max_steps": str(result.max_steps),
+        "train.config_hash": config_hash,
+        "train.reused": str(result.reused).lower(),
+        "train.base_model": base.identity,
+    }
     client.log_batch(handle.run_id, params=[Param(k, v) for k, v in params.items()])
     if result.method == "qlora" and result.device == "cpu":
         say("note: this was QLoRA on CPU — a 4-bit nf4 base through bitsandbytes' CPU backend, fp32 compute")
-    where = "reused" if result.reused else (f"resumed at step {result.resumed_from_step}" if result.resumed_from_step else "trained")
-    say(f"adapter {where}: {result.global_step} steps on {result.device}/{result.precision}, {result.train_seconds:.0f} s, "
-        f"final loss {result.loss_curve[-1]['loss'] if result.loss_curve else float('nan'):.4f}, held-out loss {result.heldout_loss}")
+    where = (
+        "reused"
+        if result.reused
+        else (f"resumed at step {result.resumed_from_step}" if result.resumed_from_step else "trained")
+    )
+    say(
+        f"adapter {where}: {result.global_step} steps on {result.device}/{result.precision}, {result.train_seconds:.0f} s, "
+        f"final loss {result.loss_curve[-1]['loss'] if result.loss_curve else float('nan'):.4f}, held-out loss {result.heldout_loss}"
+    )
     return result
 
 
@@ -256,8 +335,18 @@ def train_candidate(handle: RunHandle, data: TrainingData, tuning: Any, base: Ba
 
 
 @task(name="export-adapter", cache_policy=NO_CACHE)
-def export_candidate(handle: RunHandle, result: TrainingResult, data: TrainingData, tuning: Any, base: BaseModel, state_dir: str,
-                     out_dir: str, max_tokens: int, stop: list[str], threads: int) -> ExportedAdapter:
+def export_candidate(
+    handle: RunHandle,
+    result: TrainingResult,
+    data: TrainingData,
+    tuning: Any,
+    base: BaseModel,
+    state_dir: str,
+    out_dir: str,
+    max_tokens: int,
+    stop: list[str],
+    threads: int,
+) -> ExportedAdapter:
     """Write the adapter artifact (PEFT + GGUF + configs), check the GGUF answers like the PEFT adapter, log it.
 
     The artifact folder holds `adapter_model.safetensors`, `adapter_config.json`, `adapter.gguf`,
@@ -268,26 +357,51 @@ def export_candidate(handle: RunHandle, result: TrainingResult, data: TrainingDa
     from mlflow.entities import Metric
 
     exported = export_adapter(result.adapter_dir, Path(base.hf_dir), Path(out_dir) / ADAPTER_ARTIFACT, Path(state_dir))
-    training_config = {"tuning": tuning.model_dump(mode="json"), "max_steps": result.max_steps, "base_model": base.identity,
-                       "data_fingerprint": data.fingerprint, "config_hash": result.config_hash, "method": result.method,
-                       "device": result.device, "precision": result.precision, "data_counts": data.counts}
+    training_config = {
+        "tuning": tuning.model_dump(mode="json"),
+        "max_steps": result.max_steps,
+        "base_model": base.identity,
+        "data_fingerprint": data.fingerprint,
+        "config_hash": result.config_hash,
+        "method": result.method,
+        "device": result.device,
+        "precision": result.precision,
+        "data_counts": data.counts,
+    }
     (exported.folder / "training_config.json").write_text(json.dumps(training_config, indent=2))
     (exported.folder / "training_result.json").write_text(json.dumps(result.to_dict(), indent=2))
 
     prompts = [e.prompt for e in (data.heldout + data.train)[:GGUF_CHECK_PROMPTS]]
-    check = verify_gguf_adapter(exported.folder, Path(base.hf_dir), exported.gguf, Path(base.gguf), prompts, max_tokens=max_tokens,
-                                stop=stop, threads=threads)
-    print(f"GGUF adapter vs PEFT adapter: {check.agreement:.0%} identical greedy answers on {check.prompts} prompts {check.pairs}")
+    check = verify_gguf_adapter(
+        exported.folder,
+        Path(base.hf_dir),
+        exported.gguf,
+        Path(base.gguf),
+        prompts,
+        max_tokens=max_tokens,
+        stop=stop,
+        threads=threads,
+    )
+    print(
+        f"GGUF adapter vs PEFT adapter: {check.agreement:.0%} identical greedy answers on {check.prompts} prompts {check.pairs}"
+    )
     if check.agreement < 0.5:
-        print("warning: the GGUF adapter answers differently from the PEFT adapter on most prompts; the gate will judge the GGUF one")
+        print(
+            "warning: the GGUF adapter answers differently from the PEFT adapter on most prompts; the gate will judge the GGUF one"
+        )
 
     client = MlflowClient(handle.tracking_uri)
     client.log_artifacts(handle.run_id, str(exported.folder), ADAPTER_ARTIFACT)
     _log_loss_curve(client, handle, result.loss_curve, Path(out_dir) / "training")
     stamp = int(time.time() * 1000)
-    client.log_batch(handle.run_id, metrics=[Metric("gguf_peft_agreement", check.agreement, stamp, 0),
-                                             Metric("gguf_conversion_seconds", exported.conversion_seconds, stamp, 0),
-                                             Metric("adapter_gguf_mb", exported.gguf.stat().st_size / 1e6, stamp, 0)])
+    client.log_batch(
+        handle.run_id,
+        metrics=[
+            Metric("gguf_peft_agreement", check.agreement, stamp, 0),
+            Metric("gguf_conversion_seconds", exported.conversion_seconds, stamp, 0),
+            Metric("adapter_gguf_mb", exported.gguf.stat().st_size / 1e6, stamp, 0),
+        ],
+    )
     return exported
 
 
@@ -328,16 +442,38 @@ def load_test_cases(suite_dir: str, limit: int | None, fields: list[str]) -> lis
     return cases
 
 
-def _llama_target(base: BaseModel, adapter_gguf: str | None, n_threads: int, n_ctx: int, version: str | None) -> LMTarget:
-    identity = f"llama.cpp:{Path(base.gguf).name}" + (f"+lora:{file_sha256(Path(adapter_gguf))[:16]}" if adapter_gguf else "")
-    return LMTarget(kind="llama_cpp", model=base.gguf, adapter_gguf=adapter_gguf, adapter_version=version, n_threads=n_threads,
-                    n_ctx=n_ctx, identity=identity)
+def _llama_target(
+    base: BaseModel, adapter_gguf: str | None, n_threads: int, n_ctx: int, version: str | None
+) -> LMTarget:
+    identity = f"llama.cpp:{Path(base.gguf).name}" + (
+        f"+lora:{file_sha256(Path(adapter_gguf))[:16]}" if adapter_gguf else ""
+    )
+    return LMTarget(
+        kind="llama_cpp",
+        model=base.gguf,
+        adapter_gguf=adapter_gguf,
+        adapter_version=version,
+        n_threads=n_threads,
+        n_ctx=n_ctx,
+        identity=identity,
+    )
 
 
 @task(name="evaluate-adapters", cache_policy=NO_CACHE)
-def evaluate_adapters(program_settings: Any, evaluation: Any, index: IndexTarget | None, cache_dir: str, cases: list[dict[str, Any]],
-                      base: BaseModel, candidate_gguf: str, champion_gguf: str | None, champion_version: str | None,
-                      champion_program: ChampionProgram | None, n_threads: int, n_ctx: int) -> AdapterScores:
+def evaluate_adapters(
+    program_settings: Any,
+    evaluation: Any,
+    index: IndexTarget | None,
+    cache_dir: str,
+    cases: list[dict[str, Any]],
+    base: BaseModel,
+    candidate_gguf: str,
+    champion_gguf: str | None,
+    champion_version: str | None,
+    champion_program: ChampionProgram | None,
+    n_threads: int,
+    n_ctx: int,
+) -> AdapterScores:
     """Run the specialist as it serves — its program, retrieval from the live index, llama.cpp on the GGUF base —
     once with the candidate adapter and once with the champion adapter (or none), on the same cases.
 
@@ -353,11 +489,18 @@ def evaluate_adapters(program_settings: Any, evaluation: Any, index: IndexTarget
 
     def run(adapter: str | None, version: str | None, name: str) -> EvaluationRun:
         target = _llama_target(base, adapter, n_threads, n_ctx, version)
-        lm = CompletionLM(build_client(target), model_id=target.identity, max_tokens=program_settings.max_tokens,
-                          temperature=program_settings.temperature)
+        lm = CompletionLM(
+            build_client(target),
+            model_id=target.identity,
+            max_tokens=program_settings.max_tokens,
+            temperature=program_settings.temperature,
+        )
         scored = evaluate_program(program(), program_settings, evaluation, lm, cases, name)
-        print(f"{name}: " + ", ".join(f"{m} {scored.result.scores[m]:.3f}" for m in evaluation.answer_metrics)
-              + f" on {scored.result.cases} cases in {scored.wall_seconds:.0f} s")
+        print(
+            f"{name}: "
+            + ", ".join(f"{m} {scored.result.scores[m]:.3f}" for m in evaluation.answer_metrics)
+            + f" on {scored.result.cases} cases in {scored.wall_seconds:.0f} s"
+        )
         return scored
 
     champion_name = f"adapter-v{champion_version}" if champion_gguf else "base-model"
@@ -370,34 +513,62 @@ def evaluate_adapters(program_settings: Any, evaluation: Any, index: IndexTarget
 
 
 @task(name="gate-register-promote", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE)
-def gate_register_promote(config: Any, specialist: str, handle: RunHandle, scores: AdapterScores, lineage: dict[str, str],
-                          champion_version: str | None) -> dict[str, Any]:
+def gate_register_promote(
+    config: Any,
+    specialist: str,
+    handle: RunHandle,
+    scores: AdapterScores,
+    lineage: dict[str, str],
+    champion_version: str | None,
+) -> dict[str, Any]:
     """Decide the adapter gates against the champion adapter — or the base model when there is none —, register
-    the candidate with its lineage, and promote it only if the gates pass (`cadre.promotion.gate_and_promote`)."""
+    the candidate with its lineage, and promote it only if the gates pass (`cadre.registry.promotion.gate_and_promote`)."""
     from mlflow import MlflowClient
 
-    from cadre.promotion import gate_and_promote
+    from cadre.registry.promotion import gate_and_promote
 
-    outcome = gate_and_promote(config, specialist, "adapter", handle, ADAPTER_ARTIFACT, scores.candidate.result, scores.champion.result,
-                               lineage, expected_champion=champion_version, actor=flow_actor(f"refresh-adapter:{handle.run_id}"),
-                               identity="adapter_sha256")
+    outcome = gate_and_promote(
+        config,
+        specialist,
+        "adapter",
+        handle,
+        ADAPTER_ARTIFACT,
+        scores.candidate.result,
+        scores.champion.result,
+        lineage,
+        expected_champion=champion_version,
+        actor=flow_actor(f"refresh-adapter:{handle.run_id}"),
+        identity="adapter_sha256",
+    )
     client = MlflowClient(handle.tracking_uri)
     client.set_tag(handle.run_id, "mlflow.note.content", score_table(scores) + "\n\n" + outcome.decision.to_markdown())
     client.set_tag(handle.run_id, "cadre.promoted", str(outcome.promoted).lower())
     print(score_table(scores))
     print(outcome.summary())
-    return {"version": outcome.version, "promoted": outcome.promoted, "gate_passed": outcome.decision.passed,
-            "summary": outcome.decision.summary}
+    return {
+        "version": outcome.version,
+        "promoted": outcome.promoted,
+        "gate_passed": outcome.decision.passed,
+        "summary": outcome.decision.summary,
+    }
 
 
 def score_table(scores: AdapterScores) -> str:
     """Champion (or base model) and candidate side by side, as a reviewer reads it in the run's note."""
     metrics = scores.candidate.result.metrics
-    lines = [f"### Test split: {scores.candidate.result.cases} cases, same program and retrieval", "",
-             "| system | " + " | ".join(metrics) + " | wall s |", "|---" * (len(metrics) + 2) + "|"]
+    lines = [
+        f"### Test split: {scores.candidate.result.cases} cases, same program and retrieval",
+        "",
+        "| system | " + " | ".join(metrics) + " | wall s |",
+        "|---" * (len(metrics) + 2) + "|",
+    ]
     for run in (scores.champion, scores.candidate):
         result: EvaluationResult = run.result
-        lines.append(f"| {result.name} | " + " | ".join(f"{result.scores.get(m, 0.0):.3f}" for m in metrics) + f" | {run.wall_seconds:.0f} |")
+        lines.append(
+            f"| {result.name} | "
+            + " | ".join(f"{result.scores.get(m, 0.0):.3f}" for m in metrics)
+            + f" | {run.wall_seconds:.0f} |"
+        )
     return "\n".join(lines)
 
 

@@ -12,11 +12,10 @@ from mlflow.entities import Metric
 from prefect import get_run_logger, task
 
 from cadre.config import CadreConfig
-from cadre.evaluation import EvaluationResult, Prediction, evaluate_cases, load_cases
-from cadre.index.base import VersionNotFound
-from cadre.metrics import is_retrieval_metric
-from cadre.promotion import champion_version
-from cadre.reindex import (
+from cadre.evaluation.metrics import is_retrieval_metric
+from cadre.evaluation.results import EvaluationResult, Prediction, evaluate_cases, load_cases
+from cadre.knowledge.index.base import VersionNotFound
+from cadre.knowledge.reindex import (
     ReindexResult,
     Retriever,
     live_version,
@@ -24,7 +23,8 @@ from cadre.reindex import (
     prune_versions,
     reindex_specialist,
 )
-from cadre.tracking import RunHandle
+from cadre.registry.promotion import champion_version
+from cadre.registry.runs import RunHandle
 
 
 @task(name="sync-live-index-with-registry", retries=2, retry_delay_seconds=5)
@@ -33,8 +33,11 @@ def sync_live_pointer(config: CadreConfig, specialist: str) -> str | None:
     version = champion_version(config, specialist, "index")
     if version is None:
         return live_version(config.state_dir, specialist)
-    tags = MlflowClient(config.project.mlflow.uri).get_model_version(
-        f"{config.project.name}.{specialist}.index", version).tags
+    tags = (
+        MlflowClient(config.project.mlflow.uri)
+        .get_model_version(f"{config.project.name}.{specialist}.index", version)
+        .tags
+    )
     name = tags.get("cadre.lineage.index_version")
     if name and name != live_version(config.state_dir, specialist):
         promote_version(config.state_dir, specialist, name)
@@ -65,8 +68,9 @@ def log_reindex_result(handle: RunHandle, result: ReindexResult) -> None:
 
 
 @task(name="evaluate-retrieval")
-def evaluate_retrieval(config: CadreConfig, specialist: str, version: str | None, budget: str, label: str,
-                       cases_of: str | None = None) -> EvaluationResult | None:
+def evaluate_retrieval(
+    config: CadreConfig, specialist: str, version: str | None, budget: str, label: str, cases_of: str | None = None
+) -> EvaluationResult | None:
     """Retrieval metrics of one index version on the specialist's test split (None when there is no such version).
 
     Under a document cap (smoke budget, `index.max_documents`), only cases whose relevant documents the
@@ -88,8 +92,14 @@ def evaluate_retrieval(config: CadreConfig, specialist: str, version: str | None
     answerable = [c for c in with_relevance if held is None or set(c["relevant_ids"]) & held]
     cases = answerable[:limit] if limit else answerable
     if len(answerable) < len(with_relevance):
-        get_run_logger().info("%s %s: evaluating the %d of %d test cases whose relevant documents version %s holds (document cap)",
-                              label, version, len(answerable), len(with_relevance), coverage)
+        get_run_logger().info(
+            "%s %s: evaluating the %d of %d test cases whose relevant documents version %s holds (document cap)",
+            label,
+            version,
+            len(answerable),
+            len(with_relevance),
+            coverage,
+        )
 
     def predict(case: dict[str, Any]) -> Prediction:
         query = " ".join(str(case[f.name]) for f in settings.program.inputs if f.name in case)
@@ -97,9 +107,16 @@ def evaluate_retrieval(config: CadreConfig, specialist: str, version: str | None
         ranked = list(dict.fromkeys(hit.record_id for hit in hits))
         return Prediction(output=ranked[0] if ranked else None, retrieved_ids=ranked)
 
-    return evaluate_cases(cases, predict, [m for m in metrics if is_retrieval_metric(m)], name=f"{label} {version}",
-                          output_field=None, retrieval_field="relevant_ids", confidence=settings.evaluation.confidence,
-                          bootstrap_samples=settings.evaluation.bootstrap_samples)
+    return evaluate_cases(
+        cases,
+        predict,
+        [m for m in metrics if is_retrieval_metric(m)],
+        name=f"{label} {version}",
+        output_field=None,
+        retrieval_field="relevant_ids",
+        confidence=settings.evaluation.confidence,
+        bootstrap_samples=settings.evaluation.bootstrap_samples,
+    )
 
 
 def _held_record_ids(retriever: Retriever, version: str) -> set[str] | None:
@@ -113,7 +130,7 @@ def _held_record_ids(retriever: Retriever, version: str) -> set[str] | None:
 @task(name="make-index-live", retries=2, retry_delay_seconds=2)
 def make_live(config: CadreConfig, specialist: str, version: str, retention: int) -> list[str]:
     """Point serving at the promoted version, then prune old versions; returns the versions dropped."""
-    from cadre.index import open_backend
+    from cadre.knowledge.index import open_backend
 
     promote_version(config.state_dir, specialist, version)
     backend = open_backend(config.project.index, config.state_dir, specialist)

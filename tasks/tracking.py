@@ -6,7 +6,7 @@ from prefect import task
 from prefect.runtime import flow_run
 
 from cadre.config import CadreConfig
-from cadre.tracking import RunHandle, close_run, open_run, run_summary_markdown
+from cadre.registry.runs import RunHandle, close_run, open_run, run_summary_markdown
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 10], name="log-resolved-config")
@@ -21,5 +21,8 @@ def close_tracking_run(handle: RunHandle, status: str = "FINISHED") -> None:
     from prefect.artifacts import create_markdown_artifact
 
     close_run(handle, status)
-    create_markdown_artifact(run_summary_markdown(handle.tracking_uri, handle.run_id), key="cadre-summary",
-                             description="What this run decided, with links to its MLflow run and registry version")
+    create_markdown_artifact(
+        run_summary_markdown(handle.tracking_uri, handle.run_id),
+        key="cadre-summary",
+        description="What this run decided, with links to its MLflow run and registry version",
+    )

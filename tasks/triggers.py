@@ -19,8 +19,9 @@ def trigger_flow(config: CadreConfig, kind: str, specialist: str, budget: str, r
         return None
     name = f"{flow_name(kind)}/{specialist}"
     try:
-        run = run_deployment(name, parameters={"budget": budget}, timeout=0, as_subflow=False, tags=["trigger:flow"],
-                             flow_run_name=None)
+        run = run_deployment(
+            name, parameters={"budget": budget}, timeout=0, as_subflow=False, tags=["trigger:flow"], flow_run_name=None
+        )
     except ObjectNotFound:
         logger.warning("deployment %s does not exist (run `cadre deploy`); nothing triggered", name)
         return None

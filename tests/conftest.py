@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cadre.env import OFFLINE_ENV
+from cadre.platform.env import OFFLINE_ENV
 
 os.environ.update(OFFLINE_ENV)
 # One prepared copy of the packaged models for every test project (prepared on first use).

@@ -28,11 +28,17 @@ def check_answer_metric(name: str) -> str:
 class EvaluationSettings(Strict):
     """The specialist's evaluation suite: a folder of train/dev/test JSONL splits, and the metrics computed on it."""
 
-    suite: ExistingProjectPath = Field(description="Folder holding train.jsonl, dev.jsonl and test.jsonl (e.g. evals/suites/icd10-coder).")
+    suite: ExistingProjectPath = Field(
+        description="Folder holding train.jsonl, dev.jsonl and test.jsonl (e.g. evals/suites/icd10-coder)."
+    )
     retrieval_metrics: list[str] = Field(["recall@10", "mrr", "ndcg@10"], description="Metrics of the retrieval stage.")
-    answer_metrics: list[str] = Field(["exact_match", "token_f1"], description=f"Metrics of the answers; any of {', '.join(ANSWER_METRICS)}.")
+    answer_metrics: list[str] = Field(
+        ["exact_match", "token_f1"], description=f"Metrics of the answers; any of {', '.join(ANSWER_METRICS)}."
+    )
     max_cases: int | None = Field(None, gt=0, description="Cap on test cases per evaluation (null = the whole split).")
-    bootstrap_samples: int = Field(1000, ge=100, le=100_000, description="Bootstrap resamples for confidence intervals.")
+    bootstrap_samples: int = Field(
+        1000, ge=100, le=100_000, description="Bootstrap resamples for confidence intervals."
+    )
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals.")
 
     @field_validator("retrieval_metrics")
@@ -55,21 +61,33 @@ class GateRule(Strict):
     metric: str = Field(description="Metric the rule reads, e.g. recall@10, exact_match, latency_p95_ms.")
     at_least: float | None = Field(None, description="Absolute minimum of the candidate's score.")
     at_most: float | None = Field(None, description="Absolute maximum (latency, cost, LM calls).")
-    beat_champion_by: float | None = Field(None, description="Candidate must exceed the champion by at least this much (skipped when there is no champion).")
-    significant: bool = Field(False, description=(
-        "With beat_champion_by: the bootstrap interval of the gain must lie above it. With max_slice_drop: a slice fails only if "
-        "its drop is also significant (paired interval of the drop above zero, level corrected for the number of slices)."))
-    max_slice_drop: float | None = Field(None, ge=0.0, description="No slice may fall more than this below the champion.")
+    beat_champion_by: float | None = Field(
+        None,
+        description="Candidate must exceed the champion by at least this much (skipped when there is no champion).",
+    )
+    significant: bool = Field(
+        False,
+        description=(
+            "With beat_champion_by: the bootstrap interval of the gain must lie above it. With max_slice_drop: a slice fails only if "
+            "its drop is also significant (paired interval of the drop above zero, level corrected for the number of slices)."
+        ),
+    )
+    max_slice_drop: float | None = Field(
+        None, ge=0.0, description="No slice may fall more than this below the champion."
+    )
     slice: str | None = Field(None, description="Judge the rule on this slice of the suite only (e.g. `feedback`).")
     exclude_slice: str | None = Field(
-        None, description="Judge the rule on every case but this slice (e.g. `feedback`: no regression on the regular suite)."
+        None,
+        description="Judge the rule on every case but this slice (e.g. `feedback`: no regression on the regular suite).",
     )
 
     @model_validator(mode="after")
     def _exactly_one_kind(self) -> GateRule:
         given = [kind for kind in _RULE_KINDS if getattr(self, kind) is not None]
         if len(given) != 1:
-            raise ValueError(f"a gate rule needs exactly one of {', '.join(_RULE_KINDS)}; got {', '.join(given) or 'none'}")
+            raise ValueError(
+                f"a gate rule needs exactly one of {', '.join(_RULE_KINDS)}; got {', '.join(given) or 'none'}"
+            )
         if self.significant and self.beat_champion_by is None and self.max_slice_drop is None:
             raise FieldError(("significant",), "significant only applies to beat_champion_by and max_slice_drop")
         if self.slice is not None and self.exclude_slice is not None:
@@ -89,8 +107,10 @@ class GateRule(Strict):
         text = {
             "at_least": f"{self.metric} ≥ {self.threshold:g}",
             "at_most": f"{self.metric} ≤ {self.threshold:g}",
-            "beat_champion_by": f"{self.metric} beats champion by ≥ {self.threshold:g}" + (" (significant)" if self.significant else ""),
-            "max_slice_drop": f"no slice of {self.metric} drops more than {self.threshold:g} below champion" + (" (significantly)" if self.significant else ""),
+            "beat_champion_by": f"{self.metric} beats champion by ≥ {self.threshold:g}"
+            + (" (significant)" if self.significant else ""),
+            "max_slice_drop": f"no slice of {self.metric} drops more than {self.threshold:g} below champion"
+            + (" (significantly)" if self.significant else ""),
         }[self.kind]
         if self.slice is not None:
             text += f" on slice {self.slice}"
@@ -105,13 +125,17 @@ class Gates(Strict):
     index: list[GateRule] = Field([], description="Rules for a new index version (retrieval metrics).")
     program: list[GateRule] = Field([], description="Rules for a newly optimized DSPy program (answer metrics).")
     adapter: list[GateRule] = Field([], description="Rules for a refreshed adapter (answer metrics).")
-    feedback: list[GateRule] = Field([], description="Rules for a DPO adapter learned from corrections (answer metrics).")
+    feedback: list[GateRule] = Field(
+        [], description="Rules for a DPO adapter learned from corrections (answer metrics)."
+    )
 
 
 def check_gate_metrics(gates: Gates, evaluation: EvaluationSettings) -> None:
     """Raise FieldError for a gate that reads a metric its stage's suite does not compute."""
     for stage in ("index", "program", "adapter", "feedback"):
-        available = set(evaluation.retrieval_metrics if stage == "index" else evaluation.answer_metrics) | set(RUNTIME_METRICS)
+        available = set(evaluation.retrieval_metrics if stage == "index" else evaluation.answer_metrics) | set(
+            RUNTIME_METRICS
+        )
         for position, rule in enumerate(getattr(gates, stage)):
             if rule.metric not in available:
                 listed = "retrieval_metrics" if stage == "index" else "answer_metrics"

@@ -39,8 +39,12 @@ class SqlSource(Strict):
 
     kind: Literal["sql"] = Field(description="A database query.")
     name: str = Field(min_length=1, description="Name of this source (unique within the specialist).")
-    url: str = Field(description="SQLAlchemy URL; a relative sqlite path is read from the project folder, e.g. sqlite:///data/kb.db.")
-    url_env: str | None = Field(None, description="Environment variable holding the URL instead (keeps passwords out of the file).")
+    url: str = Field(
+        description="SQLAlchemy URL; a relative sqlite path is read from the project folder, e.g. sqlite:///data/kb.db."
+    )
+    url_env: str | None = Field(
+        None, description="Environment variable holding the URL instead (keeps passwords out of the file)."
+    )
     query: str = Field(min_length=1, description="SELECT returning one row per document.")
     id_column: str = Field("id", description="Column with a stable row id.")
     text_columns: list[str] = Field(["text"], min_length=1, description="Columns joined into the document text.")
@@ -79,12 +83,17 @@ class ChunkingSettings(Strict):
 
     max_tokens: int = Field(200, ge=16, le=8192, description="Chunk size in embedding-model tokens.")
     overlap_tokens: int = Field(32, ge=0, description="Tokens shared by neighbouring chunks.")
-    max_document_bytes: int = Field(2_000_000, ge=1, description="Documents larger than this are skipped (counted as oversized).")
+    max_document_bytes: int = Field(
+        2_000_000, ge=1, description="Documents larger than this are skipped (counted as oversized)."
+    )
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> ChunkingSettings:
         if self.overlap_tokens >= self.max_tokens:
-            raise FieldError(("overlap_tokens",), f"overlap_tokens ({self.overlap_tokens}) must be smaller than max_tokens ({self.max_tokens})")
+            raise FieldError(
+                ("overlap_tokens",),
+                f"overlap_tokens ({self.overlap_tokens}) must be smaller than max_tokens ({self.max_tokens})",
+            )
         return self
 
 

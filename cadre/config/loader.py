@@ -75,21 +75,29 @@ def load_config(file: str | Path = "pipelines.yaml") -> CadreConfig:
         raise ConfigError(display, [ConfigIssue(1, 1, "", f"not UTF-8 text: {error}")]) from None
     except DuplicateKeyError as error:
         mark = error.problem_mark
-        raise ConfigError(display, [ConfigIssue(mark.line + 1, mark.column + 1, "", f"duplicate key: {error.problem}")]) from None
+        raise ConfigError(
+            display, [ConfigIssue(mark.line + 1, mark.column + 1, "", f"duplicate key: {error.problem}")]
+        ) from None
     except MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise ConfigError(display, [ConfigIssue(line, column, "", f"YAML syntax error: {error.problem or error.context}")]) from None
+        raise ConfigError(
+            display, [ConfigIssue(line, column, "", f"YAML syntax error: {error.problem or error.context}")]
+        ) from None
 
     if not isinstance(document, dict):
-        raise ConfigError(display, [ConfigIssue(1, 1, "", "the file must be a mapping with `project` and `specialists` keys")])
+        raise ConfigError(
+            display, [ConfigIssue(1, 1, "", "the file must be a mapping with `project` and `specialists` keys")]
+        )
     locations: dict[Path_, tuple[int, int]] = {}
     data = _plain(document, (), locations)
     merged = _with_defaults(data)
     issues: list[ConfigIssue] = []
     if isinstance(data.get("defaults"), dict) and "name" in data["defaults"]:
         line, column = locations.get(("defaults", "name"), (1, 1))
-        issues.append(ConfigIssue(line, column, "defaults.name", "defaults cannot set `name`; each specialist names itself"))
+        issues.append(
+            ConfigIssue(line, column, "defaults.name", "defaults cannot set `name`; each specialist names itself")
+        )
 
     root = path.resolve().parent
     pipelines = None
@@ -159,7 +167,13 @@ def _data_path(loc: Path_, data: Any) -> Path_:
     node = data
     for position, part in enumerate(loc):
         last = position == len(loc) - 1
-        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        if (
+            isinstance(node, dict)
+            and part in node
+            or isinstance(node, list)
+            and isinstance(part, int)
+            and 0 <= part < len(node)
+        ):
             node = node[part]
         elif not last:
             if isinstance(node, dict) and isinstance(part, str) and part.isidentifier() and part not in _UNION_LABELS:
@@ -211,7 +225,9 @@ def _sentence(item: dict[str, Any], path: Path_, data: Any) -> str:
     if kind == "extra_forbidden":
         allowed = _fields_at(path[:-1], data)
         hint = difflib.get_close_matches(str(path[-1]), allowed, n=1, cutoff=0.6)
-        suggestion = f"; did you mean {hint[0]!r}?" if hint else (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+        suggestion = (
+            f"; did you mean {hint[0]!r}?" if hint else (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+        )
         return f"unknown key {path[-1]!r}{suggestion}"
     if kind == "missing":
         return "required field is missing"
@@ -236,12 +252,25 @@ def _sentence(item: dict[str, Any], path: Path_, data: Any) -> str:
         tag = str(ctx.get("tag"))
         options = [o.strip(" '") for o in str(ctx.get("expected_tags", "")).split(",")]
         hint = difflib.get_close_matches(tag, options, n=1, cutoff=0.5)
-        return f"unknown kind {_show(tag)}; expected one of {ctx.get('expected_tags')}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        return f"unknown kind {_show(tag)}; expected one of {ctx.get('expected_tags')}" + (
+            f"; did you mean {hint[0]!r}?" if hint else ""
+        )
     if kind == "union_tag_not_found":
-        return f"missing `{ctx.get('discriminator', 'kind').strip(chr(39))}`; expected one of files, dataset, sql, python"
+        return (
+            f"missing `{ctx.get('discriminator', 'kind').strip(chr(39))}`; expected one of files, dataset, sql, python"
+        )
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        bound = {"greater_than": "> {gt}", "greater_than_equal": "≥ {ge}", "less_than": "< {lt}", "less_than_equal": "≤ {le}"}[kind].format(**ctx)
-        noun = _integer_kind(field_info) if _is_int(field_info) and kind.startswith("greater") and str(ctx.get("gt", ctx.get("ge"))) in ("0", "1") else "a number"
+        bound = {
+            "greater_than": "> {gt}",
+            "greater_than_equal": "≥ {ge}",
+            "less_than": "< {lt}",
+            "less_than_equal": "≤ {le}",
+        }[kind].format(**ctx)
+        noun = (
+            _integer_kind(field_info)
+            if _is_int(field_info) and kind.startswith("greater") and str(ctx.get("gt", ctx.get("ge"))) in ("0", "1")
+            else "a number"
+        )
         return f"expected {noun} {bound}, got {got}" if noun == "a number" else f"expected {noun}, got {got}"
     if kind in ("too_short", "too_long"):
         return f"{item['msg'].lower()}, got {got}"

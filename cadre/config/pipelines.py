@@ -32,12 +32,16 @@ class PipelinesFile(Strict):
         seen: set[str] = set()
         for position, specialist in enumerate(self.specialists):
             if specialist.name in seen:
-                raise FieldError(("specialists", position, "name"), f"specialist name {specialist.name!r} is used twice")
+                raise FieldError(
+                    ("specialists", position, "name"), f"specialist name {specialist.name!r} is used twice"
+                )
             seen.add(specialist.name)
         fallback = self.project.serving.route_fallback
         if fallback is not None and fallback not in seen:
-            raise FieldError(("project", "serving", "route_fallback"),
-                             f"route_fallback {fallback!r} is not a specialist; expected one of: {', '.join(sorted(seen))}")
+            raise FieldError(
+                ("project", "serving", "route_fallback"),
+                f"route_fallback {fallback!r} is not a specialist; expected one of: {', '.join(sorted(seen))}",
+            )
         return self
 
 

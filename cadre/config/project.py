@@ -60,7 +60,9 @@ class LMSettings(Strict):
     )
     model: str = Field("gemma3-270m", description="Model name sent to the endpoint.")
     api_key_env: str | None = Field(None, description="Environment variable that holds the endpoint's API key.")
-    n_threads: int = Field(1, ge=1, description="Decode threads of the local server (1 is fastest on a shared 2-core box).")
+    n_threads: int = Field(
+        1, ge=1, description="Decode threads of the local server (1 is fastest on a shared 2-core box)."
+    )
     n_ctx: int = Field(2048, ge=256, description="Context window of the local server, in tokens.")
 
     @property
@@ -72,10 +74,15 @@ class IndexBackendSettings(Strict):
     """Which vector index holds the specialists' knowledge."""
 
     backend: Literal["lancedb", "weaviate"] = Field(
-        "lancedb", description="`lancedb`: embedded on-disk index under the state dir (no server). `weaviate`: a Weaviate server."
+        "lancedb",
+        description="`lancedb`: embedded on-disk index under the state dir (no server). `weaviate`: a Weaviate server.",
     )
-    weaviate_url: str | None = Field(None, description="Weaviate HTTP URL (required for backend `weaviate`), e.g. http://localhost:8080.")
-    weaviate_api_key_env: str | None = Field(None, description="Environment variable holding the Weaviate API key, if any.")
+    weaviate_url: str | None = Field(
+        None, description="Weaviate HTTP URL (required for backend `weaviate`), e.g. http://localhost:8080."
+    )
+    weaviate_api_key_env: str | None = Field(
+        None, description="Environment variable holding the Weaviate API key, if any."
+    )
 
     @model_validator(mode="after")
     def _weaviate_needs_url(self) -> IndexBackendSettings:
@@ -104,36 +111,63 @@ class ThreadSettings(Strict):
 class ServingSettings(Strict):
     """`cadre serve`: the team behind one OpenAI-compatible API. Command-line flags override these."""
 
-    host: str = Field(LOOPBACK, description="Interface to bind (loopback by default: put a TLS proxy in front to expose it).")
+    host: str = Field(
+        LOOPBACK, description="Interface to bind (loopback by default: put a TLS proxy in front to expose it)."
+    )
     port: int = Field(8000, ge=1, le=65535, description="Port of the API.")
-    contexts: int = Field(1, ge=1, le=64, description="llama.cpp contexts per base model: generations at the same time (each adds a KV cache).")
-    poll_interval_s: float = Field(30.0, gt=0, description="Seconds between checks of the registry's champions (moves go live without a restart).")
-    api_key_env: str = Field("CADRE_API_KEY", min_length=1,
-                             description="Environment variable holding the API key; unset or empty means no key is required.")
+    contexts: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="llama.cpp contexts per base model: generations at the same time (each adds a KV cache).",
+    )
+    poll_interval_s: float = Field(
+        30.0, gt=0, description="Seconds between checks of the registry's champions (moves go live without a restart)."
+    )
+    api_key_env: str = Field(
+        "CADRE_API_KEY",
+        min_length=1,
+        description="Environment variable holding the API key; unset or empty means no key is required.",
+    )
     route: bool = Field(True, description="Serve `model: auto` through the router.")
-    route_threshold: float | None = Field(None, ge=-1.0, le=1.0, description="Router similarity floor (null: chosen on evals/suites/routing).")
-    route_margin: float | None = Field(None, ge=-1.0, le=1.0, description="Margin over the off-topic profile (null: chosen on evals/suites/routing).")
-    route_fallback: str | None = Field(None, description="Specialist answering `auto` requests nothing matches (null: answer 422).")
+    route_threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="Router similarity floor (null: chosen on evals/suites/routing)."
+    )
+    route_margin: float | None = Field(
+        None, ge=-1.0, le=1.0, description="Margin over the off-topic profile (null: chosen on evals/suites/routing)."
+    )
+    route_fallback: str | None = Field(
+        None, description="Specialist answering `auto` requests nothing matches (null: answer 422)."
+    )
     max_in_flight: int = Field(8, ge=1, description="Requests admitted at once; more get 429 with Retry-After.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body (413 above).")
     max_input_chars: int = Field(4000, ge=1, description="Longest user message (400 above).")
-    max_prompt_tokens: int | None = Field(None, ge=16, description="Longest rendered prompt in tokens (null: the context window less the answer).")
+    max_prompt_tokens: int | None = Field(
+        None, ge=16, description="Longest rendered prompt in tokens (null: the context window less the answer)."
+    )
     max_tokens: int = Field(256, ge=1, description="Most tokens a request may generate.")
 
 
 class ProjectSettings(Strict):
     """Settings shared by every specialist."""
 
-    name: str = Field("cadre", pattern=r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$",
-                      description="Project name (lowercase letters, digits, dashes); prefixes MLflow experiments and registered models.")
-    state_dir: str = Field(".cadre", description="Where services, indexes, models and caches keep their state (relative to this file).")
+    name: str = Field(
+        "cadre",
+        pattern=r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$",
+        description="Project name (lowercase letters, digits, dashes); prefixes MLflow experiments and registered models.",
+    )
+    state_dir: str = Field(
+        ".cadre", description="Where services, indexes, models and caches keep their state (relative to this file)."
+    )
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="MLflow tracking and registry.")
     prefect: PrefectSettings = Field(default_factory=PrefectSettings, description="Prefect orchestration.")
     lm: LMSettings = Field(default_factory=LMSettings, description="Language-model endpoint for programs and serving.")
     index: IndexBackendSettings = Field(default_factory=IndexBackendSettings, description="Vector index backend.")
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings, description="Embedding model.")
     threads: ThreadSettings = Field(default_factory=ThreadSettings, description="CPU thread counts.")
-    serving: ServingSettings = Field(default_factory=ServingSettings, description="`cadre serve` (the OpenAI-compatible API of the team).")
+    serving: ServingSettings = Field(
+        default_factory=ServingSettings, description="`cadre serve` (the OpenAI-compatible API of the team)."
+    )
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> ProjectSettings:
@@ -143,7 +177,14 @@ class ProjectSettings(Strict):
             if settings.port in seen:
                 other = seen[settings.port]
                 # Point at the port the user wrote, not at the default it collides with.
-                blamed, kept = (other, name) if "port" in services[other].model_fields_set and "port" not in settings.model_fields_set else (name, other)
-                raise FieldError((blamed, "port"), f"port {settings.port} is already used by {kept}.port; give each service its own port")
+                blamed, kept = (
+                    (other, name)
+                    if "port" in services[other].model_fields_set and "port" not in settings.model_fields_set
+                    else (name, other)
+                )
+                raise FieldError(
+                    (blamed, "port"),
+                    f"port {settings.port} is already used by {kept}.port; give each service its own port",
+                )
             seen[settings.port] = name
         return self

@@ -13,7 +13,17 @@ _FIELDS = (
     ("minute", 0, 59, {}),
     ("hour", 0, 23, {}),
     ("day of month", 1, 31, {}),
-    ("month", 1, 12, {m: i for i, m in enumerate(["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}),
+    (
+        "month",
+        1,
+        12,
+        {
+            m: i
+            for i, m in enumerate(
+                ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1
+            )
+        },
+    ),
     ("day of week", 0, 7, {d: i for i, d in enumerate(["sun", "mon", "tue", "wed", "thu", "fri", "sat"])}),
 )
 _NICKNAMES = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
@@ -75,7 +85,17 @@ class Schedule(Strict):
 class Schedules(Strict):
     """The four recurring flows of a specialist; set one to null to leave it unscheduled."""
 
-    reindex: Schedule | None = Field(default_factory=lambda: Schedule(cron="0 3 * * *"), description="RAG re-index (default daily 03:00).")
-    optimize: Schedule | None = Field(default_factory=lambda: Schedule(cron="0 4 * * 1"), description="Prompt optimization (default Mondays 04:00).")
-    refresh: Schedule | None = Field(default_factory=lambda: Schedule(cron="0 1 1 * *"), description="Adapter refresh (default the 1st of each month, 01:00).")
-    feedback: Schedule | None = Field(default_factory=lambda: Schedule(cron="0 5 * * 0"), description="Learning from feedback (default Sundays 05:00).")
+    reindex: Schedule | None = Field(
+        default_factory=lambda: Schedule(cron="0 3 * * *"), description="RAG re-index (default daily 03:00)."
+    )
+    optimize: Schedule | None = Field(
+        default_factory=lambda: Schedule(cron="0 4 * * 1"), description="Prompt optimization (default Mondays 04:00)."
+    )
+    refresh: Schedule | None = Field(
+        default_factory=lambda: Schedule(cron="0 1 1 * *"),
+        description="Adapter refresh (default the 1st of each month, 01:00).",
+    )
+    feedback: Schedule | None = Field(
+        default_factory=lambda: Schedule(cron="0 5 * * 0"),
+        description="Learning from feedback (default Sundays 05:00).",
+    )

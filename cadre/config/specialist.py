@@ -29,8 +29,12 @@ class SmokeBudget(Strict):
 class Specialist(Strict):
     """A specialist small language model: its knowledge, program, tuning, evaluation, gates and schedules."""
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$", description="Slug: lowercase letters, digits and dashes.")
-    description: str = Field(min_length=1, description="What the specialist is for; the router compares requests with it.")
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$", description="Slug: lowercase letters, digits and dashes."
+    )
+    description: str = Field(
+        min_length=1, description="What the specialist is for; the router compares requests with it."
+    )
     examples: list[str] = Field([], description="Typical requests, used by the router.")
     base_model: str = Field(
         "gemma3-270m",
@@ -54,7 +58,9 @@ class Specialist(Strict):
         if value in PACKAGED_BASE_MODELS or root is None:
             return value
         if not (Path(root) / value).is_dir():
-            raise ValueError(f"base_model {value!r} is neither a packaged model ({', '.join(PACKAGED_BASE_MODELS)}) nor an existing model folder")
+            raise ValueError(
+                f"base_model {value!r} is neither a packaged model ({', '.join(PACKAGED_BASE_MODELS)}) nor an existing model folder"
+            )
         return value
 
     @model_validator(mode="after")
@@ -66,5 +72,8 @@ class Specialist(Strict):
                 raise FieldError(("sources", position, "name"), f"source name {source.name!r} is used twice")
             names.add(source.name)
         if self.program.retrieve_k and not self.sources:
-            raise FieldError(("program", "retrieve_k"), "retrieve_k > 0 needs at least one source to retrieve from (or set retrieve_k: 0)")
+            raise FieldError(
+                ("program", "retrieve_k"),
+                "retrieve_k > 0 needs at least one source to retrieve from (or set retrieve_k: 0)",
+            )
         return self

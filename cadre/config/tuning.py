@@ -28,18 +28,30 @@ class TuningSettings(Strict):
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules that get adapters.")
     learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="Peak learning rate.")
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
     max_steps: int | None = Field(300, gt=0, description="Optimizer steps (takes precedence over epochs).")
     epochs: float | None = Field(None, gt=0, description="Epochs, when max_steps is null.")
     batch_size: int = Field(4, gt=0, description="Per-device batch size.")
     gradient_accumulation: int = Field(1, gt=0, description="Gradient accumulation steps.")
-    max_length: Annotated[int, Field(ge=16, le=32768)] | Literal["auto"] = Field("auto", description=(
-        "Most tokens per training example (prompt + answer); longer ones are dropped, never cut. `auto`: the longest example, "
-        f"up to {AUTO_MAX_LENGTH} tokens (a served program's demos and passages make prompts long; `auto` follows them)."))
-    checkpoint_every: int = Field(25, gt=0, description="Steps between checkpoints (a killed run resumes from the last one).")
-    heldout_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of training examples held out for eval loss.")
-    data: list[ExistingProjectPath] = Field([], description="Extra training files (JSONL/Parquet with the program's field names).")
+    max_length: Annotated[int, Field(ge=16, le=32768)] | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Most tokens per training example (prompt + answer); longer ones are dropped, never cut. `auto`: the longest example, "
+            f"up to {AUTO_MAX_LENGTH} tokens (a served program's demos and passages make prompts long; `auto` follows them)."
+        ),
+    )
+    checkpoint_every: int = Field(
+        25, gt=0, description="Steps between checkpoints (a killed run resumes from the last one)."
+    )
+    heldout_fraction: float = Field(
+        0.05, ge=0.0, lt=0.5, description="Share of training examples held out for eval loss."
+    )
+    data: list[ExistingProjectPath] = Field(
+        [], description="Extra training files (JSONL/Parquet with the program's field names)."
+    )
     from_eval_train: bool = Field(True, description="Also train on the evaluation suite's train split.")
     seed: int = Field(0, description="Random seed.")
 
@@ -57,4 +69,6 @@ class FeedbackSettings(Strict):
     beta: float = Field(0.1, gt=0.0, description="DPO beta.")
     learning_rate: float = Field(5e-5, gt=0.0, lt=1.0, description="DPO learning rate.")
     max_steps: int = Field(40, gt=0, description="DPO optimizer steps.")
-    store_url: str | None = Field(None, description="SQLAlchemy URL of the feedback store (default: SQLite under the state dir).")
+    store_url: str | None = Field(
+        None, description="SQLAlchemy URL of the feedback store (default: SQLite under the state dir)."
+    )

@@ -119,7 +119,9 @@ def _known_code(item: str, billable_only: bool) -> str:
     return dotted
 
 
-def load_documents(billable_only: bool = True, limit: int | None = None, priority_ids: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
+def load_documents(
+    billable_only: bool = True, limit: int | None = None, priority_ids: Iterable[str] = ()
+) -> Iterator[dict[str, Any]]:
     """Yield ICD-10-CM codes as documents for the specialist's index.
 
     Each document is ``{"id": "A01.02", "title": description, "text": code, description and
@@ -211,7 +213,9 @@ def harvest_cases() -> CaseHarvest:
             continue
         seen.add(phrase)
         cases_per_code[code] += 1
-        cases.append(Case(f"{code}#{cases_per_code[code]}", " ".join(term.split()), code, [code], _place(code)["chapter"]))
+        cases.append(
+            Case(f"{code}#{cases_per_code[code]}", " ".join(term.split()), code, [code], _place(code)["chapter"])
+        )
     return CaseHarvest(cases, dict(sorted(dropped.items())))
 
 
@@ -278,7 +282,9 @@ def build_suite(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     return manifest
 
 
-def _manifest(splits: dict[str, list[Case]], dropped: dict[str, int], digests: dict[str, str], seed: int) -> dict[str, Any]:
+def _manifest(
+    splits: dict[str, list[Case]], dropped: dict[str, int], digests: dict[str, str], seed: int
+) -> dict[str, Any]:
     return {
         "suite": SUITE_NAME,
         "version": SUITE_VERSION,
@@ -302,7 +308,9 @@ def _manifest(splits: dict[str, list[Case]], dropped: dict[str, int], digests: d
         },
         "counts": {split: len(cases) for split, cases in splits.items()},
         "codes": {split: len({case.code for case in cases}) for split, cases in splits.items()},
-        "slices": {split: dict(sorted(Counter(case.slice for case in cases).items())) for split, cases in splits.items()},
+        "slices": {
+            split: dict(sorted(Counter(case.slice for case in cases).items())) for split, cases in splits.items()
+        },
         "dropped": dropped,
         "sha256": digests,
     }

@@ -6,5 +6,5 @@
 - `protocol`: the OpenAI-compatible request and response shapes and error bodies.
 - `app`: the FastAPI application (`create_app`).
 
-`cadre.serve` assembles them; `cadre serve` runs it.
+`cadre.serving.server` assembles them; `cadre serve` runs it.
 """

@@ -38,15 +38,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cadre.feedback import (
+from cadre.feedback.store import (
     FeedbackStore,
     InvalidFeedback,
     ServedResponse,
     UnknownResponse,
 )
-from cadre.prompt_format import parse_completion
-from cadre.router import NoRoute, Router
-from cadre.serve import ServeLimits
+from cadre.runtime.prompt import parse_completion
 from cadre.serving.engine import GenerationCancelled, LoraEngine
 from cadre.serving.protocol import (
     ApiError,
@@ -59,6 +57,8 @@ from cadre.serving.protocol import (
     parse_body,
     program_inputs,
 )
+from cadre.serving.router import NoRoute, Router
+from cadre.serving.server import ServeLimits
 from cadre.serving.team import (
     ChampionWatcher,
     SpecialistRuntime,
@@ -106,7 +106,9 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
         if on_shutdown is not None:
             on_shutdown()
 
-    app = FastAPI(title="Cadre: the team of specialists", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    app = FastAPI(
+        title="Cadre: the team of specialists", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan
+    )
     app.state.cadre = state
 
     @app.exception_handler(ApiError)
@@ -116,7 +118,9 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-        return JSONResponse(ApiError(error.status_code, str(error.detail), code=code).body(), status_code=error.status_code)
+        return JSONResponse(
+            ApiError(error.status_code, str(error.detail), code=code).body(), status_code=error.status_code
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:
@@ -129,8 +133,12 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
         header = request.headers.get("authorization", "")
         given = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if not given or not hmac.compare_digest(given.encode(), state.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", type="authentication_error",
-                           code="invalid_api_key")
+            raise ApiError(
+                401,
+                "missing or wrong API key: send `Authorization: Bearer <key>`",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
 
     async def run(function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
@@ -138,11 +146,28 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         watcher = state.watcher
-        return {"status": "ok", "specialists": _team_status(state.team), "in_flight": state.in_flight, "served": state.served,
-                "engines": [{"model": engine.model_path.name, "contexts": engine.contexts, "adapters_loaded": len(engine.adapters_loaded())}
-                            for engine in state.engines],
-                "watcher": {"last_poll": watcher.last_poll, "last_error": watcher.last_error, "interval_s": watcher.interval_s,
-                            "swaps": state.team.swaps} if watcher else None}
+        return {
+            "status": "ok",
+            "specialists": _team_status(state.team),
+            "in_flight": state.in_flight,
+            "served": state.served,
+            "engines": [
+                {
+                    "model": engine.model_path.name,
+                    "contexts": engine.contexts,
+                    "adapters_loaded": len(engine.adapters_loaded()),
+                }
+                for engine in state.engines
+            ],
+            "watcher": {
+                "last_poll": watcher.last_poll,
+                "last_error": watcher.last_error,
+                "interval_s": watcher.interval_s,
+                "swaps": state.team.swaps,
+            }
+            if watcher
+            else None,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -151,9 +176,17 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
         for name, status in _team_status(state.team).items():
             entries.append({"id": name, "cadre": {"description": state.descriptions.get(name, ""), **status}})
         if state.router is not None:
-            entries.append({"id": AUTO, "cadre": {"description": "routes each request to the closest specialist",
-                                                  "threshold": state.router.settings.threshold, "margin": state.router.settings.margin,
-                                                  "fallback": state.router.settings.fallback}})
+            entries.append(
+                {
+                    "id": AUTO,
+                    "cadre": {
+                        "description": "routes each request to the closest specialist",
+                        "threshold": state.router.settings.threshold,
+                        "margin": state.router.settings.margin,
+                        "fallback": state.router.settings.fallback,
+                    },
+                }
+            )
         return models_body(entries)
 
     @app.post("/v1/feedback", status_code=201)
@@ -165,15 +198,26 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         check_key(request)
-        body: ChatCompletionRequest = parse_body(ChatCompletionRequest, await _read_body(request, state.limits.max_body_bytes))
+        body: ChatCompletionRequest = parse_body(
+            ChatCompletionRequest, await _read_body(request, state.limits.max_body_bytes)
+        )
         text = body.user_text()
         if len(text) > state.limits.max_input_chars:
-            raise ApiError(400, f"the user message has {len(text)} characters; this server accepts at most {state.limits.max_input_chars}",
-                           param="messages", code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the user message has {len(text)} characters; this server accepts at most {state.limits.max_input_chars}",
+                param="messages",
+                code="context_length_exceeded",
+            )
         if state.in_flight >= state.limits.max_in_flight:
             wait = max(1, math.ceil(state.mean_seconds))
-            raise ApiError(429, f"{state.in_flight} requests are in flight, the most this server admits; retry in {wait} s",
-                           type="rate_limit_error", code="too_many_requests", headers={"Retry-After": str(wait)})
+            raise ApiError(
+                429,
+                f"{state.in_flight} requests are in flight, the most this server admits; retry in {wait} s",
+                type="rate_limit_error",
+                code="too_many_requests",
+                headers={"Retry-After": str(wait)},
+            )
         state.in_flight += 1
         admitted = time.perf_counter()
         handed_off = False
@@ -182,32 +226,65 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
             name = body.model
             if name == AUTO:
                 if state.router is None:
-                    raise ApiError(404, "routing is off on this server: name a specialist as `model` (GET /v1/models lists them)",
-                                   param="model", code="model_not_found")
+                    raise ApiError(
+                        404,
+                        "routing is off on this server: name a specialist as `model` (GET /v1/models lists them)",
+                        param="model",
+                        code="model_not_found",
+                    )
                 try:
                     routing = await run(state.router.route, text)
                 except NoRoute as error:
-                    raise ApiError(422, str(error), param="model", code="no_matching_specialist",
-                                   extra={"scores": {k: round(v, 4) for k, v in error.scores.items()}, "threshold": error.threshold,
-                                          "margin": error.margin,
-                                          "off_topic": None if error.off_topic is None else round(error.off_topic, 4)}) from None
+                    raise ApiError(
+                        422,
+                        str(error),
+                        param="model",
+                        code="no_matching_specialist",
+                        extra={
+                            "scores": {k: round(v, 4) for k, v in error.scores.items()},
+                            "threshold": error.threshold,
+                            "margin": error.margin,
+                            "off_topic": None if error.off_topic is None else round(error.off_topic, 4),
+                        },
+                    ) from None
                 name = routing.specialist
             if name not in state.team.names:
                 known = ", ".join(state.team.names + ([AUTO] if state.router else []))
-                raise ApiError(404, f"no specialist named {body.model!r}; this server serves: {known}", param="model", code="model_not_found")
+                raise ApiError(
+                    404,
+                    f"no specialist named {body.model!r}; this server serves: {known}",
+                    param="model",
+                    code="model_not_found",
+                )
             try:
                 runtime, lease = state.team.checkout(name)
             except SpecialistUnavailable as error:
-                raise ApiError(503, f"specialist {name!r} cannot answer yet: {error}", type="server_error",
-                               code="specialist_unavailable", headers={"Retry-After": "30"}) from None
+                raise ApiError(
+                    503,
+                    f"specialist {name!r} cannot answer yet: {error}",
+                    type="server_error",
+                    code="specialist_unavailable",
+                    headers={"Retry-After": "30"},
+                ) from None
             try:
                 inputs = program_inputs(text, runtime.input_names)
                 max_tokens = min(body.token_limit or runtime.max_tokens, state.limits.max_tokens)
                 temperature = runtime.temperature if body.temperature is None else body.temperature
                 prompt, retrieved, prompt_tokens = await run(_prepare, state, runtime, inputs, max_tokens)
-                call = _Call(state=state, runtime=runtime, lease=lease, inputs=inputs, prompt=prompt, prompt_tokens=prompt_tokens,
-                             retrieved=retrieved, max_tokens=max_tokens, temperature=temperature, requested=body.model, routing=routing,
-                             admitted=admitted)
+                call = _Call(
+                    state=state,
+                    runtime=runtime,
+                    lease=lease,
+                    inputs=inputs,
+                    prompt=prompt,
+                    prompt_tokens=prompt_tokens,
+                    retrieved=retrieved,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    requested=body.model,
+                    routing=routing,
+                    admitted=admitted,
+                )
             except BaseException:
                 lease.release()
                 raise
@@ -228,25 +305,36 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body has {declared} bytes; this server accepts at most {limit}", code="request_too_large")
+        raise ApiError(
+            413, f"the request body has {declared} bytes; this server accepts at most {limit}", code="request_too_large"
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"the request body exceeds {limit} bytes, the most this server accepts", code="request_too_large")
+            raise ApiError(
+                413, f"the request body exceeds {limit} bytes, the most this server accepts", code="request_too_large"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _prepare(state: ServingState, runtime: SpecialistRuntime, inputs: dict[str, str], max_tokens: int) -> tuple[str, list[str], int]:
+def _prepare(
+    state: ServingState, runtime: SpecialistRuntime, inputs: dict[str, str], max_tokens: int
+) -> tuple[str, list[str], int]:
     """Retrieve, render and count the prompt; refuse it when it does not fit."""
     prompt, retrieved = runtime.render(inputs)
     tokens = len(runtime.engine.tokenize(prompt))
     window = runtime.engine.n_ctx - max_tokens
     limit = min(window, state.limits.max_prompt_tokens) if state.limits.max_prompt_tokens else window
     if tokens > limit:
-        raise ApiError(400, f"the prompt is {tokens} tokens (instruction, demos, retrieved passages and your input); this specialist "
-                       f"accepts at most {limit} with {max_tokens} tokens for the answer", param="messages", code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt is {tokens} tokens (instruction, demos, retrieved passages and your input); this specialist "
+            f"accepts at most {limit} with {max_tokens} tokens for the answer",
+            param="messages",
+            code="context_length_exceeded",
+        )
     return prompt, retrieved, tokens
 
 
@@ -270,7 +358,11 @@ class _Call:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def cadre(self, outputs: dict[str, Any] | None = None) -> dict[str, Any]:
-        found = {"specialist": self.runtime.name, "versions": self.runtime.versions.describe(), "retrieved_ids": self.retrieved}
+        found = {
+            "specialist": self.runtime.name,
+            "versions": self.runtime.versions.describe(),
+            "retrieved_ids": self.retrieved,
+        }
         if outputs is not None:
             found["outputs"] = outputs
         if self.routing is not None:
@@ -279,30 +371,66 @@ class _Call:
 
     def headers(self) -> dict[str, str]:
         versions = self.runtime.versions.describe()
-        found = {"x-cadre-response-id": self.id, "x-cadre-specialist": self.runtime.name, "x-cadre-program-version": versions["program"],
-                 "x-cadre-index-version": versions["index"], "x-cadre-adapter-version": versions["adapter"]}
+        found = {
+            "x-cadre-response-id": self.id,
+            "x-cadre-specialist": self.runtime.name,
+            "x-cadre-program-version": versions["program"],
+            "x-cadre-index-version": versions["index"],
+            "x-cadre-adapter-version": versions["adapter"],
+        }
         if self.routing is not None:
             found["x-cadre-route-score"] = f"{self.routing.score:.4f}"
         return found
 
-    def generate(self, on_text: Callable[[str], None] | None = None, cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
+    def generate(
+        self, on_text: Callable[[str], None] | None = None, cancelled: Callable[[], bool] | None = None
+    ) -> dict[str, Any]:
         """Generate, record the response in the feedback store, and return what the client gets."""
-        generation = self.runtime.engine.generate(self.prompt, adapter=self.lease, max_tokens=self.max_tokens, stop=self.runtime.spec.stop,
-                                                temperature=self.temperature, on_text=on_text, cancelled=cancelled,
-                                                prompt_tokens=self.prompt_tokens)
+        generation = self.runtime.engine.generate(
+            self.prompt,
+            adapter=self.lease,
+            max_tokens=self.max_tokens,
+            stop=self.runtime.spec.stop,
+            temperature=self.temperature,
+            on_text=on_text,
+            cancelled=cancelled,
+            prompt_tokens=self.prompt_tokens,
+        )
         content = generation.text.strip()
         outputs = parse_completion(self.runtime.spec, generation.text)
         latency_ms = (time.perf_counter() - self.admitted) * 1000.0
         store = self.state.stores[self.runtime.name]
-        store.record_response(ServedResponse(
-            id=self.id, specialist=self.runtime.name, requested_model=self.requested, program_version=self.runtime.versions.program,
-            index_version=self.runtime.versions.index, adapter_version=self.runtime.versions.adapter, inputs=self.inputs,
-            prompt=self.prompt, completion=generation.text, answer=content, outputs=outputs, retrieved_ids=self.retrieved,
-            prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens, latency_ms=latency_ms))
-        usage = {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
-                 "total_tokens": generation.prompt_tokens + generation.completion_tokens}
-        return {"content": content, "outputs": outputs, "finish_reason": generation.finish_reason, "usage": usage,
-                "seconds": generation.seconds}
+        store.record_response(
+            ServedResponse(
+                id=self.id,
+                specialist=self.runtime.name,
+                requested_model=self.requested,
+                program_version=self.runtime.versions.program,
+                index_version=self.runtime.versions.index,
+                adapter_version=self.runtime.versions.adapter,
+                inputs=self.inputs,
+                prompt=self.prompt,
+                completion=generation.text,
+                answer=content,
+                outputs=outputs,
+                retrieved_ids=self.retrieved,
+                prompt_tokens=generation.prompt_tokens,
+                completion_tokens=generation.completion_tokens,
+                latency_ms=latency_ms,
+            )
+        )
+        usage = {
+            "prompt_tokens": generation.prompt_tokens,
+            "completion_tokens": generation.completion_tokens,
+            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+        }
+        return {
+            "content": content,
+            "outputs": outputs,
+            "finish_reason": generation.finish_reason,
+            "usage": usage,
+            "seconds": generation.seconds,
+        }
 
     def finish(self, loop: asyncio.AbstractEventLoop) -> None:
         """Release the adapter lease and the admission slot (from any thread)."""
@@ -328,8 +456,15 @@ async def _complete(call: _Call, run: Callable[..., Any]) -> JSONResponse:
             call.finish(loop)
 
     result = await run(work)
-    body = completion_body(call.id, call.created, call.runtime.name, result["content"], result["finish_reason"], result["usage"],
-                           call.cadre(result["outputs"]))
+    body = completion_body(
+        call.id,
+        call.created,
+        call.runtime.name,
+        result["content"],
+        result["finish_reason"],
+        result["usage"],
+        call.cadre(result["outputs"]),
+    )
     return JSONResponse(body, headers=call.headers())
 
 
@@ -359,7 +494,11 @@ def _stream(call: _Call, run: Callable[..., Any], executor: ThreadPoolExecutor):
     async def events() -> AsyncIterator[dict[str, str]]:
         started = loop.run_in_executor(executor, work)
         try:
-            yield {"data": json.dumps(chunk_body(call.id, call.created, call.runtime.name, {"role": "assistant", "content": ""}))}
+            yield {
+                "data": json.dumps(
+                    chunk_body(call.id, call.created, call.runtime.name, {"role": "assistant", "content": ""})
+                )
+            }
             while (piece := await pieces.get()) is not _END:
                 yield {"data": json.dumps(chunk_body(call.id, call.created, call.runtime.name, {"content": piece}))}
             try:
@@ -370,8 +509,15 @@ def _stream(call: _Call, run: Callable[..., Any], executor: ThreadPoolExecutor):
                 body = ApiError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error").body()
                 yield {"data": json.dumps(body)}
                 return
-            final = chunk_body(call.id, call.created, call.runtime.name, {}, result["finish_reason"], usage=result["usage"],
-                               cadre=call.cadre(result["outputs"]))
+            final = chunk_body(
+                call.id,
+                call.created,
+                call.runtime.name,
+                {},
+                result["finish_reason"],
+                usage=result["usage"],
+                cadre=call.cadre(result["outputs"]),
+            )
             yield {"data": json.dumps(final)}
             yield {"data": "[DONE]"}
         except asyncio.CancelledError:
@@ -395,10 +541,21 @@ def _store_feedback(state: ServingState, body: FeedbackRequest) -> dict[str, Any
             raise ApiError(400, str(error), param="correction", code="invalid_feedback") from None
         except UnknownResponse:
             continue
-        return {"object": "feedback", "id": feedback_id, "response_id": body.response_id, "specialist": served.specialist,
-                "rating": body.rating, "correction": correction}
-    raise ApiError(404, f"no response with id {body.response_id!r} was served here (feedback must name the `id` of a chat "
-                   "completion this server sent)", param="response_id", code="response_not_found")
+        return {
+            "object": "feedback",
+            "id": feedback_id,
+            "response_id": body.response_id,
+            "specialist": served.specialist,
+            "rating": body.rating,
+            "correction": correction,
+        }
+    raise ApiError(
+        404,
+        f"no response with id {body.response_id!r} was served here (feedback must name the `id` of a chat "
+        "completion this server sent)",
+        param="response_id",
+        code="response_not_found",
+    )
 
 
 def _team_status(team: Team) -> dict[str, dict[str, Any]]:

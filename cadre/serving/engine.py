@@ -22,7 +22,7 @@ request holds one while it generates, and an adapter replaced by a newer champio
 last request using it has finished.
 
 Generated tokens are identical to llama.cpp with `lora_path` (checked token for token), so what the
-server answers is what the flows evaluated with `cadre.lm.LlamaCppClient`.
+server answers is what the flows evaluated with `cadre.runtime.lm.LlamaCppClient`.
 """
 
 from __future__ import annotations
@@ -73,8 +73,15 @@ class _Context:
     def __init__(self, model_path: Path, n_threads: int, n_ctx: int):
         from llama_cpp import Llama
 
-        self.llama = Llama(model_path=str(model_path), n_threads=n_threads, n_threads_batch=n_threads, n_ctx=n_ctx, verbose=False,
-                           seed=0, use_mmap=True)
+        self.llama = Llama(
+            model_path=str(model_path),
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            n_ctx=n_ctx,
+            verbose=False,
+            seed=0,
+            use_mmap=True,
+        )
         self.adapters: dict[str, Any] = {}
         self.active: str | None = None
 
@@ -83,7 +90,9 @@ class _Context:
 
         handle = llama_cpp.llama_adapter_lora_init(self.llama._model.model, str(path).encode("utf-8"))
         if not handle:
-            raise EngineError(f"llama.cpp could not load the LoRA adapter {path} (is it a LoRA GGUF made for this base model?)")
+            raise EngineError(
+                f"llama.cpp could not load the LoRA adapter {path} (is it a LoRA GGUF made for this base model?)"
+            )
         self.adapters[key] = handle
 
     def use(self, key: str | None) -> None:
@@ -247,9 +256,18 @@ class LoraEngine:
         finally:
             self._free.put(context)
 
-    def generate(self, prompt: str, *, adapter: AdapterLease, max_tokens: int, stop: list[str], temperature: float = 0.0,
-                 on_text: Callable[[str], None] | None = None, cancelled: Callable[[], bool] | None = None,
-                 prompt_tokens: int | None = None) -> Generation:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        adapter: AdapterLease,
+        max_tokens: int,
+        stop: list[str],
+        temperature: float = 0.0,
+        on_text: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        prompt_tokens: int | None = None,
+    ) -> Generation:
         """Complete a prompt with the adapter applied, calling `on_text` with each piece as it is generated.
 
         Args:
@@ -273,7 +291,9 @@ class LoraEngine:
             context.use(adapter.key)
             # A fresh KV cache per request: the previous request may have run with another adapter.
             context.llama.reset()
-            stream = context.llama.create_completion(prompt, max_tokens=max_tokens, stop=stop, temperature=temperature, stream=True)
+            stream = context.llama.create_completion(
+                prompt, max_tokens=max_tokens, stop=stop, temperature=temperature, stream=True
+            )
             try:
                 for chunk in stream:
                     choice = chunk["choices"][0]
@@ -290,8 +310,14 @@ class LoraEngine:
             # The last sampled token is never evaluated, so the context holds one token fewer than was generated.
             generated = max(0, context.llama.n_tokens - prompt_tokens + 1)
             seconds = time.perf_counter() - started
-        return Generation(text="".join(pieces), prompt_tokens=prompt_tokens, completion_tokens=generated,
-                          finish_reason=finish_reason, queue_seconds=waited, seconds=seconds)
+        return Generation(
+            text="".join(pieces),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=generated,
+            finish_reason=finish_reason,
+            queue_seconds=waited,
+            seconds=seconds,
+        )
 
     def close(self) -> None:
         """Free every adapter and context."""

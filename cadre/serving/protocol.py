@@ -19,8 +19,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 class ApiError(Exception):
     """An error the API answers with a status and an OpenAI-shaped body."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -31,7 +40,9 @@ class ApiError(Exception):
         self.extra = dict(extra or {})
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code, **self.extra}}
+        return {
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code, **self.extra}
+        }
 
 
 # ------------------------------------------------------------------------------------- requests
@@ -82,7 +93,9 @@ class ChatCompletionRequest(BaseModel):
         for message in reversed(self.messages):
             if message.role == "user":
                 return message.text()
-        raise ApiError(400, "messages hold no user message; the last user message is what the specialist answers", param="messages")
+        raise ApiError(
+            400, "messages hold no user message; the last user message is what the specialist answers", param="messages"
+        )
 
     @property
     def token_limit(self) -> int | None:
@@ -96,8 +109,9 @@ class FeedbackRequest(BaseModel):
 
     response_id: str = Field(min_length=1, max_length=64)
     rating: int = Field(description="-1 (bad), 0 (neutral) or 1 (good).")
-    correction: str | dict[str, str] | None = Field(None, description="The right answer: text for the first output field, "
-                                                                      "or an object of output fields.")
+    correction: str | dict[str, str] | None = Field(
+        None, description="The right answer: text for the first output field, or an object of output fields."
+    )
     comment: str | None = Field(None, max_length=4000)
 
     @field_validator("rating")
@@ -127,7 +141,9 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
         where = ".".join(str(part) for part in first["loc"]) or None
         message = first["msg"].removeprefix("Value error, ")
         more = f" (and {error.error_count() - 1} more problem(s))" if error.error_count() > 1 else ""
-        raise ApiError(400, f"{where}: {message}{more}" if where else message + more, param=where, code="invalid_request") from None
+        raise ApiError(
+            400, f"{where}: {message}{more}" if where else message + more, param=where, code="invalid_request"
+        ) from None
 
 
 def program_inputs(text: str, input_names: Sequence[str]) -> dict[str, str]:
@@ -150,13 +166,24 @@ def program_inputs(text: str, input_names: Sequence[str]) -> dict[str, str]:
             missing = [name for name in input_names if not str(value.get(name, "")).strip()]
             if unknown or missing:
                 problems = ([f"unknown field(s) {', '.join(unknown)}"] if unknown else []) + (
-                    [f"missing field(s) {', '.join(missing)}"] if missing else [])
-                raise ApiError(400, f"the message's JSON object does not match the specialist's inputs ({', '.join(input_names)}): "
-                               + "; ".join(problems), param="messages", code="invalid_inputs")
+                    [f"missing field(s) {', '.join(missing)}"] if missing else []
+                )
+                raise ApiError(
+                    400,
+                    f"the message's JSON object does not match the specialist's inputs ({', '.join(input_names)}): "
+                    + "; ".join(problems),
+                    param="messages",
+                    code="invalid_inputs",
+                )
             return {name: str(value[name]) for name in input_names}
     if len(input_names) > 1:
-        raise ApiError(400, f"this specialist takes several inputs ({', '.join(input_names)}); send them as a JSON object in the "
-                       "user message, e.g. " + json.dumps({name: "…" for name in input_names}), param="messages", code="invalid_inputs")
+        raise ApiError(
+            400,
+            f"this specialist takes several inputs ({', '.join(input_names)}); send them as a JSON object in the "
+            "user message, e.g. " + json.dumps({name: "…" for name in input_names}),
+            param="messages",
+            code="invalid_inputs",
+        )
     if not stripped:
         raise ApiError(400, "the user message is empty", param="messages", code="invalid_inputs")
     return {input_names[0]: stripped}
@@ -165,24 +192,47 @@ def program_inputs(text: str, input_names: Sequence[str]) -> dict[str, str]:
 # ------------------------------------------------------------------------------------ responses
 
 
-def completion_body(response_id: str, created: int, model: str, content: str, finish_reason: str, usage: Mapping[str, int],
-                    cadre: Mapping[str, Any]) -> dict[str, Any]:
+def completion_body(
+    response_id: str,
+    created: int,
+    model: str,
+    content: str,
+    finish_reason: str,
+    usage: Mapping[str, int],
+    cadre: Mapping[str, Any],
+) -> dict[str, Any]:
     """A `chat.completion` object (with Cadre's `cadre` object: who answered, with which versions)."""
-    return {"id": response_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
-            "usage": dict(usage), "cadre": dict(cadre)}
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
+        "usage": dict(usage),
+        "cadre": dict(cadre),
+    }
 
 
-def chunk_body(response_id: str, created: int, model: str, delta: Mapping[str, Any], finish_reason: str | None = None,
-               **extra: Any) -> dict[str, Any]:
+def chunk_body(
+    response_id: str, created: int, model: str, delta: Mapping[str, Any], finish_reason: str | None = None, **extra: Any
+) -> dict[str, Any]:
     """A `chat.completion.chunk` object of a stream."""
-    return {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": dict(delta), "finish_reason": finish_reason}], **extra}
+    return {
+        "id": response_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": dict(delta), "finish_reason": finish_reason}],
+        **extra,
+    }
 
 
 def models_body(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     created = int(time.time())
-    return {"object": "list", "data": [{"object": "model", "created": created, "owned_by": "cadre", **entry} for entry in entries]}
+    return {
+        "object": "list",
+        "data": [{"object": "model", "created": created, "owned_by": "cadre", **entry} for entry in entries],
+    }
 
 
 class TextTrimmer:
@@ -203,5 +253,5 @@ class TextTrimmer:
             self._started = True
         text = self._held + piece
         visible = text.rstrip()
-        self._held = text[len(visible):]
+        self._held = text[len(visible) :]
         return visible

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cadre.prompt_format import PromptSpec
+from cadre.runtime.prompt import PromptSpec
 from cadre.serving.engine import AdapterLease, LoraEngine
 
 log = logging.getLogger("cadre.serve")
@@ -101,7 +101,7 @@ class SpecialistRuntime:
         Retrieval uses the query `SpecialistProgram.forward` builds (the inputs joined by spaces); the prompt is
         the completion adapter's rendering of the predictor's signature, demos and instruction.
         """
-        from cadre.prompt_format import render_prompt
+        from cadre.runtime.prompt import render_prompt
 
         values = {name: inputs.get(name) for name in self.input_names}
         passages: list[Any] = []
@@ -129,7 +129,9 @@ class Team:
     """Specialist name → the snapshot serving it; swapped atomically."""
 
     def __init__(self, names: list[str]):
-        self._entries: dict[str, SpecialistRuntime | Unavailable] = {name: Unavailable(name, "not loaded yet") for name in names}
+        self._entries: dict[str, SpecialistRuntime | Unavailable] = {
+            name: Unavailable(name, "not loaded yet") for name in names
+        }
         self._lock = threading.Lock()
         self.swaps = 0
 
@@ -194,8 +196,8 @@ def current_versions(source: RegistrySource, specialist: str, retrieves: bool) -
     """The champion versions the registry and the live pointer show now (two alias reads and a file read)."""
     from mlflow import MlflowClient
 
-    from cadre.registry import CHAMPION, registered_model_name
-    from cadre.reindex import live_version
+    from cadre.knowledge.reindex import live_version
+    from cadre.registry.versions import CHAMPION, registered_model_name
 
     client = MlflowClient(source.tracking_uri)
 
@@ -203,7 +205,9 @@ def current_versions(source: RegistrySource, specialist: str, retrieves: bool) -
         from mlflow.exceptions import MlflowException
 
         try:
-            return client.get_registered_model(registered_model_name(source.project, specialist, kind)).aliases.get(CHAMPION)
+            return client.get_registered_model(registered_model_name(source.project, specialist, kind)).aliases.get(
+                CHAMPION
+            )
         except MlflowException as error:
             if error.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return None
@@ -221,7 +225,7 @@ def download_champion(source: RegistrySource, specialist: str, kind: str, versio
     """
     from mlflow import MlflowClient
 
-    from cadre.registry import registered_model_name
+    from cadre.registry.versions import registered_model_name
 
     folder = Path(source.state_dir) / "serving" / specialist / f"{kind}-v{version}"
     found = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(suffix)) if folder.is_dir() else []
@@ -253,55 +257,80 @@ def _find_artifact(client: Any, run_id: str, path: str, suffix: str) -> str | No
     return None
 
 
-def build_runtime(config: Any, specialist: str, registry: ChampionVersions, engine: LoraEngine,
-                  source: RegistrySource) -> SpecialistRuntime:
+def build_runtime(
+    config: Any, specialist: str, registry: ChampionVersions, engine: LoraEngine, source: RegistrySource
+) -> SpecialistRuntime:
     """Build a specialist's snapshot for the given champion versions (downloads, loads the program, the adapter).
 
     Raises:
         SpecialistUnavailable: the program retrieves and no index version is live.
     """
-    from cadre.program import IndexTarget, SpecialistProgram, load_program
+    from cadre.prompts.program import IndexTarget, SpecialistProgram, load_program
 
     settings = config.specialist(specialist)
     program_settings = settings.program
     retrieve = None
     if program_settings.retrieve_k:
         if registry.index is None:
-            raise SpecialistUnavailable(f"specialist {specialist!r} retrieves (retrieve_k={program_settings.retrieve_k}) but has no live "
-                                        "index yet; run the re-index flow (`cadre run reindex`) and it will serve within one poll")
+            raise SpecialistUnavailable(
+                f"specialist {specialist!r} retrieves (retrieve_k={program_settings.retrieve_k}) but has no live "
+                "index yet; run the re-index flow (`cadre run reindex`) and it will serve within one poll"
+            )
         target = IndexTarget.from_config(config, specialist, pin_live=False)
         retrieve = _index_search(target, registry.index)
 
-    program_file = download_champion(source, specialist, "program", registry.program, "program.json") if registry.program else None
-    program = (load_program(program_file, program_settings, retriever=retrieve) if program_file
-               else SpecialistProgram(program_settings, retriever=retrieve))
-    adapter_file = download_champion(source, specialist, "adapter", registry.adapter, ".gguf") if registry.adapter else None
+    program_file = (
+        download_champion(source, specialist, "program", registry.program, "program.json") if registry.program else None
+    )
+    program = (
+        load_program(program_file, program_settings, retriever=retrieve)
+        if program_file
+        else SpecialistProgram(program_settings, retriever=retrieve)
+    )
+    adapter_file = (
+        download_champion(source, specialist, "adapter", registry.adapter, ".gguf") if registry.adapter else None
+    )
     if registry.adapter and adapter_file is None:
         log.warning("%s: champion adapter v%s has no GGUF file; serving the base model", specialist, registry.adapter)
     predictor = next(iter(program.named_predictors()))[1]
-    from cadre.program import CompletionAdapter
+    from cadre.prompts.program import CompletionAdapter
 
-    spec = CompletionAdapter(program_settings.context_field if program_settings.retrieve_k else None).prompt_spec(predictor.signature)
+    spec = CompletionAdapter(program_settings.context_field if program_settings.retrieve_k else None).prompt_spec(
+        predictor.signature
+    )
     demos = [dict(demo.items()) if hasattr(demo, "items") else dict(demo) for demo in predictor.demos]
     lease = engine.load_adapter(adapter_file)
-    served = ChampionVersions(program=registry.program if program_file else None, adapter=registry.adapter if adapter_file else None,
-                              index=registry.index if retrieve is not None else None)
-    return SpecialistRuntime(name=specialist, versions=served, registry=registry, spec=spec, demos=demos,
-                             input_names=[f.name for f in program_settings.inputs], retrieve=retrieve,
-                             retrieve_k=program_settings.retrieve_k, max_tokens=program_settings.max_tokens,
-                             temperature=program_settings.temperature, engine=engine, adapter=lease)
+    served = ChampionVersions(
+        program=registry.program if program_file else None,
+        adapter=registry.adapter if adapter_file else None,
+        index=registry.index if retrieve is not None else None,
+    )
+    return SpecialistRuntime(
+        name=specialist,
+        versions=served,
+        registry=registry,
+        spec=spec,
+        demos=demos,
+        input_names=[f.name for f in program_settings.inputs],
+        retrieve=retrieve,
+        retrieve_k=program_settings.retrieve_k,
+        max_tokens=program_settings.max_tokens,
+        temperature=program_settings.temperature,
+        engine=engine,
+        adapter=lease,
+    )
 
 
 def _index_search(target: Any, version: str) -> Callable[[str, int], list[Any]]:
-    """Search one index version, the way `cadre.program.open_retriever` does, without its per-run query cache.
+    """Search one index version, the way `cadre.prompts.program.open_retriever` does, without its per-run query cache.
 
     A server sees an unbounded stream of distinct queries; the program's `SharedRetriever` remembers
     every one for the life of the run, which suits an optimization and would grow without bound here.
     """
-    from cadre.embedding import Embedder
-    from cadre.index import open_backend
-    from cadre.program import Passage
-    from cadre.reindex import Retriever
+    from cadre.knowledge.embedding import Embedder
+    from cadre.knowledge.index import open_backend
+    from cadre.knowledge.reindex import Retriever
+    from cadre.prompts.program import Passage
 
     embedder = Embedder.load(target.embedding, target.threads, root=Path(target.root))
     backend = open_backend(target.backend, Path(target.state_dir), target.specialist, dimension=embedder.dimension)
@@ -322,8 +351,13 @@ def _index_search(target: Any, version: str) -> Callable[[str, int], list[Any]]:
 class ChampionWatcher:
     """Polls champions every `interval_s` and swaps in new snapshots when they move (a daemon thread)."""
 
-    def __init__(self, team: Team, resolve: Callable[[str], ChampionVersions],
-                 build: Callable[[str, ChampionVersions], SpecialistRuntime], interval_s: float):
+    def __init__(
+        self,
+        team: Team,
+        resolve: Callable[[str], ChampionVersions],
+        build: Callable[[str, ChampionVersions], SpecialistRuntime],
+        interval_s: float,
+    ):
         self.team = team
         self.resolve = resolve
         self.build = build
@@ -374,13 +408,23 @@ class ChampionWatcher:
             self.team.install(name, runtime)
             swapped.append(name)
             before = entry.registry.describe() if entry.registry else {}
-            log.info("%s: champions moved %s -> %s; swapped in %.1f s", name, json.dumps(before), json.dumps(wanted.describe()),
-                     time.perf_counter() - started)
+            log.info(
+                "%s: champions moved %s -> %s; swapped in %.1f s",
+                name,
+                json.dumps(before),
+                json.dumps(wanted.describe()),
+                time.perf_counter() - started,
+            )
         self.last_poll = time.time()
         return swapped
 
     def _remember_failure(self, name: str, wanted: ChampionVersions, reason: str) -> None:
         if self._failed.get(name) != wanted:
-            log.error("%s: could not load champions %s; the previous ones keep serving: %s", name, json.dumps(wanted.describe()), reason)
+            log.error(
+                "%s: could not load champions %s; the previous ones keep serving: %s",
+                name,
+                json.dumps(wanted.describe()),
+                reason,
+            )
         self._failed[name] = wanted
         self.last_error = f"{name}: {reason}"

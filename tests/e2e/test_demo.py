@@ -16,8 +16,8 @@ import pytest
 from ruamel.yaml import YAML
 from support import free_port
 
+from cadre.orchestration.demo import cycle_steps
 from flows import FLOWS, flow_name
-from flows.cycle import cycle_steps
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,12 +37,25 @@ def demo(tmp_path_factory):
     config = root / "pipelines.yaml"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     try:
-        run = subprocess.run([sys.executable, "-m", "cadre.cli", "demo", "-c", str(config), "--budget", "smoke"],
-                             check=False, capture_output=True, text=True, timeout=45 * 60, cwd=root, env=env)
+        run = subprocess.run(
+            [sys.executable, "-m", "cadre.cli", "demo", "-c", str(config), "--budget", "smoke"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=45 * 60,
+            cwd=root,
+            env=env,
+        )
         yield run, ports
     finally:
-        subprocess.run([sys.executable, "-m", "cadre.cli", "down", "-c", str(config)], check=False, capture_output=True, timeout=120,
-                       cwd=root, env=env)
+        subprocess.run(
+            [sys.executable, "-m", "cadre.cli", "down", "-c", str(config)],
+            check=False,
+            capture_output=True,
+            timeout=120,
+            cwd=root,
+            env=env,
+        )
 
 
 def test_demo_completes_and_ends_with_a_summary(demo) -> None:
@@ -89,4 +102,8 @@ def test_mlflow_holds_a_run_per_flow_run(demo) -> None:
     assert champion.tags.get("cadre.gate") == "passed"
     for version in client.search_model_versions("name LIKE 'cadre-demo.icd10-coder.%'"):
         if not version.name.endswith(".lock"):
-            assert version.tags.get("cadre.gate") in ("passed", "refused"), (version.name, version.version, version.tags)
+            assert version.tags.get("cadre.gate") in ("passed", "refused"), (
+                version.name,
+                version.version,
+                version.tags,
+            )

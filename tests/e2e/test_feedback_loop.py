@@ -68,10 +68,10 @@ def _set_feedback(config: Path, **settings) -> None:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The demo team on free ports, with a small real index holding the codes the test needs, and MLflow up."""
-    from cadre.adapters import ConverterMissingError, find_converter
     from cadre.config import load_config
-    from cadre.models import ensure_gguf, ensure_hf_model
-    from cadre.reindex import promote_version, reindex_specialist
+    from cadre.knowledge.reindex import promote_version, reindex_specialist
+    from cadre.runtime.base_model import ensure_gguf, ensure_hf_model
+    from cadre.tuning.adapter_export import ConverterMissingError, find_converter
 
     shipped = load_config(ROOT / "pipelines.yaml")
     ensure_gguf(shipped)
@@ -105,8 +105,15 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (state / "vendor").mkdir()
     (state / "vendor" / "llama.cpp").symlink_to(shipped.state_dir / "vendor" / "llama.cpp", target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
-    up = subprocess.run([sys.executable, "-m", "cadre.cli", "up", "--only", "mlflow", "-c", str(config)], capture_output=True, text=True,
-                        timeout=300, cwd=root, env=env, check=False)
+    up = subprocess.run(
+        [sys.executable, "-m", "cadre.cli", "up", "--only", "mlflow", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+        env=env,
+        check=False,
+    )
     assert up.returncode == 0, up.stderr
     try:
         loaded = load_config(config)
@@ -114,8 +121,14 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         promote_version(loaded.state_dir, SPECIALIST, built.version)
         yield config
     finally:
-        subprocess.run([sys.executable, "-m", "cadre.cli", "down", "-c", str(config)], capture_output=True, timeout=120, cwd=root, env=env,
-                       check=False)
+        subprocess.run(
+            [sys.executable, "-m", "cadre.cli", "down", "-c", str(config)],
+            capture_output=True,
+            timeout=120,
+            cwd=root,
+            env=env,
+            check=False,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +136,25 @@ def server(project: Path) -> Iterator[str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     log = (project.parent / "serve.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "cadre.cli", "serve", "-c", str(project), "--port", str(port), "--poll-interval",
-                                str(POLL_S)], stdout=log, stderr=subprocess.STDOUT, cwd=project.parent, env=env, start_new_session=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cadre.cli",
+            "serve",
+            "-c",
+            str(project),
+            "--port",
+            str(port),
+            "--poll-interval",
+            str(POLL_S),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=project.parent,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -159,8 +189,11 @@ def harness() -> Iterator[None]:
 
 
 def _ask(url: str, phrase: str) -> dict:
-    response = httpx.post(f"{url}/v1/chat/completions", timeout=300,
-                          json={"model": SPECIALIST, "messages": [{"role": "user", "content": phrase}]})
+    response = httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=300,
+        json={"model": SPECIALIST, "messages": [{"role": "user", "content": phrase}]},
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -193,8 +226,11 @@ def test_corrections_are_learned_promoted_and_served(project: Path, server: str,
             rating = httpx.post(f"{server}/v1/feedback", json={"response_id": answer["id"], "rating": 1}, timeout=30)
         elif len(corrected) < MAX_CORRECTIONS:
             corrected[case["phrase"]] = case["code"]
-            rating = httpx.post(f"{server}/v1/feedback", json={"response_id": answer["id"], "rating": -1, "correction": case["code"]},
-                                timeout=30)
+            rating = httpx.post(
+                f"{server}/v1/feedback",
+                json={"response_id": answer["id"], "rating": -1, "correction": case["code"]},
+                timeout=30,
+            )
         else:
             continue
         assert rating.status_code == 201, rating.text
@@ -203,11 +239,15 @@ def test_corrections_are_learned_promoted_and_served(project: Path, server: str,
 
     learned = learn_from_feedback(SPECIALIST, str(project), budget="smoke")
     scores = learned["scores"]
-    print(f"round one: {learned['summary']}; DPO {learned['steps']} steps in {learned['train_seconds']:.0f} s; scores {scores}")
+    print(
+        f"round one: {learned['summary']}; DPO {learned['steps']} steps in {learned['train_seconds']:.0f} s; scores {scores}"
+    )
     assert learned["promoted"] and learned["gate_passed"], learned
     assert learned["started_from"] == "fresh LoRA" and learned["champion_name"] == "base-model"
     assert scores["candidate_feedback"]["exact_match"] > scores["champion_feedback"]["exact_match"]
-    assert scores["candidate_test"]["exact_match"] >= scores["champion_test"]["exact_match"] - 0.1, "the regular suite did not regress"
+    assert scores["candidate_test"]["exact_match"] >= scores["champion_test"]["exact_match"] - 0.1, (
+        "the regular suite did not regress"
+    )
 
     _wait_for_adapter(server, learned["version"])
     now_right = 0
@@ -215,16 +255,20 @@ def test_corrections_are_learned_promoted_and_served(project: Path, server: str,
         answer = _ask(server, phrase)
         assert answer["cadre"]["versions"]["adapter"] == learned["version"]
         now_right += answer["cadre"]["outputs"]["code"] == code
-    print(f"served after promotion: {now_right}/{len(corrected)} corrected prompts answered correctly "
-          f"(round one took {time.perf_counter() - started:.0f} s)")
+    print(
+        f"served after promotion: {now_right}/{len(corrected)} corrected prompts answered correctly "
+        f"(round one took {time.perf_counter() - started:.0f} s)"
+    )
     assert now_right >= 0.75 * len(corrected)
 
 
-def test_a_regressing_candidate_is_refused_and_the_champion_keeps_serving(project: Path, server: str, harness: None) -> None:
+def test_a_regressing_candidate_is_refused_and_the_champion_keeps_serving(
+    project: Path, server: str, harness: None
+) -> None:
     from mlflow import MlflowClient
 
     from cadre.config import load_config
-    from cadre.registry import registered_model_name
+    from cadre.registry.versions import registered_model_name
     from flows.learn_from_feedback import learn_from_feedback
 
     config = load_config(project)
@@ -237,8 +281,14 @@ def test_a_regressing_candidate_is_refused_and_the_champion_keeps_serving(projec
     for case in _cases("train", 4, skip_codes=used):
         answer = _ask(server, case["phrase"])
         wrong = "Z99.89" if case["code"] != "Z99.89" else "A00.0"  # deliberately wrong "corrections"
-        assert httpx.post(f"{server}/v1/feedback", json={"response_id": answer["id"], "rating": -1, "correction": wrong},
-                          timeout=30).status_code == 201
+        assert (
+            httpx.post(
+                f"{server}/v1/feedback",
+                json={"response_id": answer["id"], "rating": -1, "correction": wrong},
+                timeout=30,
+            ).status_code
+            == 201
+        )
     _set_feedback(project, learning_rate=0.3, max_steps=3)  # destructive
     started = time.perf_counter()
     refused = learn_from_feedback(SPECIALIST, str(project), budget="smoke")

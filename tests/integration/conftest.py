@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from support import free_port
 
-from cadre.env import OFFLINE_ENV
+from cadre.platform.env import OFFLINE_ENV
 
 MLFLOW_START_TIMEOUT_S = 90.0
 
@@ -61,24 +61,38 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     uri = f"http://127.0.0.1:{port}"
     log_path = root / "server.log"
     command = [
-        _mlflow_executable(), "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        _mlflow_executable(),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
     ]
     # STACK.md: without these the server starts 13 processes, phones home and fetches price lists.
     env = {**os.environ, **OFFLINE_ENV}
     with log_path.open("wb") as log:
         # A new session makes the server the leader of its own process group, so teardown can stop
         # the workers it forks (uvicorn/gunicorn) along with it and leave nothing behind.
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + MLFLOW_START_TIMEOUT_S
         while not _healthy(f"{uri}/health"):
             if process.poll() is not None:
-                pytest.fail(f"mlflow server exited with {process.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}")
+                pytest.fail(
+                    f"mlflow server exited with {process.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}"
+                )
             if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after {MLFLOW_START_TIMEOUT_S:.0f} s:\n{log_path.read_text(errors='replace')[-4000:]}")
+                pytest.fail(
+                    f"mlflow server not healthy after {MLFLOW_START_TIMEOUT_S:.0f} s:\n{log_path.read_text(errors='replace')[-4000:]}"
+                )
             time.sleep(0.25)
         yield uri
     finally:

@@ -17,26 +17,58 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cadre.chunking import Chunk, Chunker, load_tokenizer
 from cadre.config.knowledge import ChunkingSettings
 from cadre.config.project import EmbeddingSettings, ThreadSettings
-from cadre.embedding import Embedder
-from cadre.index import IndexBackend, IndexBackendError, IndexVersion, VersionNotFound
-from cadre.sources import Document, content_hash
+from cadre.knowledge.chunking import Chunk, Chunker, load_tokenizer
+from cadre.knowledge.embedding import Embedder
+from cadre.knowledge.index import IndexBackend, IndexBackendError, IndexVersion, VersionNotFound
+from cadre.knowledge.sources import Document, content_hash
 
 pytestmark = pytest.mark.integration
 
 WEAVIATE_URL = os.environ.get("WEAVIATE_URL")
 
 TOPICS = {
-    "A01.02": ("Typhoid fever with heart involvement", "Typhoid endocarditis. Typhoid myocarditis.", {"chapter": "01", "billable": True}),
-    "K35.20": ("Acute appendicitis with generalized peritonitis", "Appendicitis with perforation and diffuse peritonitis.", {"chapter": "11", "billable": True}),
-    "E11.21": ("Type 2 diabetes mellitus with diabetic nephropathy", "Kimmelstiel-Wilson disease in type 2 diabetes.", {"chapter": "04", "billable": True}),
-    "J18.9": ("Pneumonia, unspecified organism", "Lung infection without a named organism.", {"chapter": "10", "billable": True}),
-    "S72.0": ("Fracture of head and neck of femur", "Hip fracture. Broken femoral neck after a fall.", {"chapter": "19", "billable": False}),
-    "I21.9": ("Acute myocardial infarction, unspecified", "Heart attack. Myocardial infarction, acute.", {"chapter": "09", "billable": True}),
-    "F32.9": ("Major depressive disorder, single episode", "Depression NOS. Depressive episode.", {"chapter": "05", "billable": True, "tags": ["mental", "mood"]}),
-    "Z00.00": ("General adult medical examination", "Routine check-up without abnormal findings.", {"chapter": "21", "billable": True, "tags": ["encounter"]}),
+    "A01.02": (
+        "Typhoid fever with heart involvement",
+        "Typhoid endocarditis. Typhoid myocarditis.",
+        {"chapter": "01", "billable": True},
+    ),
+    "K35.20": (
+        "Acute appendicitis with generalized peritonitis",
+        "Appendicitis with perforation and diffuse peritonitis.",
+        {"chapter": "11", "billable": True},
+    ),
+    "E11.21": (
+        "Type 2 diabetes mellitus with diabetic nephropathy",
+        "Kimmelstiel-Wilson disease in type 2 diabetes.",
+        {"chapter": "04", "billable": True},
+    ),
+    "J18.9": (
+        "Pneumonia, unspecified organism",
+        "Lung infection without a named organism.",
+        {"chapter": "10", "billable": True},
+    ),
+    "S72.0": (
+        "Fracture of head and neck of femur",
+        "Hip fracture. Broken femoral neck after a fall.",
+        {"chapter": "19", "billable": False},
+    ),
+    "I21.9": (
+        "Acute myocardial infarction, unspecified",
+        "Heart attack. Myocardial infarction, acute.",
+        {"chapter": "09", "billable": True},
+    ),
+    "F32.9": (
+        "Major depressive disorder, single episode",
+        "Depression NOS. Depressive episode.",
+        {"chapter": "05", "billable": True, "tags": ["mental", "mood"]},
+    ),
+    "Z00.00": (
+        "General adult medical examination",
+        "Routine check-up without abnormal findings.",
+        {"chapter": "21", "billable": True, "tags": ["encounter"]},
+    ),
 }
 LONG = " ".join(f"Paragraph {n} on xylophonist occupational injuries of the wrist and tendons." for n in range(20))
 
@@ -44,9 +76,21 @@ LONG = " ".join(f"Paragraph {n} on xylophonist occupational injuries of the wris
 def _corpus() -> list[Document]:
     documents = []
     for code, (title, text, metadata) in TOPICS.items():
-        documents.append(Document(f"icd:{code}", "icd", code, title, text, metadata, content_hash(title, text, metadata)))
+        documents.append(
+            Document(f"icd:{code}", "icd", code, title, text, metadata, content_hash(title, text, metadata))
+        )
     metadata = {"chapter": "19", "billable": False}
-    documents.append(Document("notes:long", "notes", "long", "Occupational injuries", LONG, metadata, content_hash("Occupational injuries", LONG, metadata)))
+    documents.append(
+        Document(
+            "notes:long",
+            "notes",
+            "long",
+            "Occupational injuries",
+            LONG,
+            metadata,
+            content_hash("Occupational injuries", LONG, metadata),
+        )
+    )
     return documents
 
 
@@ -65,14 +109,18 @@ def corpus(embedder: Embedder) -> tuple[list[Chunk], np.ndarray]:
 BACKENDS = [
     pytest.param("lancedb", id="lancedb"),
     pytest.param("lancedb-ann", id="lancedb-ann"),
-    pytest.param("weaviate", id="weaviate", marks=pytest.mark.skipif(not WEAVIATE_URL, reason="WEAVIATE_URL not set: no Weaviate server to test against")),
+    pytest.param(
+        "weaviate",
+        id="weaviate",
+        marks=pytest.mark.skipif(not WEAVIATE_URL, reason="WEAVIATE_URL not set: no Weaviate server to test against"),
+    ),
 ]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path, embedder: Embedder):
     if request.param == "weaviate":
-        from cadre.index.weaviate_backend import WeaviateBackend
+        from cadre.knowledge.index.weaviate_backend import WeaviateBackend
 
         weaviate = WeaviateBackend(WEAVIATE_URL, specialist=f"contract-{uuid.uuid4().hex[:8]}")
         yield weaviate
@@ -80,9 +128,11 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, embedder: Embedder):
             weaviate.drop_version(version)
         weaviate.close()
         return
-    from cadre.index.lancedb_backend import LanceDBBackend
+    from cadre.knowledge.index.lancedb_backend import LanceDBBackend
 
-    yield LanceDBBackend(tmp_path / "lancedb", dimension=embedder.dimension, ann_min_rows=1 if request.param == "lancedb-ann" else 20_000)
+    yield LanceDBBackend(
+        tmp_path / "lancedb", dimension=embedder.dimension, ann_min_rows=1 if request.param == "lancedb-ann" else 20_000
+    )
 
 
 @pytest.fixture
@@ -105,12 +155,19 @@ def test_upsert_then_count_ids_and_states(filled: IndexVersion, corpus):
     states = {state.id: state for state in filled.chunk_states()}
     assert len(states) == len(chunks)
     for chunk in chunks:
-        assert (states[chunk.id].doc_id, states[chunk.id].doc_hash, states[chunk.id].chunk_count) == (chunk.doc_id, chunk.doc_hash, chunk.chunk_count)
+        assert (states[chunk.id].doc_id, states[chunk.id].doc_hash, states[chunk.id].chunk_count) == (
+            chunk.doc_id,
+            chunk.doc_hash,
+            chunk.chunk_count,
+        )
 
 
 def test_upsert_replaces_by_id(filled: IndexVersion, corpus, embedder: Embedder):
     chunks, vectors = corpus
-    changed = [dataclasses.replace(chunk, doc_hash="new-hash", metadata={**chunk.metadata, "chapter": "99"}) for chunk in chunks[:3]]
+    changed = [
+        dataclasses.replace(chunk, doc_hash="new-hash", metadata={**chunk.metadata, "chapter": "99"})
+        for chunk in chunks[:3]
+    ]
     filled.upsert(changed, vectors[:3])
     assert filled.count() == len(chunks)
     states = {state.id: state.doc_hash for state in filled.chunk_states()}
@@ -145,7 +202,9 @@ def test_vector_score_is_cosine_similarity(filled: IndexVersion, corpus):
     hits = filled.search(vectors[4], chunks[4].content, 3, mode="vector")
     assert hits[0].id == chunks[4].id
     assert hits[0].score == pytest.approx(1.0, abs=1e-4)
-    assert hits[1].score == pytest.approx(float(vectors[4] @ vectors[[c.id for c in chunks].index(hits[1].id)]), abs=1e-4)
+    assert hits[1].score == pytest.approx(
+        float(vectors[4] @ vectors[[c.id for c in chunks].index(hits[1].id)]), abs=1e-4
+    )
 
 
 def test_hybrid_search_uses_exact_keywords(filled: IndexVersion, embedder: Embedder):

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from support import free_port
 
-from cadre.env import OFFLINE_ENV
+from cadre.platform.env import OFFLINE_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -53,10 +53,27 @@ def lm_server(gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """A real llama.cpp server (as `cadre up` starts it) on a free port; yields its /v1 URL."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("lm") / "server.log"
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-               "--n_threads", "1", "--n_ctx", "2048", "--model_alias", "gemma3-270m"]
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_threads",
+        "1",
+        "--n_ctx",
+        "2048",
+        "--model_alias",
+        "gemma3-270m",
+    ]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE_ENV}, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE_ENV}, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + LM_START_TIMEOUT_S
@@ -118,7 +135,7 @@ def _write_project(root: Path, mlflow_uri: str, lm_url: str) -> tuple[Path, dict
               program:
                 - {{metric: icd_hierarchy, at_least: 0.05}}
                 - {{metric: exact_match, beat_champion_by: 0.0}}
-            smoke: {{max_documents: 300, max_eval_cases: {CASES['test']}, max_lm_calls: 30, max_wall_seconds: 240}}
+            smoke: {{max_documents: 300, max_eval_cases: {CASES["test"]}, max_lm_calls: 30, max_wall_seconds: 240}}
         """)
     path = root / "pipelines.yaml"
     path.write_text(text, encoding="utf-8")
@@ -129,7 +146,7 @@ def _write_project(root: Path, mlflow_uri: str, lm_url: str) -> tuple[Path, dict
 def project(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, lm_server: str) -> Path:
     """The project, with its index built and promoted by the real re-index engine."""
     from cadre.config import load_config
-    from cadre.reindex import promote_version, reindex_specialist
+    from cadre.knowledge.reindex import promote_version, reindex_specialist
 
     path, _ = _write_project(tmp_path_factory.mktemp("optimize"), mlflow_server, lm_server)
     config = load_config(path)
@@ -142,11 +159,12 @@ def _run(client, run_id: str):
     return client.get_run(run_id)
 
 
-def test_compile_register_gate_and_rerun_without_lm_calls(project: Path, mlflow_server: str, harness: None,
-                                                          clean_environment: None) -> None:
+def test_compile_register_gate_and_rerun_without_lm_calls(
+    project: Path, mlflow_server: str, harness: None, clean_environment: None
+) -> None:
     from mlflow import MlflowClient
 
-    from cadre.registry import registered_model_name
+    from cadre.registry.versions import registered_model_name
     from flows.optimize_prompts import optimize_prompts
 
     client = MlflowClient(mlflow_server)
@@ -184,12 +202,13 @@ def test_compile_register_gate_and_rerun_without_lm_calls(project: Path, mlflow_
         assert second["version"] == first["version"], "an identical program reuses its version"
 
 
-def test_unreachable_lm_fails_the_run_and_promotes_nothing(project: Path, mlflow_server: str, harness: None,
-                                                           clean_environment: None, tmp_path: Path) -> None:
+def test_unreachable_lm_fails_the_run_and_promotes_nothing(
+    project: Path, mlflow_server: str, harness: None, clean_environment: None, tmp_path: Path
+) -> None:
     from mlflow import MlflowClient
 
-    from cadre.lm import LMUnavailable
-    from cadre.tracking import experiment_name
+    from cadre.registry.runs import experiment_name
+    from cadre.runtime.lm import LMUnavailable
     from flows.optimize_prompts import optimize_prompts
 
     dead = f"http://127.0.0.1:{free_port()}/v1"

@@ -10,10 +10,10 @@ import pytest
 from mlflow import MlflowClient
 
 from cadre.config import load_config
-from cadre.evaluation import load_cases, score_predictions
-from cadre.promotion import champion_version, gate_and_promote
-from cadre.registry import history, read_gate_report
-from cadre.tracking import open_run
+from cadre.evaluation.results import load_cases, score_predictions
+from cadre.registry.promotion import champion_version, gate_and_promote
+from cadre.registry.runs import open_run
+from cadre.registry.versions import history, read_gate_report
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,10 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def config(tmp_path: Path, mlflow_server: str):
     shutil.copytree(ROOT / "evals" / "suites" / "icd10-coder", tmp_path / "suite")
-    (tmp_path / "pipelines.yaml").write_text(textwrap.dedent(f"""\
+    (tmp_path / "pipelines.yaml").write_text(
+        textwrap.dedent(f"""\
         version: 1
         project:
-          name: promo-{tmp_path.name[-6:].lower().replace('_', '-').strip('-') or 'x'}
+          name: promo-{tmp_path.name[-6:].lower().replace("_", "-").strip("-") or "x"}
           mlflow: {{tracking_uri: "{mlflow_server}"}}
         specialists:
           - name: coder
@@ -40,7 +41,8 @@ def config(tmp_path: Path, mlflow_server: str):
               program:
                 - {{metric: exact_match, at_least: 0.5}}
                 - {{metric: exact_match, beat_champion_by: 0.05}}
-        """))
+        """)
+    )
     return load_config(tmp_path / "pipelines.yaml")
 
 
@@ -48,7 +50,9 @@ def _evaluate(config, correct_fraction: float, name: str):
     cases = load_cases(config.resolve("suite"), "test", limit=60)
     cutoff = int(len(cases) * correct_fraction)
     outputs = [case["code"] if i < cutoff else "Z99.9" for i, case in enumerate(cases)]
-    return score_predictions(cases, outputs, ["exact_match", "icd_hierarchy"], name=name, output_field="code", bootstrap_samples=200)
+    return score_predictions(
+        cases, outputs, ["exact_match", "icd_hierarchy"], name=name, output_field="code", bootstrap_samples=200
+    )
 
 
 def _candidate_run(config, tmp_path: Path):
@@ -61,14 +65,34 @@ def _candidate_run(config, tmp_path: Path):
 
 def test_refused_then_promoted_with_a_readable_report(config, tmp_path: Path) -> None:
     weak = _evaluate(config, 0.3, "weak")
-    refused = gate_and_promote(config, "coder", "program", _candidate_run(config, tmp_path), "program", weak, None,
-                               lineage={"data_fingerprint": "abc"}, expected_champion=None, actor="test")
+    refused = gate_and_promote(
+        config,
+        "coder",
+        "program",
+        _candidate_run(config, tmp_path),
+        "program",
+        weak,
+        None,
+        lineage={"data_fingerprint": "abc"},
+        expected_champion=None,
+        actor="test",
+    )
     assert not refused.decision.passed and not refused.promoted
     assert champion_version(config, "coder", "program") is None
 
     strong = _evaluate(config, 0.8, "strong")
-    promoted = gate_and_promote(config, "coder", "program", _candidate_run(config, tmp_path), "program", strong, None,
-                                lineage={"data_fingerprint": "abc"}, expected_champion=None, actor="test")
+    promoted = gate_and_promote(
+        config,
+        "coder",
+        "program",
+        _candidate_run(config, tmp_path),
+        "program",
+        strong,
+        None,
+        lineage={"data_fingerprint": "abc"},
+        expected_champion=None,
+        actor="test",
+    )
     assert promoted.promoted
     assert champion_version(config, "coder", "program") == promoted.version
 
@@ -82,8 +106,18 @@ def test_refused_then_promoted_with_a_readable_report(config, tmp_path: Path) ->
 
     # A challenger no better than the champion by the required margin is refused; the champion stays.
     same = _evaluate(config, 0.8, "same")
-    again = gate_and_promote(config, "coder", "program", _candidate_run(config, tmp_path), "program", same, strong,
-                             lineage={}, expected_champion=promoted.version, actor="test")
+    again = gate_and_promote(
+        config,
+        "coder",
+        "program",
+        _candidate_run(config, tmp_path),
+        "program",
+        same,
+        strong,
+        lineage={},
+        expected_champion=promoted.version,
+        actor="test",
+    )
     assert not again.promoted
     assert champion_version(config, "coder", "program") == promoted.version
     events = [record.event for record in history(client, config.project.name, "coder", "program")]
@@ -93,22 +127,65 @@ def test_refused_then_promoted_with_a_readable_report(config, tmp_path: Path) ->
 def test_the_same_artifact_from_a_rerun_is_judged_again_not_registered_twice(config, tmp_path: Path) -> None:
     weak = _evaluate(config, 0.3, "weak")
     lineage = {"data_fingerprint": "abc", "adapter_sha256": "f00d" * 16}
-    first = gate_and_promote(config, "coder", "program", _candidate_run(config, tmp_path), "program", weak, None,
-                             lineage=lineage, expected_champion=None, actor="test", identity="adapter_sha256")
-    rerun = gate_and_promote(config, "coder", "program", _candidate_run(config, tmp_path), "program", weak, None,
-                             lineage=lineage, expected_champion=None, actor="test", identity="adapter_sha256")
+    first = gate_and_promote(
+        config,
+        "coder",
+        "program",
+        _candidate_run(config, tmp_path),
+        "program",
+        weak,
+        None,
+        lineage=lineage,
+        expected_champion=None,
+        actor="test",
+        identity="adapter_sha256",
+    )
+    rerun = gate_and_promote(
+        config,
+        "coder",
+        "program",
+        _candidate_run(config, tmp_path),
+        "program",
+        weak,
+        None,
+        lineage=lineage,
+        expected_champion=None,
+        actor="test",
+        identity="adapter_sha256",
+    )
     assert rerun.version == first.version and not rerun.promoted
     client = MlflowClient(config.project.mlflow.uri)
     assert len(client.search_model_versions(f"name = '{first.model_name}'")) == 1
     assert [record.event for record in history(client, config.project.name, "coder", "program")] == ["refusal"]
 
     # A different artifact is a new version; the same one judged better (new gate, better cases) is promoted.
-    other = gate_and_promote(config, "coder", "program", _candidate_run(config, tmp_path), "program", weak, None,
-                             lineage={**lineage, "adapter_sha256": "beef" * 16}, expected_champion=None, actor="test",
-                             identity="adapter_sha256")
+    other = gate_and_promote(
+        config,
+        "coder",
+        "program",
+        _candidate_run(config, tmp_path),
+        "program",
+        weak,
+        None,
+        lineage={**lineage, "adapter_sha256": "beef" * 16},
+        expected_champion=None,
+        actor="test",
+        identity="adapter_sha256",
+    )
     assert other.version != first.version
     strong = _evaluate(config, 0.8, "strong")
-    promoted = gate_and_promote(config, "coder", "program", _candidate_run(config, tmp_path), "program", strong, None,
-                                lineage=lineage, expected_champion=None, actor="test", identity="adapter_sha256")
+    promoted = gate_and_promote(
+        config,
+        "coder",
+        "program",
+        _candidate_run(config, tmp_path),
+        "program",
+        strong,
+        None,
+        lineage=lineage,
+        expected_champion=None,
+        actor="test",
+        identity="adapter_sha256",
+    )
     assert promoted.promoted and promoted.version == first.version
     assert champion_version(config, "coder", "program") == first.version

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cadre.env import OFFLINE_ENV
+from cadre.platform.env import OFFLINE_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ KILL_TIMEOUT_S = 300.0
 def prepared_models() -> Path:
     """The repo's prepared models (the packaged GGUF and its safetensors), prepared now if missing."""
     from cadre.config import load_config
-    from cadre.models import ensure_gguf, ensure_hf_model
+    from cadre.runtime.base_model import ensure_gguf, ensure_hf_model
 
     config = load_config(REPO / "pipelines.yaml")
     ensure_gguf(config)
@@ -88,7 +88,7 @@ def _write_project(root: Path, mlflow_uri: str, method: str, name: str) -> Path:
             gates:
               adapter:
                 - {{metric: exact_match, beat_champion_by: 0.0}}
-            smoke: {{max_documents: 400, max_eval_cases: {CASES['test']}, max_train_steps: {STEPS}}}
+            smoke: {{max_documents: 400, max_eval_cases: {CASES["test"]}, max_train_steps: {STEPS}}}
         """)
     path = root / name
     path.write_text(text, encoding="utf-8")
@@ -102,7 +102,7 @@ def project_root(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, p
     The GGUF converter is found where setup.sh installs it (inside the virtualenv).
     """
     from cadre.config import load_config
-    from cadre.reindex import promote_version, reindex_specialist
+    from cadre.knowledge.reindex import promote_version, reindex_specialist
 
     root = tmp_path_factory.mktemp("refresh")
     path = _write_project(root, mlflow_server, "qlora", "qlora.yaml")
@@ -117,7 +117,7 @@ def project_root(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, p
 
 def _check_refresh_run(client, result: dict, method: str, champion_before: str | None) -> None:
     """What a reviewer relies on: the loss per step, the adapter and its lineage, a gate decided from logged scores."""
-    from cadre.registry import registered_model_name
+    from cadre.registry.versions import registered_model_name
 
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -129,9 +129,16 @@ def _check_refresh_run(client, result: dict, method: str, champion_before: str |
     assert metrics["train_global_step"] == STEPS and metrics["data_train"] >= STEPS * 2
     assert 0.0 <= metrics["gguf_peft_agreement"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
-    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/adapter.gguf",
-            "adapter/training_config.json"} <= artifacts
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "training")} >= {"training/loss_curve.png", "training/loss_curve.csv"}
+    assert {
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/adapter.gguf",
+        "adapter/training_config.json",
+    } <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "training")} >= {
+        "training/loss_curve.png",
+        "training/loss_curve.csv",
+    }
 
     # The gate decided from the scores this run logged, against the champion adapter or the bare base model.
     candidate, champion = metrics["candidate_exact_match"], metrics["champion_exact_match"]
@@ -141,18 +148,25 @@ def _check_refresh_run(client, result: dict, method: str, champion_before: str |
     version = client.get_model_version(name, result["version"])
     assert version.tags["cadre.gate"] == expected == run.data.tags["cadre.gate"]
     assert result["champion_name"] == (f"adapter-v{champion_before}" if champion_before else "base-model")
-    assert version.tags["cadre.lineage.data_fingerprint"] == run.data.tags["cadre.data_fingerprint"] == result["data_fingerprint"]
+    assert (
+        version.tags["cadre.lineage.data_fingerprint"]
+        == run.data.tags["cadre.data_fingerprint"]
+        == result["data_fingerprint"]
+    )
     assert version.tags["cadre.lineage.base_model"].startswith("gemma3-270m@")
     assert version.tags["cadre.lineage.program_version"] == "declared"
     assert version.tags["cadre.lineage.parent_versions"].startswith(f"adapter:{champion_before or '-'}")
-    assert client.get_registered_model(name).aliases.get("champion") == (result["version"] if expected == "passed" else champion_before)
+    assert client.get_registered_model(name).aliases.get("champion") == (
+        result["version"] if expected == "passed" else champion_before
+    )
 
 
-def test_qlora_then_lora_refresh_log_register_and_gate(project_root: Path, mlflow_server: str, harness: None,
-                                                      clean_environment: None) -> None:
+def test_qlora_then_lora_refresh_log_register_and_gate(
+    project_root: Path, mlflow_server: str, harness: None, clean_environment: None
+) -> None:
     from mlflow import MlflowClient
 
-    from cadre.registry import registered_model_name
+    from cadre.registry.versions import registered_model_name
     from flows.refresh_adapter import refresh_adapter
 
     client = MlflowClient(mlflow_server)
@@ -172,9 +186,9 @@ TRAIN_SCRIPT = """
 import json, sys
 from pathlib import Path
 from cadre.config import load_config
-from cadre.finetune import train_adapter
-from cadre.prompt_format import PromptSpec
-from cadre.training_data import build_training_data, read_records, token_counter
+from cadre.tuning.finetune import train_adapter
+from cadre.runtime.prompt import PromptSpec
+from cadre.tuning.training_data import build_training_data, read_records, token_counter
 from transformers import AutoTokenizer
 
 config = load_config(sys.argv[1])
@@ -192,8 +206,15 @@ print("RESULT " + json.dumps({"global_step": result.global_step, "resumed_from_s
 
 
 def _train(project: Path, folder: Path, steps: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(project), str(folder), str(steps)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **OFFLINE_ENV}, cwd=REPO, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", TRAIN_SCRIPT, str(project), str(folder), str(steps)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **OFFLINE_ENV},
+        cwd=REPO,
+        start_new_session=True,
+    )
 
 
 def test_a_training_killed_after_a_checkpoint_resumes_from_it(project_root: Path, tmp_path: Path) -> None:
@@ -212,13 +233,15 @@ def test_a_training_killed_after_a_checkpoint_resumes_from_it(project_root: Path
         victim.wait(timeout=30)
     assert victim.returncode == -signal.SIGKILL
     assert not (folder / "final").exists(), "killed before it could finish"
-    checkpoints = sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists())
+    checkpoints = sorted(
+        int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()
+    )
     assert checkpoints and checkpoints[-1] < steps
 
     survivor = _train(project, folder, steps)
     output, _ = survivor.communicate(timeout=KILL_TIMEOUT_S)
     assert survivor.returncode == 0, output[-3000:]
-    result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
     assert result["resumed_from_step"] == checkpoints[-1] > 0, "resumed from the last checkpoint, not from step 0"
     assert result["global_step"] == steps
     assert result["steps"] == [float(s) for s in range(1, steps + 1)], "the loss history of the killed run is kept"

@@ -19,9 +19,9 @@ import pytest
 from mlflow import MlflowClient
 from rich.console import Console
 
-from cadre import registry
 from cadre.config import load_config
-from cadre.registry import (
+from cadre.registry import versions as registry
+from cadre.registry.versions import (
     CHALLENGER,
     CHAMPION,
     STEP_ALIAS_MOVED,
@@ -38,7 +38,7 @@ from cadre.registry import (
     retire,
     rollback,
 )
-from cadre.registry_view import describe_record, print_champions, print_history
+from cadre.registry.view import describe_record, print_champions, print_history
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ class RuleCheck:
 
 @dataclass(frozen=True)
 class Decision:
-    """A minimal gate decision with the shape `cadre.registry.GateDecision` asks for."""
+    """A minimal gate decision with the shape `cadre.registry.versions.GateDecision` asks for."""
 
     kind: str
     checks: list[RuleCheck] = field(default_factory=list)
@@ -74,7 +74,12 @@ class Decision:
         return {check.metric: check.value for check in self.checks}
 
     def to_markdown(self) -> str:
-        lines = [f"### {self.kind} gate: {'PASSED' if self.passed else 'REFUSED'}", "", "| rule | value | result |", "| --- | --- | --- |"]
+        lines = [
+            f"### {self.kind} gate: {'PASSED' if self.passed else 'REFUSED'}",
+            "",
+            "| rule | value | result |",
+            "| --- | --- | --- |",
+        ]
         lines += [f"| {c.rule} | {c.value:.4f} | {'pass' if c.passed else 'FAIL'} |" for c in self.checks]
         return "\n".join(lines)
 
@@ -88,10 +93,13 @@ class Decision:
 
 def gate(exact_match: float, latency_ms: float = 120.0) -> Decision:
     """The adapter gate of these tests: exact_match ≥ 0.6 and latency_p95_ms ≤ 500."""
-    return Decision(KIND, [
-        RuleCheck("exact_match ≥ 0.6", "exact_match", exact_match, 0.6, exact_match >= 0.6),
-        RuleCheck("latency_p95_ms ≤ 500", "latency_p95_ms", latency_ms, 500.0, latency_ms <= 500.0),
-    ])
+    return Decision(
+        KIND,
+        [
+            RuleCheck("exact_match ≥ 0.6", "exact_match", exact_match, 0.6, exact_match >= 0.6),
+            RuleCheck("latency_p95_ms ≤ 500", "latency_p95_ms", latency_ms, 500.0, latency_ms <= 500.0),
+        ],
+    )
 
 
 @pytest.fixture()
@@ -117,15 +125,31 @@ def train_run(client: MlflowClient, project: str) -> str:
 
 def candidate(client: MlflowClient, project: str, **kwargs) -> str:
     run_id = kwargs.pop("run_id", None) or train_run(client, project)
-    version = register_candidate(client, project=project, specialist=SPECIALIST, kind=KIND, run_id=run_id, artifact_path="adapter",
-                                 lineage={"config_sha256": "abc123", "base_model": "gemma3-270m", "data_fingerprint": "d41d8"},
-                                 description="adapter refreshed on the test split", **kwargs)
+    version = register_candidate(
+        client,
+        project=project,
+        specialist=SPECIALIST,
+        kind=KIND,
+        run_id=run_id,
+        artifact_path="adapter",
+        lineage={"config_sha256": "abc123", "base_model": "gemma3-270m", "data_fingerprint": "d41d8"},
+        description="adapter refreshed on the test split",
+        **kwargs,
+    )
     return version.version
 
 
 def decide(client: MlflowClient, project: str, version: str, exact_match: float, **kwargs) -> registry.PromotionRecord:
-    return decide_and_promote(client, project=project, specialist=SPECIALIST, kind=KIND, version=version,
-                              decision=gate(exact_match), actor="flow:refresh", **kwargs)
+    return decide_and_promote(
+        client,
+        project=project,
+        specialist=SPECIALIST,
+        kind=KIND,
+        version=version,
+        decision=gate(exact_match),
+        actor="flow:refresh",
+        **kwargs,
+    )
 
 
 def aliases(client: MlflowClient, project: str) -> dict[str, str]:
@@ -136,7 +160,11 @@ def assert_aliases_on_complete_versions(client: MlflowClient, project: str) -> N
     name = registry.registered_model_name(project, SPECIALIST, KIND)
     for alias, version in aliases(client, project).items():
         found = client.get_model_version(name, version)
-        assert found.status == "READY" and found.tags.get("cadre.registration") == "complete", (alias, version, found.tags)
+        assert found.status == "READY" and found.tags.get("cadre.registration") == "complete", (
+            alias,
+            version,
+            found.tags,
+        )
 
 
 def test_refused_candidate_is_not_promoted_and_passing_one_is(client, project):
@@ -145,7 +173,9 @@ def test_refused_candidate_is_not_promoted_and_passing_one_is(client, project):
     assert aliases(client, project) == {CHALLENGER: v1}
     tags = client.get_model_version(name, v1).tags
     assert tags["cadre.lineage.config_sha256"] == "abc123" and tags["cadre.lineage.base_model"] == "gemma3-270m"
-    assert tags["cadre.lineage.run_id"] == client.get_model_version(name, v1).run_id and tags["cadre.lineage.code_version"]
+    assert (
+        tags["cadre.lineage.run_id"] == client.get_model_version(name, v1).run_id and tags["cadre.lineage.code_version"]
+    )
 
     first = decide(client, project, v1, 0.70)
     assert (first.event, first.from_version, first.to_version) == ("promotion", None, v1)
@@ -172,7 +202,9 @@ def test_gate_report_is_readable_through_mlflow(client, project, tmp_path):
     name = registry.registered_model_name(project, SPECIALIST, KIND)
     version = candidate(client, project)
     decision = gate(0.734, latency_ms=212.5)
-    decide_and_promote(client, project=project, specialist=SPECIALIST, kind=KIND, version=version, decision=decision, actor="ci")
+    decide_and_promote(
+        client, project=project, specialist=SPECIALIST, kind=KIND, version=version, decision=decision, actor="ci"
+    )
 
     found = client.get_model_version(name, version)
     for check in decision.checks:
@@ -187,14 +219,32 @@ def test_gate_report_is_readable_through_mlflow(client, project, tmp_path):
 
 def test_decision_from_cadre_gates_round_trips(client, project):
     gates = pytest.importorskip("cadre.gates")
-    outcome = gates.RuleOutcome(rule_text="exact_match ≥ 0.6", kind="at_least", metric="exact_match", threshold=0.6, passed=True,
-                                skipped=False, candidate=0.8125, champion=None, delta=None, interval=(0.75, 0.875),
-                                detail="exact_match 0.8125 ≥ 0.6")
-    decision = gates.GateDecision(kind=KIND, passed=True, outcomes=[outcome], decided_at="2026-01-01T00:00:00+00:00",
-                                  summary="PASSED: 1 of 1 checked rule(s) passed.", candidate_name="adapter v1")
+    outcome = gates.RuleOutcome(
+        rule_text="exact_match ≥ 0.6",
+        kind="at_least",
+        metric="exact_match",
+        threshold=0.6,
+        passed=True,
+        skipped=False,
+        candidate=0.8125,
+        champion=None,
+        delta=None,
+        interval=(0.75, 0.875),
+        detail="exact_match 0.8125 ≥ 0.6",
+    )
+    decision = gates.GateDecision(
+        kind=KIND,
+        passed=True,
+        outcomes=[outcome],
+        decided_at="2026-01-01T00:00:00+00:00",
+        summary="PASSED: 1 of 1 checked rule(s) passed.",
+        candidate_name="adapter v1",
+    )
     assert isinstance(decision, registry.GateDecision)
     version = candidate(client, project)
-    record = decide_and_promote(client, project=project, specialist=SPECIALIST, kind=KIND, version=version, decision=decision, actor="ci")
+    record = decide_and_promote(
+        client, project=project, specialist=SPECIALIST, kind=KIND, version=version, decision=decision, actor="ci"
+    )
     assert record.metrics == {"exact_match": 0.8125} and aliases(client, project)[CHAMPION] == version
     name = registry.registered_model_name(project, SPECIALIST, KIND)
     assert gates.GateDecision.from_dict(registry.read_gate_report(client, name, version)) == decision
@@ -247,11 +297,16 @@ def test_retire_removes_a_first_champion_and_promote_reinstates_it(client, proje
     with pytest.raises(NothingToRollBackError, match="has no champion"):
         rollback(client, project, SPECIALIST, KIND, actor="alice")
 
-    back = promote(client, project=project, specialist=SPECIALIST, kind=KIND, version=v1, actor="alice")  # its gate passed
+    back = promote(
+        client, project=project, specialist=SPECIALIST, kind=KIND, version=v1, actor="alice"
+    )  # its gate passed
     assert aliases(client, project)[CHAMPION] == v1 and back.from_version is None
     events = history(client, project, SPECIALIST, KIND)
     assert [(e.event, e.from_version, e.to_version) for e in events] == [
-        ("promotion", None, v1), ("retirement", v1, None), ("promotion", None, v1)]
+        ("promotion", None, v1),
+        ("retirement", v1, None),
+        ("promotion", None, v1),
+    ]
     assert events[1].reason == "v1 hurts the cardiology slice"
     with pytest.raises(NotRetirableError, match="cadre rollback"):
         retire(client, project, SPECIALIST, "index", actor="alice")
@@ -272,17 +327,35 @@ def test_manual_promote_needs_a_passed_gate_or_force_with_reason(client, project
     with pytest.raises(PromotionRefusedError, match="refused by its gate"):
         promote(client, project=project, specialist=SPECIALIST, kind=KIND, version=v2, actor="bob")
     with pytest.raises(PromotionRefusedError, match="needs a reason"):
-        promote(client, project=project, specialist=SPECIALIST, kind=KIND, version=v2, actor="bob", force=True, reason="  ")
+        promote(
+            client, project=project, specialist=SPECIALIST, kind=KIND, version=v2, actor="bob", force=True, reason="  "
+        )
     assert aliases(client, project)[CHAMPION] == v1
 
-    record = promote(client, project=project, specialist=SPECIALIST, kind=KIND, version=v2, actor="bob", force=True,
-                     reason="v1 leaks PHI; v2 is safe even if less accurate")
+    record = promote(
+        client,
+        project=project,
+        specialist=SPECIALIST,
+        kind=KIND,
+        version=v2,
+        actor="bob",
+        force=True,
+        reason="v1 leaks PHI; v2 is safe even if less accurate",
+    )
     assert aliases(client, project)[CHAMPION] == v2
     last = history(client, project, SPECIALIST, KIND)[-1]
     assert last == record
-    assert (last.event, last.forced, last.gate, last.actor, last.from_version) == ("promotion", True, "refused", "bob", v1)
+    assert (last.event, last.forced, last.gate, last.actor, last.from_version) == (
+        "promotion",
+        True,
+        "refused",
+        "bob",
+        v1,
+    )
     assert last.reason == "v1 leaks PHI; v2 is safe even if less accurate"
-    assert describe_record(last).startswith(f"promotion (forced) of {last.model_name} v{v2}: champion v{v1} → v{v2}, by bob")
+    assert describe_record(last).startswith(
+        f"promotion (forced) of {last.model_name} v{v2}: champion v{v1} → v{v2}, by bob"
+    )
 
 
 def test_failure_while_registering_leaves_no_alias_on_the_half_registered_version(client, project):
@@ -311,7 +384,9 @@ def test_failure_while_registering_leaves_no_alias_on_the_half_registered_versio
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
 
 
-def test_crash_between_evaluate_and_alias_move_keeps_registry_consistent_and_rerun_converges(client, project, mlflow_server):
+def test_crash_between_evaluate_and_alias_move_keeps_registry_consistent_and_rerun_converges(
+    client, project, mlflow_server
+):
     v1 = candidate(client, project)
     decide(client, project, v1, 0.70)
     v2 = candidate(client, project)
@@ -321,7 +396,7 @@ def test_crash_between_evaluate_and_alias_move_keeps_registry_consistent_and_rer
     code = f"""
         import os
         from mlflow import MlflowClient
-        from cadre import registry
+        from cadre.registry import versions as registry
         gate = load_test_module().gate
         registry.LEASE_TTL_S = 2.0
         def die(step):
@@ -336,7 +411,9 @@ def test_crash_between_evaluate_and_alias_move_keeps_registry_consistent_and_rer
     assert aliases(client, project)[CHAMPION] == v1
     assert client.get_model_version(name, v2).tags["cadre.gate"] == "passed"  # the report is there, the move is not
     assert_aliases_on_complete_versions(client, project)
-    assert [e.event for e in history(client, project, SPECIALIST, KIND)] == ["promotion"]  # the crashed attempt did not apply
+    assert [e.event for e in history(client, project, SPECIALIST, KIND)] == [
+        "promotion"
+    ]  # the crashed attempt did not apply
 
     rerun = decide(client, project, v2, 0.95)
     assert aliases(client, project)[CHAMPION] == v2
@@ -344,7 +421,10 @@ def test_crash_between_evaluate_and_alias_move_keeps_registry_consistent_and_rer
     assert decide(client, project, v2, 0.95) == rerun  # once in effect, a re-run records nothing new
     everything = history(client, project, SPECIALIST, KIND, include_unapplied=True)
     assert [(e.event, e.to_version, e.outcome) for e in everything] == [
-        ("promotion", v1, "applied"), ("promotion", v2, "aborted"), ("promotion", v2, "applied")]
+        ("promotion", v1, "applied"),
+        ("promotion", v2, "aborted"),
+        ("promotion", v2, "applied"),
+    ]
     assert [e.to_version for e in history(client, project, SPECIALIST, KIND)] == [v1, v2]
 
     # A failure just after the alias moved (the process survives): the event is settled as applied.
@@ -370,7 +450,7 @@ def test_concurrent_promotions_are_serialized(client, project, mlflow_server, tm
         import sys, time
         from pathlib import Path
         from mlflow import MlflowClient
-        from cadre import registry
+        from cadre.registry import versions as registry
         gate = load_test_module().gate
         uri, project, version, folder = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
         def slow(step):
@@ -413,7 +493,8 @@ def test_registry_view_prints_champions_and_history(client, project, mlflow_serv
     v2 = candidate(client, project)
     decide(client, project, v2, 0.20)
     (tmp_path / "suite").mkdir()
-    (tmp_path / "pipelines.yaml").write_text(textwrap.dedent(f"""
+    (tmp_path / "pipelines.yaml").write_text(
+        textwrap.dedent(f"""
         project: {{name: {project}, mlflow: {{tracking_uri: "{mlflow_server}"}}}}
         specialists:
           - name: {SPECIALIST}
@@ -425,14 +506,19 @@ def test_registry_view_prints_champions_and_history(client, project, mlflow_serv
             description: a specialist with nothing registered
             program: {{instruction: answer, inputs: [{{name: q}}], outputs: [{{name: a}}], retrieve_k: 0}}
             evaluation: {{suite: suite}}
-    """))
+    """)
+    )
     config = load_config(tmp_path / "pipelines.yaml")
     console = Console(record=True, width=200)
     print_champions(config, console)
     print_history(config, SPECIALIST, None, console)
     text = console.export_text()
     assert f"v{v1}" in text and "exact_match = 0.7" in text
-    assert "none: the declared program serves" in text and "none: the base model serves" in text and "no candidate yet" in text
+    assert (
+        "none: the declared program serves" in text
+        and "none: the base model serves" in text
+        and "no candidate yet" in text
+    )
     assert "index" not in text.split("History of")[0], "a specialist without sources has no index row"
     assert "promotion" in text and "refusal" in text and "exact_match = 0.2" in text
 
@@ -450,10 +536,21 @@ def load_test_module():
 
 
 def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _CHILD_PRELUDE + textwrap.dedent(code), *args], cwd=REPO,
-                          check=False, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", _CHILD_PRELUDE + textwrap.dedent(code), *args],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def start_python(code: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", _CHILD_PRELUDE + textwrap.dedent(code), *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD_PRELUDE + textwrap.dedent(code), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from cadre.chunking import Chunker, load_tokenizer
 from cadre.config.knowledge import ChunkingSettings, SqlSource
 from cadre.config.project import EmbeddingSettings, ThreadSettings
-from cadre.embedding import Embedder
-from cadre.env import OFFLINE_ENV
-from cadre.index import IndexBusy, IndexLayout, VersionNotFound
-from cadre.index.lancedb_backend import LanceDBBackend
-from cadre.reindex import (
+from cadre.knowledge.chunking import Chunker, load_tokenizer
+from cadre.knowledge.embedding import Embedder
+from cadre.knowledge.index import IndexBusy, IndexLayout, VersionNotFound
+from cadre.knowledge.index.lancedb_backend import LanceDBBackend
+from cadre.knowledge.reindex import (
     PAUSE_AT_ENV,
     PAUSE_ENV,
     Retriever,
@@ -40,26 +39,52 @@ from cadre.reindex import (
     promote_version,
     prune_versions,
 )
-from cadre.sources import SkipReport, load_documents
+from cadre.knowledge.sources import SkipReport, load_documents
+from cadre.platform.env import OFFLINE_ENV
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 CHUNKING = ChunkingSettings(max_tokens=48, overlap_tokens=8)
-SOURCE = SqlSource(kind="sql", name="kb", url="sqlite:///data/kb.db", query="SELECT * FROM codes ORDER BY code", id_column="code",
-                   text_columns=["description"], title_column="title", metadata_columns=["chapter"])
+SOURCE = SqlSource(
+    kind="sql",
+    name="kb",
+    url="sqlite:///data/kb.db",
+    query="SELECT * FROM codes ORDER BY code",
+    id_column="code",
+    text_columns=["description"],
+    title_column="title",
+    metadata_columns=["chapter"],
+)
 SPECIALIST = "coder"
 BATCH = 4
 
-CONDITIONS = ["typhoid fever", "appendicitis", "pneumonia", "diabetes", "femur fracture", "asthma", "migraine", "gout",
-              "psoriasis", "anemia", "glaucoma", "otitis media", "cystitis", "tonsillitis", "eczema"]
+CONDITIONS = [
+    "typhoid fever",
+    "appendicitis",
+    "pneumonia",
+    "diabetes",
+    "femur fracture",
+    "asthma",
+    "migraine",
+    "gout",
+    "psoriasis",
+    "anemia",
+    "glaucoma",
+    "otitis media",
+    "cystitis",
+    "tonsillitis",
+    "eczema",
+]
 
 
 def description(n: int, extra: str = "") -> str:
     condition = CONDITIONS[n % len(CONDITIONS)]
     # Every fifth row is long enough to need several chunks.
     repeat = 6 if n % 5 == 0 else 1
-    return " ".join(f"Patients with {condition} variant {n} present with typical findings {extra}." for _ in range(repeat))
+    return " ".join(
+        f"Patients with {condition} variant {n} present with typical findings {extra}." for _ in range(repeat)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,20 +97,31 @@ def project(tmp_path: Path) -> Path:
     (tmp_path / "data").mkdir()
     with sqlite3.connect(tmp_path / "data" / "kb.db") as connection:
         connection.execute("CREATE TABLE codes (code TEXT PRIMARY KEY, title TEXT, description TEXT, chapter TEXT)")
-        connection.executemany("INSERT INTO codes VALUES (?, ?, ?, ?)",
-                               [(f"C{n:03d}", f"Code {n}", description(n), str(n % 4)) for n in range(30)])
+        connection.executemany(
+            "INSERT INTO codes VALUES (?, ?, ?, ?)",
+            [(f"C{n:03d}", f"Code {n}", description(n), str(n % 4)) for n in range(30)],
+        )
     return tmp_path
 
 
 def run(project: Path, embedder: Embedder, state: str = ".cadre", **options):
     options.setdefault("write_batch_size", BATCH)
-    return plan_and_apply(SPECIALIST, [SOURCE], options.pop("chunking", CHUNKING), root=project, state_dir=project / state,
-                          embedder=embedder, **options)
+    return plan_and_apply(
+        SPECIALIST,
+        [SOURCE],
+        options.pop("chunking", CHUNKING),
+        root=project,
+        state_dir=project / state,
+        embedder=embedder,
+        **options,
+    )
 
 
 def expected_chunks(project: Path, embedder: Embedder, chunking: ChunkingSettings = CHUNKING) -> dict[str, str]:
     """chunk id → doc id, computed straight from the source, without the engine."""
-    documents = list(load_documents([SOURCE], root=project, max_document_bytes=chunking.max_document_bytes, skips=SkipReport()))
+    documents = list(
+        load_documents([SOURCE], root=project, max_document_bytes=chunking.max_document_bytes, skips=SkipReport())
+    )
     chunker = Chunker(load_tokenizer(embedder.model_dir), chunking)
     return {chunk.id: chunk.doc_id for chunks in chunker.chunk_many(documents) for chunk in chunks}
 
@@ -101,20 +137,37 @@ def edit_source(project: Path) -> dict[str, set[str]]:
     """Edit 3 rows, change metadata of 1, add 5 (two long), delete 3; returns the doc ids per kind."""
     with sqlite3.connect(project / "data" / "kb.db") as connection:
         for n in (3, 10, 11):
-            connection.execute("UPDATE codes SET description = ? WHERE code = ?", (description(n, "after revision"), f"C{n:03d}"))
+            connection.execute(
+                "UPDATE codes SET description = ? WHERE code = ?", (description(n, "after revision"), f"C{n:03d}")
+            )
         connection.execute("UPDATE codes SET chapter = '9' WHERE code = 'C012'")
-        connection.executemany("INSERT INTO codes VALUES (?, ?, ?, ?)",
-                               [(f"C{n:03d}", f"Code {n}", description(n), str(n % 4)) for n in range(100, 105)])
+        connection.executemany(
+            "INSERT INTO codes VALUES (?, ?, ?, ?)",
+            [(f"C{n:03d}", f"Code {n}", description(n), str(n % 4)) for n in range(100, 105)],
+        )
         connection.execute("DELETE FROM codes WHERE code IN ('C020', 'C021', 'C025')")
-    ids = lambda numbers: {f"kb:C{n:03d}" for n in numbers}
-    return {"edited": ids([3, 10, 11]), "metadata": ids([12]), "added": ids(range(100, 105)), "deleted": ids([20, 21, 25])}
+
+    def ids(numbers):
+        return {f"kb:C{n:03d}" for n in numbers}
+
+    return {
+        "edited": ids([3, 10, 11]),
+        "metadata": ids([12]),
+        "added": ids(range(100, 105)),
+        "deleted": ids([20, 21, 25]),
+    }
 
 
 def test_no_change_rerun_embeds_nothing(project: Path, embedder: Embedder):
     first = run(project, embedder)
     expected = expected_chunks(project, embedder)
     assert first.created_version and first.rebuilt_from_empty and first.base_version is None
-    assert (first.documents_total, first.documents_added, first.chunks_total, first.chunks_embedded) == (30, 30, len(expected), len(expected))
+    assert (first.documents_total, first.documents_added, first.chunks_total, first.chunks_embedded) == (
+        30,
+        30,
+        len(expected),
+        len(expected),
+    )
     ids, _ = stored(project, first.version)
     assert sorted(ids) == sorted(expected)
     assert first.skipped == {}
@@ -137,15 +190,24 @@ def test_sqlite_edits_adds_and_deletes_change_exactly_those_chunks(project: Path
 
     second = run(project, embedder)
     assert second.created_version and not second.rebuilt_from_empty and second.base_version == first.version
-    assert (second.documents_added, second.documents_updated, second.documents_deleted, second.documents_unchanged) == (5, 4, 3, 23)
+    assert (second.documents_added, second.documents_updated, second.documents_deleted, second.documents_unchanged) == (
+        5,
+        4,
+        3,
+        23,
+    )
 
     new_ids, new_hashes = stored(project, second.version)
     assert sorted(new_ids) == sorted(after)
     touched_docs = changed["edited"] | changed["added"] | changed["metadata"]
     # Embedded: every chunk of an added, edited or re-labelled document, nothing else.
     assert second.chunks_embedded == sum(1 for doc_id in after.values() if doc_id in touched_docs)
-    assert set(after) - set(before) == {chunk for chunk, doc_id in after.items() if doc_id in changed["edited"] | changed["added"]}
-    assert set(before) - set(after) == {chunk for chunk, doc_id in before.items() if doc_id in changed["edited"] | changed["deleted"]}
+    assert set(after) - set(before) == {
+        chunk for chunk, doc_id in after.items() if doc_id in changed["edited"] | changed["added"]
+    }
+    assert set(before) - set(after) == {
+        chunk for chunk, doc_id in before.items() if doc_id in changed["edited"] | changed["deleted"]
+    }
     assert second.chunks_deleted == len(set(before) - set(after))
 
     # Blue/green: the live version was only read.
@@ -154,7 +216,12 @@ def test_sqlite_edits_adds_and_deletes_change_exactly_those_chunks(project: Path
     unchanged_chunks = [chunk for chunk, doc_id in after.items() if doc_id not in touched_docs]
     assert all(new_hashes[chunk] == old_hashes[chunk] for chunk in unchanged_chunks)
 
-    retriever = Retriever(SPECIALIST, project / ".cadre", LanceDBBackend(IndexLayout(project / ".cadre", SPECIALIST).lancedb_dir), embedder)
+    retriever = Retriever(
+        SPECIALIST,
+        project / ".cadre",
+        LanceDBBackend(IndexLayout(project / ".cadre", SPECIALIST).lancedb_dir),
+        embedder,
+    )
     query = "patients with typhoid fever variant 105"
     assert "kb:C100" not in {hit.doc_id for hit in retriever.search(query, k=3)}  # live: not there yet
     assert retriever.search("otitis media variant 101", k=1, version=second.version)[0].doc_id == "kb:C101"
@@ -182,7 +249,12 @@ def test_smoke_cap_loads_only_max_documents(project: Path, embedder: Embedder):
 
 
 def test_search_needs_a_live_version(project: Path, embedder: Embedder):
-    retriever = Retriever(SPECIALIST, project / ".cadre", LanceDBBackend(IndexLayout(project / ".cadre", SPECIALIST).lancedb_dir), embedder)
+    retriever = Retriever(
+        SPECIALIST,
+        project / ".cadre",
+        LanceDBBackend(IndexLayout(project / ".cadre", SPECIALIST).lancedb_dir),
+        embedder,
+    )
     with pytest.raises(VersionNotFound, match="no index version"):
         retriever.search("anything")
     with pytest.raises(ValueError, match="not complete"):
@@ -194,7 +266,9 @@ def test_prune_keeps_live_rollback_target_and_retention(project: Path, embedder:
     versions = []
     for n in range(4):
         with sqlite3.connect(project / "data" / "kb.db") as connection:
-            connection.execute("UPDATE codes SET description = ? WHERE code = 'C001'", (f"Revision {n} of the first code",))
+            connection.execute(
+                "UPDATE codes SET description = ? WHERE code = 'C001'", (f"Revision {n} of the first code",)
+            )
         versions.append(run(project, embedder).version)
         if n < 2:
             promote_version(state, SPECIALIST, versions[-1])
@@ -215,8 +289,8 @@ RUNNER = textwrap.dedent("""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     from cadre.config.knowledge import ChunkingSettings, SqlSource
     from cadre.config.project import EmbeddingSettings, ThreadSettings
-    from cadre.embedding import Embedder
-    from cadre.reindex import plan_and_apply
+    from cadre.knowledge.embedding import Embedder
+    from cadre.knowledge.reindex import plan_and_apply
     args = json.loads(sys.argv[1])
     embedder = Embedder.load(EmbeddingSettings(batch_size=32), ThreadSettings(embedding=1))
     plan_and_apply(args["specialist"], [SqlSource(**args["source"])], ChunkingSettings(**args["chunking"]),
@@ -228,17 +302,27 @@ def start_and_kill(project: Path, checkpoint: str, embedder: Embedder) -> None:
     """Start a real re-index in a subprocess, SIGKILL it while it pauses at `checkpoint`."""
     script = project / "runner.py"
     script.write_text(RUNNER)
-    args = {"specialist": SPECIALIST, "source": SOURCE.model_dump(), "chunking": CHUNKING.model_dump(), "root": str(project),
-            "state_dir": str(project / ".cadre"), "batch": BATCH}
+    args = {
+        "specialist": SPECIALIST,
+        "source": SOURCE.model_dump(),
+        "chunking": CHUNKING.model_dump(),
+        "root": str(project),
+        "state_dir": str(project / ".cadre"),
+        "batch": BATCH,
+    }
     env = {**os.environ, **OFFLINE_ENV, PAUSE_ENV: "120", PAUSE_AT_ENV: checkpoint, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, str(script), json.dumps(args)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(script), json.dumps(args)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+    )
     seen = []
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:
             line = process.stderr.readline()
             if not line and process.poll() is not None:
-                pytest.fail(f"re-index exited with {process.returncode} before checkpoint {checkpoint!r}:\n{''.join(seen[-30:])}")
+                pytest.fail(
+                    f"re-index exited with {process.returncode} before checkpoint {checkpoint!r}:\n{''.join(seen[-30:])}"
+                )
             seen.append(line)
             if line.strip() == f"reindex checkpoint: {checkpoint}":
                 # The paused run holds the lock: a second run is refused, not interleaved.
@@ -263,7 +347,9 @@ def start_and_kill(project: Path, checkpoint: str, embedder: Embedder) -> None:
         ("update", "delete 1", None),
     ],
 )
-def test_killed_reindex_converges_when_run_again(project: Path, embedder: Embedder, scenario: str, checkpoint: str, committed_before_kill: int | None):
+def test_killed_reindex_converges_when_run_again(
+    project: Path, embedder: Embedder, scenario: str, checkpoint: str, committed_before_kill: int | None
+):
     state = project / ".cadre"
     layout = IndexLayout(state, SPECIALIST)
     if scenario == "update":
@@ -285,14 +371,19 @@ def test_killed_reindex_converges_when_run_again(project: Path, embedder: Embedd
     ids, hashes = stored(project, resumed.version)
     assert len(ids) == len(set(ids)), "duplicate chunk ids"
     assert set(ids) == set(expected), "chunks lost or left over"
-    documents = {d.id: d.content_hash for d in load_documents([SOURCE], root=project, max_document_bytes=10**6, skips=SkipReport())}
+    documents = {
+        d.id: d.content_hash
+        for d in load_documents([SOURCE], root=project, max_document_bytes=10**6, skips=SkipReport())
+    }
     assert all(hashes[chunk] == documents[doc_id] for chunk, doc_id in expected.items())
     assert layout.builds() == [] and layout.is_complete(resumed.version)
 
     # The work committed before the kill was kept, not redone.
     clean = run(project, embedder, state=".clean")
     if committed_before_kill is not None:
-        changed_chunks = clean.chunks_embedded if scenario == "first build" else resumed.chunks_embedded + committed_before_kill
+        changed_chunks = (
+            clean.chunks_embedded if scenario == "first build" else resumed.chunks_embedded + committed_before_kill
+        )
         assert resumed.chunks_embedded == changed_chunks - committed_before_kill
     else:
         assert resumed.chunks_embedded == 0
@@ -300,8 +391,14 @@ def test_killed_reindex_converges_when_run_again(project: Path, embedder: Embedd
     # Same content as a build that was never interrupted, down to the search results.
     assert sorted(stored(project, clean.version, ".clean")[0]) == sorted(ids)
     for query in ("typhoid fever variant 3 after revision", "otitis media variant 101", "gout"):
-        resumed_hits = Retriever(SPECIALIST, state, LanceDBBackend(layout.lancedb_dir), embedder).search(query, k=5, version=resumed.version, mode="vector")
-        clean_hits = Retriever(SPECIALIST, project / ".clean", LanceDBBackend(IndexLayout(project / ".clean", SPECIALIST).lancedb_dir), embedder).search(
-            query, k=5, version=clean.version, mode="vector")
+        resumed_hits = Retriever(SPECIALIST, state, LanceDBBackend(layout.lancedb_dir), embedder).search(
+            query, k=5, version=resumed.version, mode="vector"
+        )
+        clean_hits = Retriever(
+            SPECIALIST,
+            project / ".clean",
+            LanceDBBackend(IndexLayout(project / ".clean", SPECIALIST).lancedb_dir),
+            embedder,
+        ).search(query, k=5, version=clean.version, mode="vector")
         assert [hit.id for hit in resumed_hits] == [hit.id for hit in clean_hits]
         assert [hit.score for hit in resumed_hits] == pytest.approx([hit.score for hit in clean_hits], abs=1e-5)

@@ -38,9 +38,9 @@ START_TIMEOUT_S = 240
 
 @pytest.fixture(scope="module")
 def prepared_models() -> Path:
-    from cadre.adapters import ConverterMissingError, find_converter
     from cadre.config import load_config
-    from cadre.models import ensure_gguf, ensure_hf_model
+    from cadre.runtime.base_model import ensure_gguf, ensure_hf_model
+    from cadre.tuning.adapter_export import ConverterMissingError, find_converter
 
     config = load_config(REPO / "pipelines.yaml")
     ensure_gguf(config)
@@ -56,7 +56,7 @@ def prepared_models() -> Path:
 def project(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, prepared_models: Path) -> Path:
     """The project file, its coder index built and made live by the real re-index engine."""
     from cadre.config import load_config
-    from cadre.reindex import promote_version, reindex_specialist
+    from cadre.knowledge.reindex import promote_version, reindex_specialist
 
     root = tmp_path_factory.mktemp("serve")
     suite = root / "suite"
@@ -65,7 +65,8 @@ def project(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, prepar
     for split in ("train", "dev", "test"):
         (suite / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     codes = sorted({json.loads(line)["code"] for line in lines})
-    (root / "pipelines.yaml").write_text(textwrap.dedent(f"""\
+    (root / "pipelines.yaml").write_text(
+        textwrap.dedent(f"""\
         version: 1
         project:
           name: {PROJECT}
@@ -101,7 +102,8 @@ def project(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, prepar
               retrieve_k: 0
               max_tokens: 12
             evaluation: {{suite: suite}}
-        """))
+        """)
+    )
     state = root / "state"
     state.mkdir()
     (state / "models").symlink_to(prepared_models / "models", target_is_directory=True)
@@ -120,15 +122,19 @@ def _register_adapter(config_path: Path, seed: int) -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from cadre.adapters import export_adapter
     from cadre.config import load_config
-    from cadre.registry import register_candidate
+    from cadre.registry.versions import register_candidate
+    from cadre.tuning.adapter_export import export_adapter
 
     config = load_config(config_path)
     hf = config.state_dir / "models" / "gemma3-270m" / "hf"
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+        ),
+    )
     work = config.state_dir / "work" / f"adapter-{seed}"
     model.save_pretrained(work / "peft")
     exported = export_adapter(work / "peft", hf, work / "adapter", config.state_dir)
@@ -137,8 +143,16 @@ def _register_adapter(config_path: Path, seed: int) -> str:
     run = client.create_run(experiment.experiment_id)
     client.log_artifacts(run.info.run_id, str(exported.folder), "adapter")
     client.set_terminated(run.info.run_id)
-    version = register_candidate(client, project=PROJECT, specialist="coder", kind="adapter", run_id=run.info.run_id,
-                                 artifact_path="adapter", lineage={"base_model": "gemma3-270m"}, actor="test")
+    version = register_candidate(
+        client,
+        project=PROJECT,
+        specialist="coder",
+        kind="adapter",
+        run_id=run.info.run_id,
+        artifact_path="adapter",
+        lineage={"base_model": "gemma3-270m"},
+        actor="test",
+    )
     return str(version.version)
 
 
@@ -148,14 +162,17 @@ def _register_program(config_path: Path) -> str:
     from mlflow import MlflowClient
 
     from cadre.config import load_config
-    from cadre.program import SpecialistProgram, save_program
-    from cadre.registry import register_candidate
+    from cadre.prompts.program import SpecialistProgram, save_program
+    from cadre.registry.versions import register_candidate
 
     config = load_config(config_path)
     settings = config.specialist("coder").program
     program = SpecialistProgram(settings, retriever=lambda query, k: [])
-    program.answer.demos = [dspy.Example(context=["A01.02 — Typhoid fever with heart involvement"], phrase="typhoid endocarditis",
-                                         code="A01.02")]
+    program.answer.demos = [
+        dspy.Example(
+            context=["A01.02 — Typhoid fever with heart involvement"], phrase="typhoid endocarditis", code="A01.02"
+        )
+    ]
     folder = config.state_dir / "work" / "program"
     save_program(program, folder / "program.json")
     client = MlflowClient(config.project.mlflow.uri)
@@ -163,8 +180,16 @@ def _register_program(config_path: Path) -> str:
     run = client.create_run(experiment.experiment_id)
     client.log_artifacts(run.info.run_id, str(folder), "program")
     client.set_terminated(run.info.run_id)
-    version = register_candidate(client, project=PROJECT, specialist="coder", kind="program", run_id=run.info.run_id,
-                                 artifact_path="program", lineage={"base_model": "gemma3-270m"}, actor="test")
+    version = register_candidate(
+        client,
+        project=PROJECT,
+        specialist="coder",
+        kind="program",
+        run_id=run.info.run_id,
+        artifact_path="program",
+        lineage={"base_model": "gemma3-270m"},
+        actor="test",
+    )
     return str(version.version)
 
 
@@ -172,11 +197,19 @@ def _promote(config_path: Path, kind: str, version: str) -> None:
     from mlflow import MlflowClient
 
     from cadre.config import load_config
-    from cadre.registry import promote
+    from cadre.registry.versions import promote
 
     config = load_config(config_path)
-    promote(MlflowClient(config.project.mlflow.uri), project=PROJECT, specialist="coder", kind=kind, version=version,
-            actor="test", force=True, reason="integration test moves the champion by hand")
+    promote(
+        MlflowClient(config.project.mlflow.uri),
+        project=PROJECT,
+        specialist="coder",
+        kind=kind,
+        version=version,
+        actor="test",
+        force=True,
+        reason="integration test moves the champion by hand",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -191,22 +224,44 @@ def server(project: Path, adapters: list[str]) -> Iterator[tuple[str, subprocess
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     log = (project.parent / "serve.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "cadre.cli", "serve", "-c", str(project), "--port", str(port),
-                                "--poll-interval", str(POLL_S), "--max-in-flight", "6"],
-                               stdout=log, stderr=subprocess.STDOUT, cwd=project.parent, env=env, start_new_session=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cadre.cli",
+            "serve",
+            "-c",
+            str(project),
+            "--port",
+            str(port),
+            "--poll-interval",
+            str(POLL_S),
+            "--max-in-flight",
+            "6",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=project.parent,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if process.poll() is not None:
-                pytest.fail(f"cadre serve exited with {process.returncode}:\n{(project.parent / 'serve.log').read_text()[-4000:]}")
+                pytest.fail(
+                    f"cadre serve exited with {process.returncode}:\n{(project.parent / 'serve.log').read_text()[-4000:]}"
+                )
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"cadre serve not ready after {START_TIMEOUT_S} s:\n{(project.parent / 'serve.log').read_text()[-4000:]}")
+                pytest.fail(
+                    f"cadre serve not ready after {START_TIMEOUT_S} s:\n{(project.parent / 'serve.log').read_text()[-4000:]}"
+                )
             time.sleep(0.5)
         yield url, process
     finally:
@@ -221,8 +276,11 @@ def server(project: Path, adapters: list[str]) -> Iterator[tuple[str, subprocess
 
 
 def _chat(url: str, model: str, content: str, **extra) -> httpx.Response:
-    return httpx.post(f"{url}/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": content}], **extra},
-                      timeout=120)
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": content}], **extra},
+        timeout=120,
+    )
 
 
 def test_answers_carry_id_specialist_and_versions(server, adapters) -> None:
@@ -246,20 +304,22 @@ def test_answers_carry_id_specialist_and_versions(server, adapters) -> None:
 def test_answer_equals_the_program_run_by_dspy_on_the_same_champions(server, project, adapters) -> None:
     """The server renders and generates itself (to stream); it must answer exactly what the DSPy program answers."""
     from cadre.config import load_config
-    from cadre.lm import LlamaCppClient
-    from cadre.program import (
+    from cadre.prompts.program import (
         CompletionLM,
         IndexTarget,
         SpecialistProgram,
         open_retriever,
         program_context,
     )
+    from cadre.runtime.lm import LlamaCppClient
 
     url, _ = server
     config = load_config(project)
     settings = config.specialist("coder").program
     gguf = next((config.state_dir / "serving" / "coder" / f"adapter-v{adapters[0]}").rglob("*.gguf"))
-    client = LlamaCppClient(config.state_dir / "models" / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf", lora_path=gguf, n_threads=1)
+    client = LlamaCppClient(
+        config.state_dir / "models" / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf", lora_path=gguf, n_threads=1
+    )
     lm = CompletionLM(client, model_id="equivalence-check", max_tokens=settings.max_tokens, cache=False)
     program = SpecialistProgram(settings, open_retriever(IndexTarget.from_config(config, "coder")))
     for phrase in PHRASES:
@@ -274,8 +334,16 @@ def test_streaming_sends_openai_chunks_that_add_up_to_the_answer(server) -> None
     url, _ = server
     plain = _chat(url, "qa", "What is the capital of Italy?").json()
     chunks = []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120,
-                      json={"model": "qa", "stream": True, "messages": [{"role": "user", "content": "What is the capital of Italy?"}]}) as r:
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": "qa",
+            "stream": True,
+            "messages": [{"role": "user", "content": "What is the capital of Italy?"}],
+        },
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["x-cadre-specialist"] == "qa"
         for line in r.iter_lines():
@@ -306,23 +374,34 @@ def test_auto_routes_by_meaning_and_refuses_what_matches_nothing(server) -> None
 
 def test_bad_requests_get_4xx_and_the_server_stays_up(server) -> None:
     url, process = server
-    post = lambda body, **kw: httpx.post(f"{url}/v1/chat/completions", content=body, timeout=30, **kw)
+
+    def post(body, **kw):
+        return httpx.post(f"{url}/v1/chat/completions", content=body, timeout=30, **kw)
+
     assert post(b"{nope").status_code == 400
     assert _chat(url, "nobody", "x").status_code == 404
-    assert post(json.dumps({"model": "qa", "messages": [{"role": "user", "content": "x" * 70_000}]}).encode()).status_code == 413
+    assert (
+        post(json.dumps({"model": "qa", "messages": [{"role": "user", "content": "x" * 70_000}]}).encode()).status_code
+        == 413
+    )
     assert _chat(url, "qa", "y" * 4001).status_code == 400
-    assert httpx.post(f"{url}/v1/feedback", json={"response_id": "chatcmpl-never", "rating": -1}, timeout=30).status_code == 404
+    assert (
+        httpx.post(f"{url}/v1/feedback", json={"response_id": "chatcmpl-never", "rating": -1}, timeout=30).status_code
+        == 404
+    )
     assert process.poll() is None
     assert _chat(url, "qa", "What is the capital of France?").status_code == 200
 
 
 def test_feedback_is_stored_with_the_response_it_rates(server, project) -> None:
     from cadre.config import load_config
-    from cadre.feedback import open_store, store_url_for
+    from cadre.feedback.store import open_store, store_url_for
 
     url, _ = server
     answer = _chat(url, "coder", PHRASES[1]).json()
-    stored = httpx.post(f"{url}/v1/feedback", json={"response_id": answer["id"], "rating": -1, "correction": "J33.8"}, timeout=30)
+    stored = httpx.post(
+        f"{url}/v1/feedback", json={"response_id": answer["id"], "rating": -1, "correction": "J33.8"}, timeout=30
+    )
     assert stored.status_code == 201, stored.text
     config = load_config(project)
     records = open_store(store_url_for(config, "coder")).feedback("coder")
@@ -341,8 +420,10 @@ def test_champion_moves_go_live_without_restart_and_no_request_fails(server, pro
     def keep_asking() -> None:
         with httpx.Client(timeout=120) as client:
             while not stop.is_set():
-                response = client.post(f"{url}/v1/chat/completions",
-                                       json={"model": "coder", "messages": [{"role": "user", "content": PHRASES[2]}]})
+                response = client.post(
+                    f"{url}/v1/chat/completions",
+                    json={"model": "coder", "messages": [{"role": "user", "content": PHRASES[2]}]},
+                )
                 versions = response.json().get("cadre", {}).get("versions", {}) if response.status_code == 200 else {}
                 results.append((response.status_code, versions))
 

@@ -45,9 +45,9 @@ def _write_project(root: Path, ports: dict[str, int], specialists: list[str]) ->
         project:
           name: stacktest
           state_dir: state
-          mlflow: {{port: {ports['mlflow']}}}
-          prefect: {{port: {ports['prefect']}, work_pool: stacktest-pool}}
-          lm: {{port: {ports['lm']}}}
+          mlflow: {{port: {ports["mlflow"]}}}
+          prefect: {{port: {ports["prefect"]}, work_pool: stacktest-pool}}
+          lm: {{port: {ports["lm"]}}}
         specialists:
         """
     ) + textwrap.indent(team, "")
@@ -58,8 +58,15 @@ def _write_project(root: Path, ports: dict[str, int], specialists: list[str]) ->
 
 def _cadre(*args: str, config: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
-    return subprocess.run([*CADRE, *args, "-c", str(config)] if args[0] not in ("validate",) else [*CADRE, *args],
-                          check=False, capture_output=True, text=True, timeout=timeout, cwd=config.parent, env=env)
+    return subprocess.run(
+        [*CADRE, *args, "-c", str(config)] if args[0] not in ("validate",) else [*CADRE, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=config.parent,
+        env=env,
+    )
 
 
 def _processes_under(folder: Path) -> list[str]:
@@ -126,7 +133,9 @@ def test_deploy_run_and_read_back_through_prefect_and_mlflow(stack) -> None:
         assert {"cadre", "specialist:alpha", "flow:check"} <= set(deployment.tags)
         assert deployment.work_pool_name == "stacktest-pool"
         assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])))
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]))
+        )
         assert runs and runs[0].state.is_completed()
         flow_run_id = str(runs[0].id)
         from prefect.client.schemas.filters import (
@@ -134,21 +143,31 @@ def test_deploy_run_and_read_back_through_prefect_and_mlflow(stack) -> None:
             ArtifactFilterFlowRunId,
         )
 
-        [summary] = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[runs[0].id])))
+        [summary] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[runs[0].id]))
+        )
         assert summary.key == "cadre-summary" and "MLflow run: [" in summary.data, summary.data
         assert runs[0].parameters["budget"] == "smoke"
-        assert len(client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["alpha", "beta"])))) == 2 * len(FLOWS)
+        assert len(
+            client.read_deployments(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["alpha", "beta"]))
+            )
+        ) == 2 * len(FLOWS)
 
     mlflow = MlflowClient(f"http://127.0.0.1:{ports['mlflow']}")
     experiment = mlflow.get_experiment_by_name("stacktest/alpha")
-    found = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.`cadre.prefect_flow_run_id` = '{flow_run_id}'")
+    found = mlflow.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`cadre.prefect_flow_run_id` = '{flow_run_id}'"
+    )
     assert len(found) == 1
     mlflow_run = found[0]
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.tags["cadre.flow"] == "check"
     assert mlflow_run.data.params["program.instruction"] == "Answer."
     assert {"probe_mlflow_ms", "probe_prefect_ms", "probe_lm_ms"} <= set(mlflow_run.data.metrics)
-    resolved = json.loads(Path(mlflow.download_artifacts(mlflow_run.info.run_id, "config/resolved_config.json")).read_text())
+    resolved = json.loads(
+        Path(mlflow.download_artifacts(mlflow_run.info.run_id, "config/resolved_config.json")).read_text()
+    )
     assert resolved["specialist"]["name"] == "alpha"
 
     status = _cadre("status", config=config)
@@ -172,7 +191,9 @@ def test_a_run_whose_process_died_is_crashed_by_up_and_frees_its_slot(stack) -> 
         deployment = client.read_deployment_by_name("check/alpha")
         limit = deployment.global_concurrency_limit.name
         # A run as a worker left it: it took the slot (Pending), ran (Running) in a process that is now gone.
-        orphan = client.create_flow_run_from_deployment(deployment.id, state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(days=1)))
+        orphan = client.create_flow_run_from_deployment(
+            deployment.id, state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(days=1))
+        )
         client.update_flow_run(orphan.id, infrastructure_pid=str(dead.pid))
         client.update_flow_run_labels(orphan.id, {"prefect.worker.name": "cadre-stacktest"})  # what our worker labels
         assert client.set_flow_run_state(orphan.id, Pending()).status.value == "ACCEPT"
@@ -185,8 +206,10 @@ def test_a_run_whose_process_died_is_crashed_by_up_and_frees_its_slot(stack) -> 
         gone = client.create_flow_run_from_deployment(deployment.id, state=Crashed(message="killed by a signal"))
         mlflow = MlflowClient(f"http://127.0.0.1:{ports['mlflow']}")
         experiment = mlflow.create_experiment(f"orphans-{orphan.id}")
-        tracked = {str(run.id): mlflow.create_run(experiment, tags={"cadre.prefect_flow_run_id": str(run.id)}).info.run_id
-                   for run in (orphan, gone)}
+        tracked = {
+            str(run.id): mlflow.create_run(experiment, tags={"cadre.prefect_flow_run_id": str(run.id)}).info.run_id
+            for run in (orphan, gone)
+        }
 
         up = _cadre("up", config=config)
         assert up.returncode == 0, up.stderr
@@ -206,8 +229,11 @@ def test_redeploy_keeps_a_schedule_paused_in_the_ui_and_follows_a_new_cron(stack
 
     config, ports = stack
     original = config.read_text()
-    scheduled = original.replace("  evaluation: {suite: evals/suite}\n",
-                                 "  evaluation: {suite: evals/suite}\n  schedules: {reindex: {cron: \"0 3 * * *\"}}\n", 1)
+    scheduled = original.replace(
+        "  evaluation: {suite: evals/suite}\n",
+        '  evaluation: {suite: evals/suite}\n  schedules: {reindex: {cron: "0 3 * * *"}}\n',
+        1,
+    )
     assert scheduled != original
     try:
         config.write_text(scheduled)

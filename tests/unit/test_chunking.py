@@ -10,10 +10,10 @@ from itertools import pairwise
 
 import pytest
 
-from cadre.chunking import Chunker, chunk_id, load_tokenizer
 from cadre.config.knowledge import ChunkingSettings
-from cadre.embedding import resolve_model_path
-from cadre.sources import Document, content_hash
+from cadre.knowledge.chunking import Chunker, chunk_id, load_tokenizer
+from cadre.knowledge.embedding import resolve_model_path
+from cadre.knowledge.sources import Document, content_hash
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +23,20 @@ def tokenizer():
 
 def make_document(text: str, title: str = "", doc_id: str = "kb:1", metadata: dict | None = None) -> Document:
     metadata = metadata or {}
-    return Document(id=doc_id, source="kb", record_id=doc_id.split(":", 1)[1], title=title, text=text, metadata=metadata,
-                    content_hash=content_hash(title, text, metadata))
+    return Document(
+        id=doc_id,
+        source="kb",
+        record_id=doc_id.split(":", 1)[1],
+        title=title,
+        text=text,
+        metadata=metadata,
+        content_hash=content_hash(title, text, metadata),
+    )
 
 
 LONG_TEXT = " ".join(
-    f"Sentence {i} describes typhoid fever with heart involvement, endocarditis and myocarditis in adults." for i in range(40)
+    f"Sentence {i} describes typhoid fever with heart involvement, endocarditis and myocarditis in adults."
+    for i in range(40)
 )
 
 
@@ -41,7 +49,13 @@ def test_short_document_is_one_chunk_holding_the_whole_text(tokenizer):
     chunks = Chunker(tokenizer, ChunkingSettings(max_tokens=64, overlap_tokens=8)).chunk(document)
     assert len(chunks) == 1
     chunk = chunks[0]
-    assert (chunk.text, chunk.start, chunk.end, chunk.chunk_index, chunk.chunk_count) == (document.text, 0, len(document.text), 0, 1)
+    assert (chunk.text, chunk.start, chunk.end, chunk.chunk_index, chunk.chunk_count) == (
+        document.text,
+        0,
+        len(document.text),
+        0,
+        1,
+    )
     assert chunk.content == "A01.02\nTyphoid fever with heart involvement"
     assert chunk.doc_hash == document.content_hash
 
@@ -96,7 +110,12 @@ def test_title_tokens_come_out_of_the_budget(tokenizer):
 def test_ids_are_deterministic_and_depend_on_document_position_and_content(tokenizer):
     chunker = Chunker(tokenizer, ChunkingSettings(max_tokens=32, overlap_tokens=8))
     first = [chunk.id for chunk in chunker.chunk(make_document(LONG_TEXT))]
-    again = [chunk.id for chunk in Chunker(tokenizer, ChunkingSettings(max_tokens=32, overlap_tokens=8)).chunk(make_document(LONG_TEXT))]
+    again = [
+        chunk.id
+        for chunk in Chunker(tokenizer, ChunkingSettings(max_tokens=32, overlap_tokens=8)).chunk(
+            make_document(LONG_TEXT)
+        )
+    ]
     assert first == again
     assert len(set(first)) == len(first)
     other_document = [chunk.id for chunk in chunker.chunk(make_document(LONG_TEXT, doc_id="kb:2"))]

@@ -78,74 +78,277 @@ def test_specialist_overrides_defaults_key_by_key(project: Path) -> None:
 
 # (name, transformation of VALID, text on the offending line, occurrence, field path, words in the message)
 BAD = [
-    ("unknown top-level key", lambda t: t.replace("project:", "projetc:"), "projetc:", 1, "projetc", "did you mean 'project'"),
-    ("typo'd specialist key", lambda t: t.replace("description:", "descripton:"), "descripton:", 1,
-     "specialists[coder].descripton", "did you mean 'description'"),
-    ("wrong type", lambda t: t.replace("{rank: 8, max_steps: 10}", "{rank: eight, max_steps: 10}"), "rank: eight", 1,
-     "specialists[coder].tuning.rank", 'expected a positive integer, got "eight"'),
-    ("bad cron value", lambda t: t.replace('"0 3 * * *"', '"61 3 * * *"'), "61 3", 1,
-     "specialists[coder].schedules.reindex.cron", "minute value '61' is outside 0-59"),
-    ("cron with four fields", lambda t: t.replace('"0 3 * * *"', '"0 3 * *"'), '"0 3 * *"', 1,
-     "specialists[coder].schedules.reindex.cron", "expected 5"),
-    ("unknown timezone", lambda t: t.replace("timezone: UTC", "timezone: Mars/Olympus"), "Mars/Olympus", 1,
-     "specialists[coder].schedules.reindex.timezone", "unknown timezone"),
-    ("missing file", lambda t: t.replace("data/kb.jsonl", "data/nope.jsonl"), "data/nope.jsonl", 1,
-     "specialists[coder].sources[kb].path", "does not exist"),
-    ("path escaping the project", lambda t: t.replace("suite: evals/suite", "suite: ../../etc"), "../../etc", 1,
-     "specialists[coder].evaluation.suite", "leaves the project folder"),
-    ("duplicate specialist name", lambda t: t + "  " + t[t.index("- name: coder"):], "- name: coder", 2,
-     "specialists[coder].name", "used twice"),
-    ("unknown gate metric", lambda t: t.replace("{metric: exact_match, at_least: 0.1}", "{metric: bleu, at_least: 0.1}"),
-     "metric: bleu", 1, "specialists[coder].gates.program[0].metric", "not computed by the evaluation suite"),
-    ("gate metric the suite does not compute", lambda t: t.replace("metric: exact_match", "metric: rouge_l"),
-     "metric: rouge_l", 1, "specialists[coder].gates.program[0].metric", "add it to evaluation.answer_metrics"),
-    ("empty specialist list", lambda t: t[: t.index("specialists:")] + "specialists: []\n", "specialists: []", 1,
-     "specialists", "at least 1 item"),
-    ("missing required block", lambda t: t.replace("    evaluation:\n      suite: evals/suite\n", ""), "- name: coder", 1,
-     "specialists[coder].evaluation", "required field is missing"),
-    ("gate rule with two kinds", lambda t: t.replace("at_least: 0.1}", "at_least: 0.1, at_most: 0.9}"), "at_most: 0.9", 1,
-     "specialists[coder].gates.program[0]", "exactly one of"),
-    ("misspelled choice", lambda t: t.replace("{rank: 8,", "{method: qlorra, rank: 8,"), "qlorra", 1,
-     "specialists[coder].tuning.method", "did you mean 'qlora'"),
-    ("overlap not below chunk size", lambda t: t.replace("    gates:", "    chunking: {max_tokens: 32, overlap_tokens: 40}\n    gates:"),
-     "overlap_tokens: 40", 1, "specialists[coder].chunking.overlap_tokens", "must be smaller than max_tokens"),
-    ("negative learning rate", lambda t: t.replace("{rank: 8,", "{learning_rate: -0.1, rank: 8,"), "learning_rate: -0.1", 1,
-     "specialists[coder].tuning.learning_rate", "expected a number > 0"),
-    ("unknown source kind", lambda t: t.replace("kind: dataset", "kind: ftp"), "kind: ftp", 1,
-     "specialists[coder].sources[kb].kind", "unknown kind \"ftp\""),
-    ("name not a slug", lambda t: t.replace("- name: coder", "- name: Coder_1"), "Coder_1", 1,
-     "specialists[Coder_1].name", "lowercase letters"),
-    ("duplicate yaml key", lambda t: t.replace("  name: t\n", "  name: t\n  name: u\n"), "name: u", 1, "", "duplicate key"),
-    ("yaml syntax error", lambda t: t.replace("inputs: [{name: question}]", "inputs: [{name: question}"), "outputs:", 1, "",
-     "YAML syntax error"),
-    ("typo inside defaults", lambda t: t.replace("{rank: 8, max_steps: 10}", "{rnak: 8, max_steps: 10}"), "rnak: 8", 1,
-     "specialists[coder].tuning.rnak", "did you mean 'rank'"),
-    ("two services on one port", lambda t: t.replace("  name: t\n", "  name: t\n  mlflow: {port: 4200}\n"), "port: 4200", 1,
-     "project.mlflow.port", "already used by prefect.port"),
-    ("serving on the LM's port", lambda t: t.replace("  name: t\n", "  name: t\n  serving: {port: 8088}\n"), "port: 8088", 1,
-     "project.serving.port", "already used by lm.port"),
-    ("route fallback that is no specialist", lambda t: t.replace("  name: t\n", "  name: t\n  serving: {route_fallback: codr}\n"),
-     "route_fallback: codr", 1, "project.serving.route_fallback", "expected one of: coder"),
-    ("weaviate without url", lambda t: t.replace("  name: t\n", "  name: t\n  index: {backend: weaviate}\n"), "backend: weaviate",
-     1, "project.index.weaviate_url", "needs weaviate_url"),
-    ("bad python entrypoint", lambda t: t.replace("kind: dataset\n        name: kb\n        path: data/kb.jsonl",
-                                                  "kind: python\n        name: kb\n        entrypoint: not a module"),
-     "entrypoint: not a module", 1, "specialists[coder].sources[kb].entrypoint", "package.module:function"),
-    ("sql that writes", lambda t: t.replace("kind: dataset\n        name: kb\n        path: data/kb.jsonl",
-                                            "kind: sql\n        name: kb\n        url: sqlite:///kb.db\n        query: DELETE FROM docs"),
-     "DELETE FROM docs", 1, "specialists[coder].sources[kb].query", "must be a SELECT"),
-    ("retrieval without sources", lambda t: t.replace("    sources:\n      - kind: dataset\n        name: kb\n        path: data/kb.jsonl\n", ""),
-     "program:", 1, "specialists[coder].program.retrieve_k", "needs at least one source"),
-    ("unknown retrieval metric", lambda t: t.replace("      suite: evals/suite\n", "      suite: evals/suite\n      retrieval_metrics: [recall@]\n"),
-     "recall@]", 1, "specialists[coder].evaluation.retrieval_metrics", "unknown retrieval metric"),
-    ("base model folder missing", lambda t: t.replace("    description: a test", "    base_model: models/none\n    description: a test"),
-     "models/none", 1, "specialists[coder].base_model", "neither a packaged model"),
-    ("unsupported version", lambda t: t.replace("version: 1", "version: 2"), "version: 2", 1, "version", "expected one of 1"),
+    (
+        "unknown top-level key",
+        lambda t: t.replace("project:", "projetc:"),
+        "projetc:",
+        1,
+        "projetc",
+        "did you mean 'project'",
+    ),
+    (
+        "typo'd specialist key",
+        lambda t: t.replace("description:", "descripton:"),
+        "descripton:",
+        1,
+        "specialists[coder].descripton",
+        "did you mean 'description'",
+    ),
+    (
+        "wrong type",
+        lambda t: t.replace("{rank: 8, max_steps: 10}", "{rank: eight, max_steps: 10}"),
+        "rank: eight",
+        1,
+        "specialists[coder].tuning.rank",
+        'expected a positive integer, got "eight"',
+    ),
+    (
+        "bad cron value",
+        lambda t: t.replace('"0 3 * * *"', '"61 3 * * *"'),
+        "61 3",
+        1,
+        "specialists[coder].schedules.reindex.cron",
+        "minute value '61' is outside 0-59",
+    ),
+    (
+        "cron with four fields",
+        lambda t: t.replace('"0 3 * * *"', '"0 3 * *"'),
+        '"0 3 * *"',
+        1,
+        "specialists[coder].schedules.reindex.cron",
+        "expected 5",
+    ),
+    (
+        "unknown timezone",
+        lambda t: t.replace("timezone: UTC", "timezone: Mars/Olympus"),
+        "Mars/Olympus",
+        1,
+        "specialists[coder].schedules.reindex.timezone",
+        "unknown timezone",
+    ),
+    (
+        "missing file",
+        lambda t: t.replace("data/kb.jsonl", "data/nope.jsonl"),
+        "data/nope.jsonl",
+        1,
+        "specialists[coder].sources[kb].path",
+        "does not exist",
+    ),
+    (
+        "path escaping the project",
+        lambda t: t.replace("suite: evals/suite", "suite: ../../etc"),
+        "../../etc",
+        1,
+        "specialists[coder].evaluation.suite",
+        "leaves the project folder",
+    ),
+    (
+        "duplicate specialist name",
+        lambda t: t + "  " + t[t.index("- name: coder") :],
+        "- name: coder",
+        2,
+        "specialists[coder].name",
+        "used twice",
+    ),
+    (
+        "unknown gate metric",
+        lambda t: t.replace("{metric: exact_match, at_least: 0.1}", "{metric: bleu, at_least: 0.1}"),
+        "metric: bleu",
+        1,
+        "specialists[coder].gates.program[0].metric",
+        "not computed by the evaluation suite",
+    ),
+    (
+        "gate metric the suite does not compute",
+        lambda t: t.replace("metric: exact_match", "metric: rouge_l"),
+        "metric: rouge_l",
+        1,
+        "specialists[coder].gates.program[0].metric",
+        "add it to evaluation.answer_metrics",
+    ),
+    (
+        "empty specialist list",
+        lambda t: t[: t.index("specialists:")] + "specialists: []\n",
+        "specialists: []",
+        1,
+        "specialists",
+        "at least 1 item",
+    ),
+    (
+        "missing required block",
+        lambda t: t.replace("    evaluation:\n      suite: evals/suite\n", ""),
+        "- name: coder",
+        1,
+        "specialists[coder].evaluation",
+        "required field is missing",
+    ),
+    (
+        "gate rule with two kinds",
+        lambda t: t.replace("at_least: 0.1}", "at_least: 0.1, at_most: 0.9}"),
+        "at_most: 0.9",
+        1,
+        "specialists[coder].gates.program[0]",
+        "exactly one of",
+    ),
+    (
+        "misspelled choice",
+        lambda t: t.replace("{rank: 8,", "{method: qlorra, rank: 8,"),
+        "qlorra",
+        1,
+        "specialists[coder].tuning.method",
+        "did you mean 'qlora'",
+    ),
+    (
+        "overlap not below chunk size",
+        lambda t: t.replace("    gates:", "    chunking: {max_tokens: 32, overlap_tokens: 40}\n    gates:"),
+        "overlap_tokens: 40",
+        1,
+        "specialists[coder].chunking.overlap_tokens",
+        "must be smaller than max_tokens",
+    ),
+    (
+        "negative learning rate",
+        lambda t: t.replace("{rank: 8,", "{learning_rate: -0.1, rank: 8,"),
+        "learning_rate: -0.1",
+        1,
+        "specialists[coder].tuning.learning_rate",
+        "expected a number > 0",
+    ),
+    (
+        "unknown source kind",
+        lambda t: t.replace("kind: dataset", "kind: ftp"),
+        "kind: ftp",
+        1,
+        "specialists[coder].sources[kb].kind",
+        'unknown kind "ftp"',
+    ),
+    (
+        "name not a slug",
+        lambda t: t.replace("- name: coder", "- name: Coder_1"),
+        "Coder_1",
+        1,
+        "specialists[Coder_1].name",
+        "lowercase letters",
+    ),
+    (
+        "duplicate yaml key",
+        lambda t: t.replace("  name: t\n", "  name: t\n  name: u\n"),
+        "name: u",
+        1,
+        "",
+        "duplicate key",
+    ),
+    (
+        "yaml syntax error",
+        lambda t: t.replace("inputs: [{name: question}]", "inputs: [{name: question}"),
+        "outputs:",
+        1,
+        "",
+        "YAML syntax error",
+    ),
+    (
+        "typo inside defaults",
+        lambda t: t.replace("{rank: 8, max_steps: 10}", "{rnak: 8, max_steps: 10}"),
+        "rnak: 8",
+        1,
+        "specialists[coder].tuning.rnak",
+        "did you mean 'rank'",
+    ),
+    (
+        "two services on one port",
+        lambda t: t.replace("  name: t\n", "  name: t\n  mlflow: {port: 4200}\n"),
+        "port: 4200",
+        1,
+        "project.mlflow.port",
+        "already used by prefect.port",
+    ),
+    (
+        "serving on the LM's port",
+        lambda t: t.replace("  name: t\n", "  name: t\n  serving: {port: 8088}\n"),
+        "port: 8088",
+        1,
+        "project.serving.port",
+        "already used by lm.port",
+    ),
+    (
+        "route fallback that is no specialist",
+        lambda t: t.replace("  name: t\n", "  name: t\n  serving: {route_fallback: codr}\n"),
+        "route_fallback: codr",
+        1,
+        "project.serving.route_fallback",
+        "expected one of: coder",
+    ),
+    (
+        "weaviate without url",
+        lambda t: t.replace("  name: t\n", "  name: t\n  index: {backend: weaviate}\n"),
+        "backend: weaviate",
+        1,
+        "project.index.weaviate_url",
+        "needs weaviate_url",
+    ),
+    (
+        "bad python entrypoint",
+        lambda t: t.replace(
+            "kind: dataset\n        name: kb\n        path: data/kb.jsonl",
+            "kind: python\n        name: kb\n        entrypoint: not a module",
+        ),
+        "entrypoint: not a module",
+        1,
+        "specialists[coder].sources[kb].entrypoint",
+        "package.module:function",
+    ),
+    (
+        "sql that writes",
+        lambda t: t.replace(
+            "kind: dataset\n        name: kb\n        path: data/kb.jsonl",
+            "kind: sql\n        name: kb\n        url: sqlite:///kb.db\n        query: DELETE FROM docs",
+        ),
+        "DELETE FROM docs",
+        1,
+        "specialists[coder].sources[kb].query",
+        "must be a SELECT",
+    ),
+    (
+        "retrieval without sources",
+        lambda t: t.replace("    sources:\n      - kind: dataset\n        name: kb\n        path: data/kb.jsonl\n", ""),
+        "program:",
+        1,
+        "specialists[coder].program.retrieve_k",
+        "needs at least one source",
+    ),
+    (
+        "unknown retrieval metric",
+        lambda t: t.replace(
+            "      suite: evals/suite\n", "      suite: evals/suite\n      retrieval_metrics: [recall@]\n"
+        ),
+        "recall@]",
+        1,
+        "specialists[coder].evaluation.retrieval_metrics",
+        "unknown retrieval metric",
+    ),
+    (
+        "base model folder missing",
+        lambda t: t.replace("    description: a test", "    base_model: models/none\n    description: a test"),
+        "models/none",
+        1,
+        "specialists[coder].base_model",
+        "neither a packaged model",
+    ),
+    (
+        "unsupported version",
+        lambda t: t.replace("version: 1", "version: 2"),
+        "version: 2",
+        1,
+        "version",
+        "expected one of 1",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("name", "change", "needle", "occurrence", "field", "words"), BAD, ids=[b[0] for b in BAD])
-def test_bad_config_exits_2_with_line_and_field(project: Path, capsys, name, change, needle, occurrence, field, words) -> None:
+def test_bad_config_exits_2_with_line_and_field(
+    project: Path, capsys, name, change, needle, occurrence, field, words
+) -> None:
     text = change(VALID)
     assert text != VALID, "the transformation must change the file"
     path = _write(project, text)
@@ -166,11 +369,19 @@ def test_bad_config_exits_2_with_line_and_field(project: Path, capsys, name, cha
 
 
 def test_all_errors_reported_at_once(project: Path) -> None:
-    text = VALID.replace("description:", "descripton:").replace("{rank: 8,", "{rank: -1,").replace("timezone: UTC", "timezone: Nowhere")
+    text = (
+        VALID.replace("description:", "descripton:")
+        .replace("{rank: 8,", "{rank: -1,")
+        .replace("timezone: UTC", "timezone: Nowhere")
+    )
     with pytest.raises(ConfigError) as error:
         load_config(_write(project, text))
     fields = {issue.field for issue in error.value.issues}
-    assert {"specialists[coder].descripton", "specialists[coder].tuning.rank", "specialists[coder].schedules.reindex.timezone"} <= fields
+    assert {
+        "specialists[coder].descripton",
+        "specialists[coder].tuning.rank",
+        "specialists[coder].schedules.reindex.timezone",
+    } <= fields
     lines = [issue.line for issue in error.value.issues]
     assert lines == sorted(lines)
 
@@ -184,21 +395,39 @@ def test_missing_file_is_a_clear_error(tmp_path: Path, capsys) -> None:
 
 def test_validate_command_as_a_user_runs_it(project: Path) -> None:
     path = _write(project, VALID.replace("description:", "descripton:"))
-    result = subprocess.run([sys.executable, "-m", "cadre.cli", "validate", str(path)], check=False, capture_output=True, text=True, cwd=project)
+    result = subprocess.run(
+        [sys.executable, "-m", "cadre.cli", "validate", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=project,
+    )
     assert result.returncode == 2
     assert f"{path}:{_line_of(VALID, 'description:')}:" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize(("command", "service"), [(["history", "coder"], "mlflow"), (["rollback", "coder", "program"], "mlflow"),
-                                                  (["run", "optimize", "-s", "coder"], "prefect"), (["deploy"], "prefect"),
-                                                  (["serve"], "mlflow")])
+@pytest.mark.parametrize(
+    ("command", "service"),
+    [
+        (["history", "coder"], "mlflow"),
+        (["rollback", "coder", "program"], "mlflow"),
+        (["run", "optimize", "-s", "coder"], "prefect"),
+        (["deploy"], "prefect"),
+        (["serve"], "mlflow"),
+    ],
+)
 def test_commands_against_a_stopped_stack_say_so_at_once(project: Path, capsys, command, service) -> None:
     from support import free_port
 
     ports = {"mlflow": free_port(), "prefect": free_port()}  # nothing listens there
-    path = _write(project, VALID.replace("  name: t\n", f"  name: t\n  mlflow: {{port: {ports['mlflow']}}}\n"
-                                                       f"  prefect: {{port: {ports['prefect']}}}\n"))
+    path = _write(
+        project,
+        VALID.replace(
+            "  name: t\n",
+            f"  name: t\n  mlflow: {{port: {ports['mlflow']}}}\n  prefect: {{port: {ports['prefect']}}}\n",
+        ),
+    )
     started = time.monotonic()
     assert main([*command, "-c", str(path)]) == 1
     assert time.monotonic() - started < 15, "it waited out a client's retries"

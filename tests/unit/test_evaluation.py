@@ -9,7 +9,7 @@ import re
 import pytest
 
 from cadre.config.evaluation import RUNTIME_METRICS
-from cadre.evaluation import (
+from cadre.evaluation.results import (
     EvaluationResult,
     Prediction,
     compare,
@@ -30,7 +30,9 @@ ANSWERS = {"c1": "A01.02", "c2": "A00.1", "c3": "C00.0", "c4": "A02.0"}  # c2 wr
 
 
 def oracle(case):
-    return Prediction(output=ANSWERS[case["id"]], retrieved_ids=["X", case["code"]], lm_calls=2, tokens=40, cost_usd=0.001)
+    return Prediction(
+        output=ANSWERS[case["id"]], retrieved_ids=["X", case["code"]], lm_calls=2, tokens=40, cost_usd=0.001
+    )
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -70,8 +72,14 @@ def test_malformed_lines_are_skipped_and_counted(tmp_path, caplog):
 
 
 def test_a_case_without_id_gets_a_stable_content_hash_and_integer_ids_become_text(tmp_path):
-    suite = write_split(tmp_path, [json.dumps({"phrase": "no id", "code": "A01.02"}), json.dumps({"id": 7, "phrase": "p", "code": "B"}),
-                                   json.dumps({"code": "A01.02", "phrase": "no id"})])  # same content, other key order
+    suite = write_split(
+        tmp_path,
+        [
+            json.dumps({"phrase": "no id", "code": "A01.02"}),
+            json.dumps({"id": 7, "phrase": "p", "code": "B"}),
+            json.dumps({"code": "A01.02", "phrase": "no id"}),
+        ],
+    )  # same content, other key order
     read = read_split(suite, "test")
     first = read.cases[0]["id"]
     assert first.startswith("h") and len(first) == 17 and read_split(suite, "test").cases[0]["id"] == first
@@ -88,7 +96,9 @@ def test_limit_counts_valid_cases(tmp_path):
 
 
 def run(cases=CASES, predict=oracle, metrics=("exact_match", "icd_hierarchy", "recall@1", "mrr"), **options):
-    return evaluate_cases(cases, predict, list(metrics), name="candidate", output_field="code", retrieval_field="relevant_ids", **options)
+    return evaluate_cases(
+        cases, predict, list(metrics), name="candidate", output_field="code", retrieval_field="relevant_ids", **options
+    )
 
 
 def test_aggregates_are_means_of_per_example_scores():
@@ -142,7 +152,9 @@ def test_a_failing_case_counts_as_wrong_and_keeps_its_error():
 
 
 def test_a_prediction_carrying_an_error_scores_zero_even_with_an_output():
-    result = score_predictions(CASES[:1], [Prediction(output="A01.02", error="unparsable")], ["exact_match"], name="x", output_field="code")
+    result = score_predictions(
+        CASES[:1], [Prediction(output="A01.02", error="unparsable")], ["exact_match"], name="x", output_field="code"
+    )
     assert result.scores["exact_match"] == 0.0 and result.errors == 1
 
 
@@ -200,7 +212,9 @@ def test_mlflow_metric_names_are_valid_there():
 
 def graded(name, correct, ids=None, slices=None):
     ids = ids or [f"c{i}" for i in range(len(correct))]
-    cases = [{"id": case_id, "code": "A00.0", "slice": (slices or ["s"] * len(ids))[i]} for i, case_id in enumerate(ids)]
+    cases = [
+        {"id": case_id, "code": "A00.0", "slice": (slices or ["s"] * len(ids))[i]} for i, case_id in enumerate(ids)
+    ]
     outputs = ["A00.0" if hit else "Z99.89" for hit in correct]
     return score_predictions(cases, outputs, ["exact_match"], name=name, output_field="code")
 
@@ -246,8 +260,12 @@ def test_compare_reports_per_slice_differences():
 
 def test_lower_is_better_metrics_gain_when_they_fall():
     cases = [{"id": f"c{i}", "code": "A00.0"} for i in range(20)]
-    fast = score_predictions(cases, [Prediction("A00.0", latency_ms=10.0) for _ in cases], ["exact_match"], name="fast", output_field="code")
-    slow = score_predictions(cases, [Prediction("A00.0", latency_ms=30.0) for _ in cases], ["exact_match"], name="slow", output_field="code")
+    fast = score_predictions(
+        cases, [Prediction("A00.0", latency_ms=10.0) for _ in cases], ["exact_match"], name="fast", output_field="code"
+    )
+    slow = score_predictions(
+        cases, [Prediction("A00.0", latency_ms=30.0) for _ in cases], ["exact_match"], name="slow", output_field="code"
+    )
     latency = compare(fast, slow).metrics["latency_p95_ms"]
     assert latency.delta == pytest.approx(-20.0) and latency.gain == pytest.approx(20.0)
     assert latency.gain_interval == pytest.approx((20.0, 20.0))
@@ -264,10 +282,15 @@ def test_paired_interval_needs_aligned_values():
 
 
 def test_a_case_without_a_program_field_is_skipped_and_counted(tmp_path):
-    (tmp_path / "test.jsonl").write_text('{"id": "a", "question": "q1", "module": "json"}\n'
-                                         '{"id": "b", "question": "q2"}\n'
-                                         '{"id": "c", "question": "", "module": "os"}\n')
+    (tmp_path / "test.jsonl").write_text(
+        '{"id": "a", "question": "q1", "module": "json"}\n'
+        '{"id": "b", "question": "q2"}\n'
+        '{"id": "c", "question": "", "module": "os"}\n'
+    )
     read = read_split(tmp_path, "test", required=["question", "module"])
     assert [case["id"] for case in read.cases] == ["a"]
-    assert [(s.line, s.reason.split(" (")[0]) for s in read.skipped] == [(2, "missing 'module'"), (3, "missing 'question'")]
+    assert [(s.line, s.reason.split(" (")[0]) for s in read.skipped] == [
+        (2, "missing 'module'"),
+        (3, "missing 'question'"),
+    ]
     assert len(read_split(tmp_path, "test").cases) == 3, "without required fields only the shape is checked"

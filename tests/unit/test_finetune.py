@@ -19,7 +19,8 @@ from transformers import (
 )
 
 from cadre.config.tuning import TuningSettings
-from cadre.finetune import (
+from cadre.runtime.prompt import FieldSpec, PromptSpec
+from cadre.tuning.finetune import (
     FourBitGuard,
     SilentGradientLossError,
     detect_hardware,
@@ -32,12 +33,16 @@ from cadre.finetune import (
     training_config_hash,
     work_dir,
 )
-from cadre.prompt_format import FieldSpec, PromptSpec
-from cadre.training_data import Record, build_training_data, token_counter
+from cadre.tuning.training_data import Record, build_training_data, token_counter
 
 SPEC = PromptSpec("Answer with the ICD-10-CM code.", (FieldSpec("phrase"),), (FieldSpec("code"),))
-ROWS = [{"phrase": f"disease number {i} of the {['heart', 'lung', 'skin'][i % 3]}", "code": f"{'IJL'[i % 3]}{i:02d}.{i % 7}"}
-        for i in range(48)]
+ROWS = [
+    {
+        "phrase": f"disease number {i} of the {['heart', 'lung', 'skin'][i % 3]}",
+        "code": f"{'IJL'[i % 3]}{i:02d}.{i % 7}",
+    }
+    for i in range(48)
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +53,33 @@ def tiny_model(tmp_path_factory) -> Path:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
-    config = Gemma3TextConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                              num_key_value_heads=1, head_dim=32, max_position_embeddings=256, sliding_window=64,
-                              layer_types=["sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    config = Gemma3TextConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=256,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     torch.manual_seed(0)
     Gemma3ForCausalLM(config).save_pretrained(folder)
     fast.save_pretrained(folder)
@@ -65,18 +90,36 @@ def tiny_model(tmp_path_factory) -> Path:
 def data(tiny_model):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_model)
     records = [Record("mem", n, row) for n, row in enumerate(ROWS, 1)]
-    return build_training_data(records, SPEC, count_tokens=token_counter(tokenizer), max_length=64, heldout_fraction=0.1, seed=0)
+    return build_training_data(
+        records, SPEC, count_tokens=token_counter(tokenizer), max_length=64, heldout_fraction=0.1, seed=0
+    )
 
 
 def tuning(**overrides) -> TuningSettings:
-    settings = {"method": "lora", "rank": 4, "alpha": 8, "max_steps": 2, "batch_size": 4, "checkpoint_every": 2,
-                "learning_rate": 5e-3, "warmup_ratio": 0.0} | overrides
+    settings = {
+        "method": "lora",
+        "rank": 4,
+        "alpha": 8,
+        "max_steps": 2,
+        "batch_size": 4,
+        "checkpoint_every": 2,
+        "learning_rate": 5e-3,
+        "warmup_ratio": 0.0,
+    } | overrides
     return TuningSettings(**settings)
 
 
 def train(data, tiny_model, folder, settings, **options):
-    return train_adapter(data, settings, base_model_dir=tiny_model, work_dir=folder, max_steps=settings.max_steps, threads=1,
-                         progress_bar=False, **options)
+    return train_adapter(
+        data,
+        settings,
+        base_model_dir=tiny_model,
+        work_dir=folder,
+        max_steps=settings.max_steps,
+        threads=1,
+        progress_bar=False,
+        **options,
+    )
 
 
 class KillAfterCheckpoint(TrainerCallback):
@@ -104,7 +147,14 @@ class EvaluateWhileTraining(TrainerCallback):
 def test_lora_trains_two_steps_with_finite_loss_and_streamed_metrics(tiny_model, data, tmp_path) -> None:
     logged: list[tuple[int, dict[str, float]]] = []
     said: list[str] = []
-    result = train(data, tiny_model, tmp_path / "run", tuning(), sink=lambda metrics, step: logged.append((step, metrics)), say=said.append)
+    result = train(
+        data,
+        tiny_model,
+        tmp_path / "run",
+        tuning(),
+        sink=lambda metrics, step: logged.append((step, metrics)),
+        say=said.append,
+    )
     assert result.global_step == 2 and result.resumed_from_step == 0 and not result.reused
     assert math.isfinite(result.train_loss) and math.isfinite(result.heldout_loss)
     assert [row["step"] for row in result.loss_curve] == [1.0, 2.0]
@@ -128,7 +178,14 @@ def test_training_lowers_the_loss(tiny_model, data, tmp_path) -> None:
 def test_time_estimate_is_printed_after_the_first_steps(tiny_model, data, tmp_path) -> None:
     said: list[str] = []
     logged: list[dict[str, float]] = []
-    train(data, tiny_model, tmp_path / "run", tuning(max_steps=5, checkpoint_every=100), say=said.append, sink=lambda m, s: logged.append(m))
+    train(
+        data,
+        tiny_model,
+        tmp_path / "run",
+        tuning(max_steps=5, checkpoint_every=100),
+        say=said.append,
+        sink=lambda m, s: logged.append(m),
+    )
     estimate = [line for line in said if line.startswith("time estimate:")]
     assert len(estimate) == 1 and "s/step measured × 2 steps left" in estimate[0]
     assert any("estimated_seconds_left" in metrics for metrics in logged)
@@ -140,7 +197,9 @@ def test_qlora_trains_in_4_bit_on_cpu(tiny_model, data, tmp_path) -> None:
     assert (result.adapter_dir / "adapter_model.safetensors").exists()
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_where_an_unbroken_one_does(tiny_model, data, tmp_path) -> None:
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_where_an_unbroken_one_does(
+    tiny_model, data, tmp_path
+) -> None:
     settings = tuning(max_steps=4, checkpoint_every=2)
     with pytest.raises(KeyboardInterrupt):
         train(data, tiny_model, tmp_path / "killed", settings, extra_callbacks=[KillAfterCheckpoint(2)])
@@ -149,11 +208,18 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_where_an_unbroke
     resumed = train(data, tiny_model, tmp_path / "killed", settings, say=said.append)
     assert resumed.resumed_from_step == 2 and resumed.global_step == 4
     assert any("resuming from checkpoint-2" in line for line in said)
-    assert [row["step"] for row in resumed.loss_curve] == [1.0, 2.0, 3.0, 4.0]  # history carried over from the checkpoint
+    assert [row["step"] for row in resumed.loss_curve] == [
+        1.0,
+        2.0,
+        3.0,
+        4.0,
+    ]  # history carried over from the checkpoint
 
     unbroken = train(data, tiny_model, tmp_path / "unbroken", settings)
     for name, weight in load_file(unbroken.adapter_dir / "adapter_model.safetensors").items():
-        torch.testing.assert_close(load_file(resumed.adapter_dir / "adapter_model.safetensors")[name], weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            load_file(resumed.adapter_dir / "adapter_model.safetensors")[name], weight, rtol=1e-4, atol=1e-5
+        )
 
 
 def test_a_half_written_checkpoint_is_ignored_and_removed(tmp_path) -> None:
@@ -177,8 +243,13 @@ def test_a_finished_training_is_reused_not_repeated(tiny_model, data, tmp_path) 
 
 def test_evaluating_the_4_bit_model_while_training_stops_the_run(tiny_model, data, tmp_path) -> None:
     with pytest.raises(SilentGradientLossError, match="no-grad forward"):
-        train(data, tiny_model, tmp_path / "run", tuning(method="qlora", max_steps=3, checkpoint_every=100),
-              extra_callbacks=[EvaluateWhileTraining()])
+        train(
+            data,
+            tiny_model,
+            tmp_path / "run",
+            tuning(method="qlora", max_steps=3, checkpoint_every=100),
+            extra_callbacks=[EvaluateWhileTraining()],
+        )
 
 
 def test_cpu_loss_scores_only_completions_and_matches_trls_loss_and_gradients(tiny_model, data, tmp_path) -> None:
@@ -187,15 +258,21 @@ def test_cpu_loss_scores_only_completions_and_matches_trls_loss_and_gradients(ti
 
     hardware = detect_hardware("cpu")
     torch.manual_seed(0)
-    model, tokenizer = load_model(tiny_model, tuning(dropout=0.0), hardware)  # no dropout: both losses see the same network
+    model, tokenizer = load_model(
+        tiny_model, tuning(dropout=0.0), hardware
+    )  # no dropout: both losses see the same network
     with torch.no_grad():  # LoRA B starts at zero; make the adapter matter for the gradient comparison
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.02)
     trainer_type = trainer_class(hardware, model)
     assert trainer_type is not SFTTrainer and issubclass(trainer_type, SFTTrainer)
-    trainer = trainer_type(model=model, args=sft_config(tuning(), hardware, tmp_path, 2), train_dataset=Dataset.from_dict(data.columns()),
-                           processing_class=tokenizer)
+    trainer = trainer_type(
+        model=model,
+        args=sft_config(tuning(), hardware, tmp_path, 2),
+        train_dataset=Dataset.from_dict(data.columns()),
+        processing_class=tokenizer,
+    )
     batch = next(iter(trainer.get_train_dataloader()))
 
     def loss_and_grads(compute):
@@ -250,11 +327,10 @@ def _no_leftover_threads():
     torch.set_num_threads(threads)
 
 
-
 def test_the_gguf_converter_is_found_where_setup_installs_it_or_named_in_the_error(tmp_path, monkeypatch) -> None:
     import tarfile
 
-    from cadre.adapters import (
+    from cadre.tuning.adapter_export import (
         SETUP_COMMAND,
         ConverterMissingError,
         find_converter,
@@ -262,14 +338,22 @@ def test_the_gguf_converter_is_found_where_setup_installs_it_or_named_in_the_err
     )
 
     monkeypatch.delenv("CADRE_LLAMA_CPP_DIR", raising=False)
-    monkeypatch.setattr("cadre.adapters.installed_converter_dir", lambda: tmp_path / "venv-share")
+    monkeypatch.setattr("cadre.tuning.adapter_export.installed_converter_dir", lambda: tmp_path / "venv-share")
     with pytest.raises(ConverterMissingError) as missing:
         find_converter(tmp_path / "state")
-    assert SETUP_COMMAND in str(missing.value) and str(tmp_path / "state" / "vendor" / "llama.cpp") in str(missing.value)
+    assert SETUP_COMMAND in str(missing.value) and str(tmp_path / "state" / "vendor" / "llama.cpp") in str(
+        missing.value
+    )
 
     # An sdist shaped like llama-cpp-python's: only the conversion pieces are extracted.
     source = tmp_path / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
-    for name in ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversion/__init__.py", "gguf-py/gguf/__init__.py", "ggml/big.c"):
+    for name in (
+        "convert_lora_to_gguf.py",
+        "convert_hf_to_gguf.py",
+        "conversion/__init__.py",
+        "gguf-py/gguf/__init__.py",
+        "ggml/big.c",
+    ):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_text("# stub\n")
     sdist = tmp_path / "llama_cpp_python-0.3.36.tar.gz"

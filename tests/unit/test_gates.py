@@ -7,8 +7,8 @@ import json
 import pytest
 
 from cadre.config.evaluation import GateRule
-from cadre.evaluation import EvaluationResult, Prediction, score_predictions
-from cadre.gates import GateDecision, decide
+from cadre.evaluation.gates import GateDecision, decide
+from cadre.evaluation.results import EvaluationResult, Prediction, score_predictions
 
 
 def result(name, hits, *, slices=None, latency_ms=100.0, ids=None, metrics=("exact_match", "icd_hierarchy")):
@@ -61,12 +61,19 @@ def test_significance_needs_the_interval_above_the_threshold():
     champion = result("v1", [1] * 40 + [0] * 60)
     small_gain = result("v2", [1] * 40 + [1] * 3 + [0] * 57)  # +0.03 on 3 cases of 100
     plain = decide("adapter", [rule(metric="exact_match", beat_champion_by=0.01)], small_gain, champion)
-    strict = decide("adapter", [rule(metric="exact_match", beat_champion_by=0.01, significant=True)], small_gain, champion)
+    strict = decide(
+        "adapter", [rule(metric="exact_match", beat_champion_by=0.01, significant=True)], small_gain, champion
+    )
     assert plain.passed is True
     assert strict.passed is False
     assert strict.outcomes[0].interval[0] <= 0.01
     big_gain = result("v3", [1] * 40 + [1] * 30 + [0] * 30)
-    assert decide("adapter", [rule(metric="exact_match", beat_champion_by=0.01, significant=True)], big_gain, champion).passed is True
+    assert (
+        decide(
+            "adapter", [rule(metric="exact_match", beat_champion_by=0.01, significant=True)], big_gain, champion
+        ).passed
+        is True
+    )
 
 
 def test_beating_on_latency_means_being_faster():
@@ -98,12 +105,19 @@ def test_a_significant_slice_rule_tells_a_real_drop_from_noise():
     noisy = list(champion_hits)
     for i in range(4):
         noisy[i] = 0  # S00: 8 → 4 right of 18 (drop 0.222), every other slice unchanged
-    strict, lenient = rule(metric="exact_match", max_slice_drop=0.15), rule(metric="exact_match", max_slice_drop=0.15, significant=True)
+    strict, lenient = (
+        rule(metric="exact_match", max_slice_drop=0.15),
+        rule(metric="exact_match", max_slice_drop=0.15, significant=True),
+    )
     champion, candidate = result("v1", champion_hits, slices=slices), result("v2", noisy, slices=slices)
     assert decide("program", [strict], candidate, champion).passed is False
     judged = decide("program", [lenient], candidate, champion).outcomes[0]
     assert judged.passed is True and judged.rule_text.endswith("(significantly)")
-    assert "S00 (18 cases): 0.444 → 0.222" in judged.detail and "not a significant drop" in judged.detail and "15 slices" in judged.detail
+    assert (
+        "S00 (18 cases): 0.444 → 0.222" in judged.detail
+        and "not a significant drop" in judged.detail
+        and "15 slices" in judged.detail
+    )
 
     real = list(champion_hits)
     for i in range(8):
@@ -120,10 +134,17 @@ def test_slices_too_small_to_judge_are_reported_not_judged():
     slices = ["A00-B99"] * 20 + ["U00-U85"] * 2
     champion = result("v1", [1] * 22, slices=slices)
     candidate = result("v2", [1] * 20 + [0] * 2, slices=slices)
-    decision = decide("adapter", [rule(metric="exact_match", max_slice_drop=0.15)], candidate, champion, min_slice_cases=10)
+    decision = decide(
+        "adapter", [rule(metric="exact_match", max_slice_drop=0.15)], candidate, champion, min_slice_cases=10
+    )
     assert decision.passed is True
     assert "1 slice(s) under 10 cases not judged" in decision.outcomes[0].detail
-    assert decide("adapter", [rule(metric="exact_match", max_slice_drop=0.15)], candidate, champion, min_slice_cases=2).passed is False
+    assert (
+        decide(
+            "adapter", [rule(metric="exact_match", max_slice_drop=0.15)], candidate, champion, min_slice_cases=2
+        ).passed
+        is False
+    )
 
 
 def test_without_a_champion_relative_rules_are_skipped_and_absolute_rules_decide():
@@ -207,28 +228,39 @@ def test_decision_round_trips_through_json():
 
 def test_a_stored_champion_result_can_still_be_paired():
     champion = EvaluationResult.from_dict(json.loads(json.dumps(result("v1", [1, 0, 0, 0]).to_dict())))
-    decision = decide("adapter", [rule(metric="exact_match", beat_champion_by=0.2)], result("v2", [1, 1, 0, 0]), champion)
+    decision = decide(
+        "adapter", [rule(metric="exact_match", beat_champion_by=0.2)], result("v2", [1, 1, 0, 0]), champion
+    )
     assert decision.passed is True and decision.shared_cases == 4
 
 
 @pytest.mark.parametrize("kind", ["at_least", "at_most", "beat_champion_by", "max_slice_drop"])
 def test_every_rule_kind_reports_its_kind(kind):
-    decision = decide("program", [rule(metric="exact_match", **{kind: 0.5})], result("v2", [1, 0]), result("v1", [1, 0]))
+    decision = decide(
+        "program", [rule(metric="exact_match", **{kind: 0.5})], result("v2", [1, 0]), result("v1", [1, 0])
+    )
     assert decision.outcomes[0].kind == kind and decision.outcomes[0].metric == "exact_match"
 
 
 def test_rules_scoped_to_a_slice_or_excluding_it() -> None:
     """A feedback candidate that aces the corrections but regresses elsewhere is refused by an exclude_slice rule."""
     from cadre.config.evaluation import GateRule
-    from cadre.evaluation import score_predictions
-    from cadre.gates import decide
+    from cadre.evaluation.gates import decide
+    from cadre.evaluation.results import score_predictions
 
     cases = [{"id": f"r{i}", "code": "A00.0", "slice": "regular"} for i in range(30)]
     cases += [{"id": f"f{i}", "code": "B00.0", "slice": "feedback"} for i in range(30)]
-    champion = score_predictions(cases, ["A00.0"] * 30 + ["X"] * 30, ["exact_match"], name="champion", output_field="code",
-                                 bootstrap_samples=200)
-    candidate = score_predictions(cases, ["A00.0"] * 20 + ["X"] * 10 + ["B00.0"] * 30, ["exact_match"], name="candidate",
-                                  output_field="code", bootstrap_samples=200)
+    champion = score_predictions(
+        cases, ["A00.0"] * 30 + ["X"] * 30, ["exact_match"], name="champion", output_field="code", bootstrap_samples=200
+    )
+    candidate = score_predictions(
+        cases,
+        ["A00.0"] * 20 + ["X"] * 10 + ["B00.0"] * 30,
+        ["exact_match"],
+        name="candidate",
+        output_field="code",
+        bootstrap_samples=200,
+    )
     overall = GateRule(metric="exact_match", beat_champion_by=-0.01)
     regular = GateRule(metric="exact_match", beat_champion_by=-0.01, exclude_slice="feedback")
     learned = GateRule(metric="exact_match", at_least=0.9, slice="feedback")
@@ -249,8 +281,12 @@ def test_without_a_champion_program_the_candidate_must_beat_the_declared_program
 
     declared, worse = result("unoptimized", [1, 1, 0, 1, 0, 1]), result("candidate", [0, 1, 0, 0, 0, 1])
     scores = TestScores(baseline=declared, candidate=worse, retrieval_only=None, baseline_is_champion=False, costs={})
-    decision = decide_program_gate.fn([rule(metric="exact_match", beat_champion_by=0.0)], scores, EvaluationSettings(suite="s"))
+    decision = decide_program_gate.fn(
+        [rule(metric="exact_match", beat_champion_by=0.0)], scores, EvaluationSettings(suite="s")
+    )
     assert not decision.passed
     better = result("candidate", [1, 1, 1, 1, 0, 1])
     scores = TestScores(baseline=declared, candidate=better, retrieval_only=None, baseline_is_champion=False, costs={})
-    assert decide_program_gate.fn([rule(metric="exact_match", beat_champion_by=0.0)], scores, EvaluationSettings(suite="s")).passed
+    assert decide_program_gate.fn(
+        [rule(metric="exact_match", beat_champion_by=0.0)], scores, EvaluationSettings(suite="s")
+    ).passed

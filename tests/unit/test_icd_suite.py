@@ -16,7 +16,7 @@ from cadre.demo.icd10 import (
     load_documents,
     normalize_phrase,
 )
-from cadre.evaluation import read_split
+from cadre.evaluation.results import read_split
 
 SUITE = Path(__file__).resolve().parents[2] / "evals" / "suites" / "icd10-coder"
 SPLITS = ("train", "dev", "test")

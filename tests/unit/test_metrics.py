@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from cadre import metrics
 from cadre.config.evaluation import ANSWER_METRICS
+from cadre.evaluation import metrics
 
 
 def test_exact_match_normalises_case_whitespace_and_icd_dots():
@@ -38,7 +38,10 @@ def test_token_f1_takes_the_best_of_several_references():
 
 
 def test_rouge_l_is_the_f_measure_of_the_longest_common_subsequence():
-    scores = metrics.rouge_l(["typhoid fever with heart involvement", "b a", "Ünïcode wörds"], ["typhoid heart involvement", "a b", "ünïcode WÖRDS"])
+    scores = metrics.rouge_l(
+        ["typhoid fever with heart involvement", "b a", "Ünïcode wörds"],
+        ["typhoid heart involvement", "a b", "ünïcode WÖRDS"],
+    )
     assert scores[0] == pytest.approx(0.75)  # LCS 3: precision 3/5, recall 3/3
     assert scores[1] == pytest.approx(0.5)
     assert scores[2] == 1.0

@@ -16,9 +16,8 @@ import dspy
 import pytest
 
 from cadre.config import EvaluationSettings, ProgramSettings, load_config
-from cadre.lm import EndpointClient, LlamaCppClient
-from cadre.optimize import compile_program, grounded_train_examples, plan_optimization
-from cadre.program import (
+from cadre.prompts.optimize import compile_program, grounded_train_examples, plan_optimization
+from cadre.prompts.program import (
     Budget,
     BudgetExhausted,
     CompletionAdapter,
@@ -32,7 +31,8 @@ from cadre.program import (
     save_program,
     use_disk_cache,
 )
-from cadre.prompt_format import PromptSpec, parse_completion, render_prompt
+from cadre.runtime.lm import EndpointClient, LlamaCppClient
+from cadre.runtime.prompt import PromptSpec, parse_completion, render_prompt
 
 ROOT = Path(__file__).resolve().parents[2]
 # DSPy 3.4 warns on every BaseLM.forward subclass (the interface goes in 3.5); CompletionLM is one on purpose.
@@ -42,10 +42,15 @@ ICD = ProgramSettings(
     instruction="Given a clinical phrase and candidate ICD-10-CM codes, answer with the single billable code.",
     inputs=[{"name": "phrase", "description": "a diagnosis as a clinician writes it"}],
     outputs=[{"name": "code", "description": "one ICD-10-CM code"}],
-    retrieve_k=3, max_tokens=8,
+    retrieve_k=3,
+    max_tokens=8,
 )
 NO_RETRIEVAL = ICD.model_copy(update={"retrieve_k": 0})
-CANDIDATES = ["A01.02 — Typhoid fever with heart involvement", "A01.03 — Typhoid pneumonia", "A01.09 — Typhoid fever with other complications"]
+CANDIDATES = [
+    "A01.02 — Typhoid fever with heart involvement",
+    "A01.03 — Typhoid pneumonia",
+    "A01.09 — Typhoid fever with other complications",
+]
 DEMO = {"context": CANDIDATES, "phrase": "typhoid endocarditis", "code": "A01.02"}
 TRAIN = [
     {"id": "t1", "phrase": "Cholera due to Vibrio cholerae 01, biovar cholerae", "code": "A00.0"},
@@ -105,7 +110,9 @@ def test_adapter_formats_exactly_the_shared_prompt_as_one_message() -> None:
     question = {"context": CANDIDATES, "phrase": "typhoid pneumonia"}
     messages = adapter.format(signature, [DEMO, dspy.Example(**DEMO, augmented=True)], question)
     assert len(messages) == 1 and messages[0]["role"] == "user"
-    assert messages[0]["content"] == render_prompt(PromptSpec.from_settings(ICD), question, [DEMO, DEMO], instruction="Answer with the code only.")
+    assert messages[0]["content"] == render_prompt(
+        PromptSpec.from_settings(ICD), question, [DEMO, DEMO], instruction="Answer with the code only."
+    )
     assert messages[0]["content"].endswith("Phrase: typhoid pneumonia\nCode:")
 
 
@@ -128,7 +135,9 @@ def test_predict_round_trip_through_dspy_sends_the_shared_prompt(client: LlamaCp
     with program_context(lm, ICD):
         prediction = predict(context=CANDIDATES, phrase="Typhoid pneumonia")
     sent = lm.history[-1]["prompt"]
-    assert sent == render_prompt(PromptSpec.from_settings(ICD), {"context": CANDIDATES, "phrase": "Typhoid pneumonia"}, [DEMO])
+    assert sent == render_prompt(
+        PromptSpec.from_settings(ICD), {"context": CANDIDATES, "phrase": "Typhoid pneumonia"}, [DEMO]
+    )
     completion = client.complete(sent, max_tokens=8, stop=["\n"])
     assert prediction.code == parse_completion(PromptSpec.from_settings(ICD), completion.text)["code"]
     assert lm.usage.calls == 1 and lm.usage.prompt_tokens > 50 and lm.usage.completion_tokens >= 1
@@ -154,7 +163,7 @@ def test_rerun_with_same_inputs_makes_no_lm_call(client: LlamaCppClient, cache_d
 
 
 def test_a_cached_evaluation_reports_the_models_latency(client: LlamaCppClient, cache_dir: Path) -> None:
-    from cadre.optimize import evaluate_program
+    from cadre.prompts.optimize import evaluate_program
 
     evaluation = EvaluationSettings(suite="evals/suites/icd10-coder", answer_metrics=["exact_match"])
     program = SpecialistProgram(NO_RETRIEVAL)
@@ -172,7 +181,9 @@ def test_budget_stops_before_the_call_that_would_exceed_it(client: LlamaCppClien
     devset = [dspy.Example(phrase=case["phrase"], code=case["code"]).with_inputs("phrase") for case in DEV]
     with program_context(lm, NO_RETRIEVAL), pytest.raises(BudgetExhausted, match="2 of 2 calls"):
         # DSPy's evaluator catches Exception per example; the budget stop must pass through it.
-        dspy.Evaluate(devset=devset, metric=lambda example, prediction, trace=None: 0.0, num_threads=1, display_progress=False)(program)
+        dspy.Evaluate(
+            devset=devset, metric=lambda example, prediction, trace=None: 0.0, num_threads=1, display_progress=False
+        )(program)
     assert lm.usage.calls == 2
     assert not issubclass(BudgetExhausted, Exception)
 
@@ -186,8 +197,11 @@ def test_unreachable_endpoint_stops_the_run(cache_dir: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # nothing listens here once the socket closes
-    lm = CompletionLM(EndpointClient(f"http://127.0.0.1:{port}/v1", "gemma3-270m", retries=0, timeout_s=2), model_id="endpoint:none",
-                      max_tokens=4)
+    lm = CompletionLM(
+        EndpointClient(f"http://127.0.0.1:{port}/v1", "gemma3-270m", retries=0, timeout_s=2),
+        model_id="endpoint:none",
+        max_tokens=4,
+    )
     with program_context(lm, NO_RETRIEVAL), pytest.raises(LMUnreachable, match="failed after 1 attempts"):
         SpecialistProgram(NO_RETRIEVAL)(phrase="Typhoid meningitis")
 
@@ -213,9 +227,21 @@ def test_program_saves_as_json_and_loads_back(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------- compile
 
 
-def test_compile_stops_at_the_budget_and_a_rerun_makes_no_lm_call(client: LlamaCppClient, cache_dir: Path, tmp_path: Path) -> None:
-    settings = NO_RETRIEVAL.model_copy(update={"optimizer": NO_RETRIEVAL.optimizer.model_copy(update={
-        "kind": "bootstrap_random_search", "max_bootstrapped_demos": 1, "max_labeled_demos": 1, "num_candidate_programs": 2})})
+def test_compile_stops_at_the_budget_and_a_rerun_makes_no_lm_call(
+    client: LlamaCppClient, cache_dir: Path, tmp_path: Path
+) -> None:
+    settings = NO_RETRIEVAL.model_copy(
+        update={
+            "optimizer": NO_RETRIEVAL.optimizer.model_copy(
+                update={
+                    "kind": "bootstrap_random_search",
+                    "max_bootstrapped_demos": 1,
+                    "max_labeled_demos": 1,
+                    "num_candidate_programs": 2,
+                }
+            )
+        }
+    )
     evaluation = EvaluationSettings(suite="evals/suites/icd10-coder", answer_metrics=["exact_match"])
 
     first = compile_program(settings, evaluation, None, lm_for(client, Budget(max_lm_calls=8)), TRAIN, DEV)
@@ -234,14 +260,20 @@ def test_compile_stops_at_the_budget_and_a_rerun_makes_no_lm_call(client: LlamaC
 
 def test_optimizer_learns_only_from_train_cases_their_passages_can_answer() -> None:
     """A labeled demo whose answer is not among its candidates teaches a small model to invent codes."""
-    from cadre.program import Passage
+    from cadre.prompts.program import Passage
 
-    shelf = {"Typhoid meningitis": ["A01.01", "A01.02"], "Paratyphoid fever A": ["A01.4", "A01.2"], "Salmonella enteritis": ["A02.0"]}
+    shelf = {
+        "Typhoid meningitis": ["A01.01", "A01.02"],
+        "Paratyphoid fever A": ["A01.4", "A01.2"],
+        "Salmonella enteritis": ["A02.0"],
+    }
 
     def retrieve(query: str, k: int) -> list[Passage]:
         return [Passage(code, f"title of {code}") for code in shelf.get(query, [])][:k]
 
-    cases = [{**case, "relevant_ids": [case["code"]]} for case in TRAIN[2:5]] + [{"id": "t9", "phrase": "Typhoid meningitis", "code": "A01.01"}]
+    cases = [{**case, "relevant_ids": [case["code"]]} for case in TRAIN[2:5]] + [
+        {"id": "t9", "phrase": "Typhoid meningitis", "code": "A01.01"}
+    ]
     kept, left_out = grounded_train_examples(cases, ICD, retrieve)
     assert [example.id for example in kept] == ["t3", "t5", "t9"] and left_out == 1  # t4's code A01.1 was not retrieved
     assert kept[0].context == ["A01.01 — title of A01.01", "A01.02 — title of A01.02"]
@@ -254,10 +286,18 @@ def test_plans_read_the_optimizer_settings_and_the_smoke_budget() -> None:
     specialist = load_config(ROOT / "pipelines.yaml").specialist("icd10-coder")
     optimizer, smoke = specialist.program.optimizer, specialist.smoke
     full = plan_optimization(specialist, "full")
-    assert (full.train_cases, full.dev_cases, full.test_cases) == (optimizer.train_cases, optimizer.dev_cases, specialist.evaluation.max_cases)
+    assert (full.train_cases, full.dev_cases, full.test_cases) == (
+        optimizer.train_cases,
+        optimizer.dev_cases,
+        specialist.evaluation.max_cases,
+    )
     assert (full.max_lm_calls, full.max_wall_seconds) == (optimizer.max_lm_calls, optimizer.max_wall_seconds)
     quick = plan_optimization(specialist, "smoke")
-    assert (quick.test_cases, quick.max_lm_calls, quick.max_wall_seconds) == (smoke.max_eval_cases, smoke.max_lm_calls, smoke.max_wall_seconds)
+    assert (quick.test_cases, quick.max_lm_calls, quick.max_wall_seconds) == (
+        smoke.max_eval_cases,
+        smoke.max_lm_calls,
+        smoke.max_wall_seconds,
+    )
     assert quick.train_cases <= 16 and quick.dev_cases <= 12
     assert quick.budget().max_lm_calls == smoke.max_lm_calls and quick.budget().started_at is None
     with pytest.raises(ValueError, match="unknown budget"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cadre.prompt_format import (
+from cadre.runtime.prompt import (
     FieldSpec,
     PromptSpec,
     parse_completion,
@@ -16,12 +16,17 @@ ICD = PromptSpec(
     outputs=(FieldSpec("code"),),
     context_field="candidates",
 )
-DEMO = {"candidates": ["A01.02 — Typhoid fever with heart involvement", "A01.03 — Typhoid pneumonia"],
-        "phrase": "typhoid endocarditis", "code": "A01.02"}
+DEMO = {
+    "candidates": ["A01.02 — Typhoid fever with heart involvement", "A01.03 — Typhoid pneumonia"],
+    "phrase": "typhoid endocarditis",
+    "code": "A01.02",
+}
 
 
 def test_prompt_ends_where_the_answer_starts() -> None:
-    prompt = render_prompt(ICD, {"candidates": ["K35.20 — Acute appendicitis"], "phrase": "appendicitis\nacute"}, [DEMO])
+    prompt = render_prompt(
+        ICD, {"candidates": ["K35.20 — Acute appendicitis"], "phrase": "appendicitis\nacute"}, [DEMO]
+    )
     assert prompt.startswith("Answer with the ICD-10-CM code.\n\n---\n\n")
     assert prompt.endswith("Candidates:\n[1] K35.20 — Acute appendicitis\nPhrase: appendicitis acute\nCode:")
     assert "Phrase: typhoid endocarditis\nCode: A01.02" in prompt

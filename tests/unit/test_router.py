@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cadre.router import (
+from cadre.serving.router import (
     DEFAULT_MARGIN,
     DEFAULT_THRESHOLD,
     OFF_TOPIC_TEXTS,
@@ -27,7 +27,7 @@ SUITE = Path(__file__).resolve().parents[2] / "evals" / "suites" / "routing"
 @pytest.fixture(scope="module")
 def embed():
     from cadre.config.project import EmbeddingSettings, ThreadSettings
-    from cadre.embedding import Embedder
+    from cadre.knowledge.embedding import Embedder
 
     return Embedder.load(EmbeddingSettings(), ThreadSettings(embedding=1)).embed
 
@@ -38,10 +38,18 @@ def suite():
 
 
 def _team() -> list[SimpleNamespace]:
-    return [SimpleNamespace(name="coder", description="Medical coding: maps a diagnosis to its ICD-10-CM code.",
-                            examples=["code for acute appendicitis"]),
-            SimpleNamespace(name="sql", description="Turns questions about the sales database into SQL queries.",
-                            examples=["top 10 customers by revenue"])]
+    return [
+        SimpleNamespace(
+            name="coder",
+            description="Medical coding: maps a diagnosis to its ICD-10-CM code.",
+            examples=["code for acute appendicitis"],
+        ),
+        SimpleNamespace(
+            name="sql",
+            description="Turns questions about the sales database into SQL queries.",
+            examples=["top 10 customers by revenue"],
+        ),
+    ]
 
 
 def test_scores_are_cosine_similarities_best_first(embed) -> None:
@@ -52,7 +60,9 @@ def test_scores_are_cosine_similarities_best_first(embed) -> None:
     texts = ["Medical coding: maps a diagnosis to its ICD-10-CM code.", "code for acute appendicitis"]
     request = embed(["ICD-10 code for community-acquired pneumonia"])[0]
     expected = max(float(np.dot(request, vector)) for vector in embed(texts))
-    assert scores.specialists["coder"] == pytest.approx(expected, abs=1e-5), "a specialist's score is its best text's similarity"
+    assert scores.specialists["coder"] == pytest.approx(expected, abs=1e-5), (
+        "a specialist's score is its best text's similarity"
+    )
     off_topic = max(float(np.dot(request, vector)) for vector in embed(list(OFF_TOPIC_TEXTS)))
     assert scores.off_topic == pytest.approx(off_topic, abs=1e-5)
     assert Router.from_specialists(_team(), embed, RouterSettings(off_topic=())).scores("x").off_topic is None
@@ -66,7 +76,9 @@ def test_threshold_and_margin_decide_and_a_fallback_catches_what_nothing_matches
 
     with pytest.raises(NoRoute) as refused:
         router.route("tell me a joke about penguins")
-    assert set(refused.value.scores) == {"coder", "sql"} and refused.value.off_topic > max(refused.value.scores.values())
+    assert set(refused.value.scores) == {"coder", "sql"} and refused.value.off_topic > max(
+        refused.value.scores.values()
+    )
     assert "off-topic" in str(refused.value)
 
     strict = Router.from_specialists(_team(), embed, RouterSettings(threshold=0.99, off_topic=()))
@@ -109,8 +121,9 @@ def test_defaults_are_the_ones_tuned_on_dev_and_test_accuracy_holds(embed, suite
     profiles, splits = suite
     router = Router(profiles, embed)
     dev = tune(router, splits["dev"])
-    assert (dev.threshold, dev.margin) == (pytest.approx(DEFAULT_THRESHOLD), pytest.approx(DEFAULT_MARGIN)), \
+    assert (dev.threshold, dev.margin) == (pytest.approx(DEFAULT_THRESHOLD), pytest.approx(DEFAULT_MARGIN)), (
         "the defaults are what the dev split chooses; update them with the suite"
+    )
     test = evaluate_routing(router, splits["test"])
     assert test.cases == len(splits["test"])
     # Measured: 0.855 (in-domain 0.826, out-of-domain 0.938); without the off-topic profile 0.806.

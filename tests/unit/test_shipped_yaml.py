@@ -9,7 +9,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from cadre.config import json_schema, load_config
-from cadre.router import load_routing_suite
+from cadre.serving.router import load_routing_suite
 
 ROOT = Path(__file__).resolve().parents[2]
 SKIP = {".venv", ".git", ".cadre", "node_modules", "build", "dist"}
@@ -34,7 +34,7 @@ def test_shipped_yaml_is_valid(path: Path) -> None:
     documents = [d for d in YAML(typ="safe").load_all(path.read_text()) if d is not None]
     assert documents, f"{path} is empty"
     assert all(isinstance(d, dict) for d in documents), f"{path} holds a document that is not a mapping"
-    if path.name == "team.yaml":  # a routing suite's team: loaded as `cadre.router` loads it, with its cases
+    if path.name == "team.yaml":  # a routing suite's team: loaded as `cadre.serving.router` loads it, with its cases
         profiles, splits = load_routing_suite(path.parent)
         assert len(profiles) >= 2 and all(p.texts for p in profiles) and splits["test"]
     elif path.name in ("docker-compose.yml", "compose.yaml"):  # every service runs something; references resolve
@@ -42,12 +42,20 @@ def test_shipped_yaml_is_valid(path: Path) -> None:
         services, volumes = compose["services"], set(compose.get("volumes") or {})
         for name, service in services.items():
             assert "image" in service or "build" in service, f"{path}: service {name} has neither image nor build"
-            assert set(service.get("depends_on") or {}) <= set(services), f"{path}: {name} depends on an undefined service"
-            named = {v.split(":")[0] for v in service.get("volumes", []) if isinstance(v, str) and not v.startswith((".", "/", "~"))}
+            assert set(service.get("depends_on") or {}) <= set(services), (
+                f"{path}: {name} depends on an undefined service"
+            )
+            named = {
+                v.split(":")[0]
+                for v in service.get("volumes", [])
+                if isinstance(v, str) and not v.startswith((".", "/", "~"))
+            }
             assert named <= volumes, f"{path}: {name} mounts undeclared volumes {named - volumes}"
     elif "k8s" in path.parts:  # Kubernetes manifests: every object says what it is and is named
         for document in documents:
-            assert {"apiVersion", "kind", "metadata"} <= set(document), f"{path}: {document.get('kind')} lacks apiVersion/kind/metadata"
+            assert {"apiVersion", "kind", "metadata"} <= set(document), (
+                f"{path}: {document.get('kind')} lacks apiVersion/kind/metadata"
+            )
             assert document["metadata"].get("name"), f"{path}: a {document['kind']} without a name"
     else:
         pytest.fail(f"{path}: a shipped YAML file nothing here knows how to check; add its check to this test")

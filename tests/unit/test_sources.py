@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cadre.config.knowledge import DatasetSource, FilesSource, PythonSource, SqlSource
-from cadre.sources import (
+from cadre.knowledge.sources import (
     RetryPolicy,
     SkipReport,
     SourceError,
@@ -30,8 +30,16 @@ MAX_BYTES = 2_000
 
 def load(source, root: Path, **options):
     skips = SkipReport()
-    documents = list(iter_source(source, root=root, max_document_bytes=options.pop("max_document_bytes", MAX_BYTES), skips=skips,
-                                 retry=options.pop("retry", FAST_RETRY), **options))
+    documents = list(
+        iter_source(
+            source,
+            root=root,
+            max_document_bytes=options.pop("max_document_bytes", MAX_BYTES),
+            skips=skips,
+            retry=options.pop("retry", FAST_RETRY),
+            **options,
+        )
+    )
     return documents, skips
 
 
@@ -65,7 +73,11 @@ def test_files_become_documents_with_relative_path_ids(docs_folder: Path):
     assert sorted(by_id) == ["docs:guides/coding.md", "docs:notes.txt", "docs:page.html"]
     notes = by_id["docs:notes.txt"]
     assert notes.text == "Typhoid fever is caused by Salmonella Typhi.\nIt spreads through food."
-    assert (notes.title, notes.record_id, notes.metadata) == ("notes", "notes.txt", {"path": "notes.txt", "format": "txt"})
+    assert (notes.title, notes.record_id, notes.metadata) == (
+        "notes",
+        "notes.txt",
+        {"path": "notes.txt", "format": "txt"},
+    )
     assert by_id["docs:guides/coding.md"].title == "Coding guide"
     page = by_id["docs:page.html"]
     assert page.title == "Appendicitis"
@@ -86,7 +98,9 @@ def test_files_missing_folder_is_a_source_error(tmp_path: Path):
 
 
 def test_html_to_text_drops_scripts_and_keeps_blocks():
-    title, text = html_to_text("<title>T</title><div>one</div><script>evil()</script><ul><li>two</li><li>three</li></ul>")
+    title, text = html_to_text(
+        "<title>T</title><div>one</div><script>evil()</script><ul><li>two</li><li>three</li></ul>"
+    )
     assert (title, text) == ("T", "one\ntwo\nthree")
 
 
@@ -96,26 +110,35 @@ def test_html_to_text_drops_scripts_and_keeps_blocks():
 def write_jsonl(path: Path, lines: list) -> None:
     with path.open("wb") as handle:
         for line in lines:
-            handle.write(line if isinstance(line, bytes) else (json.dumps(line) if not isinstance(line, str) else line).encode() + b"\n")
+            handle.write(
+                line
+                if isinstance(line, bytes)
+                else (json.dumps(line) if not isinstance(line, str) else line).encode() + b"\n"
+            )
             if isinstance(line, bytes):
                 handle.write(b"\n")
 
 
 def test_jsonl_records_and_bad_lines_counted_by_reason(tmp_path: Path):
-    write_jsonl(tmp_path / "kb.jsonl", [
-        {"id": "A01.0", "title": "Typhoid fever", "text": "Typhoid fever", "chapter": 1, "tags": ["infectious"]},
-        {"id": 7, "text": "Integer ids become strings", "chapter": 2},
-        "{not json",
-        [1, 2, 3],
-        {"title": "no id", "text": "x"},
-        {"id": "", "text": "blank id"},
-        {"id": "empty", "text": "   "},
-        {"id": "nul", "text": "a\u0000b"},
-        {"id": "big", "text": "y" * (MAX_BYTES + 1)},
-        b'{"id": "latin", "text": "caf\xe9"}',
-        "",
-    ])
-    source = DatasetSource(kind="dataset", name="kb", path="kb.jsonl", title_field="title", metadata_fields=["chapter", "tags"])
+    write_jsonl(
+        tmp_path / "kb.jsonl",
+        [
+            {"id": "A01.0", "title": "Typhoid fever", "text": "Typhoid fever", "chapter": 1, "tags": ["infectious"]},
+            {"id": 7, "text": "Integer ids become strings", "chapter": 2},
+            "{not json",
+            [1, 2, 3],
+            {"title": "no id", "text": "x"},
+            {"id": "", "text": "blank id"},
+            {"id": "empty", "text": "   "},
+            {"id": "nul", "text": "a\u0000b"},
+            {"id": "big", "text": "y" * (MAX_BYTES + 1)},
+            b'{"id": "latin", "text": "caf\xe9"}',
+            "",
+        ],
+    )
+    source = DatasetSource(
+        kind="dataset", name="kb", path="kb.jsonl", title_field="title", metadata_fields=["chapter", "tags"]
+    )
     documents, skips = load(source, tmp_path)
     assert [document.id for document in documents] == ["kb:A01.0", "kb:7"]
     assert documents[0].metadata == {"chapter": 1, "tags": ["infectious"]}
@@ -132,7 +155,9 @@ def test_csv_records_and_malformed_rows(tmp_path: Path):
         writer.writerow(["K35.2", "Appendicitis", "Acute appendicitis with generalized peritonitis"])  # a field short
         writer.writerow(["", "No id", "text", "11"])
         writer.writerow(["K37", "Appendicitis", "Unspecified appendicitis", "11", "extra"])
-    source = DatasetSource(kind="dataset", name="kb", path="kb.csv", text_fields=["body"], title_field="title", metadata_fields=["chapter"])
+    source = DatasetSource(
+        kind="dataset", name="kb", path="kb.csv", text_fields=["body"], title_field="title", metadata_fields=["chapter"]
+    )
     documents, skips = load(source, tmp_path)
     assert [(document.id, document.metadata) for document in documents] == [("kb:J18.9", {"chapter": "10"})]
     assert skips.counts == {"malformed": 2, "missing_id": 1}
@@ -155,7 +180,9 @@ def test_parquet_and_saved_dataset(tmp_path: Path):
     for path in ("kb.parquet", "saved"):
         documents, skips = load(DatasetSource(kind="dataset", name="kb", path=path, metadata_fields=["lang"]), tmp_path)
         assert [(document.id, document.text, document.metadata) for document in documents] == [
-            ("kb:a", "alpha text", {"lang": "en"}), ("kb:c", "gamma text", {"lang": "fr"})]
+            ("kb:a", "alpha text", {"lang": "en"}),
+            ("kb:c", "gamma text", {"lang": "fr"}),
+        ]
         assert skips.counts == {"empty": 1}
 
 
@@ -170,7 +197,9 @@ def test_dataset_limit_stops_early(tmp_path: Path):
 
 def make_database(path: Path, rows: list[tuple]) -> None:
     with sqlite3.connect(path) as connection:
-        connection.execute("CREATE TABLE IF NOT EXISTS codes (code TEXT PRIMARY KEY, title TEXT, description TEXT, chapter INTEGER)")
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS codes (code TEXT PRIMARY KEY, title TEXT, description TEXT, chapter INTEGER)"
+        )
         connection.executemany("INSERT INTO codes VALUES (?, ?, ?, ?)", rows)
 
 
@@ -178,8 +207,16 @@ SQL_ROWS = [(f"C{n:02d}", f"Title {n}", f"Description of condition {n}", n % 3) 
 
 
 def sql_source(**overrides) -> SqlSource:
-    options = {"kind": "sql", "name": "db", "url": "sqlite:///data/kb.db", "query": "SELECT * FROM codes ORDER BY code", "id_column": "code",
-               "text_columns": ["description"], "title_column": "title", "metadata_columns": ["chapter"]}
+    options = {
+        "kind": "sql",
+        "name": "db",
+        "url": "sqlite:///data/kb.db",
+        "query": "SELECT * FROM codes ORDER BY code",
+        "id_column": "code",
+        "text_columns": ["description"],
+        "title_column": "title",
+        "metadata_columns": ["chapter"],
+    }
     return SqlSource(**{**options, **overrides})
 
 
@@ -223,7 +260,9 @@ def test_unreachable_database_raises_after_retries(tmp_path: Path):
     assert not (tmp_path / "data" / "missing.db").exists()  # never created by connecting
     # Whether the driver is missing or the port refuses, the error is clear and hides the password.
     with pytest.raises(SourceError, match=r"user:\*\*\*@127.0.0.1:1/kb") as error:
-        load(sql_source(url="postgresql+psycopg2://user:secret@127.0.0.1:1/kb"), tmp_path, retry=RetryPolicy(attempts=1))
+        load(
+            sql_source(url="postgresql+psycopg2://user:secret@127.0.0.1:1/kb"), tmp_path, retry=RetryPolicy(attempts=1)
+        )
     assert "secret" not in str(error.value)
 
 
@@ -242,7 +281,8 @@ def test_bad_query_and_missing_column_are_source_errors(tmp_path: Path):
 @pytest.fixture
 def loader_module(tmp_path: Path) -> str:
     name = f"loader_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent('''
+    (tmp_path / f"{name}.py").write_text(
+        textwrap.dedent("""
         CALLS = []
 
         def load(prefix="doc", limit=None):
@@ -268,7 +308,8 @@ def loader_module(tmp_path: Path) -> str:
         def broken():
             yield {"id": "ok", "text": "fine"}
             raise RuntimeError("database went away")
-    '''))
+    """)
+    )
     return name
 
 
@@ -286,7 +327,9 @@ def test_python_source_receives_the_limit(tmp_path: Path, loader_module: str):
     documents, _ = load(PythonSource(kind="python", name="py", entrypoint=f"{loader_module}:load"), tmp_path, limit=1)
     assert [document.id for document in documents] == ["py:doc1"]
     assert importlib.import_module(loader_module).CALLS == [1]
-    documents, _ = load(PythonSource(kind="python", name="py", entrypoint=f"{loader_module}:no_limit"), tmp_path, limit=1)
+    documents, _ = load(
+        PythonSource(kind="python", name="py", entrypoint=f"{loader_module}:no_limit"), tmp_path, limit=1
+    )
     assert len(documents) == 1
 
 
@@ -294,7 +337,9 @@ def test_under_a_cap_a_python_source_yields_the_priority_ids_first(tmp_path: Pat
     source = PythonSource(kind="python", name="py", entrypoint=f"{loader_module}:prioritised")
     documents, _ = load(source, tmp_path, limit=3, priority_ids=["d7", "d9"])
     assert [document.id for document in documents] == ["py:d7", "py:d9", "py:d0"]
-    own = PythonSource(kind="python", name="py", entrypoint=f"{loader_module}:prioritised", options={"priority_ids": ["d5"]})
+    own = PythonSource(
+        kind="python", name="py", entrypoint=f"{loader_module}:prioritised", options={"priority_ids": ["d5"]}
+    )
     documents, _ = load(own, tmp_path, limit=3, priority_ids=["d7", "d9"])  # the source's own option wins
     assert [document.id for document in documents] == ["py:d5", "py:d0", "py:d1"]
     documents, _ = load(source, tmp_path, priority_ids=["d7"])  # no cap: every document, priorities ignored
@@ -303,12 +348,15 @@ def test_under_a_cap_a_python_source_yields_the_priority_ids_first(tmp_path: Pat
 
 def test_the_demo_suite_ids_lead_a_capped_icd10_index() -> None:
     from cadre.demo.icd10 import load_documents
-    from cadre.reindex import suite_relevant_ids
+    from cadre.knowledge.reindex import suite_relevant_ids
 
     needed = suite_relevant_ids(Path(__file__).resolve().parents[2] / "evals" / "suites" / "icd10-coder")
     assert len(needed) > 500  # distinct codes of the test and dev cases
     loaded = [d["id"] for d in load_documents(billable_only=True, limit=len(needed), priority_ids=needed)]
-    normal = lambda code: code.replace(".", "")
+
+    def normal(code):
+        return code.replace(".", "")
+
     assert {normal(c) for c in loaded} == {normal(c) for c in needed}
 
 
@@ -337,9 +385,18 @@ def test_content_hash_ignores_metadata_order_and_line_endings(tmp_path: Path):
 
 
 def test_duplicate_ids_across_records_are_skipped(tmp_path: Path):
-    write_jsonl(tmp_path / "kb.jsonl", [{"id": 1, "text": "first"}, {"id": 1, "text": "second"}, {"id": 2, "text": "third"}])
+    write_jsonl(
+        tmp_path / "kb.jsonl", [{"id": 1, "text": "first"}, {"id": 1, "text": "second"}, {"id": 2, "text": "third"}]
+    )
     skips = SkipReport()
-    documents = list(load_documents([DatasetSource(kind="dataset", name="kb", path="kb.jsonl")], root=tmp_path, max_document_bytes=MAX_BYTES, skips=skips))
+    documents = list(
+        load_documents(
+            [DatasetSource(kind="dataset", name="kb", path="kb.jsonl")],
+            root=tmp_path,
+            max_document_bytes=MAX_BYTES,
+            skips=skips,
+        )
+    )
     assert [(document.id, document.text) for document in documents] == [("kb:1", "first"), ("kb:2", "third")]
     assert skips.counts == {"duplicate_id": 1}
 

@@ -11,8 +11,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from cadre.prompt_format import FieldSpec, PromptSpec, render_completion, render_prompt
-from cadre.training_data import (
+from cadre.runtime.prompt import FieldSpec, PromptSpec, render_completion, render_prompt
+from cadre.tuning.training_data import (
     Record,
     build_training_data,
     examples_needed,
@@ -22,7 +22,9 @@ from cadre.training_data import (
 )
 
 SPEC = PromptSpec("Answer with the ICD-10-CM code.", (FieldSpec("phrase"),), (FieldSpec("code"),))
-WITH_CONTEXT = PromptSpec("Answer with the code.", (FieldSpec("context"), FieldSpec("phrase")), (FieldSpec("code"),), "context")
+WITH_CONTEXT = PromptSpec(
+    "Answer with the code.", (FieldSpec("context"), FieldSpec("phrase")), (FieldSpec("code"),), "context"
+)
 
 
 def words(texts):
@@ -55,25 +57,39 @@ def test_retrieved_context_is_rendered_as_the_program_sees_it() -> None:
 
     data = build([{"phrase": "typhoid endocarditis", "code": "A01.02"}], spec=WITH_CONTEXT, retrieve=retrieve)
     assert asked == ["typhoid endocarditis"]
-    assert "Context:\n[1] A01.01 — candidate 1\n[2] A01.02 — candidate 2\nPhrase: typhoid endocarditis\nCode:" in data.train[0].prompt
+    assert (
+        "Context:\n[1] A01.01 — candidate 1\n[2] A01.02 — candidate 2\nPhrase: typhoid endocarditis\nCode:"
+        in data.train[0].prompt
+    )
     demo = {"context": ["B00.0 — herpes"], "phrase": "eczema herpeticum", "code": "B00.0"}
-    shown = build([{"phrase": "typhoid endocarditis", "code": "A01.02"}], spec=WITH_CONTEXT, retrieve=retrieve, demos=[demo],
-                  instruction="Pick the code.")
-    assert shown.train[0].prompt == render_prompt(WITH_CONTEXT, {"context": retrieve({"phrase": "x"}), "phrase": "typhoid endocarditis"},
-                                                  [demo], instruction="Pick the code.")
+    shown = build(
+        [{"phrase": "typhoid endocarditis", "code": "A01.02"}],
+        spec=WITH_CONTEXT,
+        retrieve=retrieve,
+        demos=[demo],
+        instruction="Pick the code.",
+    )
+    assert shown.train[0].prompt == render_prompt(
+        WITH_CONTEXT,
+        {"context": retrieve({"phrase": "x"}), "phrase": "typhoid endocarditis"},
+        [demo],
+        instruction="Pick the code.",
+    )
     with pytest.raises(ValueError, match="retriever"):
         build([{"phrase": "x", "code": "y"}], spec=WITH_CONTEXT)
 
 
 def test_bad_records_are_skipped_and_counted_by_reason() -> None:
-    data = build([
-        {"phrase": "ok one", "code": "A00.0"},
-        {"phrase": "", "code": "A00.1"},
-        {"code": "A00.2"},
-        {"phrase": "no code"},
-        {"phrase": ["a list"], "code": "A00.3"},
-        {"phrase": "ok two", "code": "A00.4"},
-    ])
+    data = build(
+        [
+            {"phrase": "ok one", "code": "A00.0"},
+            {"phrase": "", "code": "A00.1"},
+            {"code": "A00.2"},
+            {"phrase": "no code"},
+            {"phrase": ["a list"], "code": "A00.3"},
+            {"phrase": "ok two", "code": "A00.4"},
+        ]
+    )
     assert data.counts["invalid"] == 4
     assert data.counts["train"] == 2
     assert min(s.reason for s in data.skipped).startswith("missing or empty input field 'phrase'")
@@ -100,7 +116,11 @@ def test_auto_max_length_follows_the_longest_example_up_to_the_ceiling() -> None
     from cadre.config.tuning import AUTO_MAX_LENGTH
 
     medium, huge = " ".join(["word"] * 300), " ".join(["word"] * (AUTO_MAX_LENGTH + 10))
-    rows = [{"phrase": "short", "code": "A00.0"}, {"phrase": medium, "code": "A00.1"}, {"phrase": huge, "code": "A00.2"}]
+    rows = [
+        {"phrase": "short", "code": "A00.0"},
+        {"phrase": medium, "code": "A00.1"},
+        {"phrase": huge, "code": "A00.2"},
+    ]
     data = build(rows, max_length="auto")
     assert sorted(e.completion for e in data.train) == [" A00.0\n", " A00.1\n"] and data.counts["too_long"] == 1
     assert data.max_length == max(words([e.prompt + e.completion for e in data.train])) > 300
@@ -148,13 +168,20 @@ def test_cap_renders_only_what_the_budget_can_consume_and_is_stable() -> None:
 
 def test_reads_jsonl_and_parquet_and_skips_broken_lines(tmp_path) -> None:
     jsonl = tmp_path / "extra.jsonl"
-    jsonl.write_text('{"phrase": "a", "code": "A00.0"}\nnot json\n\n[1, 2]\n{"phrase": "b", "code": "A00.1"}\n', encoding="utf-8")
+    jsonl.write_text(
+        '{"phrase": "a", "code": "A00.0"}\nnot json\n\n[1, 2]\n{"phrase": "b", "code": "A00.1"}\n', encoding="utf-8"
+    )
     parquet = tmp_path / "extra.parquet"
     pq.write_table(pa.table({"phrase": ["c", "d"], "code": ["A00.2", "A00.3"]}), parquet)
     found, skipped = read_records([jsonl, parquet])
     assert [r.values["phrase"] for r in found] == ["a", "b", "c", "d"]
-    assert [(s.line, s.reason.split(":")[0]) for s in skipped] == [(2, "invalid JSON"), (4, "expected a JSON object, got list")]
-    data = build_training_data(found, SPEC, count_tokens=words, max_length=64, heldout_fraction=0.0, seed=0, skipped=skipped)
+    assert [(s.line, s.reason.split(":")[0]) for s in skipped] == [
+        (2, "invalid JSON"),
+        (4, "expected a JSON object, got list"),
+    ]
+    data = build_training_data(
+        found, SPEC, count_tokens=words, max_length=64, heldout_fraction=0.0, seed=0, skipped=skipped
+    )
     assert data.counts["records"] == 6 and data.counts["invalid"] == 2 and data.counts["train"] == 4
     (tmp_path / "data.csv").write_text("phrase,code\n")
     with pytest.raises(ValueError, match="JSONL"):
@@ -173,8 +200,12 @@ def test_only_the_suites_train_split_is_read(tmp_path) -> None:
 def test_token_counter_counts_like_the_trainer(tmp_path) -> None:
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(["Phrase : asthma Code : J45"], trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    tokenizer.train_from_iterator(
+        ["Phrase : asthma Code : J45"], trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"])
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     count = token_counter(fast)
     assert count(["Phrase : asthma"]) == [len(fast("Phrase : asthma")["input_ids"]) + 1]
 

@@ -1,12 +1,12 @@
 """`evaluate` module for Cadre's exact_match metric, loaded by path (hub loading fails offline).
 
-    metric = evaluate.load("evals/metrics/exact_match")   # or cadre.metrics.load_evaluate_metric("exact_match")
+    metric = evaluate.load("evals/metrics/exact_match")   # or cadre.evaluation.metrics.load_evaluate_metric("exact_match")
     metric.compute(predictions=[...], references=[...])  # -> {"exact_match": mean score}
 
-The scores come from `cadre.metrics.exact_match`, so this module and Cadre's evaluation runner agree.
+The scores come from `cadre.evaluation.metrics.exact_match`, so this module and Cadre's evaluation runner agree.
 """
 
-import cadre.metric_modules as shared
+import cadre.evaluation.metric_modules as shared
 
 
 class ExactMatch(shared.AnswerMetric):

@@ -1,12 +1,12 @@
 """`evaluate` module for Cadre's icd_hierarchy metric, loaded by path (hub loading fails offline).
 
-    metric = evaluate.load("evals/metrics/icd_hierarchy")   # or cadre.metrics.load_evaluate_metric("icd_hierarchy")
+    metric = evaluate.load("evals/metrics/icd_hierarchy")   # or cadre.evaluation.metrics.load_evaluate_metric("icd_hierarchy")
     metric.compute(predictions=[...], references=[...])  # -> {"icd_hierarchy": mean score}
 
-The scores come from `cadre.metrics.icd_hierarchy`, so this module and Cadre's evaluation runner agree.
+The scores come from `cadre.evaluation.metrics.icd_hierarchy`, so this module and Cadre's evaluation runner agree.
 """
 
-import cadre.metric_modules as shared
+import cadre.evaluation.metric_modules as shared
 
 
 class IcdHierarchy(shared.AnswerMetric):

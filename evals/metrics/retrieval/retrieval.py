@@ -1,14 +1,14 @@
 """`evaluate` module for Cadre's retrieval metrics, loaded by path (hub loading fails offline).
 
-    metric = evaluate.load("evals/metrics/retrieval")   # or cadre.metrics.load_evaluate_metric("retrieval")
+    metric = evaluate.load("evals/metrics/retrieval")   # or cadre.evaluation.metrics.load_evaluate_metric("retrieval")
     metric.compute(predictions=[["A01.02", "A01.03"]], references=[["A01.02"]], k=10)
     # -> {"recall@10": …, "hit@10": …, "mrr": …, "ndcg@10": …}
 
-The scores come from `cadre.metrics` (binary relevance), so this module and Cadre's evaluation
+The scores come from `cadre.evaluation.metrics` (binary relevance), so this module and Cadre's evaluation
 runner agree.
 """
 
-import cadre.metric_modules as shared
+import cadre.evaluation.metric_modules as shared
 
 
 class Retrieval(shared.RetrievalMetrics):

@@ -1,12 +1,12 @@
 """`evaluate` module for Cadre's token_f1 metric, loaded by path (hub loading fails offline).
 
-    metric = evaluate.load("evals/metrics/token_f1")   # or cadre.metrics.load_evaluate_metric("token_f1")
+    metric = evaluate.load("evals/metrics/token_f1")   # or cadre.evaluation.metrics.load_evaluate_metric("token_f1")
     metric.compute(predictions=[...], references=[...])  # -> {"token_f1": mean score}
 
-The scores come from `cadre.metrics.token_f1`, so this module and Cadre's evaluation runner agree.
+The scores come from `cadre.evaluation.metrics.token_f1`, so this module and Cadre's evaluation runner agree.
 """
 
-import cadre.metric_modules as shared
+import cadre.evaluation.metric_modules as shared
 
 
 class TokenF1(shared.AnswerMetric):

@@ -1,0 +1,1 @@
+"""Evaluation: suites, running cases, statistics, metrics and gates."""

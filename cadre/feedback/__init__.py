@@ -1,0 +1,1 @@
+"""Feedback: the store of served responses and user corrections, and what is learnt from them."""

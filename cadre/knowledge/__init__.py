@@ -1,0 +1,1 @@
+"""Knowledge: sources → chunks → embeddings → versioned vector index (re-index, backends)."""

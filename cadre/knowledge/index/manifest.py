@@ -1,0 +1,258 @@
+"""Where a specialist's index state lives, and the manifest written beside each index version.
+
+    <state_dir>/index/
+        live.json                         which version is live, per specialist (`cadre.knowledge.index.live`)
+        <specialist>/
+            lancedb/<version>.lance       the versions themselves (LanceDB backend)
+            manifests/<version>.json      written once the version is complete
+            builds/<version>.json         marker of a version under construction (removed when complete)
+            reindex.lock                  held by the one re-index run of this specialist
+
+A manifest maps every document of a version to its content hash and its chunk ids, with the
+identity of the index (embedding model, chunking) and a fingerprint of the corpus. It is written
+*after* every chunk of the version is stored, so a version with a manifest is complete; the manifest
+of a complete version is exactly what its table holds, and a later run reads it instead of scanning
+the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cadre.knowledge.index.live import LivePointers, read_json, write_json_atomic
+
+MANIFEST_FORMAT = 1
+
+
+def utc_now() -> str:
+    """Current time, ISO 8601, UTC, seconds."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def corpus_fingerprint(documents: Iterable[tuple[str, str]]) -> str:
+    """sha256 over sorted `(doc_id, content_hash)` pairs: equal exactly when the corpora are equal."""
+    digest = hashlib.sha256()
+    for doc_id, content_hash in sorted(documents):
+        digest.update(f"{doc_id}\x1f{content_hash}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class IndexKey:
+    """What makes vectors comparable across versions: the same model and the same chunking.
+
+    A run whose key differs from the live version's builds its new version from empty.
+
+    Attributes:
+        embedding_model: Model reference from `pipelines.yaml`.
+        embedding_fingerprint: Hash of the model's files (`cadre.knowledge.embedding.model_fingerprint`).
+        dimension: Vector length.
+        max_tokens: Chunk size.
+        overlap_tokens: Chunk overlap.
+    """
+
+    embedding_model: str
+    embedding_fingerprint: str
+    dimension: int
+    max_tokens: int
+    overlap_tokens: int
+
+    @property
+    def digest(self) -> str:
+        """Short hash of the whole key."""
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "embedding_model": self.embedding_model,
+            "embedding_fingerprint": self.embedding_fingerprint,
+            "dimension": self.dimension,
+            "max_tokens": self.max_tokens,
+            "overlap_tokens": self.overlap_tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, content: dict[str, Any]) -> IndexKey:
+        return cls(
+            **{
+                name: content[name]
+                for name in ("embedding_model", "embedding_fingerprint", "dimension", "max_tokens", "overlap_tokens")
+            }
+        )
+
+
+@dataclass
+class Manifest:
+    """The content of one complete index version.
+
+    Attributes:
+        specialist: Whose index.
+        version: Version name.
+        base_version: The version it was built from (None: built from empty).
+        index_key: Model and chunking identity.
+        documents: doc_id → (content hash, chunk ids in order).
+        created_at: When the build started.
+        completed_at: When the manifest was written.
+        corpus_fingerprint: `corpus_fingerprint` of the documents.
+        stats: Free-form numbers of the run that built it.
+    """
+
+    specialist: str
+    version: str
+    base_version: str | None
+    index_key: IndexKey
+    documents: dict[str, tuple[str, list[str]]]
+    created_at: str
+    completed_at: str = ""
+    corpus_fingerprint: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chunk_count(self) -> int:
+        return sum(len(chunk_ids) for _, chunk_ids in self.documents.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "specialist": self.specialist,
+            "version": self.version,
+            "base_version": self.base_version,
+            "index_key": {**self.index_key.as_dict(), "digest": self.index_key.digest},
+            "created_at": self.created_at,
+            "completed_at": self.completed_at,
+            "corpus_fingerprint": self.corpus_fingerprint,
+            "counts": {"documents": len(self.documents), "chunks": self.chunk_count},
+            "stats": self.stats,
+            "documents": {
+                doc_id: [content_hash, chunk_ids]
+                for doc_id, (content_hash, chunk_ids) in sorted(self.documents.items())
+            },
+        }
+
+    @classmethod
+    def from_json(cls, content: dict[str, Any]) -> Manifest:
+        if content.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"unknown manifest format {content.get('format')!r}")
+        return cls(
+            specialist=content["specialist"],
+            version=content["version"],
+            base_version=content.get("base_version"),
+            index_key=IndexKey.from_dict(content["index_key"]),
+            documents={doc_id: (entry[0], list(entry[1])) for doc_id, entry in content["documents"].items()},
+            created_at=content.get("created_at", ""),
+            completed_at=content.get("completed_at", ""),
+            corpus_fingerprint=content.get("corpus_fingerprint", ""),
+            stats=content.get("stats", {}),
+        )
+
+
+@dataclass(frozen=True)
+class BuildMarker:
+    """A version under construction.
+
+    Attributes:
+        version: Its name.
+        base_version: The live version it started from (None: from empty).
+        index_key_digest: `IndexKey.digest` of the run that started it.
+        phase: `creating` until the version exists in the backend, then `building`.
+        started_at: When the build started.
+    """
+
+    version: str
+    base_version: str | None
+    index_key_digest: str
+    phase: str
+    started_at: str
+
+
+class IndexLayout:
+    """Paths and small state files of one specialist's index under the state dir.
+
+    Args:
+        state_dir: The project's state dir.
+        specialist: Specialist name.
+    """
+
+    def __init__(self, state_dir: Path, specialist: str):
+        self.state_dir = Path(state_dir)
+        self.specialist = specialist
+        self.index_dir = self.state_dir / "index"
+        self.root = self.index_dir / specialist
+        self.lancedb_dir = self.root / "lancedb"
+        self.manifests_dir = self.root / "manifests"
+        self.builds_dir = self.root / "builds"
+        self.pointers = LivePointers(self.index_dir)
+
+    def manifest_path(self, version: str) -> Path:
+        return self.manifests_dir / f"{version}.json"
+
+    def read_manifest(self, version: str) -> Manifest | None:
+        content = read_json(self.manifest_path(version))
+        return Manifest.from_json(content) if content else None
+
+    def write_manifest(self, manifest: Manifest) -> Path:
+        path = self.manifest_path(manifest.version)
+        write_json_atomic(path, manifest.to_json())
+        return path
+
+    def complete_versions(self) -> list[str]:
+        """Versions with a manifest, sorted by name (names start with their UTC creation time)."""
+        return sorted(path.stem for path in self.manifests_dir.glob("*.json")) if self.manifests_dir.is_dir() else []
+
+    def is_complete(self, version: str) -> bool:
+        return self.manifest_path(version).is_file()
+
+    def builds(self) -> list[BuildMarker]:
+        """Markers of versions under construction, oldest first."""
+        if not self.builds_dir.is_dir():
+            return []
+        markers = []
+        for path in sorted(self.builds_dir.glob("*.json")):
+            content = read_json(path)
+            if content:
+                markers.append(BuildMarker(**content))
+        return markers
+
+    def write_build(self, marker: BuildMarker) -> None:
+        write_json_atomic(self.builds_dir / f"{marker.version}.json", marker.__dict__)
+
+    def remove_build(self, version: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.builds_dir / f"{version}.json")
+
+    def remove_manifest(self, version: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.manifest_path(version))
+
+    @contextlib.contextmanager
+    def run_lock(self) -> Iterator[None]:
+        """Exclusive lock of this specialist's index for one re-index run (released if the process dies).
+
+        Raises:
+            IndexBusy: Another run holds it.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "reindex.lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise IndexBusy(
+                    f"another re-index of {self.specialist!r} is running (lock {self.root / 'reindex.lock'})"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class IndexBusy(RuntimeError):
+    """Another re-index run of the same specialist holds the lock."""

@@ -1,0 +1,840 @@
+"""The incremental re-index engine: load sources, embed only what changed, build a new index version
+beside the live one, and search the live one.
+
+How a run works (`plan_and_apply`):
+
+1. Take the specialist's run lock (one run at a time; the OS releases it if the process dies).
+2. Decide where the run starts. If an unfinished build of a previous run exists, was started from
+   the version that is still live and with the same model and chunking, the run *resumes* it and reads
+   what that version actually holds from the index itself (`chunk_states`). Otherwise the run starts
+   from the live version's manifest (or from empty when there is no live version or the model or
+   chunking changed), and the new version will be a copy of the live one.
+3. Stream the documents. A document whose chunks are all stored with its current content hash is
+   left alone: it is neither re-chunked nor re-embedded. Every other document is chunked; its chunks
+   that are not stored with the current hash are embedded and upserted in batches, into the new
+   version only (created on the first write, so a run that changes nothing creates nothing).
+4. Delete every stored chunk that no current document produced (deleted documents, old chunks of
+   changed documents).
+5. Build or refresh the indexes, check the row count, write the manifest, remove the build marker.
+
+Why a run killed at any point converges when run again: chunk ids are a pure function of the
+document (`hash(doc_id, chunk_index, content)`), each upsert and delete is one atomic commit keyed
+by id, and every row carries the content hash and chunk count of its document. Whatever subset of
+commits landed before the kill, the resumed run reads the rows that are really there, keeps exactly
+the chunks that match the current documents, writes the missing or stale ones and deletes the rest;
+nothing depends on the manifest of an unfinished version (it is written last). The live version is
+never written, so serving is untouched at every instant, and a version becomes live only through
+`promote_version`.
+
+Test hook: with `CADRE_TEST_PAUSE_AFTER_WRITE_S` set, the run logs `reindex checkpoint: <what>` after
+every committed write (`upsert N`, `delete N`, `indexes`) and sleeps that long there, or only at the
+checkpoint named by `CADRE_TEST_PAUSE_AT`, so a test can kill it with SIGKILL at a known point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from cadre.config.knowledge import ChunkingSettings, Source
+from cadre.config.project import IndexBackendSettings
+from cadre.knowledge.chunking import Chunk, Chunker, load_tokenizer
+from cadre.knowledge.embedding import Embedder
+from cadre.knowledge.index import (
+    IndexBackend,
+    IndexVersion,
+    SearchHit,
+    SearchMode,
+    VersionNotFound,
+    open_backend,
+)
+from cadre.knowledge.index.live import Promotion
+from cadre.knowledge.index.manifest import (
+    BuildMarker,
+    IndexKey,
+    IndexLayout,
+    Manifest,
+    corpus_fingerprint,
+    utc_now,
+)
+from cadre.knowledge.sources import (
+    DEFAULT_RETRY,
+    Document,
+    RetryPolicy,
+    SkipReport,
+    load_documents,
+)
+
+if TYPE_CHECKING:
+    from cadre.config import CadreConfig
+
+logger = logging.getLogger(__name__)
+
+PAUSE_ENV = "CADRE_TEST_PAUSE_AFTER_WRITE_S"
+PAUSE_AT_ENV = "CADRE_TEST_PAUSE_AT"
+CHUNKING_BATCH_DOCUMENTS = 256
+
+
+class ReindexError(RuntimeError):
+    """The index does not hold what the run wrote (a bug, or someone else wrote the version)."""
+
+
+@dataclass(frozen=True)
+class ReindexResult:
+    """What a re-index run did.
+
+    Attributes:
+        specialist: Whose index.
+        version: The version holding the result: the new version, or the live one when nothing changed.
+        created_version: Whether the run produced a new version (a challenger to evaluate and promote).
+        base_version: The live version the run compared against (None: none was live).
+        resumed: Whether the run continued an interrupted build.
+        rebuilt_from_empty: Whether the new version started empty (no compatible live version:
+            first run, or the embedding model or chunking changed).
+        documents_total: Documents in the sources now (after skips and the cap).
+        documents_added: New since the live version.
+        documents_updated: Changed content hash since the live version.
+        documents_deleted: In the live version, gone from the sources.
+        documents_unchanged: Same content hash as in the live version.
+        chunks_total: Chunks in the resulting version.
+        chunks_embedded: Chunks embedded by this run.
+        chunks_deleted: Chunks deleted from the new version (it starts as a copy of the live one).
+        skipped: Skipped records per reason.
+        skip_examples: A few skipped records per reason.
+        durations_s: Seconds per phase: load (read, normalise, hash), plan, chunk, embed, write,
+            delete, indexes, manifest, total.
+        corpus_fingerprint: sha256 over the sorted (doc_id, content hash) pairs of the corpus.
+        index_key: Digest of the embedding model and chunking settings.
+        manifest_path: The manifest of `version`.
+    """
+
+    specialist: str
+    version: str | None
+    created_version: bool
+    base_version: str | None
+    resumed: bool
+    rebuilt_from_empty: bool
+    documents_total: int
+    documents_added: int
+    documents_updated: int
+    documents_deleted: int
+    documents_unchanged: int
+    chunks_total: int
+    chunks_embedded: int
+    chunks_deleted: int
+    skipped: dict[str, int]
+    skip_examples: dict[str, list[str]]
+    durations_s: dict[str, float]
+    corpus_fingerprint: str
+    index_key: str
+    manifest_path: str | None
+
+    @property
+    def changed(self) -> bool:
+        """Whether the corpus differs from the live version's."""
+        return bool(self.documents_added or self.documents_updated or self.documents_deleted) or self.rebuilt_from_empty
+
+    @property
+    def embed_chunks_per_second(self) -> float:
+        """Embedding throughput of this run (0 when nothing was embedded)."""
+        seconds = self.durations_s.get("embed", 0.0)
+        return self.chunks_embedded / seconds if seconds > 0 else 0.0
+
+    @property
+    def documents_per_second(self) -> float:
+        """Documents processed per second of the whole run."""
+        seconds = self.durations_s.get("total", 0.0)
+        return self.documents_total / seconds if seconds > 0 else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numeric metrics (for MLflow)."""
+        numbers: dict[str, float] = {
+            "documents_total": self.documents_total,
+            "documents_added": self.documents_added,
+            "documents_updated": self.documents_updated,
+            "documents_deleted": self.documents_deleted,
+            "documents_unchanged": self.documents_unchanged,
+            "documents_skipped": sum(self.skipped.values()),
+            "chunks_total": self.chunks_total,
+            "chunks_embedded": self.chunks_embedded,
+            "chunks_deleted": self.chunks_deleted,
+            "embed_chunks_per_second": self.embed_chunks_per_second,
+            "documents_per_second": self.documents_per_second,
+        }
+        numbers.update({f"skipped_{reason}": count for reason, count in self.skipped.items()})
+        numbers.update({f"seconds_{phase}": seconds for phase, seconds in self.durations_s.items()})
+        return numbers
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything, JSON-ready."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What `prune_versions` kept and dropped.
+
+    Attributes:
+        kept: Versions kept (the live one first).
+        dropped: Versions deleted from the index with their manifests.
+    """
+
+    kept: list[str]
+    dropped: list[str]
+
+
+# --- what a version holds -----------------------------------------------------------------------
+
+
+@dataclass
+class _StoredDocument:
+    chunk_hashes: dict[str, str]  # chunk id -> content hash of the document version it was cut from
+    chunk_count: int
+
+    def is_current(self, content_hash: str) -> bool:
+        return len(self.chunk_hashes) == self.chunk_count and all(
+            stored == content_hash for stored in self.chunk_hashes.values()
+        )
+
+
+@dataclass
+class _StoredState:
+    documents: dict[str, _StoredDocument] = field(default_factory=dict)
+    duplicate_ids: set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> _StoredState:
+        documents = {
+            doc_id: _StoredDocument({chunk: content_hash for chunk in chunk_ids}, len(chunk_ids))
+            for doc_id, (content_hash, chunk_ids) in manifest.documents.items()
+        }
+        return cls(documents)
+
+    @classmethod
+    def from_version(cls, version: IndexVersion) -> _StoredState:
+        state = cls()
+        seen: set[str] = set()
+        for row in version.chunk_states():
+            if row.id in seen:
+                state.duplicate_ids.add(row.id)
+            seen.add(row.id)
+            stored = state.documents.setdefault(row.doc_id, _StoredDocument({}, 0))
+            stored.chunk_hashes[row.id] = row.doc_hash
+            stored.chunk_count = max(stored.chunk_count, row.chunk_count)
+        if state.duplicate_ids:
+            # The caller deletes every row of a duplicated id first; its document is then simply incomplete.
+            for stored in state.documents.values():
+                for chunk_id in state.duplicate_ids & stored.chunk_hashes.keys():
+                    del stored.chunk_hashes[chunk_id]
+        return state
+
+    def all_ids(self) -> Iterator[str]:
+        for stored in self.documents.values():
+            yield from stored.chunk_hashes
+
+
+class _PhaseTimer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+    def timed(self, name: str, items: Iterator[Any]) -> Iterator[Any]:
+        """Yield from `items`, counting the time spent producing them as phase `name`."""
+        while True:
+            with self.phase(name):
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+            yield item
+
+
+def _checkpoint(what: str) -> None:
+    pause = os.environ.get(PAUSE_ENV)
+    if not pause:
+        return
+    logger.info("reindex checkpoint: %s", what)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    only_at = os.environ.get(PAUSE_AT_ENV)
+    if not only_at or only_at == what:
+        time.sleep(float(pause))
+
+
+def new_version_name() -> str:
+    """A fresh version name, `vYYYYMMDD_HHMMSS_mmm_<hex>` in UTC: names sort by creation time."""
+    now = time.time()
+    return time.strftime("v%Y%m%d_%H%M%S", time.gmtime(now)) + f"_{int(now * 1000) % 1000:03d}_{secrets.token_hex(3)}"
+
+
+def _index_key(embedder: Embedder, chunking: ChunkingSettings) -> IndexKey:
+    return IndexKey(
+        embedding_model=embedder.model_ref,
+        embedding_fingerprint=embedder.fingerprint,
+        dimension=embedder.dimension,
+        max_tokens=chunking.max_tokens,
+        overlap_tokens=chunking.overlap_tokens,
+    )
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+class _Run:
+    """State of one `plan_and_apply` call and its steps (numbered as in the module docstring)."""
+
+    def __init__(
+        self,
+        specialist: str,
+        layout: IndexLayout,
+        backend: IndexBackend,
+        embedder: Embedder,
+        chunking: ChunkingSettings,
+        write_batch_size: int,
+    ):
+        self.specialist = specialist
+        self.layout = layout
+        self.backend = backend
+        self.embedder = embedder
+        self.chunking = chunking
+        self.write_batch_size = write_batch_size
+        self.timer = _PhaseTimer()
+        self.key = _index_key(embedder, chunking)
+        self.chunker: Chunker | None = None
+        self.target: IndexVersion | None = None
+        self.target_started_at = ""
+        self.copy_from: str | None = None
+        self.pending: list[Chunk] = []
+        self.document_chunks: dict[str, tuple[str, list[str]]] = {}
+        self.chunks_embedded = 0
+        self.chunks_deleted = 0
+        self.batches_written = 0
+        self.progress: Any = None
+
+    # 2. where the run starts
+    def choose_start(self) -> tuple[str | None, Manifest | None, _StoredState, bool]:
+        live = self.layout.pointers.get(self.specialist)
+        live_manifest = self.layout.read_manifest(live) if live else None
+        if live and live_manifest is None:
+            logger.warning(
+                "live version %s of %s has no manifest; the new version starts from empty", live, self.specialist
+            )
+        compatible = live_manifest is not None and live_manifest.index_key == self.key
+        if live_manifest is not None and not compatible:
+            logger.info("embedding model or chunking changed since %s: building %s from empty", live, self.specialist)
+        self.copy_from = live if compatible else None
+        resumed = False
+        for marker in self.layout.builds():
+            if self.layout.is_complete(marker.version):
+                self.layout.remove_build(marker.version)
+                continue
+            resumable = (
+                not resumed
+                and marker.phase == "building"
+                and marker.base_version == self.copy_from
+                and marker.index_key_digest == self.key.digest
+            )
+            if resumable:
+                try:
+                    self.target = self.backend.open_version(marker.version)
+                    self.target_started_at = marker.started_at
+                    resumed = True
+                    logger.info("resuming the interrupted build %s of %s", marker.version, self.specialist)
+                    continue
+                except VersionNotFound:
+                    pass
+            logger.info("dropping the abandoned build %s of %s", marker.version, self.specialist)
+            self.backend.drop_version(marker.version)
+            self.layout.remove_build(marker.version)
+        if resumed:
+            state = _StoredState.from_version(self.target)
+            if state.duplicate_ids:
+                logger.warning(
+                    "%d chunk ids of %s are stored twice; rewriting them", len(state.duplicate_ids), self.specialist
+                )
+                self.target.delete(state.duplicate_ids)
+        elif compatible:
+            state = _StoredState.from_manifest(live_manifest)
+        else:
+            state = _StoredState()
+        return live, live_manifest, state, resumed
+
+    def ensure_target(self) -> IndexVersion:
+        if self.target is None:
+            name = new_version_name()
+            self.target_started_at = utc_now()
+            marker = BuildMarker(name, self.copy_from, self.key.digest, "creating", self.target_started_at)
+            self.layout.write_build(marker)
+            with self.timer.phase("copy"):
+                self.target = self.backend.create_version(name, from_version=self.copy_from)
+            self.layout.write_build(
+                BuildMarker(name, self.copy_from, self.key.digest, "building", self.target_started_at)
+            )
+            logger.info(
+                "building index version %s of %s%s",
+                name,
+                self.specialist,
+                f" from {self.copy_from}" if self.copy_from else " from empty",
+            )
+        return self.target
+
+    # 3. changed documents: chunk, embed, upsert
+    def chunk_documents(self, documents: list[Document], state: _StoredState) -> None:
+        if not documents:
+            return
+        if self.chunker is None:
+            self.chunker = Chunker(load_tokenizer(self.embedder.model_dir), self.chunking)
+        with self.timer.phase("chunk"):
+            chunked = self.chunker.chunk_many(documents)
+        for document, chunks in zip(documents, chunked):
+            self.document_chunks[document.id] = (document.content_hash, [chunk.id for chunk in chunks])
+            stored = state.documents.get(document.id)
+            for chunk in chunks:
+                # A chunk already stored with this content hash was written by an interrupted run.
+                if stored is None or stored.chunk_hashes.get(chunk.id) != document.content_hash:
+                    self.pending.append(chunk)
+            if len(self.pending) >= self.write_batch_size:
+                self.write_pending()
+
+    def write_pending(self, final: bool = False) -> None:
+        """Embed and upsert full batches of pending chunks; with `final`, the last partial one too."""
+        while len(self.pending) >= self.write_batch_size or (final and self.pending):
+            batch, self.pending = self.pending[: self.write_batch_size], self.pending[self.write_batch_size :]
+            target = self.ensure_target()
+            with self.timer.phase("embed"):
+                vectors = self.embedder.embed([chunk.content for chunk in batch], progress=self.progress)
+            with self.timer.phase("write"):
+                target.upsert(batch, vectors)
+            self.chunks_embedded += len(batch)
+            self.batches_written += 1
+            _checkpoint(f"upsert {self.batches_written}")
+
+    # 4. chunks no current document produced
+    def delete_stale(self, state: _StoredState) -> None:
+        wanted = {chunk_id for _, chunk_ids in self.document_chunks.values() for chunk_id in chunk_ids}
+        stale = {chunk_id for chunk_id in state.all_ids() if chunk_id not in wanted}
+        if not stale:
+            return
+        target = self.ensure_target()
+        with self.timer.phase("delete"):
+            ordered = sorted(stale)
+            for start in range(0, len(ordered), 5000):
+                target.delete(ordered[start : start + 5000])
+                _checkpoint(f"delete {start // 5000 + 1}")
+        self.chunks_deleted = len(stale)
+
+
+def plan_and_apply(
+    specialist: str,
+    sources: Sequence[Source],
+    chunking: ChunkingSettings,
+    *,
+    root: Path,
+    state_dir: Path,
+    embedder: Embedder,
+    backend: IndexBackend | None = None,
+    max_documents: int | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    write_batch_size: int = 1024,
+    show_progress: bool = False,
+    priority_ids: Sequence[str] = (),
+) -> ReindexResult:
+    """Bring a specialist's index up to date with its sources, as a new version beside the live one.
+
+    Only new and changed documents are chunked and embedded; chunks of deleted and changed documents
+    are deleted; nothing else is touched. The live version is only read. When nothing changed no
+    version is created and the result names the live version. The new version is not promoted:
+    evaluate it, then call `promote_version`.
+
+    Args:
+        specialist: Specialist name.
+        sources: Its knowledge sources.
+        chunking: Its chunking settings (`max_document_bytes` also applies to loading).
+        root: Project folder (relative source paths are read from it).
+        state_dir: The project's state dir (manifests, build markers, live pointer, LanceDB tables).
+        embedder: The embedding model.
+        backend: Index backend (default: LanceDB under `state_dir`).
+        max_documents: Cap on documents per source (the smoke budget); documents past it are not
+            loaded and a python source receives it as `limit=`.
+        retry: Retries for reaching sources.
+        write_batch_size: Chunks embedded and written per commit.
+        show_progress: Show a progress bar of chunks embedded.
+        priority_ids: Under `max_documents`, ids that python sources accepting `priority_ids=` load first.
+
+    Returns:
+        What the run did.
+
+    Raises:
+        SourceError: A source cannot be read; the run stops, nothing is promoted, and the next run
+            resumes the partial version.
+        IndexBusy: Another run of this specialist is in progress.
+    """
+    if write_batch_size < 1:
+        raise ValueError("write_batch_size must be at least 1")
+    layout = IndexLayout(state_dir, specialist)
+    if backend is None:
+        backend = open_backend(IndexBackendSettings(), state_dir, specialist, dimension=embedder.dimension)
+    if chunking.max_tokens + 2 > embedder.max_seq_length:
+        logger.warning(
+            "chunks of %d tokens exceed what %s embeds (%d with special tokens); their ends are truncated",
+            chunking.max_tokens,
+            embedder.model_ref,
+            embedder.max_seq_length,
+        )
+    with layout.run_lock():
+        run = _Run(specialist, layout, backend, embedder, chunking, write_batch_size)
+        started = time.perf_counter()
+        with run.timer.phase("plan"):
+            live, live_manifest, state, resumed = run.choose_start()
+        live_hashes = (
+            {doc_id: content_hash for doc_id, (content_hash, _) in live_manifest.documents.items()}
+            if live_manifest
+            else {}
+        )
+        skips = SkipReport()
+        added = updated = unchanged = 0
+        waiting: list[Document] = []
+        documents = load_documents(
+            sources,
+            root=root,
+            max_document_bytes=chunking.max_document_bytes,
+            skips=skips,
+            limit_per_source=max_documents,
+            retry=retry,
+            priority_ids=priority_ids,
+        )
+        from tqdm.auto import tqdm
+
+        with tqdm(desc=f"embedding {specialist}", unit="chunk", disable=not show_progress, leave=False) as run.progress:
+            for document in run.timer.timed("load", documents):
+                with run.timer.phase("plan"):
+                    previous = live_hashes.get(document.id)
+                    if previous is None:
+                        added += 1
+                    elif previous != document.content_hash:
+                        updated += 1
+                    else:
+                        unchanged += 1
+                    stored = state.documents.get(document.id)
+                    current = stored is not None and stored.is_current(document.content_hash)
+                    if current:
+                        run.document_chunks[document.id] = (document.content_hash, list(stored.chunk_hashes))
+                    else:
+                        waiting.append(document)
+                if len(waiting) >= CHUNKING_BATCH_DOCUMENTS:
+                    run.chunk_documents(waiting, state)
+                    waiting = []
+                    # The source is streamed, so the chunk total is unknown; the documents read so far tell how far it got.
+                    run.progress.set_postfix(documents=added + updated + unchanged, unchanged=unchanged, refresh=False)
+            run.chunk_documents(waiting, state)
+            run.write_pending(final=True)
+        deleted = sum(1 for doc_id in live_hashes if doc_id not in run.document_chunks)
+        run.delete_stale(state)
+        fingerprint = corpus_fingerprint(
+            (doc_id, content_hash) for doc_id, (content_hash, _) in run.document_chunks.items()
+        )
+        chunks_total = sum(len(chunk_ids) for _, chunk_ids in run.document_chunks.values())
+        common: dict[str, Any] = {
+            "specialist": specialist,
+            "base_version": live,
+            "resumed": resumed,
+            "rebuilt_from_empty": live is None or run.copy_from is None,
+            "documents_total": len(run.document_chunks),
+            "documents_added": added,
+            "documents_updated": updated,
+            "documents_deleted": deleted,
+            "documents_unchanged": unchanged,
+            "chunks_total": chunks_total,
+            "chunks_embedded": run.chunks_embedded,
+            "chunks_deleted": run.chunks_deleted,
+            "skipped": dict(skips.counts),
+            "skip_examples": {reason: list(examples) for reason, examples in skips.examples.items()},
+            "corpus_fingerprint": fingerprint,
+            "index_key": run.key.digest,
+        }
+        if run.target is None and run.copy_from is not None:
+            run.timer.seconds["total"] = time.perf_counter() - started
+            logger.info("%s: no change since %s (%d documents)", specialist, live, len(run.document_chunks))
+            return ReindexResult(
+                version=live,
+                created_version=False,
+                durations_s=_rounded(run.timer.seconds),
+                manifest_path=str(layout.manifest_path(live)),
+                **common,
+            )
+        target = run.ensure_target()
+        with run.timer.phase("indexes"):
+            target.ensure_indexes()
+        _checkpoint("indexes")
+        stored_rows = target.count()
+        if stored_rows != chunks_total:
+            raise ReindexError(
+                f"index version {target.name} of {specialist} holds {stored_rows} chunks, expected {chunks_total}"
+            )
+        with run.timer.phase("manifest"):
+            run.timer.seconds["total"] = time.perf_counter() - started
+            manifest = Manifest(
+                specialist=specialist,
+                version=target.name,
+                base_version=run.copy_from,
+                index_key=run.key,
+                documents=run.document_chunks,
+                created_at=run.target_started_at,
+                completed_at=utc_now(),
+                corpus_fingerprint=fingerprint,
+                stats={
+                    "documents_added": added,
+                    "documents_updated": updated,
+                    "documents_deleted": deleted,
+                    "chunks_embedded": run.chunks_embedded,
+                    "chunks_deleted": run.chunks_deleted,
+                    "skipped": dict(skips.counts),
+                },
+            )
+            manifest_path = layout.write_manifest(manifest)
+            layout.remove_build(target.name)
+        run.timer.seconds["total"] = time.perf_counter() - started
+        logger.info(
+            "%s: version %s complete: +%d ~%d -%d documents, %d chunks embedded, %d deleted",
+            specialist,
+            target.name,
+            added,
+            updated,
+            deleted,
+            run.chunks_embedded,
+            run.chunks_deleted,
+        )
+        return ReindexResult(
+            version=target.name,
+            created_version=True,
+            durations_s=_rounded(run.timer.seconds),
+            manifest_path=str(manifest_path),
+            **common,
+        )
+
+
+def _rounded(seconds: Mapping[str, float]) -> dict[str, float]:
+    return {phase: round(value, 4) for phase, value in seconds.items()}
+
+
+# --- versions -----------------------------------------------------------------------------------
+
+
+def live_version(state_dir: Path, specialist: str) -> str | None:
+    """The live (champion) index version of a specialist, or None before its first promotion."""
+    return IndexLayout(state_dir, specialist).pointers.get(specialist)
+
+
+def promote_version(state_dir: Path, specialist: str, version: str) -> Promotion:
+    """Make a complete index version live (also how to roll back: promote the previous one).
+
+    Args:
+        state_dir: The project's state dir.
+        specialist: Specialist name.
+        version: A version with a manifest.
+
+    Returns:
+        The promotion, with the version it replaced.
+
+    Raises:
+        ValueError: The version is unknown or unfinished.
+    """
+    layout = IndexLayout(state_dir, specialist)
+    if not layout.is_complete(version):
+        raise ValueError(
+            f"index version {version!r} of {specialist!r} is not complete (no manifest in {layout.manifests_dir})"
+        )
+    promotion = layout.pointers.set(specialist, version)
+    logger.info("%s: index version %s is live (was %s)", specialist, version, promotion.previous)
+    return promotion
+
+
+def prune_versions(state_dir: Path, specialist: str, retention: int, *, backend: IndexBackend) -> PruneResult:
+    """Delete old index versions: keep the live one, the `retention` newest complete others, and the
+    previous live version (the rollback target) even when it is older.
+
+    Unfinished builds are dropped unless they can still be resumed (started from the live version).
+    Takes the run lock, so it never races a re-index.
+
+    Args:
+        state_dir: The project's state dir.
+        specialist: Specialist name.
+        retention: Complete versions kept besides the live one (`index.retention`).
+        backend: The specialist's index backend.
+
+    Returns:
+        Kept and dropped versions.
+    """
+    if retention < 0:
+        raise ValueError("retention must be >= 0")
+    layout = IndexLayout(state_dir, specialist)
+    with layout.run_lock():
+        live = layout.pointers.get(specialist)
+        history = layout.pointers.history(specialist)
+        complete = layout.complete_versions()
+        others = [version for version in complete if version != live]
+        keep = set(others[-retention:]) if retention else set()
+        rollback = next((version for version in history if version in complete and version != live), None)
+        if rollback:
+            keep.add(rollback)
+        if live:
+            keep.add(live)
+        resumable = {
+            marker.version
+            for marker in layout.builds()
+            if marker.base_version == live and not layout.is_complete(marker.version)
+        }
+        dropped = []
+        for version in sorted(set(backend.list_versions()) | set(complete)):
+            if version in keep or version in resumable:
+                continue
+            backend.drop_version(version)
+            layout.remove_manifest(version)
+            layout.remove_build(version)
+            dropped.append(version)
+        for marker in layout.builds():
+            if marker.version not in resumable:
+                layout.remove_build(marker.version)
+        kept = ([live] if live else []) + sorted(keep - {live})
+        return PruneResult(kept=kept, dropped=dropped)
+
+
+# --- retrieval ----------------------------------------------------------------------------------
+
+
+class Retriever:
+    """Searches a specialist's index: the live version by default, or a named one (a challenger).
+
+    The live pointer is read on every call, so a promotion takes effect without a restart; opened
+    versions are cached (a complete version never changes).
+
+    Args:
+        specialist: Specialist name.
+        state_dir: The project's state dir.
+        backend: The specialist's index backend.
+        embedder: The embedding model the index was built with.
+        default_mode: Search mode when a call names none.
+    """
+
+    def __init__(
+        self,
+        specialist: str,
+        state_dir: Path,
+        backend: IndexBackend,
+        embedder: Embedder,
+        default_mode: SearchMode = "hybrid",
+    ):
+        self.specialist = specialist
+        self.layout = IndexLayout(state_dir, specialist)
+        self.backend = backend
+        self.embedder = embedder
+        self.default_mode = default_mode
+        self._versions: dict[str, IndexVersion] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: CadreConfig, specialist: str) -> Retriever:
+        """A retriever for one specialist of a validated `pipelines.yaml`."""
+        settings = config.specialist(specialist)
+        embedder = Embedder.load(config.project.embedding, config.project.threads, root=config.root)
+        backend = open_backend(config.project.index, config.state_dir, specialist, dimension=embedder.dimension)
+        return cls(specialist, config.state_dir, backend, embedder, settings.index.search_mode)
+
+    def _version(self, name: str) -> IndexVersion:
+        with self._lock:
+            if name not in self._versions:
+                self._versions[name] = self.backend.open_version(name)
+            return self._versions[name]
+
+    def search(
+        self,
+        query: str,
+        k: int = 5,
+        filters: Mapping[str, Any] | None = None,
+        mode: SearchMode | None = None,
+        version: str | None = None,
+    ) -> list[SearchHit]:
+        """Ranked chunks for a query, best first.
+
+        Args:
+            query: The user's text.
+            k: How many hits.
+            filters: Metadata equality filters (`{"key": value or [values]}`; `source`, `doc_id`,
+                `record_id` filter those fields).
+            mode: `vector` or `hybrid` (default: the specialist's `index.search_mode`).
+            version: Search this version instead of the live one (e.g. a challenger under evaluation).
+
+        Raises:
+            VersionNotFound: No version is live yet and none was named.
+        """
+        name = version or self.layout.pointers.get(self.specialist)
+        if name is None:
+            raise VersionNotFound(f"no index version of {self.specialist!r} is live yet; run a re-index and promote it")
+        handle = self._version(name)
+        vector = self.embedder.embed_query(query)
+        return handle.search(vector, query, k, filters=filters, mode=mode or self.default_mode)
+
+
+def reindex_specialist(
+    config: CadreConfig,
+    specialist: str,
+    *,
+    budget: Literal["full", "smoke"] = "full",
+    show_progress: bool = True,
+    retry: RetryPolicy = DEFAULT_RETRY,
+) -> ReindexResult:
+    """`plan_and_apply` for one specialist of a validated `pipelines.yaml`.
+
+    Args:
+        config: The validated configuration.
+        specialist: Specialist name.
+        budget: `smoke` caps documents per source at `smoke.max_documents`; `full` at
+            `index.max_documents` (null = no cap).
+        show_progress: Show a progress bar.
+        retry: Retries for reaching sources.
+    """
+    settings = config.specialist(specialist)
+    embedder = Embedder.load(config.project.embedding, config.project.threads, root=config.root)
+    backend = open_backend(config.project.index, config.state_dir, specialist, dimension=embedder.dimension)
+    cap = settings.smoke.max_documents if budget == "smoke" else settings.index.max_documents
+    return plan_and_apply(
+        specialist,
+        settings.sources,
+        settings.chunking,
+        root=config.root,
+        state_dir=config.state_dir,
+        embedder=embedder,
+        backend=backend,
+        max_documents=cap,
+        retry=retry,
+        show_progress=show_progress,
+        priority_ids=suite_relevant_ids(config.resolve(settings.evaluation.suite)) if cap else (),
+    )
+
+
+def suite_relevant_ids(suite_dir: Path, splits: Sequence[str] = ("test", "dev")) -> list[str]:
+    """The document ids the suite's cases need (test first), so a capped index can still answer them."""
+    from cadre.evaluation.results import load_cases
+
+    ids: dict[str, None] = {}
+    for split in splits:
+        if (Path(suite_dir) / f"{split}.jsonl").exists():
+            for case in load_cases(suite_dir, split):
+                ids.update(dict.fromkeys(case.get("relevant_ids", [])))
+    return list(ids)

@@ -1,0 +1,502 @@
+"""Prefect deployments of the team: one per specialist × flow, on the project's process work pool.
+
+`deploy_all` is idempotent. A deployment is named `<flow>/<specialist>`; its schedule carries the
+stable slug `<specialist>-<flow>` and keeps the `active` flag a user set in the UI (redeploying never
+re-activates a paused schedule). Deployments of removed specialists or schedules are deleted. Every
+deployment allows one run at a time (`concurrency_limit=1`). `run_now` triggers a deployment and
+follows the run to its end, printing its state and the MLflow run it logged to.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from cadre.config import CadreConfig
+from cadre.evaluation.results import mlflow_metric_name
+from cadre.platform.env import apply_env
+from cadre.platform.stack import worker_name
+from cadre.registry.runs import find_run, run_verdict, skipped_summary
+from flows import FLOWS, flow_object
+
+TAG_MANAGED = "cadre"
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """What one deployment should look like."""
+
+    flow_kind: str
+    specialist: str
+    cron: str | None
+    timezone: str
+    active: bool
+
+    @property
+    def slug(self) -> str:
+        return f"{self.specialist}-{self.flow_kind}"
+
+
+def desired_deployments(config: CadreConfig) -> list[DeploymentSpec]:
+    """Every specialist × flow kind that exists in code: scheduled ones with their cron, `check` unscheduled."""
+    specs = []
+    for specialist in config.specialists:
+        for kind in FLOWS:
+            schedule = getattr(specialist.schedules, kind, None)
+            specs.append(
+                DeploymentSpec(
+                    flow_kind=kind,
+                    specialist=specialist.name,
+                    cron=schedule.cron if schedule else None,
+                    timezone=schedule.timezone if schedule else "UTC",
+                    active=schedule.active if schedule else False,
+                )
+            )
+    return specs
+
+
+def _ensure_work_pool(client, name: str) -> None:
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    try:
+        client.read_work_pool(name)
+    except ObjectNotFound:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+        except ObjectAlreadyExists:
+            pass
+
+
+def deploy_all(config: CadreConfig, console: Console | None = None) -> list[str]:
+    """Create or update every deployment of the team; delete the ones no longer declared. Returns their names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
+    from prefect.deployments.runner import EntrypointType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.schedules import Schedule
+
+    console = console or Console(stderr=True)
+    apply_env(config)
+    project_tag = f"project:{config.project.name}"
+    names = []
+    with get_client(sync_client=True) as client:
+        _ensure_work_pool(client, config.project.prefect.work_pool)
+        for spec in desired_deployments(config):
+            flow = flow_object(spec.flow_kind)
+            full_name = f"{flow.name}/{spec.specialist}"
+            schedules = []
+            if spec.cron:
+                active = spec.active
+                try:
+                    existing = client.read_deployment_by_name(full_name)
+                    for schedule in existing.schedules:
+                        if schedule.slug == spec.slug:
+                            active = schedule.active  # the UI's pause wins over the file
+                except ObjectNotFound:
+                    pass
+                schedules = [Schedule(cron=spec.cron, timezone=spec.timezone, active=active, slug=spec.slug)]
+            deployment = flow.to_deployment(
+                name=spec.specialist,
+                schedules=schedules,
+                concurrency_limit=1,
+                parameters={"specialist": spec.specialist, "config_path": str(config.file)},
+                tags=[TAG_MANAGED, project_tag, f"specialist:{spec.specialist}", f"flow:{spec.flow_kind}"],
+                description=f"{spec.flow_kind} for specialist {spec.specialist} (managed by `cadre deploy` from {config.file.name})",
+                work_pool_name=config.project.prefect.work_pool,
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+            deployment.apply()
+            names.append(full_name)
+            when = (
+                f"cron '{spec.cron}' {spec.timezone}" + ("" if schedules and schedules[0].active else " (paused)")
+                if spec.cron
+                else "on demand"
+            )
+            console.print(f"[green]✓[/green] {full_name}: {when}")
+        wanted = set(names)
+        managed = client.read_deployments(
+            deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[TAG_MANAGED, project_tag]))
+        )
+        for deployment in managed:
+            flow_name = client.read_flow(deployment.flow_id).name
+            if f"{flow_name}/{deployment.name}" not in wanted:
+                client.delete_deployment(deployment.id)
+                console.print(
+                    f"[yellow]−[/yellow] removed {flow_name}/{deployment.name} (no longer in {config.file.name})"
+                )
+    console.print(
+        f"{len(names)} deployment(s) on work pool '{config.project.prefect.work_pool}'. "
+        f"Prefect UI: {config.project.prefect.ui}/deployments"
+    )
+    return names
+
+
+def _online_workers(client, pool: str) -> int:
+    from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+
+    return len(
+        client.read_workers_for_work_pool(pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"])))
+    )
+
+
+LOST_CONTACT_S = 20.0
+"""`cadre run` stops following a run after the Prefect server has not answered for this long."""
+
+
+ORPHAN_PENDING_AFTER_S = 120.0
+"""A run Pending this long without a live process was submitted by a worker that is gone."""
+
+
+def crash_orphaned_runs(config: CadreConfig, console: Console | None = None) -> list[str]:
+    """Mark Crashed the flow runs of the project's work pool whose process is gone; return their names.
+
+    A run whose process died with the stack (`cadre down` mid-run, a reboot, `kill -9`) stays Running in
+    Prefect for ever and keeps its deployment's only concurrency slot, so the next run of that flow would
+    wait for ever (AwaitingConcurrencySlot). `cadre up` calls this: leaving Running releases the slot, and
+    the flows resume or redo what did not finish when they are run again. Only runs submitted by the
+    worker `cadre up` starts are judged, and one whose process is alive is left alone, so calling it while
+    flows run is safe.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    console = console or Console(stderr=True)
+    apply_env(config)
+    unfinished = FlowRunFilter(
+        state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING])
+        )
+    )
+    pool = WorkPoolFilter(name=WorkPoolFilterName(any_=[config.project.prefect.work_pool]))
+    crashed, ours = [], worker_name(config)
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(flow_run_filter=unfinished, work_pool_filter=pool):
+            if (run.labels or {}).get("prefect.worker.name") != ours:
+                continue  # submitted by another worker (`cadre worker`, another machine): its process is not ours to judge
+            if _engine_alive(run.infrastructure_pid):
+                continue
+            since = run.state.timestamp if run.state else None
+            if (
+                run.state_type == StateType.PENDING
+                and since is not None
+                and time.time() - since.timestamp() < ORPHAN_PENDING_AFTER_S
+            ):
+                continue  # a worker may be starting it right now
+            was = run.state.name if run.state else "?"
+            client.set_flow_run_state(
+                run.id,
+                Crashed(
+                    message=f"its process is gone (it was {was} when the stack stopped); "
+                    "run it again: it resumes or redoes what did not finish"
+                ),
+                force=True,
+            )
+            crashed.append(run.name)
+            console.print(
+                f"[yellow]![/yellow] flow run {run.name} ({was}) had lost its process: marked Crashed, its slot released"
+            )
+        stale = _end_stale_tracking_runs(config, client)  # those just crashed included
+    if stale:
+        console.print(
+            f"[yellow]![/yellow] {stale} MLflow run(s) of flow runs that ended without closing them (crashed, cancelled) "
+            "marked KILLED"
+        )
+    return crashed
+
+
+def _end_stale_tracking_runs(config: CadreConfig, client) -> int:
+    """End as KILLED the MLflow runs still RUNNING whose Prefect flow run has ended: a flow killed by a signal (the
+    worker marks it Crashed) or cancelled never reaches its own `close` step. Returns how many were ended."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from prefect.exceptions import ObjectNotFound
+
+    from cadre.registry.runs import TAG_FLOW_RUN
+
+    try:
+        mlflow = MlflowClient(config.project.mlflow.uri)
+        experiments = [e.experiment_id for e in mlflow.search_experiments()]
+        running = (
+            mlflow.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=500)
+            if experiments
+            else []
+        )
+    except (MlflowException, OSError):
+        return 0
+    ended = 0
+    for run in running:
+        flow_run_id = run.data.tags.get(TAG_FLOW_RUN)
+        if not flow_run_id:
+            continue
+        try:
+            state = client.read_flow_run(flow_run_id).state
+        except ObjectNotFound:
+            state = None
+        if state is None or state.is_final():
+            ended += _end_as_killed(config.project.mlflow.uri, run)
+    return ended
+
+
+def _end_as_killed(tracking_uri: str, run) -> bool:
+    """End a flow run's MLflow run as KILLED if it is still RUNNING (its flow never reached its close step)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if run.info.status != "RUNNING":
+        return False
+    try:
+        MlflowClient(tracking_uri).set_terminated(run.info.run_id, "KILLED")
+    except (MlflowException, OSError):
+        return False  # MLflow unreachable: the run stays as it was; nothing else depends on it
+    return True
+
+
+def _engine_alive(infrastructure_pid: str | None) -> bool:
+    """Whether the process a process worker recorded for a flow run (`pid`, or `host:pid`) is a live flow engine."""
+    if not infrastructure_pid:
+        return False
+    host, _, pid = infrastructure_pid.rpartition(":")
+    if host and host not in (os.uname().nodename, "localhost"):
+        return True  # another machine's run: not ours to judge
+    try:
+        command = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return b"prefect" in command
+
+
+def print_schedules(config: CadreConfig, console: Console) -> None:
+    """Print each deployment of the team: its schedule (paused or not), its next run and how its last run ended."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterTags,
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+    from rich.table import Table
+
+    apply_env(config)
+    table = Table(title=f"Schedules and runs in {config.project.prefect.ui}/deployments", title_justify="left")
+    for column in ("deployment", "schedule", "next run", "last run", "ended"):
+        table.add_column(column)
+    colours = {"Completed": "green", "Failed": "red", "Crashed": "red", "Cancelled": "yellow", "Running": "cyan"}
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments(
+            deployment_filter=DeploymentFilter(
+                tags=DeploymentFilterTags(all_=[TAG_MANAGED, f"project:{config.project.name}"])
+            )
+        )
+        flow_names = {d.flow_id: client.read_flow(d.flow_id).name for d in deployments}
+        for deployment in sorted(deployments, key=lambda d: (d.name, flow_names[d.flow_id])):
+            mine = FlowRunFilterDeploymentId(any_=[deployment.id])
+            upcoming = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    deployment_id=mine,
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+                ),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+                limit=1,
+            )
+            last = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    deployment_id=mine,
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED])),
+                ),
+                sort=FlowRunSort.START_TIME_DESC,
+                limit=1,
+            )
+            schedule = "on demand"
+            if deployment.schedules:
+                first = deployment.schedules[0]
+                cron = getattr(first.schedule, "cron", None) or str(first.schedule)
+                schedule = f"{cron} {getattr(first.schedule, 'timezone', '') or ''}".strip() + (
+                    "" if first.active else " [yellow](paused)[/yellow]"
+                )
+            next_run = _moment(upcoming[0].expected_start_time) if upcoming else "—"
+            if last:
+                state = last[0].state_name or "?"
+                colour = colours.get(state, "")
+                last_run = f"{last[0].name}: [{colour}]{state}[/{colour}]" if colour else f"{last[0].name}: {state}"
+                ended = _moment(last[0].end_time or last[0].start_time)
+            else:
+                last_run, ended = "[dim]never ran[/dim]", ""
+            table.add_row(f"{flow_names[deployment.flow_id]}/{deployment.name}", schedule, next_run, last_run, ended)
+    console.print(table)
+
+
+def _moment(moment) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC") if moment else "—"
+
+
+def run_now(
+    config: CadreConfig,
+    flow_kind: str,
+    specialist: str,
+    budget: str = "full",
+    console: Console | None = None,
+    timeout_s: float | None = None,
+    parameters: dict | None = None,
+) -> bool:
+    """Trigger `flow_kind` for a specialist through its deployment, follow it to the end, print a summary.
+
+    Returns:
+        True when the flow run ended COMPLETED.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    console = console or Console(stderr=True)
+    apply_env(config)
+    if flow_kind not in FLOWS:
+        console.print(f"[red]flow {flow_kind!r} is not available yet; available: {', '.join(FLOWS)}[/red]")
+        return False
+    flow = flow_object(flow_kind)
+    name = f"{flow.name}/{specialist}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            console.print(f"deployment {name} does not exist yet; deploying the team first")
+            deploy_all(config, console)
+        if _online_workers(client, config.project.prefect.work_pool) == 0:
+            console.print(
+                f"[red]no worker is polling work pool '{config.project.prefect.work_pool}': "
+                "start the stack with `cadre up` (or run `cadre worker`) and try again[/red]"
+            )
+            return False
+    flow_run = run_deployment(
+        name,
+        parameters={"budget": budget, **(parameters or {})},
+        timeout=0,
+        as_subflow=False,
+        tags=[f"budget:{budget}", "trigger:cli"],
+    )
+    url = f"{config.project.prefect.ui}/runs/flow-run/{flow_run.id}"
+    console.print(f"▶ {name} ({budget}) — flow run [bold]{flow_run.name}[/bold]: {url}")
+    started = time.monotonic()
+    try:
+        state = _follow(console, name, flow_run.id, url, config.project.prefect.api, timeout_s)
+    except KeyboardInterrupt:
+        console.print(
+            f"[yellow]stopped following {flow_run.name}; it goes on in the worker: {url}[/yellow]\n"
+            "  to stop it, press Cancel on that page. A cancelled or killed run can simply be run again:\n"
+            "  it resumes or redoes what did not finish."
+        )
+        raise
+    if state is None:
+        return False
+    completed = state.is_completed()
+    colour = "green" if completed else "red"
+    console.print(
+        f"[{colour}]{name} {state.name}[/{colour}] in {time.monotonic() - started:.1f}s"
+        + ("" if completed else f": {state.message or ''}")
+    )
+    mlflow_run = find_run(config.project.mlflow.uri, str(flow_run.id))
+    if mlflow_run is not None and (state.is_crashed() or state.is_cancelled()):
+        _end_as_killed(config.project.mlflow.uri, mlflow_run)
+    if mlflow_run is not None:
+        console.print(
+            f"  MLflow run: {config.project.mlflow.uri}/#/experiments/{mlflow_run.info.experiment_id}/runs/{mlflow_run.info.run_id}"
+        )
+        verdict = run_verdict(mlflow_run.data.tags)
+        if verdict:
+            console.print(f"  {verdict}")
+        skipped = skipped_summary(mlflow_run.data.metrics)
+        if skipped:
+            console.print(f"  [yellow]{skipped}[/yellow]")
+        metrics = ", ".join(
+            f"{k}={v:.4g}" for k, v in key_metrics(config, specialist, flow_kind, mlflow_run.data.metrics).items()
+        )
+        if metrics:
+            console.print(f"  metrics: {metrics}")
+    return completed
+
+
+def _follow(console: Console, name: str, flow_run_id, url: str, api: str, timeout_s: float | None):
+    """Print the flow run's state changes until it ends; its final state, or None after `timeout_s`."""
+    from prefect.client.orchestration import get_client
+
+    started = time.monotonic()
+    last_state = None
+    with get_client(sync_client=True) as client, console.status("waiting for the worker …") as status:
+        lost_since = None
+        while True:
+            try:
+                # A quick probe first: the client itself retries a refused connection for minutes.
+                httpx.get(f"{api}/health", timeout=5).raise_for_status()
+                state = client.read_flow_run(flow_run_id).state
+                lost_since = None
+            except (httpx.HTTPError, OSError) as error:
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > LOST_CONTACT_S:
+                    console.print(
+                        f"[red]lost contact with the Prefect server ({type(error).__name__}); `cadre status` shows "
+                        f"what is up. If the stack stopped, the run stopped with it: `cadre up` marks it Crashed "
+                        f"and it can be run again. {url}[/red]"
+                    )
+                    return None
+                time.sleep(2.0)
+                continue
+            if state and state.name != last_state:
+                last_state = state.name
+                console.print(f"  {time.monotonic() - started:6.1f}s  {state.name}")
+            status.update(f"{name}: {state.name if state else 'pending'} ({time.monotonic() - started:.0f}s)")
+            if state and state.is_final():
+                return state
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                console.print(f"[red]gave up waiting after {timeout_s:.0f}s; the run continues in Prefect: {url}[/red]")
+                return None
+            time.sleep(1.0)
+
+
+GATE_OF_FLOW = {"reindex": "index", "optimize": "program", "refresh": "adapter", "feedback": "feedback"}
+"""Which gates of `pipelines.yaml` decide a flow's candidate."""
+
+
+def key_metrics(
+    config: CadreConfig, specialist: str, flow_kind: str, metrics: dict[str, float], most: int = 12
+) -> dict[str, float]:
+    """The numbers a person reads first: the metrics the flow's gates judge (candidate and champion); without gate
+    rules, the specialist's answer metrics (retrieval metrics for a re-index); else the first few."""
+    settings = config.specialist(specialist)
+    rules = getattr(settings.gates, GATE_OF_FLOW.get(flow_kind, ""), [])
+    fallback = settings.evaluation.retrieval_metrics if flow_kind == "reindex" else settings.evaluation.answer_metrics
+    judged = [rule.metric for rule in rules] or (fallback if flow_kind in GATE_OF_FLOW else [])
+    wanted = list(dict.fromkeys(mlflow_metric_name(metric) for metric in judged))  # as MLflow stores them
+    picked = {
+        name: metrics[name]
+        for metric in wanted
+        for name in (f"candidate_{metric}", f"champion_{metric}", f"baseline_{metric}", metric)
+        if name in metrics
+    }
+    return dict(list(picked.items())[:most]) if picked else dict(sorted(metrics.items())[:most])
+
+
+def run_worker(config: CadreConfig) -> int:
+    """Run a Prefect process worker on the project's pool in the foreground (what `cadre up` starts in the background)."""
+    apply_env(config)
+    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+    command = [prefect, "worker", "start", "--pool", config.project.prefect.work_pool, "--type", "process"]
+    return subprocess.call(command, env=os.environ.copy(), cwd=config.root)

@@ -1,0 +1,1 @@
+"""The local platform: services `cadre up` starts and the environment every process gets."""

@@ -1,0 +1,1 @@
+"""Prompt programs: the DSPy program of a specialist and its optimization."""

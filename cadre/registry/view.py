@@ -1,0 +1,216 @@
+"""Tables of what the MLflow registry holds, for `cadre status` and `cadre history`.
+
+Reads the MLflow server named by `pipelines.yaml` (`project.mlflow.uri`) through `cadre.registry.versions`;
+writes nothing. Each function takes the validated config and a rich console, so the CLI only parses
+arguments and calls them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from mlflow import MlflowClient
+from rich.console import Console
+from rich.table import Table
+
+from cadre.config import CadreConfig, Specialist
+from cadre.registry.versions import (
+    ARTIFACT_KINDS,
+    ChampionInfo,
+    PromotionRecord,
+    champions,
+    history,
+)
+
+
+def registry_client(config: CadreConfig) -> MlflowClient:
+    """An MLflow client of the project's tracking server, which is also its model registry."""
+    uri = config.project.mlflow.uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def print_champions(config: CadreConfig, console: Console) -> None:
+    """Print each specialist's champion per artifact kind: version, when promoted, key metric.
+
+    Args:
+        config: the validated pipelines file.
+        console: where to print.
+    """
+    client = registry_client(config)
+    table = Table(title=f"Champions in {config.project.mlflow.uri}", title_justify="left")
+    for column in ("specialist", "kind", "version", "promoted", "by", "key metric", "run"):
+        table.add_column(column, no_wrap=column in ("version", "run"))
+    for specialist in config.specialists:
+        events = history(client, config.project.name, specialist.name)
+        found = champions(client, config.project.name, specialist.name, events)
+        for kind in ARTIFACT_KINDS:
+            info = found.get(kind)
+            if info is not None:
+                table.add_row(
+                    specialist.name,
+                    kind,
+                    f"v{info.version}",
+                    _when(info.promoted_at),
+                    info.promoted_by or "",
+                    _key_metric(info, _gate_metrics(specialist, kind)),
+                    (info.run_id or "")[:12],
+                )
+            elif kind != "index" or specialist.sources:
+                table.add_row(
+                    specialist.name,
+                    kind,
+                    "—",
+                    f"[dim]none: {WITHOUT_A_CHAMPION[kind]}[/dim]",
+                    "",
+                    _last_event(events, kind),
+                    "",
+                )
+    console.print(table)
+
+
+# What answers when a kind has no champion, as `cadre serve` and the flows behave.
+WITHOUT_A_CHAMPION = {
+    "index": "no retrieval until an index is promoted",
+    "program": "the declared program serves",
+    "adapter": "the base model serves",
+}
+
+
+def _last_event(events: list[PromotionRecord], kind: str) -> str:
+    """`last: v3 refused 2026-… (why)` for a kind without a champion, or that nothing was decided yet."""
+    mine = [record for record in events if record.kind == kind]
+    if not mine:
+        return "[dim]no candidate yet[/dim]"
+    last = mine[-1]
+    done = {"promotion": "promoted", "refusal": "refused", "rollback": "rolled back", "retirement": "retired"}.get(
+        last.event, last.event
+    )
+    return f"last: v{last.version} {done} {_when(last.at)}" + (f": {last.reason}" if last.reason else "")
+
+
+def print_history(config: CadreConfig, specialist: str, kind: str | None, console: Console) -> None:
+    """Print a specialist's promotions, refusals and rollbacks, oldest first.
+
+    Args:
+        config: the validated pipelines file.
+        specialist: specialist name (must exist in the config).
+        kind: only this artifact kind, or None for all.
+        console: where to print.
+
+    Raises:
+        KeyError: no such specialist.
+    """
+    settings = config.specialist(specialist)
+    client = registry_client(config)
+    records = history(client, config.project.name, specialist, kind)
+    title = f"History of {specialist}" + (f" ({kind})" if kind else "")
+    if not records:
+        console.print(f"{title}: nothing promoted, refused or rolled back yet.")
+        return
+    table = Table(title=title, title_justify="left")
+    for column in ("#", "when", "event", "kind", "version", "champion", "gate", "metrics", "by", "reason"):
+        table.add_column(column, no_wrap=column in ("#", "when", "version", "champion"))
+    for record in records:
+        table.add_row(
+            str(record.seq),
+            _when(record.at),
+            _event(record),
+            record.kind,
+            f"v{record.version}",
+            f"{_v(record.from_version)} → {_v(record.to_version)}",
+            record.gate or "—",
+            _metrics(record.metrics, _gate_metrics(settings, record.kind)),
+            record.actor,
+            record.reason or "",
+        )
+    console.print(table)
+
+
+def print_decisions(config: CadreConfig, since: datetime, console: Console) -> int:
+    """Print what the gates decided since a moment: each promotion or refusal, why, and where its report is.
+
+    Args:
+        config: the validated pipelines file.
+        since: only events at or after this moment (timezone-aware).
+        console: where to print.
+
+    Returns:
+        How many decisions were printed.
+    """
+    client = registry_client(config)
+    table = Table(title="What the gates decided", title_justify="left")
+    for column in ("specialist", "kind", "version", "decision", "why", "gate report (MLflow UI)"):
+        table.add_column(column, no_wrap=column in ("version", "decision"), overflow="fold")
+    count = 0
+    for specialist in config.specialists:
+        for record in history(client, config.project.name, specialist.name):
+            if record.at is None or record.at < since:
+                continue
+            table.add_row(
+                specialist.name,
+                record.kind,
+                f"v{record.version}",
+                _event(record),
+                record.reason or record.gate or "—",
+                version_url(config, record.model_name, record.version),
+            )
+            count += 1
+    if count:
+        console.print(table)
+    else:
+        console.print("The gates decided nothing in this cycle (no flow produced a candidate).")
+    return count
+
+
+def version_url(config: CadreConfig, model_name: str, version: str) -> str:
+    """The MLflow UI page of a registered model version (its description is the gate report)."""
+    return f"{config.project.mlflow.uri}/#/models/{model_name}/versions/{version}"
+
+
+def describe_record(record: PromotionRecord) -> str:
+    """One line for the CLI after `promote` / `rollback` / `retire`: what happened to which champion, by whom, why."""
+    forced = " (forced)" if record.forced else ""
+    reason = f": {record.reason}" if record.reason else ""
+    return (
+        f"{record.event}{forced} of {record.model_name} v{record.version}: champion "
+        f"{_v(record.from_version)} → {_v(record.to_version)}, by {record.actor} at {_when(record.at)}{reason}"
+    )
+
+
+def _gate_metrics(specialist: Specialist, kind: str) -> list[str]:
+    """The metrics the kind's gates read, in rule order: the numbers a reviewer looks at first. Without rules,
+    the specialist's retrieval metrics (index) or answer metrics (program, adapter)."""
+    rules = getattr(specialist.gates, kind, [])
+    fallback = specialist.evaluation.retrieval_metrics if kind == "index" else specialist.evaluation.answer_metrics
+    return list(dict.fromkeys([rule.metric for rule in rules] or fallback))
+
+
+def _key_metric(info: ChampionInfo, preferred: list[str]) -> str:
+    for name in preferred:
+        if name in info.metrics:
+            return f"{name} = {info.metrics[name]:.3g}"
+    if info.metrics:
+        name = min(info.metrics)
+        return f"{name} = {info.metrics[name]:.3g}"
+    return "—"
+
+
+def _metrics(metrics: dict[str, float], preferred: list[str]) -> str:
+    names = [n for n in preferred if n in metrics] or sorted(metrics)[:3]
+    return ", ".join(f"{n} = {metrics[n]:.3g}" for n in names) or "—"
+
+
+def _event(record: PromotionRecord) -> str:
+    style = {"promotion": "green", "refusal": "yellow", "rollback": "magenta", "retirement": "red"}.get(
+        record.event, ""
+    )
+    text = record.event + (" (forced)" if record.forced else "")
+    return f"[{style}]{text}[/{style}]" if style else text
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "—"
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "none"

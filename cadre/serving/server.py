@@ -1,0 +1,240 @@
+"""`cadre serve`: the team of specialists behind one OpenAI-compatible HTTP API, learning from its users.
+
+    cadre serve                      # http://127.0.0.1:8000/v1, every specialist of pipelines.yaml, plus `auto`
+    curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
+         -d '{"model": "icd10-coder", "messages": [{"role": "user", "content": "typhoid endocarditis"}]}'
+    curl -s localhost:8000/v1/feedback -H 'content-type: application/json' \\
+         -d '{"response_id": "chatcmpl-…", "rating": -1, "correction": "A01.02"}'
+
+Each specialist answers with its champions: the `program` champion's JSON (else the declared program),
+the live index, and the `adapter` champion's LoRA GGUF (else the base model), all on one llama.cpp
+copy of the base model per base model (`cadre.serving.engine`). A watcher polls the registry and swaps
+new champions in without a restart (`cadre.serving.team`). Every response is recorded in the feedback
+store so that `POST /v1/feedback` can rate and correct it, and the learn-from-feedback flow can learn
+from the corrections. `model: auto` is routed by `cadre.router`.
+
+Settings come from `project.serving` in pipelines.yaml, overridden by the command line (`cadre serve
+--help`); an API key, when wanted, from the environment variable named by `api_key_env` (default
+`CADRE_API_KEY`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cadre.config import CadreConfig
+
+log = logging.getLogger("cadre.serve")
+
+DEFAULT_PORT = 8000
+API_KEY_ENV = "CADRE_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask for, and how many may be in flight.
+
+    Attributes:
+        max_body_bytes: largest request body accepted (413 above).
+        max_input_chars: longest user message accepted, checked before any work (400 above).
+        max_prompt_tokens: longest rendered prompt (instruction, demos, passages, input) in tokens; None: the
+            context window less the answer's tokens.
+        max_tokens: most tokens a request may ask to generate (the program's own `max_tokens` is the default).
+        max_in_flight: requests admitted at once, queued ones included (429 with Retry-After above).
+    """
+
+    max_body_bytes: int = 64 * 1024
+    max_input_chars: int = 4000
+    max_prompt_tokens: int | None = None
+    max_tokens: int = 256
+    max_in_flight: int = 8
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How `cadre serve` runs.
+
+    Attributes:
+        host: interface to bind (loopback by default: put a proxy with TLS in front to expose it).
+        port: TCP port.
+        contexts: llama.cpp contexts per base model, i.e. generations at the same time (each adds its KV cache).
+        n_threads: decode threads per context (default: `project.lm.n_threads`).
+        n_ctx: context window in tokens (default: `project.lm.n_ctx`).
+        poll_interval_s: how often the registry's champions are checked.
+        api_key_env: environment variable holding the API key; unset or empty means no key is required.
+        route: serve `model: auto` through the router.
+        route_threshold: the router's similarity floor (None: `cadre.serving.router.DEFAULT_THRESHOLD`).
+        route_margin: how much the best specialist must beat the off-topic profile by (None: `cadre.serving.router.DEFAULT_MARGIN`).
+        route_fallback: specialist that answers `auto` requests nothing matches (None: 422).
+        limits: request limits.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    contexts: int = 1
+    n_threads: int | None = None
+    n_ctx: int | None = None
+    poll_interval_s: float = 30.0
+    api_key_env: str = API_KEY_ENV
+    route: bool = True
+    route_threshold: float | None = None
+    route_margin: float | None = None
+    route_fallback: str | None = None
+    limits: ServeLimits = field(default_factory=ServeLimits)
+
+
+class ServeError(RuntimeError):
+    """The server cannot start; the message says why and what to do."""
+
+
+def base_gguf(config: CadreConfig, base_model: str) -> Path:
+    """The GGUF a specialist's base model runs from (the packaged one, or a conversion of a local model, made once)."""
+    from cadre.runtime.base_model import PACKAGED_GEMMA, ensure_gguf, hf_model_dir
+
+    if base_model == PACKAGED_GEMMA:
+        return ensure_gguf(config)
+    from cadre.tuning.adapter_export import convert_model_to_gguf
+    from cadre.tuning.finetune import base_model_id
+
+    hf_dir = hf_model_dir(config, base_model)
+    identity = base_model_id(hf_dir, base_model)
+    target = config.state_dir / "models" / identity.replace("/", "_").replace("@", "-") / "model-f16.gguf"
+    return convert_model_to_gguf(hf_dir, target, config.state_dir)
+
+
+def build_state(config: CadreConfig, settings: ServeSettings) -> Any:
+    """Load the base models, every specialist's champions, the router and the feedback stores; start nothing yet.
+
+    Returns:
+        The `cadre.serving.app.ServingState`.
+
+    Raises:
+        ServeError: the registry is unreachable, or the route fallback is not a specialist.
+    """
+    from cadre.feedback.store import open_store, store_url_for
+    from cadre.serving.app import ServingState
+    from cadre.serving.engine import LoraEngine
+    from cadre.serving.router import Router, RouterSettings
+    from cadre.serving.team import (
+        ChampionWatcher,
+        RegistrySource,
+        Team,
+        build_runtime,
+        current_versions,
+    )
+
+    lm = config.project.lm
+    n_threads = settings.n_threads or lm.n_threads
+    n_ctx = settings.n_ctx or lm.n_ctx
+    engines: dict[Path, Any] = {}
+    engine_of: dict[str, Any] = {}
+    for specialist in config.specialists:
+        gguf = base_gguf(config, specialist.base_model)
+        if gguf not in engines:
+            started = time.perf_counter()
+            engines[gguf] = LoraEngine(gguf, contexts=settings.contexts, n_threads=n_threads, n_ctx=n_ctx)
+            log.info("loaded %s in %d context(s) (%.1f s)", gguf.name, settings.contexts, time.perf_counter() - started)
+        engine_of[specialist.name] = engines[gguf]
+
+    source = RegistrySource(config.project.mlflow.uri, config.project.name, str(config.state_dir))
+    retrieves = {s.name: bool(s.program.retrieve_k) for s in config.specialists}
+    team = Team([s.name for s in config.specialists])
+
+    def resolve(name: str):
+        return current_versions(source, name, retrieves[name])
+
+    def build(name: str, versions):
+        return build_runtime(config, name, versions, engine_of[name], source)
+
+    for name in team.names:
+        try:
+            resolve(name)
+        except Exception as error:  # noqa: BLE001 - any failure here means the registry cannot be read
+            raise ServeError(
+                f"cannot read the champions of {name!r} from MLflow at {source.tracking_uri}: {error}. "
+                "Start the stack with `cadre up` (or set project.mlflow.tracking_uri)"
+            ) from None
+    watcher = ChampionWatcher(team, resolve, build, settings.poll_interval_s)
+    watcher.poll()
+
+    router = None
+    if settings.route:
+        from cadre.knowledge.embedding import Embedder
+        from cadre.serving.router import DEFAULT_MARGIN, DEFAULT_THRESHOLD
+
+        embedder = Embedder.load(config.project.embedding, config.project.threads, root=config.root)
+        try:
+            router = Router.from_specialists(
+                config.specialists,
+                embedder.embed,
+                RouterSettings(
+                    threshold=DEFAULT_THRESHOLD if settings.route_threshold is None else settings.route_threshold,
+                    margin=DEFAULT_MARGIN if settings.route_margin is None else settings.route_margin,
+                    fallback=settings.route_fallback,
+                ),
+            )
+        except ValueError as error:
+            raise ServeError(f"router: {error}") from None
+    stores = {s.name: open_store(store_url_for(config, s.name)) for s in config.specialists}
+    api_key = os.environ.get(settings.api_key_env) or None
+    return ServingState(
+        team=team,
+        engines=list(engines.values()),
+        stores=stores,
+        limits=settings.limits,
+        router=router,
+        api_key=api_key,
+        descriptions={s.name: " ".join(s.description.split()) for s in config.specialists},
+        watcher=watcher,
+    )
+
+
+def create_server_app(config: CadreConfig, settings: ServeSettings) -> Any:
+    """The FastAPI app with everything loaded and the champion watcher running (stopped at shutdown)."""
+    from cadre.serving.app import create_app
+
+    state = build_state(config, settings)
+
+    def shutdown() -> None:
+        state.watcher.stop()
+        state.team.close()
+        for engine in state.engines:
+            engine.close()
+
+    app = create_app(state, on_shutdown=shutdown)
+    state.watcher.start()
+    return app
+
+
+def run_server(config: CadreConfig, settings: ServeSettings, console: Any = None) -> int:
+    """Load the team and serve until interrupted (SIGINT/SIGTERM stop it cleanly)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    app = create_server_app(config, settings)
+    state = app.state.cadre
+    if console is not None:
+        for name in state.team.names:
+            entry = state.team.entry(name)
+            versions = getattr(entry, "versions", None)
+            what = (
+                ", ".join(f"{k} {v}" for k, v in versions.describe().items())
+                if versions
+                else f"[yellow]unavailable: {entry.reason}[/yellow]"
+            )
+            console.print(f"[green]✓[/green] {name}: {what}")
+        key = "required (" + settings.api_key_env + ")" if state.api_key else "not required"
+        console.print(
+            f"serving at http://{settings.host}:{settings.port}/v1 (API key {key}; champions checked every "
+            f"{settings.poll_interval_s:g} s; ready in {time.perf_counter() - started:.1f} s)"
+        )
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level="info", access_log=False, timeout_graceful_shutdown=10
+    )
+    return 0

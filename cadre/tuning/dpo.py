@@ -1,0 +1,253 @@
+"""DPO on a specialist's LoRA adapter from user corrections, with trl's `DPOTrainer` (no separate reference model).
+
+    result = train_dpo(pairs, feedback_settings, tuning_settings, base_model_dir=hf_dir,
+                       champion_adapter_dir=champion_peft_dir_or_None, work_dir=folder, max_steps=40, threads=2)
+    result.adapter_dir   # adapter_model.safetensors + adapter_config.json, ready for cadre.tuning.adapter_export.export_adapter
+
+What it does:
+
+- Starting point: the champion adapter when there is one (loaded trainable; trl copies it into a
+  frozen `ref` adapter, so the reference is the champion itself), else a fresh LoRA on the base
+  model (rank, alpha, dropout and target modules from the specialist's `tuning`; the reference is
+  the base with the adapter disabled). Either way no second model is loaded.
+- Always plain LoRA on a full-precision base, also when `tuning.method` is `qlora`: DPO runs no-grad
+  reference forwards on the model it trains, which on a 4-bit base is exactly the repack trap of
+  STACK.md (gradients silently lost). The 270M base in fp32 peaks at ~4.2 GB (batch 2, ~150-token prompts).
+- CPU: fp32 with `bf16=False, use_cpu=True` (trl defaults to bf16) and torch threads set
+  deliberately; CUDA: bf16 where supported. The reference log-probs are computed once before
+  training (`precompute_ref_log_probs`) when the steps see every pair at least once, which saves
+  one forward per pair per epoch after the first; a run too short for that computes them on the fly.
+- Loss: DPO's sigmoid loss plus an NLL (`sft`) term on the chosen completion, trl's multi-loss
+  (the RPO recipe). On a base model whose answers are mostly junk, pure DPO can lower the
+  likelihood of both completions and still "win" the margin; the NLL term makes the corrected
+  answer the one greedy decoding produces. `loss_types=("sigmoid",)` gives pure DPO.
+- Pairs longer than `tuning.max_length` tokens are dropped, never truncated (a cut prompt would teach
+  answers to questions the model was not asked).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from cadre.config.tuning import length_limit
+from cadre.feedback.store import PreferencePair
+
+MetricsSink = Callable[[dict[str, float], int], None]
+"""Receives step metrics (`loss`, `rewards/accuracies`, `rewards/margins`, …) and the global step."""
+
+DEFAULT_LOSS = ("sigmoid", "sft")
+
+
+@dataclass(frozen=True)
+class DPOResult:
+    """What one DPO run produced and what it cost.
+
+    Attributes:
+        adapter_dir: the trained PEFT adapter (only the trained one, not trl's `ref` copy).
+        started_from: `champion adapter` or `fresh LoRA`.
+        pairs: pairs trained on (after dropping those longer than max_length).
+        dropped_too_long: pairs dropped for length.
+        steps: optimizer steps run.
+        train_seconds: wall time of the training loop.
+        seconds_per_step: measured wall time per step.
+        loss_curve: one row per step: step, loss, rewards/accuracies, rewards/margins, learning_rate, grad_norm.
+        final_reward_accuracy: share of pairs in the last logged batch where chosen beats rejected.
+        device: `cpu` or `cuda`.
+        precision: `fp32` or `bf16`.
+        loss_types: trl loss types combined.
+        peak_rss_mb: peak resident memory of the process.
+    """
+
+    adapter_dir: Path
+    started_from: str
+    pairs: int
+    dropped_too_long: int
+    steps: int
+    train_seconds: float
+    seconds_per_step: float
+    loss_curve: list[dict[str, float]] = field(default_factory=list)
+    final_reward_accuracy: float | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    loss_types: tuple[str, ...] = DEFAULT_LOSS
+    peak_rss_mb: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["adapter_dir"] = str(self.adapter_dir)
+        return data
+
+
+class _StepLog(TrainerCallback):
+    """Collects trl's per-step logs and forwards them to a sink (the flow streams them to MLflow)."""
+
+    def __init__(self, sink: MetricsSink | None):
+        self.sink = sink
+        self.rows: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        row = {"step": float(state.global_step)}
+        for key in (
+            "loss",
+            "rewards/accuracies",
+            "rewards/margins",
+            "rewards/chosen",
+            "rewards/rejected",
+            "learning_rate",
+            "grad_norm",
+        ):
+            value = logs.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(float(value)):
+                row[key] = float(value)
+        self.rows.append(row)
+        if self.sink is not None:
+            self.sink({k: v for k, v in row.items() if k != "step"}, state.global_step)
+
+
+def train_dpo(
+    pairs: Sequence[PreferencePair],
+    settings: Any,
+    tuning: Any,
+    *,
+    base_model_dir: Path,
+    champion_adapter_dir: Path | None,
+    work_dir: Path,
+    max_steps: int,
+    threads: int,
+    sink: MetricsSink | None = None,
+    loss_types: Sequence[str] = DEFAULT_LOSS,
+    seed: int = 0,
+) -> DPOResult:
+    """Train a DPO candidate adapter on preference pairs.
+
+    Args:
+        pairs: prompt / chosen / rejected, rendered in the serving prompt format.
+        settings: the specialist's `FeedbackSettings` (beta, learning rate).
+        tuning: the specialist's `TuningSettings` (LoRA shape of a fresh adapter, batch size, max_length).
+        base_model_dir: the transformers base model (safetensors).
+        champion_adapter_dir: the champion's PEFT adapter to continue from, or None for a fresh LoRA.
+        work_dir: scratch folder (trainer output, the saved adapter under `adapter/`).
+        max_steps: optimizer steps.
+        threads: torch threads on CPU.
+        sink: receives per-step metrics.
+        loss_types: trl loss types, combined with equal weights.
+        seed: seeds LoRA initialisation and data order.
+
+    Raises:
+        ValueError: no pair fits in `tuning.max_length` tokens.
+    """
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from cadre.tuning.finetune import detect_hardware
+
+    hardware = detect_hardware()
+    if hardware.device == "cpu":
+        torch.set_num_threads(max(1, threads))
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    limit = length_limit(tuning.max_length)
+    kept = [p for p in pairs if _tokens(tokenizer, p.prompt + max(p.chosen, p.rejected, key=len)) <= limit]
+    if not kept:
+        raise ValueError(f"none of the {len(pairs)} preference pairs fits in max_length={limit} tokens")
+
+    dtype = torch.bfloat16 if hardware.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype)
+    model.config.use_cache = False
+    peft_config = None
+    if champion_adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(champion_adapter_dir), is_trainable=True)
+        started_from = "champion adapter"
+    else:
+        peft_config = LoraConfig(
+            r=tuning.rank,
+            lora_alpha=tuning.alpha,
+            lora_dropout=tuning.dropout,
+            target_modules=tuning.target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        started_from = "fresh LoRA"
+
+    work_dir = Path(work_dir)
+    batch_size = min(tuning.batch_size, len(kept))
+    # One reference forward per pair up front, or one per pair seen during training: whichever is fewer.
+    precompute = max_steps * batch_size >= len(kept)
+    args = DPOConfig(
+        output_dir=str(work_dir / "trainer"),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="constant",  # tens of steps: a decaying schedule would spend half of them barely moving
+        beta=settings.beta,
+        loss_type=list(loss_types),
+        max_length=limit,
+        precompute_ref_log_probs=precompute,
+        bf16=hardware.bf16,
+        use_cpu=hardware.device == "cpu",
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=hardware.device == "cuda",
+        disable_tqdm=True,
+    )
+    dataset = Dataset.from_dict(
+        {"prompt": [p.prompt for p in kept], "chosen": [p.chosen for p in kept], "rejected": [p.rejected for p in kept]}
+    )
+    log = _StepLog(sink)
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[log],
+    )
+    trainer.remove_callback(PrinterCallback)  # the sink reports each step; no dict printed per step
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    adapter_dir = work_dir / "adapter"
+    trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    steps = int(trainer.state.global_step)
+    accuracy = next((row["rewards/accuracies"] for row in reversed(log.rows) if "rewards/accuracies" in row), None)
+    return DPOResult(
+        adapter_dir=adapter_dir,
+        started_from=started_from,
+        pairs=len(kept),
+        dropped_too_long=len(pairs) - len(kept),
+        steps=steps,
+        train_seconds=seconds,
+        seconds_per_step=seconds / max(steps, 1),
+        loss_curve=log.rows,
+        final_reward_accuracy=accuracy,
+        device=hardware.device,
+        precision=hardware.precision,
+        loss_types=tuple(loss_types),
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    )
+
+
+def _tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=True)["input_ids"]) + 1  # trl appends EOS to completions
