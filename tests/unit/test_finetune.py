@@ -1,10 +1,18 @@
 """(Q)LoRA fine-tuning on a tiny random 2-layer Gemma 3 and a tokenizer trained in this session:
-training runs and learns, metrics stream, checkpoints resume, the 4-bit repack trap is stopped."""
+training runs and learns, metrics stream, checkpoints resume, the 4-bit repack trap is stopped.
+
+The repack trap happens only on some CPUs (bitsandbytes repacks 4-bit weights on a no-grad forward only where
+its native library reports avx512_bf16). The `four_bit_trap` fixture finds out once per session by doing what
+triggers it on one tiny 4-bit layer; the guard tests then reproduce the trap and expect the guard to stop it,
+or, where it cannot happen, expect the guard to stay quiet and training to be right. Each says which case ran
+in pytest's warnings summary (`FourBitTrapCase`) and as a junit property.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -95,6 +103,61 @@ def data(tiny_model):
     )
 
 
+class FourBitTrapCase(UserWarning):
+    """Which case of a 4-bit guard test ran on this CPU (shown in pytest's warnings summary)."""
+
+
+@pytest.fixture(scope="session")
+def four_bit_trap() -> bool:
+    """Whether this CPU has the 4-bit repack trap, found by triggering it on one tiny 4-bit layer.
+
+    A no-grad forward in eval mode, then a training forward and backward: the trap is there when the forward
+    repacked the weights or the backward no longer reaches the layer's input. Probing what bitsandbytes does,
+    rather than reading CPU flags, stays right if its rule for when to repack changes.
+    """
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")  # quantizes
+    assert layer.weight.quant_state is not None, "the probe layer was not quantized to 4-bit"
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 64))
+    repacked = bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+    layer.train()
+    x = torch.randn(2, 64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the trap's own warning; what counts is whether the gradient arrives
+        out = layer(x)
+        if out.requires_grad:
+            out.sum().backward()
+    gradient_flows = x.grad is not None and bool(x.grad.abs().sum() > 0)
+    return repacked or not gradient_flows
+
+
+def say_which_case(trap: bool, record_property) -> None:
+    record_property("four_bit_trap", "occurs" if trap else "cannot occur")
+    warnings.warn(
+        FourBitTrapCase(
+            "4-bit repack trap occurs on this CPU: reproduced it, the guard must stop the run"
+            if trap
+            else "4-bit repack trap cannot occur on this CPU (bitsandbytes does not repack here): "
+            "checked the guard stays quiet and LoRA still learns"
+        ),
+        stacklevel=2,
+    )
+
+
+def four_bit_layers(model) -> list:
+    return [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+
+
+def repacked_layers(model) -> int:
+    return sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in four_bit_layers(model))
+
+
 def tuning(**overrides) -> TuningSettings:
     settings = {
         "method": "lora",
@@ -142,6 +205,21 @@ class EvaluateWhileTraining(TrainerCallback):
             with torch.no_grad():
                 model(**processing_class(["Phrase: disease"], return_tensors="pt"))
             model.train()
+
+
+class LoraGradients(TrainerCallback):
+    """Records, at each optimizer step, the smallest gradient norm over the LoRA B matrices (0 for a missing one)."""
+
+    def __init__(self) -> None:
+        self.smallest: dict[int, float] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        norms = [
+            0.0 if p.grad is None else float(p.grad.norm())
+            for name, p in model.named_parameters()
+            if p.requires_grad and "lora_B" in name
+        ]
+        self.smallest[state.global_step + 1] = min(norms)
 
 
 def test_lora_trains_two_steps_with_finite_loss_and_streamed_metrics(tiny_model, data, tmp_path) -> None:
@@ -241,15 +319,36 @@ def test_a_finished_training_is_reused_not_repeated(tiny_model, data, tmp_path) 
     assert "reusing the adapter" in said[0]
 
 
-def test_evaluating_the_4_bit_model_while_training_stops_the_run(tiny_model, data, tmp_path) -> None:
-    with pytest.raises(SilentGradientLossError, match="no-grad forward"):
-        train(
-            data,
-            tiny_model,
-            tmp_path / "run",
-            tuning(method="qlora", max_steps=3, checkpoint_every=100),
-            extra_callbacks=[EvaluateWhileTraining()],
-        )
+def test_evaluating_the_4_bit_model_while_training_stops_the_run(
+    tiny_model, data, tmp_path, four_bit_trap, record_property
+) -> None:
+    say_which_case(four_bit_trap, record_property)
+    if four_bit_trap:
+        with pytest.raises(SilentGradientLossError, match="no-grad forward"):
+            train(
+                data,
+                tiny_model,
+                tmp_path / "run",
+                tuning(method="qlora", max_steps=3, checkpoint_every=100),
+                extra_callbacks=[EvaluateWhileTraining()],
+            )
+        return
+    # No trap here: the evaluation after step 1 must change nothing. The guard stays quiet, every later step
+    # still gets LoRA gradients, the loss falls, and the adapter is the one an undisturbed run trains.
+    settings = tuning(method="qlora", max_steps=8, checkpoint_every=100)
+    gradients = LoraGradients()
+    evaluated = train(
+        data, tiny_model, tmp_path / "evaluated", settings, extra_callbacks=[EvaluateWhileTraining(), gradients]
+    )
+    assert evaluated.global_step == 8
+    assert sorted(gradients.smallest) == list(range(1, 9))
+    assert all(math.isfinite(norm) and norm > 0 for norm in gradients.smallest.values()), gradients.smallest
+    losses = [row["loss"] for row in evaluated.loss_curve]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    undisturbed = train(data, tiny_model, tmp_path / "undisturbed", settings)
+    trained = load_file(evaluated.adapter_dir / "adapter_model.safetensors")
+    for name, weight in load_file(undisturbed.adapter_dir / "adapter_model.safetensors").items():
+        torch.testing.assert_close(trained[name], weight, rtol=1e-4, atol=1e-6)
 
 
 def test_cpu_loss_scores_only_completions_and_matches_trls_loss_and_gradients(tiny_model, data, tmp_path) -> None:
@@ -288,16 +387,47 @@ def test_cpu_loss_scores_only_completions_and_matches_trls_loss_and_gradients(ti
         torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6)
 
 
-def test_guard_refuses_a_repacked_model_and_missing_lora_gradients(tiny_model) -> None:
+def test_guard_refuses_a_repacked_model_and_missing_lora_gradients(tiny_model, four_bit_trap, record_property) -> None:
+    say_which_case(four_bit_trap, record_property)
+    step = type("State", (), {"global_step": 0})()
     model, tokenizer = load_model(tiny_model, tuning(method="qlora"), detect_hardware("cpu"))
+    assert four_bit_layers(model)
     guard = FourBitGuard()
     guard.on_train_begin(None, None, None, model=model)  # freshly loaded: fine
     with pytest.raises(SilentGradientLossError, match="no gradient"):
-        guard.on_pre_optimizer_step(None, type("State", (), {"global_step": 0})(), None, model=model)  # no backward ran
+        guard.on_pre_optimizer_step(None, step, None, model=model)  # no backward ran
     model.eval()
     with torch.no_grad():
         model(**tokenizer(["Phrase: disease"], return_tensors="pt"))
-    with pytest.raises(SilentGradientLossError, match="repacked"):
+    if four_bit_trap:
+        assert repacked_layers(model) > 0
+        with pytest.raises(SilentGradientLossError, match="repacked"):
+            FourBitGuard().on_train_begin(None, None, None, model=model)
+    else:
+        # Nothing was repacked, so the guard lets training start and a real step reaches every LoRA B matrix.
+        assert repacked_layers(model) == 0
+        guard = FourBitGuard()
+        guard.on_train_begin(None, None, None, model=model)
+        model.train()
+        with torch.no_grad():  # LoRA B starts at zero; its gradient does not depend on it
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(std=0.02)
+        batch = tokenizer(["Phrase: disease number 3\nCode: I03.3"], return_tensors="pt")
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        guard.on_pre_optimizer_step(None, step, None, model=model)
+        guard.on_step_end(None, step, None)
+
+    # The layout check itself, on every CPU: one layer in bitsandbytes' CPU inference layout, made by the
+    # converter its no-grad forward calls on CPUs with the trap.
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    model, _ = load_model(tiny_model, tuning(method="qlora"), detect_hardware("cpu"))
+    layer = next(m for m in four_bit_layers(model) if m.weight.quant_state.shape[0] % 32 == 0)
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(
+        layer.weight.data, layer.weight.quant_state
+    )
+    with pytest.raises(SilentGradientLossError, match="4-bit layers are in bitsandbytes. CPU inference layout"):
         FourBitGuard().on_train_begin(None, None, None, model=model)
 
 
