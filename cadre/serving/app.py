@@ -11,9 +11,11 @@ Endpoints:
 - `GET /health`: liveness and what is loaded (no API key needed, for probes).
 
 Every failure is an OpenAI-shaped JSON error with a 4xx (5xx only for the server's own faults) and the
-server keeps serving: invalid JSON or fields 400, wrong or missing API key 401, unknown specialist or
-response id 404, body too large 413, no specialist close enough for `auto` 422, too many requests in
-flight 429 with `Retry-After`, a specialist that cannot serve yet 503.
+server keeps serving: invalid JSON, text or fields 400 (see `cadre.serving.protocol`), wrong or missing
+API key 401, unknown specialist or response id 404, body too large 413, no specialist close enough for
+`auto` 422, too many requests in flight 429 with `Retry-After`, a specialist that cannot serve yet 503.
+Every response carries an `x-request-id`; a failure of the server's own is a 500 that says only that
+and the id, while the traceback goes to the server log under the same id.
 
 Generation runs on worker threads (llama.cpp releases the GIL); the event loop only parses, admits and
 streams. Each request takes the team's current snapshot and a lease on its adapter at admission and
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import math
 import time
 import uuid
@@ -48,12 +51,18 @@ from cadre.runtime.prompt import parse_completion
 from cadre.serving.engine import GenerationCancelled, LoraEngine
 from cadre.serving.protocol import (
     ApiError,
+    ChatCompletion,
     ChatCompletionRequest,
+    ErrorResponse,
     FeedbackRequest,
+    FeedbackStored,
+    ModelList,
     TextTrimmer,
     chunk_body,
     completion_body,
     models_body,
+    openapi_body,
+    openapi_schemas,
     parse_body,
     program_inputs,
 )
@@ -68,6 +77,13 @@ from cadre.serving.team import (
 )
 
 AUTO = "auto"
+REQUEST_ID_HEADER = "x-request-id"
+
+log = logging.getLogger("cadre.serve")
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in (*statuses, 500)}
 
 
 @dataclass
@@ -110,6 +126,8 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
         title="Cadre: the team of specialists", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan
     )
     app.state.cadre = state
+    app.add_middleware(_RequestIds)
+    _document_request_bodies(app)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -119,13 +137,10 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
     async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
         return JSONResponse(
-            ApiError(error.status_code, str(error.detail), code=code).body(), status_code=error.status_code
+            ApiError(error.status_code, str(error.detail), code=code).body(),
+            status_code=error.status_code,
+            headers=error.headers,  # 405 names the allowed methods
         )
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
-        body = ApiError(500, f"internal error: {type(error).__name__}: {error}", type="server_error").body()
-        return JSONResponse(body, status_code=500)
 
     def check_key(request: Request) -> None:
         if state.api_key is None:
@@ -143,7 +158,7 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
     async def run(function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
 
-    @app.get("/health")
+    @app.get("/health", responses=_errors())
     async def health() -> dict[str, Any]:
         watcher = state.watcher
         return {
@@ -169,7 +184,7 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
             else None,
         }
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}, **_errors(401)})
     async def models(request: Request) -> dict[str, Any]:
         check_key(request)
         entries = []
@@ -189,13 +204,31 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
             )
         return models_body(entries)
 
-    @app.post("/v1/feedback", status_code=201)
+    @app.post(
+        "/v1/feedback",
+        status_code=201,
+        response_model=None,
+        openapi_extra=openapi_body(FeedbackRequest),
+        responses={201: {"model": FeedbackStored}, **_errors(400, 401, 404, 413)},
+    )
     async def feedback(request: Request) -> dict[str, Any]:
         check_key(request)
         body: FeedbackRequest = parse_body(FeedbackRequest, await _read_body(request, state.limits.max_body_bytes))
         return await run(_store_feedback, state, body)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        openapi_extra=openapi_body(ChatCompletionRequest),
+        responses={
+            200: {
+                "model": ChatCompletion,
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": "The answer; with `stream: true`, server-sent events of `chat.completion.chunk`s",
+            },
+            **_errors(400, 401, 404, 413, 422, 429, 503),
+        },
+    )
     async def chat_completions(request: Request):
         check_key(request)
         body: ChatCompletionRequest = parse_body(
@@ -284,6 +317,7 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
                     requested=body.model,
                     routing=routing,
                     admitted=admitted,
+                    request_id=getattr(request.state, "request_id", ""),
                 )
             except BaseException:
                 lease.release()
@@ -300,6 +334,68 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
 
 
 # -------------------------------------------------------------------------------------- requests
+
+
+class _RequestIds:
+    """ASGI middleware: an id for every request (`x-request-id` on its response), and a generic 500 for our failures.
+
+    A failure that is not an `ApiError` is the server's own: the client gets a 500 naming only the request
+    id, never the exception; the traceback is logged with the id so an operator can find it.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = False
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request %s (%s %s) failed", request_id, scope.get("method"), scope.get("path"))
+            if not started:
+                response = JSONResponse(
+                    internal_error(request_id).body(), status_code=500, headers={REQUEST_ID_HEADER: request_id}
+                )
+                await response(scope, receive, send)
+
+
+def internal_error(request_id: str) -> ApiError:
+    """What a client learns of a failure of ours: that it happened, and the id the server log has it under."""
+    return ApiError(
+        500,
+        f"the server failed to answer this request; its log has the details under request id {request_id}",
+        type="server_error",
+        code="internal_error",
+        extra={"request_id": request_id},
+    )
+
+
+def _document_request_bodies(app: FastAPI) -> None:
+    """Put the request bodies' schemas into the OpenAPI document (the routes read and validate bodies themselves)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            document.setdefault("components", {}).setdefault("schemas", {}).update(openapi_schemas())
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -354,6 +450,7 @@ class _Call:
     requested: str
     routing: Any
     admitted: float
+    request_id: str = ""
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -472,6 +569,12 @@ _END = object()
 
 
 def _stream(call: _Call, run: Callable[..., Any], executor: ThreadPoolExecutor):
+    """Stream the answer as server-sent events.
+
+    Generation starts here, not when the response starts iterating: a client that goes away before the first
+    event must still release its admission slot and adapter lease (the generation's `finally` does). When the
+    client goes away, generation stops at the next token and its outcome is collected, not left unretrieved.
+    """
     from sse_starlette.sse import EventSourceResponse
 
     loop = asyncio.get_running_loop()
@@ -491,8 +594,16 @@ def _stream(call: _Call, run: Callable[..., Any], executor: ThreadPoolExecutor):
             call.finish(loop)
             loop.call_soon_threadsafe(pieces.put_nowait, _END)
 
+    def collect(future: asyncio.Future) -> None:
+        """Retrieve the generation's outcome whoever awaits it (nobody, once the client is gone); log a real failure."""
+        error = None if future.cancelled() else future.exception()
+        if error is not None and not isinstance(error, GenerationCancelled):
+            log.error("request %s: generation failed", call.request_id, exc_info=error)
+
+    started = loop.run_in_executor(executor, work)
+    started.add_done_callback(collect)
+
     async def events() -> AsyncIterator[dict[str, str]]:
-        started = loop.run_in_executor(executor, work)
         try:
             yield {
                 "data": json.dumps(
@@ -505,9 +616,8 @@ def _stream(call: _Call, run: Callable[..., Any], executor: ThreadPoolExecutor):
                 result = await started
             except GenerationCancelled:
                 return
-            except Exception as error:  # noqa: BLE001 - the status line is sent; report the failure in the stream
-                body = ApiError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error").body()
-                yield {"data": json.dumps(body)}
+            except Exception:  # noqa: BLE001 - the status line is sent and `collect` logs it; say so in the stream
+                yield {"data": json.dumps(internal_error(call.request_id).body())}
                 return
             final = chunk_body(
                 call.id,
@@ -520,9 +630,10 @@ def _stream(call: _Call, run: Callable[..., Any], executor: ThreadPoolExecutor):
             )
             yield {"data": json.dumps(final)}
             yield {"data": "[DONE]"}
-        except asyncio.CancelledError:
-            stop_flag["stop"] = True  # the client went away: stop generating at the next token
-            raise
+        finally:
+            stop_flag["stop"] = (
+                True  # if the client went away (cancelled, or the generator closed): stop at the next token
+            )
 
     return EventSourceResponse(events(), headers=call.headers(), ping=15)
 

@@ -4,16 +4,33 @@ Only what Cadre needs is validated; other OpenAI parameters a client sends (`top
 accepted and ignored, so stock OpenAI clients work unchanged. Errors use OpenAI's shape:
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+
+Every text enters here (`parse_body`): a body that is not UTF-8, not JSON (`NaN` and numbers of thousands of
+digits included), nested deeper than `MAX_JSON_DEPTH`, or holding a string with a lone UTF-16 surrogate or a
+NUL is refused with a 400 that names where, before anything downstream (tokenizers, the router, the
+feedback store, its exports) sees it. Corrections and comments also refuse other control characters and
+are capped at `MAX_FEEDBACK_CHARS`; numbers and flags are strict (`"rating": true` is not a rating).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects a request body may have (OpenAI's requests need 5)."""
+
+MAX_FEEDBACK_CHARS = 4000
+"""Longest correction (each field) and comment."""
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any left is alone
+_NUL = re.compile("\x00")
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # all but tab, newline, carriage return
 
 
 class ApiError(Exception):
@@ -76,13 +93,13 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
+    model: str = Field(min_length=1, max_length=128, description="A specialist's name, or `auto` to route.")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    stream: bool = Field(False, strict=True, description="Answer with server-sent events (OpenAI's chunks).")
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, strict=True)
+    n: int = Field(1, ge=1, le=1, strict=True, description="Only one choice per request.")
 
     def user_text(self) -> str:
         """The content of the last user message.
@@ -108,32 +125,67 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     response_id: str = Field(min_length=1, max_length=64)
-    rating: int = Field(description="-1 (bad), 0 (neutral) or 1 (good).")
+    rating: int = Field(strict=True, ge=-1, le=1, description="-1 (bad), 0 (neutral) or 1 (good).")
     correction: str | dict[str, str] | None = Field(
-        None, description="The right answer: text for the first output field, or an object of output fields."
+        None,
+        description="The right answer: text for the first output field, or an object of output fields "
+        f"(at most {MAX_FEEDBACK_CHARS} characters each, no control characters but tab and newline).",
     )
-    comment: str | None = Field(None, max_length=4000)
+    comment: str | None = Field(None, max_length=MAX_FEEDBACK_CHARS)
 
-    @field_validator("rating")
+    @field_validator("rating", mode="before")
     @classmethod
-    def _rating(cls, value: int) -> int:
-        if value not in (-1, 0, 1):
+    def _rating(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value not in (-1, 0, 1):
             raise ValueError("rating must be -1 (bad), 0 (neutral) or 1 (good)")
         return value
+
+    @field_validator("correction")
+    @classmethod
+    def _correction(cls, value: str | dict[str, str] | None) -> str | dict[str, str] | None:
+        fields = value if isinstance(value, dict) else {"": value} if value is not None else {}
+        for name, text in fields.items():
+            where = f"field {name!r}" if name else "the correction"
+            if len(text) > MAX_FEEDBACK_CHARS:
+                raise ValueError(f"{where} has {len(text)} characters; at most {MAX_FEEDBACK_CHARS} are accepted")
+            _refuse_control("a field name", name)
+            _refuse_control(where, text)
+        return value
+
+    @field_validator("comment")
+    @classmethod
+    def _comment(cls, value: str | None) -> str | None:
+        if value is not None:
+            _refuse_control("the comment", value)
+        return value
+
+
+def _refuse_control(where: str, text: str) -> None:
+    found = _CONTROL.search(text)
+    if found:
+        raise ValueError(
+            f"{where} holds the control character U+{ord(found.group()):04X} at position {found.start()}; "
+            "only printable text, tabs and newlines are accepted"
+        )
 
 
 def parse_body(model: type[BaseModel], raw: bytes) -> Any:
     """Parse a JSON body into `model`, turning every problem into a 400 that names it.
 
     Raises:
-        ApiError: the body is not JSON, not an object, or does not validate.
+        ApiError: the body is not UTF-8, not JSON, not an object, too deeply nested, holds text no encoder can
+            write (a lone surrogate, a NUL), or does not validate.
     """
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ApiError(
+            400, f"the request body is not UTF-8: byte {error.start} is {raw[error.start]:#04x}", code="invalid_json"
+        ) from None
+    data = loads_json(text, "the request body")
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    check_json_text(data)
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -144,6 +196,74 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
         raise ApiError(
             400, f"{where}: {message}{more}" if where else message + more, param=where, code="invalid_request"
         ) from None
+
+
+def loads_json(text: str, what: str) -> Any:
+    """`json.loads` that refuses what Python accepts but JSON does not (`NaN`, `Infinity`) and answers every failure
+    (nesting past the interpreter's recursion limit, integers of thousands of digits included) with a 400.
+
+    Raises:
+        ApiError: `text` is not JSON this server accepts.
+    """
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ApiError(
+            400, f"{what} is nested deeper than the {MAX_JSON_DEPTH} levels accepted", code="invalid_json"
+        ) from None
+    except ValueError as error:  # JSONDecodeError, a refused constant, an integer past Python's digit limit
+        raise ApiError(400, f"{what} is not valid JSON: {error}", code="invalid_json") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def check_json_text(data: Any, what: str = "") -> None:
+    """Refuse JSON nested deeper than `MAX_JSON_DEPTH`, or with a string (key or value) holding a lone surrogate or NUL.
+
+    Walks the value without recursion, so no depth can overflow the stack.
+
+    Raises:
+        ApiError: 400 naming the first offending path.
+    """
+    pending: list[tuple[Any, str, int]] = [(data, what, 0)]
+    while pending:
+        value, path, depth = pending.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            raise ApiError(
+                400,
+                f"{path or 'the request body'} is nested deeper than the {MAX_JSON_DEPTH} levels accepted",
+                param=path or None,
+                code="invalid_json",
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else key
+                _check_text(key, f"{path or 'the request body'} (a key)")
+                pending.append((item, where, depth + 1))
+        else:
+            pending.extend(
+                (item, f"{path}.{index}" if path else str(index), depth + 1) for index, item in enumerate(value)
+            )
+
+
+def _check_text(text: str, path: str) -> None:
+    for pattern, what in ((_LONE_SURROGATE, "a lone UTF-16 surrogate"), (_NUL, "a NUL character")):
+        found = pattern.search(text)
+        if found:
+            raise ApiError(
+                400,
+                f"{path or 'the request body'} holds {what} (U+{ord(found.group()):04X} at position {found.start()}), "
+                "which is not text; send valid Unicode",
+                param=path or None,
+                code="invalid_text",
+            )
 
 
 def program_inputs(text: str, input_names: Sequence[str]) -> dict[str, str]:
@@ -158,9 +278,11 @@ def program_inputs(text: str, input_names: Sequence[str]) -> dict[str, str]:
     stripped = text.strip()
     if stripped.startswith("{"):
         try:
-            value = json.loads(stripped)
-        except json.JSONDecodeError:
-            value = None
+            value = loads_json(stripped, "the message's JSON object")
+        except ApiError:
+            value = None  # not JSON this server reads: it is just text
+        if isinstance(value, dict):
+            check_json_text(value, "messages")
         if isinstance(value, dict) and (len(input_names) > 1 or set(value) <= set(input_names)):
             unknown = sorted(set(value) - set(input_names))
             missing = [name for name in input_names if not str(value.get(name, "")).strip()]
@@ -255,3 +377,93 @@ class TextTrimmer:
         visible = text.rstrip()
         self._held = text[len(visible) :]
         return visible
+
+
+# ------------------------------------------------------------------------ documented responses
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every failure: OpenAI's error object (extra keys such as `request_id` or routing `scores` may follow)."""
+
+    error: ErrorDetail
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """A `chat.completion`; `cadre` names the specialist and the versions that answered (and the parsed outputs)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    cadre: dict[str, Any]
+
+
+class ModelEntry(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    cadre: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelEntry]
+
+
+class FeedbackStored(BaseModel):
+    object: Literal["feedback"]
+    id: int
+    response_id: str
+    specialist: str
+    rating: int
+    correction: dict[str, str] | None
+
+
+def openapi_schemas() -> dict[str, Any]:
+    """JSON Schemas of the request bodies, for the OpenAPI document's components (routes read bodies themselves)."""
+    from pydantic.json_schema import models_json_schema
+
+    _, found = models_json_schema(
+        [(ChatCompletionRequest, "validation"), (FeedbackRequest, "validation")],
+        ref_template="#/components/schemas/{model}",
+    )
+    return found["$defs"]
+
+
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` of a route whose JSON body is `model`."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }

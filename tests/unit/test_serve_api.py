@@ -6,7 +6,9 @@ refuse a request); generation itself is covered by tests/integration/test_serve.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,7 @@ def client(tmp_path: Path):
         engines=[],
         stores={"coder": store},
         api_key=KEY,
-        limits=ServeLimits(max_body_bytes=2048, max_input_chars=100, max_in_flight=2),
+        limits=ServeLimits(max_body_bytes=8192, max_input_chars=100, max_in_flight=2),
     )
     with TestClient(create_app(state), headers={"Authorization": f"Bearer {KEY}"}) as test_client:
         yield test_client
@@ -98,7 +100,7 @@ def test_unknown_specialist_oversize_body_and_unavailable_specialist(client: Tes
     assert "coder" in unknown["message"]
     _error(client.post("/v1/chat/completions", json=_chat(model="auto")), 404, "model_not_found")  # routing is off here
     _error(
-        client.post("/v1/chat/completions", content=json.dumps(_chat(content="x" * 3000)).encode()),
+        client.post("/v1/chat/completions", content=json.dumps(_chat(content="x" * 9000)).encode()),
         413,
         "request_too_large",
     )
@@ -152,3 +154,126 @@ def test_streamed_pieces_add_up_to_the_stripped_answer() -> None:
     for pieces in ([" A01", ".02", "  "], ["  ", "\n", " K35", " ", ".2", "0 \n"], ["", "x"], [" "]):
         trimmer = TextTrimmer()
         assert "".join(trimmer.feed(p) for p in pieces) == "".join(pieces).strip()
+
+
+# ------------------------------------------------------------------ hostile input (issue 19)
+
+
+def _raw(client: TestClient, path: str, body: bytes):
+    return client.post(path, content=body, headers={"content-type": "application/json"})
+
+
+def test_text_no_encoder_can_write_is_refused_before_anything_reads_it(client: TestClient) -> None:
+    """A lone surrogate reached the tokenizer (`TextEncodeInput must be …`) and deep JSON the parser's recursion: 500s."""
+    surrogate = _error(
+        _raw(
+            client, "/v1/chat/completions", b'{"model": "coder", "messages": [{"role": "user", "content": "\\ud800"}]}'
+        ),
+        400,
+        "invalid_text",
+    )
+    assert surrogate["param"] == "messages.0.content" and "surrogate" in surrogate["message"]
+    in_a_part = b'{"model": "auto", "messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udc00"}]}]}'
+    _error(_raw(client, "/v1/chat/completions", in_a_part), 400, "invalid_text")
+    _error(_raw(client, "/v1/chat/completions", b'{"model": "coder\\u0000", "messages": []}'), 400, "invalid_text")
+    nested = b'{"model": "coder", "messages": ' + b"[" * 25_000 + b"]" * 25_000 + b"}"  # 50 KB
+    state = ServingState(team=Team(["coder"]), engines=[], stores={})  # the default 64 KB body limit
+    with TestClient(create_app(state)) as roomy:
+        assert "nested deeper" in _error(_raw(roomy, "/v1/chat/completions", nested), 400, "invalid_json")["message"]
+        huge_number = b'{"model": "coder", "n": 1' + b"0" * 5000 + b"}"  # past Python's digit limit: ValueError
+        _error(_raw(roomy, "/v1/chat/completions", huge_number), 400, "invalid_json")
+    shallow_but_deep = b'{"model": "coder", "extra": ' + b"[" * 40 + b"]" * 40 + b"}"
+    _error(_raw(client, "/v1/chat/completions", shallow_but_deep), 400, "invalid_json")
+    _error(_raw(client, "/v1/chat/completions", b'{"model": "coder", "temperature": NaN}'), 400, "invalid_json")
+    assert "not UTF-8" in _error(_raw(client, "/v1/chat/completions", b'{"model": "\xff"}'), 400)["message"]
+    assert client.get("/v1/models").status_code == 200, "the server keeps answering"
+
+
+def test_strict_fields_refuse_what_only_looks_like_a_value(client: TestClient) -> None:
+    for field, value in (("stream", "true"), ("max_tokens", True), ("max_tokens", 1.5), ("n", True)):
+        _error(client.post("/v1/chat/completions", json=_chat(**{field: value})), 400, "invalid_request")
+    _error(client.post("/v1/chat/completions", json=_chat(model="m" * 129)), 400, "invalid_request")
+
+
+def test_a_user_message_holding_deep_json_is_a_400_not_a_recursion_error() -> None:
+    deep = '{"phrase": ' + "[" * 3000 + "]" * 3000 + "}"
+    assert program_inputs(deep, ["phrase"]) == {"phrase": deep}, "JSON this server cannot read is just text"
+    with pytest.raises(ApiError, match="nested deeper"):
+        program_inputs('{"question": ' + "[" * 40 + "]" * 40 + ', "table": "t"}', ["question", "table"])
+    with pytest.raises(ApiError, match="surrogate"):
+        program_inputs('{"phrase": "\\ud800"}', ["phrase"])
+
+
+def test_a_poisoned_correction_is_refused_and_stores_nothing(client: TestClient, tmp_path: Path) -> None:
+    """Issue 19: `"\\ud800"` in a correction got a 500 *and* a stored row that then broke every export."""
+    store = FeedbackStore(default_store_url(tmp_path))
+    refused = {
+        "surrogate": b'{"response_id": "chatcmpl-known", "rating": -1, "correction": "A\\ud800"}',
+        "surrogate in an object": b'{"response_id": "chatcmpl-known", "rating": -1, "correction": {"code": "\\udfff"}}',
+        "NUL": b'{"response_id": "chatcmpl-known", "rating": -1, "correction": "M10\\u0000"}',
+        "control character": b'{"response_id": "chatcmpl-known", "rating": -1, "correction": "M10\\u001b[31m"}',
+        "control in a comment": b'{"response_id": "chatcmpl-known", "rating": 0, "comment": "bell\\u0007"}',
+        "too long": json.dumps({"response_id": "chatcmpl-known", "rating": -1, "correction": "x" * 4001}).encode(),
+        "too long field": json.dumps(
+            {"response_id": "chatcmpl-known", "rating": -1, "correction": {"code": "x" * 5000}}
+        ).encode(),
+        "bool rating": b'{"response_id": "chatcmpl-known", "rating": true}',
+        "float rating": b'{"response_id": "chatcmpl-known", "rating": 1.0}',
+        "string rating": b'{"response_id": "chatcmpl-known", "rating": "1"}',
+    }
+    for what, body in refused.items():
+        response = _raw(client, "/v1/feedback", body)
+        assert response.status_code == 400, (what, response.text)
+    assert store.feedback() == [], "nothing refused was stored"
+    kept = client.post(
+        "/v1/feedback",
+        json={"response_id": "chatcmpl-known", "rating": -1, "correction": "M10.9\tgout,\nunspecified", "comment": "ü"},
+    )
+    assert kept.status_code == 201, kept.text
+    stored = store.feedback()
+    assert [record.correction for record in stored] == [{"code": "M10.9\tgout,\nunspecified"}]
+    exported = io.StringIO()
+    assert store.export_jsonl(exported).written == 1 and json.loads(exported.getvalue())["comment"] == "ü"
+
+
+def test_our_own_failure_is_a_generic_500_whose_details_are_logged_under_its_request_id(
+    client: TestClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FeedbackStore(default_store_url(tmp_path))
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE cadre_feedback")  # the database breaks under the server
+    with caplog.at_level(logging.ERROR, logger="cadre.serve"):
+        response = client.post("/v1/feedback", json={"response_id": "chatcmpl-known", "rating": 1})
+    error = _error(response, 500, "internal_error")
+    request_id = response.headers["x-request-id"]
+    assert error["request_id"] == request_id and request_id in error["message"]
+    assert "sqlite" not in response.text.lower() and "OperationalError" not in response.text, "no internals leak"
+    logged = [record for record in caplog.records if request_id in record.getMessage()]
+    assert logged and logged[0].exc_info and "no such table" in str(logged[0].exc_info[1])
+    assert client.get("/v1/models").status_code == 200, "the server keeps answering"
+
+
+def test_every_response_has_a_request_id_and_405_names_the_allowed_methods(client: TestClient) -> None:
+    ids = {client.get(path).headers["x-request-id"] for path in ("/health", "/v1/models", "/v1/nothing")}
+    assert len(ids) == 3 and all(len(i) == 32 for i in ids)
+    not_allowed = client.put("/v1/feedback")
+    _error(not_allowed, 405, "method_not_allowed")
+    assert not_allowed.headers["allow"] == "POST"
+
+
+def test_the_openapi_document_describes_the_bodies_the_routes_read(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    for path, model in (("/v1/chat/completions", "ChatCompletionRequest"), ("/v1/feedback", "FeedbackRequest")):
+        operation = document["paths"][path]["post"]
+        body = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{model}"} and model in schemas
+        assert operation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+    assert schemas["FeedbackRequest"]["properties"]["rating"] == {
+        "description": "-1 (bad), 0 (neutral) or 1 (good).",
+        "maximum": 1,
+        "minimum": -1,
+        "title": "Rating",
+        "type": "integer",
+    }
+    assert "text/event-stream" in document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
