@@ -134,12 +134,13 @@ def run_bare_compile(config, specialist: str, program, evaluation, train, dev) -
     from cadre.evaluation import metrics
     from cadre.knowledge.embedding import Embedder
     from cadre.knowledge.index import open_backend
-    from cadre.knowledge.reindex import Retriever
+    from cadre.knowledge.reindex import IndexSearcher, live_version
     from cadre.prompts.program import CompletionAdapter, make_signature
+    from cadre.runtime.retrieval import search_passages
 
     settings = config.specialist(specialist)
     embedder = Embedder.load(config.project.embedding, config.project.threads, root=config.root)
-    index = Retriever(
+    index = IndexSearcher(
         specialist,
         config.state_dir,
         open_backend(config.project.index, config.state_dir, specialist, dimension=embedder.dimension),
@@ -147,12 +148,11 @@ def run_bare_compile(config, specialist: str, program, evaluation, train, dev) -
         settings.index.search_mode,
     )
     output = program.outputs[0].name
+    live = live_version(config.state_dir, specialist)
 
     def passages(query: str) -> list[str]:
-        best: dict[str, str] = {}  # one passage per document, at its best rank
-        for hit in index.search(query, 2 * program.retrieve_k):
-            best.setdefault(hit.record_id, f"{hit.record_id} — {hit.title}")
-        return list(best.values())[: program.retrieve_k]
+        # The runtime's search rule, so both compiles see the same candidates.
+        return [passage.render() for passage in search_passages(index, query, program.retrieve_k, live)]
 
     class Bare(dspy.Module):
         def __init__(self):

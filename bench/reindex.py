@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cadre.evaluation import metrics
     from cadre.knowledge.embedding import Embedder, torch_threads
     from cadre.knowledge.index import open_backend
-    from cadre.knowledge.reindex import Retriever, plan_and_apply, promote_version
+    from cadre.knowledge.reindex import IndexSearcher, plan_and_apply, promote_version
 
     console = Console(width=max(Console().width, 130))
     torch.set_num_threads(threads)
@@ -237,8 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     hybrid_times, hybrid_hits = timed_calls(
         lambda pair: engine_version.search(pair[0], pair[1], 10, mode="hybrid"), pairs
     )
-    retriever = Retriever(SPECIALIST, state_dir, backend, embedder, "hybrid")
-    end_to_end_times, _ = timed_calls(lambda phrase: retriever.search(phrase, 10), phrases)
+    searcher = IndexSearcher(SPECIALIST, state_dir, backend, embedder, "hybrid")
+    end_to_end_times, _ = timed_calls(lambda phrase: searcher.search(phrase, 10), phrases)
 
     def quality(hits: list[list[str]]) -> tuple[float, float]:
         return float(np.mean(metrics.recall_at_k(hits, relevant, 10))), float(np.mean(metrics.mrr(hits, relevant)))

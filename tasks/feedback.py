@@ -27,14 +27,16 @@ from cadre.feedback.store import (
     open_store,
     preference_pairs,
 )
-from cadre.prompts.program import IndexTarget, load_program, open_retriever
+from cadre.prompts.program import IndexTarget, open_retriever
 from cadre.registry.runs import RunHandle
-from cadre.runtime.prompt import PromptSpec
+from cadre.runtime.base_model import BaseModelFiles
+from cadre.runtime.retrieval import context_retriever
+from cadre.runtime.serving_prompt import read_serving_prompt
 from cadre.tuning.adapter_export import ExportedAdapter, export_adapter
 from cadre.tuning.dpo import DPOResult, train_dpo
 from tasks.promotion import flow_actor
 from tasks.prompts import ChampionProgram
-from tasks.refresh import ADAPTER_ARTIFACT, AdapterScores, BaseModel
+from tasks.refresh import ADAPTER_ARTIFACT, AdapterScores
 
 
 @dataclass(frozen=True)
@@ -128,25 +130,16 @@ def build_feedback_data(
     and as evaluation cases of the `feedback` slice; log both as artifacts."""
     from mlflow import MlflowClient
 
-    spec = PromptSpec.from_settings(program_settings)
-    instruction, demos = None, []
-    if champion_program is not None:
-        predictor = next(iter(load_program(champion_program.path, program_settings).named_predictors()))[1]
-        instruction = predictor.signature.instructions
-        demos = [dict(demo.items()) if hasattr(demo, "items") else dict(demo) for demo in predictor.demos]
+    prompt = read_serving_prompt(program_settings, champion_program.path if champion_program else None)
     retrieve = None
-    if spec.context_field:
-        retriever = open_retriever(index)
+    if prompt.spec.context_field:
         names = [item.name for item in program_settings.inputs]
-
-        def retrieve(inputs: dict[str, Any]) -> list[str]:
-            query = " ".join(
-                str(inputs[name]) for name in names if inputs.get(name)
-            )  # SpecialistProgram.forward's query
-            return [passage.render() for passage in retriever(query, program_settings.retrieve_k)]
+        retrieve = context_retriever(open_retriever(index), names, program_settings.retrieve_k)
 
     outputs = [item.name for item in program_settings.outputs]
-    pairs = preference_pairs(collected.corrections, spec, retrieve=retrieve, demos=demos, instruction=instruction)
+    pairs = preference_pairs(
+        collected.corrections, prompt.spec, retrieve=retrieve, demos=prompt.demos, instruction=prompt.instruction
+    )
     cases = feedback_cases(collected.corrections, outputs)
     digest = hashlib.sha256()
     for pair in pairs:
@@ -188,7 +181,7 @@ def train_dpo_candidate(
     data: FeedbackData,
     feedback: Any,
     tuning: Any,
-    base: BaseModel,
+    base: BaseModelFiles,
     champion_gguf: str | None,
     out_dir: str,
     max_steps: int,
@@ -275,7 +268,7 @@ def train_dpo_candidate(
 
 @task(name="export-dpo-adapter", cache_policy=NO_CACHE)
 def export_dpo_candidate(
-    handle: RunHandle, result: DPOResult, data: FeedbackData, base: BaseModel, state_dir: str, out_dir: str
+    handle: RunHandle, result: DPOResult, data: FeedbackData, base: BaseModelFiles, state_dir: str, out_dir: str
 ) -> ExportedAdapter:
     """Export the candidate (PEFT + llama.cpp GGUF) with how it was made, and log it as the run's `adapter` artifact."""
     from mlflow import MlflowClient

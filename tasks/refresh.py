@@ -24,25 +24,24 @@ from cadre.prompts.optimize import EvaluationRun, evaluate_program
 from cadre.prompts.program import (
     CompletionLM,
     IndexTarget,
-    LMTarget,
     SpecialistProgram,
     build_client,
+    llama_cpp_target,
     load_program,
     open_retriever,
     use_disk_cache,
 )
 from cadre.registry.runs import RunHandle
-from cadre.runtime.prompt import PromptSpec
+from cadre.runtime.base_model import BaseModelFiles, base_model_files
+from cadre.runtime.retrieval import context_retriever
+from cadre.runtime.serving_prompt import read_serving_prompt
 from cadre.tuning.adapter_export import (
     ExportedAdapter,
-    convert_model_to_gguf,
     export_adapter,
-    file_sha256,
     verify_gguf_adapter,
 )
 from cadre.tuning.finetune import (
     TrainingResult,
-    base_model_id,
     train_adapter,
     training_config_hash,
     work_dir,
@@ -63,23 +62,6 @@ GGUF_CHECK_PROMPTS = 4
 
 
 @dataclass(frozen=True)
-class BaseModel:
-    """The base model a specialist fine-tunes and runs.
-
-    Attributes:
-        name: as written in pipelines.yaml (`gemma3-270m` or a folder).
-        hf_dir: transformers safetensors folder (what peft/trl train).
-        gguf: the same model as GGUF (what llama.cpp runs, with or without an adapter).
-        identity: name plus a hash of its config (lineage, checkpoint keys).
-    """
-
-    name: str
-    hf_dir: str
-    gguf: str
-    identity: str
-
-
-@dataclass(frozen=True)
 class AdapterScores:
     """Candidate and champion (adapter, or the bare base model) on the same test cases."""
 
@@ -92,40 +74,12 @@ class AdapterScores:
 
 
 @task(name="prepare-base-model")
-def prepare_base_model(config: Any, base_model: str) -> BaseModel:
+def prepare_base_model(config: Any, base_model: str) -> BaseModelFiles:
     """The base model as safetensors and as GGUF, prepared once and cached under the state dir."""
-    from cadre.runtime.base_model import PACKAGED_GEMMA, ensure_gguf, ensure_hf_model, hf_model_dir
-
-    packaged = base_model == PACKAGED_GEMMA
-    hf_dir = ensure_hf_model(config) if packaged else hf_model_dir(config, base_model)
-    identity = base_model_id(hf_dir, base_model)
-    if packaged:
-        gguf = ensure_gguf(config)
-    else:
-        folder = config.state_dir / "models" / identity.replace("/", "_").replace("@", "-")
-        gguf = convert_model_to_gguf(hf_dir, folder / "model-f16.gguf", config.state_dir)
-    return BaseModel(base_model, str(hf_dir), str(gguf), identity)
+    return base_model_files(config, base_model)
 
 
 # ----------------------------------------------------------------------------------------- data
-
-
-def _serving_prompt(program_settings: Any, champion: ChampionProgram | None) -> tuple[str | None, list[dict[str, Any]]]:
-    """The instruction and demos of the program that serves (the champion's, else the declared zero-shot one)."""
-    if champion is None:
-        return None, []
-
-    def no_search(query: str, k: int) -> list[Any]:
-        raise RuntimeError(
-            "the refresh reads the champion program's instruction and demos; it never runs its retrieval"
-        )
-
-    program = load_program(
-        champion.path, program_settings, retriever=no_search if program_settings.retrieve_k else None
-    )
-    predictor = program.answer
-    demos = [dict(demo.items()) if hasattr(demo, "items") else dict(demo) for demo in predictor.demos]
-    return predictor.signature.instructions, demos
 
 
 @task(name="build-training-data", cache_policy=NO_CACHE)
@@ -135,7 +89,7 @@ def build_refresh_data(
     program_settings: Any,
     suite_dir: str,
     data_files: list[str],
-    base: BaseModel,
+    base: BaseModelFiles,
     index: IndexTarget | None,
     champion_program: ChampionProgram | None,
     max_examples: int | None,
@@ -156,31 +110,25 @@ def build_refresh_data(
             f"the adapter refresh trains `predict` programs; a {program_settings.module} program's prompts need reasoning "
             "traces the training data does not have (set program.module: predict or skip this flow)"
         )
-    spec = PromptSpec.from_settings(program_settings)
-    instruction, demos = _serving_prompt(program_settings, champion_program)
+    prompt = read_serving_prompt(program_settings, champion_program.path if champion_program else None)
     retrieve = None
-    if spec.context_field:
-        retriever = open_retriever(index)
+    if prompt.spec.context_field:
         names = [item.name for item in program_settings.inputs]
-
-        def retrieve(inputs: dict[str, Any]) -> list[str]:
-            # The query SpecialistProgram.forward sends: the input values joined by spaces.
-            query = " ".join(str(inputs[name]) for name in names if inputs.get(name))
-            return [passage.render() for passage in retriever(query, program_settings.retrieve_k)]
+        retrieve = context_retriever(open_retriever(index), names, program_settings.retrieve_k)
 
     sources = training_sources(Path(suite_dir), [Path(f) for f in data_files], tuning.from_eval_train)
     records, skipped = read_records(sources)
     started = time.perf_counter()
     data = build_training_data(
         records,
-        spec,
+        prompt.spec,
         count_tokens=token_counter(AutoTokenizer.from_pretrained(base.hf_dir)),
         max_length=tuning.max_length,
         heldout_fraction=tuning.heldout_fraction,
         seed=tuning.seed,
         retrieve=retrieve,
-        demos=demos,
-        instruction=instruction,
+        demos=prompt.demos,
+        instruction=prompt.instruction,
         max_examples=max_examples,
         skipped=skipped,
     )
@@ -246,7 +194,7 @@ def train_candidate(
     handle: RunHandle,
     data: TrainingData,
     tuning: Any,
-    base: BaseModel,
+    base: BaseModelFiles,
     state_dir: str,
     specialist: str,
     max_steps: int | None,
@@ -340,7 +288,7 @@ def export_candidate(
     result: TrainingResult,
     data: TrainingData,
     tuning: Any,
-    base: BaseModel,
+    base: BaseModelFiles,
     state_dir: str,
     out_dir: str,
     max_tokens: int,
@@ -442,23 +390,6 @@ def load_test_cases(suite_dir: str, limit: int | None, fields: list[str]) -> lis
     return cases
 
 
-def _llama_target(
-    base: BaseModel, adapter_gguf: str | None, n_threads: int, n_ctx: int, version: str | None
-) -> LMTarget:
-    identity = f"llama.cpp:{Path(base.gguf).name}" + (
-        f"+lora:{file_sha256(Path(adapter_gguf))[:16]}" if adapter_gguf else ""
-    )
-    return LMTarget(
-        kind="llama_cpp",
-        model=base.gguf,
-        adapter_gguf=adapter_gguf,
-        adapter_version=version,
-        n_threads=n_threads,
-        n_ctx=n_ctx,
-        identity=identity,
-    )
-
-
 @task(name="evaluate-adapters", cache_policy=NO_CACHE)
 def evaluate_adapters(
     program_settings: Any,
@@ -466,7 +397,7 @@ def evaluate_adapters(
     index: IndexTarget | None,
     cache_dir: str,
     cases: list[dict[str, Any]],
-    base: BaseModel,
+    base: BaseModelFiles,
     candidate_gguf: str,
     champion_gguf: str | None,
     champion_version: str | None,
@@ -488,7 +419,7 @@ def evaluate_adapters(
         return SpecialistProgram(program_settings, retriever)
 
     def run(adapter: str | None, version: str | None, name: str) -> EvaluationRun:
-        target = _llama_target(base, adapter, n_threads, n_ctx, version)
+        target = llama_cpp_target(base.gguf, adapter, version, n_threads, n_ctx)
         lm = CompletionLM(
             build_client(target),
             model_id=target.identity,

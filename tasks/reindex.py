@@ -16,8 +16,8 @@ from cadre.evaluation.metrics import is_retrieval_metric
 from cadre.evaluation.results import EvaluationResult, Prediction, evaluate_cases, load_cases
 from cadre.knowledge.index.base import VersionNotFound
 from cadre.knowledge.reindex import (
+    IndexSearcher,
     ReindexResult,
-    Retriever,
     live_version,
     promote_version,
     prune_versions,
@@ -25,6 +25,7 @@ from cadre.knowledge.reindex import (
 )
 from cadre.registry.promotion import champion_version
 from cadre.registry.runs import RunHandle
+from cadre.runtime.retrieval import retrieval_query
 
 
 @task(name="sync-live-index-with-registry", retries=2, retry_delay_seconds=5)
@@ -84,11 +85,11 @@ def evaluate_retrieval(
     settings = config.specialist(specialist)
     metrics = settings.evaluation.retrieval_metrics
     limit = settings.smoke.max_eval_cases if budget == "smoke" else settings.evaluation.max_cases
-    retriever = Retriever.from_config(config, specialist)
+    searcher = IndexSearcher.from_config(config, specialist)
     k = max([int(m.split("@")[1]) for m in metrics if "@" in m] + [10])
     with_relevance = [c for c in load_cases(config.resolve(settings.evaluation.suite), "test") if c.get("relevant_ids")]
     coverage = cases_of or version
-    held = _held_record_ids(retriever, coverage)
+    held = _held_record_ids(searcher, coverage)
     answerable = [c for c in with_relevance if held is None or set(c["relevant_ids"]) & held]
     cases = answerable[:limit] if limit else answerable
     if len(answerable) < len(with_relevance):
@@ -101,9 +102,11 @@ def evaluate_retrieval(
             coverage,
         )
 
+    input_names = [f.name for f in settings.program.inputs]
+
     def predict(case: dict[str, Any]) -> Prediction:
-        query = " ".join(str(case[f.name]) for f in settings.program.inputs if f.name in case)
-        hits = retriever.search(query, k=k, version=version)
+        # The query the program sends when it serves this case, so the gate measures what serving retrieves.
+        hits = searcher.search(retrieval_query(case, input_names), k=k, version=version)
         ranked = list(dict.fromkeys(hit.record_id for hit in hits))
         return Prediction(output=ranked[0] if ranked else None, retrieved_ids=ranked)
 
@@ -119,9 +122,9 @@ def evaluate_retrieval(
     )
 
 
-def _held_record_ids(retriever: Retriever, version: str) -> set[str] | None:
+def _held_record_ids(searcher: IndexSearcher, version: str) -> set[str] | None:
     try:
-        states = retriever.backend.open_version(version).chunk_states()
+        states = searcher.backend.open_version(version).chunk_states()
     except (VersionNotFound, AttributeError):
         return None
     return {state.doc_id.split(":", 1)[1] for state in states}

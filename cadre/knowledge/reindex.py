@@ -718,7 +718,7 @@ def prune_versions(state_dir: Path, specialist: str, retention: int, *, backend:
 # --- retrieval ----------------------------------------------------------------------------------
 
 
-class Retriever:
+class IndexSearcher:
     """Searches a specialist's index: the live version by default, or a named one (a challenger).
 
     The live pointer is read on every call, so a promotion takes effect without a restart; opened
@@ -749,8 +749,8 @@ class Retriever:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: CadreConfig, specialist: str) -> Retriever:
-        """A retriever for one specialist of a validated `pipelines.yaml`."""
+    def from_config(cls, config: CadreConfig, specialist: str) -> IndexSearcher:
+        """A searcher for one specialist of a validated `pipelines.yaml`."""
         settings = config.specialist(specialist)
         embedder = Embedder.load(config.project.embedding, config.project.threads, root=config.root)
         backend = open_backend(config.project.index, config.state_dir, specialist, dimension=embedder.dimension)

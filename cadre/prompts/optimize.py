@@ -47,6 +47,7 @@ from cadre.prompts.program import (
     SpecialistProgram,
     program_context,
 )
+from cadre.runtime.retrieval import retrieval_query
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +190,7 @@ def _examples_with_passages(
     for case in cases:
         values, ids = dict(case), None
         if retriever is not None and program.retrieve_k:
-            query = " ".join(str(case[name]) for name in names if case.get(name))
-            passages = retriever(query, program.retrieve_k)
+            passages = retriever(retrieval_query(case, names), program.retrieve_k)
             values[program.context_field] = [p.render() for p in passages]
             ids = [p.id for p in passages]
         examples.append((dspy.Example(**values).with_inputs(*names), ids))
@@ -658,8 +658,7 @@ def evaluate_retrieval_only(
     k = max(program_settings.retrieve_k, 1)
 
     def predict(case: dict[str, Any]) -> Prediction:
-        query = " ".join(str(case[field_name]) for field_name in inputs if case.get(field_name))
-        passages = retriever(query, k)
+        passages = retriever(retrieval_query(case, inputs), k)
         return Prediction(output=passages[0].id if passages else None, retrieved_ids=[p.id for p in passages])
 
     started = time.monotonic()

@@ -42,13 +42,21 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import dspy
 
-from cadre.runtime.base_model import file_sha256
-from cadre.runtime.lm import CompletionClient, EndpointClient, LlamaCppClient, LMUnavailable
+from cadre.runtime.lm import CompletionClient, EndpointClient, LlamaCppClient, LMUnavailable, llama_cpp_identity
 from cadre.runtime.prompt import FieldSpec, PromptSpec, parse_completion, render_prompt
+from cadre.runtime.retrieval import (
+    IndexNotReady,
+    IndexTarget,
+    Passage,
+    Retriever,
+    open_index_search,
+    retrieval_query,
+)
+from cadre.runtime.serving_prompt import demo_dicts
 
 CACHE_NAMESPACE = "cadre.program.CompletionLM"
 """Part of every cache key, so Cadre's entries never collide with DSPy's own LM entries."""
@@ -390,28 +398,6 @@ def _output_text(output: Any) -> str:
 # ------------------------------------------------------------------------------------- retrieval
 
 
-@dataclass(frozen=True)
-class Passage:
-    """One retrieved document, as the program shows it to the model.
-
-    Attributes:
-        id: the document id the evaluation compares with `relevant_ids` (e.g. `A01.02`).
-        title: one line that says what the document is.
-    """
-
-    id: str
-    title: str
-
-    def render(self) -> str:
-        return f"{self.id} — {self.title}" if self.title else self.id
-
-
-class Retriever(Protocol):
-    """Anything that returns the `k` best passages for a query, best first."""
-
-    def __call__(self, query: str, k: int) -> list[Passage]: ...
-
-
 class SharedRetriever:
     """Wraps a retriever so programs share it: deep copies (DSPy copies programs a lot) return the same
     object instead of copying an index and an embedding model, and each query is searched once per run."""
@@ -436,76 +422,16 @@ class SharedRetriever:
         return self
 
 
-class IndexNotReady(RuntimeError):
-    """The specialist has no live index yet (run the re-index flow first)."""
-
-
-@dataclass(frozen=True)
-class IndexTarget:
-    """The slice of config that finds a specialist's champion (live) index and embeds queries.
-
-    Attributes:
-        specialist: whose index.
-        state_dir: the project's state dir (the live pointer and LanceDB tables live below it).
-        root: the project folder (relative model folders are read from it).
-        backend: `project.index`.
-        embedding: `project.embedding`.
-        threads: `project.threads`.
-        search_mode: the specialist's `index.search_mode`.
-        version: the index version to search; None for whichever is live when the retriever opens.
-    """
-
-    specialist: str
-    state_dir: str
-    root: str
-    backend: Any
-    embedding: Any
-    threads: Any
-    search_mode: str = "hybrid"
-    version: str | None = None
-
-    @classmethod
-    def from_config(cls, config: Any, specialist: str, pin_live: bool = True) -> IndexTarget:
-        """The specialist's index; with `pin_live`, pinned to the version live now, so every step of a run
-        (champion and candidate alike) searches the same knowledge even if a re-index promotes meanwhile.
-
-        Raises:
-            IndexNotReady: pinning, and no version is live yet.
-        """
-        from cadre.knowledge.reindex import live_version
-
-        settings = config.specialist(specialist)
-        version = live_version(config.state_dir, specialist) if pin_live else None
-        if pin_live and version is None:
-            raise IndexNotReady(
-                f"specialist {specialist!r} has no live index under {config.state_dir}; run the re-index flow first"
-            )
-        return cls(
-            specialist,
-            str(config.state_dir),
-            str(config.root),
-            config.project.index,
-            config.project.embedding,
-            config.project.threads,
-            settings.index.search_mode,
-            version,
-        )
-
-
 def open_retriever(target: IndexTarget) -> SharedRetriever:
-    """Search the specialist's champion (live) index through the re-index engine's `Retriever`.
+    """Search the specialist's champion (live) index with the runtime's search rule, each query once per run.
 
     Every search goes to one version: the target's pinned version, else the one live when this opens.
-    Several chunks of one document count once, at their best rank; a passage is the
-    document's record id (the ICD-10-CM code in the demo) and title, which is what the program shows
-    the model (`CODE — title`) and what the evaluation compares with `relevant_ids`.
+    A passage is a document's record id and title (`cadre.runtime.retrieval.search_passages`), which is
+    what the program shows the model (`CODE — title`) and what the evaluation compares with `relevant_ids`.
 
     Raises:
         IndexNotReady: no index version is live for the specialist.
     """
-    from cadre.knowledge.embedding import Embedder
-    from cadre.knowledge.index import open_backend
-    from cadre.knowledge.reindex import Retriever as IndexRetriever
     from cadre.knowledge.reindex import live_version
 
     state_dir = Path(target.state_dir)
@@ -514,17 +440,7 @@ def open_retriever(target: IndexTarget) -> SharedRetriever:
         raise IndexNotReady(
             f"specialist {target.specialist!r} has no live index under {state_dir}; run the re-index flow first"
         )
-    embedder = Embedder.load(target.embedding, target.threads, root=Path(target.root))
-    backend = open_backend(target.backend, state_dir, target.specialist, dimension=embedder.dimension)
-    index = IndexRetriever(target.specialist, state_dir, backend, embedder, target.search_mode)
-
-    def search(query: str, k: int) -> list[Passage]:
-        passages: dict[str, Passage] = {}
-        for hit in index.search(query, k * 2, version=live):
-            passages.setdefault(hit.record_id, Passage(hit.record_id, hit.title))
-        return list(passages.values())[:k]
-
-    return SharedRetriever(search, version=live)
+    return SharedRetriever(open_index_search(target, live), version=live)
 
 
 # ------------------------------------------------------------------------------------- the program
@@ -581,8 +497,7 @@ class SpecialistProgram(dspy.Module):
         passages: list[Passage] = []
         arguments = {name: inputs.get(name) for name in self.input_names}
         if self.context_field:
-            query = " ".join(str(arguments[name]) for name in self.input_names if arguments.get(name))
-            passages = self.retriever(query, self.retrieve_k)
+            passages = self.retriever(retrieval_query(arguments, self.input_names), self.retrieve_k)
             arguments = {self.context_field: [p.render() for p in passages], **arguments}
         answer = self.answer(**arguments)
         outputs = {name: answer.get(name) for name in self.output_names}
@@ -619,7 +534,7 @@ def predictor_prompts(program: dspy.Module) -> list[dict[str, Any]]:
     """Each predictor's instruction and demos (the part an optimizer changes), for reports."""
     found = []
     for name, predictor in program.named_predictors():
-        demos = [dict(demo.items()) if hasattr(demo, "items") else dict(demo) for demo in predictor.demos]
+        demos = list(demo_dicts(predictor.demos))
         found.append({"predictor": name, "instruction": predictor.signature.instructions, "demos": demos})
     return found
 
@@ -731,16 +646,29 @@ def lm_target(config: Any, adapter_gguf: Path | None = None, adapter_version: st
         )
     from cadre.runtime.base_model import ensure_gguf
 
-    base = ensure_gguf(config)
-    adapter_sha = file_sha256(Path(adapter_gguf))[:16]
+    return llama_cpp_target(ensure_gguf(config), adapter_gguf, adapter_version, settings.n_threads, settings.n_ctx)
+
+
+def llama_cpp_target(
+    gguf: str | Path, adapter_gguf: str | Path | None, adapter_version: str | None, n_threads: int, n_ctx: int
+) -> LMTarget:
+    """llama.cpp in this process on a base GGUF, with a LoRA adapter (GGUF) applied when one is given.
+
+    Args:
+        gguf: the base model's GGUF.
+        adapter_gguf: the adapter to apply, or None for the bare base model.
+        adapter_version: the adapter's registry version, for reports.
+        n_threads: decode threads.
+        n_ctx: context window.
+    """
     return LMTarget(
         kind="llama_cpp",
-        model=str(base),
-        adapter_gguf=str(adapter_gguf),
+        model=str(gguf),
+        adapter_gguf=str(adapter_gguf) if adapter_gguf else None,
         adapter_version=adapter_version,
-        n_threads=settings.n_threads,
-        n_ctx=settings.n_ctx,
-        identity=f"llama.cpp:{base.name}+lora:{adapter_sha}",
+        n_threads=n_threads,
+        n_ctx=n_ctx,
+        identity=llama_cpp_identity(gguf, adapter_gguf),
     )
 
 
@@ -773,6 +701,7 @@ __all__ = [
     "SharedRetriever",
     "SpecialistProgram",
     "build_client",
+    "llama_cpp_target",
     "lm_target",
     "load_program",
     "make_signature",

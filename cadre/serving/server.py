@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cadre.config import CadreConfig
+from cadre.runtime.base_model import base_gguf
 
 log = logging.getLogger("cadre.serve")
 
@@ -90,21 +91,6 @@ class ServeSettings:
 
 class ServeError(RuntimeError):
     """The server cannot start; the message says why and what to do."""
-
-
-def base_gguf(config: CadreConfig, base_model: str) -> Path:
-    """The GGUF a specialist's base model runs from (the packaged one, or a conversion of a local model, made once)."""
-    from cadre.runtime.base_model import PACKAGED_GEMMA, ensure_gguf, hf_model_dir
-
-    if base_model == PACKAGED_GEMMA:
-        return ensure_gguf(config)
-    from cadre.tuning.adapter_export import convert_model_to_gguf
-    from cadre.tuning.finetune import base_model_id
-
-    hf_dir = hf_model_dir(config, base_model)
-    identity = base_model_id(hf_dir, base_model)
-    target = config.state_dir / "models" / identity.replace("/", "_").replace("@", "-") / "model-f16.gguf"
-    return convert_model_to_gguf(hf_dir, target, config.state_dir)
 
 
 def build_state(config: CadreConfig, settings: ServeSettings) -> Any:

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from cadre.runtime.prompt import PromptSpec
+from cadre.runtime.retrieval import IndexTarget, Passage, Retriever, open_index_search, retrieval_query
+from cadre.runtime.serving_prompt import ServingPrompt, read_serving_prompt
 from cadre.serving.engine import AdapterLease, LoraEngine
 
 log = logging.getLogger("cadre.serve")
@@ -57,19 +59,43 @@ class SpecialistUnavailable(RuntimeError):
     """The specialist cannot answer now (e.g. it retrieves and no index is live); the message says why."""
 
 
+@dataclass(frozen=True)
+class RequestRenderer:
+    """How a request becomes the prompt the engine completes: what the program's forward sends for the same inputs.
+
+    Attributes:
+        prompt: the serving program's prompt (instruction, demos, fields).
+        input_names: the program's declared inputs, in order.
+        retrieve: search of the pinned index version, or None when the program does not retrieve. It has no
+            per-query cache: a server sees an unbounded stream of distinct queries.
+        retrieve_k: passages per request.
+    """
+
+    prompt: ServingPrompt
+    input_names: list[str]
+    retrieve: Retriever | None
+    retrieve_k: int
+
+    def render(self, inputs: Mapping[str, Any]) -> tuple[str, list[str]]:
+        """The prompt for one request and the ids of the passages in it."""
+        values = {name: inputs.get(name) for name in self.input_names}
+        passages: list[Passage] = []
+        context = self.prompt.spec.context_field
+        if self.retrieve is not None and context:
+            passages = self.retrieve(retrieval_query(values, self.input_names), self.retrieve_k)
+            values = {context: [p.render() for p in passages], **values}
+        return self.prompt.render(values), [p.id for p in passages]
+
+
 @dataclass
 class SpecialistRuntime:
-    """What answers for one specialist: program state, prompt spec, retrieval and adapter, fixed at build time.
+    """What answers for one specialist: how requests are rendered, and the adapter, fixed at build time.
 
     Attributes:
         name: the specialist.
         versions: the versions actually serving (an adapter champion without a GGUF serves the base model).
         registry: the versions the registry showed when this was built (what the watcher compares with).
-        spec: the prompt spec of the program's predictor (its instruction, inputs, outputs).
-        demos: the program's demos (rendered before the question).
-        input_names: the program's declared inputs, in order.
-        retrieve: search of the pinned index version, or None when the program does not retrieve.
-        retrieve_k: passages per request.
+        renderer: the program's prompt and retrieval (`render` makes a request's prompt with it).
         max_tokens: the program's answer length.
         temperature: the program's temperature.
         engine: the llama.cpp engine of the specialist's base model.
@@ -80,11 +106,7 @@ class SpecialistRuntime:
     name: str
     versions: ChampionVersions
     registry: ChampionVersions
-    spec: PromptSpec
-    demos: list[dict[str, Any]]
-    input_names: list[str]
-    retrieve: Callable[[str, int], list[Any]] | None
-    retrieve_k: int
+    renderer: RequestRenderer
     max_tokens: int
     temperature: float
     engine: LoraEngine
@@ -92,25 +114,21 @@ class SpecialistRuntime:
     built_at: float = field(default_factory=time.time)
 
     @property
+    def spec(self) -> PromptSpec:
+        """The prompt spec of the program's predictor (its instruction, inputs, outputs)."""
+        return self.renderer.prompt.spec
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.renderer.input_names
+
+    @property
     def output_names(self) -> list[str]:
         return [f.name for f in self.spec.outputs]
 
     def render(self, inputs: Mapping[str, Any]) -> tuple[str, list[str]]:
-        """The prompt for one request and the ids of the passages in it — what the program's forward sends.
-
-        Retrieval uses the query `SpecialistProgram.forward` builds (the inputs joined by spaces); the prompt is
-        the completion adapter's rendering of the predictor's signature, demos and instruction.
-        """
-        from cadre.runtime.prompt import render_prompt
-
-        values = {name: inputs.get(name) for name in self.input_names}
-        passages: list[Any] = []
-        if self.retrieve is not None and self.spec.context_field:
-            query = " ".join(str(values[name]) for name in self.input_names if values.get(name))
-            passages = self.retrieve(query, self.retrieve_k)
-            values = {self.spec.context_field: [p.render() for p in passages], **values}
-        prompt = render_prompt(self.spec, values, self.demos, instruction=self.spec.instruction)
-        return prompt, [p.id for p in passages]
+        """The prompt for one request and the ids of the passages in it."""
+        return self.renderer.render(inputs)
 
     def close(self) -> None:
         self.adapter.release()
@@ -265,8 +283,6 @@ def build_runtime(
     Raises:
         SpecialistUnavailable: the program retrieves and no index version is live.
     """
-    from cadre.prompts.program import IndexTarget, SpecialistProgram, load_program
-
     settings = config.specialist(specialist)
     program_settings = settings.program
     retrieve = None
@@ -277,28 +293,17 @@ def build_runtime(
                 "index yet; run the re-index flow (`cadre run reindex`) and it will serve within one poll"
             )
         target = IndexTarget.from_config(config, specialist, pin_live=False)
-        retrieve = _index_search(target, registry.index)
+        retrieve = open_index_search(target, registry.index)
 
     program_file = (
         download_champion(source, specialist, "program", registry.program, "program.json") if registry.program else None
     )
-    program = (
-        load_program(program_file, program_settings, retriever=retrieve)
-        if program_file
-        else SpecialistProgram(program_settings, retriever=retrieve)
-    )
+    prompt = read_serving_prompt(program_settings, program_file)
     adapter_file = (
         download_champion(source, specialist, "adapter", registry.adapter, ".gguf") if registry.adapter else None
     )
     if registry.adapter and adapter_file is None:
         log.warning("%s: champion adapter v%s has no GGUF file; serving the base model", specialist, registry.adapter)
-    predictor = next(iter(program.named_predictors()))[1]
-    from cadre.prompts.program import CompletionAdapter
-
-    spec = CompletionAdapter(program_settings.context_field if program_settings.retrieve_k else None).prompt_spec(
-        predictor.signature
-    )
-    demos = [dict(demo.items()) if hasattr(demo, "items") else dict(demo) for demo in predictor.demos]
     lease = engine.load_adapter(adapter_file)
     served = ChampionVersions(
         program=registry.program if program_file else None,
@@ -309,40 +314,14 @@ def build_runtime(
         name=specialist,
         versions=served,
         registry=registry,
-        spec=spec,
-        demos=demos,
-        input_names=[f.name for f in program_settings.inputs],
-        retrieve=retrieve,
-        retrieve_k=program_settings.retrieve_k,
+        renderer=RequestRenderer(
+            prompt, [f.name for f in program_settings.inputs], retrieve, program_settings.retrieve_k
+        ),
         max_tokens=program_settings.max_tokens,
         temperature=program_settings.temperature,
         engine=engine,
         adapter=lease,
     )
-
-
-def _index_search(target: Any, version: str) -> Callable[[str, int], list[Any]]:
-    """Search one index version, the way `cadre.prompts.program.open_retriever` does, without its per-run query cache.
-
-    A server sees an unbounded stream of distinct queries; the program's `SharedRetriever` remembers
-    every one for the life of the run, which suits an optimization and would grow without bound here.
-    """
-    from cadre.knowledge.embedding import Embedder
-    from cadre.knowledge.index import open_backend
-    from cadre.knowledge.reindex import Retriever
-    from cadre.prompts.program import Passage
-
-    embedder = Embedder.load(target.embedding, target.threads, root=Path(target.root))
-    backend = open_backend(target.backend, Path(target.state_dir), target.specialist, dimension=embedder.dimension)
-    index = Retriever(target.specialist, Path(target.state_dir), backend, embedder, target.search_mode)
-
-    def search(query: str, k: int) -> list[Passage]:
-        passages: dict[str, Passage] = {}
-        for hit in index.search(query, k * 2, version=version):
-            passages.setdefault(hit.record_id, Passage(hit.record_id, hit.title))
-        return list(passages.values())[:k]
-
-    return search
 
 
 # ------------------------------------------------------------------------------------- watching

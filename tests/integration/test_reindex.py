@@ -33,7 +33,7 @@ from cadre.knowledge.index.lancedb_backend import LanceDBBackend
 from cadre.knowledge.reindex import (
     PAUSE_AT_ENV,
     PAUSE_ENV,
-    Retriever,
+    IndexSearcher,
     live_version,
     plan_and_apply,
     promote_version,
@@ -216,7 +216,7 @@ def test_sqlite_edits_adds_and_deletes_change_exactly_those_chunks(project: Path
     unchanged_chunks = [chunk for chunk, doc_id in after.items() if doc_id not in touched_docs]
     assert all(new_hashes[chunk] == old_hashes[chunk] for chunk in unchanged_chunks)
 
-    retriever = Retriever(
+    retriever = IndexSearcher(
         SPECIALIST,
         project / ".cadre",
         LanceDBBackend(IndexLayout(project / ".cadre", SPECIALIST).lancedb_dir),
@@ -249,7 +249,7 @@ def test_smoke_cap_loads_only_max_documents(project: Path, embedder: Embedder):
 
 
 def test_search_needs_a_live_version(project: Path, embedder: Embedder):
-    retriever = Retriever(
+    retriever = IndexSearcher(
         SPECIALIST,
         project / ".cadre",
         LanceDBBackend(IndexLayout(project / ".cadre", SPECIALIST).lancedb_dir),
@@ -391,10 +391,10 @@ def test_killed_reindex_converges_when_run_again(
     # Same content as a build that was never interrupted, down to the search results.
     assert sorted(stored(project, clean.version, ".clean")[0]) == sorted(ids)
     for query in ("typhoid fever variant 3 after revision", "otitis media variant 101", "gout"):
-        resumed_hits = Retriever(SPECIALIST, state, LanceDBBackend(layout.lancedb_dir), embedder).search(
+        resumed_hits = IndexSearcher(SPECIALIST, state, LanceDBBackend(layout.lancedb_dir), embedder).search(
             query, k=5, version=resumed.version, mode="vector"
         )
-        clean_hits = Retriever(
+        clean_hits = IndexSearcher(
             SPECIALIST,
             project / ".clean",
             LanceDBBackend(IndexLayout(project / ".clean", SPECIALIST).lancedb_dir),

@@ -306,13 +306,14 @@ def test_plans_read_the_optimizer_settings_and_the_smoke_budget() -> None:
 
 def test_the_refresh_reads_a_retrieving_champions_prompt_without_an_index(tmp_path: Path) -> None:
     """The refresh renders its training prompts with the champion's instruction and demos; reading them needs no index."""
-    from tasks.prompts import ChampionProgram
-    from tasks.refresh import _serving_prompt
+    from cadre.runtime.serving_prompt import read_serving_prompt
 
     program = SpecialistProgram(ICD, lambda query, k: [])
     program.answer.demos = [dspy.Example(**DEMO)]
     program.answer.signature = program.answer.signature.with_instructions("Pick the code of the phrase.")
     save_program(program, tmp_path / "program.json")
-    instruction, demos = _serving_prompt(ICD, ChampionProgram("1", str(tmp_path / "program.json"), "fingerprint", None))
-    assert instruction == "Pick the code of the phrase."
-    assert [demo["code"] for demo in demos] == ["A01.02"]
+    prompt = read_serving_prompt(ICD, tmp_path / "program.json")
+    assert prompt.instruction == "Pick the code of the phrase."
+    assert [demo["code"] for demo in prompt.demos] == ["A01.02"]
+    declared = read_serving_prompt(ICD, None)
+    assert declared.instruction == ICD.instruction and declared.demos == ()

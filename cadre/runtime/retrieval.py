@@ -1,0 +1,158 @@
+"""How a case becomes a retrieval query and how the index answers it: one rule for every stage and serving.
+
+The program's forward pass, the optimizer's examples, the refresh's training prompts, the DPO pairs, the
+re-index retrieval gate and the server all search with `retrieval_query` and turn index hits into
+passages with `search_passages`, so a specialist is trained and gated on the passages it is later served.
+
+Usage::
+
+    search = open_index_search(IndexTarget.from_config(config, "icd10-coder"), version)  # no query cache
+    passages = search(retrieval_query({"phrase": "typhoid endocarditis"}, ["phrase"]), 5)
+    context = context_retriever(search, ["phrase"], 5)  # inputs -> rendered passages (training data, DPO pairs)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from cadre.knowledge.reindex import IndexSearcher
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One retrieved document, as the program shows it to the model.
+
+    Attributes:
+        id: the document id the evaluation compares with `relevant_ids` (e.g. `A01.02`).
+        title: one line that says what the document is.
+    """
+
+    id: str
+    title: str
+
+    def render(self) -> str:
+        return f"{self.id} — {self.title}" if self.title else self.id
+
+
+class Retriever(Protocol):
+    """Anything that returns the `k` best passages for a query, best first."""
+
+    def __call__(self, query: str, k: int) -> list[Passage]: ...
+
+
+def retrieval_query(case: Mapping[str, Any], input_names: Sequence[str]) -> str:
+    """The text a case searches the index with: its input values that are set, in the program's order, joined by spaces.
+
+    Args:
+        case: a request's inputs or a suite case (extra keys are ignored).
+        input_names: the program's declared inputs, in order.
+    """
+    return " ".join(str(case[name]) for name in input_names if case.get(name))
+
+
+def search_passages(index: IndexSearcher, query: str, k: int, version: str) -> list[Passage]:
+    """The `k` best documents for a query in one index version, as passages.
+
+    Twice `k` chunks are fetched and several chunks of one document count once, at their best rank, so
+    a long document cut into many chunks does not crowd the others out. A passage is the document's
+    record id (the ICD-10-CM code in the demo) and title.
+    """
+    passages: dict[str, Passage] = {}
+    for hit in index.search(query, k * 2, version=version):
+        passages.setdefault(hit.record_id, Passage(hit.record_id, hit.title))
+    return list(passages.values())[:k]
+
+
+def context_retriever(
+    search: Retriever, input_names: Sequence[str], k: int
+) -> Callable[[Mapping[str, Any]], list[str]]:
+    """What a program puts in its context field for a case's inputs: the rendered passages of its query.
+
+    The training data (`build_training_data`) and the DPO pairs (`preference_pairs`) fill their prompts with it.
+    """
+
+    def retrieve(inputs: Mapping[str, Any]) -> list[str]:
+        return [passage.render() for passage in search(retrieval_query(inputs, input_names), k)]
+
+    return retrieve
+
+
+class IndexNotReady(RuntimeError):
+    """The specialist has no live index yet (run the re-index flow first)."""
+
+
+@dataclass(frozen=True)
+class IndexTarget:
+    """The slice of config that finds a specialist's champion (live) index and embeds queries.
+
+    Attributes:
+        specialist: whose index.
+        state_dir: the project's state dir (the live pointer and LanceDB tables live below it).
+        root: the project folder (relative model folders are read from it).
+        backend: `project.index`.
+        embedding: `project.embedding`.
+        threads: `project.threads`.
+        search_mode: the specialist's `index.search_mode`.
+        version: the index version to search; None for whichever is live when the search opens.
+    """
+
+    specialist: str
+    state_dir: str
+    root: str
+    backend: Any
+    embedding: Any
+    threads: Any
+    search_mode: str = "hybrid"
+    version: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Any, specialist: str, pin_live: bool = True) -> IndexTarget:
+        """The specialist's index; with `pin_live`, pinned to the version live now, so every step of a run
+        (champion and candidate alike) searches the same knowledge even if a re-index promotes meanwhile.
+
+        Raises:
+            IndexNotReady: pinning, and no version is live yet.
+        """
+        from cadre.knowledge.reindex import live_version
+
+        settings = config.specialist(specialist)
+        version = live_version(config.state_dir, specialist) if pin_live else None
+        if pin_live and version is None:
+            raise IndexNotReady(
+                f"specialist {specialist!r} has no live index under {config.state_dir}; run the re-index flow first"
+            )
+        return cls(
+            specialist,
+            str(config.state_dir),
+            str(config.root),
+            config.project.index,
+            config.project.embedding,
+            config.project.threads,
+            settings.index.search_mode,
+            version,
+        )
+
+
+def open_index_search(target: IndexTarget, version: str) -> Retriever:
+    """Search one version of the target's index with `search_passages`, embedding each query; nothing is cached.
+
+    A caller that sees the same queries again (an optimization) wraps it in its own cache
+    (`cadre.prompts.program.SharedRetriever`); a server, which sees unbounded distinct queries, does not.
+    """
+    from cadre.knowledge.embedding import Embedder
+    from cadre.knowledge.index import open_backend
+    from cadre.knowledge.reindex import IndexSearcher
+
+    state_dir = Path(target.state_dir)
+    embedder = Embedder.load(target.embedding, target.threads, root=Path(target.root))
+    backend = open_backend(target.backend, state_dir, target.specialist, dimension=embedder.dimension)
+    index = IndexSearcher(target.specialist, state_dir, backend, embedder, target.search_mode)
+
+    def search(query: str, k: int) -> list[Passage]:
+        return search_passages(index, query, k, version)
+
+    return search

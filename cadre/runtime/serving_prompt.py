@@ -1,0 +1,72 @@
+"""The prompt a specialist serves: its program's instruction, demos and fields, read once from the program JSON.
+
+The server, the adapter refresh (training data) and the feedback flow (DPO pairs) all read the champion
+program with `read_serving_prompt` and render with `ServingPrompt.render`, the same `render_prompt` call the
+DSPy program's `CompletionAdapter` makes, so every path puts the same bytes in front of the model.
+
+Usage::
+
+    prompt = read_serving_prompt(settings.program, champion_json)  # None: the declared, zero-shot program
+    text = prompt.render({"context": [...], "phrase": "typhoid endocarditis"})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cadre.runtime.prompt import PromptSpec, render_prompt
+
+
+@dataclass(frozen=True)
+class ServingPrompt:
+    """What a program renders before the question: its spec (instruction and fields) and its demos.
+
+    Attributes:
+        spec: the prompt spec of the program's predictor; its instruction is the program's (an optimizer's
+            proposal for a compiled champion, the declared one otherwise).
+        demos: complete examples shown before the question (empty for a zero-shot program).
+    """
+
+    spec: PromptSpec
+    demos: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def instruction(self) -> str:
+        return self.spec.instruction
+
+    def render(self, inputs: Mapping[str, Any]) -> str:
+        """The prompt for one question (`inputs` holds the context field too when the program retrieves)."""
+        return render_prompt(self.spec, inputs, self.demos, instruction=self.spec.instruction)
+
+
+def read_serving_prompt(program_settings: Any, program_path: str | Path | None) -> ServingPrompt:
+    """The serving prompt of a saved program (a champion's `program.json`), or of the declared program.
+
+    Only the program's state is read: a retrieving program's search is never run here.
+
+    Args:
+        program_settings: the specialist's `ProgramSettings` (the fields the JSON's state belongs to).
+        program_path: the saved program; None for the declared (un-optimized, zero-shot) program.
+    """
+    from cadre.prompts.program import CompletionAdapter, SpecialistProgram, load_program
+
+    def no_search(query: str, k: int) -> list[Any]:
+        raise RuntimeError("reading a program's serving prompt never runs its retrieval")
+
+    search = no_search if program_settings.retrieve_k else None
+    program = (
+        load_program(program_path, program_settings, search)
+        if program_path is not None
+        else SpecialistProgram(program_settings, search)
+    )
+    predictor = next(iter(program.named_predictors()))[1]
+    adapter = CompletionAdapter(program_settings.context_field if program_settings.retrieve_k else None)
+    return ServingPrompt(adapter.prompt_spec(predictor.signature), demo_dicts(predictor.demos))
+
+
+def demo_dicts(demos: Sequence[Any]) -> tuple[dict[str, Any], ...]:
+    """A predictor's demos as plain dicts (`dspy.Example`s without DSPy's internal keys, or the dicts a loaded JSON holds)."""
+    return tuple(dict(demo.items()) if hasattr(demo, "items") else dict(demo) for demo in demos)
