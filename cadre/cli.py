@@ -287,9 +287,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_feedback_export(args: argparse.Namespace) -> int:
-    import contextlib
+    import io
+    import logging
 
     from cadre.feedback.store import open_store, store_url_for
+    from cadre.jsonl import write_text_atomic
 
     config = _load(args.file)
     names = [args.specialist] if args.specialist else [s.name for s in config.specialists]
@@ -298,13 +300,31 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
     urls: dict[str, list[str]] = {}
     for name in names:
         urls.setdefault(store_url_for(config, name), []).append(name)
-    with contextlib.ExitStack() as stack:
-        out = sys.stdout if args.output == "-" else stack.enter_context(Path(args.output).open("w", encoding="utf-8"))
-        written = sum(
-            open_store(url).export_jsonl(out, specialist=name) for url, members in urls.items() for name in members
-        )
+    # Everything is read and serialised first; the file is then replaced in one step (never left half written).
+    logging.getLogger("cadre.feedback.store").setLevel(logging.ERROR)  # skipped rows are listed below instead
+    buffer = io.StringIO()
+    exports = [
+        open_store(url).export_jsonl(buffer, specialist=name) for url, members in urls.items() for name in members
+    ]
+    if args.output == "-":
+        sys.stdout.write(buffer.getvalue())
+        sys.stdout.flush()
+    else:
+        write_text_atomic(args.output, buffer.getvalue())
     where = "stdout" if args.output == "-" else args.output
+    written = sum(export.written for export in exports)
+    skipped = [skip for export in exports for skip in export.skipped]
     console.print(f"wrote {written} feedback record(s) of {', '.join(names)} to {where}")
+    if skipped:
+        console.print(
+            f"[yellow]skipped {len(skipped)} unusable feedback row(s) (stored before the checks, or written into the "
+            "database by other means):[/yellow]",
+            highlight=False,
+        )
+        for skip in skipped[:20]:
+            console.print(f"  {skip}", markup=False, highlight=False)
+        if len(skipped) > 20:
+            console.print(f"  … and {len(skipped) - 20} more", highlight=False)
     return 0
 
 

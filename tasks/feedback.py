@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from cadre.feedback.store import (
     open_store,
     preference_pairs,
 )
+from cadre.jsonl import write_jsonl
 from cadre.prompts.program import IndexTarget, open_retriever
 from cadre.registry.runs import RunHandle
 from cadre.runtime.base_model import BaseModelFiles
@@ -80,9 +81,10 @@ def collect_corrections(
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    records = open_store(store_url).feedback(specialist)
-    found, counts = corrections(records, output_names)
+    read = open_store(store_url).read_feedback(specialist)
+    found, counts = corrections(read.records, output_names)
     counts["corrections"] = len(found)
+    counts["unusable_rows"] = len(read.skipped)  # rows that break the store's rules; each is logged with why
     stamp = int(time.time() * 1000)
     MlflowClient(handle.tracking_uri).log_batch(
         handle.run_id, metrics=[Metric(f"feedback_{k}", float(v), stamp, 0) for k, v in counts.items()]
@@ -91,6 +93,7 @@ def collect_corrections(
         f"feedback store: {counts['records']} feedback record(s) for {specialist}, {len(found)} usable correction(s) "
         f"({counts['without_correction']} ratings without a correction, {counts['same_as_answer']} equal to the answer, "
         f"{counts['superseded']} superseded by a later correction of the same input)"
+        + (f"; {len(read.skipped)} unusable row(s) skipped" if read.skipped else "")
     )
     return CollectedCorrections(found, counts)
 
@@ -146,23 +149,9 @@ def build_feedback_data(
         digest.update(f"{pair.prompt}\x00{pair.chosen}\x00{pair.rejected}\x01".encode())
     folder = Path(out_dir) / "data"
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "preference_pairs.jsonl").open("w", encoding="utf-8") as out:
-        for pair in pairs:
-            out.write(
-                json.dumps(
-                    {
-                        "prompt": pair.prompt,
-                        "chosen": pair.chosen,
-                        "rejected": pair.rejected,
-                        "response_id": pair.response_id,
-                    },
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
-    with (folder / "feedback_cases.jsonl").open("w", encoding="utf-8") as out:
-        for case in cases:
-            out.write(json.dumps(case, ensure_ascii=False) + "\n")
+    # Atomic, and every row checked before a byte is written (cadre.jsonl): an artifact is whole or absent.
+    write_jsonl(folder / "preference_pairs.jsonl", (asdict(pair) for pair in pairs))
+    write_jsonl(folder / "feedback_cases.jsonl", cases)
     client = MlflowClient(handle.tracking_uri)
     client.log_artifacts(handle.run_id, str(folder), "data")
     client.set_tag(handle.run_id, "cadre.data_fingerprint", digest.hexdigest())

@@ -79,11 +79,9 @@ def load_config(file: str | Path = "pipelines.yaml") -> CadreConfig:
             display, [ConfigIssue(mark.line + 1, mark.column + 1, "", f"duplicate key: {error.problem}")]
         ) from None
     except MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise ConfigError(
-            display, [ConfigIssue(line, column, "", f"YAML syntax error: {error.problem or error.context}")]
-        ) from None
+        raise ConfigError(display, [_syntax_issue(error)]) from None
+    except RecursionError:
+        raise ConfigError(display, [ConfigIssue(1, 1, "", "YAML nested too deeply to read")]) from None
 
     if not isinstance(document, dict):
         raise ConfigError(
@@ -109,6 +107,31 @@ def load_config(file: str | Path = "pipelines.yaml") -> CadreConfig:
         unique = {(i.line, i.column, i.message): i for i in reversed(issues)}
         raise ConfigError(display, sorted(unique.values(), key=lambda i: (i.line, i.column)))
     return CadreConfig(file=path.resolve(), pipelines=pipelines, sha256=hashlib.sha256(raw_bytes).hexdigest())
+
+
+_OPENED = ("while parsing a flow", "while scanning a quoted scalar", "while scanning a flow")
+"""ruamel's contexts for a bracket, brace or quote opened and never closed: the error points at its opening."""
+
+
+def _syntax_issue(error: MarkedYAMLError) -> ConfigIssue:
+    """A YAML syntax error at its line; one about an unclosed `[`, `{` or quote at the line that opened it, naming it."""
+    problem = error.problem or error.context or "not valid YAML"
+    opened, found = error.context_mark, error.problem_mark
+    if opened is not None and str(error.context or "").startswith(_OPENED):
+        buffer, pointer = getattr(opened, "buffer", None), getattr(opened, "pointer", -1)
+        opener = buffer[pointer] if isinstance(buffer, str) and 0 <= pointer < len(buffer) else ""
+        if opener in ("[", "{", "'", '"'):
+            closer = {"[": "]", "{": "}"}.get(opener, opener)
+            where = f" at line {found.line + 1}, column {found.column + 1}" if found is not None else ""
+            return ConfigIssue(
+                opened.line + 1,
+                opened.column + 1,
+                "",
+                f"YAML syntax error: the {opener!r} opened here is never closed with {closer!r} ({problem}{where})",
+            )
+    mark = found or opened
+    line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+    return ConfigIssue(line, column, "", f"YAML syntax error: {problem}")
 
 
 def _plain(node: Any, here: Path_, locations: dict[Path_, tuple[int, int]]) -> Any:

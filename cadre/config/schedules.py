@@ -54,7 +54,44 @@ def check_cron(expression: str) -> str:
                 number = names.get(value, value)
                 if not str(number).isdigit() or not low <= int(number) <= high:
                     raise ValueError(f"cron {expression!r}: {label} value {value!r} is outside {low}-{high}")
+    if not _some_day_fits_every_month(parts[2]):
+        _check_fires(expression)
     return expression
+
+
+_CHECKED_YEARS = 5
+"""A cron with no fire time within this many years never fires (29 February comes once in 4)."""
+
+
+def _some_day_fits_every_month(day_of_month: str) -> bool:
+    """Whether the day-of-month field allows a day every month has (1-28): then the schedule fires every month."""
+    for atom in day_of_month.split(","):
+        span = atom.partition("/")[0]
+        if span == "*" or int(span.split("-")[0]) <= 28:
+            return True
+    return False
+
+
+def _check_fires(expression: str) -> None:
+    """Raise ValueError when the cron has no fire time within `_CHECKED_YEARS` years, as Prefect computes them.
+
+    Only crons whose days of month are all 29-31 get here (a day some month lacks); Prefect's own cron parser
+    (the one its scheduler uses) decides, so it is imported only for them.
+    """
+    from datetime import UTC, datetime
+
+    from prefect._vendor.croniter import croniter
+    from prefect._vendor.croniter.croniter import CroniterBadDateError
+
+    try:
+        croniter(expression, datetime.now(UTC), day_or=True, max_years_between_matches=_CHECKED_YEARS).get_next(
+            datetime
+        )
+    except CroniterBadDateError:
+        raise ValueError(
+            f"cron {expression!r} never fires: no date in the next {_CHECKED_YEARS} years has its day of the month in "
+            "its months (like 31 February), so Prefect's scheduler would never start the flow"
+        ) from None
 
 
 class Schedule(Strict):

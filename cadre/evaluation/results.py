@@ -30,6 +30,7 @@ import numpy as np
 
 from cadre.config.evaluation import RUNTIME_METRICS
 from cadre.evaluation import metrics as metric_functions
+from cadre.jsonl import read_json_lines
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,14 @@ _BOOTSTRAP_CHUNK_VALUES = 4_000_000
 
 @dataclass(frozen=True)
 class SkippedLine:
-    """A line of a split file that is not a usable case."""
+    """A line of a split file that is not a usable case; `str()` gives `FILE:LINE: reason`."""
 
     line: int
     reason: str
+    file: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}" if self.file else f"line {self.line}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,10 @@ def read_split(suite_dir: str | Path, split: str, limit: int | None = None, requ
 
     A case is a JSON object with a unique ``id`` (a string or an integer; left out, a hash of the
     case's content stands in); ``slice`` (string) and ``relevant_ids`` (list of strings) are checked
-    when present. Blank lines are ignored.
+    when present. Blank lines are ignored. The file is read as bytes, line by line
+    (`cadre.jsonl.read_json_lines`): a line that is not UTF-8, not JSON, not an object, holds text
+    that is not text (a lone surrogate escape) or is longer than `MAX_LINE_BYTES` is skipped, like
+    a case that fails the checks; the good lines load.
 
     Args:
         suite_dir: Folder of the suite.
@@ -117,7 +125,7 @@ def read_split(suite_dir: str | Path, split: str, limit: int | None = None, requ
             without one is skipped and counted like a malformed line.
 
     Returns:
-        The cases and the skipped lines (1-based line numbers, with the reason).
+        The cases and the skipped lines (file, 1-based line number and reason).
 
     Raises:
         FileNotFoundError: If the split file does not exist.
@@ -126,30 +134,26 @@ def read_split(suite_dir: str | Path, split: str, limit: int | None = None, requ
     cases: list[dict[str, Any]] = []
     skipped: list[SkippedLine] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if limit is not None and len(cases) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                case = json.loads(line)
-            except json.JSONDecodeError as error:
-                skipped.append(SkippedLine(number, f"invalid JSON: {error.msg}"))
-                continue
-            problem = _problem(case, seen, required)
-            if problem:
-                skipped.append(SkippedLine(number, problem))
-                continue
-            seen.add(case["id"])
-            cases.append(case)
+    for line in read_json_lines(path):
+        if limit is not None and len(cases) >= limit:
+            break
+        problem = line.problem or _problem(line.value, seen, required)
+        if problem:
+            skipped.append(SkippedLine(line.line, problem, str(path)))
+            continue
+        seen.add(line.value["id"])
+        cases.append(line.value)
     return CaseSplit(path, cases, skipped)
+
+
+_SHOWN_SKIPS = 20
+"""Skipped lines named one by one in the warning; the rest are counted."""
 
 
 def load_cases(
     suite_dir: str | Path, split: str, limit: int | None = None, required: Sequence[str] = ()
 ) -> list[dict[str, Any]]:
-    """The valid cases of a split; malformed lines are skipped and counted in a warning.
+    """The valid cases of a split; malformed lines are skipped and logged in a warning, each as `FILE:LINE: reason`.
 
     Use `read_split` to get the skipped lines themselves.
 
@@ -164,13 +168,15 @@ def load_cases(
     """
     read = read_split(suite_dir, split, limit, required)
     if read.skipped:
-        first = read.skipped[0]
+        shown = "\n".join(f"  {skip}" for skip in read.skipped[:_SHOWN_SKIPS])
+        more = len(read.skipped) - _SHOWN_SKIPS
         log.warning(
-            "%s: skipped %d malformed line(s); first: line %d: %s",
+            "%s: skipped %d malformed line(s), loaded %d case(s):\n%s%s",
             read.path,
             len(read.skipped),
-            first.line,
-            first.reason,
+            len(read.cases),
+            shown,
+            f"\n  … and {more} more" if more > 0 else "",
         )
     return read.cases
 

@@ -18,11 +18,20 @@ The flow reads the corrections back (`corrections`) and turns each one into
   candidate now answers these prompts correctly while the regular suite does not regress.
 
 `cadre feedback export` writes the same records as a JSONL dataset (`export_jsonl`).
+
+Text is checked at the door (`check_feedback`): a rating is the integer -1, 0 or 1 (not `true`); a
+correction maps output names to text and a comment is text, each at most `MAX_TEXT_CHARS` characters,
+with no lone UTF-16 surrogate (it cannot be encoded, so every export would fail on it) and no control
+character but tab, line feed and carriage return. Refused feedback raises `InvalidFeedback` before
+anything is written. Reading applies the same rules to every row (`read_feedback`): a row that got in
+before them, or by another way into the database, is skipped and counted with its id and why, so
+neither an export nor the learn-from-feedback flow can be broken by one row.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -43,17 +52,24 @@ from sqlalchemy import (
     event,
     func,
     select,
+    type_coerce,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from cadre.jsonl import jsonl_lines, text_problem
 from cadre.runtime.prompt import PromptSpec, render_completion, render_prompt
+
+log = logging.getLogger(__name__)
 
 FEEDBACK_SLICE = "feedback"
 """The slice of the evaluation cases made from corrections."""
 
 RATINGS = (-1, 0, 1)
 """A rating is -1 (bad), 0 (neutral) or 1 (good)."""
+
+MAX_TEXT_CHARS = 4000
+"""Longest comment, and longest value of a correction, in characters."""
 
 
 class UnknownResponse(KeyError):
@@ -62,6 +78,10 @@ class UnknownResponse(KeyError):
 
 class InvalidFeedback(ValueError):
     """Feedback that cannot be stored as given; the message says why."""
+
+
+class UnstorableResponse(ValueError):
+    """A served response holds text that cannot be stored and exported (a lone UTF-16 surrogate)."""
 
 
 # --------------------------------------------------------------------------------------- tables
@@ -228,7 +248,14 @@ class FeedbackStore:
     # -- writing ----------------------------------------------------------------------------
 
     def record_response(self, response: ServedResponse) -> None:
-        """Store a served response (before its last byte reaches the client, so feedback can name it)."""
+        """Store a served response (before its last byte reaches the client, so feedback can name it).
+
+        Raises:
+            UnstorableResponse: a field holds a lone UTF-16 surrogate; nothing is stored.
+        """
+        problem = text_problem(asdict(response) | {"created_at": None})
+        if problem:
+            raise UnstorableResponse(f"response {response.id!r} {problem}")
         with self._session() as session:
             session.add(ResponseRow(**{**asdict(response), "created_at": response.created_at}))
 
@@ -248,12 +275,15 @@ class FeedbackStore:
 
         Raises:
             UnknownResponse: no response with that id was recorded.
-            InvalidFeedback: a rating outside -1..1, or a correction naming fields the response does not have.
+            InvalidFeedback: a rating that is not the integer -1, 0 or 1; a correction or comment that is not
+                text within `MAX_TEXT_CHARS` (see `check_feedback`); a correction naming fields the response does
+                not have. Nothing is stored.
         """
-        if rating not in RATINGS:
-            raise InvalidFeedback(
-                f"rating must be one of {', '.join(map(str, RATINGS))} (bad, neutral, good), got {rating!r}"
-            )
+        problem = check_feedback(rating, correction, comment)
+        if problem:
+            raise InvalidFeedback(problem)
+        if not isinstance(response_id, str):
+            raise UnknownResponse(response_id)
         with self._session() as session:
             served = session.get(ResponseRow, response_id)
             if served is None:
@@ -292,31 +322,147 @@ class FeedbackStore:
             return int(session.scalar(query) or 0)
 
     def feedback(self, specialist: str | None = None, since: datetime | None = None) -> list[FeedbackRecord]:
-        """Every piece of feedback with its response, oldest first.
+        """Every usable piece of feedback with its response, oldest first (unusable rows are logged and left out).
 
         Args:
             specialist: only feedback about this specialist's responses.
             since: only feedback that arrived at or after this time.
         """
+        return self.read_feedback(specialist, since).records
+
+    def read_feedback(self, specialist: str | None = None, since: datetime | None = None) -> FeedbackRead:
+        """Every piece of feedback with its response, oldest first, and the rows that cannot be used.
+
+        Each row is read on its own and checked with the rules `add_feedback` applies (`check_feedback`; the
+        response's text must encode): a row that breaks them, or whose stored JSON or time does not parse,
+        is skipped with its id and the reason, and logged as a warning.
+
+        Args:
+            specialist: only feedback about this specialist's responses.
+            since: only feedback that arrived at or after this time.
+        """
+        # Raw column values (no JSON or date parsing in the driver): one malformed row must not fail the query.
+        columns = [
+            (type_coerce(column, Text) if column.name in _PARSED else column).label(key)
+            for column, key in zip(_COLUMNS, _KEYS, strict=True)
+        ]
         with self._session() as session:
-            query = select(FeedbackRow, ResponseRow).join(ResponseRow, FeedbackRow.response_id == ResponseRow.id)
+            query = select(*columns).join(ResponseRow, FeedbackRow.response_id == ResponseRow.id)
             if specialist:
                 query = query.where(ResponseRow.specialist == specialist)
             if since is not None:
                 query = query.where(FeedbackRow.created_at >= since)
             rows = session.execute(query.order_by(FeedbackRow.created_at, FeedbackRow.id)).all()
-            return [_record(feedback, response) for feedback, response in rows]
+        records: list[FeedbackRecord] = []
+        skipped: list[SkippedFeedback] = []
+        for row in rows:
+            values = dict(zip(_KEYS, row, strict=True))
+            checked = _checked_record(values)
+            if isinstance(checked, str):
+                skipped.append(SkippedFeedback(values["f_id"], values["f_response_id"], checked))
+            else:
+                records.append(checked)
+        if skipped:
+            log.warning(
+                "feedback store %s: skipped %d unusable feedback row(s):\n%s",
+                _redacted(self.url),
+                len(skipped),
+                "\n".join(f"  {skip}" for skip in skipped[:20]),
+            )
+        return FeedbackRead(records, skipped)
 
-    def export_jsonl(self, out: IO[str], specialist: str | None = None) -> int:
-        """Write every feedback record (with its response) as one JSON line; returns how many."""
-        records = self.feedback(specialist)
-        for record in records:
-            out.write(json.dumps(record.to_dict(), ensure_ascii=False, default=str) + "\n")
-        return len(records)
+    def export_jsonl(self, out: IO[str], specialist: str | None = None) -> FeedbackExport:
+        """Write every usable feedback record (with its response) as one JSON line; unusable rows are skipped.
+
+        Every line is serialised before the first is written, so `out` receives all of them or none.
+
+        Returns:
+            How many records were written, and the rows left out with why.
+        """
+        read = self.read_feedback(specialist)
+        lines, unwritable = jsonl_lines(record.to_dict() for record in read.records)
+        out.write("".join(lines))
+        skipped = list(read.skipped)
+        for item in unwritable:
+            record = read.records[item.row - 1]
+            skipped.append(SkippedFeedback(record.feedback_id, record.response_id, item.reason))
+        return FeedbackExport(len(lines), skipped)
+
+
+@dataclass(frozen=True)
+class SkippedFeedback:
+    """A stored feedback row that cannot be used (exported, learned from), and why; `str()` says both."""
+
+    feedback_id: Any
+    response_id: Any
+    reason: str
+
+    def __str__(self) -> str:
+        return f"feedback {self.feedback_id} (response {self.response_id!r}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class FeedbackRead:
+    """The usable feedback records of a read, and the rows skipped."""
+
+    records: list[FeedbackRecord]
+    skipped: list[SkippedFeedback]
+
+
+@dataclass(frozen=True)
+class FeedbackExport:
+    """What `FeedbackStore.export_jsonl` wrote: records written and rows skipped."""
+
+    written: int
+    skipped: list[SkippedFeedback]
+
+
+def check_feedback(rating: Any, correction: Mapping[str, Any] | None, comment: Any) -> str | None:
+    """Why feedback cannot be stored (the rules of `add_feedback`, also applied to every row read), or None.
+
+    A rating is the integer -1, 0 or 1 (a bool is not a rating); a correction is a mapping of output names
+    to text; a comment is text. Every text is at most `MAX_TEXT_CHARS` characters, with no lone UTF-16
+    surrogate and no control character other than tab, line feed and carriage return.
+    """
+    if isinstance(rating, bool) or not isinstance(rating, int) or rating not in RATINGS:
+        return f"rating must be one of {', '.join(map(str, RATINGS))} (bad, neutral, good), got {_shown(rating)}"
+    if correction is not None:
+        if not isinstance(correction, Mapping):
+            return f"correction must be an object of output fields, got {type(correction).__name__}"
+        for name, value in correction.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                return f"correction[{_shown(name)}] must be text, got {_shown(value)}"
+            if len(value) > MAX_TEXT_CHARS:
+                return f"correction[{name!r}] is {len(value):,} characters; at most {MAX_TEXT_CHARS:,} are kept"
+        problem = text_problem(dict(correction), controls=True)
+        if problem:
+            return f"correction {problem}"
+    if comment is not None:
+        if not isinstance(comment, str):
+            return f"comment must be text, got {_shown(comment)}"
+        if len(comment) > MAX_TEXT_CHARS:
+            return f"comment is {len(comment):,} characters; at most {MAX_TEXT_CHARS:,} are kept"
+        problem = text_problem(comment, controls=True)
+        if problem:
+            return f"comment {problem}"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=True, default=repr) if not isinstance(value, str) else ascii(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _redacted(url: str) -> str:
+    # A store URL may carry a password (postgresql://user:secret@host/db).
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     # WAL: the server keeps writing while a flow (another process) reads the corrections.
+    # Text that is not UTF-8 (written into the file by another tool) comes back with surrogate escapes instead of
+    # failing the whole query; the row's checks then skip it.
+    connection.text_factory = _lenient_text
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
@@ -345,18 +491,63 @@ def _served(row: ResponseRow) -> ServedResponse:
     )
 
 
-def _record(feedback: FeedbackRow, response: ResponseRow) -> FeedbackRecord:
-    served = asdict(_served(response))
-    served["created_at"] = served["created_at"].isoformat()
-    return FeedbackRecord(
-        feedback_id=int(feedback.id),
-        response_id=feedback.response_id,
-        created_at=_utc(feedback.created_at).isoformat(),
-        rating=int(feedback.rating),
-        correction=dict(feedback.correction) if feedback.correction is not None else None,
-        comment=feedback.comment,
-        response=served,
-    )
+def _lenient_text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+_SERVED_FIELDS = [name for name in ServedResponse.__dataclass_fields__]
+_COLUMNS = [
+    *(getattr(FeedbackRow, name) for name in ("id", "response_id", "created_at", "rating", "correction", "comment")),
+    *(getattr(ResponseRow, name) for name in _SERVED_FIELDS),
+]
+_KEYS = [
+    *(f"f_{name}" for name in ("id", "response_id", "created_at", "rating", "correction", "comment")),
+    *_SERVED_FIELDS,
+]
+_PARSED = {"created_at", "correction", "inputs", "outputs", "retrieved_ids"}
+"""Columns read raw and parsed per row (JSON and times)."""
+
+
+def _checked_record(values: dict[str, Any]) -> FeedbackRecord | str:
+    """A raw feedback+response row as a record, or why it cannot be used."""
+    try:
+        served = {name: values[name] for name in _SERVED_FIELDS}
+        for name in ("inputs", "outputs", "retrieved_ids"):
+            served[name] = _json_value(served[name])
+        served["created_at"] = _moment(served["created_at"]).isoformat()
+        record = FeedbackRecord(
+            feedback_id=values["f_id"],
+            response_id=values["f_response_id"],
+            created_at=_moment(values["f_created_at"]).isoformat(),
+            rating=values["f_rating"],
+            correction=_json_value(values["f_correction"]),
+            comment=values["f_comment"],
+            response=served,
+        )
+    except (ValueError, TypeError) as error:
+        return f"unreadable row: {error}"
+    if not isinstance(served["inputs"], dict) or not isinstance(served["outputs"], dict):
+        return "unreadable row: the response's inputs or outputs are not JSON objects"
+    problem = check_feedback(record.rating, record.correction, record.comment)
+    if problem:
+        return problem
+    problem = text_problem(served)
+    if problem:
+        return f"the response it rates {problem}"
+    return record
+
+
+def _json_value(value: Any) -> Any:
+    # SQLite hands back the stored JSON text; drivers with a JSON type (psycopg) hand back the value.
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _moment(value: Any) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        raise TypeError(f"expected a time, got {type(value).__name__}")
+    return _utc(value)
 
 
 def _utc(moment: datetime) -> datetime:

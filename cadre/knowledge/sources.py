@@ -54,6 +54,7 @@ from cadre.config.knowledge import (
     Source,
     SqlSource,
 )
+from cadre.jsonl import MAX_LINE_BYTES, read_json_lines, text_problem
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +228,15 @@ class _RecordChecker:
             self.skips.add(SkipReason.MISSING_ID, where)
             return None
         record_id = str(record_id).strip()
-        where = f"{self.source_name}:{record_id}"
+        # The record's id, and where it came from when that is not the id itself (a file and line).
+        where = f"{self.source_name}:{record_id}" if where.endswith(f":{record_id}") else f"{where} (id {record_id})"
+        clean_metadata = jsonable(dict(metadata))
+        problem = text_problem([record_id, clean_metadata])
+        if problem:
+            # Lone surrogates (escaped in JSON, or left by `errors="surrogateescape"`) cannot be encoded:
+            # in an id or in metadata they would break hashing and every writer downstream.
+            self.skips.add(SkipReason.UNDECODABLE, where, f"id or metadata {problem}")
+            return None
         pieces = []
         for part in (title, *text_parts):
             decoded = self._as_text(part, where)
@@ -255,7 +264,6 @@ class _RecordChecker:
             self.skips.add(SkipReason.EMPTY, where, "no text")
             return None
         clean_title = " ".join(normalise_text(title_text).split())
-        clean_metadata = jsonable(dict(metadata))
         return Document(
             id=f"{self.source_name}:{record_id}",
             source=self.source_name,
@@ -467,25 +475,25 @@ def _from_mapping(
 
 def _iter_jsonl(path: Path, source: DatasetSource, checker: _RecordChecker) -> Iterator[Document]:
     fields = _record_fields(source)
-    with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            where = f"{source.name}:line {line_number}"
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                reason = SkipReason.BINARY if b"\x00" in raw else SkipReason.UNDECODABLE
-                checker.skips.add(reason, where, f"not UTF-8: {error.reason}")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                checker.skips.add(SkipReason.MALFORMED, where, f"invalid JSON: {error.msg}")
-                continue
-            document = _from_mapping(record, fields, checker, where)
-            if document is not None:
-                yield document
+    # A line longer than this cannot hold a document within max_document_bytes, even with every character
+    # JSON-escaped (at most 6 bytes each): it is skipped as oversized without being held in memory whole.
+    longest = 6 * checker.max_document_bytes + MAX_LINE_BYTES
+    for line in read_json_lines(path, max_line_bytes=longest):
+        where = f"{source.name}:{source.path}:{line.line}"
+        if line.problem:
+            checker.skips.add(_jsonl_reason(line.problem), where, line.problem)
+            continue
+        document = _from_mapping(line.value, fields, checker, where)
+        if document is not None:
+            yield document
+
+
+def _jsonl_reason(problem: str) -> SkipReason:
+    if problem.startswith("line is "):
+        return SkipReason.OVERSIZED
+    if problem.startswith(("not UTF-8", "not text")):
+        return SkipReason.UNDECODABLE
+    return SkipReason.MALFORMED
 
 
 def _iter_json_array(path: Path, source: DatasetSource, checker: _RecordChecker) -> Iterator[Document]:
@@ -518,9 +526,9 @@ def _iter_csv(path: Path, source: DatasetSource, checker: _RecordChecker) -> Ite
             except StopIteration:
                 return
             except csv.Error as error:
-                checker.skips.add(SkipReason.MALFORMED, f"{source.name}:line {reader.line_num}", str(error))
+                checker.skips.add(SkipReason.MALFORMED, f"{source.name}:{source.path}:{reader.line_num}", str(error))
                 continue
-            where = f"{source.name}:line {reader.line_num}"
+            where = f"{source.name}:{source.path}:{reader.line_num}"
             if None in row or any(value is None for value in row.values()):
                 checker.skips.add(SkipReason.MALFORMED, where, "wrong number of fields")
                 continue

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cadre.config.tuning import AUTO_MAX_LENGTH, length_limit
+from cadre.jsonl import read_json_lines, text_problem, write_jsonl
 from cadre.runtime.prompt import PromptSpec, render_completion, render_prompt
 
 Retrieve = Callable[[Mapping[str, Any]], list[str]]
@@ -97,23 +98,16 @@ class TrainingData:
         return {"prompt": [e.prompt for e in examples], "completion": [e.completion for e in examples]}
 
     def write_jsonl(self, path: Path) -> Path:
-        """Write both splits as JSON lines (`split`, `prompt`, `completion`, `source`) for inspection and logging."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as out:
-            for split, examples in (("train", self.train), ("heldout", self.heldout)):
-                for example in examples:
-                    out.write(
-                        json.dumps(
-                            {
-                                "split": split,
-                                "prompt": example.prompt,
-                                "completion": example.completion,
-                                "source": example.source,
-                            },
-                            ensure_ascii=False,
-                        )
-                        + "\n"
-                    )
+        """Write both splits as JSON lines (`split`, `prompt`, `completion`, `source`) for inspection and logging.
+
+        Written atomically (`cadre.jsonl.write_jsonl`); examples are built from checked records, so none is left out.
+        """
+        rows = (
+            {"split": split, "prompt": example.prompt, "completion": example.completion, "source": example.source}
+            for split, examples in (("train", self.train), ("heldout", self.heldout))
+            for example in examples
+        )
+        write_jsonl(path, rows)
         return path
 
 
@@ -122,6 +116,10 @@ class TrainingData:
 
 def read_records(paths: Iterable[Path]) -> tuple[list[Record], list[SkippedRecord]]:
     """Read JSONL (`.jsonl`, `.json` lines) and Parquet files into records; unreadable lines are skipped.
+
+    JSONL is read as bytes, line by line (`cadre.jsonl.read_json_lines`): a line that is not UTF-8,
+    not JSON, not an object, not text (a lone surrogate escape) or longer than `MAX_LINE_BYTES` is
+    skipped with its file, line and reason; the good lines are read.
 
     Args:
         paths: files in the order their records should be considered (earlier wins on duplicates).
@@ -143,23 +141,17 @@ def read_records(paths: Iterable[Path]) -> tuple[list[Record], list[SkippedRecor
             import pyarrow.parquet as pq
 
             for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-                records.append(Record(str(path), number, row))
+                problem = text_problem(row)
+                if problem:
+                    skipped.append(SkippedRecord(str(path), number, f"not text: the row {problem}"))
+                else:
+                    records.append(Record(str(path), number, row))
         elif suffix in (".jsonl", ".json", ".ndjson"):
-            with path.open(encoding="utf-8") as lines:
-                for number, line in enumerate(lines, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        value = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        skipped.append(SkippedRecord(str(path), number, f"invalid JSON: {error.msg}"))
-                        continue
-                    if not isinstance(value, dict):
-                        skipped.append(
-                            SkippedRecord(str(path), number, f"expected a JSON object, got {type(value).__name__}")
-                        )
-                        continue
-                    records.append(Record(str(path), number, value))
+            for line in read_json_lines(path):
+                if line.problem:
+                    skipped.append(SkippedRecord(str(path), line.line, line.problem))
+                else:
+                    records.append(Record(str(path), line.line, line.value))
         else:
             raise ValueError(
                 f"training data file {path} must be JSONL (.jsonl) or Parquet (.parquet), not {suffix or 'no extension'}"

@@ -111,6 +111,14 @@ BAD = [
         "minute value '61' is outside 0-59",
     ),
     (
+        "cron that never fires",
+        lambda t: t.replace('"0 3 * * *"', '"0 3 31 2 *"'),
+        '"0 3 31 2 *"',
+        1,
+        "specialists[coder].schedules.reindex.cron",
+        "never fires",
+    ),
+    (
         "cron with four fields",
         lambda t: t.replace('"0 3 * * *"', '"0 3 * *"'),
         '"0 3 * *"',
@@ -239,12 +247,12 @@ BAD = [
         "duplicate key",
     ),
     (
-        "yaml syntax error",
+        "yaml syntax error: an unclosed bracket is reported where it opens, by name",
         lambda t: t.replace("inputs: [{name: question}]", "inputs: [{name: question}"),
-        "outputs:",
+        "inputs: [{name: question}",
         1,
         "",
-        "YAML syntax error",
+        "YAML syntax error: the '[' opened here is never closed with ']'",
     ),
     (
         "typo inside defaults",

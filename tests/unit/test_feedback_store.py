@@ -91,11 +91,11 @@ def test_export_writes_one_json_line_per_feedback_filtered_by_specialist(tmp_pat
     store.add_feedback("r1", 1)
     store.add_feedback("r2", -1, {"code": "B01"})
     out = io.StringIO()
-    assert store.export_jsonl(out, specialist="coder") == 1
+    assert store.export_jsonl(out, specialist="coder").written == 1
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [(r["response_id"], r["rating"], r["response"]["specialist"]) for r in rows] == [("r1", 1, "coder")]
     everything = io.StringIO()
-    assert store.export_jsonl(everything) == 2
+    assert store.export_jsonl(everything).written == 2
 
 
 def test_cli_export_writes_the_dataset_file(tmp_path: Path) -> None:
