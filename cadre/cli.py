@@ -19,6 +19,7 @@ from rich.console import Console
 from cadre.config import ConfigError, load_config
 from cadre.platform.env import apply_env
 from cadre.platform.stack import require_services
+from cadre.stages import REGISTRY_KINDS, STAGE_BY_NAME
 
 # Piped into a log or a CI job there is no terminal to measure and rich would assume 80 columns, which
 # folds the history and champion tables into unreadable slivers; a terminal (or COLUMNS) sets its own width.
@@ -380,14 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("run", help="run a flow now, through its Prefect deployment, and wait for it")
     _config_arg(p)
-    p.add_argument("flow", choices=["check", "reindex", "optimize", "refresh", "feedback"], help="which flow")
+    p.add_argument("flow", choices=list(STAGE_BY_NAME), help="which flow")
     p.add_argument("-s", "--specialist", help="specialist name (default: every specialist)")
     p.add_argument(
         "--budget", choices=["smoke", "full"], default="full", help="smoke: the reduced budget (default: %(default)s)"
     )
     p.set_defaults(func=cmd_run)
 
-    kinds = ["index", "program", "adapter"]
+    kinds = list(REGISTRY_KINDS)
     p = commands.add_parser("history", help="promotions, refusals and rollbacks of a specialist, oldest first")
     _config_arg(p)
     p.add_argument("specialist")

@@ -7,7 +7,7 @@
 from cadre.config.evaluation import EvaluationSettings, GateRule, Gates
 from cadre.config.knowledge import ChunkingSettings, IndexSettings, Source
 from cadre.config.loader import ConfigError, ConfigIssue, load_config
-from cadre.config.pipelines import FLOW_KINDS, CadreConfig, PipelinesFile
+from cadre.config.pipelines import CadreConfig, PipelinesFile
 from cadre.config.program import OptimizerSettings, ProgramSettings
 from cadre.config.project import ProjectSettings
 from cadre.config.schema_export import json_schema
@@ -15,7 +15,6 @@ from cadre.config.specialist import SmokeBudget, Specialist
 from cadre.config.tuning import FeedbackSettings, TuningSettings
 
 __all__ = [
-    "FLOW_KINDS",
     "CadreConfig",
     "ChunkingSettings",
     "ConfigError",

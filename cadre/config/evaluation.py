@@ -7,6 +7,7 @@ import re
 from pydantic import Field, field_validator, model_validator
 
 from cadre.config.base import ExistingProjectPath, FieldError, Strict
+from cadre.stages import GATE_KINDS
 
 ANSWER_METRICS = ("exact_match", "token_f1", "rouge_l", "icd_hierarchy")
 RUNTIME_METRICS = ("latency_p50_ms", "latency_p95_ms", "lm_calls", "tokens_per_case", "cost_usd")
@@ -132,15 +133,15 @@ class Gates(Strict):
 
 def check_gate_metrics(gates: Gates, evaluation: EvaluationSettings) -> None:
     """Raise FieldError for a gate that reads a metric its stage's suite does not compute."""
-    for stage in ("index", "program", "adapter", "feedback"):
-        available = set(evaluation.retrieval_metrics if stage == "index" else evaluation.answer_metrics) | set(
+    for kind in GATE_KINDS:
+        available = set(evaluation.retrieval_metrics if kind == "index" else evaluation.answer_metrics) | set(
             RUNTIME_METRICS
         )
-        for position, rule in enumerate(getattr(gates, stage)):
+        for position, rule in enumerate(getattr(gates, kind)):
             if rule.metric not in available:
-                listed = "retrieval_metrics" if stage == "index" else "answer_metrics"
+                listed = "retrieval_metrics" if kind == "index" else "answer_metrics"
                 raise FieldError(
-                    ("gates", stage, position, "metric"),
+                    ("gates", kind, position, "metric"),
                     f"gate metric {rule.metric!r} is not computed by the evaluation suite; "
                     f"add it to evaluation.{listed} or use one of {', '.join(sorted(available))}",
                 )

@@ -13,8 +13,6 @@ from cadre.config.base import FieldError, Strict
 from cadre.config.project import ProjectSettings
 from cadre.config.specialist import Specialist
 
-FLOW_KINDS = ("reindex", "optimize", "refresh", "feedback")
-
 
 class PipelinesFile(Strict):
     """`pipelines.yaml`: project settings, shared defaults, and the team of specialists."""

@@ -1,9 +1,9 @@
 """The main job (`cadre demo`): bring the stack up, prepare models, deploy, run the team's full cycle.
 
 Each flow runs through its Prefect deployment (so it shows in the Prefect UI exactly like a
-scheduled run) in the order the loop needs: re-index → optimize prompts → refresh adapter → learn
-from feedback. Flows that do not exist yet are skipped. The job ends with a summary a person can act
-on: what ran, how it ended, what was promoted or refused and why, and where to look.
+scheduled run) in the order the loop needs, the order of the stage table (`cadre.stages.SCHEDULED`):
+re-index → optimize prompts → refresh adapter → learn from feedback. The job ends with a summary a
+person can act on: what ran, how it ended, what was promoted or refused and why, and where to look.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from cadre.config import CadreConfig
 from cadre.orchestration.deployments import crash_orphaned_runs, deploy_all, run_now
 from cadre.platform.stack import Stack
 from cadre.runtime.base_model import prepare_models
-from flows import FLOWS
-
-CYCLE_ORDER = ("reindex", "optimize", "refresh", "feedback")
+from cadre.stages import SCHEDULED
 
 
 @dataclass
@@ -30,12 +28,6 @@ class StepOutcome:
     flow: str
     completed: bool
     seconds: float
-
-
-def cycle_steps() -> list[str]:
-    """The flows of the cycle that exist in code; `check` alone until the first real flow lands."""
-    steps = [kind for kind in CYCLE_ORDER if kind in FLOWS]
-    return steps or ["check"]
 
 
 def run_demo(config: CadreConfig, budget: str = "smoke", console: Console | None = None) -> bool:
@@ -50,7 +42,7 @@ def run_demo(config: CadreConfig, budget: str = "smoke", console: Console | None
     deploy_all(config, console=console)
     outcomes: list[StepOutcome] = []
     for specialist in config.specialists:
-        for kind in cycle_steps():
+        for kind in SCHEDULED:
             console.rule(f"{kind} · {specialist.name} · budget {budget}")
             step_started = time.monotonic()
             # The cycle runs optimize right after re-index itself, so the re-index must not queue another.

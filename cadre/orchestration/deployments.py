@@ -24,7 +24,7 @@ from cadre.evaluation.results import mlflow_metric_name
 from cadre.platform.env import apply_env
 from cadre.platform.stack import worker_name
 from cadre.registry.runs import find_run, run_verdict, skipped_summary
-from flows import FLOWS, flow_object
+from cadre.stages import STAGE_BY_NAME, STAGES
 
 TAG_MANAGED = "cadre"
 
@@ -45,14 +45,14 @@ class DeploymentSpec:
 
 
 def desired_deployments(config: CadreConfig) -> list[DeploymentSpec]:
-    """Every specialist × flow kind that exists in code: scheduled ones with their cron, `check` unscheduled."""
+    """Every specialist × stage (`cadre.stages.STAGES`): scheduled ones with their cron, `check` unscheduled."""
     specs = []
     for specialist in config.specialists:
-        for kind in FLOWS:
-            schedule = getattr(specialist.schedules, kind, None)
+        for stage in STAGES:
+            schedule = getattr(specialist.schedules, stage.name) if stage.scheduled else None
             specs.append(
                 DeploymentSpec(
-                    flow_kind=kind,
+                    flow_kind=stage.name,
                     specialist=specialist.name,
                     cron=schedule.cron if schedule else None,
                     timezone=schedule.timezone if schedule else "UTC",
@@ -90,7 +90,7 @@ def deploy_all(config: CadreConfig, console: Console | None = None) -> list[str]
     with get_client(sync_client=True) as client:
         _ensure_work_pool(client, config.project.prefect.work_pool)
         for spec in desired_deployments(config):
-            flow = flow_object(spec.flow_kind)
+            flow = STAGE_BY_NAME[spec.flow_kind].flow_object()
             full_name = f"{flow.name}/{spec.specialist}"
             schedules = []
             if spec.cron:
@@ -369,11 +369,10 @@ def run_now(
 
     console = console or Console(stderr=True)
     apply_env(config)
-    if flow_kind not in FLOWS:
-        console.print(f"[red]flow {flow_kind!r} is not available yet; available: {', '.join(FLOWS)}[/red]")
+    if flow_kind not in STAGE_BY_NAME:
+        console.print(f"[red]no flow {flow_kind!r}; the flows are: {', '.join(STAGE_BY_NAME)}[/red]")
         return False
-    flow = flow_object(flow_kind)
-    name = f"{flow.name}/{specialist}"
+    name = f"{STAGE_BY_NAME[flow_kind].flow}/{specialist}"
     with get_client(sync_client=True) as client:
         try:
             client.read_deployment_by_name(name)
@@ -471,19 +470,16 @@ def _follow(console: Console, name: str, flow_run_id, url: str, api: str, timeou
             time.sleep(1.0)
 
 
-GATE_OF_FLOW = {"reindex": "index", "optimize": "program", "refresh": "adapter", "feedback": "feedback"}
-"""Which gates of `pipelines.yaml` decide a flow's candidate."""
-
-
 def key_metrics(
     config: CadreConfig, specialist: str, flow_kind: str, metrics: dict[str, float], most: int = 12
 ) -> dict[str, float]:
     """The numbers a person reads first: the metrics the flow's gates judge (candidate and champion); without gate
     rules, the specialist's answer metrics (retrieval metrics for a re-index); else the first few."""
     settings = config.specialist(specialist)
-    rules = getattr(settings.gates, GATE_OF_FLOW.get(flow_kind, ""), [])
-    fallback = settings.evaluation.retrieval_metrics if flow_kind == "reindex" else settings.evaluation.answer_metrics
-    judged = [rule.metric for rule in rules] or (fallback if flow_kind in GATE_OF_FLOW else [])
+    gate = STAGE_BY_NAME[flow_kind].gate if flow_kind in STAGE_BY_NAME else None
+    rules = getattr(settings.gates, gate) if gate else []
+    fallback = settings.evaluation.retrieval_metrics if gate == "index" else settings.evaluation.answer_metrics
+    judged = [rule.metric for rule in rules] or (fallback if gate else [])
     wanted = list(dict.fromkeys(mlflow_metric_name(metric) for metric in judged))  # as MLflow stores them
     picked = {
         name: metrics[name]

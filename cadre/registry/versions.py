@@ -57,8 +57,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from cadre.registry.runs import code_version
+from cadre.stages import REGISTRY_KINDS
 
-ARTIFACT_KINDS = ("index", "program", "adapter")
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 
@@ -246,7 +246,7 @@ def registered_model_name(project: str, specialist: str, kind: str) -> str:
     Args:
         project: project name (`project.name` in pipelines.yaml).
         specialist: specialist name.
-        kind: one of `ARTIFACT_KINDS`.
+        kind: one of `cadre.stages.REGISTRY_KINDS`.
 
     Returns:
         `{project}.{specialist}.{kind}`, e.g. `cadre-demo.icd10-coder.adapter`.
@@ -254,8 +254,8 @@ def registered_model_name(project: str, specialist: str, kind: str) -> str:
     Raises:
         ValueError: for an unknown kind, or a name MLflow would refuse (`/` or `:`).
     """
-    if kind not in ARTIFACT_KINDS:
-        raise ValueError(f"unknown artifact kind {kind!r}; expected one of {', '.join(ARTIFACT_KINDS)}")
+    if kind not in REGISTRY_KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}; expected one of {', '.join(REGISTRY_KINDS)}")
     for label, value in (("project", project), ("specialist", specialist)):
         if not value or "/" in value or ":" in value or "." in value:
             raise ValueError(f"{label} name {value!r} cannot be part of a registered model name (no '/', ':' or '.')")
@@ -1271,7 +1271,7 @@ def champions(
         `{kind: ChampionInfo}`; kinds without a champion are absent.
     """
     result: dict[str, ChampionInfo] = {}
-    for kind in ARTIFACT_KINDS:
+    for kind in REGISTRY_KINDS:
         version = get_champion(client, project, specialist, kind)
         if version is None:
             continue

@@ -15,12 +15,12 @@ from rich.table import Table
 
 from cadre.config import CadreConfig, Specialist
 from cadre.registry.versions import (
-    ARTIFACT_KINDS,
     ChampionInfo,
     PromotionRecord,
     champions,
     history,
 )
+from cadre.stages import REGISTRY_KINDS
 
 
 def registry_client(config: CadreConfig) -> MlflowClient:
@@ -43,7 +43,7 @@ def print_champions(config: CadreConfig, console: Console) -> None:
     for specialist in config.specialists:
         events = history(client, config.project.name, specialist.name)
         found = champions(client, config.project.name, specialist.name, events)
-        for kind in ARTIFACT_KINDS:
+        for kind in REGISTRY_KINDS:
             info = found.get(kind)
             if info is not None:
                 table.add_row(

@@ -16,8 +16,7 @@ import pytest
 from ruamel.yaml import YAML
 from support import free_port
 
-from cadre.orchestration.demo import cycle_steps
-from flows import FLOWS, flow_name
+from cadre.stages import SCHEDULED, STAGES
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,7 +73,7 @@ def test_prefect_shows_the_schedules_and_completed_runs(demo) -> None:
     with SyncPrefectClient(f"http://127.0.0.1:{ports['prefect']}/api") as client:
         deployments = {d.name + ":" + client.read_flow(d.flow_id).name: d for d in client.read_deployments()}
         scheduled = [d for d in deployments.values() if d.schedules]
-        assert len(deployments) >= len(FLOWS)
+        assert len(deployments) >= len(STAGES)
         for deployment in scheduled:
             assert all(s.schedule.cron and s.active for s in deployment.schedules)
         runs = [r for r in client.read_flow_runs() if r.deployment_id]
@@ -83,7 +82,7 @@ def test_prefect_shows_the_schedules_and_completed_runs(demo) -> None:
         assert upcoming, "active schedules should have queued upcoming runs"
         assert started and all(r.state.is_completed() for r in started), [(r.name, r.state.name) for r in started]
         ran = {client.read_flow(r.flow_id).name for r in started}
-        assert {flow_name(kind) for kind in cycle_steps()} <= ran, ran
+        assert {stage.flow for stage in STAGES if stage.name in SCHEDULED} <= ran, ran
 
 
 def test_mlflow_holds_a_run_per_flow_run(demo) -> None:

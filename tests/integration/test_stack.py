@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from support import free_port
 
-from flows import FLOWS
+from cadre.stages import STAGES
 
 pytestmark = pytest.mark.integration
 
@@ -152,7 +152,7 @@ def test_deploy_run_and_read_back_through_prefect_and_mlflow(stack) -> None:
             client.read_deployments(
                 deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["alpha", "beta"]))
             )
-        ) == 2 * len(FLOWS)
+        ) == 2 * len(STAGES)
 
     mlflow = MlflowClient(f"http://127.0.0.1:{ports['mlflow']}")
     experiment = mlflow.get_experiment_by_name("stacktest/alpha")
