@@ -9,24 +9,24 @@ from prefect import flow
 
 from cadre.config import load_config
 from cadre.platform.env import apply_env
+from cadre.stages import stage
 from tasks.platform import log_probe_metrics, probe_service
-from tasks.tracking import close_tracking_run, open_tracking_run
+from tasks.tracking import tracked_run
 
 
-@flow(name="check", log_prints=True)
+@flow(name=stage("check").flow, log_prints=True)
 def check_stack(specialist: str, config_path: str, budget: str = "smoke") -> dict:
     """Log the resolved config, probe MLflow, Prefect and the LM endpoint, record the latencies."""
     config = load_config(config_path)
     apply_env(config)
-    handle = open_tracking_run(config, specialist, "check", budget)
     project = config.project
     targets = {
         "mlflow": f"{project.mlflow.uri}/health",
         "prefect": f"{project.prefect.api}/health",
         "lm": f"{project.lm.base_url}/models",
     }
-    latencies = {name: probe_service(name, url) for name, url in targets.items()}
-    log_probe_metrics(handle, latencies)
-    close_tracking_run(handle)
+    with tracked_run(config, specialist, "check", budget) as handle:
+        latencies = {name: probe_service(name, url) for name, url in targets.items()}
+        log_probe_metrics(handle, latencies)
     print(f"all services reachable: {', '.join(f'{k} {v:.0f} ms' for k, v in latencies.items())}")
     return {"mlflow_run_id": handle.run_id, **latencies}

@@ -21,36 +21,37 @@ from cadre.config import load_config
 from cadre.feedback.store import store_url_for
 from cadre.platform.env import apply_env
 from cadre.prompts.program import IndexTarget
+from cadre.registry.promotion import Candidate
+from cadre.stages import stage
 from tasks.feedback import (
     build_feedback_data,
     collect_corrections,
     export_dpo_candidate,
     feedback_run_dir,
-    gate_register_promote_feedback,
     plan_feedback,
     record_not_enough,
+    slice_table,
     split_scores,
     train_dpo_candidate,
 )
+from tasks.promotion import promote_through_gates
 from tasks.prompts import RegistryTarget, fetch_champion_adapter, fetch_champion_program
-from tasks.refresh import evaluate_adapters, load_test_cases, prepare_base_model
-from tasks.tracking import close_tracking_run, open_tracking_run
+from tasks.refresh import evaluate_adapters, load_test_cases, prepare_base_model, score_table
+from tasks.tracking import tracked_run
 
 
-@flow(name="learn-from-feedback", log_prints=True)
+@flow(name=stage("feedback").flow, log_prints=True)
 def learn_from_feedback(specialist: str, config_path: str, budget: str = "full") -> dict:
     """Learn the specialist's user corrections with DPO; promote the adapter only if its gate passes."""
     config = load_config(config_path)
     apply_env(config)
     settings = config.specialist(specialist)
     plan = plan_feedback(settings, budget)
-    handle = open_tracking_run(config, specialist, "feedback", budget)
-    try:
+    with tracked_run(config, specialist, "feedback", budget) as handle:
         outputs = [item.name for item in settings.program.outputs]
         collected = collect_corrections(handle, store_url_for(config, specialist), specialist, outputs)
         if len(collected.corrections) < settings.feedback.min_pairs:
             message = record_not_enough(handle, len(collected.corrections), settings.feedback.min_pairs)
-            close_tracking_run(handle)
             return {
                 "mlflow_run_id": handle.run_id,
                 "promoted": False,
@@ -105,14 +106,29 @@ def learn_from_feedback(specialist: str, config_path: str, budget: str = "full")
             "index_version": index.version if index else "-",
             "parent_versions": f"adapter:{champion_version or '-'},program:{program.version if program else '-'}",
         }
-        outcome = gate_register_promote_feedback(config, specialist, handle, scores, lineage, champion_version)
-    except BaseException:
-        close_tracking_run(handle, "FAILED")
-        raise
-    close_tracking_run(handle)
+        table = score_table(scores) + "\n\n" + slice_table(scores)
+        outcome = promote_through_gates(
+            config,
+            specialist,
+            handle,
+            Candidate(
+                "feedback",
+                scores.candidate.result,
+                scores.champion.result,  # the champion adapter, or the bare base model without one
+                champion_version,
+                lineage,
+                identity="adapter_sha256",
+                note=table,
+            ),
+        )
+        print(table)
+        print(outcome.summary())
     return {
         "mlflow_run_id": handle.run_id,
-        **outcome,
+        "version": outcome.version,
+        "promoted": outcome.promoted,
+        "gate_passed": outcome.decision.passed,
+        "summary": outcome.decision.summary,
         "corrections": len(collected.corrections),
         "pairs": trained.pairs,
         "steps": trained.steps,

@@ -18,31 +18,33 @@ from prefect import flow
 from cadre.config import load_config
 from cadre.platform.env import apply_env
 from cadre.prompts.program import IndexTarget
+from cadre.registry.promotion import Candidate
 from cadre.runtime.prompt import PromptSpec
+from cadre.stages import stage
 from cadre.tuning.finetune import plan_refresh
+from tasks.promotion import promote_through_gates
 from tasks.prompts import RegistryTarget, fetch_champion_adapter, fetch_champion_program
 from tasks.refresh import (
     build_refresh_data,
     evaluate_adapters,
     export_candidate,
-    gate_register_promote,
     load_test_cases,
     prepare_base_model,
     run_dir,
+    score_table,
     train_candidate,
 )
-from tasks.tracking import close_tracking_run, open_tracking_run
+from tasks.tracking import tracked_run
 
 
-@flow(name="refresh-adapter", log_prints=True)
+@flow(name=stage("refresh").flow, log_prints=True)
 def refresh_adapter(specialist: str, config_path: str, budget: str = "full") -> dict:
     """Fine-tune, evaluate, gate, register and (if the gate passes) promote the specialist's LoRA adapter."""
     config = load_config(config_path)
     apply_env(config)
     settings = config.specialist(specialist)
     plan = plan_refresh(settings, budget)
-    handle = open_tracking_run(config, specialist, "refresh", budget)
-    try:
+    with tracked_run(config, specialist, "refresh", budget) as handle:
         scratch = run_dir(config.state_dir, handle.run_id)
         suite = str(config.resolve(settings.evaluation.suite))
         registry = RegistryTarget(config.project.mlflow.uri, config.project.name, specialist)
@@ -108,14 +110,29 @@ def refresh_adapter(specialist: str, config_path: str, budget: str = "full") -> 
             "index_version": index.version if index else "-",
             "parent_versions": f"adapter:{champion_version or '-'},program:{program.version if program else '-'}",
         }
-        outcome = gate_register_promote(config, specialist, handle, scores, lineage, champion_version)
-    except BaseException:
-        close_tracking_run(handle, "FAILED")
-        raise
-    close_tracking_run(handle)
+        table = score_table(scores)
+        outcome = promote_through_gates(
+            config,
+            specialist,
+            handle,
+            Candidate(
+                "refresh",
+                scores.candidate.result,
+                scores.champion.result,  # the champion adapter, or the bare base model without one
+                champion_version,
+                lineage,
+                identity="adapter_sha256",
+                note=table,
+            ),
+        )
+        print(table)
+        print(outcome.summary())
     return {
         "mlflow_run_id": handle.run_id,
-        **outcome,
+        "version": outcome.version,
+        "promoted": outcome.promoted,
+        "gate_passed": outcome.decision.passed,
+        "summary": outcome.decision.summary,
         "steps": trained.global_step,
         "resumed_from_step": trained.resumed_from_step,
         "train_seconds": trained.train_seconds,

@@ -15,7 +15,9 @@ from prefect.runtime import flow_run
 
 from cadre.config import load_config
 from cadre.platform.env import apply_env
-from tasks.promotion import promote_through_gates
+from cadre.registry.promotion import Candidate
+from cadre.stages import stage
+from tasks.promotion import find_champion_version, promote_through_gates
 from tasks.reindex import (
     build_index_version,
     evaluate_retrieval,
@@ -23,49 +25,38 @@ from tasks.reindex import (
     make_live,
     sync_live_pointer,
 )
-from tasks.tracking import close_tracking_run, open_tracking_run
+from tasks.tracking import tracked_run
 from tasks.triggers import trigger_flow
 
 
-@flow(name="reindex", log_prints=True)
+@flow(name=stage("reindex").flow, log_prints=True)
 def reindex(specialist: str, config_path: str, budget: str = "full", trigger_optimize: bool = True) -> dict:
     """Re-index one specialist; returns what changed and what the gate decided."""
     config = load_config(config_path)
     apply_env(config)
     logger = get_run_logger()
     settings = config.specialist(specialist)
-    handle = open_tracking_run(config, specialist, "reindex", budget)
-    live = sync_live_pointer(config, specialist)
+    with tracked_run(config, specialist, "reindex", budget) as handle:
+        live = sync_live_pointer(config, specialist)
+        champion_version = find_champion_version(config, specialist, "reindex")
+        result = build_index_version(config, specialist, budget)
+        log_reindex_result(handle, result)
+        if not result.created_version:
+            logger.info("no source changed since version %s: nothing embedded, nothing to promote", live)
+            return {"changed": False, "live": live}
 
-    result = build_index_version(config, specialist, budget)
-    log_reindex_result(handle, result)
-    if not result.created_version:
-        logger.info("no source changed since version %s: nothing embedded, nothing to promote", live)
-        close_tracking_run(handle)
-        return {"changed": False, "live": live}
-
-    candidate = evaluate_retrieval(config, specialist, result.version, budget, "candidate")
-    champion = evaluate_retrieval(
-        config, specialist, live, budget, "champion", cases_of=result.version
-    )  # the same cases
-    outcome = promote_through_gates(
-        config,
-        specialist,
-        "index",
-        handle,
-        candidate,
-        champion,
-        lineage={
+        candidate = evaluate_retrieval(config, specialist, result.version, budget, "candidate")
+        champion = evaluate_retrieval(config, specialist, live, budget, "champion", cases_of=result.version)
+        lineage = {
             "corpus_fingerprint": result.corpus_fingerprint,
             "index_key": result.index_key,
             "parent_versions": live or "",
             "index_version": result.version,
-        },
-    )
-    dropped = []
-    if outcome.promoted:
-        dropped = make_live(config, specialist, result.version, settings.index.retention)
-    close_tracking_run(handle)
+        }
+        outcome = promote_through_gates(
+            config, specialist, handle, Candidate("reindex", candidate, champion, champion_version, lineage)
+        )
+        dropped = make_live(config, specialist, result.version, settings.index.retention) if outcome.promoted else []
     print(outcome.summary() + (f"; pruned {len(dropped)} old version(s)" if dropped else ""))
     if outcome.promoted and trigger_optimize:
         trigger_flow(

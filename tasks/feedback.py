@@ -2,7 +2,8 @@
 
 Order in the flow: read the corrections from the feedback store → render them as preference pairs and
 `feedback`-slice cases → DPO on the champion adapter → export (PEFT + GGUF) and log → evaluate candidate
-and champion on the test split plus the feedback slice → gate (`feedback` rules), register, promote.
+and champion on the test split plus the feedback slice; the flow then ends in the one promotion path
+(`tasks.promotion`): gate (`feedback` rules), register, promote.
 Reading the store and writing MLflow are I/O and retried; training and evaluating are not. Tasks that
 take large objects skip Prefect's input hashing (`NO_CACHE`).
 """
@@ -35,7 +36,6 @@ from cadre.runtime.retrieval import context_retriever
 from cadre.runtime.serving_prompt import read_serving_prompt
 from cadre.tuning.adapter_export import ExportedAdapter, export_adapter
 from cadre.tuning.dpo import DPOResult, train_dpo
-from tasks.promotion import flow_actor
 from tasks.prompts import ChampionProgram
 from tasks.refresh import ADAPTER_ARTIFACT, AdapterScores
 
@@ -290,49 +290,6 @@ def export_dpo_candidate(
         ],
     )
     return exported
-
-
-@task(name="gate-register-promote-feedback", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE)
-def gate_register_promote_feedback(
-    config: Any,
-    specialist: str,
-    handle: RunHandle,
-    scores: AdapterScores,
-    lineage: dict[str, str],
-    champion_version: str | None,
-) -> dict[str, Any]:
-    """Decide the `feedback` gates (candidate vs champion adapter, or the base model, on the test split and the feedback slice),
-    register the candidate as an `adapter` version, and promote it only if they pass (`cadre.registry.promotion.gate_and_promote`)."""
-    from mlflow import MlflowClient
-
-    from cadre.registry.promotion import gate_and_promote
-    from tasks.refresh import score_table
-
-    outcome = gate_and_promote(
-        config,
-        specialist,
-        "feedback",
-        handle,
-        ADAPTER_ARTIFACT,
-        scores.candidate.result,
-        scores.champion.result,
-        lineage,
-        expected_champion=champion_version,
-        actor=flow_actor(f"learn-from-feedback:{handle.run_id}"),
-        identity="adapter_sha256",
-    )
-    table = score_table(scores) + "\n\n" + slice_table(scores)
-    client = MlflowClient(handle.tracking_uri)
-    client.set_tag(handle.run_id, "mlflow.note.content", table + "\n\n" + outcome.decision.to_markdown())
-    client.set_tag(handle.run_id, "cadre.promoted", str(outcome.promoted).lower())
-    print(table)
-    print(outcome.summary())
-    return {
-        "version": outcome.version,
-        "promoted": outcome.promoted,
-        "gate_passed": outcome.decision.passed,
-        "summary": outcome.decision.summary,
-    }
 
 
 def slice_table(scores: AdapterScores) -> str:

@@ -1,21 +1,19 @@
-"""The task every flow ends with: gates decide, the registry follows (see cadre/registry/promotion.py)."""
+"""The task every flow that makes a candidate ends with: gates decide, the registry follows.
+
+`promote_through_gates` is the Prefect face of `cadre.registry.promotion.gate_and_promote`, the one promotion
+path (its docstring says what it does and guarantees). No flow or task moves a champion any other way.
+"""
 
 from __future__ import annotations
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from cadre.config import CadreConfig
-from cadre.evaluation.results import EvaluationResult
-from cadre.registry.promotion import (
-    ARTIFACT_OF_GATE,
-    PromotionOutcome,
-    champion_version,
-    gate_and_promote,
-)
+from cadre.registry.promotion import Candidate, PromotionOutcome, champion_version, gate_and_promote
 from cadre.registry.runs import RunHandle
-
-ARTIFACT_DIR = {"index": "index", "program": "program", "adapter": "adapter"}
+from cadre.stages import stage
 
 
 def flow_actor(outside_a_flow: str = "cadre") -> str:
@@ -28,34 +26,20 @@ def flow_actor(outside_a_flow: str = "cadre") -> str:
     return f"prefect:{flow_run.get_flow_name() or 'flow'}/{flow_run.get_name() or flow_run.get_id()}"
 
 
-@task(name="gate-and-promote", retries=2, retry_delay_seconds=[5, 15])
+@task(name="find-champion-version", retries=3, retry_delay_seconds=[2, 5, 10])
+def find_champion_version(config: CadreConfig, specialist: str, stage_name: str) -> str | None:
+    """The version behind the `champion` alias of the stage's registry kind (None: no champion yet)."""
+    return champion_version(config, specialist, stage(stage_name).registry_kind or "")
+
+
+@task(name="gate-and-promote", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE)
 def promote_through_gates(
-    config: CadreConfig,
-    specialist: str,
-    gate_kind: str,
-    handle: RunHandle,
-    candidate: EvaluationResult,
-    champion: EvaluationResult | None,
-    lineage: dict[str, str],
-    expected_champion: str | None = None,
+    config: CadreConfig, specialist: str, handle: RunHandle, candidate: Candidate
 ) -> PromotionOutcome:
-    """Decide the gates of `gate_kind`, register the candidate logged under the run's artifact folder, promote if passed.
+    """Decide the candidate's gates, register it from the run's artifact folder, promote it only if they pass.
 
     Retried: registration and promotion are idempotent (a re-run reuses the version it registered and
     does not record a decision twice).
     """
-    artifact_kind = ARTIFACT_OF_GATE[gate_kind]
-    if expected_champion is None:
-        expected_champion = champion_version(config, specialist, artifact_kind)
-    return gate_and_promote(
-        config,
-        specialist,
-        gate_kind,
-        handle,
-        ARTIFACT_DIR[artifact_kind],
-        candidate,
-        champion,
-        lineage,
-        expected_champion=expected_champion,
-        actor=flow_actor(),
-    )
+    actor = flow_actor(f"{stage(candidate.stage).flow}:{handle.run_id}")
+    return gate_and_promote(config, specialist, handle, candidate, actor)

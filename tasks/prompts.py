@@ -1,8 +1,9 @@
 """Tasks of the prompt-optimization flow: one unit of work each, given only the config slice it needs.
 
-Reading and writing MLflow (champion lookup, logging, registration, promotion) and probing the LM
+Reading and writing MLflow (champion lookup, logging, the prompt registry) and probing the LM
 are I/O and retried; compiling and evaluating are long, deterministic and cached, and are not.
-Tasks that take DSPy programs or evaluation results skip Prefect's input hashing (`NO_CACHE`).
+Tasks that take DSPy programs or evaluation results skip Prefect's input hashing (`NO_CACHE`). The gate,
+registration and promotion are the one promotion path every flow ends with (`tasks.promotion`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cadre.evaluation.gates import GateDecision, decide
 from cadre.evaluation.results import EvaluationResult, load_cases
 from cadre.prompts.optimize import (
     CompileResult,
@@ -42,9 +42,9 @@ from cadre.prompts.program import (
 )
 from cadre.registry.runs import RunHandle
 from cadre.runtime.lm import LMUnavailable
-from tasks.promotion import flow_actor
+from cadre.stages import stage
 
-PROGRAM_ARTIFACT = "program"
+PROGRAM_ARTIFACT = stage("optimize").artifact_path
 """Artifact folder of a run that holds the program (what the registry version points at)."""
 PROGRAM_FILE = "program.json"
 
@@ -346,24 +346,6 @@ def _renamed(result: EvaluationResult, name: str) -> EvaluationResult:
     return replace(result, name=name)
 
 
-@task(name="decide-program-gate", cache_policy=NO_CACHE)
-def decide_program_gate(rules: list[Any], scores: TestScores, evaluation: Any) -> GateDecision:
-    """The program gate: the candidate against the program that serves now, on the same test cases.
-
-    Without a champion the declared (un-optimized) program is what serves (`cadre serve`, the refresh
-    flow's prompts), so the comparative rules judge the candidate against it: a compile that makes the
-    specialist worse than its own declared program is refused like one that is worse than a champion.
-    """
-    return decide(
-        "program",
-        rules,
-        scores.candidate,
-        scores.baseline,
-        confidence=evaluation.confidence,
-        samples=evaluation.bootstrap_samples,
-    )
-
-
 # ----------------------------------------------------------------------------------------- logging
 
 
@@ -375,9 +357,9 @@ def log_optimization(
     data_fingerprint: str,
     candidate: CompiledCandidate,
     scores: TestScores,
-    decision: GateDecision,
 ) -> None:
-    """Log the program, the score tables, the costs and the gate report to the flow's MLflow run."""
+    """Log the program, the score tables and the costs to the flow's MLflow run (the gate report and the run's
+    note come with the decision, from `tasks.promotion.promote_through_gates`)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -398,8 +380,6 @@ def log_optimization(
     client.log_dict(
         handle.run_id, {name: r.to_dict() for name, r in results.items() if r is not None}, "eval/test_results.json"
     )
-    client.log_dict(handle.run_id, decision.to_dict(), "gate/gate_report.json")
-    client.log_text(handle.run_id, decision.to_markdown(), "gate/gate_report.md")
     client.log_text(handle.run_id, score_table_markdown(scores, candidate), "eval/summary.md")
 
     stamp = _now_ms()
@@ -418,7 +398,6 @@ def log_optimization(
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
         },
         "compile_stopped_by_budget": float(bool(candidate.summary.get("stopped_by_budget"))),
-        "gate_passed": float(decision.passed),
     }
     batch = [Metric(key, float(value), stamp, 0) for key, value in metrics.items()]
     for start in range(0, len(batch), 500):
@@ -435,10 +414,6 @@ def log_optimization(
         "optimize.program_sha256": candidate.fingerprint,
     }
     client.log_batch(handle.run_id, params=[Param(k, v) for k, v in params.items()])
-    client.set_tag(handle.run_id, "cadre.gate", "passed" if decision.passed else "refused")
-    client.set_tag(
-        handle.run_id, "mlflow.note.content", score_table_markdown(scores, candidate) + "\n\n" + decision.to_markdown()
-    )
 
 
 def score_table_markdown(scores: TestScores, candidate: CompiledCandidate) -> str:
@@ -484,7 +459,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-# ------------------------------------------------------------------------------ register & promote
+# ---------------------------------------------------------------------------------- prompt registry
 
 
 @task(name="register-instruction-prompt", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
@@ -521,114 +496,13 @@ def prompt_name(registry: RegistryTarget) -> str:
     return f"{registry.project}.{registry.specialist}.instruction"
 
 
-@task(name="register-program", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
-def register_program(
-    handle: RunHandle, registry: RegistryTarget, candidate: CompiledCandidate, lineage: dict[str, str], description: str
-) -> str:
-    """Register the run's program as a candidate version; a version with the same program is reused.
-
-    Returns:
-        The version number.
-    """
+@task(name="point-prompt-champion", retries=3, retry_delay_seconds=[2, 5, 10])
+def point_prompt_champion(registry: RegistryTarget, prompt_uri: str) -> None:
+    """After its program is promoted, point the prompt registry's `champion` alias at its instruction."""
     from mlflow import MlflowClient
 
-    from cadre.registry.versions import find_identical, register_candidate
-
-    client = MlflowClient(handle.tracking_uri)
-    same = find_identical(
-        client,
-        project=registry.project,
-        specialist=registry.specialist,
-        kind="program",
-        lineage_key="program_sha256",
-        value=candidate.fingerprint,
-    )
-    if same is not None:
-        print(f"the candidate is identical to {same.name} v{same.version}; reusing that version")
-        return same.version
-    version = register_candidate(
-        client,
-        project=registry.project,
-        specialist=registry.specialist,
-        kind="program",
-        run_id=handle.run_id,
-        artifact_path=PROGRAM_ARTIFACT,
-        lineage=lineage,
-        description=description,
-        actor=flow_actor(f"optimize-prompts:{handle.run_id}"),
-    )
-    return version.version
-
-
-@task(name="mark-champion-unchanged", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
-def mark_champion_unchanged(
-    handle: RunHandle, registry: RegistryTarget, champion: ChampionProgram, decision: GateDecision
-) -> None:
-    """Tag a run whose compiled program is the champion itself: nothing registered, nothing moved."""
-    from mlflow import MlflowClient
-
-    from cadre.registry.versions import registered_model_name
-
-    client = MlflowClient(handle.tracking_uri)
-    name = registered_model_name(registry.project, registry.specialist, "program")
-    for key, value in {
-        "cadre.program_version": champion.version,
-        "cadre.candidate_version": f"{name}/{champion.version}",
-        "cadre.promoted": "false",
-        "cadre.gate": "passed" if decision.passed else "refused",
-        "cadre.already_champion": "true",
-    }.items():
-        client.set_tag(handle.run_id, key, value)
-
-
-@task(name="promote-program", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
-def promote_program(
-    handle: RunHandle,
-    registry: RegistryTarget,
-    version: str,
-    decision: GateDecision,
-    scores: TestScores,
-    champion: ChampionProgram | None,
-    prompt_uri: str | None,
-) -> dict[str, Any]:
-    """Record the gate decision on the version; `champion` moves only if the gate passed.
-
-    When the program is promoted, the prompt registry's `champion` alias follows its instruction.
-    """
-    from mlflow import MlflowClient
-
-    from cadre.registry.versions import decide_and_promote, registered_model_name
-
-    client = MlflowClient(handle.tracking_uri)
-    record = decide_and_promote(
-        client,
-        project=registry.project,
-        specialist=registry.specialist,
-        kind="program",
-        version=version,
-        decision=decision,
-        actor=flow_actor(f"optimize-prompts:{handle.run_id}"),
-        reason=decision.summary,
-        metrics=scores.candidate.scores,
-        expected_champion=champion.version if champion else None,
-    )
-    promoted = record.event == "promotion" and record.to_version == str(version)
-    if promoted and prompt_uri:
-        _, _, prompt_version = prompt_uri.rpartition("/")
-        client.set_prompt_alias(prompt_name(registry), "champion", int(prompt_version))
-    client.set_tag(handle.run_id, "cadre.program_version", str(version))
-    client.set_tag(
-        handle.run_id,
-        "cadre.candidate_version",
-        f"{registered_model_name(registry.project, registry.specialist, 'program')}/{version}",
-    )
-    client.set_tag(handle.run_id, "cadre.promoted", str(promoted).lower())
-    client.set_tag(
-        handle.run_id,
-        "cadre.already_champion",
-        str(decision.passed and champion is not None and champion.version == str(version)).lower(),
-    )
-    return {"event": record.event, "version": str(version), "champion": record.to_version, "promoted": promoted}
+    _, _, prompt_version = prompt_uri.rpartition("/")
+    MlflowClient(registry.tracking_uri).set_prompt_alias(prompt_name(registry), "champion", int(prompt_version))
 
 
 def work_dir(state_dir: Path, run_id: str) -> str:
@@ -647,16 +521,14 @@ __all__ = [
     "cases_fingerprint",
     "check_lm",
     "compile_candidate",
-    "decide_program_gate",
     "evaluate_on_test",
     "fetch_champion_adapter",
     "fetch_champion_program",
     "load_optimization_cases",
     "log_optimization",
-    "promote_program",
+    "point_prompt_champion",
     "prompt_name",
     "register_instruction_prompt",
-    "register_program",
     "score_table_markdown",
     "work_dir",
 ]

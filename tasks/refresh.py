@@ -1,10 +1,11 @@
 """Tasks of the adapter-refresh flow: one unit of work each, given only the config slice it needs.
 
 Order in the flow: prepare the base model → build the training data → train (resumable) → export the
-adapter (PEFT + GGUF) and log it → evaluate candidate and champion as the specialist runs → gate,
-register, promote. Writing to MLflow is I/O and retried; training and evaluating are long and
-deterministic and are not (a retried training resumes from its checkpoint anyway). Tasks that take
-large objects (training data, evaluation results) skip Prefect's input hashing (`NO_CACHE`).
+adapter (PEFT + GGUF) and log it → evaluate candidate and champion as the specialist runs; the flow
+then ends in the one promotion path (`tasks.promotion`): gate, register, promote. Writing to MLflow is
+I/O and retried; training and evaluating are long and deterministic and are not (a retried training
+resumes from its checkpoint anyway). Tasks that take large objects (training data, evaluation results)
+skip Prefect's input hashing (`NO_CACHE`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from cadre.registry.runs import RunHandle
 from cadre.runtime.base_model import BaseModelFiles, base_model_files
 from cadre.runtime.retrieval import context_retriever
 from cadre.runtime.serving_prompt import read_serving_prompt
+from cadre.stages import stage
 from cadre.tuning.adapter_export import (
     ExportedAdapter,
     export_adapter,
@@ -53,10 +55,9 @@ from cadre.tuning.training_data import (
     token_counter,
     training_sources,
 )
-from tasks.promotion import flow_actor
 from tasks.prompts import ChampionProgram
 
-ADAPTER_ARTIFACT = "adapter"
+ADAPTER_ARTIFACT = stage("refresh").artifact_path
 """Artifact folder of a run that holds the adapter (what the registry version points at)."""
 GGUF_CHECK_PROMPTS = 4
 
@@ -440,48 +441,7 @@ def evaluate_adapters(
     return AdapterScores(candidate=candidate, champion=champion, champion_is_adapter=champion_gguf is not None)
 
 
-# ------------------------------------------------------------------------------- gate & promote
-
-
-@task(name="gate-register-promote", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE)
-def gate_register_promote(
-    config: Any,
-    specialist: str,
-    handle: RunHandle,
-    scores: AdapterScores,
-    lineage: dict[str, str],
-    champion_version: str | None,
-) -> dict[str, Any]:
-    """Decide the adapter gates against the champion adapter — or the base model when there is none —, register
-    the candidate with its lineage, and promote it only if the gates pass (`cadre.registry.promotion.gate_and_promote`)."""
-    from mlflow import MlflowClient
-
-    from cadre.registry.promotion import gate_and_promote
-
-    outcome = gate_and_promote(
-        config,
-        specialist,
-        "adapter",
-        handle,
-        ADAPTER_ARTIFACT,
-        scores.candidate.result,
-        scores.champion.result,
-        lineage,
-        expected_champion=champion_version,
-        actor=flow_actor(f"refresh-adapter:{handle.run_id}"),
-        identity="adapter_sha256",
-    )
-    client = MlflowClient(handle.tracking_uri)
-    client.set_tag(handle.run_id, "mlflow.note.content", score_table(scores) + "\n\n" + outcome.decision.to_markdown())
-    client.set_tag(handle.run_id, "cadre.promoted", str(outcome.promoted).lower())
-    print(score_table(scores))
-    print(outcome.summary())
-    return {
-        "version": outcome.version,
-        "promoted": outcome.promoted,
-        "gate_passed": outcome.decision.passed,
-        "summary": outcome.decision.summary,
-    }
+# ------------------------------------------------------------------------------------- reporting
 
 
 def score_table(scores: AdapterScores) -> str:

@@ -1,12 +1,29 @@
-"""Tasks that open and close a flow run's MLflow run (I/O: retried)."""
+"""A flow run's MLflow run: opened first, closed last, however the flow ends.
+
+Every flow wraps its steps in `tracked_run`, which opens the run (logging the resolved config before any work)
+and ends it FINISHED when the block completes (an early `return` included), FAILED when it raises, and KILLED
+when the process is told to stop. Opening and closing are I/O tasks and are retried.
+
+Stopping: the block runs inside `cadre.platform.signals.terminate_on_sigterm()`, so SIGTERM (a cancel from the
+UI, a worker shutting down, `cadre down`) raises: Prefect's `TerminationSignal` inside a flow run (its engine then
+marks the flow run Cancelled or Crashed), `Terminated` outside one. Either, and Ctrl-C, end the MLflow run KILLED.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
 from prefect import task
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from cadre.config import CadreConfig
+from cadre.platform.signals import Terminated, terminate_on_sigterm
 from cadre.registry.runs import RunHandle, close_run, open_run, run_summary_markdown
+
+STOPPED = (Terminated, TerminationSignal, KeyboardInterrupt)
+"""What a process told to stop raises: its MLflow run ends KILLED."""
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 10], name="log-resolved-config")
@@ -26,3 +43,29 @@ def close_tracking_run(handle: RunHandle, status: str = "FINISHED") -> None:
         key="cadre-summary",
         description="What this run decided, with links to its MLflow run and registry version",
     )
+
+
+@contextmanager
+def tracked_run(config: CadreConfig, specialist: str, stage: str, budget: str) -> Iterator[RunHandle]:
+    """Open the flow run's MLflow run for the block; end it FINISHED, FAILED or KILLED as the block ends.
+
+    Args:
+        config: the validated pipelines file.
+        specialist: the specialist the flow works for.
+        stage: the flow's stage (`cadre.stages`), recorded as the run's `cadre.flow` tag.
+        budget: `smoke` or `full`.
+    """
+    with terminate_on_sigterm():
+        handle = open_tracking_run(config, specialist, stage, budget)
+        try:
+            yield handle
+        except STOPPED:
+            # Not through a task: the process is going away, and its flow run may be cancelling already. If
+            # MLflow does not answer, `cadre run` and `cadre up` end the run KILLED later.
+            with suppress(Exception):
+                close_run(handle, "KILLED")
+            raise
+        except BaseException:
+            close_tracking_run(handle, "FAILED")
+            raise
+    close_tracking_run(handle)

@@ -1,8 +1,24 @@
-"""The end every flow shares: log the evaluation, decide the gates, register, promote only if they pass.
+"""The one promotion path: every flow that makes a candidate ends here (gates → register → promote).
 
-A flow evaluates its candidate (an index version, a DSPy program, an adapter) and the current champion
-on the same cases, logs the candidate's artifact to its MLflow run, then calls `gate_and_promote`.
-That function is the only way a flow changes a champion.
+A flow evaluates its candidate (an index version, a DSPy program, an adapter) and what serves now on the
+same cases, logs the candidate's artifact to its MLflow run under its stage's `artifact_path`, and hands a
+`Candidate` to `gate_and_promote` (through the task `tasks.promotion.promote_through_gates`). That function
+is the only way a flow changes a champion, and the only place a flow run records what its gates decided:
+
+1. decide the specialist's gates of the stage's gate kind (`decide_gates`), candidate against what serves;
+2. log both evaluations to the run (unless the flow logged richer tables itself);
+3. register the candidate as a version of the stage's registry kind: one with the same artifact fingerprint
+   (`identity`) is judged again instead of registered twice, so a re-run registers nothing new;
+4. record the decision on the version and move `champion` only if the gates passed and the champion is still
+   the one the candidate was compared with (`expected_champion`; a stale decision is refused);
+5. put the gate report (after the flow's score tables, `note`) on the run, and the tags `cadre run` and the
+   Prefect run summary read (`cadre.gate`, `cadre.promoted`, `cadre.candidate_version`,
+   `cadre.already_champion`; see `cadre.registry.runs.run_verdict`).
+
+What one flow does besides (the prompt registry entry of the program's instruction, its alias following a
+promoted program) are steps around this call. A candidate that *is* the champion (the prompt flow compiled
+the champion's program again: `same_as_champion`) is judged and reported on the run, but registers nothing
+and records nothing on the registry.
 """
 
 from __future__ import annotations
@@ -10,14 +26,15 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.entities.model_registry import ModelVersion
 
-from cadre.config import CadreConfig
+from cadre.config import CadreConfig, Specialist
 from cadre.evaluation.gates import GateDecision, decide
 from cadre.evaluation.results import EvaluationResult
 from cadre.registry.runs import RunHandle
@@ -28,34 +45,110 @@ from cadre.registry.versions import (
     find_identical,
     get_champion,
     register_candidate,
+    registered_model_name,
 )
+from cadre.stages import Stage, stage
 
-ARTIFACT_OF_GATE = {"index": "index", "program": "program", "adapter": "adapter", "feedback": "adapter"}
+EVENT_UNCHANGED = "unchanged"
+"""The event of a candidate that is the champion itself: nothing registered, nothing recorded."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What a flow hands to the promotion path.
+
+    Attributes:
+        stage: the stage that made it (`cadre.stages`): its gate kind, registry kind and artifact folder.
+        scores: the candidate's evaluation.
+        baseline: what serves now, evaluated on the same cases: the champion, or without one what serves in its
+            place (the declared program, the bare base model); None when nothing is there to compare with.
+        expected_champion: the champion version `baseline` is (None: there was none); promotion is refused as
+            stale if another run moved the champion meanwhile.
+        lineage: data/corpus fingerprints, base model, parent versions … (config hash and run are added).
+        identity: a key of `lineage` that fingerprints the artifact itself (e.g. `adapter_sha256`). A complete
+            version with the same fingerprint is judged again instead of registering the same artifact twice;
+            its decision is recorded once unless the verdict changes.
+        note: Markdown the flow puts before the gate report in the run's note (its score tables); also the
+            registered version's candidate description.
+        same_as_champion: the candidate is the champion's artifact (`expected_champion`) itself: it is judged,
+            and the verdict goes on the run only.
+        scores_logged: the flow logged both evaluations itself (the prompt flow's tables hold more systems).
+    """
+
+    stage: str
+    scores: EvaluationResult
+    baseline: EvaluationResult | None
+    expected_champion: str | None
+    lineage: dict[str, str] = field(default_factory=dict)
+    identity: str | None = None
+    note: str = ""
+    same_as_champion: bool = False
+    scores_logged: bool = False
 
 
 @dataclass(frozen=True)
 class PromotionOutcome:
-    """What the gates decided about a candidate and what the registry did with it."""
+    """What the gates decided about a candidate and what the registry did with it.
+
+    Attributes:
+        decision: the gate decision.
+        record: the promotion or refusal recorded on the registry (None: the candidate is the champion itself).
+        model_name: the registered model.
+        version: the candidate's version.
+    """
 
     decision: GateDecision
-    record: PromotionRecord
+    record: PromotionRecord | None
     model_name: str
     version: str
 
     @property
     def promoted(self) -> bool:
-        return self.record.event == EVENT_PROMOTION
+        """Whether this decision made the candidate champion."""
+        return (
+            self.record is not None and self.record.event == EVENT_PROMOTION and self.record.to_version == self.version
+        )
+
+    @property
+    def event(self) -> str:
+        """`promotion`, `refusal` (as recorded), or `unchanged` (the candidate is the champion itself)."""
+        return self.record.event if self.record is not None else EVENT_UNCHANGED
+
+    @property
+    def champion(self) -> str | None:
+        """The champion version after the decision."""
+        return self.record.to_version if self.record is not None else self.version
 
     def summary(self) -> str:
-        verdict = "promoted to champion" if self.decision.passed else "refused"
+        if self.record is None:
+            return f"{self.model_name} v{self.version} is the champion itself: nothing registered or moved; {self.decision.summary}"
+        verdict = "promoted to champion" if self.promoted else "passed" if self.decision.passed else "refused"
         return f"{self.model_name} v{self.version} {verdict}: {self.decision.summary}"
 
 
-def champion_version(config: CadreConfig, specialist: str, artifact_kind: str) -> str | None:
+def champion_version(config: CadreConfig, specialist: str, registry_kind: str) -> str | None:
     """The version number the `champion` alias points at, or None."""
     client = MlflowClient(config.project.mlflow.uri)
-    version = get_champion(client, config.project.name, specialist, artifact_kind)
+    version = get_champion(client, config.project.name, specialist, registry_kind)
     return str(version.version) if version else None
+
+
+def decide_gates(
+    settings: Specialist, gate_kind: str, scores: EvaluationResult, baseline: EvaluationResult | None
+) -> GateDecision:
+    """The specialist's `gate_kind` rules applied to the candidate's scores against the baseline's, on the same cases.
+
+    With a baseline (a champion, or the declared program / base model that serves without one) the comparative
+    rules judge the candidate against it: a candidate that makes the specialist worse than what serves is refused.
+    """
+    return decide(
+        gate_kind,
+        getattr(settings.gates, gate_kind),
+        scores,
+        baseline,
+        confidence=settings.evaluation.confidence,
+        samples=settings.evaluation.bootstrap_samples,
+    )
 
 
 def log_evaluation(handle: RunHandle, result: EvaluationResult, prefix: str) -> None:
@@ -75,99 +168,111 @@ def log_evaluation(handle: RunHandle, result: EvaluationResult, prefix: str) -> 
 
 
 def gate_and_promote(
-    config: CadreConfig,
-    specialist: str,
-    gate_kind: str,
-    handle: RunHandle,
-    artifact_path: str,
-    candidate: EvaluationResult,
-    champion: EvaluationResult | None,
-    lineage: dict[str, str],
-    expected_champion: str | None,
-    actor: str,
-    identity: str | None = None,
+    config: CadreConfig, specialist: str, handle: RunHandle, candidate: Candidate, actor: str
 ) -> PromotionOutcome:
-    """Decide the specialist's `gate_kind` gates, register the candidate, and promote it only if they pass.
+    """Decide the candidate's gates, register it, and promote it only if they pass (see the module docstring).
 
     Args:
         config: the validated pipelines file.
         specialist: whose gates and registry entries.
-        gate_kind: `index`, `program`, `adapter` or `feedback` (a feedback adapter registers as `adapter`).
-        handle: the flow's MLflow run, which already holds the candidate's artifact at `artifact_path`.
-        candidate: the candidate's evaluation.
-        champion: the champion's evaluation on the same cases (None when there is no champion yet).
-        lineage: data/corpus fingerprints, base model, parent versions … (config hash and run are added).
-        expected_champion: the champion version the candidate was compared with; promotion is refused as
-            stale if another run changed the champion meanwhile.
+        handle: the flow's MLflow run, which already holds the candidate's artifact at its stage's `artifact_path`.
+        candidate: the evaluated candidate and what it is judged against.
         actor: who promotes (the Prefect flow run, or a person).
-        identity: a key of `lineage` that fingerprints the artifact itself (e.g. `adapter_sha256`). A complete
-            version with the same fingerprint is judged again instead of registering the same artifact twice;
-            its decision is recorded once unless the verdict changes.
+
+    Raises:
+        ValueError: the stage judges no candidate, or `same_as_champion` without a champion.
+        cadre.registry.versions.StaleDecisionError: the champion moved since the candidate was compared with it.
     """
-    settings = config.specialist(specialist)
-    rules = getattr(settings.gates, gate_kind)
-    decision = decide(
-        gate_kind,
-        rules,
-        candidate,
-        champion,
-        confidence=settings.evaluation.confidence,
-        samples=settings.evaluation.bootstrap_samples,
-    )
-    log_evaluation(handle, candidate, "candidate")
-    if champion is not None:
-        log_evaluation(handle, champion, "champion")
+    kind = _judged_stage(candidate.stage)
+    decision = decide_gates(config.specialist(specialist), kind.gate, candidate.scores, candidate.baseline)
+    if not candidate.scores_logged:
+        log_evaluation(handle, candidate.scores, "candidate")
+        if candidate.baseline is not None:
+            log_evaluation(handle, candidate.baseline, "champion")
     client = MlflowClient(config.project.mlflow.uri)
-    artifact_kind = ARTIFACT_OF_GATE[gate_kind]
-    version = None
-    if identity is not None:
-        version = find_identical(
+    project = config.project.name
+    if candidate.same_as_champion:
+        if candidate.expected_champion is None:
+            raise ValueError("same_as_champion needs the champion version (expected_champion)")
+        name = registered_model_name(project, specialist, kind.registry_kind)
+        outcome = PromotionOutcome(decision, None, name, candidate.expected_champion)
+    else:
+        version = _registered_version(config, specialist, handle, candidate, kind, client, actor)
+        record = decide_and_promote(
+            client,
+            project=project,
+            specialist=specialist,
+            kind=kind.registry_kind,
+            version=version.version,
+            decision=decision,
+            actor=actor,
+            reason=decision.summary,
+            expected_champion=candidate.expected_champion,
+        )
+        outcome = PromotionOutcome(decision, record, version.name, str(version.version))
+    _report_on_run(client, handle, candidate, outcome)
+    return outcome
+
+
+def _judged_stage(name: str) -> Stage:
+    found = stage(name)
+    if found.gate is None or found.registry_kind is None or found.artifact_path is None:
+        raise ValueError(f"the {name} stage makes no candidate to promote")
+    return found
+
+
+def _registered_version(
+    config: CadreConfig,
+    specialist: str,
+    handle: RunHandle,
+    candidate: Candidate,
+    kind: Stage,
+    client: MlflowClient,
+    actor: str,
+) -> ModelVersion:
+    """The candidate's complete registry version: one with the same artifact fingerprint, else a new one."""
+    if candidate.identity is not None:
+        value = candidate.lineage[candidate.identity]
+        same = find_identical(
             client,
             project=config.project.name,
             specialist=specialist,
-            kind=artifact_kind,
-            lineage_key=identity,
-            value=lineage[identity],
+            kind=kind.registry_kind,
+            lineage_key=candidate.identity,
+            value=value,
         )
-        if version is not None:
+        if same is not None:
             print(
-                f"the candidate is identical to {version.name} v{version.version} ({identity} {lineage[identity][:12]}); "
+                f"the candidate is identical to {same.name} v{same.version} ({candidate.identity} {value[:12]}); "
                 "judging that version again instead of registering it twice"
             )
-    if version is None:
-        version = register_candidate(
-            client,
-            project=config.project.name,
-            specialist=specialist,
-            kind=artifact_kind,
-            run_id=handle.run_id,
-            artifact_path=artifact_path,
-            lineage={"config_sha256": config.sha256, **lineage},
-            actor=actor,
-            description=f"{gate_kind} candidate for {specialist}, made by run {handle.run_id}",
-        )
-    record = decide_and_promote(
+            return same
+    return register_candidate(
         client,
         project=config.project.name,
         specialist=specialist,
-        kind=artifact_kind,
-        version=version.version,
-        decision=decision,
+        kind=kind.registry_kind,
+        run_id=handle.run_id,
+        artifact_path=kind.artifact_path,
+        lineage={"config_sha256": config.sha256, **candidate.lineage},
         actor=actor,
-        reason=decision.summary,
-        expected_champion=expected_champion,
+        description=candidate.note or f"{kind.gate} candidate for {specialist}, made by run {handle.run_id}",
     )
-    report_markdown = decision.to_markdown()
-    with tempfile.TemporaryDirectory() as folder:
-        report = Path(folder) / "gate_report.md"
-        report.write_text(report_markdown)
-        client.log_artifact(handle.run_id, str(report), artifact_path="gate")
-    client.set_tag(handle.run_id, "mlflow.note.content", report_markdown)  # flows with score tables write a fuller one
-    client.set_tag(handle.run_id, "cadre.gate", "passed" if decision.passed else "refused")
-    client.set_tag(handle.run_id, "cadre.candidate_version", f"{version.name}/{version.version}")
-    client.set_tag(
-        handle.run_id,
-        "cadre.already_champion",
-        str(decision.passed and expected_champion == str(version.version)).lower(),
-    )
-    return PromotionOutcome(decision=decision, record=record, model_name=version.name, version=str(version.version))
+
+
+def _report_on_run(client: MlflowClient, handle: RunHandle, candidate: Candidate, outcome: PromotionOutcome) -> None:
+    """The gate report as an artifact and as the run's note (after the flow's tables); the verdict as tags."""
+    decision = outcome.decision
+    report = decision.to_markdown()
+    client.log_text(handle.run_id, report, "gate/gate_report.md")
+    client.log_dict(handle.run_id, decision.to_dict(), "gate/gate_report.json")
+    client.log_batch(handle.run_id, metrics=[Metric("gate_passed", float(decision.passed), int(time.time() * 1000), 0)])
+    already = outcome.record is None or (decision.passed and candidate.expected_champion == outcome.version)
+    for key, value in {
+        "mlflow.note.content": f"{candidate.note}\n\n{report}" if candidate.note else report,
+        "cadre.gate": "passed" if decision.passed else "refused",
+        "cadre.candidate_version": f"{outcome.model_name}/{outcome.version}",
+        "cadre.promoted": str(outcome.promoted).lower(),
+        "cadre.already_champion": str(already).lower(),
+    }.items():
+        client.set_tag(handle.run_id, key, value)

@@ -11,8 +11,8 @@ from mlflow import MlflowClient
 
 from cadre.config import load_config
 from cadre.evaluation.results import load_cases, score_predictions
-from cadre.registry.promotion import champion_version, gate_and_promote
-from cadre.registry.runs import open_run
+from cadre.registry.promotion import Candidate, champion_version, gate_and_promote
+from cadre.registry.runs import open_run, run_verdict
 from cadre.registry.versions import history, read_gate_report
 
 pytestmark = pytest.mark.integration
@@ -68,13 +68,8 @@ def test_refused_then_promoted_with_a_readable_report(config, tmp_path: Path) ->
     refused = gate_and_promote(
         config,
         "coder",
-        "program",
         _candidate_run(config, tmp_path),
-        "program",
-        weak,
-        None,
-        lineage={"data_fingerprint": "abc"},
-        expected_champion=None,
+        Candidate("optimize", weak, None, None, {"data_fingerprint": "abc"}),
         actor="test",
     )
     assert not refused.decision.passed and not refused.promoted
@@ -84,13 +79,8 @@ def test_refused_then_promoted_with_a_readable_report(config, tmp_path: Path) ->
     promoted = gate_and_promote(
         config,
         "coder",
-        "program",
         _candidate_run(config, tmp_path),
-        "program",
-        strong,
-        None,
-        lineage={"data_fingerprint": "abc"},
-        expected_champion=None,
+        Candidate("optimize", strong, None, None, {"data_fingerprint": "abc"}),
         actor="test",
     )
     assert promoted.promoted
@@ -109,13 +99,8 @@ def test_refused_then_promoted_with_a_readable_report(config, tmp_path: Path) ->
     again = gate_and_promote(
         config,
         "coder",
-        "program",
         _candidate_run(config, tmp_path),
-        "program",
-        same,
-        strong,
-        lineage={},
-        expected_champion=promoted.version,
+        Candidate("optimize", same, strong, promoted.version, {}),
         actor="test",
     )
     assert not again.promoted
@@ -130,28 +115,16 @@ def test_the_same_artifact_from_a_rerun_is_judged_again_not_registered_twice(con
     first = gate_and_promote(
         config,
         "coder",
-        "program",
         _candidate_run(config, tmp_path),
-        "program",
-        weak,
-        None,
-        lineage=lineage,
-        expected_champion=None,
+        Candidate("optimize", weak, None, None, lineage, identity="adapter_sha256"),
         actor="test",
-        identity="adapter_sha256",
     )
     rerun = gate_and_promote(
         config,
         "coder",
-        "program",
         _candidate_run(config, tmp_path),
-        "program",
-        weak,
-        None,
-        lineage=lineage,
-        expected_champion=None,
+        Candidate("optimize", weak, None, None, lineage, identity="adapter_sha256"),
         actor="test",
-        identity="adapter_sha256",
     )
     assert rerun.version == first.version and not rerun.promoted
     client = MlflowClient(config.project.mlflow.uri)
@@ -162,30 +135,62 @@ def test_the_same_artifact_from_a_rerun_is_judged_again_not_registered_twice(con
     other = gate_and_promote(
         config,
         "coder",
-        "program",
         _candidate_run(config, tmp_path),
-        "program",
-        weak,
-        None,
-        lineage={**lineage, "adapter_sha256": "beef" * 16},
-        expected_champion=None,
+        Candidate("optimize", weak, None, None, {**lineage, "adapter_sha256": "beef" * 16}, identity="adapter_sha256"),
         actor="test",
-        identity="adapter_sha256",
     )
     assert other.version != first.version
     strong = _evaluate(config, 0.8, "strong")
     promoted = gate_and_promote(
         config,
         "coder",
-        "program",
         _candidate_run(config, tmp_path),
-        "program",
-        strong,
-        None,
-        lineage=lineage,
-        expected_champion=None,
+        Candidate("optimize", strong, None, None, lineage, identity="adapter_sha256"),
         actor="test",
-        identity="adapter_sha256",
     )
     assert promoted.promoted and promoted.version == first.version
     assert champion_version(config, "coder", "program") == first.version
+
+
+def test_a_candidate_that_is_the_champion_itself_registers_and_records_nothing(config, tmp_path: Path) -> None:
+    """The prompt flow compiled the champion's program again: judged and reported on the run, nothing on the registry."""
+    strong = _evaluate(config, 0.8, "strong")
+    lineage = {"program_sha256": "ab" * 32}
+    first_run = _candidate_run(config, tmp_path)
+    first = gate_and_promote(
+        config,
+        "coder",
+        first_run,
+        Candidate("optimize", strong, None, None, lineage, identity="program_sha256", note="### first"),
+        actor="test",
+    )
+    client = MlflowClient(config.project.mlflow.uri)
+    tags = client.get_run(first_run.run_id).data.tags
+    assert first.promoted and tags["cadre.promoted"] == "true"
+    assert run_verdict(tags) == "[green]gate passed: the candidate is the new champion[/green]"
+    assert (
+        tags["mlflow.note.content"].startswith("### first\n\n") and "exact_match ≥ 0.5" in tags["mlflow.note.content"]
+    )
+    assert client.get_model_version(first.model_name, first.version).tags["cadre.candidate_description"] == "### first"
+
+    rerun = _candidate_run(config, tmp_path)
+    same = gate_and_promote(
+        config,
+        "coder",
+        rerun,
+        Candidate("optimize", strong, strong, first.version, lineage, identity="program_sha256", same_as_champion=True),
+        actor="test",
+    )
+    # `beat_champion_by: 0.05` fails against itself; a refusal is not recorded against the serving champion.
+    assert (same.event, same.version, same.champion, same.promoted) == (
+        "unchanged",
+        first.version,
+        first.version,
+        False,
+    )
+    assert len(client.search_model_versions(f"name = '{first.model_name}'")) == 1
+    assert [record.event for record in history(client, config.project.name, "coder", "program")] == ["promotion"]
+    assert client.get_model_version(first.model_name, first.version).tags["cadre.gate"] == "passed"
+    tags = client.get_run(rerun.run_id).data.tags
+    assert tags["cadre.candidate_version"] == f"{first.model_name}/{first.version}"
+    assert run_verdict(tags).startswith("[yellow]the candidate is the champion itself; it stays")

@@ -276,17 +276,25 @@ def test_rules_scoped_to_a_slice_or_excluding_it() -> None:
 
 
 def test_without_a_champion_program_the_candidate_must_beat_the_declared_program_that_serves():
-    from cadre.config import EvaluationSettings
-    from tasks.prompts import TestScores, decide_program_gate
+    """The prompt flow hands the declared program's scores as the baseline when no program was promoted yet."""
+    from cadre.config import Specialist
+    from cadre.registry.promotion import decide_gates
 
-    declared, worse = result("unoptimized", [1, 1, 0, 1, 0, 1]), result("candidate", [0, 1, 0, 0, 0, 1])
-    scores = TestScores(baseline=declared, candidate=worse, retrieval_only=None, baseline_is_champion=False, costs={})
-    decision = decide_program_gate.fn(
-        [rule(metric="exact_match", beat_champion_by=0.0)], scores, EvaluationSettings(suite="s")
+    settings = Specialist.model_validate(
+        {
+            "name": "coder",
+            "description": "test",
+            "program": {
+                "instruction": "Code it.",
+                "inputs": [{"name": "phrase"}],
+                "outputs": [{"name": "code"}],
+                "retrieve_k": 0,
+            },
+            "evaluation": {"suite": "s"},
+            "gates": {"program": [{"metric": "exact_match", "beat_champion_by": 0.0}]},
+        }
     )
-    assert not decision.passed
+    declared, worse = result("unoptimized", [1, 1, 0, 1, 0, 1]), result("candidate", [0, 1, 0, 0, 0, 1])
+    assert not decide_gates(settings, "program", worse, declared).passed
     better = result("candidate", [1, 1, 1, 1, 0, 1])
-    scores = TestScores(baseline=declared, candidate=better, retrieval_only=None, baseline_is_champion=False, costs={})
-    assert decide_program_gate.fn(
-        [rule(metric="exact_match", beat_champion_by=0.0)], scores, EvaluationSettings(suite="s")
-    ).passed
+    assert decide_gates(settings, "program", better, declared).passed
