@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from transformers import (
 )
 
 from cadre.config.tuning import TuningSettings
+from cadre.platform.signals import Terminated, terminate_on_sigterm
 from cadre.runtime.prompt import FieldSpec, PromptSpec
 from cadre.tuning.finetune import (
     FourBitGuard,
@@ -429,6 +434,47 @@ def test_guard_refuses_a_repacked_model_and_missing_lora_gradients(tiny_model, f
     )
     with pytest.raises(SilentGradientLossError, match="4-bit layers are in bitsandbytes. CPU inference layout"):
         FourBitGuard().on_train_begin(None, None, None, model=model)
+
+
+class SigtermMidStep(TrainerCallback):
+    """Sends this process SIGTERM from another thread a moment after step `step` begins, as `cadre down` would."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.sent: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step and self.sent is None:
+            self.sent = 0.0
+
+            def send() -> None:
+                time.sleep(0.005)
+                self.sent = time.monotonic()
+                os.kill(os.getpid(), signal.SIGTERM)
+
+            threading.Thread(target=send, daemon=True).start()
+
+
+def test_sigterm_stops_a_training_loop_within_a_step(tiny_model, data, tmp_path) -> None:
+    """`cadre down` and a cancel send SIGTERM; trl's loop must stop at once (the handler runs between the native
+    calls of a step), and unwind through `finally` blocks rather than die or train on."""
+    stopper = SigtermMidStep(3)
+    steps: list[int] = []
+    with pytest.raises(Terminated, match="SIGTERM"), terminate_on_sigterm():
+        try:
+            train(
+                data,
+                tiny_model,
+                tmp_path / "run",
+                tuning(max_steps=200, checkpoint_every=1000),
+                extra_callbacks=[stopper],
+                sink=lambda metrics, step: steps.append(step) if "loss" in metrics else None,
+            )
+        finally:
+            stopped = time.monotonic() - (stopper.sent or math.inf)
+    assert stopped < 1.0, f"training went on for {stopped:.2f} s after SIGTERM"
+    assert max(steps) <= 3, steps
+    print(f"SIGTERM during step 3: training stopped {stopped * 1000:.0f} ms later, after step {max(steps)}")
 
 
 def test_checkpoints_are_keyed_by_specialist_data_and_training_config(tmp_path) -> None:
