@@ -78,6 +78,13 @@ from cadre.serving.team import (
 
 AUTO = "auto"
 REQUEST_ID_HEADER = "x-request-id"
+SSE_EVENT = {
+    "type": "object",
+    "description": "One server-sent event: `data` is a `chat.completion.chunk` (or an error object) as JSON, "
+    "and `[DONE]` at the end",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}},
+}
 
 log = logging.getLogger("cadre.serve")
 
@@ -223,7 +230,7 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
         responses={
             200: {
                 "model": ChatCompletion,
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": SSE_EVENT}},
                 "description": "The answer; with `stream: true`, server-sent events of `chat.completion.chunk`s",
             },
             **_errors(400, 401, 404, 413, 422, 429, 503),
