@@ -97,9 +97,17 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    from cadre.orchestration.deployments import STOP_GRACE_S, end_flow_runs
     from cadre.platform.stack import Stack
 
-    Stack(_load(args.file)).down(console=console)
+    config = _load(args.file)
+    stack = Stack(config)
+    grace = STOP_GRACE_S if args.grace is None else args.grace
+    if not grace >= 0:
+        console.print(f"[red]--grace must be a number of seconds, 0 or more; got {args.grace}[/red]")
+        return 2
+    end_flow_runs(config, stack.worker_pid(), wait=args.wait, grace_s=grace, console=console)
+    stack.down(console=console)
     return 0
 
 
@@ -355,8 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_up)
 
-    p = commands.add_parser("down", help="stop exactly what `cadre up` started")
+    p = commands.add_parser(
+        "down", help="end the flow runs the worker started (cancel, then SIGTERM), then stop what `cadre up` started"
+    )
     _config_arg(p)
+    p.add_argument("--wait", action="store_true", help="wait for running flow runs to finish instead of ending them")
+    p.add_argument(
+        "--grace",
+        type=float,
+        metavar="SECONDS",
+        help="how long a flow run may take to stop after SIGTERM before it is killed (default 20)",
+    )
     p.set_defaults(func=cmd_down)
 
     p = commands.add_parser("status", help="health and URLs of the services, and each specialist's champions")

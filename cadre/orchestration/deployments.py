@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,29 +167,14 @@ def crash_orphaned_runs(config: CadreConfig, console: Console | None = None) -> 
     flows run is safe.
     """
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-        WorkPoolFilter,
-        WorkPoolFilterName,
-    )
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
     console = console or Console(stderr=True)
     apply_env(config)
-    unfinished = FlowRunFilter(
-        state=FlowRunFilterState(
-            type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING])
-        )
-    )
-    pool = WorkPoolFilter(name=WorkPoolFilterName(any_=[config.project.prefect.work_pool]))
-    crashed, ours = [], worker_name(config)
+    crashed = []
     with get_client(sync_client=True) as client:
-        for run in client.read_flow_runs(flow_run_filter=unfinished, work_pool_filter=pool):
-            if (run.labels or {}).get("prefect.worker.name") != ours:
-                continue  # submitted by another worker (`cadre worker`, another machine): its process is not ours to judge
+        for run in _unfinished_runs_of_our_worker(config, client):
             if _engine_alive(run.infrastructure_pid):
                 continue
             since = run.state.timestamp if run.state else None
@@ -218,6 +204,171 @@ def crash_orphaned_runs(config: CadreConfig, console: Console | None = None) -> 
             "marked KILLED"
         )
     return crashed
+
+
+def _unfinished_runs_of_our_worker(config: CadreConfig, client) -> list:
+    """The flow runs of the project's work pool submitted by the worker `cadre up` starts (Prefect labels each run
+    with its worker's name) that have not ended: Pending, Running or Cancelling. A run of another worker (`cadre
+    worker`, another machine) is not ours to judge."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    unfinished = FlowRunFilter(
+        state=FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING])
+        )
+    )
+    pool = WorkPoolFilter(name=WorkPoolFilterName(any_=[config.project.prefect.work_pool]))
+    ours = worker_name(config)
+    return [
+        run
+        for run in client.read_flow_runs(flow_run_filter=unfinished, work_pool_filter=pool)
+        if (run.labels or {}).get("prefect.worker.name") == ours
+    ]
+
+
+STOP_GRACE_S = 20.0
+"""How long `cadre down` gives a flow-run process to unwind after SIGTERM (its MLflow run ends KILLED) before SIGKILL."""
+
+CANCEL_WINDOW_S = 10.0
+"""How long `cadre down` lets the worker carry out a cancel itself (Prefect then records the run Cancelled)."""
+
+STOPPED_BY_DOWN = "stopped by `cadre down`; run it again: it resumes or redoes what did not finish"
+
+
+def end_flow_runs(
+    config: CadreConfig,
+    worker_pid: int | None,
+    wait: bool = False,
+    grace_s: float = STOP_GRACE_S,
+    console: Console | None = None,
+) -> list[str]:
+    """End the flow runs the worker `cadre up` started, before `cadre down` stops the stack; return what it ended.
+
+    The worker starts each flow run as a process in a session of its own, so stopping the worker alone leaves them
+    running, orphaned. Where Prefect answers, each unfinished run of our worker is set Cancelling and the worker,
+    given `CANCEL_WINDOW_S`, ends its process as a cancel from the UI would. What still runs then (the worker is
+    gone, Prefect is down, the run ignores the cancel) gets SIGTERM, which a flow run turns into an exception that
+    ends its MLflow run KILLED, and SIGKILL after `grace_s`. Runs left unfinished are then marked Cancelled and
+    MLflow runs left RUNNING are ended KILLED, so the next `cadre up` finds nothing to crash.
+
+    Args:
+        config: the validated pipelines file.
+        worker_pid: the worker `cadre up` started, if it runs: its children are the flow-run processes.
+        wait: wait for the flow runs to finish instead (runs the worker picks up meanwhile included).
+        grace_s: seconds between SIGTERM and SIGKILL.
+        console: where to say what was ended.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled, Cancelling
+
+    from cadre.platform.stack import StackError, child_pids, require_services, stop_processes
+
+    console = console or Console(stderr=True)
+    apply_env(config)
+
+    def answers(service: str) -> bool:
+        try:
+            require_services(config, service)
+        except StackError:
+            return False
+        return True
+
+    client = get_client(sync_client=True) if answers("prefect") else None
+    with client if client is not None else nullcontext():
+
+        def current() -> tuple[dict[int, object], list]:
+            """The live flow-run processes (pid → its run, None when no run records it) and the unfinished runs."""
+            runs = _unfinished_runs_of_our_worker(config, client) if client else []
+            processes: dict[int, object] = {}
+            if worker_pid is not None:
+                processes |= {pid: None for pid in child_pids(worker_pid) if _is_engine(pid)}
+            for run in runs:
+                if (pid := _local_engine_pid(run.infrastructure_pid)) is not None:
+                    processes[pid] = run
+            return processes, runs
+
+        def starting(runs: list) -> list:
+            """Runs our live worker has taken but not started yet: it will."""
+            if worker_pid is None:
+                return []
+            return [
+                run
+                for run in runs
+                if run.state_type == StateType.PENDING
+                and run.state
+                and time.time() - run.state.timestamp.timestamp() < ORPHAN_PENDING_AFTER_S
+            ]
+
+        processes, runs = current()
+        if wait:
+            shown: set[str] = set()
+            while processes or starting(runs):
+                names = {_run_label(client, run) if run else f"pid {pid}" for pid, run in processes.items()}
+                names |= {_run_label(client, run) for run in starting(runs)}
+                if names - shown:
+                    console.print(f"waiting for {len(names)} flow run(s) to finish: {', '.join(sorted(names))} …")
+                    shown |= names
+                time.sleep(2.0)
+                processes, runs = current()
+            return []
+        if not processes and not runs:
+            return []
+
+        for run in runs:
+            if run.state_type != StateType.CANCELLING:
+                client.set_flow_run_state(run.id, Cancelling(message=STOPPED_BY_DOWN), force=True)
+        started = time.monotonic()
+        if client is not None and worker_pid is not None:
+            while time.monotonic() - started < CANCEL_WINDOW_S and any(_is_engine(pid) for pid in processes):
+                time.sleep(0.2)
+        cancelled = {pid: time.monotonic() - started for pid in processes if not _is_engine(pid)}
+        stopped = stop_processes([pid for pid in processes if pid not in cancelled], grace_s)
+        final: dict = {}
+        for run in runs:  # the worker records a cancel it carried out; what it could not, we record
+            state = client.read_flow_run(run.id).state
+            if state is None or not state.is_final():
+                client.set_flow_run_state(run.id, Cancelled(message=STOPPED_BY_DOWN), force=True)
+                state = client.read_flow_run(run.id).state
+            final[run.id] = state.name if state else "?"
+        ended = []
+        for pid, run in processes.items():
+            if pid in cancelled:
+                how = f"its process (pid {pid}) ended {cancelled[pid]:.1f} s after the cancel"
+            elif stopped[pid] is not None:
+                how = f"its process (pid {pid}) ended {stopped[pid]:.1f} s after SIGTERM"
+            else:
+                how = f"its process (pid {pid}) was still running {grace_s:.0f} s after SIGTERM: killed (SIGKILL)"
+            ended.append(_run_label(client, run) if run else f"pid {pid}")
+            console.print(f"[yellow]■[/yellow] flow run {ended[-1]}: {final[run.id] if run else 'ended'}; {how}")
+        with_process = {run.id for run in processes.values() if run is not None}
+        for run in runs:
+            if run.id not in with_process:
+                ended.append(_run_label(client, run))
+                why = "before it started" if run.state_type == StateType.PENDING else "its process was already gone"
+                console.print(f"[yellow]■[/yellow] flow run {ended[-1]}: {final[run.id]} {why}")
+        if client is None:
+            if processes:
+                console.print("  Prefect is not answering: the next `cadre up` marks these flow runs Crashed")
+            return ended
+        stale = _end_stale_tracking_runs(config, client) if answers("mlflow") else 0
+    if stale:
+        console.print(f"[yellow]■[/yellow] {stale} MLflow run(s) of the stopped flow runs marked KILLED")
+    return ended
+
+
+def _run_label(client, run) -> str:
+    """`name (flow/specialist, State)` for a flow run, as `cadre down` reports it."""
+    flow = client.read_flow(run.flow_id).name if client else "?"
+    specialist = (run.parameters or {}).get("specialist", "?")
+    return f"{run.name} ({flow}/{specialist}, {run.state.name if run.state else '?'})"
 
 
 def _end_stale_tracking_runs(config: CadreConfig, client) -> int:
@@ -269,14 +420,29 @@ def _end_as_killed(tracking_uri: str, run) -> bool:
 
 def _engine_alive(infrastructure_pid: str | None) -> bool:
     """Whether the process a process worker recorded for a flow run (`pid`, or `host:pid`) is a live flow engine."""
+    if infrastructure_pid and infrastructure_pid.rpartition(":")[0] not in ("", os.uname().nodename, "localhost"):
+        return True  # another machine's run: not ours to judge
+    return _local_engine_pid(infrastructure_pid) is not None
+
+
+def _local_engine_pid(infrastructure_pid: str | None) -> int | None:
+    """The pid a process worker recorded for a flow run (`pid`, or `host:pid`), if it is a live flow engine here."""
     if not infrastructure_pid:
-        return False
+        return None
     host, _, pid = infrastructure_pid.rpartition(":")
     if host and host not in (os.uname().nodename, "localhost"):
-        return True  # another machine's run: not ours to judge
+        return None
     try:
-        command = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
-    except (OSError, ValueError):
+        return int(pid) if _is_engine(int(pid)) else None
+    except ValueError:
+        return None
+
+
+def _is_engine(pid: int) -> bool:
+    """Whether a live process runs Prefect (a flow run's `python -m prefect.engine`)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
         return False
     return b"prefect" in command
 

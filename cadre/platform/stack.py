@@ -3,7 +3,9 @@
 `cadre up` starts each service that `pipelines.yaml` does not point elsewhere, on 127.0.0.1, with
 its state under the project's state dir, and waits until each answers its health check. It is
 idempotent: a service already running (started by us and healthy) is left alone. `cadre down`
-stops exactly the processes `up` recorded (pid files under `<state>/run`), by process group.
+stops exactly the processes `up` recorded (pid files under `<state>/run`), by process group, after
+`cadre.orchestration.deployments.end_flow_runs` has ended the flow runs the worker started (each runs in a
+session of its own, so stopping the worker alone would leave them running).
 How each service is started is spelled out in `infra/local/README.md`.
 """
 
@@ -198,6 +200,11 @@ class Stack:
             console.print("nothing to stop")
         return stopped
 
+    def worker_pid(self) -> int | None:
+        """The pid of the Prefect worker `up` started, while it runs; None otherwise."""
+        worker = next(service for service in self.services() if service.name == "worker")
+        return self._pid(worker) if self._running(worker) else None
+
     def status(self) -> list[dict]:
         """One row per service: name, state (up / down / unhealthy / external), URL, pid."""
         rows = []
@@ -371,6 +378,62 @@ def _alive(pid: int) -> bool:
     try:  # a zombie counts as gone
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
+        return False
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live processes whose parent is `pid`."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().split(")")[-1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+def stop_processes(pids: list[int], grace_s: float) -> dict[int, float | None]:
+    """SIGTERM each process (with its process group when it leads one), wait up to `grace_s` for all of them to
+    exit, SIGKILL what is left.
+
+    Returns:
+        For each pid, the seconds it took to exit after SIGTERM, or None when it had to be killed.
+    """
+    leaders = {pid for pid in pids if _leads_group(pid)}  # its group goes too: children it started
+
+    def send(pid: int, signum: signal.Signals) -> None:
+        try:
+            os.killpg(pid, signum) if pid in leaders else os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def gone(pid: int) -> bool:
+        return not (_group_alive(pid) if pid in leaders else _alive(pid))
+
+    started = time.monotonic()
+    for pid in pids:
+        send(pid, signal.SIGTERM)
+    ended: dict[int, float | None] = {}
+    while len(ended) < len(pids) and time.monotonic() - started < grace_s:
+        for pid in pids:
+            if pid not in ended and gone(pid):
+                ended[pid] = time.monotonic() - started
+        time.sleep(0.2)
+    for pid in pids:
+        if pid not in ended:
+            send(pid, signal.SIGKILL)
+            ended[pid] = None
+    return ended
+
+
+def _leads_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
         return False
 
 
