@@ -182,7 +182,11 @@ class SkippedRow:
 
 
 def jsonl_lines(rows: Iterable[Any]) -> tuple[list[str], list[SkippedRow]]:
-    """Serialise rows as JSON lines (UTF-8 text, non-ASCII kept), leaving out and reporting any that are not text."""
+    """Serialise rows as JSON lines, leaving out and reporting any that are not text.
+
+    Non-ASCII text is kept as it is, except characters that some readers split lines on (U+0085, U+2028,
+    U+2029) and C1 controls, which are written as `\\u` escapes: every row is exactly one line for any reader.
+    """
     lines: list[str] = []
     skipped: list[SkippedRow] = []
     for number, row in enumerate(rows, start=1):
@@ -191,10 +195,22 @@ def jsonl_lines(rows: Iterable[Any]) -> tuple[list[str], list[SkippedRow]]:
             skipped.append(SkippedRow(number, problem))
             continue
         try:
-            lines.append(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            line = json.dumps(row, ensure_ascii=False, default=str)
         except (TypeError, ValueError, RecursionError) as error:
             skipped.append(SkippedRow(number, f"cannot be written as JSON: {error}"))
+            continue
+        lines.append(_LINE_SPLITTING.sub(_json_escape, line) + "\n")
     return lines, skipped
+
+
+# Characters JSON may leave raw inside strings that some readers take for a line end (str.splitlines: NEL, the
+# Unicode line and paragraph separators) or that terminals act on (C1 controls): written as \u escapes, the same
+# JSON value on one unambiguous line.
+_LINE_SPLITTING = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def _json_escape(found: re.Match[str]) -> str:
+    return f"\\u{ord(found.group()):04x}"
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Any]) -> tuple[int, list[SkippedRow]]:

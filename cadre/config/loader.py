@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from pydantic.fields import FieldInfo
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.constructor import DuplicateKeyError
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.reader import ReaderError
 
 from cadre.config.base import FieldError
 from cadre.config.pipelines import CadreConfig, PipelinesFile, merge_defaults
@@ -39,8 +41,17 @@ class ConfigIssue:
     message: str
 
     def render(self, file: str) -> str:
+        """`FILE:LINE:COL: field: message` on one line (line breaks and control characters in values are escaped)."""
         where = f"{self.field}: " if self.field else ""
-        return f"{file}:{self.line}:{self.column}: {where}{self.message}"
+        return _LINE_BREAKING.sub(_escaped, f"{file}:{self.line}:{self.column}: {where}{self.message}")
+
+
+# Characters that end a line for str.splitlines() (and terminals), and other control characters.
+_LINE_BREAKING = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(found: re.Match[str]) -> str:
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(found.group(), f"\\u{ord(found.group()):04x}")
 
 
 class ConfigError(Exception):
@@ -70,7 +81,7 @@ def load_config(file: str | Path = "pipelines.yaml") -> CadreConfig:
         raise ConfigError(display, [ConfigIssue(1, 1, "", f"file not found: {path.resolve()}")])
     raw_bytes = path.read_bytes()
     try:
-        document = YAML(typ="rt").load(raw_bytes.decode("utf-8"))
+        document = _parse_yaml(raw_bytes.decode("utf-8"))
     except UnicodeDecodeError as error:
         raise ConfigError(display, [ConfigIssue(1, 1, "", f"not UTF-8 text: {error}")]) from None
     except DuplicateKeyError as error:
@@ -80,6 +91,18 @@ def load_config(file: str | Path = "pipelines.yaml") -> CadreConfig:
         ) from None
     except MarkedYAMLError as error:
         raise ConfigError(display, [_syntax_issue(error)]) from None
+    except ReaderError as error:  # a character YAML does not allow (NUL, other controls)
+        text = raw_bytes.decode("utf-8")
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - text.rfind("\n", 0, error.position)
+        raise ConfigError(
+            display,
+            [ConfigIssue(line, column, "", f"YAML does not allow the character U+{error.character:04X} here")],
+        ) from None
+    except YAMLError as error:
+        raise ConfigError(display, [ConfigIssue(1, 1, "", f"not valid YAML: {error}")]) from None
+    except _UnreadableYAML as error:
+        raise ConfigError(display, [ConfigIssue(1, 1, "", str(error))]) from None
     except RecursionError:
         raise ConfigError(display, [ConfigIssue(1, 1, "", "YAML nested too deeply to read")]) from None
 
@@ -107,6 +130,21 @@ def load_config(file: str | Path = "pipelines.yaml") -> CadreConfig:
         unique = {(i.line, i.column, i.message): i for i in reversed(issues)}
         raise ConfigError(display, sorted(unique.values(), key=lambda i: (i.line, i.column)))
     return CadreConfig(file=path.resolve(), pipelines=pipelines, sha256=hashlib.sha256(raw_bytes).hexdigest())
+
+
+class _UnreadableYAML(Exception):
+    """ruamel failed on the text with an error of its own (not a YAMLError)."""
+
+
+def _parse_yaml(text: str) -> Any:
+    try:
+        return YAML(typ="rt").load(text)
+    except (YAMLError, RecursionError):
+        raise
+    except Exception as error:  # noqa: BLE001 - e.g. a merge key (<<) that refers to its own mapping
+        raise _UnreadableYAML(
+            f"YAML that cannot be read ({type(error).__name__}: {error}); check anchors (&), aliases (*) and merge keys (<<)"
+        ) from error
 
 
 _OPENED = ("while parsing a flow", "while scanning a quoted scalar", "while scanning a flow")
@@ -139,21 +177,31 @@ def _plain(node: Any, here: Path_, locations: dict[Path_, tuple[int, int]]) -> A
     if isinstance(node, CommentedMap):
         out = {}
         for key in node:
-            line, column = node.lc.key(key)
-            locations[(*here, str(key))] = (line + 1, column + 1)
+            # A key merged in with `<<` has no position of its own: it counts as the mapping's own line.
+            position = _position(node.lc.key, key)
+            line, column = (position[0] + 1, position[1] + 1) if position else locations.get(here, (1, 1))
+            locations[(*here, str(key))] = (line, column)
             out[str(key)] = _plain(node[key], (*here, str(key)), locations)
         return out
     if isinstance(node, CommentedSeq):
         out_list = []
         for index, item in enumerate(node):
-            line, column = node.lc.item(index)
-            locations[(*here, index)] = (line + 1, column + 1)
+            position = _position(node.lc.item, index)
+            line, column = (position[0] + 1, position[1] + 1) if position else locations.get(here, (1, 1))
+            locations[(*here, index)] = (line, column)
             out_list.append(_plain(item, (*here, index), locations))
         return out_list
     for kind in (bool, int, float, str):
         if isinstance(node, kind):
             return kind(node)
     return node
+
+
+def _position(lookup: Any, key: Any) -> tuple[int, int] | None:
+    try:
+        return lookup(key)
+    except (KeyError, IndexError):
+        return None
 
 
 def _with_defaults(data: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,8 @@ One loader per source kind of the schema (`cadre.config.knowledge`):
   are read line by line with the stdlib (each bad line is skipped and counted, where `datasets` fails
   the whole file on one malformed line, and is slower on files of this size: see `bench/`), Parquet in
   record batches through pyarrow, saved folders through `datasets.load_from_disk` (memory-mapped).
+  JSONL goes through `cadre.jsonl.read_json_lines` (bytes, bounded per line); a skipped line is
+  named `<source>:<file>:<line>` in the report.
 - `sql`: a SELECT through SQLAlchemy, streamed; relative sqlite paths are read from the project
   folder; `url_env` names a variable holding the URL.
 - `python`: `package.module:function(**options)` yielding dicts with id, text, title, metadata.

@@ -172,3 +172,15 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path: Path) -> None:
         write_jsonl(path, rows())
     assert path.read_text() == '{"kept": true}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["data.jsonl"]
+
+
+def test_every_row_is_one_line_for_any_reader_even_with_unicode_line_separators(tmp_path: Path) -> None:
+    # Found by the fuzz tier: JSON leaves U+2028, U+0085 raw inside strings, and str.splitlines() (and other
+    # readers) split a row there; they are written as \u escapes, the same value on one line.
+    rows = [{"a": "one\u2028two"}, {"a": "nel\x85here"}, {"a": "para\u2029graph", "b": "ü"}]
+    path = tmp_path / "rows.jsonl"
+    assert write_jsonl(path, rows) == (3, [])
+    text = path.read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 3
+    assert [json.loads(line) for line in text.splitlines()] == rows
+    assert "ü" in text, "other non-ASCII text stays readable"

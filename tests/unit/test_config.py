@@ -442,3 +442,29 @@ def test_commands_against_a_stopped_stack_say_so_at_once(project: Path, capsys, 
     err = capsys.readouterr().err
     assert f"{service} is not answering at http://127.0.0.1:{ports[service]}" in err and "cadre up" in err
     assert "Traceback" not in err
+
+
+# Found by the fuzz tier (tests/fuzz/test_loaders_fuzz.py): each once escaped as a traceback, or as an error spread
+# over two lines, instead of one `FILE:LINE:COL: ...` line per problem.
+ONCE_CRASHED = [
+    ("a NUL character", "version: 1\nproject:\n  name: t\x00\n", 3, "does not allow the character U+0000"),
+    ("a merge key at the top", "<<: {project: 1}\nspecialists: []\n", 1, "project: expected a mapping"),
+    (
+        "a merge key beside keys of its own",
+        "project: &p {name: x}\ndefaults:\n  tuning: {rank: 8}\n  <<: *p\nspecialists: []\n",
+        2,
+        "defaults cannot set `name`",
+    ),
+    ("a mapping merging itself", "project: {name: x}\nspecialists:\n  - &s {name: a, <<: *s}\n", 1, "cannot be read"),
+    ("a line break inside a value", VALID.replace("suite: evals/suite", 'suite: "evals/su\\nite"'), 18, "su\\nite"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "line", "words"), ONCE_CRASHED, ids=[c[0] for c in ONCE_CRASHED])
+def test_yaml_that_once_crashed_the_loader_is_one_line_per_problem(project: Path, name, text, line, words) -> None:
+    path = _write(project, text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    rendered = str(error.value).splitlines()
+    assert all(row.startswith(f"{path}:") for row in rendered), rendered
+    assert any(row.startswith(f"{path}:{line}:") and words in row for row in rendered), rendered

@@ -205,3 +205,20 @@ def test_cli_export_of_a_poisoned_store_writes_the_good_rows_atomically_and_name
         ("r2", {"code": "M10.9"}),
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feedback.jsonl", "pipelines.yaml", "state", "suite"]
+
+
+def test_an_export_has_one_line_per_record_even_with_unicode_line_separators(tmp_path: Path) -> None:
+    # Found by the fuzz tier (tests/fuzz/test_feedback_store_fuzz.py): U+2028 is text, so it is stored, and the
+    # export wrote it raw, which split the record in two for line-based readers.
+    import io
+
+    store = FeedbackStore(default_store_url(tmp_path))
+    store.record_response(_served("r1", phrase="line\u2028separator\x85"))
+    store.add_feedback("r1", -1, {"code": "A01\u2029.02"})
+    out = io.StringIO()
+    assert store.export_jsonl(out).written == 1
+    (line,) = out.getvalue().splitlines()
+    row = json.loads(line)
+    assert row["correction"] == {"code": "A01\u2029.02"} and row["response"]["inputs"] == {
+        "phrase": "line\u2028separator\x85"
+    }
