@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from cadre.config import ConfigError, load_config
-from cadre.platform.env import apply_env
+from cadre.platform.env import apply_env, ensure_state_dir
 from cadre.platform.stack import require_services
 from cadre.stages import REGISTRY_KINDS, STAGE_BY_NAME
 
@@ -33,19 +33,18 @@ EXIT_INVALID = 2
 
 
 def _config_arg(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+    """`-c/--config FILE` (default $CADRE_CONFIG, else pipelines.yaml); with `positional`, `[FILE]` is accepted too."""
     default = os.environ.get("CADRE_CONFIG", "pipelines.yaml")
+    parser.add_argument("-c", "--config", dest="file", default=default, help="pipelines file (default: %(default)s)")
     if positional:
-        parser.add_argument("file", nargs="?", default=default, help="pipelines file (default: %(default)s)")
-    else:
-        parser.add_argument(
-            "-c", "--config", dest="file", default=default, help="pipelines file (default: %(default)s)"
-        )
+        parser.add_argument("positional_file", nargs="?", metavar="FILE", help="pipelines file (same as -c FILE)")
 
 
-def _load(file: str):
+def _load(file: str, state: bool = True):
     """Validate the file (exit 2 on problems) and point this process at the project's services.
 
     The environment is set here, before anything imports Prefect: Prefect reads its settings at import.
+    With `state`, the project's state directory is made (ignoring itself in git) before anything writes there.
     """
     try:
         config = load_config(file)
@@ -56,16 +55,31 @@ def _load(file: str):
         console.print(f"[red]{file}: {len(error.issues)} {noun}; nothing was run.[/red]")
         raise SystemExit(EXIT_INVALID) from None
     apply_env(config)
+    if state:
+        ensure_state_dir(config)
     return config
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from cadre.config.checks import check_config
+
     started = time.perf_counter()
-    config = _load(args.file)
+    file = args.positional_file or args.file
+    config = _load(file, state=False)
+    findings = check_config(config, deep=args.deep)
+    for finding in findings:
+        print(finding.render(), file=sys.stderr)
+    errors = [f for f in findings if f.severity == "error"]
+    took = f"in {1000 * (time.perf_counter() - started):.0f} ms"
+    if errors:
+        noun = "problem" if len(errors) == 1 else "problems"
+        console.print(f"[red]{file}: {len(errors)} {noun} in what it points at; a run would fail on it[/red] ({took})")
+        return EXIT_INVALID
     names = ", ".join(s.name for s in config.specialists)
+    warned = f", {len(findings)} warning(s)" if findings else ""
     console.print(
-        f"[green]{args.file} is valid[/green]: {len(config.specialists)} specialist(s) ({names}) "
-        f"in {1000 * (time.perf_counter() - started):.0f} ms"
+        f"[green]{file} is valid[/green]: {len(config.specialists)} specialist(s) ({names}){warned} {took}"
+        + ("" if args.deep else "; `--deep` also reads python and sql sources")
     )
     return 0
 
@@ -137,8 +151,22 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     config = _load(args.file)
     require_services(config, "prefect")
-    deploy_all(config, console=console)
+    deploy_all(config, console=console, paused=args.paused)
     return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from cadre.orchestration.deployments import CancelError, cancel_runs
+
+    config = _load(args.file)
+    _specialist_or_exit(config, args.specialist)
+    require_services(config, "prefect")
+    try:
+        cancelled = cancel_runs(config, args.target, args.specialist, console=console)
+    except CancelError as error:
+        console.print(f"[red]{error}[/red]")
+        return 1
+    return 0 if cancelled else 1
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -161,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_INVALID
     require_services(config, "prefect", "mlflow")
     for name in names:
-        ok &= run_now(config, args.flow, name, budget=args.budget, console=console)
+        ok &= run_now(config, args.flow, name, budget=args.budget, console=console, follow_existing=not args.new)
     return 0 if ok else 1
 
 
@@ -341,8 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cadre", description="Keep a team of specialist small language models fresh.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("validate", help="check pipelines.yaml; exit 2 listing every problem with its line")
+    p = commands.add_parser(
+        "validate",
+        help="check pipelines.yaml and what it points at (entrypoints, suites, fields); exit 2 listing every problem "
+        "with its file and line",
+    )
     _config_arg(p, positional=True)
+    p.add_argument(
+        "--deep", action="store_true", help="also read python and sql sources (and large files) to check relevant_ids"
+    )
     p.set_defaults(func=cmd_validate)
 
     p = commands.add_parser("schema", help="write the JSON Schema of pipelines.yaml (for editors)")
@@ -388,9 +423,26 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(q)
     q.set_defaults(func=cmd_models)
 
-    p = commands.add_parser("deploy", help="create/update a Prefect deployment per specialist and schedule")
+    p = commands.add_parser(
+        "deploy",
+        help="create/update a Prefect deployment per specialist and flow; active schedules start running at their "
+        "next cron time",
+    )
     _config_arg(p)
+    p.add_argument(
+        "--paused",
+        action="store_true",
+        help="create every schedule paused (resume them in the Prefect UI); `cadre run` still works",
+    )
     p.set_defaults(func=cmd_deploy)
+
+    p = commands.add_parser(
+        "cancel", help="cancel a flow run (by name or id) or the unfinished runs of a flow of a specialist"
+    )
+    _config_arg(p)
+    p.add_argument("target", metavar="RUN|FLOW", help=f"a flow run's name or id, or a flow: {', '.join(STAGE_BY_NAME)}")
+    p.add_argument("-s", "--specialist", required=True, help="specialist name")
+    p.set_defaults(func=cmd_cancel)
 
     p = commands.add_parser("worker", help="run a Prefect worker that executes the scheduled runs (foreground)")
     _config_arg(p)
@@ -402,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--specialist", help="specialist name (default: every specialist)")
     p.add_argument(
         "--budget", choices=["smoke", "full"], default="full", help="smoke: the reduced budget (default: %(default)s)"
+    )
+    p.add_argument(
+        "--new",
+        action="store_true",
+        help="start a new run even when one of this flow is already queued or running (it waits for that one)",
     )
     p.set_defaults(func=cmd_run)
 

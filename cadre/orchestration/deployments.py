@@ -76,8 +76,12 @@ def _ensure_work_pool(client, name: str) -> None:
             pass
 
 
-def deploy_all(config: CadreConfig, console: Console | None = None) -> list[str]:
-    """Create or update every deployment of the team; delete the ones no longer declared. Returns their names."""
+def deploy_all(config: CadreConfig, console: Console | None = None, paused: bool = False) -> list[str]:
+    """Create or update every deployment of the team; delete the ones no longer declared. Returns their names.
+
+    An active schedule runs its flow at its next cron time. With `paused`, every schedule is created (or set)
+    paused; `cadre run` still runs any flow, and the Prefect UI resumes a schedule.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
     from prefect.deployments.runner import EntrypointType
@@ -87,7 +91,8 @@ def deploy_all(config: CadreConfig, console: Console | None = None) -> list[str]
     console = console or Console(stderr=True)
     apply_env(config)
     project_tag = f"project:{config.project.name}"
-    names = []
+    names: list[str] = []
+    active: list[str] = []  # deployments whose schedule runs
     with get_client(sync_client=True) as client:
         _ensure_work_pool(client, config.project.prefect.work_pool)
         for spec in desired_deployments(config):
@@ -95,12 +100,12 @@ def deploy_all(config: CadreConfig, console: Console | None = None) -> list[str]
             full_name = f"{flow.name}/{spec.specialist}"
             schedules = []
             if spec.cron:
-                active = spec.active
+                active = spec.active and not paused
                 try:
                     existing = client.read_deployment_by_name(full_name)
                     for schedule in existing.schedules:
                         if schedule.slug == spec.slug:
-                            active = schedule.active  # the UI's pause wins over the file
+                            active = schedule.active and not paused  # the UI's pause wins over the file
                 except ObjectNotFound:
                     pass
                 schedules = [Schedule(cron=spec.cron, timezone=spec.timezone, active=active, slug=spec.slug)]
@@ -116,6 +121,8 @@ def deploy_all(config: CadreConfig, console: Console | None = None) -> list[str]
             )
             deployment.apply()
             names.append(full_name)
+            if schedules and schedules[0].active:
+                active.append(full_name)
             when = (
                 f"cron '{spec.cron}' {spec.timezone}" + ("" if schedules and schedules[0].active else " (paused)")
                 if spec.cron
@@ -137,6 +144,13 @@ def deploy_all(config: CadreConfig, console: Console | None = None) -> list[str]
         f"{len(names)} deployment(s) on work pool '{config.project.prefect.work_pool}'. "
         f"Prefect UI: {config.project.prefect.ui}/deployments"
     )
+    if active:
+        console.print(
+            f"{len(active)} schedule(s) are active: the worker starts each flow at its next cron time, on the full "
+            "budget. `cadre deploy --paused` deploys them paused; resume one in the Prefect UI."
+        )
+    else:
+        console.print("every schedule is paused: nothing runs until `cadre run` or a schedule is resumed in the UI")
     return names
 
 
@@ -515,6 +529,128 @@ def _moment(moment) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC") if moment else "—"
 
 
+def _queued_or_running(client, deployment_id) -> list:
+    """The deployment's flow runs that hold or wait for its one concurrency slot, oldest first: Running, Pending,
+    Cancelling, and Scheduled ones due now (Late, AwaitingConcurrencySlot), not the cron's future runs."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
+            state=FlowRunFilterState(
+                type=FlowRunFilterStateType(
+                    any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING, StateType.SCHEDULED]
+                )
+            ),
+        ),
+        sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+    )
+    now = time.time()
+    return [
+        run
+        for run in runs
+        if run.state_type != StateType.SCHEDULED
+        or (run.expected_start_time is not None and run.expected_start_time.timestamp() <= now + 5)
+    ]
+
+
+def _who_started(run) -> str:
+    tags = set(run.tags or [])
+    if "trigger:flow" in tags:
+        return "queued by a flow (a promoted re-index queues an optimize)"
+    if "trigger:cli" in tags:
+        return "started by `cadre run`"
+    if run.auto_scheduled:
+        return "started by its schedule"
+    return "started from the Prefect UI or API"
+
+
+class CancelError(RuntimeError):
+    """What `cadre cancel` was asked to cancel does not exist or is not the specialist's."""
+
+
+def cancel_runs(config: CadreConfig, target: str, specialist: str, console: Console | None = None) -> list[str]:
+    """Cancel a flow run of the specialist (its name or id), or every queued or running run of one of its flows
+    (`target` a stage name, `cadre.stages`); return the names of the runs cancelled.
+
+    A run with a process is set Cancelling and the worker ends its process (Prefect then records it Cancelled, as
+    the UI's Cancel does); one that has not started is set Cancelled. Its MLflow run, if left RUNNING, ends KILLED.
+
+    Raises:
+        CancelError: no such run or flow, or the run is not one of the specialist's.
+    """
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Cancelled, Cancelling
+
+    console = console or Console(stderr=True)
+    apply_env(config)
+    message = "cancelled with `cadre cancel`; run it again: it resumes or redoes what did not finish"
+    with get_client(sync_client=True) as client:
+        if target in STAGE_BY_NAME:
+            name = f"{STAGE_BY_NAME[target].flow}/{specialist}"
+            try:
+                deployment = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                raise CancelError(f"deployment {name} does not exist (run `cadre deploy`)") from None
+            runs = _queued_or_running(client, deployment.id)
+            if not runs:
+                console.print(f"{name} has no queued or running flow run; nothing to cancel")
+                return []
+        else:
+            try:
+                runs = [client.read_flow_run(uuid.UUID(target))]
+            except (ValueError, ObjectNotFound):
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[target])))
+            if not runs:
+                raise CancelError(
+                    f"no flow run named {target!r}, and no flow of that name (the flows: {', '.join(STAGE_BY_NAME)})"
+                )
+            if any((run.parameters or {}).get("specialist") != specialist for run in runs):
+                raise CancelError(f"flow run {target} is not a run of specialist {specialist!r}; nothing was cancelled")
+        cancelled = []
+        for run in runs:
+            label = _run_label(client, run)
+            if run.state and run.state.is_final():
+                console.print(f"flow run {label} has already ended; nothing to cancel")
+                continue
+            if run.state_type in (StateType.SCHEDULED, StateType.PENDING) and not run.infrastructure_pid:
+                client.set_flow_run_state(run.id, Cancelled(message=message), force=True)
+            elif run.state_type != StateType.CANCELLING:
+                client.set_flow_run_state(run.id, Cancelling(message=message), force=True)
+            state = _wait_final(client, run.id, CANCEL_WINDOW_S)
+            if state is None or not state.is_final():
+                # No worker carried the cancel out (it is not running): nothing else will.
+                client.set_flow_run_state(run.id, Cancelled(message=message), force=True)
+                state = client.read_flow_run(run.id).state
+            cancelled.append(run.name)
+            console.print(f"[yellow]■[/yellow] cancelled flow run {label}: now {state.name if state else '?'}")
+        if cancelled and _end_stale_tracking_runs(config, client):
+            console.print("  its MLflow run was left RUNNING: marked KILLED")
+    return cancelled
+
+
+def _wait_final(client, flow_run_id, timeout_s: float):
+    """The run's state once it is final, or its state after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = client.read_flow_run(flow_run_id).state
+        if (state is not None and state.is_final()) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.5)
+
+
 def run_now(
     config: CadreConfig,
     flow_kind: str,
@@ -523,8 +659,14 @@ def run_now(
     console: Console | None = None,
     timeout_s: float | None = None,
     parameters: dict | None = None,
+    follow_existing: bool = True,
 ) -> bool:
     """Trigger `flow_kind` for a specialist through its deployment, follow it to the end, print a summary.
+
+    A deployment runs one flow run at a time. With `follow_existing`, when a run of the same deployment and budget
+    is already queued or running (a promoted re-index queues an optimize), that run answers the request: it is
+    followed instead of queuing a second one that would wait for its slot and judge the same thing again. When a
+    new run must wait (another budget, or `follow_existing=False`), it says for which run.
 
     Returns:
         True when the flow run ended COMPLETED.
@@ -541,23 +683,54 @@ def run_now(
     name = f"{STAGE_BY_NAME[flow_kind].flow}/{specialist}"
     with get_client(sync_client=True) as client:
         try:
-            client.read_deployment_by_name(name)
+            deployment = client.read_deployment_by_name(name)
         except ObjectNotFound:
             console.print(f"deployment {name} does not exist yet; deploying the team first")
             deploy_all(config, console)
+            deployment = client.read_deployment_by_name(name)
         if _online_workers(client, config.project.prefect.work_pool) == 0:
             console.print(
                 f"[red]no worker is polling work pool '{config.project.prefect.work_pool}': "
                 "start the stack with `cadre up` (or run `cadre worker`) and try again[/red]"
             )
             return False
-    flow_run = run_deployment(
-        name,
-        parameters={"budget": budget, **(parameters or {})},
-        timeout=0,
-        as_subflow=False,
-        tags=[f"budget:{budget}", "trigger:cli"],
-    )
+        busy = _queued_or_running(client, deployment.id)
+        wanted = {"budget": budget, **(parameters or {})}
+        answering = next(
+            (
+                run
+                for run in busy
+                if follow_existing
+                and all(
+                    (run.parameters or {}).get(k, "full" if k == "budget" else None) == v for k, v in wanted.items()
+                )
+            ),
+            None,
+        )
+        if answering is not None:
+            flow_run = answering
+            console.print(
+                f"{name} already has flow run [bold]{flow_run.name}[/bold] ({flow_run.state_name}, {budget}, "
+                f"{_who_started(flow_run)}); it answers this request, so it is followed instead of queuing a second "
+                "run (`--new` queues another anyway)"
+            )
+        else:
+            flow_run = None
+    if flow_run is None:
+        flow_run = run_deployment(
+            name,
+            parameters=wanted,
+            timeout=0,
+            as_subflow=False,
+            tags=[f"budget:{budget}", "trigger:cli"],
+        )
+        if busy:
+            ahead = busy[0]
+            console.print(
+                f"[yellow]{name} runs one flow run at a time: this one waits (AwaitingConcurrencySlot) until flow run "
+                f"{ahead.name} ({ahead.state_name}, budget {(ahead.parameters or {}).get('budget', '?')}, "
+                f"{_who_started(ahead)}) ends[/yellow]"
+            )
     url = f"{config.project.prefect.ui}/runs/flow-run/{flow_run.id}"
     console.print(f"▶ {name} ({budget}) — flow run [bold]{flow_run.name}[/bold]: {url}")
     started = time.monotonic()
@@ -591,12 +764,28 @@ def run_now(
         skipped = skipped_summary(mlflow_run.data.metrics)
         if skipped:
             console.print(f"  [yellow]{skipped}[/yellow]")
-        metrics = ", ".join(
-            f"{k}={v:.4g}" for k, v in key_metrics(config, specialist, flow_kind, mlflow_run.data.metrics).items()
-        )
-        if metrics:
-            console.print(f"  metrics: {metrics}")
+        print_figures(console, key_metrics(config, specialist, flow_kind, mlflow_run.data.metrics))
     return completed
+
+
+_ROLES = ("candidate", "champion", "baseline")
+
+
+def print_figures(console: Console, metrics: dict[str, float]) -> None:
+    """Print a run's key metrics as one line per metric: candidate vs champion (and baseline) side by side."""
+    rows: dict[str, dict[str, float]] = {}
+    for name, value in metrics.items():
+        role, _, metric = name.partition("_")
+        if role in _ROLES and metric:
+            rows.setdefault(metric, {})[role] = value
+        else:
+            rows.setdefault(name, {})["value"] = value
+    if not rows:
+        return
+    console.print("  figures:")
+    for metric, values in rows.items():
+        cells = [f"{role} {values[role]:.4g}" for role in (*_ROLES, "value") if role in values]
+        console.print(f"    {metric}: {' vs '.join(cells)}", highlight=False)
 
 
 def _follow(console: Console, name: str, flow_run_id, url: str, api: str, timeout_s: float | None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from cadre.config import CadreConfig
 
@@ -54,3 +55,14 @@ def cadre_env(config: CadreConfig) -> dict[str, str]:
 def apply_env(config: CadreConfig) -> None:
     """Set `cadre_env(config)` in this process."""
     os.environ.update(cadre_env(config))
+
+
+def ensure_state_dir(config: CadreConfig) -> Path:
+    """Make the project's state directory (services' data, indexes, caches, logs) if it is missing, holding a
+    `.gitignore` of `*`: it ignores itself wherever `project.state_dir` points, so none of it is committed."""
+    state = config.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    ignore = state / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("# written by Cadre: the state directory is local data, never committed\n*\n")
+    return state
