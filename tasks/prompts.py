@@ -419,7 +419,11 @@ def log_optimization(
 def score_table_markdown(scores: TestScores, candidate: CompiledCandidate) -> str:
     """The test-split comparison a reviewer reads first: quality, LM calls and time per system."""
     rows = [
-        ("retrieval only (top-1 code)", scores.retrieval_only, scores.costs.get("retrieval_only")),
+        (
+            "retrieval only (its top-1 document as the answer)",
+            scores.retrieval_only,
+            scores.costs.get("retrieval_only"),
+        ),
         (
             scores.baseline.name + (" (champion)" if scores.baseline_is_champion else " (declared program)"),
             scores.baseline,

@@ -107,9 +107,23 @@ def print_history(config: CadreConfig, specialist: str, kind: str | None, consol
     if not records:
         console.print(f"{title}: nothing promoted, refused or rolled back yet.")
         return
+    console.print(history_table(title, records, settings))
+
+
+def history_table(title: str, records: list[PromotionRecord], settings: Specialist) -> Table:
+    """The history as a table whose short columns (`#`, `when`, `version`, `champion`, `by`) are never cut or folded:
+    the metrics and the reason wrap instead, down to the 160 columns of a pipe."""
     table = Table(title=title, title_justify="left")
+    whole = ("#", "when", "event", "kind", "version", "champion", "gate", "by")
+    widest_actor = max((len(record.actor) for record in records), default=2)
     for column in ("#", "when", "event", "kind", "version", "champion", "gate", "metrics", "by", "reason"):
-        table.add_column(column, no_wrap=column in ("#", "when", "version", "champion"))
+        table.add_column(
+            column,
+            no_wrap=column in whole,
+            min_width=min(widest_actor, 48) if column == "by" else None,
+            ratio=1 if column in ("metrics", "reason") else None,
+            overflow="fold",
+        )
     for record in records:
         table.add_row(
             str(record.seq),
@@ -123,7 +137,7 @@ def print_history(config: CadreConfig, specialist: str, kind: str | None, consol
             record.actor,
             record.reason or "",
         )
-    console.print(table)
+    return table
 
 
 def print_decisions(config: CadreConfig, since: datetime, console: Console) -> int:

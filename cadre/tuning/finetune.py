@@ -434,6 +434,12 @@ class FourBitGuard(TrainerCallback):
             )
 
 
+ETA_EVERY_S = 5.0
+"""How often a refresh's `train/estimated_seconds_left` is updated in MLflow while it trains."""
+ETA_WINDOW = 10
+"""Recent steps the live estimate averages (the first step, which pays one-off costs, never counts)."""
+
+
 class StepMetrics(TrainerCallback):
     """Per-step metrics to the sink, a time estimate after the first steps, and sparse progress lines."""
 
@@ -445,6 +451,7 @@ class StepMetrics(TrainerCallback):
         self.rows: list[dict[str, float]] = []
         self.start = 0.0
         self.estimated = False
+        self.eta_logged = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.timer = time.perf_counter()
@@ -467,8 +474,14 @@ class StepMetrics(TrainerCallback):
                 f"time estimate: {per_step:.2f} s/step measured × {left} steps left ≈ {_duration(per_step * left)} "
                 f"(done ≈ {finish})"
             )
-            if self.sink:
+        if self.sink and self.estimated:
+            # Live: re-estimated from the recent steps, at most every ETA_EVERY_S seconds (and at the last step).
+            left = state.max_steps - state.global_step
+            if left == 0 or now - self.eta_logged >= ETA_EVERY_S or self.eta_logged == 0.0:
+                recent = self.step_seconds[1:][-ETA_WINDOW:]
+                per_step = sum(recent) / len(recent)
                 self.sink({"seconds_per_step": per_step, "estimated_seconds_left": per_step * left}, state.global_step)
+                self.eta_logged = now
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:

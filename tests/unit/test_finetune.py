@@ -274,6 +274,22 @@ def test_time_estimate_is_printed_after_the_first_steps(tiny_model, data, tmp_pa
     assert any("estimated_seconds_left" in metrics for metrics in logged)
 
 
+def test_the_estimate_of_time_left_updates_as_training_goes(tiny_model, data, tmp_path) -> None:
+    """`train/estimated_seconds_left` is not frozen at its first value: it is logged again and ends at 0."""
+    logged: list[tuple[int, float]] = []
+    train(
+        data,
+        tiny_model,
+        tmp_path / "run",
+        tuning(max_steps=8, checkpoint_every=100),
+        sink=lambda m, s: logged.append((s, m["estimated_seconds_left"])) if "estimated_seconds_left" in m else None,
+    )
+    steps = [step for step, _ in logged]
+    left = [value for _, value in logged]
+    assert len(logged) >= 2 and steps == sorted(steps) and steps[-1] == 8
+    assert left[-1] == 0.0 and left[0] > 0.0
+
+
 def test_qlora_trains_in_4_bit_on_cpu(tiny_model, data, tmp_path) -> None:
     result = train(data, tiny_model, tmp_path / "run", tuning(method="qlora"))
     assert result.method == "qlora" and result.global_step == 2 and math.isfinite(result.train_loss)
