@@ -162,11 +162,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     _specialist_or_exit(config, args.specialist)
     require_services(config, "prefect")
     try:
-        cancelled = cancel_runs(config, args.target, args.specialist, console=console)
+        cancel_runs(config, args.target, args.specialist, console=console)
     except CancelError as error:
         console.print(f"[red]{error}[/red]")
         return 1
-    return 0 if cancelled else 1
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -54,8 +54,10 @@ class Finding:
 
 
 def _shown(path: Path) -> str:
+    """The path relative to the current folder when it lies below it, else as it is."""
+    here = Path.cwd().resolve()
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
+        return str(path.resolve().relative_to(here)) if here.parent != here else str(path)
     except ValueError:
         return str(path)
 
