@@ -456,6 +456,12 @@ ONCE_CRASHED = [
         "defaults cannot set `name`",
     ),
     ("a mapping merging itself", "project: {name: x}\nspecialists:\n  - &s {name: a, <<: *s}\n", 1, "cannot be read"),
+    (
+        "a timezone that names a folder of zones",
+        VALID.replace("timezone: UTC", "timezone: Europe"),
+        23,
+        "unknown timezone",
+    ),
     ("a line break inside a value", VALID.replace("suite: evals/suite", 'suite: "evals/su\\nite"'), 18, "su\\nite"),
 ]
 
