@@ -105,19 +105,18 @@ def read_json_lines(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -
         OSError: the file cannot be opened or read (FileNotFoundError when it does not exist).
     """
     with Path(path).open("rb") as handle:
-        for number, raw, size in _lines(handle, max_line_bytes):
-            if size > max_line_bytes:
+        for number, line, size in _lines(handle, max_line_bytes):
+            if line is None:
                 yield JsonLine(number, None, f"line is {size:,} bytes, longer than the {max_line_bytes:,}-byte limit")
                 continue
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if not raw.strip():
-                continue
-            yield JsonLine(number, *_decode(raw))
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            if line.strip():
+                yield JsonLine(number, *_decode(line))
 
 
-def _lines(handle: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes, int]]:
-    """(number, bytes, size without the line end) of each line; a line over the limit comes back empty, with its size."""
+def _lines(handle: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(number, the line without its line end, size) of each line; a line over the limit comes back as None."""
     limit = max_line_bytes + 2  # room for a "\r\n" line end
     number = 0
     while True:
@@ -125,20 +124,20 @@ def _lines(handle: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes,
         if not raw:
             return
         number += 1
-        if raw.endswith(b"\n") or len(raw) < limit:  # the whole line (the last one may lack its line end)
-            size = len(_without_line_end(raw))
-            yield (number, raw, size) if size <= max_line_bytes else (number, b"", size)
+        if raw[-1:] == b"\n" or len(raw) < limit:  # the whole line (the last one may lack its line end)
+            line = _without_line_end(raw)
+            yield number, (line if len(line) <= max_line_bytes else None), len(line)
             continue
         size = len(raw)
         while True:  # the rest of a long line, in bounded pieces
             piece = handle.readline(1 << 20)
             if not piece:
                 break
-            if piece.endswith(b"\n"):
+            if piece[-1:] == b"\n":
                 size += len(_without_line_end(piece))
                 break
             size += len(piece)
-        yield number, b"", size
+        yield number, None, size
 
 
 def _without_line_end(raw: bytes) -> bytes:
@@ -161,9 +160,11 @@ def _decode(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"invalid JSON: {error}"
     if not isinstance(value, dict):
         return None, f"expected a JSON object, got {_json_kind(value)}"
-    problem = text_problem(value)
-    if problem:
-        return None, f"not text: the object {problem}"
+    # The bytes are valid UTF-8, so a lone surrogate can only come from a \\uD800-\\uDFFF escape: look only then.
+    if b"\\ud" in raw or b"\\uD" in raw:
+        problem = text_problem(value)
+        if problem:
+            return None, f"not text: the object {problem}"
     return value, None
 
 
