@@ -33,7 +33,11 @@ from cadre.knowledge.sources import SkipReport, iter_source  # noqa: E402
 from cadre.runtime.prompt import FieldSpec, PromptSpec, parse_completion, render_completion, render_prompt  # noqa: E402
 from cadre.tuning.training_data import read_records  # noqa: E402
 
-pytestmark = pytest.mark.fuzz
+pytestmark = [
+    pytest.mark.fuzz,
+    # mutated YAML reuses anchors (&a ... &a): ruamel warns and takes the later one, as a user's file would
+    pytest.mark.filterwarnings("ignore::ruamel.yaml.error.ReusedAnchorWarning"),
+]
 
 SCALE = int(os.environ.get("CADRE_FUZZ_SCALE", "1"))
 """Multiplies every example count: `CADRE_FUZZ_SCALE=20` for a deeper run than CI's bounded one."""
