@@ -100,15 +100,15 @@ def deploy_all(config: CadreConfig, console: Console | None = None, paused: bool
             full_name = f"{flow.name}/{spec.specialist}"
             schedules = []
             if spec.cron:
-                active = spec.active and not paused
+                schedule_active = spec.active and not paused
                 try:
                     existing = client.read_deployment_by_name(full_name)
                     for schedule in existing.schedules:
                         if schedule.slug == spec.slug:
-                            active = schedule.active and not paused  # the UI's pause wins over the file
+                            schedule_active = schedule.active and not paused  # the UI's pause wins over the file
                 except ObjectNotFound:
                     pass
-                schedules = [Schedule(cron=spec.cron, timezone=spec.timezone, active=active, slug=spec.slug)]
+                schedules = [Schedule(cron=spec.cron, timezone=spec.timezone, active=schedule_active, slug=spec.slug)]
             deployment = flow.to_deployment(
                 name=spec.specialist,
                 schedules=schedules,
