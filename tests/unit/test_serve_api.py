@@ -9,15 +9,18 @@ from __future__ import annotations
 import io
 import json
 import logging
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from cadre.config.project import ServingSettings
 from cadre.feedback.store import FeedbackStore, ServedResponse, default_store_url
 from cadre.serving.app import ServingState, create_app
 from cadre.serving.protocol import ApiError, TextTrimmer, program_inputs
-from cadre.serving.server import ServeLimits
 from cadre.serving.team import Team
 
 KEY = "s3cret"
@@ -46,7 +49,7 @@ def client(tmp_path: Path):
         engines=[],
         stores={"coder": store},
         api_key=KEY,
-        limits=ServeLimits(max_body_bytes=8192, max_input_chars=100, max_in_flight=2),
+        limits=ServingSettings(max_body_bytes=8192, max_input_chars=100, max_in_flight=2),
     )
     with TestClient(create_app(state), headers={"Authorization": f"Bearer {KEY}"}) as test_client:
         yield test_client
@@ -278,3 +281,38 @@ def test_the_openapi_document_describes_the_bodies_the_routes_read(client: TestC
     }
     streamed = document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]
     assert streamed["schema"]["required"] == ["data"], "each event is described (the fuzz tier found it was not)"
+
+
+HEAP_PROBE = r"""
+import ctypes, ctypes.util, sys
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+if sys.argv[1] == "server":
+    from cadre.serving.app import return_freed_memory_to_the_os
+    assert return_freed_memory_to_the_os()
+def anonymous_mb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) / 1024
+SIZE = 16 << 20
+libc.free(libc.malloc(SIZE))  # glibc raises its mmap threshold once a large mapped block is freed
+before = anonymous_mb()
+block = libc.malloc(SIZE)
+libc.memset(block, 1, SIZE)
+guard = libc.malloc(4096)  # keeps the block off the heap's top, where freeing it could trim it
+libc.free(block)
+print(anonymous_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_the_server_hands_large_freed_blocks_back_at_once() -> None:
+    """Issue 19: RSS grew ~0.5 MB per request because glibc kept llama.cpp's freed blocks of tens of MB in its heap."""
+
+    def kept_mb(mode: str) -> float:
+        done = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, check=True)
+        return float(done.stdout.strip())
+
+    assert kept_mb("default") >= 15, "the probe shows what glibc does by default: the freed 16 MB stay resident"
+    assert kept_mb("server") < 1, "with the server's setting the freed block goes back to the system"
