@@ -282,42 +282,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cadre.serving.server import ServeError, ServeLimits, ServeSettings, run_server
+    from cadre.serving.server import ServeError, run_server
 
     config = _load(args.file)
-    declared = config.project.serving
-
-    def pick(flag: str, key: str | None = None) -> Any:
-        """The command-line value when given, else `project.serving.<key>` from pipelines.yaml."""
-        value = getattr(args, flag)
-        return getattr(declared, key or flag) if value is None else value
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "contexts": args.contexts,
+        "poll_interval_s": args.poll_interval,
+        "api_key_env": args.api_key_env,
+        "route_threshold": args.route_threshold,
+        "route_margin": args.route_margin,
+        "route_fallback": args.route_fallback,
+        "max_in_flight": args.max_in_flight,
+        "max_body_bytes": args.max_body_bytes,
+        "max_input_chars": args.max_input_chars,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "max_tokens": args.max_tokens,
+    }
+    # `project.serving` from pipelines.yaml, each flag given on the command line overriding its field.
+    overrides = {key: value for key, value in flags.items() if value is not None}
+    if args.no_route:
+        overrides["route"] = False
+    settings = config.project.serving.model_copy(update=overrides)
 
     if args.route_fallback:
         _specialist_or_exit(config, args.route_fallback)
     require_services(config, "mlflow")  # the champions to serve are read from its registry
-    limits = ServeLimits(
-        max_body_bytes=pick("max_body_bytes"),
-        max_input_chars=pick("max_input_chars"),
-        max_prompt_tokens=pick("max_prompt_tokens"),
-        max_tokens=pick("max_tokens"),
-        max_in_flight=pick("max_in_flight"),
-    )
-    settings = ServeSettings(
-        host=pick("host"),
-        port=pick("port"),
-        contexts=pick("contexts"),
-        n_threads=args.threads,
-        n_ctx=args.n_ctx,
-        poll_interval_s=pick("poll_interval", "poll_interval_s"),
-        api_key_env=pick("api_key_env"),
-        route=declared.route and not args.no_route,
-        route_threshold=pick("route_threshold"),
-        route_margin=pick("route_margin"),
-        route_fallback=pick("route_fallback"),
-        limits=limits,
-    )
     try:
-        return run_server(config, settings, console=console)
+        return run_server(config, settings, n_threads=args.threads, n_ctx=args.n_ctx, console=console)
     except ServeError as error:
         console.print(f"[red]{error}[/red]")
         return 1

@@ -13,8 +13,9 @@ new champions in without a restart (`cadre.serving.team`). Every response is rec
 store so that `POST /v1/feedback` can rate and correct it, and the learn-from-feedback flow can learn
 from the corrections. `model: auto` is routed by `cadre.router`.
 
-Settings come from `project.serving` in pipelines.yaml, overridden by the command line (`cadre serve
---help`); an API key, when wanted, from the environment variable named by `api_key_env` (default
+Settings come from `project.serving` in pipelines.yaml (`cadre.config.project.ServingSettings`, the one
+declaration of them: host, port, contexts, polling, routing and request limits), overridden by the command
+line (`cadre serve --help`); an API key, when wanted, from the environment variable named by `api_key_env` (default
 `CADRE_API_KEY`).
 """
 
@@ -23,78 +24,30 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cadre.config import CadreConfig
+from cadre.config.project import ServingSettings
 from cadre.runtime.base_model import base_gguf
 
 log = logging.getLogger("cadre.serve")
-
-DEFAULT_PORT = 8000
-API_KEY_ENV = "CADRE_API_KEY"
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """What one request may ask for, and how many may be in flight.
-
-    Attributes:
-        max_body_bytes: largest request body accepted (413 above).
-        max_input_chars: longest user message accepted, checked before any work (400 above).
-        max_prompt_tokens: longest rendered prompt (instruction, demos, passages, input) in tokens; None: the
-            context window less the answer's tokens.
-        max_tokens: most tokens a request may ask to generate (the program's own `max_tokens` is the default).
-        max_in_flight: requests admitted at once, queued ones included (429 with Retry-After above).
-    """
-
-    max_body_bytes: int = 64 * 1024
-    max_input_chars: int = 4000
-    max_prompt_tokens: int | None = None
-    max_tokens: int = 256
-    max_in_flight: int = 8
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """How `cadre serve` runs.
-
-    Attributes:
-        host: interface to bind (loopback by default: put a proxy with TLS in front to expose it).
-        port: TCP port.
-        contexts: llama.cpp contexts per base model, i.e. generations at the same time (each adds its KV cache).
-        n_threads: decode threads per context (default: `project.lm.n_threads`).
-        n_ctx: context window in tokens (default: `project.lm.n_ctx`).
-        poll_interval_s: how often the registry's champions are checked.
-        api_key_env: environment variable holding the API key; unset or empty means no key is required.
-        route: serve `model: auto` through the router.
-        route_threshold: the router's similarity floor (None: `cadre.serving.router.DEFAULT_THRESHOLD`).
-        route_margin: how much the best specialist must beat the off-topic profile by (None: `cadre.serving.router.DEFAULT_MARGIN`).
-        route_fallback: specialist that answers `auto` requests nothing matches (None: 422).
-        limits: request limits.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    contexts: int = 1
-    n_threads: int | None = None
-    n_ctx: int | None = None
-    poll_interval_s: float = 30.0
-    api_key_env: str = API_KEY_ENV
-    route: bool = True
-    route_threshold: float | None = None
-    route_margin: float | None = None
-    route_fallback: str | None = None
-    limits: ServeLimits = field(default_factory=ServeLimits)
 
 
 class ServeError(RuntimeError):
     """The server cannot start; the message says why and what to do."""
 
 
-def build_state(config: CadreConfig, settings: ServeSettings) -> Any:
+def build_state(
+    config: CadreConfig, settings: ServingSettings, n_threads: int | None = None, n_ctx: int | None = None
+) -> Any:
     """Load the base models, every specialist's champions, the router and the feedback stores; start nothing yet.
+
+    Args:
+        config: the validated pipelines file.
+        settings: `project.serving`, with the command line's overrides applied.
+        n_threads: decode threads per context (None: `project.lm.n_threads`).
+        n_ctx: context window in tokens (None: `project.lm.n_ctx`).
 
     Returns:
         The `cadre.serving.app.ServingState`.
@@ -115,8 +68,8 @@ def build_state(config: CadreConfig, settings: ServeSettings) -> Any:
     )
 
     lm = config.project.lm
-    n_threads = settings.n_threads or lm.n_threads
-    n_ctx = settings.n_ctx or lm.n_ctx
+    n_threads = n_threads or lm.n_threads
+    n_ctx = n_ctx or lm.n_ctx
     engines: dict[Path, Any] = {}
     engine_of: dict[str, Any] = {}
     for specialist in config.specialists:
@@ -172,7 +125,7 @@ def build_state(config: CadreConfig, settings: ServeSettings) -> Any:
         team=team,
         engines=list(engines.values()),
         stores=stores,
-        limits=settings.limits,
+        limits=settings,
         router=router,
         api_key=api_key,
         descriptions={s.name: " ".join(s.description.split()) for s in config.specialists},
@@ -180,11 +133,13 @@ def build_state(config: CadreConfig, settings: ServeSettings) -> Any:
     )
 
 
-def create_server_app(config: CadreConfig, settings: ServeSettings) -> Any:
+def create_server_app(
+    config: CadreConfig, settings: ServingSettings, n_threads: int | None = None, n_ctx: int | None = None
+) -> Any:
     """The FastAPI app with everything loaded and the champion watcher running (stopped at shutdown)."""
     from cadre.serving.app import create_app
 
-    state = build_state(config, settings)
+    state = build_state(config, settings, n_threads, n_ctx)
 
     def shutdown() -> None:
         state.watcher.stop()
@@ -197,13 +152,19 @@ def create_server_app(config: CadreConfig, settings: ServeSettings) -> Any:
     return app
 
 
-def run_server(config: CadreConfig, settings: ServeSettings, console: Any = None) -> int:
-    """Load the team and serve until interrupted (SIGINT/SIGTERM stop it cleanly)."""
+def run_server(
+    config: CadreConfig,
+    settings: ServingSettings,
+    n_threads: int | None = None,
+    n_ctx: int | None = None,
+    console: Any = None,
+) -> int:
+    """Load the team and serve until interrupted (SIGINT/SIGTERM stop it cleanly); arguments as `build_state`."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
-    app = create_server_app(config, settings)
+    app = create_server_app(config, settings, n_threads, n_ctx)
     state = app.state.cadre
     if console is not None:
         for name in state.team.names:
