@@ -95,9 +95,10 @@ def run_flow_compile(config, specialist: str, program, evaluation, train, dev, s
     """The flow's compile task inside a Prefect flow run, with a fresh DSPy cache."""
     from prefect import flow
 
+    from cadre.prompts.candidate import ProgramRuntime
     from cadre.prompts.optimize import OptimizationPlan
     from cadre.prompts.program import IndexTarget, lm_target
-    from tasks.prompts import ProgramRuntime, compile_candidate
+    from tasks.prompts import compile_candidate
 
     runtime = ProgramRuntime(
         lm_target(config), IndexTarget.from_config(config, specialist), str(scratch / "dspy-cache")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from prefect import flow
 
 from cadre.config import load_config
+from cadre.config.budget import RunBudget
 from cadre.platform.env import apply_env
 from cadre.stages import stage
 from tasks.platform import log_probe_metrics, probe_service
@@ -15,7 +16,7 @@ from tasks.tracking import tracked_run
 
 
 @flow(name=stage("check").flow, log_prints=True)
-def check_stack(specialist: str, config_path: str, budget: str = "smoke") -> dict:
+def check_stack(specialist: str, config_path: str, budget: RunBudget = "smoke") -> dict:
     """Log the resolved config, probe MLflow, Prefect and the LM endpoint, record the latencies."""
     config = load_config(config_path)
     apply_env(config)

@@ -18,30 +18,31 @@ from __future__ import annotations
 from prefect import flow
 
 from cadre.config import load_config
+from cadre.config.budget import RunBudget
+from cadre.evaluation.report import adapter_score_table, slice_table, split_scores
 from cadre.feedback.store import store_url_for
 from cadre.platform.env import apply_env
 from cadre.prompts.program import IndexTarget
+from cadre.registry.champions import RegistryTarget, ServingSetup
 from cadre.registry.promotion import Candidate
 from cadre.stages import stage
+from cadre.tuning.dpo import plan_feedback
 from tasks.feedback import (
     build_feedback_data,
     collect_corrections,
     export_dpo_candidate,
     feedback_run_dir,
-    plan_feedback,
     record_not_enough,
-    slice_table,
-    split_scores,
     train_dpo_candidate,
 )
 from tasks.promotion import promote_through_gates
-from tasks.prompts import RegistryTarget, fetch_champion_adapter, fetch_champion_program
-from tasks.refresh import evaluate_adapters, load_test_cases, prepare_base_model, score_table
+from tasks.prompts import fetch_champion_adapter, fetch_champion_program
+from tasks.refresh import evaluate_adapters, load_test_cases, prepare_base_model
 from tasks.tracking import tracked_run
 
 
 @flow(name=stage("feedback").flow, log_prints=True)
-def learn_from_feedback(specialist: str, config_path: str, budget: str = "full") -> dict:
+def learn_from_feedback(specialist: str, config_path: str, budget: RunBudget = "full") -> dict:
     """Learn the specialist's user corrections with DPO; promote the adapter only if its gate passes."""
     config = load_config(config_path)
     apply_env(config)
@@ -64,14 +65,23 @@ def learn_from_feedback(specialist: str, config_path: str, budget: str = "full")
         champion_gguf, champion_version = fetch_champion_adapter(registry, scratch)
         index = IndexTarget.from_config(config, specialist) if settings.program.retrieve_k else None
         base = prepare_base_model(config, settings.base_model)
-        data = build_feedback_data(handle, collected, settings.program, index, program, scratch)
+        setup = ServingSetup(
+            settings.program,
+            program,
+            index,
+            base,
+            champion_gguf,
+            champion_version,
+            config.project.lm.n_threads,
+            config.project.lm.n_ctx,
+        )
+        data = build_feedback_data(handle, collected, setup, scratch)
         trained = train_dpo_candidate(
             handle,
             data,
             settings.feedback,
             settings.tuning,
-            base,
-            champion_gguf,
+            setup,
             scratch,
             plan.max_steps,
             config.project.threads.torch,
@@ -84,18 +94,7 @@ def learn_from_feedback(specialist: str, config_path: str, budget: str = "full")
             + data.cases
         )
         scores = evaluate_adapters(
-            settings.program,
-            settings.evaluation,
-            index,
-            str(config.state_dir / "cache" / "dspy"),
-            cases,
-            base,
-            str(exported.gguf),
-            champion_gguf,
-            champion_version,
-            program,
-            config.project.lm.n_threads,
-            config.project.lm.n_ctx,
+            setup, settings.evaluation, str(config.state_dir / "cache" / "dspy"), cases, str(exported.gguf)
         )
         lineage = {
             "base_model": base.identity,
@@ -106,7 +105,7 @@ def learn_from_feedback(specialist: str, config_path: str, budget: str = "full")
             "index_version": index.version if index else "-",
             "parent_versions": f"adapter:{champion_version or '-'},program:{program.version if program else '-'}",
         }
-        table = score_table(scores) + "\n\n" + slice_table(scores)
+        table = adapter_score_table(scores) + "\n\n" + slice_table(scores)
         outcome = promote_through_gates(
             config,
             specialist,

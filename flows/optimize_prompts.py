@@ -18,15 +18,17 @@ from __future__ import annotations
 from prefect import flow
 
 from cadre.config import load_config
+from cadre.config.budget import RunBudget
+from cadre.evaluation.report import program_score_table
 from cadre.platform.env import apply_env
+from cadre.prompts.candidate import ProgramRuntime
 from cadre.prompts.optimize import plan_optimization
 from cadre.prompts.program import IndexTarget, lm_target
+from cadre.registry.champions import RegistryTarget
 from cadre.registry.promotion import Candidate
 from cadre.stages import stage
 from tasks.promotion import promote_through_gates
 from tasks.prompts import (
-    ProgramRuntime,
-    RegistryTarget,
     cases_fingerprint,
     check_lm,
     compile_candidate,
@@ -37,14 +39,13 @@ from tasks.prompts import (
     log_optimization,
     point_prompt_champion,
     register_instruction_prompt,
-    score_table_markdown,
     work_dir,
 )
 from tasks.tracking import tracked_run
 
 
 @flow(name=stage("optimize").flow, log_prints=True)
-def optimize_prompts(specialist: str, config_path: str, budget: str = "full") -> dict:
+def optimize_prompts(specialist: str, config_path: str, budget: RunBudget = "full") -> dict:
     """Compile, evaluate, gate, register and (if the gate passes) promote the specialist's program."""
     config = load_config(config_path)
     apply_env(config)
@@ -67,7 +68,7 @@ def optimize_prompts(specialist: str, config_path: str, budget: str = "full") ->
         )
         scores = evaluate_on_test(settings.program, settings.evaluation, runtime, cases["test"], champion, candidate)
         log_optimization(handle, plan, target, cases_fingerprint(cases), candidate, scores)
-        table = score_table_markdown(scores, candidate)
+        table = program_score_table(scores, candidate.summary)
         print(table)
         same_as_champion = champion is not None and champion.fingerprint == candidate.fingerprint
         prompt_uri = None if same_as_champion else register_instruction_prompt(handle, registry, candidate.instruction)

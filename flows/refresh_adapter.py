@@ -16,14 +16,16 @@ from __future__ import annotations
 from prefect import flow
 
 from cadre.config import load_config
+from cadre.config.budget import RunBudget
+from cadre.evaluation.report import adapter_score_table
 from cadre.platform.env import apply_env
 from cadre.prompts.program import IndexTarget
+from cadre.registry.champions import RegistryTarget, ServingSetup
 from cadre.registry.promotion import Candidate
-from cadre.runtime.prompt import PromptSpec
 from cadre.stages import stage
 from cadre.tuning.finetune import plan_refresh
 from tasks.promotion import promote_through_gates
-from tasks.prompts import RegistryTarget, fetch_champion_adapter, fetch_champion_program
+from tasks.prompts import fetch_champion_adapter, fetch_champion_program
 from tasks.refresh import (
     build_refresh_data,
     evaluate_adapters,
@@ -31,14 +33,13 @@ from tasks.refresh import (
     load_test_cases,
     prepare_base_model,
     run_dir,
-    score_table,
     train_candidate,
 )
 from tasks.tracking import tracked_run
 
 
 @flow(name=stage("refresh").flow, log_prints=True)
-def refresh_adapter(specialist: str, config_path: str, budget: str = "full") -> dict:
+def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full") -> dict:
     """Fine-tune, evaluate, gate, register and (if the gate passes) promote the specialist's LoRA adapter."""
     config = load_config(config_path)
     apply_env(config)
@@ -52,15 +53,22 @@ def refresh_adapter(specialist: str, config_path: str, budget: str = "full") -> 
         index = IndexTarget.from_config(config, specialist) if settings.program.retrieve_k else None
         program = fetch_champion_program(registry, scratch)
         champion_gguf, champion_version = fetch_champion_adapter(registry, scratch)
+        setup = ServingSetup(
+            settings.program,
+            program,
+            index,
+            base,
+            champion_gguf,
+            champion_version,
+            config.project.lm.n_threads,
+            config.project.lm.n_ctx,
+        )
         data = build_refresh_data(
             handle,
             settings.tuning,
-            settings.program,
+            setup,
             suite,
             [str(config.resolve(f)) for f in settings.tuning.data],
-            base,
-            index,
-            program,
             plan.max_examples,
             scratch,
         )
@@ -75,31 +83,11 @@ def refresh_adapter(specialist: str, config_path: str, budget: str = "full") -> 
             config.project.threads.torch,
         )
         exported = export_candidate(
-            handle,
-            trained,
-            data,
-            settings.tuning,
-            base,
-            str(config.state_dir),
-            scratch,
-            settings.program.max_tokens,
-            PromptSpec.from_settings(settings.program).stop,
-            config.project.lm.n_threads,
+            handle, trained, data, settings.tuning, setup, str(config.state_dir), scratch, config.project.lm.n_threads
         )
         cases = load_test_cases(suite, plan.eval_cases, settings.program.field_names)
         scores = evaluate_adapters(
-            settings.program,
-            settings.evaluation,
-            index,
-            str(config.state_dir / "cache" / "dspy"),
-            cases,
-            base,
-            str(exported.gguf),
-            champion_gguf,
-            champion_version,
-            program,
-            config.project.lm.n_threads,
-            config.project.lm.n_ctx,
+            setup, settings.evaluation, str(config.state_dir / "cache" / "dspy"), cases, str(exported.gguf)
         )
         lineage = {
             "base_model": base.identity,
@@ -110,7 +98,7 @@ def refresh_adapter(specialist: str, config_path: str, budget: str = "full") -> 
             "index_version": index.version if index else "-",
             "parent_versions": f"adapter:{champion_version or '-'},program:{program.version if program else '-'}",
         }
-        table = score_table(scores)
+        table = adapter_score_table(scores)
         outcome = promote_through_gates(
             config,
             specialist,

@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from cadre.config import load_config
+from cadre.config.budget import RunBudget, plan_reindex
 from cadre.platform.env import apply_env
 from cadre.registry.promotion import Candidate
 from cadre.stages import stage
@@ -30,23 +31,24 @@ from tasks.triggers import trigger_flow
 
 
 @flow(name=stage("reindex").flow, log_prints=True)
-def reindex(specialist: str, config_path: str, budget: str = "full", trigger_optimize: bool = True) -> dict:
+def reindex(specialist: str, config_path: str, budget: RunBudget = "full", trigger_optimize: bool = True) -> dict:
     """Re-index one specialist; returns what changed and what the gate decided."""
     config = load_config(config_path)
     apply_env(config)
     logger = get_run_logger()
     settings = config.specialist(specialist)
+    plan = plan_reindex(settings, budget)
     with tracked_run(config, specialist, "reindex", budget) as handle:
         live = sync_live_pointer(config, specialist)
         champion_version = find_champion_version(config, specialist, "reindex")
-        result = build_index_version(config, specialist, budget)
+        result = build_index_version(config, specialist, plan)
         log_reindex_result(handle, result)
         if not result.created_version:
             logger.info("no source changed since version %s: nothing embedded, nothing to promote", live)
             return {"changed": False, "live": live}
 
-        candidate = evaluate_retrieval(config, specialist, result.version, budget, "candidate")
-        champion = evaluate_retrieval(config, specialist, live, budget, "champion", cases_of=result.version)
+        candidate = evaluate_retrieval(config, specialist, result.version, plan, "candidate")
+        champion = evaluate_retrieval(config, specialist, live, plan, "champion", cases_of=result.version)
         lineage = {
             "corpus_fingerprint": result.corpus_fingerprint,
             "index_key": result.index_key,

@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -29,40 +29,21 @@ from cadre.feedback.store import (
     preference_pairs,
 )
 from cadre.jsonl import write_jsonl
-from cadre.prompts.program import IndexTarget, open_retriever
+from cadre.prompts.program import open_retriever
+from cadre.registry.champions import ServingSetup
 from cadre.registry.runs import RunHandle
 from cadre.runtime.base_model import BaseModelFiles
 from cadre.runtime.retrieval import context_retriever
 from cadre.runtime.serving_prompt import read_serving_prompt
+from cadre.stages import stage
 from cadre.tuning.adapter_export import ExportedAdapter, export_adapter
 from cadre.tuning.dpo import DPOResult, train_dpo
-from tasks.prompts import ChampionProgram
-from tasks.refresh import ADAPTER_ARTIFACT, AdapterScores
 
+ADAPTER_ARTIFACT = stage("feedback").artifact_path
+"""Artifact folder of a run that holds the adapter (what the registry version points at)."""
 
-@dataclass(frozen=True)
-class FeedbackPlan:
-    """What one learn-from-feedback run may use.
-
-    Attributes:
-        budget: `smoke` or `full`.
-        max_steps: DPO optimizer steps.
-        eval_cases: test cases compared besides the feedback slice (None: the whole split).
-    """
-
-    budget: str
-    max_steps: int
-    eval_cases: int | None
-
-
-def plan_feedback(specialist: Any, budget: str) -> FeedbackPlan:
-    """`full` reads `feedback.max_steps` and `evaluation.max_cases`; `smoke` caps them with the specialist's `smoke` budget."""
-    if budget not in ("smoke", "full"):
-        raise ValueError(f"unknown budget {budget!r}; expected 'smoke' or 'full'")
-    steps = specialist.feedback.max_steps
-    if budget == "smoke":
-        return FeedbackPlan(budget, min(steps, specialist.smoke.max_train_steps), specialist.smoke.max_eval_cases)
-    return FeedbackPlan(budget, steps, specialist.evaluation.max_cases)
+if TYPE_CHECKING:
+    from cadre.config import FeedbackSettings, TuningSettings
 
 
 @dataclass(frozen=True)
@@ -124,20 +105,19 @@ class FeedbackData:
 def build_feedback_data(
     handle: RunHandle,
     collected: CollectedCorrections,
-    program_settings: Any,
-    index: IndexTarget | None,
-    champion_program: ChampionProgram | None,
+    setup: ServingSetup,
     out_dir: str,
 ) -> FeedbackData:
     """Render the corrections as the serving program prompts them (champion instruction and demos, live retrieval),
     and as evaluation cases of the `feedback` slice; log both as artifacts."""
     from mlflow import MlflowClient
 
-    prompt = read_serving_prompt(program_settings, champion_program.path if champion_program else None)
+    program_settings, champion_program = setup.program_settings, setup.program
+    prompt = read_serving_prompt(program_settings, setup.program_path)
     retrieve = None
     if prompt.spec.context_field:
         names = [item.name for item in program_settings.inputs]
-        retrieve = context_retriever(open_retriever(index), names, program_settings.retrieve_k)
+        retrieve = context_retriever(open_retriever(setup.index), names, program_settings.retrieve_k)
 
     outputs = [item.name for item in program_settings.outputs]
     pairs = preference_pairs(
@@ -168,10 +148,9 @@ def build_feedback_data(
 def train_dpo_candidate(
     handle: RunHandle,
     data: FeedbackData,
-    feedback: Any,
-    tuning: Any,
-    base: BaseModelFiles,
-    champion_gguf: str | None,
+    feedback: FeedbackSettings,
+    tuning: TuningSettings,
+    setup: ServingSetup,
     out_dir: str,
     max_steps: int,
     threads: int,
@@ -184,8 +163,8 @@ def train_dpo_candidate(
     say = get_run_logger().info
     client = MlflowClient(handle.tracking_uri)
     champion_dir = None
-    if champion_gguf is not None:
-        folder = Path(champion_gguf).parent
+    if setup.adapter_gguf is not None:
+        folder = Path(setup.adapter_gguf).parent
         if (folder / "adapter_model.safetensors").exists() and (folder / "adapter_config.json").exists():
             champion_dir = folder
         else:
@@ -214,7 +193,7 @@ def train_dpo_candidate(
         data.pairs,
         feedback,
         tuning,
-        base_model_dir=Path(base.hf_dir),
+        base_model_dir=Path(setup.base.hf_dir),
         champion_adapter_dir=champion_dir,
         work_dir=Path(out_dir) / "dpo",
         max_steps=max_steps,
@@ -292,42 +271,8 @@ def export_dpo_candidate(
     return exported
 
 
-def slice_table(scores: AdapterScores) -> str:
-    """Candidate and champion per slice group: the feedback slice against everything else (the regular suite)."""
-    from cadre.feedback.store import FEEDBACK_SLICE
-
-    metrics = scores.candidate.result.metrics
-    lines = ["| cases | system | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
-    for label, in_feedback in (("feedback slice", True), ("test split", False)):
-        for run in (scores.champion, scores.candidate):
-            rows = [e for e in run.result.examples if (e.slice == FEEDBACK_SLICE) == in_feedback]
-            if not rows:
-                continue
-            means = [sum(e.scores.get(m, 0.0) for e in rows) / len(rows) for m in metrics]
-            lines.append(
-                f"| {label} ({len(rows)}) | {run.result.name} | " + " | ".join(f"{v:.3f}" for v in means) + " |"
-            )
-    return "\n".join(lines)
-
-
 def feedback_run_dir(state_dir: Path, run_id: str) -> str:
     """Scratch folder of one learn-from-feedback run (downloads, pairs, trainer output, the exported adapter)."""
     folder = Path(state_dir) / "work" / "feedback" / run_id
     folder.mkdir(parents=True, exist_ok=True)
     return str(folder)
-
-
-def split_scores(scores: AdapterScores) -> dict[str, dict[str, float]]:
-    """exact-match-style means of candidate and champion on the feedback slice and on the rest, for the flow's result."""
-    from cadre.feedback.store import FEEDBACK_SLICE
-
-    found: dict[str, dict[str, float]] = {}
-    for name, run in (("candidate", scores.candidate), ("champion", scores.champion)):
-        for label, in_feedback in (("feedback", True), ("test", False)):
-            rows = [e for e in run.result.examples if (e.slice == FEEDBACK_SLICE) == in_feedback]
-            for metric in run.result.metrics:
-                if rows:
-                    found.setdefault(f"{name}_{label}", {})[metric] = sum(
-                        e.scores.get(metric, 0.0) for e in rows
-                    ) / len(rows)
-    return found

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from cadre.evaluation.comparison import TestScores
+from cadre.evaluation.report import program_score_table
 from cadre.evaluation.results import EvaluationResult, load_cases
+from cadre.prompts.candidate import (
+    PROGRAM_ARTIFACT,
+    PROGRAM_FILE,
+    CompiledCandidate,
+    ProgramRuntime,
+    save_candidate,
+)
 from cadre.prompts.optimize import (
-    CompileResult,
     EvaluationRun,
     OptimizationPlan,
     compile_program,
@@ -27,8 +34,8 @@ from cadre.prompts.optimize import (
     evaluate_retrieval_only,
 )
 from cadre.prompts.program import (
+    Budget,
     CompletionLM,
-    IndexTarget,
     LMTarget,
     LMUnreachable,
     SpecialistProgram,
@@ -36,69 +43,14 @@ from cadre.prompts.program import (
     load_program,
     open_retriever,
     program_fingerprint,
-    render_program_markdown,
-    save_program,
     use_disk_cache,
 )
+from cadre.registry.champions import ChampionProgram, RegistryTarget
 from cadre.registry.runs import RunHandle
 from cadre.runtime.lm import LMUnavailable
-from cadre.stages import stage
 
-PROGRAM_ARTIFACT = stage("optimize").artifact_path
-"""Artifact folder of a run that holds the program (what the registry version points at)."""
-PROGRAM_FILE = "program.json"
-
-
-@dataclass(frozen=True)
-class ProgramRuntime:
-    """What running a program needs: its LM, its index and the DSPy cache."""
-
-    lm: LMTarget
-    index: IndexTarget | None
-    cache_dir: str
-
-
-@dataclass(frozen=True)
-class RegistryTarget:
-    """The registered models of one specialist."""
-
-    tracking_uri: str
-    project: str
-    specialist: str
-
-
-@dataclass(frozen=True)
-class ChampionProgram:
-    """The serving program, downloaded: its version and local JSON."""
-
-    version: str
-    path: str
-    fingerprint: str
-    run_id: str | None
-
-
-@dataclass(frozen=True)
-class CompiledCandidate:
-    """The compiled program on disk and what compiling it took."""
-
-    path: str
-    markdown_path: str
-    fingerprint: str
-    instruction: str
-    summary: dict[str, Any]
-    candidates: list[dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class TestScores:
-    """Champion (or un-optimized baseline) and candidate on the same test cases, plus retrieval-only."""
-
-    baseline: EvaluationResult
-    candidate: EvaluationResult
-    retrieval_only: EvaluationResult | None
-    baseline_is_champion: bool
-    costs: dict[str, dict[str, float]]
-
+if TYPE_CHECKING:
+    from cadre.config import EvaluationSettings, ProgramSettings
 
 # ------------------------------------------------------------------------------------------- data
 
@@ -201,7 +153,7 @@ def check_lm(target: LMTarget) -> float:
     return (time.perf_counter() - started) * 1000.0
 
 
-def _lm(target: LMTarget, max_tokens: int, temperature: float, budget: Any = None) -> CompletionLM:
+def _lm(target: LMTarget, max_tokens: int, temperature: float, budget: Budget | None = None) -> CompletionLM:
     return CompletionLM(
         build_client(target), model_id=target.identity, max_tokens=max_tokens, temperature=temperature, budget=budget
     )
@@ -212,8 +164,8 @@ def _lm(target: LMTarget, max_tokens: int, temperature: float, budget: Any = Non
 
 @task(name="compile-program", cache_policy=NO_CACHE)
 def compile_candidate(
-    program_settings: Any,
-    evaluation: Any,
+    program_settings: ProgramSettings,
+    evaluation: EvaluationSettings,
     runtime: ProgramRuntime,
     train: list[dict[str, Any]],
     dev: list[dict[str, Any]],
@@ -240,7 +192,7 @@ def compile_candidate(
         raise LMUnavailable(
             f"the LM at {runtime.lm.describe()} became unreachable while compiling; nothing was promoted: {error}"
         ) from None
-    return _save_candidate(result, program_settings, out_dir)
+    return save_candidate(result, program_settings, out_dir)
 
 
 def _reflection_lm(model: str | None) -> Any:
@@ -253,44 +205,13 @@ def _reflection_lm(model: str | None) -> Any:
     return dspy.LM(model, max_tokens=1024, temperature=1.0, cache=True)
 
 
-def _save_candidate(result: CompileResult, program_settings: Any, out_dir: str) -> CompiledCandidate:
-    folder = Path(out_dir) / PROGRAM_ARTIFACT
-    path = folder / PROGRAM_FILE
-    fingerprint = save_program(result.program, path)
-    (folder / "settings.json").write_text(
-        json.dumps(program_settings.model_dump(mode="json"), indent=2), encoding="utf-8"
-    )
-    markdown = folder / "program.md"
-    stopped = (
-        f" — stopped by the budget ({result.stop_reason}); best program scored so far"
-        if result.stopped_by_budget
-        else ""
-    )
-    markdown.write_text(
-        render_program_markdown(result.program, program_settings, f"Candidate program ({result.optimizer}){stopped}"),
-        encoding="utf-8",
-    )
-    candidates = [
-        {
-            "candidate": c.index,
-            "dev_score": c.score,
-            "dev_cases": c.cases,
-            "demos": c.demos,
-            "instruction": c.instruction,
-        }
-        for c in result.candidates
-    ]
-    instruction = next(iter(result.program.named_predictors()))[1].signature.instructions
-    return CompiledCandidate(str(path), str(markdown), fingerprint, instruction, result.summary(), candidates)
-
-
 # ---------------------------------------------------------------------------------------- evaluate
 
 
 @task(name="evaluate-on-test", cache_policy=NO_CACHE)
 def evaluate_on_test(
-    program_settings: Any,
-    evaluation: Any,
+    program_settings: ProgramSettings,
+    evaluation: EvaluationSettings,
     runtime: ProgramRuntime,
     test: list[dict[str, Any]],
     champion: ChampionProgram | None,
@@ -380,7 +301,7 @@ def log_optimization(
     client.log_dict(
         handle.run_id, {name: r.to_dict() for name, r in results.items() if r is not None}, "eval/test_results.json"
     )
-    client.log_text(handle.run_id, score_table_markdown(scores, candidate), "eval/summary.md")
+    client.log_text(handle.run_id, program_score_table(scores, candidate.summary), "eval/summary.md")
 
     stamp = _now_ms()
     metrics = {
@@ -414,47 +335,6 @@ def log_optimization(
         "optimize.program_sha256": candidate.fingerprint,
     }
     client.log_batch(handle.run_id, params=[Param(k, v) for k, v in params.items()])
-
-
-def score_table_markdown(scores: TestScores, candidate: CompiledCandidate) -> str:
-    """The test-split comparison a reviewer reads first: quality, LM calls and time per system."""
-    rows = [
-        (
-            "retrieval only (its top-1 document as the answer)",
-            scores.retrieval_only,
-            scores.costs.get("retrieval_only"),
-        ),
-        (
-            scores.baseline.name + (" (champion)" if scores.baseline_is_champion else " (declared program)"),
-            scores.baseline,
-            scores.costs.get("baseline"),
-        ),
-        ("candidate", scores.candidate, scores.costs.get("candidate")),
-    ]
-    metrics = scores.candidate.metrics
-    lines = [
-        f"### Test split: {scores.candidate.cases} cases",
-        "",
-        "| system | " + " | ".join(metrics) + " | LM calls | wall s |",
-        "|---" * (len(metrics) + 3) + "|",
-    ]
-    for name, result, cost in rows:
-        if result is None:
-            continue
-        values = " | ".join(f"{result.scores.get(m, 0.0):.3f}" for m in metrics)
-        lines.append(
-            f"| {name} | {values} | {int((cost or {}).get('lm_calls', 0))} | {(cost or {}).get('wall_seconds', 0.0):.1f} |"
-        )
-    summary = candidate.summary
-    lines += [
-        "",
-        f"Compile: {summary.get('optimizer')}, {int(summary.get('compile_lm_calls', 0))} LM calls "
-        f"({int(summary.get('compile_lm_cache_hits', 0))} cache hits), {int(summary.get('compile_tokens', 0))} tokens, "
-        f"${summary.get('compile_cost_usd', 0.0):.4f}, {summary.get('compile_wall_seconds', 0.0):.1f} s"
-        + (f"; stopped by the budget: {summary.get('stop_reason')}" if summary.get("stopped_by_budget") else "")
-        + ".",
-    ]
-    return "\n".join(lines)
 
 
 def _now_ms() -> int:
@@ -514,25 +394,3 @@ def work_dir(state_dir: Path, run_id: str) -> str:
     folder = Path(state_dir) / "work" / "optimize" / run_id
     folder.mkdir(parents=True, exist_ok=True)
     return str(folder)
-
-
-__all__ = [
-    "ChampionProgram",
-    "CompiledCandidate",
-    "ProgramRuntime",
-    "RegistryTarget",
-    "TestScores",
-    "cases_fingerprint",
-    "check_lm",
-    "compile_candidate",
-    "evaluate_on_test",
-    "fetch_champion_adapter",
-    "fetch_champion_program",
-    "load_optimization_cases",
-    "log_optimization",
-    "point_prompt_champion",
-    "prompt_name",
-    "register_instruction_prompt",
-    "score_table_markdown",
-    "work_dir",
-]

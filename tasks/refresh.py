@@ -10,21 +10,20 @@ skip Prefect's input hashing (`NO_CACHE`).
 
 from __future__ import annotations
 
-import csv
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cadre.evaluation.results import EvaluationResult, load_cases
+from cadre.evaluation.comparison import AdapterScores
+from cadre.evaluation.results import load_cases
 from cadre.prompts.optimize import EvaluationRun, evaluate_program
 from cadre.prompts.program import (
     CompletionLM,
-    IndexTarget,
     SpecialistProgram,
     build_client,
     llama_cpp_target,
@@ -32,8 +31,10 @@ from cadre.prompts.program import (
     open_retriever,
     use_disk_cache,
 )
+from cadre.registry.champions import ServingSetup
 from cadre.registry.runs import RunHandle
 from cadre.runtime.base_model import BaseModelFiles, base_model_files
+from cadre.runtime.prompt import PromptSpec
 from cadre.runtime.retrieval import context_retriever
 from cadre.runtime.serving_prompt import read_serving_prompt
 from cadre.stages import stage
@@ -48,6 +49,7 @@ from cadre.tuning.finetune import (
     training_config_hash,
     work_dir,
 )
+from cadre.tuning.loss_curve import write_loss_curve
 from cadre.tuning.training_data import (
     TrainingData,
     build_training_data,
@@ -55,27 +57,20 @@ from cadre.tuning.training_data import (
     token_counter,
     training_sources,
 )
-from tasks.prompts import ChampionProgram
+
+if TYPE_CHECKING:
+    from cadre.config import CadreConfig, EvaluationSettings, TuningSettings
 
 ADAPTER_ARTIFACT = stage("refresh").artifact_path
 """Artifact folder of a run that holds the adapter (what the registry version points at)."""
 GGUF_CHECK_PROMPTS = 4
 
 
-@dataclass(frozen=True)
-class AdapterScores:
-    """Candidate and champion (adapter, or the bare base model) on the same test cases."""
-
-    candidate: EvaluationRun
-    champion: EvaluationRun
-    champion_is_adapter: bool
-
-
 # ---------------------------------------------------------------------------------------- model
 
 
 @task(name="prepare-base-model")
-def prepare_base_model(config: Any, base_model: str) -> BaseModelFiles:
+def prepare_base_model(config: CadreConfig, base_model: str) -> BaseModelFiles:
     """The base model as safetensors and as GGUF, prepared once and cached under the state dir."""
     return base_model_files(config, base_model)
 
@@ -86,13 +81,10 @@ def prepare_base_model(config: Any, base_model: str) -> BaseModelFiles:
 @task(name="build-training-data", cache_policy=NO_CACHE)
 def build_refresh_data(
     handle: RunHandle,
-    tuning: Any,
-    program_settings: Any,
+    tuning: TuningSettings,
+    setup: ServingSetup,
     suite_dir: str,
     data_files: list[str],
-    base: BaseModelFiles,
-    index: IndexTarget | None,
-    champion_program: ChampionProgram | None,
     max_examples: int | None,
     out_dir: str,
 ) -> TrainingData:
@@ -106,6 +98,7 @@ def build_refresh_data(
     from mlflow.entities import Metric, Param
     from transformers import AutoTokenizer
 
+    program_settings, base, champion_program = setup.program_settings, setup.base, setup.program
     if program_settings.module != "predict":
         raise ValueError(
             f"the adapter refresh trains `predict` programs; a {program_settings.module} program's prompts need reasoning "
@@ -115,7 +108,7 @@ def build_refresh_data(
     retrieve = None
     if prompt.spec.context_field:
         names = [item.name for item in program_settings.inputs]
-        retrieve = context_retriever(open_retriever(index), names, program_settings.retrieve_k)
+        retrieve = context_retriever(open_retriever(setup.index), names, program_settings.retrieve_k)
 
     sources = training_sources(Path(suite_dir), [Path(f) for f in data_files], tuning.from_eval_train)
     records, skipped = read_records(sources)
@@ -166,7 +159,7 @@ def build_refresh_data(
 class _MlflowSink:
     """Streams step metrics to the flow's run; a failed logging call is reported, never fatal to training."""
 
-    def __init__(self, handle: RunHandle, say: Any):
+    def __init__(self, handle: RunHandle, say: Callable[[str], None]):
         from mlflow import MlflowClient
 
         self.client, self.run_id, self.say = MlflowClient(handle.tracking_uri), handle.run_id, say
@@ -194,7 +187,7 @@ class _MlflowSink:
 def train_candidate(
     handle: RunHandle,
     data: TrainingData,
-    tuning: Any,
+    tuning: TuningSettings,
     base: BaseModelFiles,
     state_dir: str,
     specialist: str,
@@ -288,12 +281,10 @@ def export_candidate(
     handle: RunHandle,
     result: TrainingResult,
     data: TrainingData,
-    tuning: Any,
-    base: BaseModelFiles,
+    tuning: TuningSettings,
+    setup: ServingSetup,
     state_dir: str,
     out_dir: str,
-    max_tokens: int,
-    stop: list[str],
     threads: int,
 ) -> ExportedAdapter:
     """Write the adapter artifact (PEFT + GGUF + configs), check the GGUF answers like the PEFT adapter, log it.
@@ -305,6 +296,7 @@ def export_candidate(
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
+    base = setup.base
     exported = export_adapter(result.adapter_dir, Path(base.hf_dir), Path(out_dir) / ADAPTER_ARTIFACT, Path(state_dir))
     training_config = {
         "tuning": tuning.model_dump(mode="json"),
@@ -327,8 +319,8 @@ def export_candidate(
         exported.gguf,
         Path(base.gguf),
         prompts,
-        max_tokens=max_tokens,
-        stop=stop,
+        max_tokens=setup.program_settings.max_tokens,
+        stop=PromptSpec.from_settings(setup.program_settings).stop,
         threads=threads,
     )
     print(
@@ -341,7 +333,9 @@ def export_candidate(
 
     client = MlflowClient(handle.tracking_uri)
     client.log_artifacts(handle.run_id, str(exported.folder), ADAPTER_ARTIFACT)
-    _log_loss_curve(client, handle, result.loss_curve, Path(out_dir) / "training")
+    training = Path(out_dir) / "training"
+    write_loss_curve(result.loss_curve, training)
+    client.log_artifacts(handle.run_id, str(training), "training")
     stamp = int(time.time() * 1000)
     client.log_batch(
         handle.run_id,
@@ -352,30 +346,6 @@ def export_candidate(
         ],
     )
     return exported
-
-
-def _log_loss_curve(client: Any, handle: RunHandle, curve: list[dict[str, float]], folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    keys = sorted({key for row in curve for key in row}, key=lambda k: (k != "step", k))
-    with (folder / "loss_curve.csv").open("w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(curve)
-    figure, axis = plt.subplots(figsize=(7, 3.5))
-    axis.plot([row["step"] for row in curve], [row["loss"] for row in curve], linewidth=1.2)
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("training loss (completion tokens)")
-    axis.set_title("Adapter refresh: training loss")
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(folder / "loss_curve.png", dpi=110)
-    plt.close(figure)
-    client.log_artifacts(handle.run_id, str(folder), "training")
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -393,18 +363,11 @@ def load_test_cases(suite_dir: str, limit: int | None, fields: list[str]) -> lis
 
 @task(name="evaluate-adapters", cache_policy=NO_CACHE)
 def evaluate_adapters(
-    program_settings: Any,
-    evaluation: Any,
-    index: IndexTarget | None,
+    setup: ServingSetup,
+    evaluation: EvaluationSettings,
     cache_dir: str,
     cases: list[dict[str, Any]],
-    base: BaseModelFiles,
     candidate_gguf: str,
-    champion_gguf: str | None,
-    champion_version: str | None,
-    champion_program: ChampionProgram | None,
-    n_threads: int,
-    n_ctx: int,
 ) -> AdapterScores:
     """Run the specialist as it serves — its program, retrieval from the live index, llama.cpp on the GGUF base —
     once with the candidate adapter and once with the champion adapter (or none), on the same cases.
@@ -412,15 +375,16 @@ def evaluate_adapters(
     Both run in this process on the same engine and base file, so the adapter is the only difference.
     """
     use_disk_cache(cache_dir)
-    retriever = open_retriever(index) if index is not None and program_settings.retrieve_k else None
+    program_settings = setup.program_settings
+    retriever = open_retriever(setup.index) if setup.index is not None and program_settings.retrieve_k else None
 
     def program() -> SpecialistProgram:
-        if champion_program is not None:
-            return load_program(champion_program.path, program_settings, retriever)
+        if setup.program is not None:
+            return load_program(setup.program.path, program_settings, retriever)
         return SpecialistProgram(program_settings, retriever)
 
     def run(adapter: str | None, version: str | None, name: str) -> EvaluationRun:
-        target = llama_cpp_target(base.gguf, adapter, version, n_threads, n_ctx)
+        target = llama_cpp_target(setup.base.gguf, adapter, version, setup.n_threads, setup.n_ctx)
         lm = CompletionLM(
             build_client(target),
             model_id=target.identity,
@@ -435,32 +399,10 @@ def evaluate_adapters(
         )
         return scored
 
-    champion_name = f"adapter-v{champion_version}" if champion_gguf else "base-model"
-    champion = run(champion_gguf, champion_version, champion_name)
+    champion_name = f"adapter-v{setup.adapter_version}" if setup.adapter_gguf else "base-model"
+    champion = run(setup.adapter_gguf, setup.adapter_version, champion_name)
     candidate = run(candidate_gguf, None, "candidate-adapter")
-    return AdapterScores(candidate=candidate, champion=champion, champion_is_adapter=champion_gguf is not None)
-
-
-# ------------------------------------------------------------------------------------- reporting
-
-
-def score_table(scores: AdapterScores) -> str:
-    """Champion (or base model) and candidate side by side, as a reviewer reads it in the run's note."""
-    metrics = scores.candidate.result.metrics
-    lines = [
-        f"### Test split: {scores.candidate.result.cases} cases, same program and retrieval",
-        "",
-        "| system | " + " | ".join(metrics) + " | wall s |",
-        "|---" * (len(metrics) + 2) + "|",
-    ]
-    for run in (scores.champion, scores.candidate):
-        result: EvaluationResult = run.result
-        lines.append(
-            f"| {result.name} | "
-            + " | ".join(f"{result.scores.get(m, 0.0):.3f}" for m in metrics)
-            + f" | {run.wall_seconds:.0f} |"
-        )
-    return "\n".join(lines)
+    return AdapterScores(candidate=candidate, champion=champion, champion_is_adapter=setup.adapter_gguf is not None)
 
 
 def run_dir(state_dir: Path, run_id: str) -> str:

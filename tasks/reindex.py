@@ -12,6 +12,7 @@ from mlflow.entities import Metric
 from prefect import get_run_logger, task
 
 from cadre.config import CadreConfig
+from cadre.config.budget import ReindexPlan
 from cadre.evaluation.metrics import is_retrieval_metric
 from cadre.evaluation.results import EvaluationResult, Prediction, evaluate_cases, load_cases
 from cadre.knowledge.index.base import VersionNotFound
@@ -46,9 +47,9 @@ def sync_live_pointer(config: CadreConfig, specialist: str) -> str | None:
 
 
 @task(name="build-index-version", retries=1, retry_delay_seconds=10)
-def build_index_version(config: CadreConfig, specialist: str, budget: str) -> ReindexResult:
+def build_index_version(config: CadreConfig, specialist: str, plan: ReindexPlan) -> ReindexResult:
     """Load the sources, embed only what changed, write a new version beside the live one (resumes a killed run)."""
-    return reindex_specialist(config, specialist, budget=budget, show_progress=True)
+    return reindex_specialist(config, specialist, budget=plan.budget, show_progress=True)
 
 
 @task(name="log-reindex-result", retries=3, retry_delay_seconds=2)
@@ -70,7 +71,12 @@ def log_reindex_result(handle: RunHandle, result: ReindexResult) -> None:
 
 @task(name="evaluate-retrieval")
 def evaluate_retrieval(
-    config: CadreConfig, specialist: str, version: str | None, budget: str, label: str, cases_of: str | None = None
+    config: CadreConfig,
+    specialist: str,
+    version: str | None,
+    plan: ReindexPlan,
+    label: str,
+    cases_of: str | None = None,
 ) -> EvaluationResult | None:
     """Retrieval metrics of one index version on the specialist's test split (None when there is no such version).
 
@@ -84,7 +90,7 @@ def evaluate_retrieval(
         return None
     settings = config.specialist(specialist)
     metrics = settings.evaluation.retrieval_metrics
-    limit = settings.smoke.max_eval_cases if budget == "smoke" else settings.evaluation.max_cases
+    limit = plan.eval_cases
     searcher = IndexSearcher.from_config(config, specialist)
     k = max([int(m.split("@")[1]) for m in metrics if "@" in m] + [10])
     with_relevance = [c for c in load_cases(config.resolve(settings.evaluation.suite), "test") if c.get("relevant_ids")]

@@ -19,6 +19,7 @@ from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from cadre.config import CadreConfig
+from cadre.config.budget import RunBudget
 from cadre.platform.signals import Terminated, terminate_on_sigterm
 from cadre.registry.runs import RunHandle, close_run, open_run, run_summary_markdown
 
@@ -27,7 +28,7 @@ STOPPED = (Terminated, TerminationSignal, KeyboardInterrupt)
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 10], name="log-resolved-config")
-def open_tracking_run(config: CadreConfig, specialist: str, flow: str, budget: str) -> RunHandle:
+def open_tracking_run(config: CadreConfig, specialist: str, flow: str, budget: RunBudget) -> RunHandle:
     """Create the MLflow run and log the resolved config, fingerprints and code version before any work."""
     return open_run(config, specialist, flow, budget, flow_run_id=flow_run.get_id())
 
@@ -46,7 +47,7 @@ def close_tracking_run(handle: RunHandle, status: str = "FINISHED") -> None:
 
 
 @contextmanager
-def tracked_run(config: CadreConfig, specialist: str, stage: str, budget: str) -> Iterator[RunHandle]:
+def tracked_run(config: CadreConfig, specialist: str, stage: str, budget: RunBudget) -> Iterator[RunHandle]:
     """Open the flow run's MLflow run for the block; end it FINISHED, FAILED or KILLED as the block ends.
 
     Args:

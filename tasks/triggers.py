@@ -7,11 +7,12 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
 from cadre.config import CadreConfig
+from cadre.config.budget import RunBudget
 from cadre.stages import STAGE_BY_NAME
 
 
 @task(name="trigger-follow-up-flow", retries=2, retry_delay_seconds=5)
-def trigger_flow(config: CadreConfig, kind: str, specialist: str, budget: str, reason: str) -> str | None:
+def trigger_flow(config: CadreConfig, kind: str, specialist: str, budget: RunBudget, reason: str) -> str | None:
     """Queue `kind` for the specialist through its deployment (does not wait); returns the flow-run id."""
     logger = get_run_logger()
     if kind not in STAGE_BY_NAME:

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -59,6 +59,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from cadre.jsonl import jsonl_lines, text_problem
 from cadre.runtime.prompt import PromptSpec, render_completion, render_prompt
+
+if TYPE_CHECKING:
+    from cadre.config import CadreConfig
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +212,7 @@ def default_store_url(state_dir: Path) -> str:
     return f"sqlite:///{Path(state_dir).resolve() / 'feedback' / 'feedback.db'}"
 
 
-def store_url_for(config: Any, specialist: str) -> str:
+def store_url_for(config: CadreConfig, specialist: str) -> str:
     """The feedback store of one specialist: its `feedback.store_url`, else the default SQLite file."""
     return config.specialist(specialist).feedback.store_url or default_store_url(config.state_dir)
 

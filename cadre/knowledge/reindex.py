@@ -43,8 +43,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from cadre.config.budget import RunBudget, plan_reindex
 from cadre.config.knowledge import ChunkingSettings, Source
 from cadre.config.project import IndexBackendSettings
 from cadre.knowledge.chunking import Chunk, Chunker, load_tokenizer
@@ -795,7 +796,7 @@ def reindex_specialist(
     config: CadreConfig,
     specialist: str,
     *,
-    budget: Literal["full", "smoke"] = "full",
+    budget: RunBudget = "full",
     show_progress: bool = True,
     retry: RetryPolicy = DEFAULT_RETRY,
 ) -> ReindexResult:
@@ -812,7 +813,7 @@ def reindex_specialist(
     settings = config.specialist(specialist)
     embedder = Embedder.load(config.project.embedding, config.project.threads, root=config.root)
     backend = open_backend(config.project.index, config.state_dir, specialist, dimension=embedder.dimension)
-    cap = settings.smoke.max_documents if budget == "smoke" else settings.index.max_documents
+    cap = plan_reindex(settings, budget).max_documents
     return plan_and_apply(
         specialist,
         settings.sources,

@@ -30,11 +30,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
 from dspy.utils.callback import BaseCallback
 
+from cadre.config.budget import RunBudget, parse_budget
 from cadre.evaluation import metrics as metric_functions
 from cadre.evaluation.results import EvaluationResult, Prediction, evaluate_cases
 from cadre.prompts.program import (
@@ -48,6 +49,9 @@ from cadre.prompts.program import (
     program_context,
 )
 from cadre.runtime.retrieval import retrieval_query
+
+if TYPE_CHECKING:
+    from cadre.config import EvaluationSettings, ProgramSettings, Specialist
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ class OptimizationPlan:
     """What one optimization may use.
 
     Attributes:
-        budget_name: `full` or `smoke`.
+        budget_name: the run's budget.
         train_cases: train-split cases shown to the optimizer.
         dev_cases: dev-split cases it selects on.
         test_cases: test-split cases the gate compares champion and candidate on.
@@ -73,7 +77,7 @@ class OptimizationPlan:
         max_wall_seconds: hard cap on compile wall time.
     """
 
-    budget_name: str
+    budget_name: RunBudget
     train_cases: int
     dev_cases: int
     test_cases: int | None
@@ -92,7 +96,7 @@ SMOKE_TRAIN_CASES = 16
 SMOKE_DEV_CASES = 12
 
 
-def plan_optimization(specialist: Any, budget: str) -> OptimizationPlan:
+def plan_optimization(specialist: Specialist, budget: RunBudget) -> OptimizationPlan:
     """The plan of one run: `full` from `program.optimizer` and `evaluation.max_cases`; `smoke` from `smoke`.
 
     A smoke run also shrinks the train/dev splits (to at most 16 and 12 cases), so that the smoke
@@ -101,9 +105,12 @@ def plan_optimization(specialist: Any, budget: str) -> OptimizationPlan:
     Args:
         specialist: the `Specialist` settings.
         budget: `full` or `smoke`.
+
+    Raises:
+        ValueError: an unknown budget.
     """
     optimizer = specialist.program.optimizer
-    if budget == "full":
+    if parse_budget(budget) == "full":
         return OptimizationPlan(
             "full",
             optimizer.train_cases,
@@ -112,23 +119,21 @@ def plan_optimization(specialist: Any, budget: str) -> OptimizationPlan:
             optimizer.max_lm_calls,
             float(optimizer.max_wall_seconds),
         )
-    if budget == "smoke":
-        smoke = specialist.smoke
-        return OptimizationPlan(
-            "smoke",
-            min(optimizer.train_cases, SMOKE_TRAIN_CASES),
-            min(optimizer.dev_cases, SMOKE_DEV_CASES),
-            smoke.max_eval_cases,
-            min(optimizer.max_lm_calls, smoke.max_lm_calls),
-            float(min(optimizer.max_wall_seconds, smoke.max_wall_seconds)),
-        )
-    raise ValueError(f"unknown budget {budget!r}; expected 'full' or 'smoke'")
+    smoke = specialist.smoke
+    return OptimizationPlan(
+        "smoke",
+        min(optimizer.train_cases, SMOKE_TRAIN_CASES),
+        min(optimizer.dev_cases, SMOKE_DEV_CASES),
+        smoke.max_eval_cases,
+        min(optimizer.max_lm_calls, smoke.max_lm_calls),
+        float(min(optimizer.max_wall_seconds, smoke.max_wall_seconds)),
+    )
 
 
 # ----------------------------------------------------------------------------------------- metric
 
 
-def answer_metric(program: Any, evaluation: Any) -> tuple[str, Callable[..., float]]:
+def answer_metric(program: ProgramSettings, evaluation: EvaluationSettings) -> tuple[str, Callable[..., float]]:
     """The optimizer's metric: the specialist's first answer metric on the first output field.
 
     Returns:
@@ -146,7 +151,7 @@ def answer_metric(program: Any, evaluation: Any) -> tuple[str, Callable[..., flo
     return name, metric
 
 
-def feedback_metric(program: Any, evaluation: Any) -> Callable[..., dspy.Prediction]:
+def feedback_metric(program: ProgramSettings, evaluation: EvaluationSettings) -> Callable[..., dspy.Prediction]:
     """GEPA's metric: the same score, with a sentence of feedback its reflection LM can learn from."""
     name, score_of = answer_metric(program, evaluation)
     output = program.outputs[0].name
@@ -171,7 +176,7 @@ def feedback_metric(program: Any, evaluation: Any) -> Callable[..., dspy.Predict
 
 
 def to_examples(
-    cases: Sequence[dict[str, Any]], program: Any, retriever: Retriever | None = None
+    cases: Sequence[dict[str, Any]], program: ProgramSettings, retriever: Retriever | None = None
 ) -> list[dspy.Example]:
     """Suite cases as DSPy examples whose inputs are the program's input fields.
 
@@ -183,7 +188,7 @@ def to_examples(
 
 
 def _examples_with_passages(
-    cases: Sequence[dict[str, Any]], program: Any, retriever: Retriever | None
+    cases: Sequence[dict[str, Any]], program: ProgramSettings, retriever: Retriever | None
 ) -> list[tuple[dspy.Example, list[str] | None]]:
     names = [item.name for item in program.inputs]
     examples = []
@@ -198,7 +203,7 @@ def _examples_with_passages(
 
 
 def grounded_train_examples(
-    cases: Sequence[dict[str, Any]], program: Any, retriever: Retriever | None
+    cases: Sequence[dict[str, Any]], program: ProgramSettings, retriever: Retriever | None
 ) -> tuple[list[dspy.Example], int]:
     """The train examples an optimizer may learn from, and how many were left out as ungrounded.
 
@@ -333,8 +338,8 @@ class CompileResult:
 
 
 def compile_program(
-    program_settings: Any,
-    evaluation: Any,
+    program_settings: ProgramSettings,
+    evaluation: EvaluationSettings,
     retriever: Retriever | None,
     lm: CompletionLM,
     trainset: Sequence[dict[str, Any]],
@@ -383,20 +388,8 @@ def compile_program(
     compiled: dspy.Module | None = None
     with program_context(lm, program_settings), dspy.context(callbacks=[*dspy.settings.callbacks, tracker]):
         try:
-            compiled = _run_optimizer(
-                optimizer,
-                student,
-                train,
-                dev,
-                metric,
-                proposer,
-                tracker,
-                budget,
-                lm,
-                program_settings,
-                evaluation,
-                log_dir,
-            )
+            run = _OptimizerRun(program_settings, evaluation, lm, budget, tracker, log_dir)
+            compiled = _run_optimizer(run, student, train, dev, metric, proposer)
         except BudgetExhausted as stop:
             stop_reason = str(stop)
             log.warning("optimization stopped: %s; keeping the best program scored on the dev split so far", stop)
@@ -437,20 +430,27 @@ def _proposer_lm(lm: CompletionLM) -> CompletionLM:
     )
 
 
+@dataclass(frozen=True)
+class _OptimizerRun:
+    """What every optimizer of one compile shares: the settings, the LM and its started budget, the dev tracker."""
+
+    program_settings: ProgramSettings
+    evaluation: EvaluationSettings
+    lm: CompletionLM
+    budget: Budget
+    tracker: DevEvaluationTracker
+    log_dir: str | None
+
+
 def _run_optimizer(
-    optimizer: Any,
+    run: _OptimizerRun,
     student: SpecialistProgram,
     train: list[dspy.Example],
     dev: list[dspy.Example],
     metric: Callable[..., float],
     proposer: dspy.BaseLM,
-    tracker: DevEvaluationTracker,
-    budget: Budget,
-    lm: CompletionLM,
-    program_settings: Any,
-    evaluation: Any,
-    log_dir: str | None,
 ) -> dspy.Module:
+    optimizer, lm, log_dir = run.program_settings.optimizer, run.lm, run.log_dir
     kind = optimizer.kind
     if kind == "none":
         dspy.Evaluate(devset=dev, metric=metric, num_threads=1, display_progress=False)(student)
@@ -489,28 +489,27 @@ def _run_optimizer(
             data_aware_proposer=False,
         )
     if kind == "gepa":
-        return _run_gepa(
-            optimizer, student, train, dev, program_settings, evaluation, proposer, tracker, budget, lm, log_dir
-        )
+        return _run_gepa(run, student, train, dev, proposer)
     raise ValueError(f"unknown optimizer kind {kind!r}")
 
 
 def _run_gepa(
-    optimizer: Any,
+    run: _OptimizerRun,
     student: SpecialistProgram,
     train: list[dspy.Example],
     dev: list[dspy.Example],
-    program_settings: Any,
-    evaluation: Any,
     reflection_lm: dspy.BaseLM,
-    tracker: DevEvaluationTracker,
-    budget: Budget,
-    lm: CompletionLM,
-    log_dir: str | None,
 ) -> dspy.Module:
     from dspy.teleprompt.gepa.gepa import AUTO_RUN_SETTINGS
 
-    metric = feedback_metric(program_settings, evaluation)
+    optimizer, budget, lm, log_dir, tracker = (
+        run.program_settings.optimizer,
+        run.budget,
+        run.lm,
+        run.log_dir,
+        run.tracker,
+    )
+    metric = feedback_metric(run.program_settings, run.evaluation)
     minibatch = 3
     planned = dspy.GEPA(metric=metric, auto=optimizer.auto, reflection_lm=reflection_lm).auto_budget(
         num_preds=len(student.predictors()), num_candidates=AUTO_RUN_SETTINGS[optimizer.auto]["n"], valset_size=len(dev)
@@ -558,7 +557,9 @@ class _GepaValsetTracker:
         self.tracker.record(program, 100.0 * float(event["average_score"]), event["num_examples_evaluated"])
 
 
-def _clean_copy(compiled: dspy.Module, program_settings: Any, retriever: Retriever | None) -> SpecialistProgram:
+def _clean_copy(
+    compiled: dspy.Module, program_settings: ProgramSettings, retriever: Retriever | None
+) -> SpecialistProgram:
     """A fresh program holding only the compiled predictors' state (optimizers hang candidate lists on theirs)."""
     clean = SpecialistProgram(program_settings, retriever)
     compiled_predictors = dict(compiled.named_predictors())
@@ -596,15 +597,15 @@ class EvaluationRun:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def program_metrics(program_settings: Any, evaluation: Any) -> list[str]:
+def program_metrics(program_settings: ProgramSettings, evaluation: EvaluationSettings) -> list[str]:
     """The metrics a program is scored on: its answer metrics, plus retrieval metrics when it retrieves."""
     return [*evaluation.answer_metrics, *(evaluation.retrieval_metrics if program_settings.retrieve_k else [])]
 
 
 def evaluate_program(
     program: SpecialistProgram,
-    program_settings: Any,
-    evaluation: Any,
+    program_settings: ProgramSettings,
+    evaluation: EvaluationSettings,
     lm: CompletionLM,
     cases: Sequence[dict[str, Any]],
     name: str,
@@ -647,8 +648,8 @@ def evaluate_program(
 
 def evaluate_retrieval_only(
     retriever: Retriever,
-    program_settings: Any,
-    evaluation: Any,
+    program_settings: ProgramSettings,
+    evaluation: EvaluationSettings,
     cases: Sequence[dict[str, Any]],
     name: str = "retrieval-top1",
 ) -> EvaluationRun:

@@ -42,7 +42,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
 
@@ -57,6 +57,9 @@ from cadre.runtime.retrieval import (
     retrieval_query,
 )
 from cadre.runtime.serving_prompt import demo_dicts
+
+if TYPE_CHECKING:
+    from cadre.config import CadreConfig, ProgramSettings
 
 CACHE_NAMESPACE = "cadre.program.CompletionLM"
 """Part of every cache key, so Cadre's entries never collide with DSPy's own LM entries."""
@@ -446,7 +449,7 @@ def open_retriever(target: IndexTarget) -> SharedRetriever:
 # ------------------------------------------------------------------------------------- the program
 
 
-def make_signature(settings: Any) -> type[dspy.Signature]:
+def make_signature(settings: ProgramSettings) -> type[dspy.Signature]:
     """The program's signature class, built from `ProgramSettings`.
 
     Its docstring is the instruction; the context field (when retrieving) is the first input, then
@@ -469,7 +472,7 @@ class SpecialistProgram(dspy.Module):
     retrieval metrics) and the rendered context.
     """
 
-    def __init__(self, settings: Any, retriever: Retriever | None = None):
+    def __init__(self, settings: ProgramSettings, retriever: Retriever | None = None):
         """Build the program.
 
         Args:
@@ -508,7 +511,7 @@ class SpecialistProgram(dspy.Module):
         )
 
 
-def load_program(path: str | Path, settings: Any, retriever: Retriever | None = None) -> SpecialistProgram:
+def load_program(path: str | Path, settings: ProgramSettings, retriever: Retriever | None = None) -> SpecialistProgram:
     """A program built from `settings` with the saved state (instruction, demos) of `path` (JSON)."""
     program = SpecialistProgram(settings, retriever)
     program.load(str(path))
@@ -539,7 +542,7 @@ def predictor_prompts(program: dspy.Module) -> list[dict[str, Any]]:
     return found
 
 
-def render_program_markdown(program: dspy.Module, settings: Any, title: str) -> str:
+def render_program_markdown(program: dspy.Module, settings: ProgramSettings, title: str) -> str:
     """The program's instructions and demos as a reviewer reads them (Markdown), with one example prompt."""
     lines = [f"# {title}", ""]
     adapter = CompletionAdapter(settings.context_field)
@@ -579,7 +582,7 @@ def render_program_markdown(program: dspy.Module, settings: Any, title: str) -> 
 
 
 @contextmanager
-def program_context(lm: dspy.BaseLM, settings: Any) -> Iterator[None]:
+def program_context(lm: dspy.BaseLM, settings: ProgramSettings) -> Iterator[None]:
     """Run DSPy with `lm` and the completion adapter (thread-local; nothing global is changed)."""
     with dspy.context(lm=lm, adapter=CompletionAdapter(settings.context_field if settings.retrieve_k else None)):
         yield
@@ -621,7 +624,7 @@ class LMTarget:
         return f"{where}{adapter}"
 
 
-def lm_target(config: Any, adapter_gguf: Path | None = None, adapter_version: str | None = None) -> LMTarget:
+def lm_target(config: CadreConfig, adapter_gguf: Path | None = None, adapter_version: str | None = None) -> LMTarget:
     """The LM a specialist's program runs on.
 
     Without an adapter: the project's endpoint (`project.lm`: the llama.cpp server `cadre up` starts,

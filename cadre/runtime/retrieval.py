@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from cadre.config import CadreConfig
     from cadre.knowledge.reindex import IndexSearcher
 
 
@@ -110,7 +111,7 @@ class IndexTarget:
     version: str | None = None
 
     @classmethod
-    def from_config(cls, config: Any, specialist: str, pin_live: bool = True) -> IndexTarget:
+    def from_config(cls, config: CadreConfig, specialist: str, pin_live: bool = True) -> IndexTarget:
         """The specialist's index; with `pin_live`, pinned to the version live now, so every step of a run
         (champion and candidate alike) searches the same knowledge even if a re-index promotes meanwhile.
 

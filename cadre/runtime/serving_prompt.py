@@ -15,9 +15,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cadre.runtime.prompt import PromptSpec, render_prompt
+
+if TYPE_CHECKING:
+    from cadre.config import ProgramSettings
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class ServingPrompt:
         return render_prompt(self.spec, inputs, self.demos, instruction=self.spec.instruction)
 
 
-def read_serving_prompt(program_settings: Any, program_path: str | Path | None) -> ServingPrompt:
+def read_serving_prompt(program_settings: ProgramSettings, program_path: str | Path | None) -> ServingPrompt:
     """The serving prompt of a saved program (a champion's `program.json`), or of the declared program.
 
     Only the program's state is read: a retrieving program's search is never run here.

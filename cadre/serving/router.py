@@ -32,9 +32,12 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from cadre.config import Specialist
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 """Texts → vectors, one row per text (`cadre.knowledge.embedding.Embedder.embed`); normalised here in any case."""
@@ -89,7 +92,7 @@ class SpecialistProfile:
     texts: tuple[str, ...]
 
     @classmethod
-    def of(cls, specialist: Any) -> SpecialistProfile:
+    def of(cls, specialist: Specialist) -> SpecialistProfile:
         """From a `Specialist` of the config (or anything with `name`, `description`, `examples`)."""
         texts = tuple(t.strip() for t in [specialist.description, *specialist.examples] if t and t.strip())
         return cls(specialist.name, texts)

@@ -22,12 +22,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cadre.runtime.prompt import PromptSpec
 from cadre.runtime.retrieval import IndexTarget, Passage, Retriever, open_index_search, retrieval_query
 from cadre.runtime.serving_prompt import ServingPrompt, read_serving_prompt
 from cadre.serving.engine import AdapterLease, LoraEngine
+
+if TYPE_CHECKING:
+    from cadre.config import CadreConfig
 
 log = logging.getLogger("cadre.serve")
 
@@ -276,7 +279,7 @@ def _find_artifact(client: Any, run_id: str, path: str, suffix: str) -> str | No
 
 
 def build_runtime(
-    config: Any, specialist: str, registry: ChampionVersions, engine: LoraEngine, source: RegistrySource
+    config: CadreConfig, specialist: str, registry: ChampionVersions, engine: LoraEngine, source: RegistrySource
 ) -> SpecialistRuntime:
     """Build a specialist's snapshot for the given champion versions (downloads, loads the program, the adapter).
 

@@ -33,13 +33,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from cadre.config.budget import RunBudget, parse_budget
 from cadre.config.tuning import length_limit
 from cadre.feedback.store import PreferencePair
+
+if TYPE_CHECKING:
+    from cadre.config import FeedbackSettings, Specialist, TuningSettings
 
 MetricsSink = Callable[[dict[str, float], int], None]
 """Receives step metrics (`loss`, `rewards/accuracies`, `rewards/margins`, …) and the global step."""
@@ -115,10 +119,34 @@ class _StepLog(TrainerCallback):
             self.sink({k: v for k, v in row.items() if k != "step"}, state.global_step)
 
 
+@dataclass(frozen=True)
+class FeedbackPlan:
+    """What one learn-from-feedback run may use.
+
+    Attributes:
+        budget: the run's budget.
+        max_steps: DPO optimizer steps.
+        eval_cases: test cases compared besides the feedback slice (None: the whole split).
+    """
+
+    budget: RunBudget
+    max_steps: int
+    eval_cases: int | None
+
+
+def plan_feedback(specialist: Specialist, budget: RunBudget) -> FeedbackPlan:
+    """`full` reads `feedback.max_steps` and `evaluation.max_cases`; `smoke` caps them with the specialist's `smoke` budget."""
+    budget = parse_budget(budget)
+    steps = specialist.feedback.max_steps
+    if budget == "smoke":
+        return FeedbackPlan(budget, min(steps, specialist.smoke.max_train_steps), specialist.smoke.max_eval_cases)
+    return FeedbackPlan(budget, steps, specialist.evaluation.max_cases)
+
+
 def train_dpo(
     pairs: Sequence[PreferencePair],
-    settings: Any,
-    tuning: Any,
+    settings: FeedbackSettings,
+    tuning: TuningSettings,
     *,
     base_model_dir: Path,
     champion_adapter_dir: Path | None,

@@ -48,13 +48,17 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from cadre.config.budget import RunBudget, parse_budget
 from cadre.config.tuning import TuningSettings, length_limit
 from cadre.tuning.training_data import TrainingData
+
+if TYPE_CHECKING:
+    from cadre.config import CadreConfig, Specialist
 
 RECIPE_VERSION = 1
 """Bumped when a code change alters what the same data and settings train into (invalidates checkpoints)."""
@@ -190,12 +194,10 @@ def completed_result(folder: Path) -> TrainingResult | None:
     return TrainingResult.from_dict(json.loads(marker.read_text()))
 
 
-def effective_steps(tuning: TuningSettings, budget: str, smoke_steps: int) -> int | None:
+def effective_steps(tuning: TuningSettings, budget: RunBudget, smoke_steps: int) -> int | None:
     """Optimizer steps of a budget: the smoke cap, or the configured steps (None: train by epochs)."""
-    if budget == "smoke":
+    if parse_budget(budget) == "smoke":
         return min(smoke_steps, tuning.max_steps) if tuning.max_steps else smoke_steps
-    if budget != "full":
-        raise ValueError(f"unknown budget {budget!r}; expected 'smoke' or 'full'")
     return tuning.max_steps
 
 
@@ -204,22 +206,23 @@ class RefreshPlan:
     """What one adapter refresh may use.
 
     Attributes:
-        budget: `smoke` or `full`.
+        budget: the run's budget.
         max_steps: optimizer steps (None: `tuning.epochs` epochs).
         max_examples: examples rendered for training (None: all); more could never be reached.
         eval_cases: test cases the candidate and the champion are compared on (None: the whole split).
     """
 
-    budget: str
+    budget: RunBudget
     max_steps: int | None
     max_examples: int | None
     eval_cases: int | None
 
 
-def plan_refresh(specialist: Any, budget: str) -> RefreshPlan:
+def plan_refresh(specialist: Specialist, budget: RunBudget) -> RefreshPlan:
     """The plan of one refresh: `full` reads `tuning` and `evaluation.max_cases`, `smoke` the specialist's `smoke`."""
     from cadre.tuning.training_data import examples_needed
 
+    budget = parse_budget(budget)
     tuning = specialist.tuning
     steps = effective_steps(tuning, budget, specialist.smoke.max_train_steps)
     eval_cases = specialist.smoke.max_eval_cases if budget == "smoke" else specialist.evaluation.max_cases
@@ -352,7 +355,7 @@ def completion_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any 
     return total / count
 
 
-def _unsupported_head(config: Any) -> str | None:
+def _unsupported_head(config: CadreConfig) -> str | None:
     """Why `completion_loss` cannot stand in for trl's fused head on this model, or None."""
     text = config.get_text_config()
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling", "output_router_logits"):

@@ -1,0 +1,58 @@
+"""The run budget: `full` (what `pipelines.yaml` declares) or `smoke` (the specialist's `smoke:` caps).
+
+A budget is named once per run, where the run enters Cadre (the CLI's `--budget`, a flow's `budget`
+parameter, a trigger), checked there with `parse_budget`, and turned into a frozen plan by one function per
+stage; nothing else reads the name:
+
+- re-index: `plan_reindex` (here: the document cap and the retrieval evaluation's case limit),
+- optimize: `cadre.prompts.optimize.plan_optimization`,
+- refresh: `cadre.tuning.finetune.plan_refresh`,
+- feedback: `cadre.tuning.dpo.plan_feedback`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
+
+if TYPE_CHECKING:
+    from cadre.config import Specialist
+
+RunBudget = Literal["smoke", "full"]
+"""How much a run may spend: `smoke` (a quick check under the specialist's `smoke:` caps) or `full`."""
+
+RUN_BUDGETS: tuple[RunBudget, ...] = get_args(RunBudget)
+
+
+def parse_budget(value: object) -> RunBudget:
+    """`value` as a run budget.
+
+    Raises:
+        ValueError: it is not `smoke` or `full` (the message names both).
+    """
+    if value not in RUN_BUDGETS:
+        raise ValueError(f"unknown budget {value!r}; expected 'smoke' or 'full'")
+    return value  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ReindexPlan:
+    """What one re-index may use.
+
+    Attributes:
+        budget: the run's budget.
+        max_documents: documents read from the sources (None: all).
+        eval_cases: test cases the retrieval gate compares on (None: the whole split).
+    """
+
+    budget: RunBudget
+    max_documents: int | None
+    eval_cases: int | None
+
+
+def plan_reindex(specialist: Specialist, budget: RunBudget) -> ReindexPlan:
+    """`full` reads `index.max_documents` and `evaluation.max_cases`; `smoke` the specialist's `smoke` caps."""
+    budget = parse_budget(budget)
+    if budget == "smoke":
+        return ReindexPlan(budget, specialist.smoke.max_documents, specialist.smoke.max_eval_cases)
+    return ReindexPlan(budget, specialist.index.max_documents, specialist.evaluation.max_cases)

@@ -1,0 +1,78 @@
+"""A compiled program as the prompt flow handles it: where it runs, what compiling produced, and its files.
+
+`save_candidate` writes the program the optimizer returned into the run's artifact folder
+(`program/program.json`, the settings it was compiled from, and a readable `program.md`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cadre.prompts.program import render_program_markdown, save_program
+from cadre.stages import stage
+
+if TYPE_CHECKING:
+    from cadre.config import ProgramSettings
+    from cadre.prompts.optimize import CompileResult
+    from cadre.prompts.program import LMTarget
+    from cadre.runtime.retrieval import IndexTarget
+
+PROGRAM_ARTIFACT = stage("optimize").artifact_path
+"""Artifact folder of a run that holds the program (what the registry version points at)."""
+PROGRAM_FILE = "program.json"
+
+
+@dataclass(frozen=True)
+class ProgramRuntime:
+    """What running a program needs: its LM, its index and the DSPy cache."""
+
+    lm: LMTarget
+    index: IndexTarget | None
+    cache_dir: str
+
+
+@dataclass(frozen=True)
+class CompiledCandidate:
+    """The compiled program on disk and what compiling it took."""
+
+    path: str
+    markdown_path: str
+    fingerprint: str
+    instruction: str
+    summary: dict[str, Any]
+    candidates: list[dict[str, Any]]
+
+
+def save_candidate(result: CompileResult, program_settings: ProgramSettings, out_dir: str) -> CompiledCandidate:
+    """Write the compiled program, its settings and its Markdown under `out_dir/program/`."""
+    folder = Path(out_dir) / PROGRAM_ARTIFACT
+    path = folder / PROGRAM_FILE
+    fingerprint = save_program(result.program, path)
+    (folder / "settings.json").write_text(
+        json.dumps(program_settings.model_dump(mode="json"), indent=2), encoding="utf-8"
+    )
+    markdown = folder / "program.md"
+    stopped = (
+        f" — stopped by the budget ({result.stop_reason}); best program scored so far"
+        if result.stopped_by_budget
+        else ""
+    )
+    markdown.write_text(
+        render_program_markdown(result.program, program_settings, f"Candidate program ({result.optimizer}){stopped}"),
+        encoding="utf-8",
+    )
+    candidates = [
+        {
+            "candidate": c.index,
+            "dev_score": c.score,
+            "dev_cases": c.cases,
+            "demos": c.demos,
+            "instruction": c.instruction,
+        }
+        for c in result.candidates
+    ]
+    instruction = next(iter(result.program.named_predictors()))[1].signature.instructions
+    return CompiledCandidate(str(path), str(markdown), fingerprint, instruction, result.summary(), candidates)
