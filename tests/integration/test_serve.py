@@ -458,3 +458,58 @@ def test_champion_moves_go_live_without_restart_and_no_request_fails(server, pro
     health = httpx.get(f"{url}/health", timeout=10).json()
     assert health["watcher"]["swaps"] >= 2 and health["watcher"]["last_error"] is None
     assert health["engines"][0]["adapters_loaded"] == 1, "the replaced adapter was freed once its last request finished"
+
+
+def test_hostile_text_is_a_400_and_a_poisoned_correction_stores_nothing(server, project) -> None:
+    """Issue 19: a lone surrogate crashed the router's tokenizer (500) and, in a correction, was stored anyway."""
+    from cadre.config import load_config
+    from cadre.feedback.store import open_store, store_url_for
+
+    url, process = server
+
+    def post(path: str, body: bytes) -> httpx.Response:
+        return httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"}, timeout=60)
+
+    for model in ("auto", "qa", "coder"):
+        response = post(
+            "/v1/chat/completions",
+            b'{"model": "%s", "messages": [{"role": "user", "content": "gout \\ud800"}]}' % model.encode(),
+        )
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_text", response.text
+    nested = b'{"model": "qa", "messages": ' + b"[" * 25_000 + b"]" * 25_000 + b"}"
+    assert post("/v1/chat/completions", nested).status_code == 400
+    answer = _chat(url, "coder", PHRASES[0]).json()
+    store = open_store(store_url_for(load_config(project), "coder"))
+    before = len(store.feedback("coder"))
+    poisoned = b'{"response_id": "%s", "rating": -1, "correction": "A01\\ud800"}' % answer["id"].encode()
+    refused = post("/v1/feedback", poisoned)
+    assert refused.status_code == 400 and "surrogate" in refused.json()["error"]["message"]
+    assert post("/v1/feedback", poisoned.replace(b"\\ud800", b"\\u0000")).status_code == 400
+    assert len(store.feedback("coder")) == before, "nothing refused was stored"
+    assert "x-request-id" in refused.headers and process.poll() is None
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot_and_logs_no_error(server, project) -> None:
+    url, process = server
+    log = project.parent / "serve.log"
+    before = len(log.read_bytes())
+    body = {
+        "model": "qa",
+        "stream": True,
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Describe the history of Rome in detail."}],
+    }
+    for _ in range(3):
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    break  # leave after the first event; closing the response drops the connection
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/health", timeout=10).json()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert httpx.get(f"{url}/health", timeout=10).json()["in_flight"] == 0, "the dropped streams kept their slots"
+    time.sleep(1.0)
+    written = log.read_bytes()[before:].decode("utf-8", "replace")
+    assert "never retrieved" not in written and "Traceback" not in written and " ERROR " not in written, written
+    assert _chat(url, "qa", "What is the capital of France?").status_code == 200 and process.poll() is None
