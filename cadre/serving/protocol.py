@@ -111,7 +111,10 @@ class ChatCompletionRequest(BaseModel):
             if message.role == "user":
                 return message.text()
         raise ApiError(
-            400, "messages hold no user message; the last user message is what the specialist answers", param="messages"
+            400,
+            "messages hold no user message; the last user message is what the specialist answers",
+            param="messages",
+            code="invalid_inputs",
         )
 
     @property
