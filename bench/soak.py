@@ -491,7 +491,8 @@ def main() -> int:
                 plan.append(("coder", "adapter", adapters))
             port = serve_bench._free_port()
             url = f"http://127.0.0.1:{port}"
-            server = start_server(config_path, port, poll_interval=min(5.0, max(1.0, args.swap_every / 4)))
+            swap_every = min(args.swap_every, 60 * args.minutes / 3)  # a short run still swaps a few times
+            server = start_server(config_path, port, poll_interval=min(5.0, max(1.0, swap_every / 4)))
             console.print(
                 f"stack, index, {len(programs)} programs, {len(adapters)} adapters and cadre serve ready in "
                 f"{time.perf_counter() - prepared:.0f} s; soaking for {args.minutes:g} min with {args.clients} "
@@ -506,10 +507,8 @@ def main() -> int:
                 threading.Thread(target=client_loop, args=(url, args.seed + i, weights, deadline, tally))
                 for i in range(args.clients)
             ]
-            if args.swap_every > 0 and plan:
-                threads.append(
-                    threading.Thread(target=swap_loop, args=(config, plan, args.swap_every, deadline, swaps))
-                )
+            if swap_every > 0 and plan:
+                threads.append(threading.Thread(target=swap_loop, args=(config, plan, swap_every, deadline, swaps)))
             for thread in threads:
                 thread.start()
             for thread in threads:
