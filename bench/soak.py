@@ -26,6 +26,8 @@ threshold kept them in the heap once freed (in one process, 150 generations: +91
 search, the router's embedding and the feedback store under 0.1 MB of anonymous memory per 100 calls).
 `cadre serve` now fixes the threshold (`cadre.serving.app.return_freed_memory_to_the_os`); over 10 minutes
 the slope after warm-up fell from 12.9 to 5.9 MB per 100 requests and the peak RSS from +5.4 % to +2.0 %.
+What is left (~5 MB per 100 requests; 20 minutes: +5.9 %) shows in none of those parts measured alone, and
+capping glibc's arenas (MALLOC_ARENA_MAX=2) did not change it: it is not yet traced.
 
 Run:
 
