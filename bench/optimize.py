@@ -8,7 +8,7 @@ the same retrieval (the specialist's live index) and the same LM server, each wi
 - bare: a plain `dspy.Module` that retrieves and predicts, the minimal `dspy.BaseLM` that posts the
   prompt to /v1/completions (no cache, no budget, no counters), and the same optimizer; it has no
   budget, so the flow's budget is set out of reach. Both use the completion adapter: without it the
-  base model's answers cannot be parsed at all (STACK.md), so there would be no compile to compare.
+  base model's answers cannot be parsed at all (a base model, not instruction-tuned), so there would be no compile to compare.
 
 The flow learns only from *grounded* train cases (a relevant document among the retrieved passages;
 `cadre.prompts.optimize.grounded_train_examples`), the bare script from every train case as a plain script

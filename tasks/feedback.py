@@ -224,7 +224,7 @@ def train_dpo_candidate(
     )
     if result.device == "cpu" and tuning.method == "qlora":
         say(
-            "note: DPO trains plain LoRA on the fp32 base (its reference forwards on a 4-bit base would lose gradients, STACK.md)"
+            "note: DPO trains plain LoRA on the fp32 base (its reference forwards on a 4-bit base would lose gradients)"
         )
     say(
         f"DPO done: {result.steps} steps in {result.train_seconds:.0f} s ({result.seconds_per_step:.1f} s/step), "

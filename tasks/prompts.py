@@ -201,7 +201,7 @@ def _reflection_lm(model: str | None) -> Any:
     import dspy
 
     # A LiteLLM model string from pipelines.yaml. Against llama.cpp use `hosted_vllm/…`: it sends
-    # max_tokens, which llama.cpp honours; `openai/…` sends max_completion_tokens, which it ignores (STACK.md).
+    # max_tokens, which llama.cpp honours; `openai/…` sends max_completion_tokens, which it ignores.
     return dspy.LM(model, max_tokens=1024, temperature=1.0, cache=True)
 
 

@@ -17,7 +17,7 @@ os.environ.setdefault("CADRE_MODELS_DIR", str(Path(__file__).resolve().parents[1
 
 @pytest.fixture(autouse=True)
 def _bitsandbytes_autograd_warning_is_an_error():
-    # STACK.md: a no-grad forward on a 4-bit model repacks its weights and training then silently
+    # A no-grad forward on a 4-bit model repacks its weights and training then silently
     # loses gradients; bitsandbytes only warns. In tests that warning fails the test.
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=r".*gemv_4bit.*autograd kernel.*")

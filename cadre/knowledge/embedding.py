@@ -5,7 +5,7 @@ value is a local model folder (relative paths are read from the project folder).
 downloaded: the model loads with `local_files_only=True`.
 
 Threads are set deliberately for every call (`ThreadSettings.embedding`): torch's default thread count
-collapses on a shared 2-core machine (STACK.md: 57 sentences/s instead of 383).
+collapses on a shared 2-core machine (measured: 57 sentences/s instead of 383).
 """
 
 from __future__ import annotations

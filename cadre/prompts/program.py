@@ -6,7 +6,7 @@ context field), a `dspy.Predict` or `dspy.ChainOfThought` over it, and a `forwar
 `retrieve_k` passages from the specialist's champion index and predicts. Its state (instruction and
 demos) is saved as JSON with `program.save(path)` and loaded with `load_program` — no pickle.
 
-Two DSPy extension points make the packaged Gemma 3 270M (a base model, STACK.md) usable:
+Two DSPy extension points make the packaged Gemma 3 270M (a base model, not instruction-tuned) usable:
 
 - `CompletionAdapter` renders a call as ONE completion prompt, exactly `cadre.runtime.prompt`'s
   `render_prompt` (the text the refresh flow fine-tunes on), and parses with `parse_completion`;

@@ -163,7 +163,7 @@ def _ensure_hf_model(config: CadreConfig, console: Console | None) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if getattr(model, "hf_quantizer", None) is not None:
-        # STACK.md: a GGUF-loaded model refuses save_pretrained until the quantization config is removed.
+        # Measured: a GGUF-loaded model refuses save_pretrained until the quantization config is removed.
         model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)

@@ -4,7 +4,7 @@ Two implementations of the `CompletionClient` protocol:
 
 - `EndpointClient`: any OpenAI-compatible `/v1/completions` endpoint — the llama.cpp server `cadre up`
   starts, vLLM, Ollama, a hosted API. It sends `max_tokens` (llama.cpp ignores
-  `max_completion_tokens`, STACK.md) and stop sequences.
+  `max_completion_tokens`) and stop sequences.
 - `LlamaCppClient`: llama.cpp in this process, on the GGUF base model with an optional LoRA adapter in
   GGUF form — how a candidate or champion adapter is run on CPU without restarting a server.
 

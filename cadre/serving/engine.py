@@ -147,7 +147,7 @@ class LoraEngine:
         Args:
             model_path: the base model GGUF.
             contexts: requests generated at the same time (each context has its own KV cache).
-            n_threads: decode threads per context (1 is fastest on a shared 2-core machine, STACK.md).
+            n_threads: decode threads per context (1 is fastest on a shared 2-core machine; 2 threads collapse under load).
             n_ctx: context window in tokens (prompt + completion).
         """
         if contexts < 1:

@@ -12,7 +12,7 @@ What it does:
   the base with the adapter disabled). Either way no second model is loaded.
 - Always plain LoRA on a full-precision base, also when `tuning.method` is `qlora`: DPO runs no-grad
   reference forwards on the model it trains, which on a 4-bit base is exactly the repack trap of
-  STACK.md (gradients silently lost). The 270M base in fp32 peaks at ~4.2 GB (batch 2, ~150-token prompts).
+  (gradients are silently lost; see the repack trap in cadre/tuning/finetune.py). The 270M base in fp32 peaks at ~4.2 GB (batch 2, ~150-token prompts).
 - CPU: fp32 with `bf16=False, use_cpu=True` (trl defaults to bf16) and torch threads set
   deliberately; CUDA: bf16 where supported. The reference log-probs are computed once before
   training (`precompute_ref_log_probs`) when the steps see every pair at least once, which saves

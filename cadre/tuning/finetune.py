@@ -21,7 +21,7 @@ What it does:
   (specialist, data fingerprint, training-config hash). Started again after a crash or a kill with
   the same data and config, training resumes from the last *complete* checkpoint; once finished, a
   rerun reuses the adapter instead of training again.
-- The 4-bit repack trap (STACK.md): on CPUs with avx512_bf16 any no-grad forward on the 4-bit model
+- The 4-bit repack trap: on CPUs with avx512_bf16 any no-grad forward on the 4-bit model
   repacks its weights and training then silently loses gradients, with only a UserWarning. Three
   guards: that warning is an exception while training; no 4-bit layer may be in the repacked layout
   when training starts or after any step; and on the first optimizer step of every process each
@@ -605,7 +605,7 @@ def train_adapter(
         say(f"training: resuming from {checkpoint.name} of {work_dir}")
     started = time.perf_counter()
     with warnings.catch_warnings():
-        # STACK.md: the only symptom of the 4-bit repack trap is this warning; make it stop the run.
+        # The only symptom of the 4-bit repack trap is this warning; make it stop the run.
         warnings.filterwarnings("error", message=FOUR_BIT_WARNING)
         try:
             output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

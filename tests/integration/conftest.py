@@ -1,7 +1,7 @@
 """Fixtures of the integration tier: real services, started once per test session.
 
 `mlflow_server` runs a real `mlflow server` (SQLite backend, local artifact store, one worker) on a
-free loopback port, as STACK.md describes it, and stops its whole process group afterwards. Run the
+free loopback port, and stops its whole process group afterwards. Run the
 tier with `python -m pytest -m integration tests/integration`.
 """
 
@@ -74,7 +74,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--workers",
         "1",
     ]
-    # STACK.md: without these the server starts 13 processes, phones home and fetches price lists.
+    # Without these the server starts 13 processes, phones home and fetches price lists.
     env = {**os.environ, **OFFLINE_ENV}
     with log_path.open("wb") as log:
         # A new session makes the server the leader of its own process group, so teardown can stop

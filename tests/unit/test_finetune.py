@@ -202,7 +202,7 @@ class KillAfterCheckpoint(TrainerCallback):
 
 
 class EvaluateWhileTraining(TrainerCallback):
-    """The mistake STACK.md warns about: a no-grad forward on the model being trained."""
+    """The mistake cadre/tuning/finetune.py guards against: a no-grad forward on the model being trained."""
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if state.global_step == 1:
