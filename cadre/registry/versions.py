@@ -24,9 +24,10 @@ the version of the same run and artifact path; a decision already in effect is n
 `on_step` lets a test inject a failure at each named step (`STEP_*`) without touching MLflow.
 
 Serialization. Promotions of one registered model run under a lease held *in MLflow*: the lease is
-the registered model `{name}.lock`, taken by `create_registered_model`, which the registry backend
-creates atomically (unique name; a second creator gets RESOURCE_ALREADY_EXISTS) and released by
-deleting it. Unlike a file lock under the state dir, it serializes workers on different machines
+the tag `cadre.lease` on the registered model itself, taken by writing it and reading it back after a
+settle delay (Fischer's protocol, see `_Lease`: MLflow has no compare-and-set) and released by
+deleting the tag, so no lock model ever shows in the Models tab (older releases created one named
+`{name}.lock`; an expired one left behind is deleted). Unlike a file lock under the state dir, it serializes workers on different machines
 (Prefect workers in a Kubernetes pool, a reviewer's laptop running `cadre promote`) as long as they
 share the MLflow server. A holder that dies leaves the lease behind until it expires (`LEASE_TTL_S`);
 waiters then break it. Expiry assumes roughly synchronized clocks between machines.
@@ -271,7 +272,11 @@ def history_experiment_name(project: str, specialist: str) -> str:
 
 
 def lock_model_name(model_name: str) -> str:
-    """The registered model that exists only while a promotion of `model_name` holds the lease."""
+    """The registered model a previous release held as the promotion lease (`{name}.lock`).
+
+    Cadre no longer creates it (the lease is a tag on the model itself); one left behind by a crash of an older
+    release is deleted by the next promotion once it has expired, so the Models tab shows only real models.
+    """
     return f"{model_name}.lock"
 
 
@@ -307,8 +312,8 @@ def model_lock(
     Args:
         client: MLflow client of the registry.
         model_name: the registered model whose aliases are about to change.
-        holder: who holds it (shown on the lock model while held).
-        operation: what the holder does (shown on the lock model).
+        holder: who holds it (shown in the lease tag while held).
+        operation: what the holder does (shown in the lease tag).
         timeout_s: how long to wait for another holder before giving up.
         ttl_s: after this long an unreleased lease counts as abandoned and may be broken
             (default `LEASE_TTL_S`, read at call time).
@@ -319,7 +324,7 @@ def model_lock(
     Raises:
         LockTimeoutError: the lease stayed taken for `timeout_s`.
     """
-    lease = _Lease(client, lock_model_name(model_name), holder, operation, LEASE_TTL_S if ttl_s is None else ttl_s)
+    lease = _Lease(client, model_name, holder, operation, LEASE_TTL_S if ttl_s is None else ttl_s)
     lease.acquire(timeout_s)
     try:
         yield lease
@@ -331,50 +336,59 @@ def model_lock(
     lease.release()
 
 
+LEASE_TAG = "cadre.lease"
+"""The registered-model tag that holds the promotion lease while a promotion runs (JSON: token, holder, until)."""
+
+LEASE_SETTLE_S = 0.5
+"""How long a taker waits after writing the lease before reading it back (Fischer's mutual exclusion): longer than
+any taker takes from seeing the lease free to its write landing. A taker slower than that does not take it."""
+
+
 class _Lease:
-    """A lease on a registered model, embodied by the existence of the registered model `{name}.lock`."""
+    """A lease on a registered model, held as the tag `LEASE_TAG` on the model itself.
+
+    MLflow has no compare-and-set, so taking it is Fischer's protocol: read the tag; if it is absent or expired,
+    write our token, wait `LEASE_SETTLE_S`, read it back; we hold it only if our token is still there. Any taker
+    that saw the lease free writes within that wait, so the last writer wins and the others see it. A taker whose
+    own read-to-write took longer than the wait backs off (its write may have landed after a winner's read-back;
+    that winner's `check()` then refuses to write, so no two holders ever both write). A model that does not
+    exist yet has nothing to serialize: the lease is vacuous, and `check()` refuses any write.
+    """
 
     def __init__(self, client: MlflowClient, name: str, holder: str, operation: str, ttl_s: float):
         self.client, self.name, self.holder, self.operation, self.ttl_s = client, name, holder, operation, ttl_s
         self.token = uuid.uuid4().hex
+        self.absent = False
 
     def acquire(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         delay = 0.05
         while True:
-            expires = time.time() + self.ttl_s
+            started = time.monotonic()
             try:
-                self.client.create_registered_model(
-                    self.name,
-                    tags={
-                        "cadre.lock": "true",
-                        "cadre.lock.token": self.token,
-                        "cadre.lock.holder": self.holder,
-                        "cadre.lock.operation": self.operation,
-                        "cadre.lock.expires_at": f"{expires:.3f}",
-                    },
-                    description=(
-                        f"Promotion lease held by {self.holder} ({self.operation}) until "
-                        f"{_iso(datetime.fromtimestamp(expires, UTC))}. Cadre deletes it when done; "
-                        "one that outlives that time was abandoned and is broken by the next promotion."
-                    ),
-                )
+                current = self._read()
+            except _ModelMissing:
+                self.absent = True
                 return
-            except MlflowException as error:
-                if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            current = self._read()
-            if current is not None and _float(current.get("cadre.lock.expires_at")) < time.time():
-                self._break(current.get("cadre.lock.token"))
-                continue
-            if time.monotonic() > deadline:
-                who = (
-                    f"{current.get('cadre.lock.holder')} ({current.get('cadre.lock.operation')})"
-                    if current
-                    else "another process"
+            if current is None or _float(current.get("expires_at")) < time.time():
+                expires = time.time() + self.ttl_s
+                mine = {"token": self.token, "holder": self.holder, "operation": self.operation}
+                self.client.set_registered_model_tag(
+                    self.name, LEASE_TAG, json.dumps({**mine, "expires_at": f"{expires:.3f}"})
                 )
+                quick = time.monotonic() - started < LEASE_SETTLE_S
+                time.sleep(LEASE_SETTLE_S)
+                current = self._read()
+                if current is not None and current.get("token") == self.token:
+                    if quick:
+                        self._remove_legacy_lock()
+                        return
+                    self._delete_if_mine()
+                    current = None
+            if time.monotonic() > deadline:
+                who = f"{current.get('holder')} ({current.get('operation')})" if current else "another process"
                 raise LockTimeoutError(
-                    f"{self.name}: held by {who} for more than {timeout_s:.0f} s; "
+                    f"{self.name}: promotion lease held by {who} for more than {timeout_s:.0f} s; "
                     f"if that holder died, the lease expires by itself within {self.ttl_s:.0f} s"
                 )
             # Jitter keeps waiters on different machines from retrying in lockstep.
@@ -383,37 +397,54 @@ class _Lease:
 
     def check(self) -> None:
         """Raise if the lease was broken (it expired while we held it): the caller must not write."""
-        current = self._read()
-        if current is None or current.get("cadre.lock.token") != self.token:
+        if self.absent:
+            raise RegistryError(f"{self.name} is not a registered model; nothing was changed")
+        try:
+            current = self._read()
+        except _ModelMissing:
+            current = None
+        if current is None or current.get("token") != self.token:
             raise RegistryError(
                 f"{self.name}: the promotion lease expired and was taken over; nothing was changed, run again"
             )
 
     def release(self) -> None:
-        current = self._read()
-        if current is not None and current.get("cadre.lock.token") == self.token:
-            self._delete()
+        if not self.absent:
+            with suppress(_ModelMissing):
+                self._delete_if_mine()
 
     def _read(self) -> dict[str, str] | None:
+        """The lease tag's fields, None when no lease is held; raises `_ModelMissing` for a model not registered."""
         try:
-            return dict(self.client.get_registered_model(self.name).tags)
+            tags = self.client.get_registered_model(self.name).tags
         except MlflowException as error:
             if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return None
+                raise _ModelMissing(self.name) from None
             raise
-
-    def _break(self, stale_token: str | None) -> None:
-        # Re-read right before deleting so a lease renewed by someone else in between is kept.
-        current = self._read()
-        if current is not None and current.get("cadre.lock.token") == stale_token:
-            self._delete()
-
-    def _delete(self) -> None:
         try:
-            self.client.delete_registered_model(self.name)
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
+            found = json.loads(tags.get(LEASE_TAG) or "null")
+        except ValueError:
+            return {"token": "", "holder": "unreadable lease tag", "operation": "", "expires_at": "0"}
+        return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else None
+
+    def _delete_if_mine(self) -> None:
+        # Re-read right before deleting so a lease taken over by someone else in between is kept.
+        current = self._read()
+        if current is not None and current.get("token") == self.token:
+            with suppress(MlflowException):
+                self.client.delete_registered_model_tag(self.name, LEASE_TAG)
+
+    def _remove_legacy_lock(self) -> None:
+        """Delete the `{name}.lock` registered model an older release left behind when it crashed, once expired."""
+        legacy = lock_model_name(self.name)
+        with suppress(MlflowException):
+            tags = self.client.get_registered_model(legacy).tags
+            if tags.get("cadre.lock") == "true" and _float(tags.get("cadre.lock.expires_at")) < time.time():
+                self.client.delete_registered_model(legacy)
+
+
+class _ModelMissing(Exception):
+    """The registered model a lease is about does not exist."""
 
 
 # ---------------------------------------------------------------------------------- registration
