@@ -85,6 +85,7 @@ def learn_from_feedback(specialist: str, config_path: str, budget: RunBudget = "
             scratch,
             plan.max_steps,
             config.project.threads.torch,
+            plan.max_wall_seconds,
         )
         exported = export_dpo_candidate(handle, trained, data, base, str(config.state_dir), scratch)
         cases = (
@@ -131,6 +132,7 @@ def learn_from_feedback(specialist: str, config_path: str, budget: RunBudget = "
         "corrections": len(collected.corrections),
         "pairs": trained.pairs,
         "steps": trained.steps,
+        "wall_capped": trained.wall_capped,
         "train_seconds": trained.train_seconds,
         "started_from": trained.started_from,
         "champion_name": scores.champion.result.name,

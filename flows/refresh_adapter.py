@@ -81,6 +81,7 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
             specialist,
             plan.max_steps,
             config.project.threads.torch,
+            plan.max_wall_seconds,
         )
         exported = export_candidate(
             handle, trained, data, settings.tuning, setup, str(config.state_dir), scratch, config.project.lm.n_threads
@@ -123,6 +124,7 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
         "summary": outcome.decision.summary,
         "steps": trained.global_step,
         "resumed_from_step": trained.resumed_from_step,
+        "wall_capped": trained.wall_capped,
         "train_seconds": trained.train_seconds,
         "data_fingerprint": data.fingerprint,
         "candidate": scores.candidate.result.scores,

@@ -43,6 +43,9 @@ def reindex(specialist: str, config_path: str, budget: RunBudget = "full", trigg
         champion_version = find_champion_version(config, specialist, "reindex")
         result = build_index_version(config, specialist, plan)
         log_reindex_result(handle, result)
+        if result.wall_capped:  # an unfinished build: never evaluated, never live; the next run resumes it
+            logger.info(result.wall_cap_note)
+            return {"changed": True, "version": result.version, "promoted": False, "wall_capped": True, "live": live}
         if not result.created_version:
             logger.info("no source changed since version %s: nothing embedded, nothing to promote", live)
             return {"changed": False, "live": live}

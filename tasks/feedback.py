@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from cadre.config.budget import WALL_CAP_TAG
 from cadre.feedback.store import (
     Correction,
     PreferencePair,
@@ -38,6 +39,7 @@ from cadre.runtime.serving_prompt import read_serving_prompt
 from cadre.stages import stage
 from cadre.tuning.adapter_export import ExportedAdapter, export_adapter
 from cadre.tuning.dpo import DPOResult, train_dpo
+from cadre.tuning.finetune import wall_cap_message
 
 ADAPTER_ARTIFACT = stage("feedback").artifact_path
 """Artifact folder of a run that holds the adapter (what the registry version points at)."""
@@ -154,8 +156,12 @@ def train_dpo_candidate(
     out_dir: str,
     max_steps: int,
     threads: int,
+    max_wall_seconds: float | None = None,
 ) -> DPOResult:
-    """DPO on the champion adapter (its PEFT files sit beside its GGUF), or on a fresh LoRA without one; step metrics to MLflow."""
+    """DPO on the champion adapter (its PEFT files sit beside its GGUF), or on a fresh LoRA without one; step metrics to MLflow.
+
+    Under a wall-time cap (the smoke budget) DPO stops at the first step past it, that step's adapter is the
+    candidate, and the run's `WALL_CAP_TAG` says so."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
     from prefect.logging import get_run_logger
@@ -199,6 +205,7 @@ def train_dpo_candidate(
         max_steps=max_steps,
         threads=threads,
         sink=sink,
+        max_wall_seconds=max_wall_seconds,
     )
     stamp = int(time.time() * 1000)
     summary = {
@@ -220,8 +227,13 @@ def train_dpo_candidate(
             Param("dpo.device", result.device),
             Param("dpo.precision", result.precision),
             Param("dpo.max_steps", str(max_steps)),
+            Param("dpo.max_wall_seconds", str(max_wall_seconds)),
         ],
     )
+    if result.wall_capped:
+        message = wall_cap_message("DPO", result.steps, max_steps, max_wall_seconds, "")
+        client.set_tag(handle.run_id, WALL_CAP_TAG, message)
+        say(message)
     if result.device == "cpu" and tuning.method == "qlora":
         say(
             "note: DPO trains plain LoRA on the fp32 base (its reference forwards on a 4-bit base would lose gradients)"

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from cadre.config.budget import WALL_CAP_TAG
 from cadre.evaluation.comparison import AdapterScores
 from cadre.evaluation.results import load_cases
 from cadre.prompts.optimize import EvaluationRun, evaluate_program
@@ -47,6 +48,7 @@ from cadre.tuning.finetune import (
     TrainingResult,
     train_adapter,
     training_config_hash,
+    wall_cap_message,
     work_dir,
 )
 from cadre.tuning.loss_curve import write_loss_curve
@@ -193,8 +195,12 @@ def train_candidate(
     specialist: str,
     max_steps: int | None,
     threads: int,
+    max_wall_seconds: float | None = None,
 ) -> TrainingResult:
     """Fine-tune the candidate adapter, resuming from this data's and config's last checkpoint if one exists.
+
+    Under a wall-time cap (the smoke budget) training stops at the first step past it; that step's adapter is
+    the candidate, the run's `WALL_CAP_TAG` says so, and the next run resumes from that step.
 
     Step metrics stream to the run; steps trained by an earlier, interrupted run (before the
     checkpoint) are filled in afterwards from the trainer's history, so the run's curve is complete.
@@ -224,6 +230,7 @@ def train_candidate(
         sink=sink,
         say=say,
         config_hash=config_hash,
+        max_wall_seconds=max_wall_seconds,
     )
 
     client = MlflowClient(handle.tracking_uri)
@@ -257,8 +264,18 @@ def train_candidate(
         "train.config_hash": config_hash,
         "train.reused": str(result.reused).lower(),
         "train.base_model": base.identity,
+        "train.max_wall_seconds": str(max_wall_seconds),
     }
     client.log_batch(handle.run_id, params=[Param(k, v) for k, v in params.items()])
+    if result.wall_capped:
+        message = wall_cap_message(
+            "training",
+            result.global_step,
+            result.max_steps,
+            max_wall_seconds,
+            "; the next run with the same data and settings resumes there",
+        )
+        client.set_tag(handle.run_id, WALL_CAP_TAG, message)
     if result.method == "qlora" and result.device == "cpu":
         say("note: this was QLoRA on CPU — a 4-bit nf4 base through bitsandbytes' CPU backend, fp32 compute")
     where = (

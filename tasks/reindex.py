@@ -12,7 +12,7 @@ from mlflow.entities import Metric
 from prefect import get_run_logger, task
 
 from cadre.config import CadreConfig
-from cadre.config.budget import ReindexPlan
+from cadre.config.budget import WALL_CAP_TAG, ReindexPlan
 from cadre.evaluation.metrics import is_retrieval_metric
 from cadre.evaluation.results import EvaluationResult, Prediction, evaluate_cases, load_cases
 from cadre.knowledge.index.base import VersionNotFound
@@ -59,7 +59,10 @@ def log_reindex_result(handle: RunHandle, result: ReindexResult) -> None:
     client.log_batch(handle.run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in result.metrics().items()])
     client.set_tag(handle.run_id, "cadre.corpus_fingerprint", result.corpus_fingerprint)
     client.set_tag(handle.run_id, "cadre.index_version", result.version or "")
-    if not result.created_version:
+    if result.wall_capped:
+        client.set_tag(handle.run_id, "cadre.outcome", "wall_capped")
+        client.set_tag(handle.run_id, WALL_CAP_TAG, result.wall_cap_note)
+    elif not result.created_version:
         client.set_tag(handle.run_id, "cadre.outcome", "unchanged")
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "reindex_report.json"

@@ -8,6 +8,12 @@ stage; nothing else reads the name:
 - optimize: `cadre.prompts.optimize.plan_optimization`,
 - refresh: `cadre.tuning.finetune.plan_refresh`,
 - feedback: `cadre.tuning.dpo.plan_feedback`.
+
+A smoke plan also carries `smoke.max_wall_seconds`, the wall time of the stage's main work: the optimizer's
+compile, the fine-tuning or DPO training loop, the re-index's embedding. Training stops at the first step past
+it (saved, then evaluated as it is); a re-index stops reading documents and leaves its version an unfinished
+build that can never go live and that the next re-index resumes. The run says so in the MLflow tag
+`WALL_CAP_TAG`, which `cadre run` prints.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ RunBudget = Literal["smoke", "full"]
 """How much a run may spend: `smoke` (a quick check under the specialist's `smoke:` caps) or `full`."""
 
 RUN_BUDGETS: tuple[RunBudget, ...] = get_args(RunBudget)
+
+WALL_CAP_TAG = "cadre.wall_cap"
+"""MLflow run tag: one sentence on where a smoke run stopped at its wall-time cap (absent when it did not)."""
 
 
 def parse_budget(value: object) -> RunBudget:
@@ -43,16 +52,24 @@ class ReindexPlan:
         budget: the run's budget.
         max_documents: documents read from the sources (None: all).
         eval_cases: test cases the retrieval gate compares on (None: the whole split).
+        max_wall_seconds: wall time of the build (reading, chunking, embedding); None: no cap.
     """
 
     budget: RunBudget
     max_documents: int | None
     eval_cases: int | None
+    max_wall_seconds: float | None = None
 
 
 def plan_reindex(specialist: Specialist, budget: RunBudget) -> ReindexPlan:
     """`full` reads `index.max_documents` and `evaluation.max_cases`; `smoke` the specialist's `smoke` caps."""
     budget = parse_budget(budget)
     if budget == "smoke":
-        return ReindexPlan(budget, specialist.smoke.max_documents, specialist.smoke.max_eval_cases)
+        smoke = specialist.smoke
+        return ReindexPlan(budget, smoke.max_documents, smoke.max_eval_cases, wall_seconds(specialist, budget))
     return ReindexPlan(budget, specialist.index.max_documents, specialist.evaluation.max_cases)
+
+
+def wall_seconds(specialist: Specialist, budget: RunBudget) -> float | None:
+    """The wall-time cap of a stage's main work: `smoke.max_wall_seconds` under `smoke`, none under `full`."""
+    return float(specialist.smoke.max_wall_seconds) if parse_budget(budget) == "smoke" else None

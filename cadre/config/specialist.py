@@ -23,7 +23,11 @@ class SmokeBudget(Strict):
     max_eval_cases: int = Field(40, gt=0, description="Test cases per evaluation.")
     max_train_steps: int = Field(30, gt=0, description="Fine-tuning steps.")
     max_lm_calls: int = Field(120, gt=0, description="LM calls per prompt optimization.")
-    max_wall_seconds: int = Field(300, gt=0, description="Wall time per optimization.")
+    max_wall_seconds: int = Field(
+        300,
+        gt=0,
+        description="Wall seconds of a smoke run's main work (prompt compile, training loop, re-index build); past it the run stops, keeps what it has and says so.",
+    )
 
 
 class Specialist(Strict):

@@ -17,6 +17,11 @@ How a run works (`plan_and_apply`):
    changed documents).
 5. Build or refresh the indexes, check the row count, write the manifest, remove the build marker.
 
+Under a wall-time cap (`max_wall_seconds`, the smoke budget's) the run stops reading documents at the first
+document past it, embeds and writes what it read, and stops there: no deletions, no manifest, the build
+marker stays. The version is an unfinished build, which `promote_version` refuses, so it never goes live
+half-built; the next run resumes it like a killed one (`ReindexResult.wall_capped` says which happened).
+
 Why a run killed at any point converges when run again: chunk ids are a pure function of the
 document (`hash(doc_id, chunk_index, content)`), each upsert and delete is one atomic commit keyed
 by id, and every row carries the content hash and chunk count of its document. Whatever subset of
@@ -116,6 +121,9 @@ class ReindexResult:
         corpus_fingerprint: sha256 over the sorted (doc_id, content hash) pairs of the corpus.
         index_key: Digest of the embedding model and chunking settings.
         manifest_path: The manifest of `version`.
+        wall_capped: The run stopped reading documents at the wall-time cap; `version` (if any) is an
+            unfinished build that the next run resumes, never promoted.
+        max_wall_seconds: The wall-time cap of the run (None: none).
     """
 
     specialist: str
@@ -138,6 +146,24 @@ class ReindexResult:
     corpus_fingerprint: str
     index_key: str
     manifest_path: str | None
+    wall_capped: bool = False
+    max_wall_seconds: float | None = None
+
+    @property
+    def wall_cap_note(self) -> str:
+        """What a wall-capped run did, in one sentence (empty when the cap was not reached)."""
+        if not self.wall_capped:
+            return ""
+        kept = (
+            f"version {self.version} stays an unfinished build, neither evaluated nor made live; the next re-index "
+            "resumes it"
+            if self.version
+            else "what it read was in the live version already; nothing was built, evaluated or promoted"
+        )
+        return (
+            f"the re-index stopped reading documents at the wall-time cap ({self.max_wall_seconds:.0f} s) after "
+            f"{self.documents_total} document(s), {self.chunks_embedded} chunk(s) embedded: {kept}"
+        )
 
     @property
     def changed(self) -> bool:
@@ -455,6 +481,7 @@ def plan_and_apply(
     write_batch_size: int = 1024,
     show_progress: bool = False,
     priority_ids: Sequence[str] = (),
+    max_wall_seconds: float | None = None,
 ) -> ReindexResult:
     """Bring a specialist's index up to date with its sources, as a new version beside the live one.
 
@@ -477,6 +504,8 @@ def plan_and_apply(
         write_batch_size: Chunks embedded and written per commit.
         show_progress: Show a progress bar of chunks embedded.
         priority_ids: Under `max_documents`, ids that python sources accepting `priority_ids=` load first.
+        max_wall_seconds: Stop reading documents at the first one past this many seconds; the version then
+            stays an unfinished build (`wall_capped`) that the next run resumes. None: no cap.
 
     Returns:
         What the run did.
@@ -509,6 +538,8 @@ def plan_and_apply(
             else {}
         )
         skips = SkipReport()
+        deadline = started + max_wall_seconds if max_wall_seconds is not None else None
+        wall_capped = False
         added = updated = unchanged = 0
         waiting: list[Document] = []
         documents = load_documents(
@@ -543,10 +574,15 @@ def plan_and_apply(
                     waiting = []
                     # The source is streamed, so the chunk total is unknown; the documents read so far tell how far it got.
                     run.progress.set_postfix(documents=added + updated + unchanged, unchanged=unchanged, refresh=False)
+                if deadline is not None and time.perf_counter() >= deadline:
+                    wall_capped = True
+                    break
             run.chunk_documents(waiting, state)
             run.write_pending(final=True)
-        deleted = sum(1 for doc_id in live_hashes if doc_id not in run.document_chunks)
-        run.delete_stale(state)
+        # Capped: the documents not read are unknown, not deleted; the build stays unfinished and resumable.
+        deleted = 0 if wall_capped else sum(1 for doc_id in live_hashes if doc_id not in run.document_chunks)
+        if not wall_capped:
+            run.delete_stale(state)
         fingerprint = corpus_fingerprint(
             (doc_id, content_hash) for doc_id, (content_hash, _) in run.document_chunks.items()
         )
@@ -568,7 +604,20 @@ def plan_and_apply(
             "skip_examples": {reason: list(examples) for reason, examples in skips.examples.items()},
             "corpus_fingerprint": fingerprint,
             "index_key": run.key.digest,
+            "max_wall_seconds": max_wall_seconds,
         }
+        if wall_capped:
+            run.timer.seconds["total"] = time.perf_counter() - started
+            result = ReindexResult(
+                version=run.target.name if run.target is not None else None,
+                created_version=False,
+                durations_s=_rounded(run.timer.seconds),
+                manifest_path=None,
+                wall_capped=True,
+                **common,
+            )
+            logger.info("%s: %s", specialist, result.wall_cap_note)
+            return result
         if run.target is None and run.copy_from is not None:
             run.timer.seconds["total"] = time.perf_counter() - started
             logger.info("%s: no change since %s (%d documents)", specialist, live, len(run.document_chunks))
@@ -805,15 +854,16 @@ def reindex_specialist(
     Args:
         config: The validated configuration.
         specialist: Specialist name.
-        budget: `smoke` caps documents per source at `smoke.max_documents`; `full` at
-            `index.max_documents` (null = no cap).
+        budget: `smoke` caps documents per source at `smoke.max_documents` and the build's wall time at
+            `smoke.max_wall_seconds`; `full` documents at `index.max_documents` (null = no cap).
         show_progress: Show a progress bar.
         retry: Retries for reaching sources.
     """
     settings = config.specialist(specialist)
     embedder = Embedder.load(config.project.embedding, config.project.threads, root=config.root)
     backend = open_backend(config.project.index, config.state_dir, specialist, dimension=embedder.dimension)
-    cap = plan_reindex(settings, budget).max_documents
+    plan = plan_reindex(settings, budget)
+    cap = plan.max_documents
     return plan_and_apply(
         specialist,
         settings.sources,
@@ -826,6 +876,7 @@ def reindex_specialist(
         retry=retry,
         show_progress=show_progress,
         priority_ids=suite_relevant_ids(config.resolve(settings.evaluation.suite)) if cap else (),
+        max_wall_seconds=plan.max_wall_seconds,
     )
 
 

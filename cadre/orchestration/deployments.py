@@ -21,6 +21,7 @@ import httpx
 from rich.console import Console
 
 from cadre.config import CadreConfig
+from cadre.config.budget import WALL_CAP_TAG
 from cadre.evaluation.results import mlflow_metric_name
 from cadre.platform.env import apply_env
 from cadre.platform.stack import worker_name
@@ -761,6 +762,8 @@ def run_now(
         verdict = run_verdict(mlflow_run.data.tags)
         if verdict:
             console.print(f"  {verdict}")
+        if mlflow_run.data.tags.get(WALL_CAP_TAG):
+            console.print(f"  [yellow]{mlflow_run.data.tags[WALL_CAP_TAG]}[/yellow]", highlight=False)
         skipped = skipped_summary(mlflow_run.data.metrics)
         if skipped:
             console.print(f"  [yellow]{skipped}[/yellow]")

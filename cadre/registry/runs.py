@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cadre.config import CadreConfig
+from cadre.config.budget import WALL_CAP_TAG
 
 TAG_SPECIALIST = "cadre.specialist"
 TAG_FLOW = "cadre.flow"
@@ -186,6 +187,8 @@ def run_summary_markdown(tracking_uri: str, run_id: str) -> str:
             f"- registry: [{name} v{version}]({tracking_uri}/#/models/{name}/versions/{version}) "
             "(its description is the gate report)"
         )
+    if tags.get(WALL_CAP_TAG):
+        lines.append(f"- budget: {tags[WALL_CAP_TAG]}")
     if tags.get("mlflow.note.content"):
         lines += ["", tags["mlflow.note.content"]]
     return "\n".join(lines)

@@ -21,6 +21,8 @@ What it does:
   (the RPO recipe). On a base model whose answers are mostly junk, pure DPO can lower the
   likelihood of both completions and still "win" the margin; the NLL term makes the corrected
   answer the one greedy decoding produces. `loss_types=("sigmoid",)` gives pure DPO.
+- Wall-time cap (`max_wall_seconds`, the smoke budget's): training stops at the first step that ends past
+  it; the adapter of that step is the candidate and the result says `wall_capped`.
 - Pairs longer than `tuning.max_length` tokens are dropped, never truncated (a cut prompt would teach
   answers to questions the model was not asked).
 """
@@ -38,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from cadre.config.budget import RunBudget, parse_budget
+from cadre.config.budget import RunBudget, parse_budget, wall_seconds
 from cadre.config.tuning import length_limit
 from cadre.feedback.store import PreferencePair
 
@@ -69,6 +71,8 @@ class DPOResult:
         precision: `fp32` or `bf16`.
         loss_types: trl loss types combined.
         peak_rss_mb: peak resident memory of the process.
+        max_steps: the step budget.
+        wall_capped: training stopped before `max_steps` because the wall-time cap was reached.
     """
 
     adapter_dir: Path
@@ -84,6 +88,8 @@ class DPOResult:
     precision: str = "fp32"
     loss_types: tuple[str, ...] = DEFAULT_LOSS
     peak_rss_mb: float = 0.0
+    max_steps: int = 0
+    wall_capped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -127,11 +133,13 @@ class FeedbackPlan:
         budget: the run's budget.
         max_steps: DPO optimizer steps.
         eval_cases: test cases compared besides the feedback slice (None: the whole split).
+        max_wall_seconds: wall time of the DPO training loop (None: no cap).
     """
 
     budget: RunBudget
     max_steps: int
     eval_cases: int | None
+    max_wall_seconds: float | None = None
 
 
 def plan_feedback(specialist: Specialist, budget: RunBudget) -> FeedbackPlan:
@@ -139,7 +147,10 @@ def plan_feedback(specialist: Specialist, budget: RunBudget) -> FeedbackPlan:
     budget = parse_budget(budget)
     steps = specialist.feedback.max_steps
     if budget == "smoke":
-        return FeedbackPlan(budget, min(steps, specialist.smoke.max_train_steps), specialist.smoke.max_eval_cases)
+        smoke = specialist.smoke
+        return FeedbackPlan(
+            budget, min(steps, smoke.max_train_steps), smoke.max_eval_cases, wall_seconds(specialist, budget)
+        )
     return FeedbackPlan(budget, steps, specialist.evaluation.max_cases)
 
 
@@ -156,6 +167,7 @@ def train_dpo(
     sink: MetricsSink | None = None,
     loss_types: Sequence[str] = DEFAULT_LOSS,
     seed: int = 0,
+    max_wall_seconds: float | None = None,
 ) -> DPOResult:
     """Train a DPO candidate adapter on preference pairs.
 
@@ -171,6 +183,7 @@ def train_dpo(
         sink: receives per-step metrics.
         loss_types: trl loss types, combined with equal weights.
         seed: seeds LoRA initialisation and data order.
+        max_wall_seconds: stop at the first step past this many seconds of training; None: no cap.
 
     Raises:
         ValueError: no pair fits in `tuning.max_length` tokens.
@@ -181,7 +194,7 @@ def train_dpo(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from cadre.tuning.finetune import detect_hardware
+    from cadre.tuning.finetune import WallCap, detect_hardware
 
     hardware = detect_hardware()
     if hardware.device == "cpu":
@@ -244,13 +257,14 @@ def train_dpo(
         {"prompt": [p.prompt for p in kept], "chosen": [p.chosen for p in kept], "rejected": [p.rejected for p in kept]}
     )
     log = _StepLog(sink)
+    wall_cap = WallCap(max_wall_seconds, checkpoint=False) if max_wall_seconds is not None else None
     trainer = DPOTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[log],
+        callbacks=[log, *([wall_cap] if wall_cap else [])],
     )
     trainer.remove_callback(PrinterCallback)  # the sink reports each step; no dict printed per step
     started = time.perf_counter()
@@ -274,6 +288,8 @@ def train_dpo(
         precision=hardware.precision,
         loss_types=tuple(loss_types),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        max_steps=max_steps,
+        wall_capped=wall_cap is not None and wall_cap.stopped_at is not None,
     )
 
 

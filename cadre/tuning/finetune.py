@@ -27,6 +27,9 @@ What it does:
   when training starts or after any step; and on the first optimizer step of every process each
   LoRA B matrix must have a finite, non-zero gradient. Nothing evaluates the model while it trains:
   the held-out loss is computed once training has finished and the adapter is saved.
+- Wall-time cap (`max_wall_seconds`, the smoke budget's): training stops at the first step that ends past
+  it, writes a checkpoint there and saves the adapter it has to `capped/` (not `final/`), so the flow
+  evaluates what exists and the next run with the same data and config resumes from that step.
 - Progress: trl's progress bar, a time estimate from measured seconds per step printed after the
   first steps, and loss / learning rate / grad norm / tokens per second per step to a metrics sink
   (the refresh flow streams them to MLflow).
@@ -53,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from cadre.config.budget import RunBudget, parse_budget
+from cadre.config.budget import RunBudget, parse_budget, wall_seconds
 from cadre.config.tuning import TuningSettings, length_limit
 from cadre.tuning.training_data import TrainingData
 
@@ -64,6 +67,7 @@ RECIPE_VERSION = 1
 """Bumped when a code change alters what the same data and settings train into (invalidates checkpoints)."""
 
 FINAL_DIR = "final"
+CAPPED_DIR = "capped"
 RESULT_FILE = "cadre-training.json"
 TRAINER_STATE = "trainer_state.json"
 FOUR_BIT_WARNING = r".*gemv_4bit.*autograd kernel.*"
@@ -101,6 +105,7 @@ class TrainingResult:
         peak_rss_mb: peak resident memory of this process so far.
         config_hash: the training-config hash that keys `work_dir`.
         data_fingerprint: the training data's fingerprint.
+        wall_capped: training stopped at `global_step` < `max_steps` because the wall-time cap was reached.
     """
 
     adapter_dir: Path
@@ -123,6 +128,7 @@ class TrainingResult:
     peak_rss_mb: float = 0.0
     config_hash: str = ""
     data_fingerprint: str = ""
+    wall_capped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -210,12 +216,14 @@ class RefreshPlan:
         max_steps: optimizer steps (None: `tuning.epochs` epochs).
         max_examples: examples rendered for training (None: all); more could never be reached.
         eval_cases: test cases the candidate and the champion are compared on (None: the whole split).
+        max_wall_seconds: wall time of the training loop (None: no cap).
     """
 
     budget: RunBudget
     max_steps: int | None
     max_examples: int | None
     eval_cases: int | None
+    max_wall_seconds: float | None = None
 
 
 def plan_refresh(specialist: Specialist, budget: RunBudget) -> RefreshPlan:
@@ -227,7 +235,7 @@ def plan_refresh(specialist: Specialist, budget: RunBudget) -> RefreshPlan:
     steps = effective_steps(tuning, budget, specialist.smoke.max_train_steps)
     eval_cases = specialist.smoke.max_eval_cases if budget == "smoke" else specialist.evaluation.max_cases
     needed = examples_needed(steps, tuning.batch_size, tuning.gradient_accumulation, tuning.heldout_fraction)
-    return RefreshPlan(budget=budget, max_steps=steps, max_examples=needed, eval_cases=eval_cases)
+    return RefreshPlan(budget, steps, needed, eval_cases, wall_seconds(specialist, budget))
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -437,6 +445,36 @@ class FourBitGuard(TrainerCallback):
             )
 
 
+class WallCap(TrainerCallback):
+    """Stops training at the first step that ends `max_seconds` or more after training began in this process.
+
+    With `checkpoint`, that step is saved as a checkpoint, so a later run resumes from it.
+    """
+
+    def __init__(self, max_seconds: float, checkpoint: bool = True):
+        self.max_seconds, self.checkpoint = max_seconds, checkpoint
+        self.start = 0.0
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step < state.max_steps and time.perf_counter() - self.start >= self.max_seconds:
+            control.should_training_stop = True
+            if self.checkpoint:
+                control.should_save = True
+            self.stopped_at = state.global_step
+
+
+def wall_cap_message(what: str, stopped_at: int, max_steps: int, max_seconds: float, then: str) -> str:
+    """The sentence a run says and records (`WALL_CAP_TAG`) when its training stopped at the wall-time cap."""
+    return (
+        f"{what} stopped at the wall-time cap ({max_seconds:.0f} s) after step {stopped_at} of {max_steps}: "
+        f"the candidate is the adapter of step {stopped_at}{then}"
+    )
+
+
 ETA_EVERY_S = 5.0
 """How often a refresh's `train/estimated_seconds_left` is updated in MLflow while it trains."""
 ETA_WINDOW = 10
@@ -536,6 +574,7 @@ def train_adapter(
     progress_bar: bool = True,
     config_hash: str = "",
     extra_callbacks: Sequence[Any] = (),
+    max_wall_seconds: float | None = None,
 ) -> TrainingResult:
     """Fine-tune a LoRA adapter on `data`, resuming from `work_dir`'s last checkpoint if there is one.
 
@@ -552,6 +591,8 @@ def train_adapter(
         progress_bar: show trl's progress bar.
         config_hash: recorded in the result (lineage).
         extra_callbacks: more `TrainerCallback`s (tests use one to stop a run at a chosen step).
+        max_wall_seconds: stop at the first step past this many seconds of training (checkpointed there; the
+            adapter goes to `capped/` and the result says `wall_capped`); None: no cap.
 
     Returns:
         The result; `adapter_dir` holds the adapter.
@@ -586,7 +627,8 @@ def train_adapter(
     train_set = Dataset.from_dict(data.columns("train"))
     heldout_set = Dataset.from_dict(data.columns("heldout")) if data.heldout else None
     metrics = StepMetrics(sink, say)
-    callbacks = [FourBitGuard(), metrics, *extra_callbacks]
+    wall_cap = WallCap(max_wall_seconds) if max_wall_seconds is not None else None
+    callbacks = [FourBitGuard(), metrics, *([wall_cap] if wall_cap else []), *extra_callbacks]
     trainer = trainer_class(hardware, model)(
         model=model,
         args=sft_config(tuning, hardware, work_dir, max_steps, data.max_length or None),
@@ -619,9 +661,21 @@ def train_adapter(
             ) from warning
     train_seconds = time.perf_counter() - started
     steps_here = trainer.state.global_step - resumed_from
+    capped = wall_cap is not None and wall_cap.stopped_at is not None
+    if capped:
+        say(
+            wall_cap_message(
+                "training",
+                trainer.state.global_step,
+                trainer.state.max_steps,
+                max_wall_seconds,
+                "; the next run with the same data and settings resumes there",
+            )
+        )
 
-    final = work_dir / FINAL_DIR
-    partial = work_dir / (FINAL_DIR + ".partial")
+    # A capped adapter is not the finished one: `final/` would make the next run reuse it instead of resuming.
+    final = work_dir / (CAPPED_DIR if capped else FINAL_DIR)
+    partial = work_dir / (final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     trainer.model.save_pretrained(partial, safe_serialization=True)
     # Only now, with the adapter saved and training over, may anything run a no-grad forward.
@@ -651,12 +705,14 @@ def train_adapter(
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         config_hash=config_hash,
         data_fingerprint=data.fingerprint,
+        wall_capped=capped,
     )
     (partial / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2))
     shutil.rmtree(final, ignore_errors=True)
     partial.replace(final)
-    for old in work_dir.glob("checkpoint-*"):  # the adapter is complete: checkpoints are no longer needed
-        shutil.rmtree(old, ignore_errors=True)
+    if not capped:
+        for old in [*work_dir.glob("checkpoint-*"), work_dir / CAPPED_DIR]:  # complete: no longer needed
+            shutil.rmtree(old, ignore_errors=True)
     del trainer, model
     return result
 
