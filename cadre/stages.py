@@ -27,6 +27,7 @@ class Stage:
         registry_kind: The registered model it promotes, `<project>.<specialist>.<registry_kind>` (None: none).
         artifact_path: Where the candidate lies in the flow's MLflow run, the folder that is registered.
         scheduled: Whether a specialist declares a schedule for it (`schedules.NAME`).
+        judges_retrieval: Its gates read the suite's retrieval metrics (else its answer metrics).
     """
 
     name: str
@@ -36,6 +37,7 @@ class Stage:
     registry_kind: str | None = None
     artifact_path: str | None = None
     scheduled: bool = True
+    judges_retrieval: bool = False
 
     def flow_object(self) -> Any:
         """The Prefect flow (imports its module)."""
@@ -44,7 +46,24 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("reindex", "reindex", "flows.reindex:reindex", gate="index", registry_kind="index", artifact_path="index"),
+    Stage(
+        "reindex",
+        "reindex",
+        "flows.reindex:reindex",
+        gate="index",
+        registry_kind="index",
+        artifact_path="index",
+        judges_retrieval=True,
+    ),
+    Stage(
+        "embedder",
+        "refresh-embedder",
+        "flows.refresh_embedder:refresh_embedder",
+        gate="embedder",
+        registry_kind="embedder",
+        artifact_path="embedder",
+        judges_retrieval=True,
+    ),
     Stage(
         "optimize",
         "optimize-prompts",
@@ -78,6 +97,8 @@ SCHEDULED: tuple[str, ...] = tuple(stage.name for stage in STAGES if stage.sched
 """The stages a specialist schedules (the keys of `schedules:`), which are also the demo cycle."""
 GATE_KINDS: tuple[str, ...] = tuple(stage.gate for stage in STAGES if stage.gate)
 """The keys of a specialist's `gates:`."""
+RETRIEVAL_GATE_KINDS: tuple[str, ...] = tuple(stage.gate for stage in STAGES if stage.gate and stage.judges_retrieval)
+"""The gate kinds whose rules read retrieval metrics (`evaluation.retrieval_metrics`)."""
 REGISTRY_KINDS: tuple[str, ...] = tuple(dict.fromkeys(stage.registry_kind for stage in STAGES if stage.registry_kind))
 """The kinds of registered model a specialist has: `<project>.<specialist>.<kind>`."""
 

@@ -48,8 +48,15 @@ def sync_live_pointer(config: CadreConfig, specialist: str) -> str | None:
 
 @task(name="build-index-version", retries=1, retry_delay_seconds=10)
 def build_index_version(config: CadreConfig, specialist: str, plan: ReindexPlan) -> ReindexResult:
-    """Load the sources, embed only what changed, write a new version beside the live one (resumes a killed run)."""
-    return reindex_specialist(config, specialist, budget=plan.budget, show_progress=True)
+    """Load the sources, embed only what changed, write a new version beside the live one (resumes a killed run).
+
+    Embeds with the champion embedder (`cadre.tuning.embedder.champion_embedder`): the model of the live version
+    after a retriever refresh, so a daily re-index stays incremental and its queries match its vectors.
+    """
+    from cadre.tuning.embedder import champion_embedder
+
+    embedder = champion_embedder(config, specialist)
+    return reindex_specialist(config, specialist, budget=plan.budget, show_progress=True, embedder=embedder)
 
 
 @task(name="log-reindex-result", retries=3, retry_delay_seconds=2)

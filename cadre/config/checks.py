@@ -5,6 +5,7 @@ The schema (`cadre.config.loader`) proves the file is well formed; these checks 
 - a `python` source's entrypoint imports and names a function (the module is imported; the function is not called);
 - each specialist's suite folder holds `train.jsonl`, `dev.jsonl` and `test.jsonl`, and every line parses;
 - every program input and output field appears in the suite's cases (a case without one is skipped at run time);
+- a specialist that declares the `embedder` stage has train cases with `relevant_ids` (its fine-tuning pairs);
 - the suite's `relevant_ids` are ids of documents the sources hold. Reading the sources is cheap for local
   `files` and `dataset` sources up to `CHEAP_SOURCE_BYTES`; `deep=True` (`cadre validate --deep`) reads every
   source, `python` and `sql` included.
@@ -85,6 +86,7 @@ def check_config(config: CadreConfig, deep: bool = False) -> list[Finding]:
         here = ("specialists", position)
         findings += _check_entrypoints(config, specialist, here, locate)
         findings += _check_suite(config, specialist, here, locate, deep)
+        findings += _check_embedder_pairs(config, specialist, here, locate)
     return findings
 
 
@@ -192,6 +194,36 @@ def _check_suite(
     if relevant:
         findings += _check_relevant_ids(config, specialist, here, locate, relevant, deep)
     return findings
+
+
+def _check_embedder_pairs(config: CadreConfig, specialist: Specialist, here: tuple, locate: Locator) -> list[Finding]:
+    """A specialist that declares the `embedder` stage (its schedule or an `embedder:` block) needs train cases with
+    relevant ids and a query: they are the fine-tuning pairs."""
+    if specialist.schedules.embedder is not None:
+        path, field = (*here, "schedules", "embedder"), f"specialists.{specialist.name}.schedules.embedder"
+    elif "embedder" in specialist.model_fields_set:
+        path, field = (*here, "embedder"), f"specialists.{specialist.name}.embedder"
+    else:
+        return []
+    train = config.resolve(specialist.evaluation.suite) / "train.jsonl"
+    if not train.is_file():
+        return []  # the suite check reports the missing split
+    inputs = [f.name for f in specialist.program.inputs]
+    for line in read_json_lines(train):
+        case = line.value if not line.problem else None
+        if isinstance(case, dict) and case.get("relevant_ids") and any(case.get(name) for name in inputs):
+            return []
+    return [
+        _finding(
+            config,
+            locate,
+            path,
+            field,
+            f"the embedder stage fine-tunes on train cases with relevant_ids and a value for {', '.join(inputs)}; "
+            f"{specialist.evaluation.suite}/train.jsonl has none. Add relevant_ids (the ids of the documents each "
+            "case should retrieve) to its cases, or remove the embedder schedule and settings",
+        )
+    ]
 
 
 def _check_relevant_ids(

@@ -7,7 +7,7 @@ import re
 from pydantic import Field, field_validator, model_validator
 
 from cadre.config.base import ExistingProjectPath, FieldError, Strict
-from cadre.stages import GATE_KINDS
+from cadre.stages import GATE_KINDS, RETRIEVAL_GATE_KINDS
 
 ANSWER_METRICS = ("exact_match", "token_f1", "rouge_l", "icd_hierarchy")
 RUNTIME_METRICS = ("latency_p50_ms", "latency_p95_ms", "lm_calls", "tokens_per_case", "cost_usd")
@@ -124,6 +124,10 @@ class Gates(Strict):
     """Promotion rules per artifact kind; all rules of a kind must pass."""
 
     index: list[GateRule] = Field([], description="Rules for a new index version (retrieval metrics).")
+    embedder: list[GateRule] = Field(
+        [],
+        description="Rules for a fine-tuned embedding model, judged on the index it re-embedded (retrieval metrics).",
+    )
     program: list[GateRule] = Field([], description="Rules for a newly optimized DSPy program (answer metrics).")
     adapter: list[GateRule] = Field([], description="Rules for a refreshed adapter (answer metrics).")
     feedback: list[GateRule] = Field(
@@ -134,12 +138,11 @@ class Gates(Strict):
 def check_gate_metrics(gates: Gates, evaluation: EvaluationSettings) -> None:
     """Raise FieldError for a gate that reads a metric its stage's suite does not compute."""
     for kind in GATE_KINDS:
-        available = set(evaluation.retrieval_metrics if kind == "index" else evaluation.answer_metrics) | set(
-            RUNTIME_METRICS
-        )
+        retrieval = kind in RETRIEVAL_GATE_KINDS
+        available = set(evaluation.retrieval_metrics if retrieval else evaluation.answer_metrics) | set(RUNTIME_METRICS)
         for position, rule in enumerate(getattr(gates, kind)):
             if rule.metric not in available:
-                listed = "retrieval_metrics" if kind == "index" else "answer_metrics"
+                listed = "retrieval_metrics" if retrieval else "answer_metrics"
                 raise FieldError(
                     ("gates", kind, position, "metric"),
                     f"gate metric {rule.metric!r} is not computed by the evaluation suite; "

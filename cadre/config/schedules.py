@@ -120,10 +120,17 @@ class Schedule(Strict):
 
 
 class Schedules(Strict):
-    """The four recurring flows of a specialist; set one to null to leave it unscheduled."""
+    """The recurring flows of a specialist; set one to null to leave it unscheduled."""
 
     reindex: Schedule | None = Field(
         default_factory=lambda: Schedule(cron="0 3 * * *"), description="RAG re-index (default daily 03:00)."
+    )
+    embedder: Schedule | None = Field(
+        None,
+        description=(
+            "Retriever refresh: fine-tune the embedding model and re-embed the corpus (default: unscheduled; "
+            'e.g. "0 2 15 * *", the 15th of each month). Declaring it needs train cases with relevant_ids.'
+        ),
     )
     optimize: Schedule | None = Field(
         default_factory=lambda: Schedule(cron="0 4 * * 1"), description="Prompt optimization (default Mondays 04:00)."

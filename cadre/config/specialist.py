@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from cadre.config.base import FieldError, Strict
+from cadre.config.embedder import EmbedderSettings
 from cadre.config.evaluation import EvaluationSettings, Gates, check_gate_metrics
 from cadre.config.knowledge import ChunkingSettings, IndexSettings, Source
 from cadre.config.program import ProgramSettings
@@ -49,6 +50,9 @@ class Specialist(Strict):
     index: IndexSettings = Field(default_factory=IndexSettings, description="Index settings.")
     program: ProgramSettings = Field(description="The DSPy program.")
     tuning: TuningSettings = Field(default_factory=TuningSettings, description="Adapter refresh.")
+    embedder: EmbedderSettings = Field(
+        default_factory=EmbedderSettings, description="Retriever refresh: fine-tuning the embedding model."
+    )
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings, description="Learning from corrections.")
     evaluation: EvaluationSettings = Field(description="Evaluation suite and metrics.")
     gates: Gates = Field(default_factory=Gates, description="Promotion gates per artifact kind.")

@@ -115,6 +115,7 @@ class Embedder:
         batch_size: Sentences per forward pass.
         threads: torch threads used while embedding.
         fingerprint: Short hash identifying the model (part of an index's identity).
+        registry_version: The `embedder` registry version it is (None: the configured model, or a candidate).
     """
 
     model_dir: Path
@@ -122,6 +123,7 @@ class Embedder:
     batch_size: int
     threads: int
     fingerprint: str
+    registry_version: str | None = None
 
     @classmethod
     def load(cls, settings: EmbeddingSettings, threads: ThreadSettings, *, root: Path | None = None) -> Embedder:
@@ -140,6 +142,47 @@ class Embedder:
             threads=threads.embedding,
             fingerprint=model_fingerprint(model_dir),
         )
+
+    @classmethod
+    def from_folder(
+        cls, model_dir: Path, *, batch_size: int, threads: int, registry_version: str | None = None
+    ) -> Embedder:
+        """An embedder for a model folder (a fine-tuned embedder); its reference is the folder's absolute path.
+
+        Raises:
+            ValueError: The folder holds no model.
+        """
+        model_dir = resolve_model_path(str(Path(model_dir).resolve()))
+        return cls(model_dir, str(model_dir), batch_size, threads, model_fingerprint(model_dir), registry_version)
+
+    def with_model(self, model_ref: str, fingerprint: str, root: Path | None = None) -> Embedder:
+        """An embedder of the same batch size and threads for the model an index version records.
+
+        Raises:
+            ValueError: That model is not on this machine, or its files changed since the version was embedded.
+        """
+        if fingerprint == self.fingerprint:
+            return self
+        try:
+            model_dir = resolve_model_path(model_ref, root)
+        except ValueError as error:
+            raise ValueError(f"the index version was embedded with {model_ref}, which is not here: {error}") from None
+        found = model_fingerprint(model_dir)
+        if found != fingerprint:
+            raise ValueError(
+                f"the index version was embedded with {model_ref} (fingerprint {fingerprint}); the folder now holds "
+                f"fingerprint {found}, so its queries would not match its vectors"
+            )
+        return Embedder(model_dir, model_ref, self.batch_size, self.threads, fingerprint)
+
+    def record(self) -> dict[str, str]:
+        """What an index version records about the model that embedded it."""
+        return {
+            "model": self.model_ref,
+            "path": str(self.model_dir),
+            "fingerprint": self.fingerprint,
+            "registry_version": self.registry_version or "",
+        }
 
     @property
     def model(self) -> SentenceTransformer:

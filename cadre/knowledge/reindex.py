@@ -46,7 +46,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -656,6 +656,7 @@ def plan_and_apply(
                     "chunks_deleted": run.chunks_deleted,
                     "skipped": dict(skips.counts),
                 },
+                embedder=embedder.record(),
             )
             manifest_path = layout.write_manifest(manifest)
             layout.remove_build(target.name)
@@ -772,13 +773,15 @@ class IndexSearcher:
     """Searches a specialist's index: the live version by default, or a named one (a challenger).
 
     The live pointer is read on every call, so a promotion takes effect without a restart; opened
-    versions are cached (a complete version never changes).
+    versions are cached (a complete version never changes). Each version's queries are embedded with the
+    model its manifest records (`embedder_for`): a version re-embedded by a fine-tuned embedder is searched
+    with that embedder, whatever `embedder` is.
 
     Args:
         specialist: Specialist name.
         state_dir: The project's state dir.
         backend: The specialist's index backend.
-        embedder: The embedding model the index was built with.
+        embedder: The configured embedding model (versions that record no other model are searched with it).
         default_mode: Search mode when a call names none.
     """
 
@@ -796,6 +799,7 @@ class IndexSearcher:
         self.embedder = embedder
         self.default_mode = default_mode
         self._versions: dict[str, IndexVersion] = {}
+        self._embedders: dict[str, Embedder] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -811,6 +815,36 @@ class IndexSearcher:
             if name not in self._versions:
                 self._versions[name] = self.backend.open_version(name)
             return self._versions[name]
+
+    def embedder_for(self, version: str) -> Embedder:
+        """The model that embedded `version`, as its manifest records it (the configured one when it records none).
+
+        Raises:
+            ValueError: The recorded model is not on this machine or its files changed.
+        """
+        with self._lock:
+            found = self._embedders.get(version)
+        if found is not None:
+            return found
+        manifest = self.layout.read_manifest(version)
+        found = self.embedder
+        if manifest is not None:
+            key = manifest.index_key
+            try:
+                found = self.embedder.with_model(key.embedding_model, key.embedding_fingerprint)
+            except ValueError as error:
+                raise ValueError(f"index version {version} of {self.specialist}: {error}") from None
+            if manifest.embedder.get("registry_version"):
+                found = replace(found, registry_version=manifest.embedder["registry_version"])
+        with self._lock:
+            self._embedders[version] = found
+        return found
+
+    def _name(self, version: str | None) -> str:
+        name = version or self.layout.pointers.get(self.specialist)
+        if name is None:
+            raise VersionNotFound(f"no index version of {self.specialist!r} is live yet; run a re-index and promote it")
+        return name
 
     def search(
         self,
@@ -833,12 +867,22 @@ class IndexSearcher:
         Raises:
             VersionNotFound: No version is live yet and none was named.
         """
-        name = version or self.layout.pointers.get(self.specialist)
-        if name is None:
-            raise VersionNotFound(f"no index version of {self.specialist!r} is live yet; run a re-index and promote it")
+        name = self._name(version)
         handle = self._version(name)
-        vector = self.embedder.embed_query(query)
+        vector = self.embedder_for(name).embed_query(query)
         return handle.search(vector, query, k, filters=filters, mode=mode or self.default_mode)
+
+    def search_many(
+        self, queries: Sequence[str], k: int = 5, mode: SearchMode | None = None, version: str | None = None
+    ) -> list[list[SearchHit]]:
+        """`search` for many queries, their vectors embedded in batches (mining hard negatives for a whole split)."""
+        name = self._name(version)
+        handle = self._version(name)
+        vectors = self.embedder_for(name).embed(list(queries))
+        return [
+            handle.search(vector, query, k, mode=mode or self.default_mode)
+            for vector, query in zip(vectors, queries, strict=True)
+        ]
 
 
 def reindex_specialist(
@@ -848,6 +892,7 @@ def reindex_specialist(
     budget: RunBudget = "full",
     show_progress: bool = True,
     retry: RetryPolicy = DEFAULT_RETRY,
+    embedder: Embedder | None = None,
 ) -> ReindexResult:
     """`plan_and_apply` for one specialist of a validated `pipelines.yaml`.
 
@@ -858,9 +903,12 @@ def reindex_specialist(
             `smoke.max_wall_seconds`; `full` documents at `index.max_documents` (null = no cap).
         show_progress: Show a progress bar.
         retry: Retries for reaching sources.
+        embedder: The model to embed with: the champion embedder, or a candidate whose index is built to judge it
+            (default: `project.embedding`). A model other than the live version's builds the new version from empty.
     """
     settings = config.specialist(specialist)
-    embedder = Embedder.load(config.project.embedding, config.project.threads, root=config.root)
+    if embedder is None:
+        embedder = Embedder.load(config.project.embedding, config.project.threads, root=config.root)
     backend = open_backend(config.project.index, config.state_dir, specialist, dimension=embedder.dimension)
     plan = plan_reindex(settings, budget)
     cap = plan.max_documents

@@ -45,8 +45,8 @@ def run_demo(config: CadreConfig, budget: str = "smoke", console: Console | None
         for kind in SCHEDULED:
             console.rule(f"{kind} · {specialist.name} · budget {budget}")
             step_started = time.monotonic()
-            # The cycle runs optimize right after re-index itself, so the re-index must not queue another.
-            extra = {"trigger_optimize": False} if kind == "reindex" else None
+            # The cycle runs optimize right after re-index and embedder itself, so they must not queue another.
+            extra = {"trigger_optimize": False} if kind in ("reindex", "embedder") else None
             completed = run_now(config, kind, specialist.name, budget=budget, console=console, parameters=extra)
             outcomes.append(StepOutcome(specialist.name, kind, completed, time.monotonic() - step_started))
             if not completed and kind == "reindex":

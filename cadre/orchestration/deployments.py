@@ -26,7 +26,7 @@ from cadre.evaluation.results import mlflow_metric_name
 from cadre.platform.env import apply_env
 from cadre.platform.stack import worker_name
 from cadre.registry.runs import find_run, run_verdict, skipped_summary
-from cadre.stages import STAGE_BY_NAME, STAGES
+from cadre.stages import RETRIEVAL_GATE_KINDS, STAGE_BY_NAME, STAGES
 
 TAG_MANAGED = "cadre"
 
@@ -836,7 +836,8 @@ def key_metrics(
     settings = config.specialist(specialist)
     gate = STAGE_BY_NAME[flow_kind].gate if flow_kind in STAGE_BY_NAME else None
     rules = getattr(settings.gates, gate) if gate else []
-    fallback = settings.evaluation.retrieval_metrics if gate == "index" else settings.evaluation.answer_metrics
+    retrieval = gate in RETRIEVAL_GATE_KINDS
+    fallback = settings.evaluation.retrieval_metrics if retrieval else settings.evaluation.answer_metrics
     judged = [rule.metric for rule in rules] or (fallback if gate else [])
     wanted = list(dict.fromkeys(mlflow_metric_name(metric) for metric in judged))  # as MLflow stores them
     picked = {

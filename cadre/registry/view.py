@@ -71,6 +71,7 @@ def print_champions(config: CadreConfig, console: Console) -> None:
 # What answers when a kind has no champion, as `cadre serve` and the flows behave.
 WITHOUT_A_CHAMPION = {
     "index": "no retrieval until an index is promoted",
+    "embedder": "the configured embedding model (project.embedding) embeds",
     "program": "the declared program serves",
     "adapter": "the base model serves",
 }
@@ -195,7 +196,8 @@ def _gate_metrics(specialist: Specialist, kind: str) -> list[str]:
     """The metrics the kind's gates read, in rule order: the numbers a reviewer looks at first. Without rules,
     the specialist's retrieval metrics (index) or answer metrics (program, adapter)."""
     rules = getattr(specialist.gates, kind, [])
-    fallback = specialist.evaluation.retrieval_metrics if kind == "index" else specialist.evaluation.answer_metrics
+    retrieval = kind in ("index", "embedder")
+    fallback = specialist.evaluation.retrieval_metrics if retrieval else specialist.evaluation.answer_metrics
     return list(dict.fromkeys([rule.metric for rule in rules] or fallback))
 
 

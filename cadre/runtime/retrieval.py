@@ -95,7 +95,8 @@ class IndexTarget:
         state_dir: the project's state dir (the live pointer and LanceDB tables live below it).
         root: the project folder (relative model folders are read from it).
         backend: `project.index`.
-        embedding: `project.embedding`.
+        embedding: `project.embedding`: embeds the queries of versions whose manifest records no other model (a
+            version re-embedded by a fine-tuned embedder is searched with the embedder it records).
         threads: `project.threads`.
         search_mode: the specialist's `index.search_mode`.
         version: the index version to search; None for whichever is live when the search opens.
@@ -141,8 +142,15 @@ class IndexTarget:
 def open_index_search(target: IndexTarget, version: str) -> Retriever:
     """Search one version of the target's index with `search_passages`, embedding each query; nothing is cached.
 
+    Queries are embedded with the model the version's manifest records (a version re-embedded by a fine-tuned
+    embedder is searched with that embedder; `target.embedding` embeds versions that record no other), loaded
+    here, so a version whose model is missing fails when it is opened rather than at its first query.
+
     A caller that sees the same queries again (an optimization) wraps it in its own cache
     (`cadre.prompts.program.SharedRetriever`); a server, which sees unbounded distinct queries, does not.
+
+    Raises:
+        ValueError: the model that embedded the version is not on this machine.
     """
     from cadre.knowledge.embedding import Embedder
     from cadre.knowledge.index import open_backend
@@ -152,6 +160,7 @@ def open_index_search(target: IndexTarget, version: str) -> Retriever:
     embedder = Embedder.load(target.embedding, target.threads, root=Path(target.root))
     backend = open_backend(target.backend, state_dir, target.specialist, dimension=embedder.dimension)
     index = IndexSearcher(target.specialist, state_dir, backend, embedder, target.search_mode)
+    index.embedder_for(version)
 
     def search(query: str, k: int) -> list[Passage]:
         return search_passages(index, query, k, version)

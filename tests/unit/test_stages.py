@@ -21,9 +21,9 @@ def test_the_schema_keys_are_the_tables_kinds() -> None:
 
 
 def test_derived_lists() -> None:
-    assert SCHEDULED == ("reindex", "optimize", "refresh", "feedback"), "the demo cycle: re-index first"
-    assert GATE_KINDS == ("index", "program", "adapter", "feedback")
-    assert REGISTRY_KINDS == ("index", "program", "adapter"), "a feedback adapter is an adapter version"
+    assert SCHEDULED == ("reindex", "embedder", "optimize", "refresh", "feedback"), "the demo cycle: re-index first"
+    assert GATE_KINDS == ("index", "embedder", "program", "adapter", "feedback")
+    assert REGISTRY_KINDS == ("index", "embedder", "program", "adapter"), "a feedback adapter is an adapter version"
     assert stage_of_gate("feedback").registry_kind == "adapter"
     for kind in REGISTRY_KINDS:
         paths = {s.artifact_path for s in STAGES if s.registry_kind == kind}
@@ -33,7 +33,7 @@ def test_derived_lists() -> None:
 def test_every_stage_names_its_flow_and_an_unknown_one_lists_them() -> None:
     for entry in STAGES:
         assert entry.flow_object().name == entry.flow, entry
-    with pytest.raises(KeyError, match="the stages are: reindex, optimize, refresh, feedback, check"):
+    with pytest.raises(KeyError, match="the stages are: reindex, embedder, optimize, refresh, feedback, check"):
         stage("compile")
 
 

@@ -104,6 +104,9 @@ class Manifest:
         completed_at: When the manifest was written.
         corpus_fingerprint: `corpus_fingerprint` of the documents.
         stats: Free-form numbers of the run that built it.
+        embedder: The model that embedded it (`Embedder.record()`: model, path, fingerprint, and the `embedder`
+            registry version, set when a fine-tuned embedder is promoted); every query of this version is
+            embedded with it. Empty for versions written before it was recorded (their `index_key` names it).
     """
 
     specialist: str
@@ -115,6 +118,7 @@ class Manifest:
     completed_at: str = ""
     corpus_fingerprint: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
+    embedder: dict[str, str] = field(default_factory=dict)
 
     @property
     def chunk_count(self) -> int:
@@ -132,6 +136,7 @@ class Manifest:
             "corpus_fingerprint": self.corpus_fingerprint,
             "counts": {"documents": len(self.documents), "chunks": self.chunk_count},
             "stats": self.stats,
+            "embedder": self.embedder,
             "documents": {
                 doc_id: [content_hash, chunk_ids]
                 for doc_id, (content_hash, chunk_ids) in sorted(self.documents.items())
@@ -152,6 +157,7 @@ class Manifest:
             completed_at=content.get("completed_at", ""),
             corpus_fingerprint=content.get("corpus_fingerprint", ""),
             stats=content.get("stats", {}),
+            embedder=content.get("embedder", {}),
         )
 
 
@@ -203,6 +209,18 @@ class IndexLayout:
         path = self.manifest_path(manifest.version)
         write_json_atomic(path, manifest.to_json())
         return path
+
+    def record_embedder_version(self, version: str, registry_version: str) -> None:
+        """Note on a complete version's manifest the `embedder` registry version that embedded it (after promotion).
+
+        Raises:
+            ValueError: The version is not complete.
+        """
+        manifest = self.read_manifest(version)
+        if manifest is None:
+            raise ValueError(f"index version {version!r} of {self.specialist!r} is not complete")
+        manifest.embedder = {**manifest.embedder, "registry_version": registry_version}
+        self.write_manifest(manifest)
 
     def complete_versions(self) -> list[str]:
         """Versions with a manifest, sorted by name (names start with their UTC creation time)."""
