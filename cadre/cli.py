@@ -236,7 +236,30 @@ def cmd_promote(args: argparse.Namespace) -> int:
         console.print(f"[red]{error}[/red]")
         return 1
     console.print(describe_record(record))
+    _follow_specialist(config, args.specialist, record)
     return 0
+
+
+def _follow_specialist(config: Any, specialist: str, record: Any) -> None:
+    """A champion moved by hand: the specialist's one-model version follows (`cadre.registry.models`)."""
+    from cadre.registry.models import register_specialist
+
+    try:
+        version = register_specialist(
+            config,
+            specialist,
+            record.history_run_id,
+            actor=record.actor,
+            reason=f"Follows the {record.event} of {record.model_name} v{record.version}.",
+        )
+    except Exception as error:  # noqa: BLE001 - the champion moved; say what did not follow, and how to redo it
+        console.print(
+            f"[yellow]the specialist model {config.project.name}.{specialist} was not updated: {error}; "
+            "the next promotion of any part registers it[/yellow]"
+        )
+        return
+    if version is not None:
+        console.print(f"{version.name} v{version.version} is the specialist model's champion now (its current parts)")
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -272,6 +295,7 @@ def _move_champion(args: argparse.Namespace, operation: Any) -> int:
         console.print(f"[red]{error}[/red]")
         return 1
     console.print(describe_record(record))
+    _follow_specialist(config, args.specialist, record)
     return 0
 
 

@@ -7,10 +7,12 @@ is the only way a flow changes a champion, and the only place a flow run records
 
 1. decide the specialist's gates of the stage's gate kind (`decide_gates`), candidate against what serves;
 2. log both evaluations to the run (unless the flow logged richer tables itself);
-3. register the candidate as a version of the stage's registry kind: one with the same artifact fingerprint
-   (`identity`) is judged again instead of registered twice, so a re-run registers nothing new;
+3. register the candidate as a version of the stage's registry kind, an MLflow model (`cadre.registry.models`):
+   one with the same artifact fingerprint (`identity`) is judged again instead of registered twice, so a re-run
+   registers nothing new;
 4. record the decision on the version and move `champion` only if the gates passed and the champion is still
-   the one the candidate was compared with (`expected_champion`; a stale decision is refused);
+   the one the candidate was compared with (`expected_champion`; a stale decision is refused); a promotion
+   registers a new version of the specialist as one model (`cadre.registry.models.register_specialist`);
 5. put the gate report (after the flow's score tables, `note`) on the run, and the tags `cadre run` and the
    Prefect run summary read (`cadre.gate`, `cadre.promoted`, `cadre.candidate_version`,
    `cadre.already_champion`; see `cadre.registry.runs.run_verdict`).
@@ -37,6 +39,7 @@ from mlflow.entities.model_registry import ModelVersion
 from cadre.config import CadreConfig, Specialist
 from cadre.evaluation.gates import GateDecision, decide
 from cadre.evaluation.results import EvaluationResult
+from cadre.registry.models import MODEL_KINDS, ModelSpec, model_spec, register_specialist
 from cadre.registry.runs import RunHandle
 from cadre.registry.versions import (
     EVENT_PROMOTION,
@@ -210,6 +213,14 @@ def gate_and_promote(
             expected_champion=candidate.expected_champion,
         )
         outcome = PromotionOutcome(decision, record, version.name, str(version.version))
+        if outcome.promoted:
+            register_specialist(
+                config,
+                specialist,
+                handle.run_id,
+                actor=actor,
+                reason=f"Follows {outcome.model_name} v{outcome.version}.",
+            )
     _report_on_run(client, handle, candidate, outcome)
     return outcome
 
@@ -257,7 +268,15 @@ def _registered_version(
         lineage={"config_sha256": config.sha256, **candidate.lineage},
         actor=actor,
         description=candidate.note or f"{kind.gate} candidate for {specialist}, made by run {handle.run_id}",
+        model=_model_spec(config, specialist, kind.registry_kind, candidate),
     )
+
+
+def _model_spec(config: CadreConfig, specialist: str, kind: str, candidate: Candidate) -> ModelSpec | None:
+    """What makes the candidate's folder an MLflow model (kinds without a Cadre pyfunc are registered as folders)."""
+    if kind not in MODEL_KINDS:
+        return None
+    return model_spec(config, specialist, kind, index_version=candidate.lineage.get("index_version"))
 
 
 def _report_on_run(client: MlflowClient, handle: RunHandle, candidate: Candidate, outcome: PromotionOutcome) -> None:

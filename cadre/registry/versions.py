@@ -57,6 +57,7 @@ from mlflow.entities import Metric, Run, RunStatus, ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from cadre.registry.models import ModelSpec
 from cadre.registry.runs import code_version
 from cadre.stages import REGISTRY_KINDS
 
@@ -463,6 +464,7 @@ def register_candidate(
     actor: str | None = None,
     on_step: StepHook | None = None,
     ready_timeout_s: float = READY_TIMEOUT_S,
+    model: ModelSpec | None = None,
 ) -> ModelVersion:
     """Register a run's artifact as a candidate version and point `challenger` at it.
 
@@ -483,6 +485,9 @@ def register_candidate(
         actor: who registers it (shown on the promotion lease while held).
         on_step: failure-injection hook (see `STEP_*`).
         ready_timeout_s: how long to wait for the registry to finish creating the version.
+        model: what makes the folder an MLflow model (`cadre.registry.models.model_spec`): its `MLmodel`,
+            settings and uploads (an index's table) are logged into the folder before the version is created, so
+            the version is a loadable model from its first moment. None registers the folder as it is.
 
     Returns:
         The complete version, with `challenger` pointing at it.
@@ -501,6 +506,11 @@ def register_candidate(
         "cadre.candidate_description": description or "",
     }
     _ensure_registered_model(client, name, project, specialist, kind)
+    if model is not None and _existing_version(client, name, run_id, artifact_path) is None:
+        from cadre.registry.models import log_model_files
+
+        # Outside the lease: an index's table may take a while to upload, and logging again is harmless.
+        log_model_files(client, run_id, artifact_path, model)
     with model_lock(client, name, holder=actor or default_actor(), operation=f"register run {run_id}") as lease:
         version = _existing_version(client, name, run_id, artifact_path)
         if version is None:

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cadre.runtime.prompt import PromptSpec
+from cadre.runtime.prompt import PromptSpec, parse_completion
 from cadre.runtime.retrieval import IndexTarget, Passage, Retriever, open_index_search, retrieval_query
 from cadre.runtime.serving_prompt import ServingPrompt, read_serving_prompt
 from cadre.serving.engine import AdapterLease, LoraEngine
 
 if TYPE_CHECKING:
     from cadre.config import CadreConfig
+    from cadre.config.program import ProgramSettings
 
 log = logging.getLogger("cadre.serve")
 
@@ -47,11 +48,14 @@ class ChampionVersions:
         program: version of the `program` champion; None: the declared (un-optimized) program.
         adapter: version of the `adapter` champion; None: the base model.
         index: the live index version; None when the program does not retrieve (or nothing is live).
+        index_model: the registry version of the `index` champion that is that index version (None: the index
+            version comes from the `live.json` of a state dir the registry has no index champion for).
     """
 
     program: str | None
     adapter: str | None
     index: str | None
+    index_model: str | None = None
 
     def describe(self) -> dict[str, str]:
         """As the API reports them: `declared` program, `base` adapter, `none` index when absent."""
@@ -214,28 +218,60 @@ class RegistrySource:
 
 
 def current_versions(source: RegistrySource, specialist: str, retrieves: bool) -> ChampionVersions:
-    """The champion versions the registry and the live pointer show now (two alias reads and a file read)."""
+    """The champion versions the registry's aliases show now (three alias reads).
+
+    The index version is the one the `index` champion was built as (its tag `cadre.lineage.index_version`). A
+    state dir of the previous release, whose index was never registered, is read as it was: its `live.json`.
+    """
     from mlflow import MlflowClient
 
     from cadre.knowledge.reindex import live_version
+    from cadre.registry.models import version_by_alias
     from cadre.registry.versions import CHAMPION, registered_model_name
 
     client = MlflowClient(source.tracking_uri)
 
-    def champion(kind: str) -> str | None:
-        from mlflow.exceptions import MlflowException
+    def champion(kind: str) -> Any:
+        return version_by_alias(client, registered_model_name(source.project, specialist, kind), CHAMPION)
 
-        try:
-            return client.get_registered_model(registered_model_name(source.project, specialist, kind)).aliases.get(
-                CHAMPION
-            )
-        except MlflowException as error:
-            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return None
-            raise
+    program, adapter = champion("program"), champion("adapter")
+    index = index_model = None
+    if retrieves:
+        found = champion("index")
+        if found is not None and found.tags.get("cadre.lineage.index_version"):
+            index, index_model = found.tags["cadre.lineage.index_version"], str(found.version)
+        else:
+            index = live_version(Path(source.state_dir), specialist)
+    return ChampionVersions(
+        program=program and str(program.version),
+        adapter=adapter and str(adapter.version),
+        index=index,
+        index_model=index_model,
+    )
 
-    index = live_version(Path(source.state_dir), specialist) if retrieves else None
-    return ChampionVersions(program=champion("program"), adapter=champion("adapter"), index=index)
+
+def index_retriever(config: CadreConfig, specialist: str, registry: ChampionVersions, source: RegistrySource) -> Any:
+    """Search of the index version that serves: the local table when this state dir holds it, else the registered
+    index version's own table, downloaded once to `<state_dir>/serving/<specialist>/index-v<N>/`.
+
+    Raises:
+        SpecialistUnavailable: the version is neither here nor in the registry as a model with its table.
+    """
+    from cadre.knowledge.index import IndexLayout
+    from cadre.registry.models import download_version, index_search, model_settings
+    from cadre.registry.versions import registered_model_name
+
+    if registry.index_model is None or IndexLayout(config.state_dir, specialist).is_complete(registry.index):
+        return open_index_search(IndexTarget.from_config(config, specialist, pin_live=False), registry.index)
+    name = registered_model_name(source.project, specialist, "index")
+    folder = Path(source.state_dir) / "serving" / specialist / f"index-v{registry.index_model}"
+    settings = model_settings(download_version(name, registry.index_model, folder, source.tracking_uri))
+    if settings is None:
+        raise SpecialistUnavailable(
+            f"{name} v{registry.index_model} (index {registry.index}) was registered without its table and is not in "
+            f"{config.state_dir}; re-index (`cadre run reindex -s {specialist}`) to register one that carries it"
+        )
+    return index_search(folder, settings)
 
 
 def download_champion(source: RegistrySource, specialist: str, kind: str, version: str, suffix: str) -> Path | None:
@@ -295,18 +331,40 @@ def build_runtime(
                 f"specialist {specialist!r} retrieves (retrieve_k={program_settings.retrieve_k}) but has no live "
                 "index yet; run the re-index flow (`cadre run reindex`) and it will serve within one poll"
             )
-        target = IndexTarget.from_config(config, specialist, pin_live=False)
-        retrieve = open_index_search(target, registry.index)
+        retrieve = index_retriever(config, specialist, registry, source)
 
     program_file = (
         download_champion(source, specialist, "program", registry.program, "program.json") if registry.program else None
     )
-    prompt = read_serving_prompt(program_settings, program_file)
     adapter_file = (
         download_champion(source, specialist, "adapter", registry.adapter, ".gguf") if registry.adapter else None
     )
     if registry.adapter and adapter_file is None:
         log.warning("%s: champion adapter v%s has no GGUF file; serving the base model", specialist, registry.adapter)
+    return assemble_runtime(specialist, program_settings, program_file, retrieve, adapter_file, engine, registry)
+
+
+def assemble_runtime(
+    specialist: str,
+    program_settings: ProgramSettings,
+    program_file: Path | None,
+    retrieve: Retriever | None,
+    adapter_file: Path | None,
+    engine: LoraEngine,
+    registry: ChampionVersions,
+) -> SpecialistRuntime:
+    """The snapshot of one specialist from its local files: what `cadre serve` and the MLflow models both answer with.
+
+    Args:
+        specialist: its name.
+        program_settings: the declared program.
+        program_file: the champion's `program.json` (None: the declared program).
+        retrieve: search of the pinned index version (None: the program does not retrieve).
+        adapter_file: the adapter's GGUF (None: the base model).
+        engine: the base model's engine; the adapter is loaded into it.
+        registry: the versions these files are.
+    """
+    prompt = read_serving_prompt(program_settings, program_file)
     lease = engine.load_adapter(adapter_file)
     served = ChampionVersions(
         program=registry.program if program_file else None,
@@ -325,6 +383,31 @@ def build_runtime(
         engine=engine,
         adapter=lease,
     )
+
+
+def answer(runtime: SpecialistRuntime, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Answer one case as a request without overrides is answered: render, generate greedily, parse the fields.
+
+    Returns:
+        `{"answer": text, "outputs": {field: value}, "retrieved_ids": [...]}`.
+    """
+    prompt, retrieved = runtime.render(inputs)
+    lease = runtime.adapter.share()
+    try:
+        generation = runtime.engine.generate(
+            prompt,
+            adapter=lease,
+            max_tokens=runtime.max_tokens,
+            stop=runtime.spec.stop,
+            temperature=runtime.temperature,
+        )
+    finally:
+        lease.release()
+    return {
+        "answer": generation.text.strip(),
+        "outputs": parse_completion(runtime.spec, generation.text),
+        "retrieved_ids": retrieved,
+    }
 
 
 # ------------------------------------------------------------------------------------- watching
