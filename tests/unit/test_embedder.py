@@ -145,3 +145,30 @@ def test_validate_accepts_an_embedder_stage_with_pairs_and_ignores_a_specialist_
     path = _project_with(other, [{"id": "t1", "phrase": "p", "code": "C1"}], "")
     assert not [f for f in check_config(load_config(path)) if "embedder" in f.field]
     shutil.rmtree(other)
+
+
+def test_a_version_is_searched_with_the_model_it_records_or_refused_when_that_model_changed(tmp_path: Path) -> None:
+    from cadre.config.project import EmbeddingSettings, ThreadSettings
+    from cadre.knowledge.embedding import Embedder, model_fingerprint
+
+    packaged = Embedder.load(EmbeddingSettings(), ThreadSettings())
+    assert packaged.with_model(packaged.model_ref, packaged.fingerprint) is packaged
+    copy = tmp_path / "tuned"
+    copy.mkdir()
+    for path in packaged.model_dir.rglob("*"):
+        if path.is_file():
+            target = copy / path.relative_to(packaged.model_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix in (".json", ".txt"):
+                shutil.copyfile(path, target)
+            else:
+                target.symlink_to(path)
+    (copy / "cadre_embedder.json").write_text('{"steps": 1}')
+    recorded = model_fingerprint(copy)
+    tuned = packaged.with_model(str(copy), recorded)
+    assert (tuned.model_dir, tuned.fingerprint, tuned.batch_size) == (copy, recorded, packaged.batch_size)
+    (copy / "cadre_embedder.json").write_text('{"steps": 2}')  # another training in the same folder
+    with pytest.raises(ValueError, match="queries would not match its vectors"):
+        packaged.with_model(str(copy), recorded)
+    with pytest.raises(ValueError, match="which is not here"):
+        packaged.with_model(str(tmp_path / "gone"), recorded)
