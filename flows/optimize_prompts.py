@@ -5,8 +5,9 @@ Weekly, and after every promoted re-index (the re-index flow queues it). Run it 
 
 Steps: log the resolved config → load the train/dev/test cases → find the champion program (and the
 champion adapter the program runs on) → check the LM → compile the declared program within the
-budget (train for compiling, dev for selecting) → score the champion (or, before the first
-promotion, the declared program) and the candidate on the same test cases → log program, score
+budget (train for compiling, dev for selecting; then the answer mode and retrieval depth on dev) → score
+the champion (or, before the first promotion, the declared program), the candidate and retrieval alone (the
+first hit's id, which a `beat_baseline: retrieval` gate rule judges against) on the same test cases → log program, score
 tables and costs → register the instruction (prompt registry) → gate, register the program (model
 registry), promote only if the gate passed (the one promotion path) → point the prompt's `champion`
 alias at a promoted instruction → close the run. A compiled program identical to the champion is
@@ -95,6 +96,7 @@ def optimize_prompts(specialist: str, config_path: str, budget: RunBudget = "ful
                 note=table,
                 same_as_champion=same_as_champion,
                 scores_logged=True,
+                baselines=scores.baselines,
             ),
         )
         if outcome.promoted and prompt_uri:

@@ -119,7 +119,7 @@ def build_feedback_data(
     retrieve = None
     if prompt.spec.context_field:
         names = [item.name for item in program_settings.inputs]
-        retrieve = context_retriever(open_retriever(setup.index), names, program_settings.retrieve_k)
+        retrieve = context_retriever(open_retriever(setup.index), names, prompt.retrieve_k, prompt.passage_format)
 
     outputs = [item.name for item in program_settings.outputs]
     pairs = preference_pairs(

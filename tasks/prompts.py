@@ -29,6 +29,7 @@ from cadre.prompts.candidate import (
 from cadre.prompts.optimize import (
     EvaluationRun,
     OptimizationPlan,
+    choose_on_dev,
     compile_program,
     evaluate_program,
     evaluate_retrieval_only,
@@ -172,7 +173,8 @@ def compile_candidate(
     plan: OptimizationPlan,
     out_dir: str,
 ) -> CompiledCandidate:
-    """Compile the declared program within the plan's budget; save it as JSON and readable Markdown."""
+    """Compile the declared program within the plan's budget, choose its answer mode and retrieval depth on the
+    dev split (`optimizer.answer_modes` × `optimizer.retrieve_k`), save it as JSON and readable Markdown."""
     use_disk_cache(runtime.cache_dir)
     retriever = open_retriever(runtime.index) if runtime.index is not None and program_settings.retrieve_k else None
     lm = _lm(runtime.lm, program_settings.max_tokens, program_settings.temperature, plan.budget())
@@ -188,11 +190,19 @@ def compile_candidate(
             reflection_lm=reflection,
             log_dir=str(Path(out_dir) / "optimizer-logs"),
         )
+        # Its own wall-time allowance, as long as the compile's: a stopped choice keeps the best try so far.
+        choosing = _lm(
+            runtime.lm,
+            program_settings.max_tokens,
+            program_settings.temperature,
+            Budget(max_wall_seconds=plan.max_wall_seconds),
+        )
+        choices = choose_on_dev(result.program, program_settings, evaluation, choosing, dev)
     except LMUnreachable as error:
         raise LMUnavailable(
             f"the LM at {runtime.lm.describe()} became unreachable while compiling; nothing was promoted: {error}"
         ) from None
-    return save_candidate(result, program_settings, out_dir)
+    return save_candidate(result, program_settings, out_dir, choices, choosing.usage)
 
 
 def _reflection_lm(model: str | None) -> Any:
@@ -219,8 +229,9 @@ def evaluate_on_test(
 ) -> TestScores:
     """Score the champion (or the un-optimized program) and the candidate on the same test cases.
 
-    The retriever's top-1 document is scored too, as the reference an LM must beat. A candidate
-    identical to the champion is scored once.
+    The retriever's top-1 document is scored too, as the reference an LM must beat (the `beat_baseline:
+    retrieval` gate rule), and, when a champion is the baseline, the declared program, so the table shows every
+    system on the same cases. A candidate identical to the champion is scored once.
     """
     use_disk_cache(runtime.cache_dir)
     retriever = open_retriever(runtime.index) if runtime.index is not None and program_settings.retrieve_k else None
@@ -244,6 +255,13 @@ def evaluate_on_test(
                 test,
                 "candidate",
             )
+        declared = (
+            evaluate_program(
+                SpecialistProgram(program_settings, retriever), program_settings, evaluation, lm, test, "declared"
+            )
+            if champion is not None
+            else None
+        )
     except LMUnreachable as error:
         raise LMUnavailable(
             f"the LM at {runtime.lm.describe()} became unreachable while evaluating; nothing was promoted: {error}"
@@ -253,11 +271,22 @@ def evaluate_on_test(
     )
     costs = {
         name: {**run.usage.to_metrics(), "wall_seconds": round(run.wall_seconds, 3)}
-        for name, run in (("baseline", baseline), ("candidate", scored), ("retrieval_only", reference))
+        for name, run in (
+            ("baseline", baseline),
+            ("candidate", scored),
+            ("retrieval_only", reference),
+            ("declared", declared),
+        )
         if run is not None
     }
     return TestScores(
-        baseline.result, scored.result, reference.result if reference else None, champion is not None, costs
+        baseline.result,
+        scored.result,
+        reference.result if reference else None,
+        champion is not None,
+        costs,
+        declared.result if declared else None,
+        candidate.summary.get("answer_mode", program_settings.answer.mode),
     )
 
 
@@ -297,7 +326,12 @@ def log_optimization(
             "eval/dev_candidates.json",
             run_id=handle.run_id,
         )
-    results = {"candidate": scores.candidate, "baseline": scores.baseline, "retrieval_only": scores.retrieval_only}
+    results = {
+        "candidate": scores.candidate,
+        "baseline": scores.baseline,
+        "retrieval_only": scores.retrieval_only,
+        "declared": scores.declared,
+    }
     client.log_dict(
         handle.run_id, {name: r.to_dict() for name, r in results.items() if r is not None}, "eval/test_results.json"
     )
@@ -312,6 +346,7 @@ def log_optimization(
             if scores.retrieval_only
             else {}
         ),
+        **({f"declared_{k}": v for k, v in scores.declared.mlflow_metrics().items()} if scores.declared else {}),
         **{f"test_{name}_{key}": value for name, cost in scores.costs.items() for key, value in cost.items()},
         **{
             k: float(v)
@@ -333,6 +368,8 @@ def log_optimization(
         "optimize.lm": target.describe()[:250],
         "optimize.data_fingerprint": data_fingerprint,
         "optimize.program_sha256": candidate.fingerprint,
+        "optimize.answer_mode": str(candidate.summary.get("answer_mode", "free")),
+        "optimize.retrieve_k": str(candidate.summary.get("chosen_retrieve_k", "")),
     }
     client.log_batch(handle.run_id, params=[Param(k, v) for k, v in params.items()])
 

@@ -110,7 +110,7 @@ def build_refresh_data(
     retrieve = None
     if prompt.spec.context_field:
         names = [item.name for item in program_settings.inputs]
-        retrieve = context_retriever(open_retriever(setup.index), names, program_settings.retrieve_k)
+        retrieve = context_retriever(open_retriever(setup.index), names, prompt.retrieve_k, prompt.passage_format)
 
     sources = training_sources(Path(suite_dir), [Path(f) for f in data_files], tuning.from_eval_train)
     records, skipped = read_records(sources)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -53,11 +54,13 @@ class EvaluationSettings(Strict):
         return [check_answer_metric(n) for n in names]
 
 
-_RULE_KINDS = ("at_least", "at_most", "beat_champion_by", "max_slice_drop")
+_RULE_KINDS = ("at_least", "at_most", "beat_champion_by", "max_slice_drop", "beat_baseline")
+BASELINES = ("retrieval",)
+"""Reference systems a `beat_baseline` rule can name: `retrieval` answers with the first retrieved document's id."""
 
 
 class GateRule(Strict):
-    """One rule. Give `metric` and exactly one of at_least, at_most, beat_champion_by, max_slice_drop."""
+    """One rule. Give `metric` and exactly one of at_least, at_most, beat_champion_by, max_slice_drop, beat_baseline."""
 
     metric: str = Field(description="Metric the rule reads, e.g. recall@10, exact_match, latency_p95_ms.")
     at_least: float | None = Field(None, description="Absolute minimum of the candidate's score.")
@@ -76,6 +79,18 @@ class GateRule(Strict):
     max_slice_drop: float | None = Field(
         None, ge=0.0, description="No slice may fall more than this below the champion."
     )
+    beat_baseline: Literal["retrieval"] | None = Field(
+        None,
+        description=(
+            "The candidate must beat this reference system on the same test cases, by at least `margin` (paired "
+            "bootstrap; with `significant` the interval's lower bound must exceed it). `retrieval`: the first "
+            "retrieved document's id as the answer (program gates of a retrieving program)."
+        ),
+    )
+    margin: float = Field(
+        0.0,
+        description="With beat_baseline: the gain over the baseline required (0: a tie passes; -0.02 allows trailing by 0.02).",
+    )
     slice: str | None = Field(None, description="Judge the rule on this slice of the suite only (e.g. `feedback`).")
     exclude_slice: str | None = Field(
         None,
@@ -89,8 +104,17 @@ class GateRule(Strict):
             raise ValueError(
                 f"a gate rule needs exactly one of {', '.join(_RULE_KINDS)}; got {', '.join(given) or 'none'}"
             )
-        if self.significant and self.beat_champion_by is None and self.max_slice_drop is None:
-            raise FieldError(("significant",), "significant only applies to beat_champion_by and max_slice_drop")
+        if (
+            self.significant
+            and self.beat_champion_by is None
+            and self.max_slice_drop is None
+            and not self.beat_baseline
+        ):
+            raise FieldError(
+                ("significant",), "significant only applies to beat_champion_by, max_slice_drop and beat_baseline"
+            )
+        if self.margin and self.beat_baseline is None:
+            raise FieldError(("margin",), "margin only applies to beat_baseline")
         if self.slice is not None and self.exclude_slice is not None:
             raise FieldError(("exclude_slice",), "give slice or exclude_slice, not both")
         return self
@@ -101,7 +125,7 @@ class GateRule(Strict):
 
     @property
     def threshold(self) -> float:
-        return float(getattr(self, self.kind))
+        return self.margin if self.kind == "beat_baseline" else float(getattr(self, self.kind))
 
     def describe(self) -> str:
         """The rule as a reviewer reads it in a gate report."""
@@ -112,6 +136,8 @@ class GateRule(Strict):
             + (" (significant)" if self.significant else ""),
             "max_slice_drop": f"no slice of {self.metric} drops more than {self.threshold:g} below champion"
             + (" (significantly)" if self.significant else ""),
+            "beat_baseline": f"{self.metric} beats {self.beat_baseline} only by ≥ {self.threshold:g}"
+            + (" (significant)" if self.significant else ""),
         }[self.kind]
         if self.slice is not None:
             text += f" on slice {self.slice}"
@@ -147,4 +173,25 @@ def check_gate_metrics(gates: Gates, evaluation: EvaluationSettings) -> None:
                     ("gates", kind, position, "metric"),
                     f"gate metric {rule.metric!r} is not computed by the evaluation suite; "
                     f"add it to evaluation.{listed} or use one of {', '.join(sorted(available))}",
+                )
+
+
+def check_baseline_rules(gates: Gates, retrieves: bool) -> None:
+    """Raise FieldError for a `beat_baseline` rule outside the program gates, or naming `retrieval` for a
+    program that retrieves nothing (there is no first hit to answer with)."""
+    for kind in GATE_KINDS:
+        for position, rule in enumerate(getattr(gates, kind)):
+            if rule.beat_baseline is None:
+                continue
+            if kind != "program":
+                raise FieldError(
+                    ("gates", kind, position, "beat_baseline"),
+                    f"beat_baseline is judged on the program gates only (the prompt flow scores the baselines); "
+                    f"move this rule to gates.program or use beat_champion_by in gates.{kind}",
+                )
+            if rule.beat_baseline == "retrieval" and not retrieves:
+                raise FieldError(
+                    ("gates", kind, position, "beat_baseline"),
+                    "beat_baseline: retrieval needs a program that retrieves (program.retrieve_k > 0); "
+                    "set retrieve_k or remove the rule",
                 )

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cadre.config.base import FieldError, Strict
+
+AnswerMode = Literal["free", "constrained", "score"]
+CANDIDATE_MODES = ("constrained", "score")
+"""Answer modes whose answer is one of the retrieved documents' ids."""
 
 
 class ProgramField(Strict):
@@ -38,6 +42,64 @@ class OptimizerSettings(Strict):
     )
     train_cases: int = Field(64, ge=1, description="Train-split cases used for compiling.")
     dev_cases: int = Field(64, ge=1, description="Dev-split cases used to select a candidate.")
+    answer_modes: list[AnswerMode] = Field(
+        [],
+        description=(
+            "Answer modes the flow tries on the dev split after compiling (e.g. [free, constrained, score]); the best "
+            "is kept in the saved program and served. Empty: keep `answer.mode`."
+        ),
+    )
+    retrieve_k: list[int] = Field(
+        [],
+        description=(
+            "Retrieval depths the flow tries on the dev split with each answer mode (e.g. [3, 5, 10]); the best is "
+            "kept in the saved program and served. Empty: keep `retrieve_k`."
+        ),
+    )
+
+    @field_validator("retrieve_k")
+    @classmethod
+    def _depths(cls, depths: list[int]) -> list[int]:
+        if any(not 1 <= k <= 50 for k in depths):
+            raise ValueError(f"every retrieve_k tried must be between 1 and 50, got {depths}")
+        return list(dict.fromkeys(depths))
+
+
+class PassageSettings(Strict):
+    """How each retrieved passage is shown to the model (the same in training, evaluation and serving)."""
+
+    fields: list[Literal["id", "title", "text"]] = Field(
+        ["id", "title"],
+        min_length=1,
+        description=(
+            "Parts of a passage rendered, in order: `id` (what the answer names), `title`, `text` (the start of the "
+            "document's best chunk). Default `[id, title]` renders `A01.02 — Typhoid fever with heart involvement`."
+        ),
+    )
+    max_text_words: int = Field(
+        32, ge=1, le=512, description="Most words of the text rendered (whitespace-separated; the rest is cut with …)."
+    )
+
+    @field_validator("fields")
+    @classmethod
+    def _distinct(cls, fields: list[str]) -> list[str]:
+        if len(set(fields)) != len(fields):
+            raise ValueError(f"each passage field may be listed once, got {fields}")
+        return fields
+
+
+class AnswerSettings(Strict):
+    """How the answer is decoded when the output is one of the retrieved documents' ids."""
+
+    mode: AnswerMode = Field(
+        "free",
+        description=(
+            "`free`: the model writes any answer. `constrained`: decoding is restricted (a llama.cpp grammar) to the "
+            "retrieved passages' ids. `score`: the LM's log-likelihood of each candidate id as the answer ranks them "
+            "and the best is answered (one forward pass per candidate token). Both non-free modes need retrieval and "
+            "a single output field, and never answer an id outside the candidates."
+        ),
+    )
 
 
 class ProgramSettings(Strict):
@@ -55,6 +117,12 @@ class ProgramSettings(Strict):
     )
     max_tokens: int = Field(32, ge=1, le=4096, description="Most tokens generated per answer.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
+    passage: PassageSettings = Field(
+        default_factory=PassageSettings, description="How each retrieved passage is rendered in the prompt."
+    )
+    answer: AnswerSettings = Field(
+        default_factory=AnswerSettings, description="Free answers, or answers restricted to the retrieved ids."
+    )
     optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings, description="Optimizer settings.")
 
     @property
@@ -72,4 +140,38 @@ class ProgramSettings(Strict):
                         (group, position, "name"), f"field name {field.name!r} is used twice in the signature"
                     )
                 seen.add(field.name)
+        return self
+
+    @model_validator(mode="after")
+    def _answers_from_candidates(self) -> ProgramSettings:
+        """A constrained or scored answer is one retrieved document's id: it needs retrieval and one plain output."""
+        tried = [("answer", "mode", self.answer.mode)] + [
+            ("optimizer", "answer_modes", position, mode) for position, mode in enumerate(self.optimizer.answer_modes)
+        ]
+        for *loc, mode in tried:
+            if mode not in CANDIDATE_MODES:
+                continue
+            if not self.retrieve_k:
+                raise FieldError(
+                    tuple(loc),
+                    f"answer mode {mode!r} answers one of the retrieved documents' ids, but this program retrieves "
+                    "nothing (retrieve_k: 0); set retrieve_k (e.g. 5) or use mode free",
+                )
+            if len(self.outputs) != 1:
+                raise FieldError(
+                    tuple(loc),
+                    f"answer mode {mode!r} answers a single document id, but the program has {len(self.outputs)} "
+                    "output fields; keep one output field or use mode free",
+                )
+            if self.module != "predict":
+                raise FieldError(
+                    tuple(loc),
+                    f"answer mode {mode!r} decodes the answer alone, but module {self.module!r} writes its reasoning "
+                    "first; use module predict or mode free",
+                )
+        if self.optimizer.retrieve_k and not self.retrieve_k:
+            raise FieldError(
+                ("optimizer", "retrieve_k"),
+                "this program retrieves nothing (retrieve_k: 0), so no retrieval depth can be tried; remove the list",
+            )
         return self

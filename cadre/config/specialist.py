@@ -8,7 +8,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from cadre.config.base import FieldError, Strict
 from cadre.config.embedder import EmbedderSettings
-from cadre.config.evaluation import EvaluationSettings, Gates, check_gate_metrics
+from cadre.config.evaluation import EvaluationSettings, Gates, check_baseline_rules, check_gate_metrics
 from cadre.config.knowledge import ChunkingSettings, IndexSettings, Source
 from cadre.config.program import ProgramSettings
 from cadre.config.schedules import Schedules
@@ -74,6 +74,7 @@ class Specialist(Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> Specialist:
         check_gate_metrics(self.gates, self.evaluation)
+        check_baseline_rules(self.gates, bool(self.program.retrieve_k))
         names: set[str] = set()
         for position, source in enumerate(self.sources):
             if source.name in names:

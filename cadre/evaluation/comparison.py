@@ -19,7 +19,9 @@ class TestScores:
         candidate: the compiled program.
         retrieval_only: the retriever's top-1 document as the answer (None: the program does not retrieve).
         baseline_is_champion: whether `baseline` is a promoted champion.
-        costs: per system (`baseline`, `candidate`, `retrieval_only`), LM usage and `wall_seconds`.
+        costs: per system (`baseline`, `candidate`, `retrieval_only`, `declared`), LM usage and `wall_seconds`.
+        declared: the declared (un-optimized) program, when `baseline` is a champion (else `baseline` is it).
+        answer_mode: how the candidate answers (`free`, `constrained`, `score`; chosen on dev or declared).
     """
 
     __test__ = False  # not a pytest class
@@ -29,6 +31,13 @@ class TestScores:
     retrieval_only: EvaluationResult | None
     baseline_is_champion: bool
     costs: dict[str, dict[str, float]]
+    declared: EvaluationResult | None = None
+    answer_mode: str = "free"
+
+    @property
+    def baselines(self) -> dict[str, EvaluationResult]:
+        """The reference systems a `beat_baseline` gate rule names: `retrieval` when the program retrieves."""
+        return {"retrieval": self.retrieval_only} if self.retrieval_only is not None else {}
 
 
 @dataclass(frozen=True)
@@ -38,3 +47,11 @@ class AdapterScores:
     candidate: EvaluationRun
     champion: EvaluationRun
     champion_is_adapter: bool
+
+
+def outside_candidates(result: EvaluationResult) -> float:
+    """Share of answered cases whose answer is not among the ids retrieved for them (an invented answer)."""
+    answered = [e for e in result.examples if e.output and e.retrieved_ids is not None]
+    if not answered:
+        return 0.0
+    return sum(1 for e in answered if e.output.strip() not in e.retrieved_ids) / len(answered)

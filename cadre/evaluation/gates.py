@@ -11,6 +11,9 @@ Rules come from pipelines.yaml (`cadre.config.evaluation.GateRule`):
   quality metrics, champion − candidate for latency/cost-like metrics) on the cases both were
   evaluated on must be at least the threshold; with ``significant`` the lower bound of the paired
   bootstrap interval of the gain must exceed it.
+- ``beat_baseline``: the same as ``beat_champion_by`` (threshold ``margin``), against a reference system
+  scored on the same cases instead of the champion: ``retrieval``, the first retrieved document's id as the
+  answer. It is never skipped: a baseline that was not scored fails the rule.
 - ``max_slice_drop``: no slice (of at least ``min_slice_cases`` shared cases) may be worse than
   the champion by more than the threshold; with ``significant`` a slice fails only when its drop is
   also real: the paired bootstrap interval of the drop, at a level corrected for the number of
@@ -23,7 +26,7 @@ absolute rules decide. A kind with no rules passes, and the decision says nothin
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,7 +52,7 @@ class RuleOutcome:
 
     Attributes:
         rule_text: The rule as a reviewer reads it (`GateRule.describe`).
-        kind: ``at_least``, ``at_most``, ``beat_champion_by`` or ``max_slice_drop``.
+        kind: ``at_least``, ``at_most``, ``beat_champion_by``, ``max_slice_drop`` or ``beat_baseline``.
         metric: The metric the rule reads.
         threshold: The rule's number.
         passed: Whether it passed; None when skipped.
@@ -159,6 +162,30 @@ def _check_absolute(rule: GateRule, candidate: EvaluationResult) -> RuleOutcome:
     verdict = sign if passed else ("<" if rule.kind == "at_least" else ">")
     detail = f"{rule.metric} = {_number(value)} {verdict} {_number(rule.threshold)} (required {sign} {_number(rule.threshold)})"
     return _outcome(rule, passed=passed, candidate=value, interval=candidate.intervals.get(rule.metric), detail=detail)
+
+
+def _check_baseline(
+    rule: GateRule,
+    candidate: EvaluationResult,
+    baselines: Mapping[str, EvaluationResult],
+    confidence: float,
+    samples: int,
+    seed: int,
+) -> RuleOutcome:
+    """The candidate against a reference system (`rule.beat_baseline`) on the cases both were scored on."""
+    baseline = baselines.get(rule.beat_baseline or "")
+    if baseline is None:
+        return _outcome(rule, passed=False, detail=f"the {rule.beat_baseline} baseline was not scored on these cases")
+    scope = {"only_slice": rule.slice, "exclude_slice": rule.exclude_slice}
+    if rule.slice is not None or rule.exclude_slice is not None:
+        candidate, baseline = restrict(candidate, **scope), restrict(baseline, **scope)
+        if candidate is None or baseline is None:
+            return _outcome(rule, passed=False, detail="the candidate or the baseline has no case in that scope")
+    if rule.metric not in candidate.scores or rule.metric not in baseline.scores:
+        return _outcome(rule, passed=False, detail=f"the candidate or the baseline was not evaluated on {rule.metric}")
+    comparison = compare(candidate, baseline, [rule.metric], confidence=confidence, samples=samples, seed=seed)
+    outcome = _check_beat(rule, comparison, confidence)
+    return replace(outcome, detail=f"vs {baseline.name}: {outcome.detail}")
 
 
 def _check_beat(rule: GateRule, comparison: Comparison, confidence: float) -> RuleOutcome:
@@ -380,6 +407,7 @@ def decide(
     samples: int = 1000,
     seed: int = 0,
     min_slice_cases: int = MIN_SLICE_CASES,
+    baselines: Mapping[str, EvaluationResult] | None = None,
 ) -> GateDecision:
     """Apply every rule of one artifact kind to a candidate; it passes when no rule fails.
 
@@ -393,6 +421,8 @@ def decide(
         seed: Seed of the resampling (same inputs and seed, same decision).
         min_slice_cases: Slices with fewer shared cases are reported but not judged by
             ``max_slice_drop`` (a 3-case slice moves by a third on one answer).
+        baselines: Reference systems scored on the same cases, by the name ``beat_baseline`` rules give
+            (``retrieval``); a rule whose baseline is missing fails.
 
     Returns:
         The decision, with one outcome per rule.
@@ -401,7 +431,9 @@ def decide(
     comparison = _comparison(rules, candidate, champion, confidence, samples, seed)
     outcomes = []
     for rule in rules:
-        if rule.slice is None and rule.exclude_slice is None:
+        if rule.kind == "beat_baseline":
+            outcomes.append(_check_baseline(rule, candidate, baselines or {}, confidence, samples, seed))
+        elif rule.slice is None and rule.exclude_slice is None:
             outcomes.append(_check(rule, candidate, champion, comparison, confidence, min_slice_cases, samples, seed))
         else:
             outcomes.append(_check_scoped(rule, candidate, champion, confidence, samples, seed, min_slice_cases))
@@ -497,7 +529,7 @@ def _render_markdown(decision: GateDecision) -> str:
         "",
     ]
     if decision.outcomes:
-        lines += ["| rule | candidate | champion | Δ (CI) | result |", "| --- | --- | --- | --- | --- |"]
+        lines += ["| rule | candidate | champion or baseline | Δ (CI) | result |", "| --- | --- | --- | --- | --- |"]
         lines += [_rule_row(o) for o in decision.outcomes]
         lines += ["", *(f"- **{_cell(o.rule_text)}**: {o.detail}" for o in decision.outcomes)]
     else:

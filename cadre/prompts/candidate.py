@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +16,8 @@ from cadre.stages import stage
 
 if TYPE_CHECKING:
     from cadre.config import ProgramSettings
-    from cadre.prompts.optimize import CompileResult
-    from cadre.prompts.program import LMTarget
+    from cadre.prompts.optimize import AnswerChoice, CompileResult
+    from cadre.prompts.program import LMTarget, LMUsage
     from cadre.runtime.retrieval import IndexTarget
 
 PROGRAM_ARTIFACT = stage("optimize").artifact_path
@@ -46,8 +46,22 @@ class CompiledCandidate:
     candidates: list[dict[str, Any]]
 
 
-def save_candidate(result: CompileResult, program_settings: ProgramSettings, out_dir: str) -> CompiledCandidate:
-    """Write the compiled program, its settings and its Markdown under `out_dir/program/`."""
+def save_candidate(
+    result: CompileResult,
+    program_settings: ProgramSettings,
+    out_dir: str,
+    choices: list[AnswerChoice] | None = None,
+    choice_usage: LMUsage | None = None,
+) -> CompiledCandidate:
+    """Write the compiled program, its settings and its Markdown under `out_dir/program/`.
+
+    Args:
+        result: what compiling produced (its program answers with the mode and depth chosen on dev).
+        program_settings: the declared program.
+        out_dir: the run's scratch folder.
+        choices: the answer modes and depths scored on the dev split (`choose_on_dev`), for the summary.
+        choice_usage: what scoring them on dev cost.
+    """
     folder = Path(out_dir) / PROGRAM_ARTIFACT
     path = folder / PROGRAM_FILE
     fingerprint = save_program(result.program, path)
@@ -75,4 +89,11 @@ def save_candidate(result: CompileResult, program_settings: ProgramSettings, out
         for c in result.candidates
     ]
     instruction = next(iter(result.program.named_predictors()))[1].signature.instructions
-    return CompiledCandidate(str(path), str(markdown), fingerprint, instruction, result.summary(), candidates)
+    summary = {
+        **result.summary(),
+        "answer_mode": result.program.answer_mode,
+        "chosen_retrieve_k": result.program.retrieve_k,
+        "dev_choices": [asdict(choice) for choice in choices or []],
+        **(choice_usage.to_metrics("choice_") if choice_usage is not None else {}),
+    }
+    return CompiledCandidate(str(path), str(markdown), fingerprint, instruction, summary, candidates)

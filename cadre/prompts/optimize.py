@@ -37,6 +37,7 @@ from dspy.utils.callback import BaseCallback
 
 from cadre.config.budget import RunBudget, parse_budget
 from cadre.evaluation import metrics as metric_functions
+from cadre.evaluation.comparison import outside_candidates
 from cadre.evaluation.results import EvaluationResult, Prediction, evaluate_cases
 from cadre.prompts.program import (
     Budget,
@@ -48,7 +49,7 @@ from cadre.prompts.program import (
     SpecialistProgram,
     program_context,
 )
-from cadre.runtime.retrieval import retrieval_query
+from cadre.runtime.retrieval import PassageFormat, retrieval_query
 
 if TYPE_CHECKING:
     from cadre.config import EvaluationSettings, ProgramSettings, Specialist
@@ -191,12 +192,13 @@ def _examples_with_passages(
     cases: Sequence[dict[str, Any]], program: ProgramSettings, retriever: Retriever | None
 ) -> list[tuple[dspy.Example, list[str] | None]]:
     names = [item.name for item in program.inputs]
+    form = PassageFormat.from_settings(program)
     examples = []
     for case in cases:
         values, ids = dict(case), None
         if retriever is not None and program.retrieve_k:
             passages = retriever(retrieval_query(case, names), program.retrieve_k)
-            values[program.context_field] = [p.render() for p in passages]
+            values[program.context_field] = [p.render(form) for p in passages]
             ids = [p.id for p in passages]
         examples.append((dspy.Example(**values).with_inputs(*names), ids))
     return examples
@@ -584,6 +586,73 @@ def _predictor_states(program: dspy.Module) -> list[Any]:
     ]
 
 
+# ------------------------------------------------------------------------------- chosen on dev
+
+
+@dataclass(frozen=True)
+class AnswerChoice:
+    """One answer mode and retrieval depth scored on the dev split."""
+
+    answer_mode: str
+    retrieve_k: int
+    score: float
+    interval: tuple[float, float] | None
+    cases: int
+    outside_candidates: float
+
+
+def choose_on_dev(
+    program: SpecialistProgram,
+    program_settings: ProgramSettings,
+    evaluation: EvaluationSettings,
+    lm: CompletionLM,
+    devset: Sequence[dict[str, Any]],
+) -> list[AnswerChoice]:
+    """Score the compiled program on the dev split with each declared answer mode and retrieval depth
+    (`optimizer.answer_modes` × `optimizer.retrieve_k`), leave it answering with the best, and return every try.
+
+    The best has the highest first answer metric; ties go to the earlier try (the declared order: list the cheaper
+    modes and depths first). With neither list declared the program keeps its declared mode and depth and nothing
+    is scored. When `lm.budget` runs out, the best of the tries completed so far is kept (the declared mode and
+    depth if none was).
+    """
+    optimizer = program_settings.optimizer
+    modes = optimizer.answer_modes or [program_settings.answer.mode]
+    depths = optimizer.retrieve_k or [program_settings.retrieve_k]
+    if len(modes) * len(depths) <= 1:
+        program.choose(modes[0], depths[0])
+        return []
+    metric = evaluation.answer_metrics[0]
+    tried: list[AnswerChoice] = []
+    if lm.budget is not None:
+        lm.budget.start()
+    for depth, mode in [(depth, mode) for depth in depths for mode in modes]:
+        program.choose(mode, depth)
+        try:
+            run = evaluate_program(program, program_settings, evaluation, lm, devset, f"dev-{mode}-k{depth}")
+        except BudgetExhausted as stop:
+            log.warning(
+                "choosing the answer mode stopped after %d of %d tries: %s", len(tried), len(depths) * len(modes), stop
+            )
+            break
+        tried.append(
+            AnswerChoice(
+                mode,
+                depth,
+                run.result.scores.get(metric, 0.0),
+                run.result.intervals.get(metric),
+                run.result.cases,
+                outside_candidates(run.result),
+            )
+        )
+    if not tried:
+        program.choose(program_settings.answer.mode, program_settings.retrieve_k)
+        return []
+    best = max(range(len(tried)), key=lambda i: (tried[i].score, -i))
+    program.choose(tried[best].answer_mode, tried[best].retrieve_k)
+    return tried
+
+
 # --------------------------------------------------------------------------------------- evaluate
 
 
@@ -677,17 +746,20 @@ def evaluate_retrieval_only(
 
 
 __all__ = [
+    "AnswerChoice",
     "CandidateScore",
     "CompileResult",
     "DevEvaluationTracker",
     "EvaluationRun",
     "OptimizationPlan",
     "answer_metric",
+    "choose_on_dev",
     "compile_program",
     "evaluate_program",
     "evaluate_retrieval_only",
     "feedback_metric",
     "grounded_train_examples",
+    "outside_candidates",
     "plan_optimization",
     "program_metrics",
     "to_examples",

@@ -46,12 +46,20 @@ from typing import TYPE_CHECKING, Any
 
 import dspy
 
-from cadre.runtime.lm import CompletionClient, EndpointClient, LlamaCppClient, LMUnavailable, llama_cpp_identity
+from cadre.runtime.lm import (
+    CompletionClient,
+    EndpointClient,
+    LlamaCppClient,
+    LMUnavailable,
+    answer_from_candidates,
+    llama_cpp_identity,
+)
 from cadre.runtime.prompt import FieldSpec, PromptSpec, parse_completion, render_prompt
 from cadre.runtime.retrieval import (
     IndexNotReady,
     IndexTarget,
     Passage,
+    PassageFormat,
     Retriever,
     open_index_search,
     retrieval_query,
@@ -240,6 +248,10 @@ class CompletionLM(dspy.BaseLM):
             "temperature": float(options.get("temperature") or 0.0),
             "rollout_id": options.get("rollout_id"),
         }
+        mode = options.get("answer_mode") or "free"
+        if mode != "free":  # part of the cache key only when set, so free answers keep their cached entries
+            request["answer_mode"] = mode
+            request["candidates"] = list(options.get("candidates") or [])
         with self._lock:
             if self.budget is not None:
                 self.budget.check(self.usage.requests)
@@ -260,12 +272,23 @@ class CompletionLM(dspy.BaseLM):
         with self._lock:
             self.usage.calls += 1
         try:
-            completion = self.client.complete(
-                request["prompt"],
-                max_tokens=request["max_tokens"],
-                stop=request["stop"],
-                temperature=request["temperature"],
-            )
+            if request.get("answer_mode"):
+                completion = answer_from_candidates(
+                    self.client,
+                    request["prompt"],
+                    request["candidates"],
+                    mode=request["answer_mode"],
+                    max_tokens=request["max_tokens"],
+                    stop=request["stop"],
+                    temperature=request["temperature"],
+                )
+            else:
+                completion = self.client.complete(
+                    request["prompt"],
+                    max_tokens=request["max_tokens"],
+                    stop=request["stop"],
+                    temperature=request["temperature"],
+                )
         except LMUnavailable as error:
             raise LMUnreachable(str(error)) from error
         cost = (completion.prompt_tokens + completion.completion_tokens) / 1000.0 * self.usd_per_1k_tokens
@@ -465,11 +488,18 @@ def make_signature(settings: ProgramSettings) -> type[dspy.Signature]:
     return dspy.make_signature(fields, settings.instruction.strip(), signature_name="SpecialistSignature")
 
 
+CHOICES_KEY = "cadre"
+"""Key of a saved program's JSON holding what the flow chose on dev (`answer_mode`, `retrieve_k`)."""
+
+
 class SpecialistProgram(dspy.Module):
     """Retrieve `retrieve_k` passages from the champion index, then predict the output fields.
 
     Returns a `dspy.Prediction` with the output fields, `retrieved_ids` (ranked ids, for the
-    retrieval metrics) and the rendered context.
+    retrieval metrics) and the rendered context. With an answer mode other than `free` the LM answers
+    one of the retrieved ids (`cadre.runtime.lm.answer_from_candidates`); `answer_mode` and `retrieve_k`
+    start as declared and may be replaced by what the flow chose on dev (`choose`), which `save_program`
+    records in the JSON and `load_program` reads back.
     """
 
     def __init__(self, settings: ProgramSettings, retriever: Retriever | None = None):
@@ -486,6 +516,9 @@ class SpecialistProgram(dspy.Module):
         self.output_names = [item.name for item in settings.outputs]
         self.context_field = settings.context_field if settings.retrieve_k else None
         self.retrieve_k = settings.retrieve_k
+        self.answer_mode = settings.answer.mode
+        self.passage_format = PassageFormat.from_settings(settings)
+        self._declared = {"answer_mode": settings.answer.mode, "retrieve_k": settings.retrieve_k}
         self.retriever = (
             SharedRetriever(retriever)
             if retriever is not None and not isinstance(retriever, SharedRetriever)
@@ -501,8 +534,12 @@ class SpecialistProgram(dspy.Module):
         arguments = {name: inputs.get(name) for name in self.input_names}
         if self.context_field:
             passages = self.retriever(retrieval_query(arguments, self.input_names), self.retrieve_k)
-            arguments = {self.context_field: [p.render() for p in passages], **arguments}
-        answer = self.answer(**arguments)
+            arguments = {self.context_field: [p.render(self.passage_format) for p in passages], **arguments}
+        if self.answer_mode != "free":
+            config = {"answer_mode": self.answer_mode, "candidates": [p.id for p in passages]}
+            answer = self.answer(**arguments, config=config)
+        else:
+            answer = self.answer(**arguments)
         outputs = {name: answer.get(name) for name in self.output_names}
         return dspy.Prediction(
             **outputs,
@@ -510,12 +547,33 @@ class SpecialistProgram(dspy.Module):
             **({self.context_field: arguments[self.context_field]} if self.context_field else {}),
         )
 
+    def choose(self, answer_mode: str, retrieve_k: int) -> SpecialistProgram:
+        """Answer with `answer_mode` from `retrieve_k` passages from now on (what the flow chose on dev); returns self."""
+        self.answer_mode = answer_mode
+        self.retrieve_k = retrieve_k if self.context_field else 0
+        return self
+
+    @property
+    def choices(self) -> dict[str, Any]:
+        """What a saved program records beside DSPy's state: its answer mode and retrieval depth."""
+        return {"answer_mode": self.answer_mode, "retrieve_k": self.retrieve_k}
+
 
 def load_program(path: str | Path, settings: ProgramSettings, retriever: Retriever | None = None) -> SpecialistProgram:
-    """A program built from `settings` with the saved state (instruction, demos) of `path` (JSON)."""
+    """A program built from `settings` with the saved state (instruction, demos) of `path` (JSON), answering
+    with the answer mode and retrieval depth recorded in it (a program saved without them keeps the declared ones)."""
     program = SpecialistProgram(settings, retriever)
     program.load(str(path))
+    choices = saved_choices(path)
+    if choices:
+        program.choose(choices.get("answer_mode", program.answer_mode), choices.get("retrieve_k", program.retrieve_k))
     return program
+
+
+def saved_choices(path: str | Path) -> dict[str, Any]:
+    """The answer mode and retrieval depth a saved program records (`{}` for a program saved without them)."""
+    state = json.loads(Path(path).read_text(encoding="utf-8"))
+    return dict(state.get(CHOICES_KEY) or {})
 
 
 def save_program(program: SpecialistProgram, path: str | Path) -> str:
@@ -523,6 +581,10 @@ def save_program(program: SpecialistProgram, path: str | Path) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), save_program=False)
+    if program.choices != program._declared:  # a program that answers as declared keeps DSPy's bytes alone
+        state = json.loads(path.read_text(encoding="utf-8"))
+        state[CHOICES_KEY] = program.choices
+        path.write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
     return program_fingerprint(path)
 
 
@@ -573,6 +635,11 @@ def render_program_markdown(program: dspy.Module, settings: ProgramSettings, tit
         example = {name: f"<{name}>" for name in signature.input_fields}
         if settings.retrieve_k:
             example[settings.context_field] = [f"<passage {i}>" for i in range(1, min(settings.retrieve_k, 2) + 1)]
+        if isinstance(program, SpecialistProgram):
+            lines += [
+                f"Answer mode: `{program.answer_mode}`; passages per question: {program.retrieve_k}.",
+                "",
+            ]
         prompt = adapter.format(signature, predictor.demos, example)[0]["content"]
         lines += ["## The prompt the model completes", "", "```text", prompt, "```", ""]
     return "\n".join(lines)
@@ -606,6 +673,8 @@ class LMTarget:
         n_threads: decode threads (kind `llama_cpp`).
         n_ctx: context window (kind `llama_cpp`).
         identity: what the cache keys on: the model and adapter that answer, not where they run.
+        local_gguf: the GGUF the endpoint serves when it is the local llama.cpp server (scored answers run on it
+            in process; kind `endpoint`).
     """
 
     kind: str
@@ -617,6 +686,7 @@ class LMTarget:
     n_threads: int = 1
     n_ctx: int = 2048
     identity: str = ""
+    local_gguf: str | None = None
 
     def describe(self) -> str:
         where = self.base_url if self.kind == "endpoint" else f"in-process llama.cpp ({Path(self.model).name})"
@@ -637,6 +707,8 @@ def lm_target(config: CadreConfig, adapter_gguf: Path | None = None, adapter_ver
         adapter_gguf: a LoRA adapter in GGUF form to apply, or None.
         adapter_version: its registry version, for reports.
     """
+    from cadre.runtime.base_model import ensure_gguf
+
     settings = config.project.lm
     if adapter_gguf is None:
         remote = f"@{settings.api_base}" if settings.api_base else ""
@@ -646,8 +718,8 @@ def lm_target(config: CadreConfig, adapter_gguf: Path | None = None, adapter_ver
             base_url=settings.base_url,
             api_key_env=settings.api_key_env,
             identity=f"endpoint:{settings.model}{remote}",
+            local_gguf=None if settings.api_base else str(ensure_gguf(config)),
         )
-    from cadre.runtime.base_model import ensure_gguf
 
     return llama_cpp_target(ensure_gguf(config), adapter_gguf, adapter_version, settings.n_threads, settings.n_ctx)
 
@@ -679,7 +751,7 @@ def build_client(target: LMTarget) -> CompletionClient:
     """The completion client of an `LMTarget`."""
     if target.kind == "endpoint":
         api_key = os.environ.get(target.api_key_env) if target.api_key_env else None
-        return EndpointClient(target.base_url or "", target.model, api_key=api_key)
+        return EndpointClient(target.base_url or "", target.model, api_key=api_key, local_gguf=target.local_gguf)
     return LlamaCppClient(
         Path(target.model),
         lora_path=Path(target.adapter_gguf) if target.adapter_gguf else None,

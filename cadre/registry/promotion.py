@@ -76,6 +76,8 @@ class Candidate:
         same_as_champion: the candidate is the champion's artifact (`expected_champion`) itself: it is judged,
             and the verdict goes on the run only.
         scores_logged: the flow logged both evaluations itself (the prompt flow's tables hold more systems).
+        baselines: reference systems scored on the same cases, by the name a `beat_baseline` gate rule gives
+            (`retrieval`: the first retrieved document's id as the answer).
     """
 
     stage: str
@@ -87,6 +89,7 @@ class Candidate:
     note: str = ""
     same_as_champion: bool = False
     scores_logged: bool = False
+    baselines: dict[str, EvaluationResult] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,11 @@ def champion_version(config: CadreConfig, specialist: str, registry_kind: str) -
 
 
 def decide_gates(
-    settings: Specialist, gate_kind: str, scores: EvaluationResult, baseline: EvaluationResult | None
+    settings: Specialist,
+    gate_kind: str,
+    scores: EvaluationResult,
+    baseline: EvaluationResult | None,
+    references: dict[str, EvaluationResult] | None = None,
 ) -> GateDecision:
     """The specialist's `gate_kind` rules applied to the candidate's scores against the baseline's, on the same cases.
 
@@ -151,6 +158,7 @@ def decide_gates(
         baseline,
         confidence=settings.evaluation.confidence,
         samples=settings.evaluation.bootstrap_samples,
+        baselines=references,
     )
 
 
@@ -187,7 +195,9 @@ def gate_and_promote(
         cadre.registry.versions.StaleDecisionError: the champion moved since the candidate was compared with it.
     """
     kind = _judged_stage(candidate.stage)
-    decision = decide_gates(config.specialist(specialist), kind.gate, candidate.scores, candidate.baseline)
+    decision = decide_gates(
+        config.specialist(specialist), kind.gate, candidate.scores, candidate.baseline, candidate.baselines
+    )
     if not candidate.scores_logged:
         log_evaluation(handle, candidate.scores, "candidate")
         if candidate.baseline is not None:

@@ -10,15 +10,29 @@ Two implementations of the `CompletionClient` protocol:
 
 Both are completion (not chat) clients on purpose: the packaged model is a base model, prompted with
 `cadre.runtime.prompt`.
+
+When a program's answer is one of the retrieved documents' ids (`program.answer.mode`), `answer_from_candidates`
+is the one rule every path applies (the DSPy program's LM, and the server through its engine, which calls the
+same `candidate_grammar` / `score_continuations`):
+
+- `constrained`: the completion is decoded under a llama.cpp GBNF grammar (`candidate_grammar`) whose
+  alternatives are the candidate ids, so no other answer can be produced.
+- `score`: each candidate's completion (` A01.02` and the newline that ends it) is scored by the LM's
+  log-likelihood after the prompt, and the best is the answer. In process (`LlamaCppClient`, the server's engine)
+  the prompt is evaluated once and each candidate costs one forward pass per token of its completion; through an
+  endpoint it is one `echo` + `logprobs` request per candidate (cheap on vLLM; llama-cpp-python's server builds
+  log-probabilities over the whole prompt and vocabulary for it, seconds per candidate).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
@@ -34,11 +48,107 @@ class Completion:
 
 
 class CompletionClient(Protocol):
-    """Shape of anything that continues a prompt."""
+    """Shape of anything that continues a prompt, optionally under a grammar, and scores given continuations."""
 
     name: str
 
-    def complete(self, prompt: str, *, max_tokens: int, stop: list[str], temperature: float = 0.0) -> Completion: ...
+    def complete(
+        self, prompt: str, *, max_tokens: int, stop: list[str], temperature: float = 0.0, grammar: str | None = None
+    ) -> Completion: ...
+
+    def score(self, prompt: str, continuations: Sequence[str]) -> list[float]:
+        """The log-likelihood of each continuation after the prompt (sum over its tokens)."""
+        ...
+
+
+def candidate_grammar(candidates: Sequence[str]) -> str:
+    """A llama.cpp GBNF grammar whose only sentences are a space and one of the candidate ids.
+
+    The prompt ends at the output label (`Code:`), so the answer the model writes is ` A01.02`; the grammar
+    allows exactly that for each candidate and nothing else.
+    """
+    alternatives = " | ".join(_gbnf_literal(candidate) for candidate in dict.fromkeys(candidates))
+    return f'root ::= " " ({alternatives})'
+
+
+def _gbnf_literal(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
+
+
+def answer_from_candidates(
+    client: CompletionClient,
+    prompt: str,
+    candidates: Sequence[str],
+    *,
+    mode: str,
+    max_tokens: int,
+    stop: list[str],
+    temperature: float = 0.0,
+) -> Completion:
+    """The answer among the candidate ids, by `mode` (`constrained` or `score`); see the module docstring.
+
+    With no candidate (the index found nothing) the completion is empty: the case is unanswered, not invented.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    started = time.perf_counter()
+    candidates = list(dict.fromkeys(c for c in candidates if c))
+    if not candidates:
+        return Completion("", 0, 0, 0.0)
+    if mode == "constrained":
+        return client.complete(
+            prompt, max_tokens=max_tokens, stop=stop, temperature=temperature, grammar=candidate_grammar(candidates)
+        )
+    if mode == "score":
+        scores = client.score(prompt, [answer_continuation(candidate, stop) for candidate in candidates])
+        best = max(range(len(candidates)), key=lambda i: (scores[i], -i))  # ties: the better-ranked passage
+        return Completion(" " + candidates[best], 0, 0, time.perf_counter() - started)
+    raise ValueError(f"unknown answer mode {mode!r}; expected constrained or score")
+
+
+def answer_continuation(candidate: str, stop: Sequence[str]) -> str:
+    """What the model writes when it answers `candidate`: a space, the id, and the stop that ends the answer."""
+    return f" {candidate}{stop[0] if stop else ''}"
+
+
+def score_continuations(llama: Any, prompt: str, continuations: Sequence[str]) -> list[float]:
+    """Log-likelihood of each continuation after the prompt on an in-process `llama_cpp.Llama` (caller holds it).
+
+    The prompt is evaluated once; each continuation is then fed token by token from the end of the prompt (the
+    KV cache is cut back to the prompt before each), and the log-probabilities of its tokens are summed. A
+    continuation is tokenized together with the prompt, so its tokens are those the model would have written.
+    """
+    import numpy as np
+
+    prompt_tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+    llama.reset()
+    llama.eval(prompt_tokens)
+    first = _log_softmax(np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),)))
+    scores = []
+    for continuation in continuations:
+        joined = llama.tokenize((prompt + continuation).encode("utf-8"), add_bos=True, special=False)
+        if joined[: len(prompt_tokens)] == prompt_tokens:
+            tokens = joined[len(prompt_tokens) :]
+        else:  # the boundary merged differently; score the continuation on its own
+            tokens = llama.tokenize(continuation.encode("utf-8"), add_bos=False, special=False)
+        total = float(first[tokens[0]]) if tokens else -math.inf
+        for position in range(1, len(tokens)):
+            llama.n_tokens = len(prompt_tokens) + position - 1
+            llama.eval([tokens[position - 1]])
+            logits = np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),))
+            total += float(_log_softmax(logits)[tokens[position]])
+        scores.append(total)
+    llama.n_tokens = len(prompt_tokens)
+    return scores
+
+
+def _log_softmax(logits: Any) -> Any:
+    import numpy as np
+
+    shifted = logits.astype(np.float64) - float(logits.max())
+    return shifted - math.log(float(np.exp(shifted).sum()))
 
 
 def llama_cpp_identity(gguf: str | Path, adapter_gguf: str | Path | None = None) -> str:
@@ -68,8 +178,22 @@ class EndpointClient:
         timeout_s: float = 120.0,
         retries: int = 3,
         backoff_s: float = 1.0,
+        local_gguf: str | Path | None = None,
     ):
+        """Args:
+        base_url: the endpoint (`…/v1`).
+        model: the model name the endpoint serves.
+        api_key: bearer token, if the endpoint needs one.
+        timeout_s: per request.
+        retries: retries on connection errors and 5xx.
+        backoff_s: first retry delay (doubled each retry).
+        local_gguf: the GGUF the endpoint serves, when it is the local llama.cpp server `cadre up` starts: `score`
+            then runs on the same file in this process (llama-cpp-python's server answers `echo` + `logprobs` by
+            building log-probabilities over the whole prompt and vocabulary, seconds to minutes per candidate).
+        """
         self.base_url = base_url.rstrip("/")
+        self.local_gguf = Path(local_gguf) if local_gguf else None
+        self._scorer: LlamaCppClient | None = None
         self.model = model
         self.name = f"{model}@{self.base_url}"
         self.retries = retries
@@ -77,14 +201,54 @@ class EndpointClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(timeout=timeout_s, headers=headers)
 
-    def complete(self, prompt: str, *, max_tokens: int, stop: list[str], temperature: float = 0.0) -> Completion:
-        body = {
+    def complete(
+        self, prompt: str, *, max_tokens: int, stop: list[str], temperature: float = 0.0, grammar: str | None = None
+    ) -> Completion:
+        body: dict[str, Any] = {
             "model": self.model,
             "prompt": prompt,
             "max_tokens": max_tokens,
             "stop": stop,
             "temperature": temperature,
         }
+        if grammar is not None:
+            body["grammar"] = grammar  # llama.cpp's servers take a GBNF grammar; others reject the request
+        data, seconds = self._post(body)
+        usage = data.get("usage") or {}
+        return Completion(
+            text=data["choices"][0]["text"],
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+            seconds=seconds,
+        )
+
+    def score(self, prompt: str, continuations: Sequence[str]) -> list[float]:
+        """One `echo` + `logprobs` request per continuation: the sum of the log-probabilities of its tokens
+        (those that start at or after the end of the prompt); on the served GGUF in process when it is local."""
+        if self.local_gguf is not None:
+            if self._scorer is None:
+                self._scorer = LlamaCppClient(self.local_gguf, name=self.name)
+            return self._scorer.score(prompt, continuations)
+        scores = []
+        for continuation in continuations:
+            body = {
+                "model": self.model,
+                "prompt": prompt + continuation,
+                "max_tokens": 1,
+                "echo": True,
+                "logprobs": 0,
+                "temperature": 0.0,
+            }
+            data, _ = self._post(body)
+            logprobs = data["choices"][0].get("logprobs") or {}
+            offsets, values = logprobs.get("text_offset") or [], logprobs.get("token_logprobs") or []
+            echoed = len(values) - 1  # the one generated token is not part of the continuation
+            scores.append(
+                sum(float(v) for o, v in zip(offsets[:echoed], values[:echoed], strict=False) if o >= len(prompt))
+            )
+        return scores
+
+    def _post(self, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
         last_error: Exception | None = None
         for attempt in range(self.retries + 1):
             started = time.perf_counter()
@@ -92,14 +256,7 @@ class EndpointClient:
                 response = self._http.post(f"{self.base_url}/completions", json=body)
                 if response.status_code < 500:
                     response.raise_for_status()
-                    data = response.json()
-                    usage = data.get("usage") or {}
-                    return Completion(
-                        text=data["choices"][0]["text"],
-                        prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                        completion_tokens=int(usage.get("completion_tokens", 0)),
-                        seconds=time.perf_counter() - started,
-                    )
+                    return response.json(), time.perf_counter() - started
                 last_error = httpx.HTTPStatusError(
                     f"{response.status_code}: {response.text[:200]}", request=response.request, response=response
                 )
@@ -137,11 +294,15 @@ class LlamaCppClient:
         )
         self._lock = threading.Lock()  # a Llama context is not safe to share between threads
 
-    def complete(self, prompt: str, *, max_tokens: int, stop: list[str], temperature: float = 0.0) -> Completion:
+    def complete(
+        self, prompt: str, *, max_tokens: int, stop: list[str], temperature: float = 0.0, grammar: str | None = None
+    ) -> Completion:
         started = time.perf_counter()
         with self._lock:
             self._llama.reset()  # no cross-request prefix reuse: identical prompts give identical answers
-            data = self._llama.create_completion(prompt, max_tokens=max_tokens, stop=stop, temperature=temperature)
+            data = self._llama.create_completion(
+                prompt, max_tokens=max_tokens, stop=stop, temperature=temperature, grammar=llama_grammar(grammar)
+            )
         usage = data.get("usage") or {}
         return Completion(
             text=data["choices"][0]["text"],
@@ -149,3 +310,17 @@ class LlamaCppClient:
             completion_tokens=int(usage.get("completion_tokens", 0)),
             seconds=time.perf_counter() - started,
         )
+
+    def score(self, prompt: str, continuations: Sequence[str]) -> list[float]:
+        """Log-likelihood of each continuation after the prompt (`score_continuations`)."""
+        with self._lock:
+            return score_continuations(self._llama, prompt, continuations)
+
+
+def llama_grammar(grammar: str | None) -> Any:
+    """A GBNF grammar as llama-cpp-python takes it (None stays None)."""
+    if grammar is None:
+        return None
+    from llama_cpp import LlamaGrammar
+
+    return LlamaGrammar.from_string(grammar, verbose=False)

@@ -24,19 +24,57 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class PassageFormat:
+    """Which parts of a passage the model sees: the program's `passage` settings, as the runtime reads them.
+
+    Attributes:
+        fields: the parts rendered, of `id`, `title`, `text`; always in that order (`id — title: text`).
+        max_text_words: most whitespace-separated words of the text; a longer text is cut and ends with `…`.
+    """
+
+    fields: tuple[str, ...] = ("id", "title")
+    max_text_words: int = 32
+
+    @classmethod
+    def from_settings(cls, program: Any) -> PassageFormat:
+        """From a `ProgramSettings` (its `passage` block)."""
+        return cls(tuple(program.passage.fields), program.passage.max_text_words)
+
+
+ID_AND_TITLE = PassageFormat()
+"""The default: `A01.02 — Typhoid fever with heart involvement`."""
+
+
+@dataclass(frozen=True)
 class Passage:
     """One retrieved document, as the program shows it to the model.
 
     Attributes:
         id: the document id the evaluation compares with `relevant_ids` (e.g. `A01.02`).
         title: one line that says what the document is.
+        text: the text of the document's best-ranked chunk ("" when not carried).
     """
 
     id: str
     title: str
+    text: str = ""
 
-    def render(self) -> str:
-        return f"{self.id} — {self.title}" if self.title else self.id
+    def render(self, form: PassageFormat = ID_AND_TITLE) -> str:
+        """The passage as one line of the prompt: `id — title: text`, with only the parts `form` names.
+
+        The default (`id` and `title`) renders `A01.02 — Typhoid fever with heart involvement`, or the id alone
+        when the document has no title.
+        """
+        head = self.id if "id" in form.fields else ""
+        body = []
+        if "title" in form.fields and self.title:
+            body.append(self.title)
+        if "text" in form.fields and self.text:
+            words = self.text.split()
+            cut = words[: form.max_text_words]
+            body.append(" ".join(cut) + (" …" if len(words) > len(cut) else ""))
+        rest = ": ".join(body)
+        return f"{head} — {rest}" if head and rest else head or rest
 
 
 class Retriever(Protocol):
@@ -60,24 +98,30 @@ def search_passages(index: IndexSearcher, query: str, k: int, version: str) -> l
 
     Twice `k` chunks are fetched and several chunks of one document count once, at their best rank, so
     a long document cut into many chunks does not crowd the others out. A passage is the document's
-    record id (the ICD-10-CM code in the demo) and title.
+    record id (the ICD-10-CM code in the demo), title and the text of its best-ranked chunk.
     """
     passages: dict[str, Passage] = {}
     for hit in index.search(query, k * 2, version=version):
-        passages.setdefault(hit.record_id, Passage(hit.record_id, hit.title))
+        passages.setdefault(hit.record_id, Passage(hit.record_id, hit.title, hit.text))
     return list(passages.values())[:k]
 
 
 def context_retriever(
-    search: Retriever, input_names: Sequence[str], k: int
+    search: Retriever, input_names: Sequence[str], k: int, form: PassageFormat = ID_AND_TITLE
 ) -> Callable[[Mapping[str, Any]], list[str]]:
     """What a program puts in its context field for a case's inputs: the rendered passages of its query.
 
     The training data (`build_training_data`) and the DPO pairs (`preference_pairs`) fill their prompts with it.
+
+    Args:
+        search: the index search.
+        input_names: the program's inputs, in order.
+        k: passages per case (the program's `retrieve_k`, or the depth chosen on dev).
+        form: the program's passage format (`PassageFormat.from_settings`).
     """
 
     def retrieve(inputs: Mapping[str, Any]) -> list[str]:
-        return [passage.render() for passage in search(retrieval_query(inputs, input_names), k)]
+        return [passage.render(form) for passage in search(retrieval_query(inputs, input_names), k)]
 
     return retrieve
 

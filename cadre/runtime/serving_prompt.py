@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cadre.runtime.prompt import PromptSpec, render_prompt
+from cadre.runtime.retrieval import ID_AND_TITLE, PassageFormat
 
 if TYPE_CHECKING:
     from cadre.config import ProgramSettings
@@ -31,10 +32,16 @@ class ServingPrompt:
         spec: the prompt spec of the program's predictor; its instruction is the program's (an optimizer's
             proposal for a compiled champion, the declared one otherwise).
         demos: complete examples shown before the question (empty for a zero-shot program).
+        retrieve_k: passages per question (declared, or chosen on dev and recorded in the program's JSON).
+        answer_mode: `free`, `constrained` or `score` (`cadre.runtime.lm.answer_from_candidates`), the same way.
+        passage_format: how each passage is rendered (the program's `passage` settings).
     """
 
     spec: PromptSpec
     demos: tuple[dict[str, Any], ...] = ()
+    retrieve_k: int = 0
+    answer_mode: str = "free"
+    passage_format: PassageFormat = ID_AND_TITLE
 
     @property
     def instruction(self) -> str:
@@ -67,7 +74,13 @@ def read_serving_prompt(program_settings: ProgramSettings, program_path: str | P
     )
     predictor = next(iter(program.named_predictors()))[1]
     adapter = CompletionAdapter(program_settings.context_field if program_settings.retrieve_k else None)
-    return ServingPrompt(adapter.prompt_spec(predictor.signature), demo_dicts(predictor.demos))
+    return ServingPrompt(
+        adapter.prompt_spec(predictor.signature),
+        demo_dicts(predictor.demos),
+        program.retrieve_k,
+        program.answer_mode,
+        program.passage_format,
+    )
 
 
 def demo_dicts(demos: Sequence[Any]) -> tuple[dict[str, Any], ...]:

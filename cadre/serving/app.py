@@ -516,11 +516,11 @@ class _Call:
         self, on_text: Callable[[str], None] | None = None, cancelled: Callable[[], bool] | None = None
     ) -> dict[str, Any]:
         """Generate, record the response in the feedback store, and return what the client gets."""
-        generation = self.runtime.engine.generate(
+        generation = self.runtime.generate(
             self.prompt,
             adapter=self.lease,
+            candidates=self.retrieved,
             max_tokens=self.max_tokens,
-            stop=self.runtime.spec.stop,
             temperature=self.temperature,
             on_text=on_text,
             cancelled=cancelled,

@@ -31,11 +31,13 @@ import ctypes
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cadre.runtime.lm import Completion, llama_grammar, score_continuations
 
 
 class EngineError(RuntimeError):
@@ -267,6 +269,7 @@ class LoraEngine:
         on_text: Callable[[str], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
         prompt_tokens: int | None = None,
+        grammar: str | None = None,
     ) -> Generation:
         """Complete a prompt with the adapter applied, calling `on_text` with each piece as it is generated.
 
@@ -279,6 +282,7 @@ class LoraEngine:
             on_text: receives each piece of text as soon as it is decoded.
             cancelled: polled between tokens; True stops the generation with `GenerationCancelled`.
             prompt_tokens: the prompt's token count, if the caller already counted it.
+            grammar: a GBNF grammar the completion must follow (`cadre.runtime.lm.candidate_grammar`), or None.
 
         Raises:
             GenerationCancelled: `cancelled()` returned True.
@@ -292,7 +296,12 @@ class LoraEngine:
             # A fresh KV cache per request: the previous request may have run with another adapter.
             context.llama.reset()
             stream = context.llama.create_completion(
-                prompt, max_tokens=max_tokens, stop=stop, temperature=temperature, stream=True
+                prompt,
+                max_tokens=max_tokens,
+                stop=stop,
+                temperature=temperature,
+                stream=True,
+                grammar=llama_grammar(grammar),
             )
             try:
                 for chunk in stream:
@@ -319,9 +328,40 @@ class LoraEngine:
             seconds=seconds,
         )
 
+    def score(self, prompt: str, continuations: list[str], *, adapter: AdapterLease) -> list[float]:
+        """Log-likelihood of each continuation after the prompt with the adapter applied (`score_continuations`)."""
+        with self._context() as (context, _):
+            context.use(adapter.key)
+            return score_continuations(context.llama, prompt, continuations)
+
+    def client(self, adapter: AdapterLease) -> EngineClient:
+        """This engine with one adapter as a `cadre.runtime.lm.CompletionClient`, so the server answers from
+        candidates with the same `answer_from_candidates` rule the flows evaluate with."""
+        return EngineClient(self, adapter)
+
     def close(self) -> None:
         """Free every adapter and context."""
         for context in self._contexts:
             for key in list(context.adapters):
                 context.free(key)
             context.llama.close()
+
+
+@dataclass(frozen=True)
+class EngineClient:
+    """A `CompletionClient` over the engine with one adapter (the caller holds the lease while it is used)."""
+
+    engine: LoraEngine
+    adapter: AdapterLease
+    name: str = "cadre-serve"
+
+    def complete(
+        self, prompt: str, *, max_tokens: int, stop: list[str], temperature: float = 0.0, grammar: str | None = None
+    ) -> Completion:
+        generation = self.engine.generate(
+            prompt, adapter=self.adapter, max_tokens=max_tokens, stop=stop, temperature=temperature, grammar=grammar
+        )
+        return Completion(generation.text, generation.prompt_tokens, generation.completion_tokens, generation.seconds)
+
+    def score(self, prompt: str, continuations: Sequence[str]) -> list[float]:
+        return self.engine.score(prompt, list(continuations), adapter=self.adapter)

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cadre.runtime.lm import answer_from_candidates
 from cadre.runtime.prompt import PromptSpec, parse_completion
 from cadre.runtime.retrieval import IndexTarget, Passage, Retriever, open_index_search, retrieval_query
 from cadre.runtime.serving_prompt import ServingPrompt, read_serving_prompt
-from cadre.serving.engine import AdapterLease, LoraEngine
+from cadre.serving.engine import AdapterLease, Generation, LoraEngine
 
 if TYPE_CHECKING:
     from cadre.config import CadreConfig
@@ -75,7 +76,7 @@ class RequestRenderer:
         input_names: the program's declared inputs, in order.
         retrieve: search of the pinned index version, or None when the program does not retrieve. It has no
             per-query cache: a server sees an unbounded stream of distinct queries.
-        retrieve_k: passages per request.
+        retrieve_k: passages per request (the serving program's: declared, or chosen on dev).
     """
 
     prompt: ServingPrompt
@@ -90,7 +91,7 @@ class RequestRenderer:
         context = self.prompt.spec.context_field
         if self.retrieve is not None and context:
             passages = self.retrieve(retrieval_query(values, self.input_names), self.retrieve_k)
-            values = {context: [p.render() for p in passages], **values}
+            values = {context: [p.render(self.prompt.passage_format) for p in passages], **values}
         return self.prompt.render(values), [p.id for p in passages]
 
 
@@ -136,6 +137,58 @@ class SpecialistRuntime:
     def render(self, inputs: Mapping[str, Any]) -> tuple[str, list[str]]:
         """The prompt for one request and the ids of the passages in it."""
         return self.renderer.render(inputs)
+
+    @property
+    def answer_mode(self) -> str:
+        """`free`, or how the answer is taken from the retrieved ids (`constrained`, `score`)."""
+        return self.renderer.prompt.answer_mode
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        adapter: AdapterLease,
+        candidates: list[str],
+        max_tokens: int,
+        temperature: float,
+        on_text: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        prompt_tokens: int | None = None,
+    ) -> Generation:
+        """Answer a rendered request: a free completion (streamed), or one of the `candidates` (the retrieved ids)
+        by the program's answer mode, with the rule the flows evaluated (`answer_from_candidates`), sent whole."""
+        if self.answer_mode == "free":
+            return self.engine.generate(
+                prompt,
+                adapter=adapter,
+                max_tokens=max_tokens,
+                stop=self.spec.stop,
+                temperature=temperature,
+                on_text=on_text,
+                cancelled=cancelled,
+                prompt_tokens=prompt_tokens,
+            )
+        started = time.perf_counter()
+        completion = answer_from_candidates(
+            self.engine.client(adapter),
+            prompt,
+            candidates,
+            mode=self.answer_mode,
+            max_tokens=max_tokens,
+            stop=self.spec.stop,
+            temperature=temperature,
+        )
+        if on_text is not None and completion.text:
+            on_text(completion.text)
+        tokens = prompt_tokens if prompt_tokens is not None else len(self.engine.tokenize(prompt))
+        return Generation(
+            text=completion.text,
+            prompt_tokens=tokens,
+            completion_tokens=completion.completion_tokens,
+            finish_reason="stop",
+            queue_seconds=0.0,
+            seconds=time.perf_counter() - started,
+        )
 
     def close(self) -> None:
         self.adapter.release()
@@ -375,9 +428,7 @@ def assemble_runtime(
         name=specialist,
         versions=served,
         registry=registry,
-        renderer=RequestRenderer(
-            prompt, [f.name for f in program_settings.inputs], retrieve, program_settings.retrieve_k
-        ),
+        renderer=RequestRenderer(prompt, [f.name for f in program_settings.inputs], retrieve, prompt.retrieve_k),
         max_tokens=program_settings.max_tokens,
         temperature=program_settings.temperature,
         engine=engine,
@@ -394,11 +445,11 @@ def answer(runtime: SpecialistRuntime, inputs: Mapping[str, Any]) -> dict[str, A
     prompt, retrieved = runtime.render(inputs)
     lease = runtime.adapter.share()
     try:
-        generation = runtime.engine.generate(
+        generation = runtime.generate(
             prompt,
             adapter=lease,
+            candidates=retrieved,
             max_tokens=runtime.max_tokens,
-            stop=runtime.spec.stop,
             temperature=runtime.temperature,
         )
     finally:

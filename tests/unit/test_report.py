@@ -59,11 +59,11 @@ def test_the_program_table_lists_every_system_on_the_test_split_and_the_compile_
     summary = {"optimizer": "mipro", "compile_lm_calls": 40, "compile_lm_cache_hits": 5, "compile_tokens": 900}
     table = program_score_table(scores, summary).splitlines()
 
-    assert table[0] == "### Test split: 4 cases"
-    assert table[2] == "| system | exact_match | LM calls | wall s |"
-    assert table[4] == "| retrieval only (its top-1 document as the answer) | 0.000 | 0 | 0.0 |"
-    assert table[5] == "| champion-v3 (champion) | 0.250 | 4 | 2.2 |"
-    assert table[6] == "| candidate | 0.500 | 7 | 3.0 |"
+    assert table[0] == "### Test split: 4 cases, 95% bootstrap intervals"
+    assert table[2] == "| system | exact_match | outside | LM calls | wall s |"
+    assert table[4] == "| retrieval only (its top-1 document as the answer) | 0.000 [0.000, 0.000] | — | 0 | 0.0 |"
+    assert table[5] == "| champion-v3 (champion) | 0.250 [0.000, 0.750] | — | 4 | 2.2 |"
+    assert table[6] == "| candidate (answers free) | 0.500 [0.000, 1.000] | — | 7 | 3.0 |"
     assert table[-1] == "Compile: mipro, 40 LM calls (5 cache hits), 900 tokens, $0.0000, 0.0 s."
 
     declared = TestScores(scores.baseline, scores.candidate, None, False, {})

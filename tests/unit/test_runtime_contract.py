@@ -26,7 +26,7 @@ from cadre.prompts.program import (
     use_disk_cache,
 )
 from cadre.runtime.lm import LlamaCppClient
-from cadre.runtime.retrieval import Passage, context_retriever, retrieval_query
+from cadre.runtime.retrieval import Passage, PassageFormat, context_retriever, retrieval_query
 from cadre.runtime.serving_prompt import read_serving_prompt
 from cadre.serving.team import RequestRenderer
 from cadre.tuning.training_data import Record, build_training_data
@@ -66,7 +66,10 @@ class Shelf:
 
     def __call__(self, query: str, k: int) -> list[Passage]:
         self.queries.append(query)
-        return [Passage(f"A01.0{rank}", f"candidate {rank} for '{query}'") for rank in range(1, k + 1)]
+        return [
+            Passage(f"A01.0{rank}", f"candidate {rank} for '{query}'", f"Typhoid fever, form {rank}. " * 6)
+            for rank in range(1, k + 1)
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +98,9 @@ def program_json(request: pytest.FixtureRequest, tmp_path: Path) -> Path | None:
     return path
 
 
-def training_prompt(program_json: Path | None, search: Shelf) -> str:
+def training_prompt(program_json: Path | None, search: Shelf, settings: ProgramSettings = SETTINGS) -> str:
     """The adapter refresh: `build_refresh_data` renders its examples so."""
-    prompt = read_serving_prompt(SETTINGS, program_json)
+    prompt = read_serving_prompt(settings, program_json)
     data = build_training_data(
         [Record("case.jsonl", 1, {**CASE, **ANSWER})],
         prompt.spec,
@@ -105,7 +108,7 @@ def training_prompt(program_json: Path | None, search: Shelf) -> str:
         max_length=4096,
         heldout_fraction=0.0,
         seed=0,
-        retrieve=context_retriever(search, NAMES, SETTINGS.retrieve_k),
+        retrieve=context_retriever(search, NAMES, prompt.retrieve_k, prompt.passage_format),
         demos=prompt.demos,
         instruction=prompt.instruction,
     )
@@ -113,32 +116,37 @@ def training_prompt(program_json: Path | None, search: Shelf) -> str:
     return example.prompt
 
 
-def preference_prompt(program_json: Path | None, search: Shelf) -> str:
+def preference_prompt(program_json: Path | None, search: Shelf, settings: ProgramSettings = SETTINGS) -> str:
     """The feedback flow: `build_feedback_data` renders its DPO pairs so."""
-    prompt = read_serving_prompt(SETTINGS, program_json)
+    prompt = read_serving_prompt(settings, program_json)
     correction = Correction("r1", dict(CASE), {"code": "A01.0"}, dict(ANSWER), {"program": None})
     (pair,) = preference_pairs(
         [correction],
         prompt.spec,
-        retrieve=context_retriever(search, NAMES, SETTINGS.retrieve_k),
+        retrieve=context_retriever(search, NAMES, prompt.retrieve_k, prompt.passage_format),
         demos=prompt.demos,
         instruction=prompt.instruction,
     )
     return pair.prompt
 
 
-def program_prompt(program_json: Path | None, search: Shelf, client: LlamaCppClient) -> tuple[str, list[str]]:
+def program_prompt(
+    program_json: Path | None, search: Shelf, client: LlamaCppClient, settings: ProgramSettings = SETTINGS
+) -> tuple[str, list[str]]:
     """Optimization and evaluation: the DSPy program's forward, sent through `CompletionAdapter.format` to the model."""
-    program = load_program(program_json, SETTINGS, search) if program_json else SpecialistProgram(SETTINGS, search)
-    lm = CompletionLM(client, model_id="llama.cpp:test-contract", max_tokens=SETTINGS.max_tokens)
-    with program_context(lm, SETTINGS):
+    program = load_program(program_json, settings, search) if program_json else SpecialistProgram(settings, search)
+    lm = CompletionLM(client, model_id="llama.cpp:test-contract", max_tokens=settings.max_tokens)
+    with program_context(lm, settings):
         prediction = program(**CASE)
     return lm.history[-1]["prompt"], prediction.retrieved_ids
 
 
-def served_prompt(program_json: Path | None, search: Shelf) -> tuple[str, list[str]]:
+def served_prompt(
+    program_json: Path | None, search: Shelf, settings: ProgramSettings = SETTINGS
+) -> tuple[str, list[str]]:
     """The server: `build_runtime` reads the champion and renders each request with a `RequestRenderer`."""
-    renderer = RequestRenderer(read_serving_prompt(SETTINGS, program_json), NAMES, search, SETTINGS.retrieve_k)
+    prompt = read_serving_prompt(settings, program_json)
+    renderer = RequestRenderer(prompt, NAMES, search, prompt.retrieve_k)
     return renderer.render(CASE)
 
 
@@ -177,3 +185,44 @@ def test_the_query_is_the_set_inputs_in_the_programs_order() -> None:
     assert retrieval_query({"phrase": "gout", "specialty": ""}, NAMES) == "gout"
     assert retrieval_query({"phrase": "gout", "specialty": None}, NAMES) == "gout"
     assert retrieval_query({"phrase": "gout"}, NAMES) == "gout"
+
+
+WITH_TEXT = SETTINGS.model_copy(
+    update={"passage": SETTINGS.passage.model_copy(update={"fields": ["id", "title", "text"], "max_text_words": 5})}
+)
+
+
+def test_passage_text_and_the_depth_chosen_on_dev_reach_every_path_alike(gguf: Path, tmp_path: Path) -> None:
+    """A program that shows 5 words of each passage's text, whose saved JSON records a constrained answer from 2
+    passages (what the prompt flow chose on dev): training, DPO pairs, the program and the server render it alike."""
+    use_disk_cache(tmp_path / "dspy-cache")
+    program = SpecialistProgram(WITH_TEXT, Shelf()).choose("constrained", 2)
+    program_json = tmp_path / "program.json"
+    save_program(program, program_json)
+    search = Shelf()
+    client = LlamaCppClient(gguf, n_threads=1, n_ctx=1024)
+
+    trained = training_prompt(program_json, search, WITH_TEXT)
+    paired = preference_prompt(program_json, search, WITH_TEXT)
+    sent, sent_ids = program_prompt(program_json, search, client, WITH_TEXT)
+    served, served_ids = served_prompt(program_json, search, WITH_TEXT)
+
+    assert paired == trained == sent == served
+    assert served_ids == sent_ids == ["A01.01", "A01.02"]
+    assert trained.endswith(
+        "Context:\n"
+        "[1] A01.01 — candidate 1 for 'typhoid endocarditis cardiology': Typhoid fever, form 1. Typhoid …\n"
+        "[2] A01.02 — candidate 2 for 'typhoid endocarditis cardiology': Typhoid fever, form 2. Typhoid …\n"
+        "Phrase: typhoid endocarditis\nSpecialty: cardiology\nCode:"
+    )
+    assert read_serving_prompt(WITH_TEXT, program_json).answer_mode == "constrained"
+    assert read_serving_prompt(WITH_TEXT, None).answer_mode == "free"  # the declared program answers as declared
+
+
+def test_the_default_passage_keeps_todays_bytes() -> None:
+    """`id — title` (or the id alone without a title): champions saved before passage settings existed render alike."""
+    passage = Passage("A01.02", "Typhoid fever with heart involvement", "A01.02 Typhoid fever with heart involvement")
+    assert passage.render() == "A01.02 — Typhoid fever with heart involvement"
+    assert Passage("os.path", "").render() == "os.path"
+    assert passage.render(PassageFormat(("id", "text"), 3)) == "A01.02 — A01.02 Typhoid fever …"
+    assert passage.render(PassageFormat(("title",), 3)) == "Typhoid fever with heart involvement"
