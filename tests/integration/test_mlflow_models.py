@@ -408,3 +408,41 @@ def test_mlflow_models_serve_answers_a_request(registry: dict, loaded: dict, mlf
         assert prediction["retrieved_ids"] == loaded["cases"][0]["retrieved_ids"]
     finally:
         _stop(process)
+
+
+def test_a_version_registered_by_the_previous_release_is_read(
+    registry: dict, remote_server: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A program version without `MLmodel` (as the previous release registered them) still serves and composes."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from cadre.registry.models import register_specialist
+    from cadre.registry.versions import register_candidate
+
+    config = registry["config"]
+    client = MlflowClient(config.project.mlflow.uri)
+    run_id = _run(config, "previous release program")
+    client.log_artifacts(run_id, str(_program_folder(config)), "program")
+    old = register_candidate(
+        client, project=PROJECT, specialist="coder", kind="program", run_id=run_id, artifact_path="program", lineage={}
+    )
+    assert not any(item.path.endswith("MLmodel") for item in client.list_artifacts(run_id, "program"))
+    _promote(config, "program", str(old.version))
+    composite = register_specialist(config, "coder", run_id, actor="test", reason="an old part")
+    assert composite.tags["cadre.part.program"] == f"models:/{PROJECT}.coder.program/{old.version}"
+
+    monkeypatch.setenv("CADRE_MODEL_CACHE", str(tmp_path / "cache"))
+    mlflow.set_tracking_uri(config.project.mlflow.uri)
+    model = mlflow.pyfunc.load_model(f"models:/{PROJECT}.coder/{composite.version}")
+    answer = model.predict([{"phrase": registry["cases"][0]["phrase"]}]).to_dict(orient="records")[0]
+    assert len(answer["retrieved_ids"]) == 3
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        response = _chat(remote_server["url"], registry["cases"][0]["phrase"])
+        if response.headers.get("x-cadre-program-version") == str(old.version):
+            assert response.json()["cadre"]["outputs"]["code"] == answer["code"]
+            return
+        time.sleep(1)
+    pytest.fail(f"the old program version was not served:\n{remote_server['log'].read_text()[-3000:]}")
