@@ -82,7 +82,7 @@ def refresh_embedder(
         live_now = live
         if outcome.promoted:
             index_outcome = promote_reembedded_index(
-                config, specialist, handle, built, candidate, champion, index_champion, outcome.version
+                config, specialist, handle, built, candidate, champion, index_champion, outcome.version, budget
             )
             print(index_outcome.summary())
             if index_outcome.promoted:

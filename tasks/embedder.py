@@ -14,6 +14,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from cadre.config import CadreConfig
+from cadre.config.budget import RunBudget
 from cadre.evaluation.results import EvaluationResult, load_cases
 from cadre.knowledge.embedding import Embedder
 from cadre.knowledge.index.manifest import IndexLayout
@@ -200,6 +201,7 @@ def promote_reembedded_index(
     champion: EvaluationResult | None,
     index_champion: str | None,
     embedder_version: str,
+    budget: RunBudget,
 ) -> PromotionOutcome:
     """The promoted embedder's index version goes through the index gates too, in a child run of its own, so the
     registry's `index` champion is the live version (the re-index flow repairs the live pointer from it)."""
@@ -208,7 +210,7 @@ def promote_reembedded_index(
     from tasks.promotion import flow_actor
 
     IndexLayout(config.state_dir, specialist).record_embedder_version(built.version, embedder_version)
-    child = open_run(config, specialist, "reindex", "full", flow_run_id=None)
+    child = open_run(config, specialist, "reindex", budget, flow_run_id=None)
     client = MlflowClient(child.tracking_uri)
     client.set_tag(child.run_id, "mlflow.parentRunId", parent.run_id)
     client.set_tag(child.run_id, "mlflow.runName", f"reindex-by-embedder-v{embedder_version}")
