@@ -21,6 +21,7 @@ from cadre.config import load_config
 from cadre.config.budget import RunBudget
 from cadre.evaluation.report import adapter_score_table, slice_table, split_scores
 from cadre.feedback.store import store_url_for
+from cadre.orchestration.run_page import finished_state
 from cadre.platform.env import apply_env
 from cadre.prompts.program import IndexTarget
 from cadre.registry.champions import RegistryTarget, ServingSetup
@@ -53,12 +54,15 @@ def learn_from_feedback(specialist: str, config_path: str, budget: RunBudget = "
         collected = collect_corrections(handle, store_url_for(config, specialist), specialist, outputs)
         if len(collected.corrections) < settings.feedback.min_pairs:
             message = record_not_enough(handle, len(collected.corrections), settings.feedback.min_pairs)
-            return {
-                "mlflow_run_id": handle.run_id,
-                "promoted": False,
-                "corrections": len(collected.corrections),
-                "summary": message,
-            }
+            return finished_state(
+                handle,
+                {
+                    "mlflow_run_id": handle.run_id,
+                    "promoted": False,
+                    "corrections": len(collected.corrections),
+                    "summary": message,
+                },
+            )
         scratch = feedback_run_dir(config.state_dir, handle.run_id)
         registry = RegistryTarget(config.project.mlflow.uri, config.project.name, specialist)
         program = fetch_champion_program(registry, scratch)
@@ -123,18 +127,21 @@ def learn_from_feedback(specialist: str, config_path: str, budget: RunBudget = "
         )
         print(table)
         print(outcome.summary())
-    return {
-        "mlflow_run_id": handle.run_id,
-        "version": outcome.version,
-        "promoted": outcome.promoted,
-        "gate_passed": outcome.decision.passed,
-        "summary": outcome.decision.summary,
-        "corrections": len(collected.corrections),
-        "pairs": trained.pairs,
-        "steps": trained.steps,
-        "wall_capped": trained.wall_capped,
-        "train_seconds": trained.train_seconds,
-        "started_from": trained.started_from,
-        "champion_name": scores.champion.result.name,
-        "scores": split_scores(scores),
-    }
+    return finished_state(
+        handle,
+        {
+            "mlflow_run_id": handle.run_id,
+            "version": outcome.version,
+            "promoted": outcome.promoted,
+            "gate_passed": outcome.decision.passed,
+            "summary": outcome.decision.summary,
+            "corrections": len(collected.corrections),
+            "pairs": trained.pairs,
+            "steps": trained.steps,
+            "wall_capped": trained.wall_capped,
+            "train_seconds": trained.train_seconds,
+            "started_from": trained.started_from,
+            "champion_name": scores.champion.result.name,
+            "scores": split_scores(scores),
+        },
+    )

@@ -21,6 +21,7 @@ from prefect import flow
 from cadre.config import load_config
 from cadre.config.budget import RunBudget
 from cadre.evaluation.report import program_score_table
+from cadre.orchestration.run_page import finished_state
 from cadre.platform.env import apply_env
 from cadre.prompts.candidate import ProgramRuntime
 from cadre.prompts.optimize import plan_optimization
@@ -42,7 +43,7 @@ from tasks.prompts import (
     register_instruction_prompt,
     work_dir,
 )
-from tasks.tracking import tracked_run
+from tasks.tracking import log_case_splits, tracked_run
 
 
 @flow(name=stage("optimize").flow, log_prints=True)
@@ -57,6 +58,7 @@ def optimize_prompts(specialist: str, config_path: str, budget: RunBudget = "ful
         cases = load_optimization_cases(
             str(config.resolve(settings.evaluation.suite)), plan, settings.program.field_names
         )
+        log_case_splits(handle, str(config.resolve(settings.evaluation.suite)), cases)
         registry = RegistryTarget(config.project.mlflow.uri, config.project.name, specialist)
         champion = fetch_champion_program(registry, scratch)
         adapter_gguf, adapter_version = fetch_champion_adapter(registry, scratch)
@@ -102,15 +104,18 @@ def optimize_prompts(specialist: str, config_path: str, budget: RunBudget = "ful
         if outcome.promoted and prompt_uri:
             point_prompt_champion(registry, prompt_uri)
         print(outcome.summary())
-    return {
-        "mlflow_run_id": handle.run_id,
-        "gate_passed": outcome.decision.passed,
-        "event": outcome.event,
-        "version": outcome.version,
-        "champion": outcome.champion,
-        "promoted": outcome.promoted,
-        "candidate": scores.candidate.scores,
-        "baseline": scores.baseline.scores,
-        "compile_lm_calls": candidate.summary.get("compile_lm_calls"),
-        "test_lm_calls": {name: cost.get("lm_calls") for name, cost in scores.costs.items()},
-    }
+    return finished_state(
+        handle,
+        {
+            "mlflow_run_id": handle.run_id,
+            "gate_passed": outcome.decision.passed,
+            "event": outcome.event,
+            "version": outcome.version,
+            "champion": outcome.champion,
+            "promoted": outcome.promoted,
+            "candidate": scores.candidate.scores,
+            "baseline": scores.baseline.scores,
+            "compile_lm_calls": candidate.summary.get("compile_lm_calls"),
+            "test_lm_calls": {name: cost.get("lm_calls") for name, cost in scores.costs.items()},
+        },
+    )

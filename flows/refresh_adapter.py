@@ -18,6 +18,7 @@ from prefect import flow
 from cadre.config import load_config
 from cadre.config.budget import RunBudget
 from cadre.evaluation.report import adapter_score_table
+from cadre.orchestration.run_page import finished_state
 from cadre.platform.env import apply_env
 from cadre.prompts.program import IndexTarget
 from cadre.registry.champions import RegistryTarget, ServingSetup
@@ -116,18 +117,21 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
         )
         print(table)
         print(outcome.summary())
-    return {
-        "mlflow_run_id": handle.run_id,
-        "version": outcome.version,
-        "promoted": outcome.promoted,
-        "gate_passed": outcome.decision.passed,
-        "summary": outcome.decision.summary,
-        "steps": trained.global_step,
-        "resumed_from_step": trained.resumed_from_step,
-        "wall_capped": trained.wall_capped,
-        "train_seconds": trained.train_seconds,
-        "data_fingerprint": data.fingerprint,
-        "candidate": scores.candidate.result.scores,
-        "champion": scores.champion.result.scores,
-        "champion_name": scores.champion.result.name,
-    }
+    return finished_state(
+        handle,
+        {
+            "mlflow_run_id": handle.run_id,
+            "version": outcome.version,
+            "promoted": outcome.promoted,
+            "gate_passed": outcome.decision.passed,
+            "summary": outcome.decision.summary,
+            "steps": trained.global_step,
+            "resumed_from_step": trained.resumed_from_step,
+            "wall_capped": trained.wall_capped,
+            "train_seconds": trained.train_seconds,
+            "data_fingerprint": data.fingerprint,
+            "candidate": scores.candidate.result.scores,
+            "champion": scores.champion.result.scores,
+            "champion_name": scores.champion.result.name,
+        },
+    )

@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 
 from cadre.config import load_config
 from cadre.config.budget import RunBudget, plan_reindex
+from cadre.orchestration.run_page import finished_state
 from cadre.platform.env import apply_env
 from cadre.registry.promotion import Candidate
 from cadre.stages import stage
@@ -48,7 +49,7 @@ def reindex(specialist: str, config_path: str, budget: RunBudget = "full", trigg
             return {"changed": True, "version": result.version, "promoted": False, "wall_capped": True, "live": live}
         if not result.created_version:
             logger.info("no source changed since version %s: nothing embedded, nothing to promote", live)
-            return {"changed": False, "live": live}
+            return finished_state(handle, {"changed": False, "live": live})
 
         candidate = evaluate_retrieval(config, specialist, result.version, plan, "candidate")
         champion = evaluate_retrieval(config, specialist, live, plan, "champion", cases_of=result.version)
@@ -67,4 +68,7 @@ def reindex(specialist: str, config_path: str, budget: RunBudget = "full", trigg
         trigger_flow(
             config, "optimize", specialist, budget, reason=f"index {result.version} promoted by {flow_run.get_name()}"
         )
-    return {"changed": True, "version": result.version, "promoted": outcome.promoted, "gate": outcome.decision.summary}
+    return finished_state(
+        handle,
+        {"changed": True, "version": result.version, "promoted": outcome.promoted, "gate": outcome.decision.summary},
+    )

@@ -32,7 +32,7 @@ from cadre.feedback.store import (
 from cadre.jsonl import write_jsonl
 from cadre.prompts.program import open_retriever
 from cadre.registry.champions import ServingSetup
-from cadre.registry.runs import RunHandle
+from cadre.registry.runs import RunHandle, log_dataset
 from cadre.runtime.base_model import BaseModelFiles
 from cadre.runtime.retrieval import context_retriever
 from cadre.runtime.serving_prompt import read_serving_prompt
@@ -137,6 +137,7 @@ def build_feedback_data(
     client = MlflowClient(handle.tracking_uri)
     client.log_artifacts(handle.run_id, str(folder), "data")
     client.set_tag(handle.run_id, "cadre.data_fingerprint", digest.hexdigest())
+    log_dataset(handle, "preference_pairs", "training", digest.hexdigest(), str(folder / "preference_pairs.jsonl"))
     print(
         f"{len(pairs)} preference pair(s) rendered with the {'champion' if champion_program else 'declared'} program; "
         f"{len(cases)} case(s) in the feedback slice"

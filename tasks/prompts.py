@@ -318,12 +318,12 @@ def log_optimization(
     import mlflow
 
     mlflow.set_tracking_uri(handle.tracking_uri)
-    mlflow.log_table(scores.candidate.columns(), "eval/candidate_test.json", run_id=handle.run_id)
-    mlflow.log_table(scores.baseline.columns(), "eval/baseline_test.json", run_id=handle.run_id)
+    mlflow.log_table(scores.candidate.columns(), "evaluation/candidate_test.json", run_id=handle.run_id)
+    mlflow.log_table(scores.baseline.columns(), "evaluation/baseline_test.json", run_id=handle.run_id)
     if candidate.candidates:
         mlflow.log_table(
             {key: [row[key] for row in candidate.candidates] for key in candidate.candidates[0]},
-            "eval/dev_candidates.json",
+            "evaluation/dev_candidates.json",
             run_id=handle.run_id,
         )
     results = {
@@ -333,9 +333,11 @@ def log_optimization(
         "declared": scores.declared,
     }
     client.log_dict(
-        handle.run_id, {name: r.to_dict() for name, r in results.items() if r is not None}, "eval/test_results.json"
+        handle.run_id,
+        {name: r.to_dict() for name, r in results.items() if r is not None},
+        "evaluation/test_results.json",
     )
-    client.log_text(handle.run_id, program_score_table(scores, candidate.summary), "eval/summary.md")
+    client.log_text(handle.run_id, program_score_table(scores, candidate.summary), "evaluation/summary.md")
 
     stamp = _now_ms()
     metrics = {

@@ -33,7 +33,7 @@ from cadre.prompts.program import (
     use_disk_cache,
 )
 from cadre.registry.champions import ServingSetup
-from cadre.registry.runs import RunHandle
+from cadre.registry.runs import RunHandle, log_dataset
 from cadre.runtime.base_model import BaseModelFiles, base_model_files
 from cadre.runtime.prompt import PromptSpec
 from cadre.runtime.retrieval import context_retriever
@@ -148,6 +148,7 @@ def build_refresh_data(
         ],
     )
     client.set_tag(handle.run_id, "cadre.data_fingerprint", data.fingerprint)
+    log_dataset(handle, "training_data", "training", data.fingerprint, [str(s) for s in sources])
     folder = Path(out_dir) / "data"
     data.write_jsonl(folder / "training_data.jsonl")
     (folder / "skipped.json").write_text(json.dumps([vars(s) for s in data.skipped[:1000]], indent=1))
@@ -351,7 +352,7 @@ def export_candidate(
     client = MlflowClient(handle.tracking_uri)
     client.log_artifacts(handle.run_id, str(exported.folder), ADAPTER_ARTIFACT)
     training = Path(out_dir) / "training"
-    write_loss_curve(result.loss_curve, training)
+    write_loss_curve(result.loss_curve, training, heldout_loss=result.heldout_loss)
     client.log_artifacts(handle.run_id, str(training), "training")
     stamp = int(time.time() * 1000)
     client.log_batch(

@@ -25,7 +25,7 @@ from cadre.knowledge.reindex import (
     reindex_specialist,
 )
 from cadre.registry.promotion import champion_version
-from cadre.registry.runs import RunHandle
+from cadre.registry.runs import RunHandle, log_dataset
 from cadre.runtime.retrieval import retrieval_query
 
 
@@ -65,6 +65,13 @@ def log_reindex_result(handle: RunHandle, result: ReindexResult) -> None:
     client = MlflowClient(handle.tracking_uri)
     client.log_batch(handle.run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in result.metrics().items()])
     client.set_tag(handle.run_id, "cadre.corpus_fingerprint", result.corpus_fingerprint)
+    log_dataset(
+        handle,
+        "corpus",
+        "corpus",
+        result.corpus_fingerprint,
+        f"{result.specialist}: {result.documents_total} documents",
+    )
     client.set_tag(handle.run_id, "cadre.index_version", result.version or "")
     if result.wall_capped:
         client.set_tag(handle.run_id, "cadre.outcome", "wall_capped")

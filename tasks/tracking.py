@@ -11,8 +11,11 @@ marks the flow run Cancelled or Crashed), `Terminated` outside one. Either, and 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 
 from prefect import task
 from prefect.exceptions import TerminationSignal
@@ -20,8 +23,9 @@ from prefect.runtime import flow_run
 
 from cadre.config import CadreConfig
 from cadre.config.budget import RunBudget
+from cadre.orchestration.run_page import publish_summary
 from cadre.platform.signals import Terminated, terminate_on_sigterm
-from cadre.registry.runs import RunHandle, close_run, open_run, run_summary_markdown
+from cadre.registry.runs import RunHandle, close_run, dspy_traces, log_dataset, open_run, system_metrics
 
 STOPPED = (Terminated, TerminationSignal, KeyboardInterrupt)
 """What a process told to stop raises: its MLflow run ends KILLED."""
@@ -35,15 +39,24 @@ def open_tracking_run(config: CadreConfig, specialist: str, flow: str, budget: R
 
 @task(retries=3, retry_delay_seconds=[2, 5, 10], name="close-mlflow-run")
 def close_tracking_run(handle: RunHandle, status: str = "FINISHED") -> None:
-    """End the MLflow run and put what the flow run decided on its page in the Prefect UI (Artifacts tab)."""
-    from prefect.artifacts import create_markdown_artifact
-
+    """End the MLflow run (its verdict goes on the run first: the `verdict` tag and the run name)."""
     close_run(handle, status)
-    create_markdown_artifact(
-        run_summary_markdown(handle.tracking_uri, handle.run_id),
-        key="cadre-summary",
-        description="What this run decided, with links to its MLflow run and registry version",
-    )
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 10], name="log-datasets")
+def log_case_splits(handle: RunHandle, suite_dir: str, cases: dict[str, list[dict]]) -> None:
+    """Each case split the run used as an MLflow dataset input, with its rows and fingerprint."""
+    contexts = {"train": "training", "dev": "validation", "test": "testing"}
+    for split, rows in cases.items():
+        digest = hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+        source = next(iter(sorted(Path(suite_dir).glob(f"{split}.*"))), Path(suite_dir))
+        log_dataset(handle, split, contexts.get(split, split), digest, str(source), rows)
+
+
+def _publish_summary(handle: RunHandle) -> None:
+    # In the flow run's own context (not a task's), so the flow run's Artifacts tab lists it.
+    with suppress(Exception):
+        publish_summary(handle)
 
 
 @contextmanager
@@ -59,7 +72,8 @@ def tracked_run(config: CadreConfig, specialist: str, stage: str, budget: RunBud
     with terminate_on_sigterm():
         handle = open_tracking_run(config, specialist, stage, budget)
         try:
-            yield handle
+            with system_metrics(handle, stage), dspy_traces(handle, stage):
+                yield handle
         except STOPPED:
             # Not through a task: the process is going away, and its flow run may be cancelling already. If
             # MLflow does not answer, `cadre run` and `cadre up` end the run KILLED later.
@@ -68,5 +82,7 @@ def tracked_run(config: CadreConfig, specialist: str, stage: str, budget: RunBud
             raise
         except BaseException:
             close_tracking_run(handle, "FAILED")
+            _publish_summary(handle)
             raise
     close_tracking_run(handle)
+    _publish_summary(handle)

@@ -5,14 +5,18 @@
 - `adapter_score_table`: champion adapter (or base model) and candidate adapter side by side.
 - `slice_table` / `split_scores`: the learn-from-feedback flow's split of the same scores into the
   `feedback` slice and the rest of the test split.
+- `comparison_figure` / `log_comparison_figure`: candidate against champion per metric with bootstrap
+  intervals, the figure every gated run logs beside its gate report.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from cadre.evaluation.comparison import AdapterScores, TestScores, outside_candidates
+from cadre.evaluation.results import EvaluationResult
 from cadre.feedback.store import FEEDBACK_SLICE
 
 
@@ -143,3 +147,70 @@ def split_scores(scores: AdapterScores) -> dict[str, dict[str, float]]:
                         e.scores.get(metric, 0.0) for e in rows
                     ) / len(rows)
     return found
+
+
+def comparison_figure(candidate: EvaluationResult, baseline: EvaluationResult | None, path: Path) -> Path:
+    """Candidate against champion per quality metric, each with its bootstrap interval, as a PNG (`gate/comparison.png`).
+
+    One panel per metric (they have different scales: recall in [0, 1], latency in ms), two bars each, with the
+    intervals the gates read as error bars and the values printed on the bars.
+
+    Args:
+        candidate: the candidate's evaluation.
+        baseline: what serves now (the champion, or what serves without one), on the same cases; None: the candidate
+            alone is drawn.
+        path: the PNG to write (its folder is created).
+
+    Returns:
+        `path`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in candidate.metrics if m in candidate.scores] or sorted(candidate.scores)[:4]
+    systems = [(f"champion: {baseline.name}", baseline, "#8c8c8c")] if baseline is not None else []
+    systems.append((f"candidate: {candidate.name}", candidate, "#1f77b4"))
+    figure, axes = plt.subplots(1, len(metrics), figsize=(max(3.2 * len(metrics), 5), 3.6), squeeze=False)
+    for axis, metric in zip(axes[0], metrics, strict=True):
+        for position, (_, result, colour) in enumerate(systems):
+            value = result.scores.get(metric, 0.0)
+            low, high = result.intervals.get(metric, (value, value))
+            error = [[max(value - low, 0.0)], [max(high - value, 0.0)]]
+            axis.bar(position, value, color=colour, yerr=error, capsize=6, width=0.6)
+            axis.annotate(f"{value:.3g}", (position, value), textcoords="offset points", xytext=(12, 2), fontsize=8)
+        axis.set_xticks(range(len(systems)), [label.split(":")[0] for label, _, _ in systems])
+        axis.set_title(metric, fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+    level = int(round(candidate.confidence * 100))
+    figure.suptitle(
+        f"{candidate.cases} cases; bars: {level} % bootstrap intervals ({candidate.bootstrap_samples} resamples)",
+        fontsize=9,
+    )
+    figure.legend(
+        handles=[plt.Rectangle((0, 0), 1, 1, color=colour) for _, _, colour in systems],
+        labels=[label for label, _, _ in systems],
+        loc="lower center",
+        ncol=len(systems),
+        fontsize=8,
+        frameon=False,
+    )
+    figure.tight_layout(rect=(0, 0.08, 1, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def log_comparison_figure(
+    tracking_uri: str, run_id: str, candidate: EvaluationResult, baseline: EvaluationResult | None
+) -> None:
+    """Draw `comparison_figure` and log it to the run as `gate/comparison.png` (beside the gate report)."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    with tempfile.TemporaryDirectory() as folder:
+        png = comparison_figure(candidate, baseline, Path(folder) / "comparison.png")
+        MlflowClient(tracking_uri).log_artifact(run_id, str(png), artifact_path="gate")

@@ -38,6 +38,7 @@ from mlflow.entities.model_registry import ModelVersion
 
 from cadre.config import CadreConfig, Specialist
 from cadre.evaluation.gates import GateDecision, decide
+from cadre.evaluation.report import log_comparison_figure
 from cadre.evaluation.results import EvaluationResult
 from cadre.registry.models import MODEL_KINDS, ModelSpec, model_spec, register_specialist
 from cadre.registry.runs import RunHandle
@@ -295,6 +296,7 @@ def _report_on_run(client: MlflowClient, handle: RunHandle, candidate: Candidate
     report = decision.to_markdown()
     client.log_text(handle.run_id, report, "gate/gate_report.md")
     client.log_dict(handle.run_id, decision.to_dict(), "gate/gate_report.json")
+    log_comparison_figure(handle.tracking_uri, handle.run_id, candidate.scores, candidate.baseline)
     client.log_batch(handle.run_id, metrics=[Metric("gate_passed", float(decision.passed), int(time.time() * 1000), 0)])
     already = outcome.record is None or (decision.passed and candidate.expected_champion == outcome.version)
     for key, value in {

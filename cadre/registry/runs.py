@@ -9,8 +9,11 @@ which is safe from any thread.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,19 @@ TAG_FLOW_RUN = "cadre.prefect_flow_run_id"
 TAG_BUDGET = "cadre.budget"
 TAG_CONFIG_SHA = "cadre.pipelines_sha256"
 TAG_CODE = "cadre.code_version"
+TAG_VERDICT = "verdict"
+"""What the run's gates decided, in one word (`promoted`, `refused`, `unchanged`, `passed`), or how it ended
+(`failed`, `killed`): a column of MLflow's runs list, set when the run closes."""
+
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+"""MLflow's standard tag for the code a run ran (the run page links it)."""
+
+EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+"""MLflow 3's UI opens an experiment by this tag: Cadre's experiments are model development, shown as runs (without
+it the UI may infer a GenAI experiment and open an empty traces view)."""
+
+TRAINING_FLOWS = ("refresh", "feedback")
+"""Flows that train weights: their runs record system metrics (CPU, memory, GPU) while they run."""
 
 
 def experiment_name(config: CadreConfig, specialist: str) -> str:
@@ -85,17 +101,26 @@ def open_run(config: CadreConfig, specialist: str, flow: str, budget: str, flow_
     name = experiment_name(config, specialist)
     experiment = client.get_experiment_by_name(name)
     experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(name, tags={TAG_SPECIALIST: specialist})
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(name, tags={TAG_SPECIALIST: specialist, EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
     )
+    if experiment is not None and experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_DEVELOPMENT:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
     settings = config.specialist(specialist)
+    code = code_version()
     tags = {
         TAG_SPECIALIST: specialist,
         TAG_FLOW: flow,
         TAG_BUDGET: budget,
         TAG_CONFIG_SHA: config.sha256,
-        TAG_CODE: code_version(),
+        TAG_CODE: code,
         "mlflow.runName": f"{flow}-{budget}",
+        "mlflow.source.type": "JOB",
+        "mlflow.source.name": f"cadre flow {flow}",
     }
+    if re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", code):
+        tags[GIT_COMMIT_TAG] = code.removesuffix("+dirty")
     if flow_run_id:
         tags[TAG_FLOW_RUN] = flow_run_id
         tags["cadre.prefect_flow_run_url"] = f"{config.project.prefect.ui}/runs/flow-run/{flow_run_id}"
@@ -115,9 +140,37 @@ def open_run(config: CadreConfig, specialist: str, flow: str, budget: str, flow_
 
 
 def close_run(handle: RunHandle, status: str = "FINISHED") -> None:
+    """End the run; first put its verdict where MLflow's lists show it (the `verdict` tag and the run name)."""
     from mlflow import MlflowClient
 
-    MlflowClient(handle.tracking_uri).set_terminated(handle.run_id, status=status)
+    client = MlflowClient(handle.tracking_uri)
+    with suppress(Exception):  # a verdict that cannot be written must not keep the run open
+        tags = client.get_run(handle.run_id).data.tags
+        word = verdict_word(tags, status)
+        if word:
+            client.set_tag(handle.run_id, TAG_VERDICT, word)
+            name = tags.get("mlflow.runName", "")
+            if name and not name.endswith(f": {word}"):
+                client.set_tag(handle.run_id, "mlflow.runName", f"{name.split(': ')[0]}: {word}")
+    client.set_terminated(handle.run_id, status=status)
+
+
+def verdict_word(tags: dict[str, str], status: str = "FINISHED") -> str:
+    """The run's verdict in one word, from the tags the flows set: `promoted`, `refused`, `unchanged` (nothing new
+    to judge, or the candidate is the champion already), `passed` (the gate passed, the champion did not move),
+    `failed` / `killed` (the run did not finish), or empty (the flow gates nothing, e.g. `check`)."""
+    if status in ("FAILED", "KILLED"):
+        return status.lower()
+    if tags.get("cadre.outcome") in ("not_enough_corrections", "unchanged"):
+        return "unchanged"
+    gate, promoted = tags.get("cadre.gate"), tags.get("cadre.promoted")
+    if gate is None and promoted is None:
+        return ""
+    if tags.get("cadre.already_champion") == "true":
+        return "unchanged"
+    if promoted == "true" or (promoted is None and gate == "passed"):
+        return "promoted"
+    return "passed" if gate == "passed" else "refused"
 
 
 def find_run(tracking_uri: str, flow_run_id: str):
@@ -211,3 +264,132 @@ def skipped_summary(metrics: dict[str, float]) -> str:
     ]
     parts += [f"{label} {metrics[name]:.0f}" for name, label in SKIP_METRICS.items() if metrics.get(name, 0) > 0]
     return f"bad input skipped and counted: {', '.join(parts)} (examples in the run's report)" if parts else ""
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def log_dataset(
+    handle: RunHandle,
+    name: str,
+    context: str,
+    digest: str,
+    source: str | Sequence[str],
+    rows: Sequence[dict[str, Any]] | None = None,
+) -> None:
+    """Record a data set the run used as an MLflow dataset input (the run page's Datasets section).
+
+    Args:
+        handle: the run.
+        name: what the set is (`train`, `dev`, `test`, `corpus`, `training_data`, `preference_pairs`).
+        context: MLflow's context tag: `training`, `validation`, `testing`, `corpus`.
+        digest: Cadre's fingerprint of the set (sha256); its first 16 characters are the dataset's digest, the
+            whole of it the input tag `cadre.fingerprint`.
+        source: where it was read (a file, a folder, a database URL, or several).
+        rows: the records themselves when they are small (a case split): logged with their schema and profile.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = _dataset(name, digest[:16], source, rows)
+    tags = [InputTag("mlflow.data.context", context), InputTag("cadre.fingerprint", digest)]
+    MlflowClient(handle.tracking_uri).log_inputs(
+        handle.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)]
+    )
+
+
+def _dataset(name: str, digest: str, source: str | Sequence[str], rows: Sequence[dict[str, Any]] | None):
+    import mlflow.data
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    places = [source] if isinstance(source, str) else list(source)
+    if len(places) == 1 and Path(places[0]).exists():
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local file
+            warnings.simplefilter("ignore")
+            origin = resolve_dataset_source(str(Path(places[0]).resolve()))
+    else:
+        origin = CodeDatasetSource({"sources": json.dumps(places)[:4000]})
+    if rows:
+        import pandas
+
+        table = pandas.DataFrame(
+            [
+                {k: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v) for k, v in r.items()}
+                for r in rows
+            ]
+        )
+        return mlflow.data.from_pandas(table, source=origin, name=name, digest=digest)
+    return MetaDataset(origin, name=name, digest=digest)
+
+
+@contextmanager
+def system_metrics(handle: RunHandle, flow: str, interval_s: float = 10.0) -> Iterator[None]:
+    """Sample CPU, memory, disk and GPU use into the run's System metrics while a training flow runs
+    (`TRAINING_FLOWS`; other flows get nothing). Needs psutil (a Cadre dependency); without it, a no-op."""
+    if flow not in TRAINING_FLOWS:
+        yield
+        return
+    monitor = None
+    with suppress(Exception):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            handle.run_id, sampling_interval=interval_s, tracking_uri=handle.tracking_uri, resume_logging=True
+        )
+        monitor.start()
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            with suppress(Exception):
+                monitor.finish()
+
+
+DSPY_FLOWS = ("optimize",)
+"""Flows whose DSPy calls MLflow traces (`mlflow.dspy.autolog`)."""
+
+
+@contextmanager
+def dspy_traces(handle: RunHandle, flow: str) -> Iterator[None]:
+    """Trace the DSPy program's calls into the run while a DSPy flow runs (`DSPY_FLOWS`; others get nothing).
+
+    `mlflow.dspy.autolog` records each program call outside compiling (the candidate and the champion answering the
+    test cases) and each `dspy.Evaluate`, as traces of the run (its Traces tab). Compile-time calls are not traced:
+    an optimizer makes hundreds; the compile's cost and chosen program are logged by the flow. The run is the
+    thread's active run for the block; `close_run` records how the flow really ended afterwards.
+    """
+    if flow not in DSPY_FLOWS:
+        yield
+        return
+    import mlflow
+
+    active = False
+    try:
+        mlflow.set_tracking_uri(handle.tracking_uri)
+        mlflow.set_experiment(experiment_id=handle.experiment_id)
+        mlflow.dspy.autolog(
+            log_traces=True,
+            log_traces_from_compile=False,
+            log_traces_from_eval=True,
+            log_compiles=False,
+            log_evals=False,
+            silent=True,
+        )
+        mlflow.start_run(run_id=handle.run_id)
+        active = True
+    except Exception:  # tracing is an aid; a flow must not fail for it
+        pass
+    try:
+        yield
+    finally:
+        with suppress(Exception):
+            mlflow.dspy.autolog(disable=True)
+            mlflow.flush_trace_async_logging()  # every trace is on the server before the run ends
+        if active:
+            with suppress(Exception):
+                mlflow.end_run()  # marks it FINISHED; `close_run` then sets how the flow really ended

@@ -57,6 +57,7 @@ from mlflow.entities import Metric, Run, RunStatus, ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from cadre.registry.lineage import lineage_markdown
 from cadre.registry.models import ModelSpec
 from cadre.registry.runs import code_version
 from cadre.stages import REGISTRY_KINDS
@@ -374,11 +375,10 @@ class _Lease:
             if current is None or _float(current.get("expires_at")) < time.time():
                 expires = time.time() + self.ttl_s
                 mine = {"token": self.token, "holder": self.holder, "operation": self.operation}
-                self.client.set_registered_model_tag(
-                    self.name, LEASE_TAG, json.dumps({**mine, "expires_at": f"{expires:.3f}"})
-                )
-                quick = time.monotonic() - started < LEASE_SETTLE_S
-                time.sleep(LEASE_SETTLE_S)
+                wrote = self._write(json.dumps({**mine, "expires_at": f"{expires:.3f}"}))
+                quick = wrote and time.monotonic() - started < LEASE_SETTLE_S
+                if wrote:
+                    time.sleep(LEASE_SETTLE_S)
                 current = self._read()
                 if current is not None and current.get("token") == self.token:
                     if quick:
@@ -427,6 +427,21 @@ class _Lease:
         except ValueError:
             return {"token": "", "holder": "unreadable lease tag", "operation": "", "expires_at": "0"}
         return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else None
+
+    def _write(self, lease: str) -> bool:
+        """Write our lease; False when a concurrent writer's insert won (the registry refuses the second insert of
+        one tag key with a unique-key conflict: that writer takes the lease, we wait)."""
+        try:
+            self.client.set_registered_model_tag(self.name, LEASE_TAG, lease)
+            return True
+        except MlflowException:
+            current = self._read()
+            if current is None:  # the winner's insert may not be visible for a moment
+                time.sleep(0.2)
+                current = self._read()
+            if current is None or current.get("token") == self.token:
+                raise  # not a race with another writer
+            return False
 
     def _delete_if_mine(self) -> None:
         # Re-read right before deleting so a lease taken over by someone else in between is kept.
@@ -971,31 +986,56 @@ def _attach_report(
     scores: dict[str, float],
     actor: str,
 ) -> None:
-    """Put the gate report where a reviewer finds it; the verdict tag goes last so it implies a report."""
-    report_path = f"gate_reports/{target.kind}-v{version.version}/gate_report.json"
+    """Put the gate report where a reviewer finds it; the verdict tag goes last so it implies a report.
+
+    The description is the gate report, the candidate's own note (its score tables) and its lineage with links;
+    the JSON report and `lineage.md` go to the version's run under `gate/<kind>-v<N>/`. Tags stay few: the
+    verdict, where the report is, and the scores (`cadre.metrics`, read back by `cadre status`).
+    """
+    folder = f"gate/{target.kind}-v{version.version}"
+    report_path = f"{folder}/gate_report.json"
+    lineage = lineage_markdown(version.tags, target.project, target.specialist)
     if version.run_id:
         client.log_dict(version.run_id, decision.to_dict(), report_path)
+        if lineage:
+            client.log_text(version.run_id, lineage + "\n", f"{folder}/lineage.md")
     decided_at = _iso(_now())
+    run = f"[`{version.run_id[:12]}`](#/runs/{version.run_id})" if version.run_id else "—"
     header = (
         f"**Cadre gate report** for `{target.name}` v{version.version}: **{verdict.upper()}**, recorded "
-        f"{decided_at} by {actor}. JSON: artifact `{report_path}` of run `{version.run_id}`.\n\n"
+        f"{decided_at} by {actor}. JSON: artifact `{report_path}` of run {run}.\n\n"
     )
-    candidate = version.tags.get("cadre.candidate_description", "")
-    body = decision.to_markdown().strip() + (f"\n\n### Candidate\n\n{candidate}" if candidate else "")
-    text = header + body
+    candidate = _candidate_note(version)
+    # Lineage before the candidate's tables, so a long note is what the length limit cuts.
+    sections = [header + decision.to_markdown().strip(), lineage, f"### Candidate\n\n{candidate}" if candidate else ""]
+    text = "\n\n".join(section for section in sections if section)
     if len(text) > DESCRIPTION_LIMIT:
-        note = "\n\n… (truncated; the full report is in gate_report.json)"
-        text = text[: DESCRIPTION_LIMIT - len(note)] + note
+        text = text[: DESCRIPTION_LIMIT - len(_TRUNCATED)] + _TRUNCATED
     client.update_model_version(target.name, version.version, description=text)
     for key, value in {
-        "cadre.gate.kind": decision.kind,
         "cadre.gate.report": report_path,
-        "cadre.gate.decided_at": decided_at,
-        "cadre.gate.decided_by": actor,
         "cadre.metrics": json.dumps(scores, sort_keys=True),
     }.items():
         client.set_model_version_tag(target.name, version.version, key, value)
+    # The candidate's note now lives in the description; a whole Markdown table is no tag.
+    if "cadre.candidate_description" in version.tags:
+        with suppress(MlflowException):
+            client.delete_model_version_tag(target.name, version.version, "cadre.candidate_description")
     client.set_model_version_tag(target.name, version.version, _GATE, verdict)
+
+
+def _candidate_note(version: ModelVersion) -> str:
+    """The candidate's note: its tag until the first report, then the `### Candidate` section of the description."""
+    if version.tags.get("cadre.candidate_description"):
+        return version.tags["cadre.candidate_description"]
+    description = version.description or ""
+    if not description.startswith("**Cadre gate report**"):
+        return description.strip()
+    _, found, rest = description.partition("\n\n### Candidate\n\n")
+    return rest.removesuffix(_TRUNCATED).strip() if found else ""
+
+
+_TRUNCATED = "\n\n… (truncated; the full report is in gate_report.json)"
 
 
 def read_gate_report(client: MlflowClient, model_name: str, version: str | int) -> dict[str, Any]:

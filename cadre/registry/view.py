@@ -46,11 +46,12 @@ def print_champions(config: CadreConfig, console: Console) -> None:
         for kind in REGISTRY_KINDS:
             info = found.get(kind)
             if info is not None:
+                outside = alias_outside_history(events, kind, info.version)
                 table.add_row(
                     specialist.name,
                     kind,
-                    f"v{info.version}",
-                    _when(info.promoted_at),
+                    f"v{info.version}" + (" [red]⚠[/red]" if outside else ""),
+                    f"[red]{outside}[/red]" if outside else _when(info.promoted_at),
                     info.promoted_by or "",
                     _key_metric(info, _gate_metrics(specialist, kind)),
                     (info.run_id or "")[:12],
@@ -60,7 +61,7 @@ def print_champions(config: CadreConfig, console: Console) -> None:
                     specialist.name,
                     kind,
                     "—",
-                    f"[dim]none: {WITHOUT_A_CHAMPION[kind]}[/dim]",
+                    f"[dim]none: {WITHOUT_A_CHAMPION.get(kind, 'nothing of this kind serves')}[/dim]",
                     "",
                     _last_event(events, kind),
                     "",
@@ -75,6 +76,22 @@ WITHOUT_A_CHAMPION = {
     "program": "the declared program serves",
     "adapter": "the base model serves",
 }
+
+
+def alias_outside_history(events: list[PromotionRecord], kind: str, champion: str) -> str | None:
+    """Why `champion` is not the champion Cadre's history installed for `kind`, or None when it is.
+
+    MLflow's own "Promote model" and alias buttons move `champion` without a gate and without a history run; the
+    last applied event (promotion, rollback, retirement, or a refusal, which keeps the champion it found) says
+    where Cadre left the alias.
+    """
+    mine = [record for record in events if record.kind == kind and record.outcome == "applied"]
+    expected = mine[-1].to_version if mine else None
+    if expected == champion:
+        return None
+    where = f"v{expected}" if expected else "no champion"
+    fix = f"`cadre rollback` restores v{expected}" if expected else "`cadre retire` removes it"
+    return f"alias moved outside Cadre (no gate, no history): Cadre left {where}; {fix}"
 
 
 def _last_event(events: list[PromotionRecord], kind: str) -> str:

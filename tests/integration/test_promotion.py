@@ -171,7 +171,9 @@ def test_a_candidate_that_is_the_champion_itself_registers_and_records_nothing(c
     assert (
         tags["mlflow.note.content"].startswith("### first\n\n") and "exact_match ≥ 0.5" in tags["mlflow.note.content"]
     )
-    assert client.get_model_version(first.model_name, first.version).tags["cadre.candidate_description"] == "### first"
+    version = client.get_model_version(first.model_name, first.version)
+    assert version.description.endswith("### Candidate\n\n### first")  # the note is in the description, not a tag
+    assert "cadre.candidate_description" not in version.tags
 
     rerun = _candidate_run(config, tmp_path)
     same = gate_and_promote(
