@@ -1175,6 +1175,7 @@ def _history_experiment(client: MlflowClient, project: str, specialist: str, cre
                 "cadre.project": project,
                 "cadre.specialist": specialist,
                 "cadre.history": "true",
+                "mlflow.experimentKind": "custom_model_development",  # MLflow's UI opens it on its runs
                 "mlflow.note.content": f"Promotion history of the Cadre specialist `{specialist}`: "
                 "one run per promotion, refusal and rollback.",
             },

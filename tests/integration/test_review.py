@@ -114,6 +114,8 @@ def test_a_promotion_shows_no_lock_model_and_leaves_no_lease(client, project):
     assert registry.LEASE_TAG not in client.get_registered_model(name).tags
     assert lock_models(client, project) == []
     assert [m.name for m in client.search_registered_models(f"name LIKE '{project}%'")] == [name]
+    history = client.get_experiment_by_name(registry.history_experiment_name(project, SPECIALIST))
+    assert history.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on its runs
 
 
 def test_a_stale_lease_and_an_old_lock_model_are_cleared_by_the_next_promotion(client, project):
