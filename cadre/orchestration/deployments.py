@@ -25,7 +25,7 @@ from cadre.config.budget import WALL_CAP_TAG
 from cadre.evaluation.results import mlflow_metric_name
 from cadre.platform.env import apply_env
 from cadre.platform.stack import worker_name
-from cadre.registry.runs import find_run, run_verdict, skipped_summary
+from cadre.registry.runs import find_run, run_verdict, skipped_summary, ui_url
 from cadre.stages import RETRIEVAL_GATE_KINDS, STAGE_BY_NAME, STAGES
 
 TAG_MANAGED = "cadre"
@@ -757,7 +757,7 @@ def run_now(
         _end_as_killed(config.project.mlflow.uri, mlflow_run)
     if mlflow_run is not None:
         console.print(
-            f"  MLflow run: {config.project.mlflow.uri}/#/experiments/{mlflow_run.info.experiment_id}/runs/{mlflow_run.info.run_id}"
+            f"  MLflow run: {ui_url(config.project.mlflow.uri, f'experiments/{mlflow_run.info.experiment_id}/runs/{mlflow_run.info.run_id}')}"
         )
         verdict = run_verdict(mlflow_run.data.tags)
         if verdict:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from cadre.registry.runs import UI_VIEW
+
 LINEAGE_PREFIX = "cadre.lineage."
 
 _LABELS = {
@@ -48,7 +50,7 @@ def _cell(key: str, value: str, project: str, specialist: str) -> str:
     if not value or value == "-":
         return "—"
     if key == "run_id":
-        return f"[{value[:12]}](#/runs/{value})"
+        return f"[{value[:12]}](#/runs/{value}{UI_VIEW})"
     if key == "parent_versions":
         return ", ".join(_parent(part.strip(), project, specialist) for part in value.split(",") if part.strip())
     if key == "code_version" or len(value) >= 32:
@@ -63,4 +65,4 @@ def _parent(part: str, project: str, specialist: str) -> str:
         return f"`{part}`"
     if not version or version == "-":
         return f"{kind}: none"
-    return f"[{kind} v{version}](#/models/{project}.{specialist}.{kind}/versions/{version})"
+    return f"[{kind} v{version}](#/models/{project}.{specialist}.{kind}/versions/{version}{UI_VIEW})"

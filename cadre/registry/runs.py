@@ -42,6 +42,17 @@ TRAINING_FLOWS = ("refresh", "feedback")
 """Flows that train weights: their runs record system metrics (CPU, memory, GPU) while they run."""
 
 
+UI_VIEW = "?workflowType=machine_learning"
+"""Appended to MLflow UI links: MLflow 3's UI shows an experiment as GenAI (traces, judges) or model training (runs,
+models) by this query parameter or the reader's last choice, not by `mlflow.experimentKind`; Cadre's links open the
+model-training view, where runs, their verdicts and datasets are listed."""
+
+
+def ui_url(tracking_uri: str, path: str) -> str:
+    """An MLflow UI page (`experiments/1/runs/abc`, `models/x/versions/3`) in the model-training view."""
+    return f"{tracking_uri}/#/{path}{UI_VIEW}"
+
+
 def experiment_name(config: CadreConfig, specialist: str) -> str:
     return f"{config.project.name}/{specialist}"
 
@@ -82,7 +93,7 @@ class RunHandle:
 
     @property
     def url(self) -> str:
-        return f"{self.tracking_uri}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return ui_url(self.tracking_uri, f"experiments/{self.experiment_id}/runs/{self.run_id}")
 
 
 def open_run(config: CadreConfig, specialist: str, flow: str, budget: str, flow_run_id: str | None) -> RunHandle:
@@ -232,12 +243,12 @@ def run_summary_markdown(tracking_uri: str, run_id: str) -> str:
     lines = [
         f"### {tags.get('cadre.flow', 'flow')} · {tags.get('cadre.specialist', '')}: {verdict}",
         "",
-        f"- MLflow run: [{run_id[:12]}]({tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run_id})",
+        f"- MLflow run: [{run_id[:12]}]({ui_url(tracking_uri, f'experiments/{run.info.experiment_id}/runs/{run_id}')})",
     ]
     if tags.get("cadre.candidate_version"):
         name, _, version = tags["cadre.candidate_version"].rpartition("/")
         lines.append(
-            f"- registry: [{name} v{version}]({tracking_uri}/#/models/{name}/versions/{version}) "
+            f"- registry: [{name} v{version}]({ui_url(tracking_uri, f'models/{name}/versions/{version}')}) "
             "(its description is the gate report)"
         )
     if tags.get(WALL_CAP_TAG):

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cadre.config import CadreConfig, Specialist
+from cadre.registry.runs import ui_url
 from cadre.registry.versions import (
     ChampionInfo,
     PromotionRecord,
@@ -196,7 +197,7 @@ def print_decisions(config: CadreConfig, since: datetime, console: Console) -> i
 
 def version_url(config: CadreConfig, model_name: str, version: str) -> str:
     """The MLflow UI page of a registered model version (its description is the gate report)."""
-    return f"{config.project.mlflow.uri}/#/models/{model_name}/versions/{version}"
+    return ui_url(config.project.mlflow.uri, f"models/{model_name}/versions/{version}")
 
 
 def describe_record(record: PromotionRecord) -> str:

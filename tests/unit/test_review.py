@@ -151,8 +151,9 @@ def test_the_lineage_reads_as_a_table_with_links_to_the_run_and_the_parent_versi
     }
     text = lineage_markdown(tags, "demo", "coder")
     assert text.startswith("### Lineage\n")
-    assert "[0123456789ab](#/runs/0123456789abcdef0123)" in text
-    assert "[program v3](#/models/demo.coder.program/versions/3), adapter: none" in text
+    view = "?workflowType=machine_learning"  # MLflow's model-training view, where runs and versions are listed
+    assert f"[0123456789ab](#/runs/0123456789abcdef0123{view})" in text
+    assert f"[program v3](#/models/demo.coder.program/versions/3{view}), adapter: none" in text
     assert "`ffffffffffffffff…`" in text and "f" * 20 not in text  # a hash is shortened
     assert "| lm | llama.cpp\\|gemma |" in text  # a pipe in a value does not break the table
     assert "passed" not in text  # only lineage tags
