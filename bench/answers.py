@@ -13,6 +13,7 @@ packaged GGUF in this process (`LlamaCppClient`, the one that runs adapters), so
 Run (needs a live index: `cadre run reindex -s icd10-coder` first):
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/answers.py --split test --cases 100 [--k 5] [--passage id,title]
+        [--config other/pipelines.yaml] [--out figures.json]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "pipelines.yaml"), help="the pipelines file")
     parser.add_argument("--specialist", default="icd10-coder")
     parser.add_argument("--split", default="test", choices=["dev", "test"])
     parser.add_argument("--cases", type=int, default=100)
@@ -46,7 +48,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
 
-    config = load_config(ROOT / "pipelines.yaml")
+    config = load_config(args.config)
     settings = config.specialist(args.specialist)
     program = settings.program
     update: dict = {}

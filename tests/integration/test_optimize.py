@@ -225,6 +225,68 @@ def test_unreachable_lm_fails_the_run_and_promotes_nothing(
     assert not client.search_registered_models(filter_string=f"name LIKE '{PROJECT}-dead.%'")
 
 
+def test_the_answer_mode_and_depth_are_chosen_on_dev_and_the_program_must_beat_the_retriever(
+    project: Path, mlflow_server: str, harness: None, clean_environment: None
+) -> None:
+    """The same project and index under another name, whose program tries free and constrained answers from 1 and
+    3 passages on the dev split, and whose gate requires beating the first hit's id on the test cases."""
+    from mlflow import MlflowClient
+
+    from cadre.registry.versions import registered_model_name
+    from flows.optimize_prompts import optimize_prompts
+
+    text = project.read_text(encoding="utf-8")
+    changed = (
+        text.replace(f"name: {PROJECT}", f"name: {PROJECT}-answers")
+        .replace(
+            "num_candidate_programs: 1}",
+            "num_candidate_programs: 1, answer_modes: [free, constrained], retrieve_k: [1, 3]}",
+        )
+        .replace("{metric: exact_match, beat_champion_by: 0.0}", "{metric: exact_match, beat_baseline: retrieval}")
+    )
+    assert changed.count("answer_modes") == 1 and changed.count("beat_baseline") == 1
+    path = project.with_name("answers.yaml")
+    path.write_text(changed, encoding="utf-8")
+
+    result = optimize_prompts(SPECIALIST, str(path), budget="smoke")
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result["mlflow_run_id"])
+    mode, depth = run.data.params["optimize.answer_mode"], run.data.params["optimize.retrieve_k"]
+    assert mode in ("free", "constrained") and depth in ("1", "3")
+
+    summary = _artifact_text(client, run.info.run_id, "summary.md")
+    assert "retrieval only (its top-1 document as the answer) | " in summary
+    assert f"| candidate (answers {mode}, {depth} passages) | " in summary
+    assert f"Chosen on {CASES['dev']} dev cases" in summary and "(kept)" in summary
+    program = json.loads(Path(client.download_artifacts(run.info.run_id, "program/program.json")).read_text())
+    if (mode, depth) != ("free", "3"):  # the declared program answers free from 3 passages
+        assert program["cadre"] == {"answer_mode": mode, "retrieve_k": int(depth)}
+    if mode == "constrained":  # no answer outside the retrieved ids on any test case
+        results = json.loads(_artifact_text(client, run.info.run_id, "test_results.json"))
+        examples = results["candidate"]["examples"]
+        assert all(e["output"] in e["retrieved_ids"] for e in examples if e["output"])
+
+    # The gate judged the candidate against retrieval alone on the same cases.
+    metrics = run.data.metrics
+    beats = metrics["candidate_exact_match"] >= metrics["retrieval_only_exact_match"] - 1e-9
+    expected = "passed" if beats and metrics["candidate_icd_hierarchy"] >= 0.05 else "refused"
+    version = client.get_model_version(
+        registered_model_name(f"{PROJECT}-answers", SPECIALIST, "program"), result["version"]
+    )
+    assert version.tags["cadre.gate"] == expected
+    assert "exact_match beats retrieval only by ≥ 0" in version.description
+    assert "vs retrieval-top1: gain" in version.description
+
+
+def _artifact_text(client, run_id: str, name: str) -> str:
+    """A file the prompt flow logged to its run's evaluation folder."""
+    for folder in ("eval", "evaluation"):
+        found = [a.path for a in client.list_artifacts(run_id, folder) if a.path.endswith("/" + name)]
+        if found:
+            return Path(client.download_artifacts(run_id, found[0])).read_text(encoding="utf-8")
+    raise AssertionError(f"{name} was not logged")
+
+
 def _config(path: Path):
     from cadre.config import load_config
 
