@@ -1,8 +1,12 @@
-"""`cadre down` ends the flow runs its worker started: a re-index busy embedding the whole ICD-10-CM is cancelled,
-its process gone, its Prefect run Cancelled (not left Running for the next `cadre up` to crash) and its MLflow run
-KILLED; `cadre down --wait` lets a run finish instead. Real stack (MLflow, Prefect server and worker), real flows.
+"""`cadre down` ends the flow runs its worker started: a re-index busy embedding is cancelled, its process gone,
+its Prefect run Cancelled (not left Running for the next `cadre up` to crash) and its MLflow run KILLED;
+`cadre down --wait` lets a run finish instead. Real stack (MLflow, Prefect server and worker), real flows.
 
-Run: `python -m pytest -m integration tests/integration/test_down.py` (about 5 minutes on 2 cores).
+The specialist's source is a python entrypoint written here: five short documents under the smoke cap, and a
+stream of 200,000 under the full budget, so a full re-index is busy embedding for as long as the test needs
+(what is tested is how `cadre down` ends a busy flow run, not a corpus).
+
+Run: `python -m pytest -m integration tests/integration/test_down.py` (about 3 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -22,18 +26,28 @@ from support import free_port
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 CADRE = [sys.executable, "-m", "cadre.cli"]
 SERVICES = ["--only", "mlflow", "--only", "prefect", "--only", "worker"]  # a re-index needs no LM server
 SUITE_CASES = 5
 START_TIMEOUT_S = 240.0
+SOURCE = """\
+WORDS = "fever cough fracture rash anemia asthma gout migraine otitis eczema".split()
+
+
+def load_documents(limit=None):
+    for n in range(200_000 if limit is None else limit):  # the full budget: minutes of embedding
+        words = " ".join(WORDS[(n + i) % len(WORDS)] for i in range(8))
+        yield {"id": f"D{n:06d}", "text": f"code D{n:06d}: {words}"}
+"""
 
 
 def _write_project(root: Path) -> Path:
     (root / "suite").mkdir(parents=True, exist_ok=True)
-    lines = (REPO / "evals" / "suites" / "icd10-coder" / "test.jsonl").read_text(encoding="utf-8").splitlines()
-    (root / "suite" / "test.jsonl").write_text("\n".join(lines[:SUITE_CASES]) + "\n", encoding="utf-8")
-    codes = sorted({json.loads(line)["code"] for line in lines[:SUITE_CASES]})
+    (root / "slow_source.py").write_text(SOURCE)
+    cases = [
+        {"phrase": f"code D{n:06d}", "code": f"D{n:06d}", "relevant_ids": [f"D{n:06d}"]} for n in range(SUITE_CASES)
+    ]
+    (root / "suite" / "test.jsonl").write_text("".join(json.dumps(case) + "\n" for case in cases), encoding="utf-8")
     ports = {name: free_port() for name in ("mlflow", "prefect", "lm")}
     path = root / "pipelines.yaml"
     path.write_text(
@@ -48,19 +62,16 @@ def _write_project(root: Path) -> Path:
           threads: {{torch: 1, embedding: 1}}
         specialists:
           - name: coder
-            description: maps a clinical phrase to its ICD-10-CM code
+            description: maps a clinical phrase to its code
             sources:
-              - kind: python
-                name: icd10cm
-                entrypoint: cadre.demo.icd10:load_documents
-                options: {{billable_only: true, priority_ids: {json.dumps(codes)}}}
+              - {{kind: python, name: codes, entrypoint: "slow_source:load_documents"}}
             program:
               instruction: Answer with the ICD-10-CM code.
               inputs: [{{name: phrase}}]
               outputs: [{{name: code}}]
               retrieve_k: 3
             evaluation: {{suite: suite}}
-            smoke: {{max_documents: 200, max_eval_cases: {SUITE_CASES}}}
+            smoke: {{max_documents: {SUITE_CASES}, max_eval_cases: {SUITE_CASES}}}
         """)
     )
     return path
@@ -131,16 +142,20 @@ def _mlflow(config: Path) -> str:
 
 
 def _start_reindex(config: Path, budget: str):
-    """Up, deploy, trigger a re-index and wait until it is embedding; returns (flow run id, its process id)."""
+    """Up, deploy (once), trigger a re-index and wait until it is embedding; returns (flow run id, its process id)."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.exceptions import ObjectNotFound
 
     up = _cadre("up", *SERVICES, config=config)
     assert up.returncode == 0, up.stdout + up.stderr
-    deploy = _cadre("deploy", config=config)
-    assert deploy.returncode == 0, deploy.stderr
     with SyncPrefectClient(_api(config)) as client:
-        deployment = client.read_deployment_by_name("reindex/coder")
+        try:  # deployed by the first test: the deployments outlive `cadre down` in Prefect's database
+            deployment = client.read_deployment_by_name("reindex/coder")
+        except ObjectNotFound:
+            deploy = _cadre("deploy", config=config)
+            assert deploy.returncode == 0, deploy.stderr
+            deployment = client.read_deployment_by_name("reindex/coder")
         run = client.create_flow_run_from_deployment(
             deployment.id, parameters={"budget": budget, "trigger_optimize": False}
         )
@@ -189,7 +204,7 @@ def test_down_waits_for_a_run_to_finish_when_asked(project: Path) -> None:
 
 
 def test_down_ends_a_busy_flow_run_cancelled_and_its_mlflow_run_killed(project: Path) -> None:
-    flow_run_id, pid = _start_reindex(project, "full")  # every billable code: minutes of embedding
+    flow_run_id, pid = _start_reindex(project, "full")  # 200,000 documents: minutes of embedding
     time.sleep(5)
     assert _in_session(pid), "the flow-run process is not running"
     started = time.monotonic()

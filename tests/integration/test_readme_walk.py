@@ -90,13 +90,14 @@ def _write_project(root: Path, entry: dict, ports: dict[str, int]) -> Path:
             "prefect": {"port": ports["prefect"], "work_pool": "walk-pool"},
             "lm": {"port": ports["lm"]},
         },
-        # The README says everything under `defaults:` is inherited: a small smoke budget keeps this test short.
+        # The README says everything under `defaults:` is inherited: a small smoke budget keeps this test short
+        # (3 test cases per evaluation, 10 LM calls to compile: what is checked is the walk, not the scores).
         "defaults": {
             "smoke": {
                 "max_documents": 100,
-                "max_eval_cases": 6,
+                "max_eval_cases": 3,
                 "max_train_steps": 2,
-                "max_lm_calls": 16,
+                "max_lm_calls": 10,
                 "max_wall_seconds": 60,
             },
             "program": {
