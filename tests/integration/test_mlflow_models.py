@@ -446,3 +446,24 @@ def test_a_version_registered_by_the_previous_release_is_read(
             return
         time.sleep(1)
     pytest.fail(f"the old program version was not served:\n{remote_server['log'].read_text()[-3000:]}")
+
+
+def test_cadre_serve_elsewhere_downloads_and_swaps_in_an_index_version_when_its_alias_moves(
+    registry: dict, remote_server: dict
+) -> None:
+    """The same table registered again is another index version: the server downloads it and swaps it in."""
+    config = registry["config"]
+    swaps = remote_server["log"].read_text().count("swapped in")
+    again = _register(
+        config, "index", None, {"index_version": registry["index_version"]}, index_version=registry["index_version"]
+    )
+    _promote(config, "index", again)
+    deadline = time.monotonic() + 120
+    while remote_server["log"].read_text().count("swapped in") == swaps:
+        if time.monotonic() > deadline:
+            pytest.fail(f"no swap after the index alias moved:\n{remote_server['log'].read_text()[-3000:]}")
+        time.sleep(1)
+    folder = remote_server["state"] / "serving" / "coder" / f"index-v{again}"
+    assert (folder / "state" / "index" / "coder" / "lancedb" / f"{registry['index_version']}.lance").is_dir()
+    response = _chat(remote_server["url"], registry["cases"][0]["phrase"])
+    assert response.status_code == 200 and len(response.json()["cadre"]["retrieved_ids"]) == 3
