@@ -10,7 +10,8 @@ champions, and the specialist is registered as one model (`register_specialist`)
   the team with the same answers as the specialist model, and swaps the adapter when its alias moves;
 * `mlflow models serve -m models:/<project>.<specialist>@champion --env-manager local` answers a request.
 
-Run: `python -m pytest -m integration tests/integration/test_mlflow_models.py` (about 3–4 minutes on 2 cores).
+Run: `python -m pytest -m integration tests/integration/test_mlflow_models.py` (9–12 minutes measured on the shared, loaded
+2-core machine).
 """
 
 from __future__ import annotations
