@@ -112,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--ratio-steps", type=int, default=0, help="time the stage and a bare script on this many steps (0: skip)"
     )
+    parser.add_argument("--learning-rate", type=float, default=None, help="override embedder.learning_rate")
     parser.add_argument(
         "--max-documents", type=int, default=None, help="build a champion index of this many documents here instead"
     )
@@ -135,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = load_config(args.config)
     settings = config.specialist(SPECIALIST)
+    if args.learning_rate:
+        tuned = settings.embedder.model_copy(update={"learning_rate": args.learning_rate})
+        settings = settings.model_copy(update={"embedder": tuned})
     state_dir = args.state_dir or config.state_dir
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-embedder-"))
     work.mkdir(parents=True, exist_ok=True)
