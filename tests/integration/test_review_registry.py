@@ -7,7 +7,7 @@
   attached to the flow run itself;
 - `cadre status` flags a champion alias moved outside Cadre (MLflow's own alias buttons).
 
-Run: `python -m pytest -m integration tests/integration/test_review.py` (about a minute).
+Run: `python -m pytest -m integration tests/integration/test_review_registry.py` (about a minute).
 """
 
 from __future__ import annotations
