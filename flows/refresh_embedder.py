@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 
 from cadre.config import load_config
 from cadre.config.budget import ReindexPlan, RunBudget
+from cadre.orchestration.run_page import finished_state
 from cadre.platform.env import apply_env
 from cadre.registry.promotion import Candidate
 from cadre.stages import stage
@@ -103,19 +104,22 @@ def refresh_embedder(
             budget,
             reason=f"index {built.version} re-embedded by embedder v{outcome.version}, promoted by {flow_run.get_name()}",
         )
-    return {
-        "mlflow_run_id": handle.run_id,
-        "version": outcome.version,
-        "promoted": outcome.promoted,
-        "gate_passed": outcome.decision.passed,
-        "summary": outcome.decision.summary,
-        "index_version": built.version,
-        "live": live_now,
-        "train_pairs": len(pairs),
-        "steps": trained.steps,
-        "train_seconds": trained.train_seconds,
-        "reused_training": trained.reused,
-        "reembed_seconds": built.durations_s.get("total", 0.0),
-        "candidate": candidate.scores if candidate else {},
-        "champion": champion.scores if champion else {},
-    }
+    return finished_state(
+        handle,
+        {
+            "mlflow_run_id": handle.run_id,
+            "version": outcome.version,
+            "promoted": outcome.promoted,
+            "gate_passed": outcome.decision.passed,
+            "summary": outcome.decision.summary,
+            "index_version": built.version,
+            "live": live_now,
+            "train_pairs": len(pairs),
+            "steps": trained.steps,
+            "train_seconds": trained.train_seconds,
+            "reused_training": trained.reused,
+            "reembed_seconds": built.durations_s.get("total", 0.0),
+            "candidate": candidate.scores if candidate else {},
+            "champion": champion.scores if champion else {},
+        },
+    )
