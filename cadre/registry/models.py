@@ -296,6 +296,7 @@ def register_specialist(
         _await_ready,
         _move_alias,
         default_actor,
+        ensure_registered_model,
         get_champion,
         model_lock,
     )
@@ -309,7 +310,18 @@ def register_specialist(
     if config.specialist(specialist).program.retrieve_k and pinned["index"] is None:
         return None
     name = specialist_model_name(project, specialist)
-    _ensure_model(client, name, project, specialist)
+    ensure_registered_model(
+        client,
+        name,
+        project,
+        specialist,
+        SPECIALIST_KIND,
+        description=(
+            f"The Cadre specialist `{specialist}` as one model (program + index + adapter, the champions). "
+            f'`mlflow.pyfunc.load_model("models:/{name}@champion")` answers a case as `cadre serve` does; '
+            "a new version follows every promotion of a part (tags `cadre.part.*` name them)."
+        ),
+    )
     tags = {f"cadre.part.{kind}": uri or "" for kind, uri in pinned.items()}
     with model_lock(client, name, holder=actor or default_actor(), operation="register specialist") as lease:
         current = version_by_alias(client, name, CHAMPION)
@@ -338,24 +350,6 @@ def register_specialist(
         lease.check()
         _move_alias(client, name, CHAMPION, version.version)
     return client.get_model_version(name, version.version)
-
-
-def _ensure_model(client: MlflowClient, name: str, project: str, specialist: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(
-            name,
-            tags={"cadre.project": project, "cadre.specialist": specialist, "cadre.kind": SPECIALIST_KIND},
-            description=(
-                f"The Cadre specialist `{specialist}` as one model (program + index + adapter, the champions). "
-                f'`mlflow.pyfunc.load_model("models:/{name}@champion")` answers a case as `cadre serve` does; '
-                "a new version follows every promotion of a part (tags `cadre.part.*` name them)."
-            ),
-        )
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:

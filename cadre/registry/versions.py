@@ -520,7 +520,7 @@ def register_candidate(
         "cadre.artifact_path": artifact_path,
         "cadre.candidate_description": description or "",
     }
-    _ensure_registered_model(client, name, project, specialist, kind)
+    ensure_registered_model(client, name, project, specialist, kind)
     if model is not None and _existing_version(client, name, run_id, artifact_path) is None:
         from cadre.registry.models import log_model_files
 
@@ -560,7 +560,13 @@ def _lineage(lineage: Mapping[str, str], run_id: str) -> dict[str, str]:
     return merged
 
 
-def _ensure_registered_model(client: MlflowClient, name: str, project: str, specialist: str, kind: str) -> None:
+def ensure_registered_model(
+    client: MlflowClient, name: str, project: str, specialist: str, kind: str, description: str | None = None
+) -> None:
+    """Create the registered model `name` with Cadre's tags unless it exists (a concurrent creation is fine).
+
+    `description` defaults to the one of a part (program, adapter, index, embedder) of a specialist.
+    """
     try:
         client.get_registered_model(name)
         return
@@ -571,7 +577,8 @@ def _ensure_registered_model(client: MlflowClient, name: str, project: str, spec
         client.create_registered_model(
             name,
             tags={"cadre.project": project, "cadre.specialist": specialist, "cadre.kind": kind},
-            description=(
+            description=description
+            or (
                 f"{kind} of the Cadre specialist `{specialist}` (project `{project}`). "
                 f"Alias `{CHAMPION}` serves; `{CHALLENGER}` is the latest complete candidate. "
                 f"Each version's description holds its gate report; every promotion, refusal and rollback "
