@@ -219,6 +219,7 @@ def test_gate_report_is_readable_through_mlflow(client, project, tmp_path):
 
 def test_decision_from_cadre_gates_round_trips(client, project):
     from cadre.evaluation import gates
+
     outcome = gates.RuleOutcome(
         rule_text="exact_match ≥ 0.6",
         kind="at_least",
