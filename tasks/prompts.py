@@ -372,6 +372,7 @@ def log_optimization(
         "optimize.program_sha256": candidate.fingerprint,
         "optimize.answer_mode": str(candidate.summary.get("answer_mode", "free")),
         "optimize.retrieve_k": str(candidate.summary.get("chosen_retrieve_k", "")),
+        "optimize.retrieval_weight": str(candidate.summary.get("retrieval_weight") or 0),
     }
     client.log_batch(handle.run_id, params=[Param(k, v) for k, v in params.items()])
 

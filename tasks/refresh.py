@@ -20,6 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from cadre.config.budget import WALL_CAP_TAG
+from cadre.config.program import CANDIDATE_MODES
 from cadre.evaluation.comparison import AdapterScores
 from cadre.evaluation.results import load_cases
 from cadre.prompts.optimize import EvaluationRun, evaluate_program
@@ -36,7 +37,7 @@ from cadre.registry.champions import ServingSetup
 from cadre.registry.runs import RunHandle, log_dataset
 from cadre.runtime.base_model import BaseModelFiles, base_model_files
 from cadre.runtime.prompt import PromptSpec
-from cadre.runtime.retrieval import context_retriever
+from cadre.runtime.retrieval import candidate_ids, context_retriever
 from cadre.runtime.serving_prompt import read_serving_prompt
 from cadre.stages import stage
 from cadre.tuning.adapter_export import (
@@ -107,10 +108,13 @@ def build_refresh_data(
             "traces the training data does not have (set program.module: predict or skip this flow)"
         )
     prompt = read_serving_prompt(program_settings, champion_program.path if champion_program else None)
-    retrieve = None
+    retrieve = answer_ids = None
     if prompt.spec.context_field:
         names = [item.name for item in program_settings.inputs]
-        retrieve = context_retriever(open_retriever(setup.index), names, prompt.retrieve_k, prompt.passage_format)
+        search = open_retriever(setup.index)  # searches each query once: both readers below share it
+        retrieve = context_retriever(search, names, prompt.retrieve_k, prompt.passage_format)
+        if prompt.answer_mode in CANDIDATE_MODES:  # train on what serves: only answers the program can give
+            answer_ids = candidate_ids(search, names, prompt.retrieve_k)
 
     sources = training_sources(Path(suite_dir), [Path(f) for f in data_files], tuning.from_eval_train)
     records, skipped = read_records(sources)
@@ -127,11 +131,13 @@ def build_refresh_data(
         instruction=prompt.instruction,
         max_examples=max_examples,
         skipped=skipped,
+        answer_ids=answer_ids,
     )
     seconds = time.perf_counter() - started
     print(
         f"training data: {data.counts['train']} train / {data.counts['heldout']} held-out examples from {len(sources)} file(s) "
-        f"({data.counts['invalid']} invalid, {data.counts['duplicates']} duplicates, {data.counts['too_long']} too long, "
+        f"({data.counts['invalid']} invalid, {data.counts['duplicates']} duplicates, "
+        f"{data.counts['ungrounded']} whose answer is not among the candidates, {data.counts['too_long']} too long, "
         f"{data.counts['capped']} beyond the step budget) in {seconds:.0f} s; fingerprint {data.fingerprint[:16]}"
     )
 

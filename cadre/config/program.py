@@ -56,6 +56,15 @@ class OptimizerSettings(Strict):
             "kept in the saved program and served. Empty: keep `retrieve_k`."
         ),
     )
+    retrieval_weights: list[float] = Field(
+        [],
+        description=(
+            "Weights of the retriever's ranking tried on the dev split with answer mode `score` (see "
+            "`answer.retrieval_weight`; e.g. [0, 0.5, 1, 2, 100]); the best is kept in the saved program and served. "
+            "The LM's log-likelihoods are computed once per case and reused for every weight. Empty: keep "
+            "`answer.retrieval_weight`."
+        ),
+    )
 
     @field_validator("retrieve_k")
     @classmethod
@@ -63,6 +72,13 @@ class OptimizerSettings(Strict):
         if any(not 1 <= k <= 50 for k in depths):
             raise ValueError(f"every retrieve_k tried must be between 1 and 50, got {depths}")
         return list(dict.fromkeys(depths))
+
+    @field_validator("retrieval_weights")
+    @classmethod
+    def _weights(cls, weights: list[float]) -> list[float]:
+        if any(not 0 <= w <= 1000 for w in weights):
+            raise ValueError(f"every retrieval weight tried must be between 0 and 1000, got {weights}")
+        return list(dict.fromkeys(weights))
 
 
 class PassageSettings(Strict):
@@ -98,6 +114,16 @@ class AnswerSettings(Strict):
             "retrieved passages' ids. `score`: the LM's log-likelihood of each candidate id as the answer ranks them "
             "and the best is answered (one forward pass per candidate token). Both non-free modes need retrieval and "
             "a single output field, and never answer an id outside the candidates."
+        ),
+    )
+    retrieval_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1000.0,
+        description=(
+            "Mode `score` only: how much the retriever's ranking counts beside the LM. Each candidate's score is its "
+            "log-likelihood minus `retrieval_weight × ln(1 + rank)` (rank 0 is the first hit), so 0 is the LM alone "
+            "and a large weight (e.g. 100) answers the first hit unless the LM is nearly certain otherwise."
         ),
     )
 
@@ -169,6 +195,19 @@ class ProgramSettings(Strict):
                     f"answer mode {mode!r} decodes the answer alone, but module {self.module!r} writes its reasoning "
                     "first; use module predict or mode free",
                 )
+        scored = self.answer.mode == "score" or "score" in self.optimizer.answer_modes
+        if self.answer.retrieval_weight and self.answer.mode != "score":
+            raise FieldError(
+                ("answer", "retrieval_weight"),
+                f"retrieval_weight weighs the retriever's ranking against the LM's scores, but answer mode is "
+                f"{self.answer.mode!r}; set answer.mode: score or remove retrieval_weight",
+            )
+        if self.optimizer.retrieval_weights and not scored:
+            raise FieldError(
+                ("optimizer", "retrieval_weights"),
+                "retrieval weights are tried with answer mode score, which this program never uses; add score to "
+                "optimizer.answer_modes or remove the list",
+            )
         if self.optimizer.retrieve_k and not self.retrieve_k:
             raise FieldError(
                 ("optimizer", "retrieve_k"),

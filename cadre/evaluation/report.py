@@ -36,7 +36,12 @@ def program_score_table(scores: TestScores, compile_summary: Mapping[str, Any]) 
     """
     mode = compile_summary.get("answer_mode", scores.answer_mode)
     depth = compile_summary.get("chosen_retrieve_k")
-    answers = f"answers {mode}" + (f", {depth} passages" if depth else "")
+    weight = compile_summary.get("retrieval_weight") or 0.0
+    answers = (
+        f"answers {mode}"
+        + (f" with the retriever's ranking weighted {weight:g}" if weight else "")
+        + (f", {depth} passages" if depth else "")
+    )
     rows = [
         (
             "retrieval only (its top-1 document as the answer)",
@@ -78,15 +83,30 @@ def program_score_table(scores: TestScores, compile_summary: Mapping[str, Any]) 
     choices = summary.get("dev_choices") or []
     if choices:
         tried = ", ".join(
-            f"{c['answer_mode']}@{c['retrieve_k']} {c['score']:.3f}" + (" (kept)" if _kept(c, mode, depth) else "")
-            for c in choices
+            f"{_try_name(c)} {c['score']:.3f}" + (" (kept)" if _kept(c, mode, depth, weight) else "") for c in choices
         )
-        lines.append(f"Chosen on {choices[0]['cases']} dev cases (answer mode@passages, first answer metric): {tried}.")
+        lines.append(
+            f"Chosen on {choices[0]['cases']} dev cases (answer mode[/retrieval weight]@passages, first answer "
+            f"metric): {tried}."
+        )
     return "\n".join(lines)
 
 
-def _kept(choice: Mapping[str, Any], mode: str, depth: Any) -> bool:
-    return choice["answer_mode"] == mode and choice["retrieve_k"] == depth
+def _try_name(choice: Mapping[str, Any]) -> str:
+    weight = choice.get("retrieval_weight") or 0.0
+    return (
+        f"{choice['answer_mode']}"
+        + (f"/{weight:g}" if choice["answer_mode"] == "score" else "")
+        + f"@{choice['retrieve_k']}"
+    )
+
+
+def _kept(choice: Mapping[str, Any], mode: str, depth: Any, weight: float) -> bool:
+    return (
+        choice["answer_mode"] == mode
+        and choice["retrieve_k"] == depth
+        and (choice.get("retrieval_weight") or 0.0) == weight
+    )
 
 
 def _with_interval(result: Any, metric: str) -> str:

@@ -93,6 +93,7 @@ def save_candidate(
         **result.summary(),
         "answer_mode": result.program.answer_mode,
         "chosen_retrieve_k": result.program.retrieve_k,
+        "retrieval_weight": result.program.retrieval_weight,
         "dev_choices": [asdict(choice) for choice in choices or []],
         **(choice_usage.to_metrics("choice_") if choice_usage is not None else {}),
     }

@@ -591,7 +591,7 @@ def _predictor_states(program: dspy.Module) -> list[Any]:
 
 @dataclass(frozen=True)
 class AnswerChoice:
-    """One answer mode and retrieval depth scored on the dev split."""
+    """One answer mode, retrieval depth and (with `score`) weight of the retriever's ranking, scored on dev."""
 
     answer_mode: str
     retrieve_k: int
@@ -599,6 +599,13 @@ class AnswerChoice:
     interval: tuple[float, float] | None
     cases: int
     outside_candidates: float
+    retrieval_weight: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """`score (retrieval weight 1) k=5`: how reports name the try."""
+        weight = f" (retrieval weight {self.retrieval_weight:g})" if self.answer_mode == "score" else ""
+        return f"{self.answer_mode}{weight} k={self.retrieve_k}"
 
 
 def choose_on_dev(
@@ -609,31 +616,40 @@ def choose_on_dev(
     devset: Sequence[dict[str, Any]],
 ) -> list[AnswerChoice]:
     """Score the compiled program on the dev split with each declared answer mode and retrieval depth
-    (`optimizer.answer_modes` × `optimizer.retrieve_k`), leave it answering with the best, and return every try.
+    (`optimizer.answer_modes` × `optimizer.retrieve_k`, and `optimizer.retrieval_weights` with mode `score`),
+    leave it answering with the best, and return every try.
 
     The best has the highest first answer metric; ties go to the earlier try (the declared order: list the cheaper
-    modes and depths first). With neither list declared the program keeps its declared mode and depth and nothing
-    is scored. When `lm.budget` runs out, the best of the tries completed so far is kept (the declared mode and
-    depth if none was).
+    modes, depths and smaller weights first). With no list declared the program keeps its declared choices and
+    nothing is scored. The LM scores each case's candidates once (`CompletionLM` caches them); every weight after the
+    first re-ranks those scores without an LM call. When `lm.budget` runs out, the best of the tries completed so
+    far is kept (the declared choices if none was).
     """
     optimizer = program_settings.optimizer
-    modes = optimizer.answer_modes or [program_settings.answer.mode]
+    declared = program_settings.answer
+    modes = optimizer.answer_modes or [declared.mode]
     depths = optimizer.retrieve_k or [program_settings.retrieve_k]
-    if len(modes) * len(depths) <= 1:
-        program.choose(modes[0], depths[0])
+    weights = optimizer.retrieval_weights or [declared.retrieval_weight]
+    plan = [
+        (mode, depth, weight if mode == "score" else 0.0)
+        for depth in depths
+        for mode in modes
+        for weight in (weights if mode == "score" else [0.0])
+    ]
+    if len(plan) <= 1:
+        program.choose(*plan[0])
         return []
     metric = evaluation.answer_metrics[0]
     tried: list[AnswerChoice] = []
     if lm.budget is not None:
         lm.budget.start()
-    for depth, mode in [(depth, mode) for depth in depths for mode in modes]:
-        program.choose(mode, depth)
+    for mode, depth, weight in plan:
+        program.choose(mode, depth, weight)
+        name = f"dev-{mode}-k{depth}" + (f"-w{weight:g}" if mode == "score" else "")
         try:
-            run = evaluate_program(program, program_settings, evaluation, lm, devset, f"dev-{mode}-k{depth}")
+            run = evaluate_program(program, program_settings, evaluation, lm, devset, name)
         except BudgetExhausted as stop:
-            log.warning(
-                "choosing the answer mode stopped after %d of %d tries: %s", len(tried), len(depths) * len(modes), stop
-            )
+            log.warning("choosing the answer mode stopped after %d of %d tries: %s", len(tried), len(plan), stop)
             break
         tried.append(
             AnswerChoice(
@@ -643,13 +659,14 @@ def choose_on_dev(
                 run.result.intervals.get(metric),
                 run.result.cases,
                 outside_candidates(run.result),
+                weight,
             )
         )
     if not tried:
-        program.choose(program_settings.answer.mode, program_settings.retrieve_k)
+        program.choose(declared.mode, program_settings.retrieve_k, declared.retrieval_weight)
         return []
     best = max(range(len(tried)), key=lambda i: (tried[i].score, -i))
-    program.choose(tried[best].answer_mode, tried[best].retrieve_k)
+    program.choose(tried[best].answer_mode, tried[best].retrieve_k, tried[best].retrieval_weight)
     return tried
 
 

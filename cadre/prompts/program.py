@@ -252,6 +252,8 @@ class CompletionLM(dspy.BaseLM):
         if mode != "free":  # part of the cache key only when set, so free answers keep their cached entries
             request["answer_mode"] = mode
             request["candidates"] = list(options.get("candidates") or [])
+            if options.get("retrieval_weight"):
+                request["retrieval_weight"] = float(options["retrieval_weight"])
         with self._lock:
             if self.budget is not None:
                 self.budget.check(self.usage.requests)
@@ -274,13 +276,14 @@ class CompletionLM(dspy.BaseLM):
         try:
             if request.get("answer_mode"):
                 completion = answer_from_candidates(
-                    self.client,
+                    _CachedScores(self.client, self.model_id) if self.cache else self.client,
                     request["prompt"],
                     request["candidates"],
                     mode=request["answer_mode"],
                     max_tokens=request["max_tokens"],
                     stop=request["stop"],
                     temperature=request["temperature"],
+                    retrieval_weight=request.get("retrieval_weight", 0.0),
                 )
             else:
                 completion = self.client.complete(
@@ -304,6 +307,31 @@ class CompletionLM(dspy.BaseLM):
             "cost_usd": cost,
             "seconds": completion.seconds,
         }
+
+
+class _CachedScores:
+    """A client whose candidate scores go through DSPy's disk cache, so the same prompt and candidates are scored
+    once however many retrieval weights are tried on them (each weight is its own answer in the cache)."""
+
+    def __init__(self, client: CompletionClient, model_id: str):
+        self.client, self.model_id = client, model_id
+
+    def complete(self, *args: Any, **kwargs: Any) -> Any:
+        return self.client.complete(*args, **kwargs)
+
+    def score(self, prompt: str, continuations: list[str]) -> list[float]:
+        key = {
+            "_fn_identifier": CACHE_NAMESPACE + ".score",
+            "model_id": self.model_id,
+            "prompt": prompt,
+            "continuations": list(continuations),
+        }
+        cached = dspy.cache.get(key)
+        if cached is not None:
+            return list(cached["scores"])
+        scores = self.client.score(prompt, continuations)
+        dspy.cache.put(key, {"scores": list(scores)})
+        return scores
 
 
 def _message_text(message: Mapping[str, Any]) -> str:
@@ -489,7 +517,7 @@ def make_signature(settings: ProgramSettings) -> type[dspy.Signature]:
 
 
 CHOICES_KEY = "cadre"
-"""Key of a saved program's JSON holding what the flow chose on dev (`answer_mode`, `retrieve_k`)."""
+"""Key of a saved program's JSON holding what the flow chose on dev (`answer_mode`, `retrieve_k`, `retrieval_weight`)."""
 
 
 class SpecialistProgram(dspy.Module):
@@ -517,8 +545,9 @@ class SpecialistProgram(dspy.Module):
         self.context_field = settings.context_field if settings.retrieve_k else None
         self.retrieve_k = settings.retrieve_k
         self.answer_mode = settings.answer.mode
+        self.retrieval_weight = settings.answer.retrieval_weight if settings.answer.mode == "score" else 0.0
         self.passage_format = PassageFormat.from_settings(settings)
-        self._declared = {"answer_mode": settings.answer.mode, "retrieve_k": settings.retrieve_k}
+        self._declared = self.choices
         self.retriever = (
             SharedRetriever(retriever)
             if retriever is not None and not isinstance(retriever, SharedRetriever)
@@ -537,6 +566,8 @@ class SpecialistProgram(dspy.Module):
             arguments = {self.context_field: [p.render(self.passage_format) for p in passages], **arguments}
         if self.answer_mode != "free":
             config = {"answer_mode": self.answer_mode, "candidates": [p.id for p in passages]}
+            if self.retrieval_weight:
+                config["retrieval_weight"] = self.retrieval_weight
             answer = self.answer(**arguments, config=config)
         else:
             answer = self.answer(**arguments)
@@ -547,16 +578,22 @@ class SpecialistProgram(dspy.Module):
             **({self.context_field: arguments[self.context_field]} if self.context_field else {}),
         )
 
-    def choose(self, answer_mode: str, retrieve_k: int) -> SpecialistProgram:
-        """Answer with `answer_mode` from `retrieve_k` passages from now on (what the flow chose on dev); returns self."""
+    def choose(self, answer_mode: str, retrieve_k: int, retrieval_weight: float = 0.0) -> SpecialistProgram:
+        """Answer with `answer_mode` from `retrieve_k` passages (weighing the retriever's ranking by
+        `retrieval_weight` when scoring) from now on: what the flow chose on dev; returns self."""
         self.answer_mode = answer_mode
         self.retrieve_k = retrieve_k if self.context_field else 0
+        self.retrieval_weight = float(retrieval_weight) if answer_mode == "score" else 0.0
         return self
 
     @property
     def choices(self) -> dict[str, Any]:
-        """What a saved program records beside DSPy's state: its answer mode and retrieval depth."""
-        return {"answer_mode": self.answer_mode, "retrieve_k": self.retrieve_k}
+        """What a saved program records beside DSPy's state: its answer mode, retrieval depth and (when scoring
+        with one) the weight of the retriever's ranking."""
+        chosen: dict[str, Any] = {"answer_mode": self.answer_mode, "retrieve_k": self.retrieve_k}
+        if self.retrieval_weight:
+            chosen["retrieval_weight"] = self.retrieval_weight
+        return chosen
 
 
 def load_program(path: str | Path, settings: ProgramSettings, retriever: Retriever | None = None) -> SpecialistProgram:
@@ -566,7 +603,11 @@ def load_program(path: str | Path, settings: ProgramSettings, retriever: Retriev
     program.load(str(path))
     choices = saved_choices(path)
     if choices:
-        program.choose(choices.get("answer_mode", program.answer_mode), choices.get("retrieve_k", program.retrieve_k))
+        program.choose(
+            choices.get("answer_mode", program.answer_mode),
+            choices.get("retrieve_k", program.retrieve_k),
+            choices.get("retrieval_weight", 0.0),
+        )
     return program
 
 
@@ -637,7 +678,9 @@ def render_program_markdown(program: dspy.Module, settings: ProgramSettings, tit
             example[settings.context_field] = [f"<passage {i}>" for i in range(1, min(settings.retrieve_k, 2) + 1)]
         if isinstance(program, SpecialistProgram):
             lines += [
-                f"Answer mode: `{program.answer_mode}`; passages per question: {program.retrieve_k}.",
+                f"Answer mode: `{program.answer_mode}`"
+                + (f" (retriever's ranking weighted {program.retrieval_weight:g})" if program.retrieval_weight else "")
+                + f"; passages per question: {program.retrieve_k}.",
                 "",
             ]
         prompt = adapter.format(signature, predictor.demos, example)[0]["content"]

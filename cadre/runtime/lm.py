@@ -22,6 +22,9 @@ same `candidate_grammar` / `score_continuations`):
   the prompt is evaluated once and each candidate costs one forward pass per token of its completion; through an
   endpoint it is one `echo` + `logprobs` request per candidate (cheap on vLLM; llama-cpp-python's server builds
   log-probabilities over the whole prompt and vocabulary for it, seconds per candidate).
+  With `retrieval_weight` w > 0 the retriever's ranking counts too (`pick_scored`): candidate i (0 = first hit)
+  scores its log-likelihood − w·ln(1 + i). A base model alone ranks ICD candidates worse than the retriever's
+  first hit; the weight, chosen on dev, lets the LM overrule the ranking only where it is confident.
 """
 
 from __future__ import annotations
@@ -85,8 +88,10 @@ def answer_from_candidates(
     max_tokens: int,
     stop: list[str],
     temperature: float = 0.0,
+    retrieval_weight: float = 0.0,
 ) -> Completion:
-    """The answer among the candidate ids, by `mode` (`constrained` or `score`); see the module docstring.
+    """The answer among the candidate ids (best-ranked first), by `mode` (`constrained` or `score`, with the
+    retriever's ranking weighted by `retrieval_weight`); see the module docstring.
 
     With no candidate (the index found nothing) the completion is empty: the case is unanswered, not invented.
 
@@ -103,9 +108,15 @@ def answer_from_candidates(
         )
     if mode == "score":
         scores = client.score(prompt, [answer_continuation(candidate, stop) for candidate in candidates])
-        best = max(range(len(candidates)), key=lambda i: (scores[i], -i))  # ties: the better-ranked passage
+        best = pick_scored(scores, retrieval_weight)
         return Completion(" " + candidates[best], 0, 0, time.perf_counter() - started)
     raise ValueError(f"unknown answer mode {mode!r}; expected constrained or score")
+
+
+def pick_scored(scores: Sequence[float], retrieval_weight: float = 0.0) -> int:
+    """Index of the best candidate: log-likelihood minus `retrieval_weight × ln(1 + rank)`; ties go to the
+    better-ranked candidate (candidates come best-ranked first)."""
+    return max(range(len(scores)), key=lambda i: (scores[i] - retrieval_weight * math.log1p(i), -i))
 
 
 def answer_continuation(candidate: str, stop: Sequence[str]) -> str:

@@ -126,6 +126,16 @@ def context_retriever(
     return retrieve
 
 
+def candidate_ids(search: Retriever, input_names: Sequence[str], k: int) -> Callable[[Mapping[str, Any]], list[str]]:
+    """The document ids a program answering from its candidates chooses among for a case's inputs (the same search
+    as `context_retriever`, so a caching `search` runs each query once for both)."""
+
+    def ids(inputs: Mapping[str, Any]) -> list[str]:
+        return [passage.id for passage in search(retrieval_query(inputs, input_names), k)]
+
+    return ids
+
+
 class IndexNotReady(RuntimeError):
     """The specialist has no live index yet (run the re-index flow first)."""
 

@@ -34,6 +34,7 @@ class ServingPrompt:
         demos: complete examples shown before the question (empty for a zero-shot program).
         retrieve_k: passages per question (declared, or chosen on dev and recorded in the program's JSON).
         answer_mode: `free`, `constrained` or `score` (`cadre.runtime.lm.answer_from_candidates`), the same way.
+        retrieval_weight: with `score`, how much the retriever's ranking counts beside the LM, the same way.
         passage_format: how each passage is rendered (the program's `passage` settings).
     """
 
@@ -42,6 +43,7 @@ class ServingPrompt:
     retrieve_k: int = 0
     answer_mode: str = "free"
     passage_format: PassageFormat = ID_AND_TITLE
+    retrieval_weight: float = 0.0
 
     @property
     def instruction(self) -> str:
@@ -80,6 +82,7 @@ def read_serving_prompt(program_settings: ProgramSettings, program_path: str | P
         program.retrieve_k,
         program.answer_mode,
         program.passage_format,
+        program.retrieval_weight,
     )
 
 

@@ -177,6 +177,7 @@ class SpecialistRuntime:
             max_tokens=max_tokens,
             stop=self.spec.stop,
             temperature=temperature,
+            retrieval_weight=self.renderer.prompt.retrieval_weight,
         )
         if on_text is not None and completion.text:
             on_text(completion.text)

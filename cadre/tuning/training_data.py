@@ -37,6 +37,9 @@ from cadre.runtime.prompt import PromptSpec, render_completion, render_prompt
 Retrieve = Callable[[Mapping[str, Any]], list[str]]
 """The passages the program would put into its context field for one record's inputs, rendered as it shows them."""
 
+AnswerIds = Callable[[Mapping[str, Any]], Sequence[str]]
+"""The document ids a program answering from its candidates chooses among for one record's inputs."""
+
 CountTokens = Callable[[Sequence[str]], list[int]]
 """Token counts of a batch of texts, as the trainer's tokenizer counts them (special tokens included)."""
 
@@ -233,6 +236,7 @@ def build_training_data(
     instruction: str | None = None,
     max_examples: int | None = None,
     skipped: Sequence[SkippedRecord] = (),
+    answer_ids: AnswerIds | None = None,
 ) -> TrainingData:
     """Render records into the program's prompt-completion examples, filter, deduplicate and split them.
 
@@ -252,6 +256,10 @@ def build_training_data(
         max_examples: render at most this many (the rest could never be reached by the step
             budget); None renders everything.
         skipped: records already skipped while reading, carried into the counts.
+        answer_ids: for a program that answers one of the retrieved ids (answer mode `constrained` or `score`), the
+            ids it would choose among for a record's inputs. A record whose answer is not among them teaches an
+            answer the program can never give: it is left out and counted as `ungrounded`. Twice `max_examples`
+            records are retrieved, so that about `max_examples` grounded ones remain.
 
     Returns:
         The training data with its fingerprint and counts.
@@ -280,11 +288,22 @@ def build_training_data(
         seen.add(identity)
         usable.append((record, inputs, outputs))
 
-    capped = 0
-    if max_examples is not None and len(usable) > max_examples:
-        ranked = sorted(usable, key=lambda item: _hash_fraction(seed, _identity(item[1], item[2])))
-        capped = len(usable) - max_examples
-        usable = ranked[:max_examples]
+    usable.sort(key=lambda item: _hash_fraction(seed, _identity(item[1], item[2])))  # the cap keeps a stable choice
+    available = len(usable)
+    if max_examples is not None:
+        usable = usable[: max_examples * 2 if answer_ids is not None else max_examples]
+
+    ungrounded = 0
+    if answer_ids is not None:
+        grounded = []
+        for item in usable:
+            answer = next(iter(item[2].values()), None)
+            if answer in answer_ids(item[1]):
+                grounded.append(item)
+            else:
+                ungrounded += 1
+        usable = grounded[:max_examples] if max_examples is not None else grounded
+    capped = available - len(usable) - ungrounded
 
     if spec.context_field:
         for _, inputs, _ in usable:
@@ -312,9 +331,15 @@ def build_training_data(
                 f"; the serving program's prompts (instruction, demos, passages) are ~{typical} tokens: raise tuning.max_length "
                 f"above that (`auto` follows them up to {AUTO_MAX_LENGTH}), or serve a program with fewer demos or passages"
             )
+        if ungrounded and not rendered:
+            hint = (
+                "; the program answers one of the retrieved ids, and no record's answer was among its records' "
+                "candidates: check that the records' answers are document ids of the index, or raise retrieve_k"
+            )
         raise ValueError(
             f"no training examples left: {len(records)} records read, {len(bad)} invalid {reasons}, "
-            f"{duplicates} duplicates, {too_long} longer than max_length={limit} tokens{hint}"
+            f"{duplicates} duplicates, {ungrounded} whose answer is not among the retrieved candidates, "
+            f"{too_long} longer than max_length={limit} tokens{hint}"
         )
 
     kept.sort(key=lambda e: e.digest)
@@ -328,6 +353,7 @@ def build_training_data(
         "records": len(records) + len(skipped),
         "invalid": len(bad),
         "duplicates": duplicates,
+        "ungrounded": ungrounded,
         "capped": capped,
         "too_long": too_long,
         "train": len(train),

@@ -26,7 +26,7 @@ from cadre.evaluation.gates import decide
 from cadre.evaluation.results import Prediction, evaluate_cases
 from cadre.prompts.optimize import choose_on_dev
 from cadre.prompts.program import CompletionLM, SpecialistProgram, load_program, save_program, use_disk_cache
-from cadre.runtime.lm import LlamaCppClient, answer_from_candidates, candidate_grammar
+from cadre.runtime.lm import LlamaCppClient, answer_from_candidates, candidate_grammar, pick_scored
 from cadre.runtime.retrieval import Passage
 from cadre.runtime.serving_prompt import read_serving_prompt
 
@@ -96,6 +96,22 @@ BAD = [
         "answer_modes: [free, score]",
         "specialists[coder].program.optimizer.answer_modes[1]",
         "use module predict or mode free",
+    ),
+    (
+        "a retrieval weight without scoring",
+        lambda t: t.replace("answer: {mode: constrained}", "answer: {mode: constrained, retrieval_weight: 2}"),
+        "answer: {mode: constrained, retrieval_weight: 2}",
+        "specialists[coder].program.answer.retrieval_weight",
+        "set answer.mode: score or remove retrieval_weight",
+    ),
+    (
+        "retrieval weights tried without scoring",
+        lambda t: t.replace(
+            "answer: {mode: constrained}", "optimizer: {answer_modes: [free, constrained], retrieval_weights: [0, 1]}"
+        ),
+        "retrieval_weights: [0, 1]",
+        "specialists[coder].program.optimizer.retrieval_weights",
+        "add score to optimizer.answer_modes",
     ),
     (
         "beat the retriever without retrieval",
@@ -261,6 +277,66 @@ def test_the_dev_choice_is_kept_in_the_program_json_and_every_reader_answers_wit
     declared = tmp_path / "declared.json"
     save_program(SpecialistProgram(SETTINGS, shelf), declared)
     assert "cadre" not in json.loads(declared.read_text())  # a program answering as declared keeps DSPy's bytes
+
+
+def test_a_retrieval_weight_lets_the_lm_overrule_the_first_hit_only_when_it_is_confident() -> None:
+    scores = [-4.0, -1.0, -3.9]  # log-likelihoods of three candidates, best-ranked first
+    assert pick_scored(scores) == 1  # the LM alone
+    assert pick_scored(scores, 1.0) == 1  # -1 - ln 2 = -1.69 still beats -4
+    assert pick_scored(scores, 5.0) == 0  # -1 - 5 ln 2 = -4.47: the first hit
+    assert pick_scored([-2.0, -2.0]) == 0  # a tie goes to the better-ranked candidate
+
+
+class CountingClient:
+    """The real client, counting the score requests that reach the model."""
+
+    def __init__(self, client: LlamaCppClient):
+        self.client, self.scored = client, 0
+
+    def complete(self, *args, **kwargs):
+        return self.client.complete(*args, **kwargs)
+
+    def score(self, prompt, continuations):
+        self.scored += 1
+        return self.client.score(prompt, continuations)
+
+
+def test_retrieval_weights_are_tried_on_scores_computed_once_and_the_choice_is_served(
+    client: LlamaCppClient, tmp_path: Path
+) -> None:
+    from cadre.config.evaluation import EvaluationSettings
+
+    use_disk_cache(tmp_path / "dspy")
+    (tmp_path / "suite").mkdir()
+    evaluation = EvaluationSettings.model_validate(
+        {"suite": "suite", "answer_metrics": ["exact_match"], "bootstrap_samples": 100}, context={"root": tmp_path}
+    )
+    settings = SETTINGS.model_copy(
+        update={
+            "optimizer": SETTINGS.optimizer.model_copy(
+                update={"answer_modes": ["score"], "retrieve_k": [], "retrieval_weights": [0.0, 100.0]}
+            ),
+        }
+    )
+    counting = CountingClient(client)
+    lm = CompletionLM(counting, model_id="llama.cpp:test-weights", max_tokens=12)
+    program = SpecialistProgram(settings, shelf)
+    tried = choose_on_dev(program, settings, evaluation, lm, DEV)
+
+    assert [(t.answer_mode, t.retrieval_weight) for t in tried] == [("score", 0.0), ("score", 100.0)]
+    assert counting.scored == len(DEV)  # the second weight re-ranked cached scores: no LM call
+    assert tried[1].score == 1.0  # weight 100 answers the first hit, which is right in every case here
+    assert tried[1].score >= tried[0].score and program.retrieval_weight in (0.0, 100.0)
+    chosen = max(tried, key=lambda t: (t.score, -tried.index(t)))
+    assert program.retrieval_weight == chosen.retrieval_weight
+
+    program.choose("score", 3, 100.0)
+    path = tmp_path / "program.json"
+    save_program(program, path)
+    assert json.loads(path.read_text())["cadre"] == {"answer_mode": "score", "retrieve_k": 3, "retrieval_weight": 100.0}
+    assert load_program(path, settings, shelf).retrieval_weight == 100.0
+    served = read_serving_prompt(settings, path)
+    assert (served.answer_mode, served.retrieval_weight) == ("score", 100.0)
 
 
 # ------------------------------------------------------------------------------------------ the gate

@@ -79,6 +79,28 @@ def test_retrieved_context_is_rendered_as_the_program_sees_it() -> None:
         build([{"phrase": "x", "code": "y"}], spec=WITH_CONTEXT)
 
 
+def test_a_program_answering_from_its_candidates_trains_only_on_answers_among_them() -> None:
+    shelf = {f"phrase {i}": [f"C{i}", f"D{i}"] for i in range(10)}
+    rows = [{"phrase": f"phrase {i}", "code": f"C{i}" if i % 2 else f"X{i}"} for i in range(10)]  # odd: grounded
+
+    def retrieve(inputs):
+        return [f"{code} — a title" for code in shelf[inputs["phrase"]]]
+
+    def answer_ids(inputs):
+        return shelf[inputs["phrase"]]
+
+    data = build(rows, spec=WITH_CONTEXT, retrieve=retrieve, answer_ids=answer_ids)
+    assert data.counts["ungrounded"] == 5 and data.counts["train"] == 5
+    assert all(e.completion.strip() in e.prompt for e in data.train)  # every answer is one of its candidates
+
+    capped = build(rows, spec=WITH_CONTEXT, retrieve=retrieve, answer_ids=answer_ids, max_examples=2)
+    assert capped.counts["train"] == 2  # twice the cap is retrieved, so the cap is met in grounded examples
+    assert capped.counts["ungrounded"] + capped.counts["capped"] + 2 == 10
+
+    with pytest.raises(ValueError, match="not among the retrieved candidates"):
+        build([rows[0]], spec=WITH_CONTEXT, retrieve=retrieve, answer_ids=answer_ids)
+
+
 def test_bad_records_are_skipped_and_counted_by_reason() -> None:
     data = build(
         [
