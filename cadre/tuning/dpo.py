@@ -29,16 +29,12 @@ What it does:
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from transformers import TrainerCallback
-from transformers.trainer_callback import PrinterCallback
 
 from cadre.config.budget import RunBudget, parse_budget, wall_seconds
 from cadre.config.tuning import length_limit
@@ -95,34 +91,6 @@ class DPOResult:
         data = asdict(self)
         data["adapter_dir"] = str(self.adapter_dir)
         return data
-
-
-class _StepLog(TrainerCallback):
-    """Collects trl's per-step logs and forwards them to a sink (the flow streams them to MLflow)."""
-
-    def __init__(self, sink: MetricsSink | None):
-        self.sink = sink
-        self.rows: list[dict[str, float]] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:
-            return
-        row = {"step": float(state.global_step)}
-        for key in (
-            "loss",
-            "rewards/accuracies",
-            "rewards/margins",
-            "rewards/chosen",
-            "rewards/rejected",
-            "learning_rate",
-            "grad_norm",
-        ):
-            value = logs.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(float(value)):
-                row[key] = float(value)
-        self.rows.append(row)
-        if self.sink is not None:
-            self.sink({k: v for k, v in row.items() if k != "step"}, state.global_step)
 
 
 @dataclass(frozen=True)
@@ -192,9 +160,11 @@ def train_dpo(
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from cadre.tuning.finetune import WallCap, detect_hardware
+    from cadre.tuning.callbacks import DPOStepLog, WallCap
+    from cadre.tuning.finetune import detect_hardware
 
     hardware = detect_hardware()
     if hardware.device == "cpu":
@@ -256,7 +226,7 @@ def train_dpo(
     dataset = Dataset.from_dict(
         {"prompt": [p.prompt for p in kept], "chosen": [p.chosen for p in kept], "rejected": [p.rejected for p in kept]}
     )
-    log = _StepLog(sink)
+    log = DPOStepLog(sink)
     wall_cap = WallCap(max_wall_seconds, checkpoint=False) if max_wall_seconds is not None else None
     trainer = DPOTrainer(
         model=model,

@@ -33,8 +33,8 @@ from transformers import (
 from cadre.config.tuning import TuningSettings
 from cadre.platform.signals import Terminated, terminate_on_sigterm
 from cadre.runtime.prompt import FieldSpec, PromptSpec
+from cadre.tuning.callbacks import FourBitGuard
 from cadre.tuning.finetune import (
-    FourBitGuard,
     SilentGradientLossError,
     detect_hardware,
     effective_steps,
