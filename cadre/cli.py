@@ -340,6 +340,81 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from cadre.edge.bundle import BundleError, export_bundle
+    from cadre.edge.export import champion_parts
+
+    config = _load(args.file)
+    _specialist_or_exit(config, args.specialist)
+    require_services(config, "mlflow")  # the champions to export are read from its registry
+    target = Path(args.to) if args.to else config.state_dir / "bundles" / args.specialist
+    started = time.perf_counter()
+    try:
+        folder = export_bundle(champion_parts(config, args.specialist), target)
+    except BundleError as error:
+        console.print(f"[red]{error}[/red]")
+        return 1
+    manifest = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
+    lineage = manifest["lineage"]
+    parts = ", ".join(
+        f"{kind} {'v' + lineage[kind] if lineage.get(kind) else default}"
+        for kind, default in (("program", "declared"), ("adapter", "none (base model)"), ("index", "none"))
+    )
+    console.print(
+        f"[green]exported {args.specialist}[/green] to {folder}: {manifest['bytes'] / 1e6:.0f} MB in "
+        f"{len(manifest['files'])} files ({parts}; index version {lineage.get('index_version') or 'none'}) "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
+    console.print(f'answer with: cadre answer --bundle {folder} "…"')
+    return 0
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    from cadre.edge import Bundle, BundleError
+
+    started = time.perf_counter()
+    try:
+        bundle = Bundle.open(args.bundle, n_threads=args.threads)
+    except BundleError as error:
+        console.print(f"[red]{error}[/red]")
+        return 1
+    names = bundle.input_names
+    if args.json is not None:
+        try:
+            inputs = json.loads(args.json)
+        except ValueError as error:
+            console.print(f"[red]--json is not valid JSON: {error}[/red]")
+            return EXIT_INVALID
+        if not isinstance(inputs, dict):
+            console.print(f"[red]--json must be an object with the fields {', '.join(names)}[/red]")
+            return EXIT_INVALID
+    elif args.text is not None and len(names) == 1:
+        inputs = {names[0]: args.text}
+    else:
+        console.print(
+            f"[red]this program has the input fields {', '.join(names)}: give --json '{{\"{names[0]}\": …}}'[/red]"
+            if len(names) > 1
+            else f"[red]give the {names[0]} to answer[/red]"
+        )
+        return EXIT_INVALID
+    try:
+        asked = time.perf_counter()
+        result = bundle.answer(inputs)
+    except ValueError as error:
+        console.print(f"[red]{error}[/red]")
+        return EXIT_INVALID
+    answered = time.perf_counter()
+    print(result["answer"])
+    print("retrieved: " + (" ".join(result["retrieved_ids"]) or "(none)"))
+    console.print(
+        f"opened in {bundle.opened_in_s:.2f} s (verified and loaded); answered in {answered - asked:.2f} s; "
+        f"first answer {answered - started:.2f} s after start",
+        style="dim",
+    )
+    bundle.close()
+    return 0
+
+
 def cmd_feedback_export(args: argparse.Namespace) -> int:
     import io
     import logging
@@ -567,6 +642,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens", type=int, help="most tokens a request may generate (default: project.serving.max_tokens)"
     )
     p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser(
+        "export", help="write a specialist's champions as one offline bundle (model, prompt, index, embedder)"
+    )
+    _config_arg(p)
+    p.add_argument("-s", "--specialist", required=True, help="the specialist to export")
+    p.add_argument(
+        "--to",
+        metavar="DIR",
+        help="the bundle folder (default: <state_dir>/bundles/<specialist>; replaced if a bundle)",
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser("answer", help="answer one case from an exported bundle (no stack, no network)")
+    p.add_argument("--bundle", required=True, metavar="DIR", help="the bundle folder (`cadre export --to`)")
+    p.add_argument("text", nargs="?", help="the value of the program's input field (a program with one input)")
+    p.add_argument("--json", help="the input fields as a JSON object (a program with several inputs)")
+    p.add_argument("--threads", type=int, default=1, help="llama.cpp and embedding threads (default: %(default)s)")
+    p.set_defaults(func=cmd_answer)
 
     p = commands.add_parser("feedback", help="feedback captured by `cadre serve`")
     actions = p.add_subparsers(dest="feedback_command", required=True, metavar="ACTION")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cadre.runtime.prompt import PromptSpec, render_prompt
+from cadre.runtime.prompt import FieldSpec, PromptSpec, render_prompt
 from cadre.runtime.retrieval import ID_AND_TITLE, PassageFormat
 
 if TYPE_CHECKING:
@@ -52,6 +52,45 @@ class ServingPrompt:
     def render(self, inputs: Mapping[str, Any]) -> str:
         """The prompt for one question (`inputs` holds the context field too when the program retrieves)."""
         return render_prompt(self.spec, inputs, self.demos, instruction=self.spec.instruction)
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything `render` and the answer rule read, as plain JSON (what an edge bundle's `prompt.json` holds)."""
+        return {
+            "instruction": self.spec.instruction,
+            "inputs": [{"name": f.name, "description": f.description} for f in self.spec.inputs],
+            "outputs": [{"name": f.name, "description": f.description} for f in self.spec.outputs],
+            "context_field": self.spec.context_field,
+            "demos": [dict(demo) for demo in self.demos],
+            "retrieve_k": self.retrieve_k,
+            "answer_mode": self.answer_mode,
+            "retrieval_weight": self.retrieval_weight,
+            "passage": {
+                "fields": list(self.passage_format.fields),
+                "max_text_words": self.passage_format.max_text_words,
+            },
+        }
+
+    @classmethod
+    def from_json(cls, content: Mapping[str, Any]) -> ServingPrompt:
+        """The prompt `to_json` wrote; it renders the same bytes."""
+        spec = PromptSpec(
+            content["instruction"],
+            tuple(FieldSpec(f["name"], f.get("description", "")) for f in content["inputs"]),
+            tuple(FieldSpec(f["name"], f.get("description", "")) for f in content["outputs"]),
+            content.get("context_field"),
+        )
+        passage = content.get("passage") or {}
+        return cls(
+            spec,
+            tuple(dict(demo) for demo in content.get("demos", ())),
+            int(content.get("retrieve_k", 0)),
+            content.get("answer_mode", "free"),
+            PassageFormat(
+                tuple(passage.get("fields", ID_AND_TITLE.fields)),
+                int(passage.get("max_text_words", ID_AND_TITLE.max_text_words)),
+            ),
+            float(content.get("retrieval_weight", 0.0)),
+        )
 
 
 def read_serving_prompt(program_settings: ProgramSettings, program_path: str | Path | None) -> ServingPrompt:

@@ -1,0 +1,261 @@
+"""An edge bundle: one folder holding everything a specialist's champion answers with, checksummed.
+
+Layout (`bundle.json` names every other file with its sha256 and size)::
+
+    bundle.json                                       format, lineage (registry versions), runtime settings, files
+    prompt.json                                       the serving prompt (`ServingPrompt.to_json`) + inputs, max_tokens
+    model/base.gguf                                   the base model llama.cpp runs (the packaged Q4_K_M GGUF)
+    model/adapter.gguf                                the champion LoRA adapter in GGUF form, applied at load (if any)
+    knowledge/index/<specialist>/lancedb/<v>.lance    the champion index version's LanceDB table
+    knowledge/index/<specialist>/manifests/<v>.json   its manifest (which embedder embedded it)
+    embedder/                                         that embedding model's folder (sentence-transformers)
+
+The adapter is *not* merged into the base: llama.cpp applies it at load, exactly as `cadre serve` does at run
+time, so the bundle answers what the server answers. (A merged, re-quantized GGUF would change answers and needs a
+parity measurement first; see the README's "Edge export".)
+
+`knowledge/` is laid out as a state dir, so the runner searches it with the index code every stage uses
+(`cadre.runtime.retrieval.open_index_search`). `export_bundle` writes the folder under a temporary name and renames
+it into place; `verify_bundle` refuses a bundle whose format is unknown, a file missing or changed, or whose adapter
+was made for another base model, with a message that names the file and what to do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cadre.runtime.base_model import file_sha256
+
+if TYPE_CHECKING:
+    from cadre.config import ProgramSettings
+
+BUNDLE_FORMAT = 1
+MANIFEST_FILE = "bundle.json"
+PROMPT_FILE = "prompt.json"
+BASE_FILE = "model/base.gguf"
+ADAPTER_FILE = "model/adapter.gguf"
+KNOWLEDGE_DIR = "knowledge"
+EMBEDDER_DIR = "embedder"
+
+
+class BundleError(RuntimeError):
+    """A bundle cannot be made or opened; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class BundleParts:
+    """The local files of a specialist's champion, and what the registry calls them.
+
+    Attributes:
+        specialist: whose champion.
+        program: the declared program (`specialists[].program`): its fields, max_tokens, temperature.
+        program_file: the champion's `program.json`; None: the declared program serves.
+        base_model: the base model's name in pipelines.yaml (e.g. `gemma3-270m`).
+        base_gguf: the base GGUF that llama.cpp runs.
+        adapter_gguf: the champion adapter as a llama.cpp LoRA GGUF; None: the bare base model serves.
+        index_state_dir: a state dir holding the champion index version (`<state_dir>/index/<specialist>/…`).
+        index_version: that version's name; None when the program does not retrieve.
+        search_mode: the specialist's `index.search_mode`.
+        root: the project folder (a relative or `packaged:` embedding model is resolved from it).
+        n_ctx: llama.cpp context window (`project.lm.n_ctx`).
+        embedding_batch_size: `project.embedding.batch_size`.
+        lineage: registry versions of the parts (`program`, `adapter`, `index`, …); recorded as they are.
+    """
+
+    specialist: str
+    program: ProgramSettings
+    program_file: Path | None
+    base_model: str
+    base_gguf: Path
+    adapter_gguf: Path | None = None
+    index_state_dir: Path | None = None
+    index_version: str | None = None
+    search_mode: str = "hybrid"
+    root: Path | None = None
+    n_ctx: int = 2048
+    embedding_batch_size: int = 64
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+
+def export_bundle(parts: BundleParts, to: Path) -> Path:
+    """Write the bundle of `parts` to the folder `to` (replaced if it holds a bundle) and return it.
+
+    Raises:
+        BundleError: a part is missing (the program retrieves and no index version is given, the index version has no
+            manifest or table, the embedding model that built it is gone or changed), or `to` is a folder that is not
+            a bundle.
+    """
+    from cadre.runtime.serving_prompt import read_serving_prompt
+
+    to = Path(to)
+    if to.exists() and not (to / MANIFEST_FILE).is_file() and any(to.iterdir()):
+        raise BundleError(f"{to} exists and is not a bundle; choose an empty or new folder (--to DIR)")
+    prompt = read_serving_prompt(parts.program, parts.program_file)
+    retrieves = prompt.spec.context_field is not None and prompt.retrieve_k > 0
+    partial = to.with_name(f"{to.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "model").mkdir(parents=True)
+    try:
+        content = {
+            **prompt.to_json(),
+            "input_names": [f.name for f in parts.program.inputs],
+            "max_tokens": parts.program.max_tokens,
+            "temperature": parts.program.temperature,
+        }
+        (partial / PROMPT_FILE).write_text(json.dumps(content, indent=1, ensure_ascii=False), encoding="utf-8")
+        shutil.copyfile(parts.base_gguf, partial / BASE_FILE)
+        base_sha256 = file_sha256(partial / BASE_FILE)
+        adapter = None
+        if parts.adapter_gguf is not None:
+            shutil.copyfile(parts.adapter_gguf, partial / ADAPTER_FILE)
+            adapter = {
+                "file": ADAPTER_FILE,
+                "base_sha256": base_sha256,
+                "base_model": parts.lineage.get("adapter_base_model") or parts.base_model,
+            }
+        index = _copy_index(parts, partial) if retrieves else None
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "kind": "cadre-edge-bundle",
+            "specialist": parts.specialist,
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "cadre_version": _cadre_version(),
+            "lineage": parts.lineage,
+            "runtime": {"n_ctx": parts.n_ctx},
+            "prompt": PROMPT_FILE,
+            "model": {
+                "base": {"file": BASE_FILE, "name": parts.base_model, "sha256": base_sha256},
+                "adapter": adapter,
+                "merged": False,
+            },
+            "index": index,
+        }
+        files = {
+            path.relative_to(partial).as_posix(): {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+            for path in sorted(partial.rglob("*"))
+            if path.is_file()
+        }
+        manifest["files"] = files
+        manifest["bytes"] = sum(entry["bytes"] for entry in files.values())
+        (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(to, ignore_errors=True)
+    to.parent.mkdir(parents=True, exist_ok=True)
+    partial.replace(to)
+    return to
+
+
+def _copy_index(parts: BundleParts, bundle: Path) -> dict[str, Any]:
+    """Copy the index version's table and manifest, and the embedding model that built it; their manifest entry."""
+    from cadre.knowledge.embedding import model_fingerprint, resolve_model_path
+    from cadre.knowledge.index import IndexLayout
+
+    if parts.index_state_dir is None or parts.index_version is None:
+        raise BundleError(
+            f"specialist {parts.specialist!r} retrieves, and no index version was given: run the re-index flow "
+            f"(`cadre run reindex -s {parts.specialist}`) so that an index is champion, then export again"
+        )
+    source = IndexLayout(Path(parts.index_state_dir), parts.specialist)
+    version = parts.index_version
+    manifest = source.read_manifest(version)
+    table = source.lancedb_dir / f"{version}.lance"
+    if manifest is None or not table.is_dir():
+        raise BundleError(
+            f"index version {version} of {parts.specialist!r} is not complete in {parts.index_state_dir} (a bundle "
+            "carries a LanceDB table and its manifest; a Weaviate index cannot be bundled)"
+        )
+    key = manifest.index_key
+    try:
+        model_dir = resolve_model_path(key.embedding_model, parts.root)
+    except ValueError as error:
+        raise BundleError(f"index version {version} was embedded with {key.embedding_model}: {error}") from None
+    if model_fingerprint(model_dir) != key.embedding_fingerprint:
+        raise BundleError(
+            f"index version {version} was embedded with {key.embedding_model} (fingerprint "
+            f"{key.embedding_fingerprint}); {model_dir} now holds another model, so its queries would not match"
+        )
+    target = IndexLayout(bundle / KNOWLEDGE_DIR, parts.specialist)
+    shutil.copytree(table, target.lancedb_dir / table.name)
+    target.manifest_path(version).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source.manifest_path(version), target.manifest_path(version))
+    shutil.copytree(model_dir, bundle / EMBEDDER_DIR, ignore=shutil.ignore_patterns(".*"))
+    return {
+        "state_dir": KNOWLEDGE_DIR,
+        "version": version,
+        "search_mode": parts.search_mode,
+        "embedder": EMBEDDER_DIR,
+        "embedder_fingerprint": key.embedding_fingerprint,
+        "embedder_model": key.embedding_model,
+        "batch_size": parts.embedding_batch_size,
+    }
+
+
+def _cadre_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cadre")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def verify_bundle(folder: Path) -> dict[str, Any]:
+    """Check a bundle before anything loads from it; return its `bundle.json`.
+
+    Checked: the format version, that every file `bundle.json` lists is there with its size and sha256, and that the
+    adapter (if any) was made for the bundle's base model.
+
+    Raises:
+        BundleError: the first kind of problem found, naming every file it concerns and what to do.
+    """
+    folder = Path(folder)
+    again = f"copy the whole bundle folder again, or export it again (`cadre export -s SPECIALIST --to {folder}`)"
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(
+            f"{folder} holds no {MANIFEST_FILE}: it is not a Cadre bundle (make one with `cadre export`), or it was "
+            f"copied incompletely ({again})"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BundleError(f"{path} is not valid JSON ({error}); {again}") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != BUNDLE_FORMAT:
+        raise BundleError(
+            f"{path}: bundle format {found!r} is not one this Cadre reads (it reads format {BUNDLE_FORMAT}); "
+            f"export the specialist again with this Cadre (`cadre export`), or open the bundle with the Cadre that "
+            f"wrote it ({manifest.get('cadre_version', 'unknown') if isinstance(manifest, dict) else 'unknown'})"
+        )
+    files: dict[str, dict[str, Any]] = manifest.get("files") or {}
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        listed = ", ".join(f"{name} ({files[name]['bytes']:,} bytes)" for name in missing)
+        raise BundleError(f"bundle {folder} is incomplete: missing {listed}; {again}")
+    changed = []
+    for name, entry in files.items():
+        size = (folder / name).stat().st_size
+        if size != entry["bytes"]:
+            changed.append(f"{name} has {size:,} bytes, {MANIFEST_FILE} records {entry['bytes']:,}")
+        elif file_sha256(folder / name) != entry["sha256"]:
+            changed.append(f"{name} has another sha256 than {MANIFEST_FILE} records ({entry['sha256'][:16]}…)")
+    if changed:
+        raise BundleError(f"bundle {folder} was changed or corrupted: {'; '.join(changed)}; {again}")
+    base, adapter = manifest["model"]["base"], manifest["model"].get("adapter")
+    adapter_base = str(adapter.get("base_model") or "").split("@")[0] if adapter else None
+    if adapter and (adapter.get("base_sha256") != base["sha256"] or adapter_base != base["name"]):
+        raise BundleError(
+            f"bundle {folder}: {adapter['file']} was made for the base model {adapter.get('base_model')} (GGUF sha256 "
+            f"{str(adapter.get('base_sha256'))[:16]}…), but {base['file']} is {base['name']} (sha256 "
+            f"{base['sha256'][:16]}…); a LoRA adapter only fits the base it was trained on: export the specialist "
+            "again so that both come from the same champion"
+        )
+    return manifest

