@@ -207,6 +207,12 @@ def _cadre_version() -> str:
         return "unknown"
 
 
+def model_name(identity: str | None) -> str:
+    """The base model's name in an identity `name@<config hash>` (`base_model_id`); a bare name as it is."""
+    name, at, _ = str(identity or "").rpartition("@")
+    return name if at else str(identity or "")
+
+
 def verify_bundle(folder: Path) -> dict[str, Any]:
     """Check a bundle before anything loads from it; return its `bundle.json`.
 
@@ -250,8 +256,9 @@ def verify_bundle(folder: Path) -> dict[str, Any]:
     if changed:
         raise BundleError(f"bundle {folder} was changed or corrupted: {'; '.join(changed)}; {again}")
     base, adapter = manifest["model"]["base"], manifest["model"].get("adapter")
-    adapter_base = str(adapter.get("base_model") or "").split("@")[0] if adapter else None
-    if adapter and (adapter.get("base_sha256") != base["sha256"] or adapter_base != base["name"]):
+    if adapter and (
+        adapter.get("base_sha256") != base["sha256"] or model_name(adapter.get("base_model")) != base["name"]
+    ):
         raise BundleError(
             f"bundle {folder}: {adapter['file']} was made for the base model {adapter.get('base_model')} (GGUF sha256 "
             f"{str(adapter.get('base_sha256'))[:16]}…), but {base['file']} is {base['name']} (sha256 "

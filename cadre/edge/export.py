@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cadre.edge.bundle import BundleError, BundleParts
+from cadre.edge.bundle import BundleError, BundleParts, model_name
 
 if TYPE_CHECKING:
     from cadre.config import CadreConfig
@@ -68,7 +68,7 @@ def champion_parts(config: CadreConfig, specialist: str) -> BundleParts:
             registered_model_name(config.project.name, specialist, "adapter"), registry.adapter
         )
         adapter_base = version.tags.get("cadre.lineage.base_model") or settings.base_model
-        if adapter_base.split("@")[0] != settings.base_model:
+        if model_name(adapter_base) != settings.base_model:
             raise BundleError(
                 f"the adapter champion v{registry.adapter} of {specialist!r} was trained on {adapter_base}, but the "
                 f"specialist's base_model is {settings.base_model}; promote an adapter trained on it, or retire the "
