@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cadre.edge.bundle import BundleError, verify_bundle
+from cadre.edge.bundle import MANIFEST_FILE, BundleError, verify_bundle
 
 if TYPE_CHECKING:
     from cadre.runtime.retrieval import Retriever
@@ -64,7 +64,7 @@ class Bundle:
 
         started = time.perf_counter()
         folder = Path(folder)
-        manifest = verify_bundle(folder) if verify else json.loads((folder / "bundle.json").read_text("utf-8"))
+        manifest = verify_bundle(folder) if verify else json.loads((folder / MANIFEST_FILE).read_text("utf-8"))
         content = json.loads((folder / manifest["prompt"]).read_text(encoding="utf-8"))
         prompt = ServingPrompt.from_json(content)
         index = manifest.get("index")

@@ -184,6 +184,30 @@ def test_a_copied_bundle_answers_what_the_server_answers_without_the_original_fi
         away.rename(project["state"])
 
 
+def test_a_program_that_retrieves_nothing_bundles_no_index_and_answers_freely(gguf: Path, tmp_path: Path) -> None:
+    """The declared program of a specialist without knowledge: no `knowledge/`, no `embedder/`, a plain completion."""
+    program = PROGRAM.model_copy(update={"retrieve_k": 0, "instruction": "Answer with the ICD-10-CM code."})
+    parts = BundleParts(SPECIALIST, program, None, "gemma3-270m", gguf, n_ctx=N_CTX)
+    folder = export_bundle(parts, tmp_path / "bundle")
+    assert sorted(path.name for path in folder.iterdir()) == ["bundle.json", "model", "prompt.json"]
+
+    engine = LoraEngine(gguf, contexts=1, n_threads=1, n_ctx=N_CTX)
+    runtime = assemble_runtime(SPECIALIST, program, None, None, None, engine, ChampionVersions(None, None, None))
+    try:
+        served = answer(runtime, CASE)
+    finally:
+        runtime.close()
+        engine.close()
+    bundle = Bundle.open(folder)
+    try:
+        assert bundle.manifest["index"] is None and bundle.render(CASE)[1] == []
+        assert bundle.answer(CASE) == served and served["retrieved_ids"] == [] and served["answer"]
+        with pytest.raises(ValueError, match="give a value for the program's input field"):
+            bundle.answer({"question": "typhoid endocarditis"})
+    finally:
+        bundle.close()
+
+
 def _linked_copy(exported: Path, target: Path) -> Path:
     """A copy whose files are hard links (cheap); a test changes a file only by replacing it, never in place."""
     shutil.copytree(exported, target, copy_function=os.link)
