@@ -3,8 +3,10 @@
 Real parts throughout: 20 ICD-10-CM documents indexed by the re-index code into LanceDB with the packaged MiniLM, a
 champion program (an optimizer's instruction, a demo, a constrained answer from 3 passages) and the packaged
 Gemma 3 270M GGUF in llama.cpp. The server's runtime is built as `cadre serve` builds it (`assemble_runtime`) on the
-original files; the bundle is opened from a copy while the original index is out of reach. A bundle with a missing
-file, a changed file, an unknown format or an adapter for another base model is refused, naming the file.
+original files; the bundle is opened from a copy while the original index is out of reach, in this process and by
+`cadre answer` in a fresh one that has no service address, proxies pointing nowhere and imports neither MLflow,
+Prefect, DSPy nor FastAPI. A bundle with a missing file, a changed file, an unknown format or an adapter for another
+base model is refused, naming the file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import dspy
@@ -137,7 +141,7 @@ def served_answer(project: dict, gguf: Path) -> tuple[dict, str]:
 
 
 def test_a_copied_bundle_answers_what_the_server_answers_without_the_original_files(
-    project: dict, gguf: Path, exported: Path, tmp_path: Path, capsys
+    project: dict, gguf: Path, exported: Path, tmp_path: Path
 ) -> None:
     served, served_prompt = served_answer(project, gguf)
     assert len(served["retrieved_ids"]) == 3 and served["answer"] in served["retrieved_ids"]  # constrained, k=3
@@ -177,9 +181,19 @@ def test_a_copied_bundle_answers_what_the_server_answers_without_the_original_fi
             bundle.close()
         verify_bundle(device)  # answering wrote nothing into the bundle
 
-        assert main(["answer", "--bundle", str(device), CASE["phrase"]]) == 0
-        out = capsys.readouterr().out.splitlines()
+        # `cadre answer` in a fresh process, with no MLflow or Prefect address and every proxy pointing nowhere.
+        done = subprocess.run(
+            [sys.executable, "-c", ANSWER_PROBE, str(device), CASE["phrase"]],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+            env={**_without_services(os.environ), **OFFLINE},
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        *out, imported = done.stdout.splitlines()
         assert out == [served["answer"], "retrieved: " + " ".join(served["retrieved_ids"])]
+        assert json.loads(imported) == {"mlflow": False, "prefect": False, "dspy": False, "fastapi": False}
     finally:
         away.rename(project["state"])
 
@@ -206,6 +220,28 @@ def test_a_program_that_retrieves_nothing_bundles_no_index_and_answers_freely(gg
             bundle.answer({"question": "typhoid endocarditis"})
     finally:
         bundle.close()
+
+
+ANSWER_PROBE = """
+import json, sys
+from cadre.cli import main
+
+code = main(["answer", "--bundle", sys.argv[1], sys.argv[2]])
+print(json.dumps({name: name in sys.modules for name in ("mlflow", "prefect", "dspy", "fastapi")}))
+sys.exit(code)
+"""
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "NO_PROXY": "",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def _without_services(env: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in env.items() if not key.startswith(("MLFLOW_", "PREFECT_", "CADRE_"))}
 
 
 def _linked_copy(exported: Path, target: Path) -> Path:
