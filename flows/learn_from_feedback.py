@@ -39,6 +39,7 @@ from tasks.feedback import (
 from tasks.promotion import promote_through_gates
 from tasks.prompts import fetch_champion_adapter, fetch_champion_program
 from tasks.refresh import evaluate_adapters, load_test_cases, prepare_base_model
+from tasks.reindex import sync_live_pointer
 from tasks.tracking import tracked_run
 
 
@@ -67,6 +68,8 @@ def learn_from_feedback(specialist: str, config_path: str, budget: RunBudget = "
         registry = RegistryTarget(config.project.mlflow.uri, config.project.name, specialist)
         program = fetch_champion_program(registry, scratch)
         champion_gguf, champion_version = fetch_champion_adapter(registry, scratch)
+        if settings.program.retrieve_k:  # the registry's index champion, installed here if it was built elsewhere
+            sync_live_pointer(config, specialist)
         index = IndexTarget.from_config(config, specialist) if settings.program.retrieve_k else None
         base = prepare_base_model(config, settings.base_model)
         setup = ServingSetup(

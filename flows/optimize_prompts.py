@@ -43,6 +43,7 @@ from tasks.prompts import (
     register_instruction_prompt,
     work_dir,
 )
+from tasks.reindex import sync_live_pointer
 from tasks.tracking import log_case_splits, tracked_run
 
 
@@ -63,6 +64,8 @@ def optimize_prompts(specialist: str, config_path: str, budget: RunBudget = "ful
         champion = fetch_champion_program(registry, scratch)
         adapter_gguf, adapter_version = fetch_champion_adapter(registry, scratch)
         target = lm_target(config, adapter_gguf, adapter_version)
+        if settings.program.retrieve_k:  # the registry's index champion, installed here if it was built elsewhere
+            sync_live_pointer(config, specialist)
         index = IndexTarget.from_config(config, specialist) if settings.program.retrieve_k else None
         runtime = ProgramRuntime(target, index, str(config.state_dir / "cache" / "dspy"))
         check_lm(target)

@@ -36,6 +36,7 @@ from tasks.refresh import (
     run_dir,
     train_candidate,
 )
+from tasks.reindex import sync_live_pointer
 from tasks.tracking import tracked_run
 
 
@@ -51,6 +52,8 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
         suite = str(config.resolve(settings.evaluation.suite))
         registry = RegistryTarget(config.project.mlflow.uri, config.project.name, specialist)
         base = prepare_base_model(config, settings.base_model)
+        if settings.program.retrieve_k:  # the registry's index champion, installed here if it was built elsewhere
+            sync_live_pointer(config, specialist)
         index = IndexTarget.from_config(config, specialist) if settings.program.retrieve_k else None
         program = fetch_champion_program(registry, scratch)
         champion_gguf, champion_version = fetch_champion_adapter(registry, scratch)

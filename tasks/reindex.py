@@ -31,7 +31,17 @@ from cadre.runtime.retrieval import retrieval_query
 
 @task(name="sync-live-index-with-registry", retries=2, retry_delay_seconds=5)
 def sync_live_pointer(config: CadreConfig, specialist: str) -> str | None:
-    """Make the live index version the registry's champion (repairs a run that died between the two moves)."""
+    """Make the registry's index champion (its `champion` alias) the version this state dir searches, and return it.
+
+    The alias is the pointer; the local live file follows it. A champion built on another machine is installed
+    here from its registered model first (`install_index_version`); this also repairs a run that died between
+    moving the alias and the local pointer. Without a registered champion, the local live version stands.
+
+    Raises:
+        RuntimeError: the champion is neither here nor carried by its registered version.
+    """
+    from cadre.registry.models import install_index_version
+
     version = champion_version(config, specialist, "index")
     if version is None:
         return live_version(config.state_dir, specialist)
@@ -41,9 +51,17 @@ def sync_live_pointer(config: CadreConfig, specialist: str) -> str | None:
         .tags
     )
     name = tags.get("cadre.lineage.index_version")
-    if name and name != live_version(config.state_dir, specialist):
+    if not name:
+        return live_version(config.state_dir, specialist)
+    if not install_index_version(config, specialist, version, name, config.project.mlflow.uri):
+        raise RuntimeError(
+            f"the index champion of {specialist} ({config.project.name}.{specialist}.index v{version}, index {name}) "
+            f"is not in {config.state_dir} and its registered version does not carry its table; re-index "
+            f"(`cadre run reindex -s {specialist}`) to build and register one here"
+        )
+    if name != live_version(config.state_dir, specialist):
         promote_version(config.state_dir, specialist, name)
-    return name or live_version(config.state_dir, specialist)
+    return name
 
 
 @task(name="build-index-version", retries=1, retry_delay_seconds=10)

@@ -396,9 +396,18 @@ def download_version(name: str, version: str, folder: Path, tracking_uri: str | 
     partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{name}/{version}", dst_path=str(partial), tracking_uri=tracking_uri
-    )
+    # `models:/…` is resolved on the process's registry URI, which is not the given server's unless
+    # MLFLOW_TRACKING_URI happens to point there: name it for the download.
+    previous = mlflow.get_registry_uri() if tracking_uri else None
+    if tracking_uri:
+        mlflow.set_registry_uri(tracking_uri)
+    try:
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(partial), tracking_uri=tracking_uri
+        )
+    finally:
+        if tracking_uri:
+            mlflow.set_registry_uri(previous)
     (partial / ".complete").write_text(f"models:/{name}/{version}\n")
     if (folder / ".complete").is_file():  # another process finished first
         shutil.rmtree(partial, ignore_errors=True)
@@ -406,6 +415,46 @@ def download_version(name: str, version: str, folder: Path, tracking_uri: str | 
     shutil.rmtree(folder, ignore_errors=True)
     partial.replace(folder)
     return folder
+
+
+def install_index_version(
+    config: CadreConfig, specialist: str, model_version: str, index_version: str, tracking_uri: str | None = None
+) -> bool:
+    """Copy a registered index version (its LanceDB table and manifest) into this state dir's index layout.
+
+    How a worker that shares only the MLflow server with the one that built the index gets the champion: the
+    flows then search it like a version built here. The table is copied first and the manifest last, so a crash
+    leaves an incomplete version (ignored, and replaced by the next try), never a complete-looking half one. For
+    Weaviate only the manifest is copied: the collection lives on the server.
+
+    Returns:
+        True when the version is complete here now; False when the registered version does not carry it (it was
+        registered before index versions were models).
+    """
+    from cadre.knowledge.index import IndexLayout
+    from cadre.knowledge.index.live import write_json_atomic
+
+    layout = IndexLayout(config.state_dir, specialist)
+    if layout.is_complete(index_version):
+        return True
+    name = _name(config.project.name, specialist, "index")
+    folder = download_version(
+        name, model_version, config.state_dir / "downloads" / specialist / f"index-v{model_version}", tracking_uri
+    )
+    shipped = IndexLayout(folder / INDEX_STATE, specialist)
+    table = shipped.lancedb_dir / f"{index_version}.lance"
+    if not shipped.is_complete(index_version) or (config.project.index.backend == "lancedb" and not table.is_dir()):
+        return False
+    if config.project.index.backend == "lancedb":
+        target = layout.lancedb_dir / table.name
+        partial = target.with_name(target.name + f".partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(table, partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.replace(target)
+    write_json_atomic(layout.manifest_path(index_version), json.loads(shipped.manifest_path(index_version).read_text()))
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
 
 
 def _part_folder(uri: str | None, tracking_uri: str | None) -> tuple[str, Path] | None:

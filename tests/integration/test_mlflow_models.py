@@ -16,6 +16,7 @@ Run: `python -m pytest -m integration tests/integration/test_mlflow_models.py` (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -468,3 +469,32 @@ def test_cadre_serve_elsewhere_downloads_and_swaps_in_an_index_version_when_its_
     assert (folder / "state" / "index" / "coder" / "lancedb" / f"{registry['index_version']}.lance").is_dir()
     response = _chat(remote_server["url"], registry["cases"][0]["phrase"])
     assert response.status_code == 200 and len(response.json()["cadre"]["retrieved_ids"]) == 3
+
+
+def test_a_worker_that_shares_only_mlflow_installs_and_searches_the_index_champion(
+    registry: dict, mlflow_server: str, prepared_models: Path, tmp_path: Path
+) -> None:
+    """The flows find the index through its `champion` alias: a worker on another state dir installs the version."""
+    from cadre.config import load_config
+    from cadre.knowledge.reindex import live_version
+    from cadre.prompts.program import open_retriever
+    from cadre.runtime.retrieval import IndexTarget
+    from tasks.reindex import sync_live_pointer
+
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "pipelines.yaml").write_text(_pipelines(mlflow_server, "worker-state", registry["codes"]))
+    _link_models(tmp_path / "worker-state", prepared_models)
+    worker = load_config(tmp_path / "pipelines.yaml")
+    assert live_version(worker.state_dir, "coder") is None
+
+    assert sync_live_pointer.fn(worker, "coder") == registry["index_version"]
+    assert live_version(worker.state_dir, "coder") == registry["index_version"]
+    assert not (worker.state_dir / "downloads" / "coder").exists() or not any(
+        (worker.state_dir / "downloads" / "coder").iterdir()
+    ), "the download is removed once the version is installed"
+    built = IndexTarget.from_config(registry["config"], "coder", pin_live=False)
+    here = open_retriever(dataclasses.replace(built, version=registry["index_version"]))  # where it was built
+    there = open_retriever(IndexTarget.from_config(worker, "coder"))
+    for case in registry["cases"]:
+        assert [p.id for p in there(case["phrase"], 3)] == [p.id for p in here(case["phrase"], 3)]
+    assert sync_live_pointer.fn(worker, "coder") == registry["index_version"]  # installed once; a re-run is a no-op
