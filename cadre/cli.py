@@ -132,10 +132,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     healthy = Stack(config).print_status(console)
     if healthy:
         from cadre.orchestration.deployments import print_schedules
-        from cadre.registry.view import print_champions
+        from cadre.registry.view import print_champions, print_latest_tables
 
         print_schedules(config, console)
         print_champions(config, console)
+        print_latest_tables(config, console)
     return 0
 
 

@@ -8,6 +8,7 @@ arguments and calls them.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 from mlflow import MlflowClient
 from rich.console import Console
@@ -68,6 +69,45 @@ def print_champions(config: CadreConfig, console: Console) -> None:
                     "",
                 )
     console.print(table)
+
+
+SCORE_TABLE = "evaluation/summary.md"
+"""The optimize flow's test-split table (retrieval only, declared program, champion, candidate; 95 % intervals)."""
+
+
+def print_latest_tables(config: CadreConfig, console: Console) -> None:
+    """Print, per specialist, the test-split table of its latest finished optimize run: what retrieval alone, the
+    declared program, the champion and the last candidate score on the same cases, so `cadre status` tells whether
+    the specialist beats its retriever. Nothing is printed for a specialist that never finished an optimize run."""
+    from rich.markdown import Markdown
+
+    from cadre.registry.runs import TAG_FLOW, TAG_VERDICT, experiment_name
+
+    client = registry_client(config)
+    for specialist in config.specialists:
+        experiment = client.get_experiment_by_name(experiment_name(config, specialist.name))
+        if experiment is None:
+            continue
+        runs = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.{TAG_FLOW} = 'optimize' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=5,
+        )
+        for run in runs:
+            try:
+                text = client.download_artifacts(run.info.run_id, SCORE_TABLE)
+            except Exception:  # noqa: BLE001 - a run that logged no table (stopped early): try the one before
+                continue
+            table = Path(text).read_text(encoding="utf-8").split("\n\nCompile:")[0]
+            verdict = run.data.tags.get(TAG_VERDICT, "no verdict")
+            when = _when(datetime.fromtimestamp(run.info.start_time / 1000, UTC))
+            console.print(
+                f"\n[bold]{specialist.name}[/bold]: latest optimize run {run.info.run_id[:12]} ({when}, {verdict}) — "
+                + ui_url(config.project.mlflow.uri, f"experiments/{experiment.experiment_id}/runs/{run.info.run_id}")
+            )
+            console.print(Markdown(table))
+            break
 
 
 # What answers when a kind has no champion, as `cadre serve` and the flows behave.

@@ -224,3 +224,5 @@ def test_the_readme_walk(project) -> None:
     assert (state / ".gitignore").read_text().splitlines()[-1] == "*"
     status = _cadre(["status"], config)
     assert status.returncode == 0 and f"optimize-prompts/{name}" in status.stderr
+    assert "latest optimize run" in " ".join(status.stderr.split()), status.stderr  # its test table, 95 % intervals
+    assert "Test split:" in status.stderr, status.stderr

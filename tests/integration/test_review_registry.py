@@ -29,7 +29,7 @@ from cadre.config import load_config
 from cadre.orchestration.run_page import SUMMARY_KEY
 from cadre.registry import versions as registry
 from cadre.registry.runs import close_run, log_dataset, open_run
-from cadre.registry.view import print_champions
+from cadre.registry.view import SCORE_TABLE, print_champions, print_latest_tables
 
 pytestmark = pytest.mark.integration
 
@@ -238,6 +238,29 @@ def test_status_flags_a_champion_alias_moved_outside_cadre(client, project, mlfl
     print_champions(config, console)
     text = console.export_text()
     assert "moved outside Cadre" in text and f"Cadre left v{v1}" in text and "cadre rollback" in text
+
+
+def test_status_shows_the_latest_optimize_runs_test_table(client, project, mlflow_server, tmp_path):
+    config = load_config(pipelines(tmp_path, project, mlflow_server))
+    console = Console(record=True, width=220)
+    print_latest_tables(config, console)
+    assert console.export_text().strip() == ""  # no optimize run yet: nothing to show
+
+    table = (
+        "### Test split: 40 cases, 95% bootstrap intervals\n\n| system | exact_match |\n|---|---|\n"
+        "| retrieval only (its top-1 document as the answer) | 0.575 [0.425, 0.725] |\n"
+        "| candidate (answers score, 5 passages) | 0.600 [0.450, 0.750] |\n\nCompile: none."
+    )
+    for flow, text in (("optimize", table), ("optimize", None), ("refresh", "not this one")):
+        handle = open_run(config, SPECIALIST, flow, "smoke", None)
+        if text:
+            client.log_text(handle.run_id, text, SCORE_TABLE)
+        close_run(handle)  # the newest optimize run logged no table (stopped early): the one before is shown
+    console = Console(record=True, width=220)
+    print_latest_tables(config, console)
+    text = console.export_text()
+    assert "latest optimize run" in text and "Test split: 40 cases" in text, text
+    assert "retrieval only" in text and "0.600 [0.450, 0.750]" in text and "Compile" not in text, text
 
 
 def test_a_refused_flow_run_is_named_so_in_prefect_and_lists_its_summary(
