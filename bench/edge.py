@@ -1,0 +1,187 @@
+"""Benchmark of edge export: a specialist's bundle vs the served champion and the bare base GGUF, at 1 thread.
+
+In one run, against the project's MLflow server (its registry names the champions; nothing else is started):
+
+1. `export_bundle(champion_parts(...))` into a temporary folder: time, and size by part.
+2. Cold start: `Bundle.open` + the first answer in a fresh process with no service address: seconds to open (verify
+   every file, load the GGUF), seconds to the first answer (which loads the embedding model), peak RSS.
+3. Parity on the first N test cases: the server's runtime (`build_runtime`, as `cadre serve` builds it) and the bundle
+   answer each case (after one untimed answer each: the first search loads the embedding model); identical results
+   (answer, outputs, retrieved ids), exact match of each, p50/p95 per answer.
+4. The bare base GGUF in llama.cpp (`LlamaCppClient`, no adapter) completing the prompts the bundle rendered: p50/p95.
+
+Run (the stack's MLflow up, e.g. `cadre up --only mlflow`):
+
+    .venv/bin/python bench/edge.py -c pipelines.yaml -s icd10-coder [--cases 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cadre.config import load_config
+from cadre.platform.env import apply_env
+
+console = Console(width=120)
+
+COLD_START = """
+import json, resource, sys, time
+started = time.perf_counter()
+from cadre.edge import Bundle
+bundle = Bundle.open(sys.argv[1], n_threads=1)
+opened = time.perf_counter() - started
+bundle.answer(json.loads(sys.argv[2]))
+first = time.perf_counter() - started
+bundle.close()
+print("RESULT " + json.dumps({"open_s": opened, "first_answer_s": first,
+                              "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def timed(call, items):
+    results, seconds = [], []
+    for item in items:
+        started = time.perf_counter()
+        results.append(call(item))
+        seconds.append(time.perf_counter() - started)
+    return results, seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--config", default="pipelines.yaml")
+    parser.add_argument("-s", "--specialist", required=True)
+    parser.add_argument("--cases", type=int, default=60, help="test cases for parity and latency (default: 60)")
+    args = parser.parse_args()
+
+    config = load_config(args.config)
+    apply_env(config)
+    config.specialist(args.specialist)  # an unknown name fails here, before anything is exported
+    work = Path(tempfile.mkdtemp(prefix="cadre-edge-bench-"))
+    try:
+        return run(args, config, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the bundle is a few hundred MB
+
+
+def run(args: argparse.Namespace, config, work: Path) -> int:
+    from cadre.edge import Bundle, export_bundle
+    from cadre.edge.export import champion_parts
+    from cadre.evaluation.results import load_cases
+    from cadre.runtime.base_model import base_gguf
+    from cadre.runtime.lm import LlamaCppClient
+    from cadre.serving.engine import LoraEngine
+    from cadre.serving.team import RegistrySource, answer, build_runtime, current_versions
+
+    settings = config.specialist(args.specialist)
+    inputs = [f.name for f in settings.program.inputs]
+    output = settings.program.outputs[0].name
+    cases = load_cases(config.resolve(settings.evaluation.suite), "test")[: args.cases]
+    started = time.perf_counter()
+    folder = export_bundle(champion_parts(config, args.specialist), work / "bundle")
+    export_s = time.perf_counter() - started
+    manifest = json.loads((folder / "bundle.json").read_text())
+    parts: dict[str, int] = {}
+    for name, entry in manifest["files"].items():
+        parts[name.split("/")[0]] = parts.get(name.split("/")[0], 0) + entry["bytes"]
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | {"OMP_NUM_THREADS": "1"}
+    first_case = {name: cases[0].get(name) for name in inputs}
+    done = subprocess.run(
+        [sys.executable, "-c", COLD_START, str(folder), json.dumps(first_case)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        console.print(done.stderr[-3000:])
+        return 1
+    cold = json.loads(
+        next(line for line in done.stdout.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT ")
+    )
+
+    source = RegistrySource(config.project.mlflow.uri, config.project.name, str(config.state_dir))
+    versions = current_versions(source, args.specialist, bool(settings.program.retrieve_k))
+    gguf = base_gguf(config, settings.base_model)
+    engine = LoraEngine(gguf, contexts=1, n_threads=1, n_ctx=config.project.lm.n_ctx)
+    runtime = build_runtime(config, args.specialist, versions, engine, source)
+    queries = [{name: case.get(name) for name in inputs} for case in cases]
+    answer(runtime, queries[0])  # the first search loads the embedding model: not an answer's latency
+    served, served_s = timed(lambda q: answer(runtime, q), queries)
+    runtime.close()
+    engine.close()
+
+    bundle = Bundle.open(folder, n_threads=1)
+    bundle.answer(queries[0])
+    edge, edge_s = timed(bundle.answer, queries)
+    prompts = [bundle.render(q)[0] for q in queries]
+    stop = bundle.runtime.spec.stop
+    max_tokens = bundle.runtime.max_tokens
+    bundle.close()
+    bare = LlamaCppClient(gguf, n_threads=1, n_ctx=config.project.lm.n_ctx)
+    bare.complete(prompts[0], max_tokens=max_tokens, stop=stop)
+    _, bare_s = timed(lambda p: bare.complete(p, max_tokens=max_tokens, stop=stop), prompts)
+
+    n = len(cases)
+    same = sum(a == b for a, b in zip(served, edge, strict=True))
+    gold = [str(case.get(output)) for case in cases]
+    exact = {
+        "served": sum(a["outputs"].get(output) == g for a, g in zip(served, gold, strict=True)) / n,
+        "bundle": sum(a["outputs"].get(output) == g for a, g in zip(edge, gold, strict=True)) / n,
+    }
+    lineage = manifest["lineage"]
+    console.print(
+        f"[bold]{args.specialist}[/bold]: program {lineage.get('program') or 'declared'}, adapter "
+        f"{lineage.get('adapter') or 'none'}, index {lineage.get('index_version') or 'none'}; exported in {export_s:.1f} s"
+    )
+    console.print(
+        "bundle size: "
+        + ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in sorted(parts.items()))
+        + f"; total {manifest['bytes'] / 1e6:.0f} MB"
+    )
+    console.print(
+        f"cold start (fresh process, 1 thread): open {cold['open_s']:.2f} s, first answer {cold['first_answer_s']:.2f} s "
+        f"after start, peak RSS {cold['rss_mb']:.0f} MB"
+    )
+    console.print(
+        f"parity on {n} test cases: {same}/{n} identical results; exact match served {exact['served']:.3f}, "
+        f"bundle {exact['bundle']:.3f}"
+    )
+    table = Table("per answer, 1 thread", "p50 ms", "p95 ms")
+    for name, seconds in (
+        ("served champion (cadre serve's runtime)", served_s),
+        ("bundle", edge_s),
+        ("bare base GGUF, no adapter (free completion)", bare_s),
+    ):
+        table.add_row(name, f"{statistics.median(seconds) * 1000:.0f}", f"{percentile(seconds, 0.95) * 1000:.0f}")
+    console.print(table)
+    for a, b, q in zip(served, edge, queries, strict=True):
+        if a != b:
+            console.print(f"differs: {q}: served {a}, bundle {b}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
