@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cadre.config import CadreConfig
@@ -66,3 +68,22 @@ def ensure_state_dir(config: CadreConfig) -> Path:
     if not ignore.exists():
         ignore.write_text("# written by Cadre: the state directory is local data, never committed\n*\n")
     return state
+
+
+@contextmanager
+def unlogged_prints() -> Iterator[None]:
+    """Inside the block, `print` is Python's own again, not Prefect's print-to-run-log patch (`log_prints`).
+
+    `datasets` fingerprints a function with dill, which reads its disassembly by swapping `sys.stdout` for a buffer;
+    Prefect's patched `print` sends that disassembly to the run's log instead (pages of bytecode in the Prefect UI).
+    """
+    import builtins
+
+    from prefect.logging import loggers
+
+    patched = builtins.print
+    builtins.print = loggers.print  # the builtin, as Prefect's module imported it
+    try:
+        yield
+    finally:
+        builtins.print = patched

@@ -36,6 +36,7 @@ from cadre.config.budget import RunBudget, parse_budget
 from cadre.config.embedder import EmbedderSettings
 from cadre.knowledge.chunking import Chunker, load_tokenizer
 from cadre.knowledge.embedding import Embedder, model_fingerprint
+from cadre.platform.env import unlogged_prints
 from cadre.runtime.retrieval import retrieval_query
 
 if TYPE_CHECKING:
@@ -354,7 +355,8 @@ def _fit(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = SentenceTransformer(str(base_dir), device=device, local_files_only=True)
-    dataset = Dataset.from_dict(pair_columns(pairs))
+    with unlogged_prints():  # datasets' fingerprinting would dump bytecode into the Prefect run log
+        dataset = Dataset.from_dict(pair_columns(pairs))
     checkpoints = folder / "checkpoints"
     args = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),
@@ -391,13 +393,14 @@ def _fit(
                         state.max_steps,
                     )
 
-    trainer = SentenceTransformerTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        loss=losses.MultipleNegativesRankingLoss(model),
-        callbacks=[Progress()],
-    )
+    with unlogged_prints():
+        trainer = SentenceTransformerTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            loss=losses.MultipleNegativesRankingLoss(model),
+            callbacks=[Progress()],
+        )
     resume = _last_checkpoint(checkpoints)
     resumed = int(resume.name.split("-")[-1]) if resume else 0
     if resume:

@@ -172,3 +172,28 @@ def test_a_version_is_searched_with_the_model_it_records_or_refused_when_that_mo
         packaged.with_model(str(copy), recorded)
     with pytest.raises(ValueError, match="which is not here"):
         packaged.with_model(str(tmp_path / "gone"), recorded)
+
+
+def test_a_dataset_fingerprint_reads_its_disassembly_and_writes_none_into_a_prefect_run_log() -> None:
+    """dill reads `dis` output by swapping sys.stdout; Prefect's log_prints patch would send it to the run log."""
+    import builtins
+    import contextlib
+    import io
+
+    import dill.detect
+    from prefect.logging.loggers import patch_print
+
+    from cadre.platform.env import unlogged_prints
+
+    def uses_a_global() -> str:
+        return json.dumps({})
+
+    real = builtins.print
+    with patch_print():
+        with unlogged_prints():
+            assert builtins.print is real
+            shown = io.StringIO()
+            with contextlib.redirect_stdout(shown):
+                assert "json" in dill.detect.globalvars(uses_a_global)  # read from the captured disassembly
+            assert shown.getvalue() == ""  # nothing leaked to the (run-log) stdout
+        assert builtins.print is not real  # Prefect's patch is back for the flow's own prints
