@@ -20,7 +20,7 @@ from cadre.knowledge.embedding import Embedder
 from cadre.knowledge.index.manifest import IndexLayout
 from cadre.knowledge.reindex import IndexSearcher, ReindexResult, reindex_specialist
 from cadre.registry.promotion import Candidate, PromotionOutcome
-from cadre.registry.runs import RunHandle
+from cadre.registry.runs import RunHandle, log_dataset
 from cadre.tuning.embedder import (
     EmbedderPlan,
     NoTrainPairs,
@@ -100,6 +100,14 @@ def build_embedder_pairs(
         params=[Param("data.fingerprint", fingerprint), Param("data.mined_from_index", live)],
     )
     client.set_tag(handle.run_id, "cadre.data_fingerprint", fingerprint)
+    suite = config.resolve(settings.evaluation.suite)
+    log_dataset(
+        handle,
+        "training_pairs",
+        "training",
+        fingerprint,
+        [str(suite / "train.jsonl"), f"index {live}"],
+    )
     return pairs
 
 

@@ -135,6 +135,8 @@ def test_a_promoted_embedder_reembeds_the_index_and_every_query_of_that_version_
     recorded = IndexLayout(state, "coder").read_manifest(new_version).embedder
     assert recorded["registry_version"] == str(embedder_model.version)
     assert recorded["path"] == embedder_model.tags["cadre.lineage.embedder_path"]
+    inputs = client.get_run(embedder_model.run_id).inputs.dataset_inputs
+    assert [d.dataset.name for d in inputs] == ["training_pairs"], "the run page lists what it trained on"
     artifacts = {item.path for item in client.list_artifacts(embedder_model.run_id, "embedder")}
     assert "embedder/model.safetensors" in artifacts and "embedder/cadre_embedder.json" in artifacts
 
