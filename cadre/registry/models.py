@@ -8,7 +8,7 @@ logged):
 | --- | --- | --- |
 | `<project>.<specialist>.program` | `program.json` and the specialist's settings | the program's outputs, through the base model (no adapter), with passages from the index champion |
 | `<project>.<specialist>.adapter` | the PEFT weights and `adapter.gguf` | the declared program's outputs through the base model with this adapter |
-| `<project>.<specialist>.index` | the LanceDB table of the version (`state/index/<specialist>/lancedb/<version>.lance`), or a pointer for Weaviate, and the embedder it was built with (from the version's manifest) | the ids of the passages a case retrieves |
+| `<project>.<specialist>.index` | the LanceDB table of the version (`state/index/<specialist>/lancedb/<version>.lance`), or a pointer for Weaviate; its manifest, which names the embedder it was built with; and that embedder's folder when it is a fine-tuned one (`state/index/<specialist>/embedders/<fingerprint>/`) | the ids of the passages a case retrieves |
 | `<project>.<specialist>` | the versions of its parts (`models:/…/N`) | the specialist's answer, as `cadre serve` gives it |
 
 `register_candidate(..., model=ModelSpec)` writes the model files (`MLmodel`, the code file, `cadre_model.json`,
@@ -117,6 +117,7 @@ def model_spec(
     Raises:
         ModelError: an index version without a complete manifest.
     """
+    from cadre.knowledge.embedding import PACKAGED_PREFIX, resolve_model_path
     from cadre.knowledge.index import IndexLayout
 
     settings = config.specialist(specialist)
@@ -158,6 +159,13 @@ def model_spec(
         if project.index.backend == "lancedb":
             table = layout.lancedb_dir / f"{index_version}.lance"
             uploads[f"{inside}/lancedb/{table.name}"] = str(table)
+        key = manifest.index_key
+        if not key.embedding_model.startswith(PACKAGED_PREFIX):
+            # A fine-tuned embedder lives in the builder's state dir: it travels with the version, so a machine that
+            # shares only the registry embeds queries as the version's vectors were embedded.
+            model_dir = resolve_model_path(embedder.get("path") or key.embedding_model, config.root)
+            shipped = layout.shipped_embedder(key.embedding_fingerprint).relative_to(layout.state_dir)
+            uploads[f"{INDEX_STATE}/{shipped.as_posix()}"] = str(model_dir)
     elif kind in ("program", "adapter") and settings.program.retrieve_k:
         state["parts"] = {"index": f"models:/{_name(project.name, specialist, 'index')}@champion"}
     example = {item.name: _example_value(config, specialist, item.name) for item in settings.program.inputs}
@@ -420,10 +428,10 @@ def download_version(name: str, version: str, folder: Path, tracking_uri: str | 
 def install_index_version(
     config: CadreConfig, specialist: str, model_version: str, index_version: str, tracking_uri: str | None = None
 ) -> bool:
-    """Copy a registered index version (its LanceDB table and manifest) into this state dir's index layout.
+    """Copy a registered index version (its LanceDB table, fine-tuned embedder and manifest) into this state dir.
 
     How a worker that shares only the MLflow server with the one that built the index gets the champion: the
-    flows then search it like a version built here. The table is copied first and the manifest last, so a crash
+    flows then search it like a version built here. The table and embedder are copied first and the manifest last, so a crash
     leaves an incomplete version (ignored, and replaced by the next try), never a complete-looking half one. For
     Weaviate only the manifest is copied: the collection lives on the server.
 
@@ -445,16 +453,24 @@ def install_index_version(
     table = shipped.lancedb_dir / f"{index_version}.lance"
     if not shipped.is_complete(index_version) or (config.project.index.backend == "lancedb" and not table.is_dir()):
         return False
+    embedders = sorted(shipped.embedders_dir.iterdir()) if shipped.embedders_dir.is_dir() else []
+    copies = [(model, layout.shipped_embedder(model.name)) for model in embedders]
     if config.project.index.backend == "lancedb":
-        target = layout.lancedb_dir / table.name
-        partial = target.with_name(target.name + f".partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(table, partial)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.replace(target)
+        copies.append((table, layout.lancedb_dir / table.name))
+    for source, target in copies:
+        _copy_folder(source, target)
     write_json_atomic(layout.manifest_path(index_version), json.loads(shipped.manifest_path(index_version).read_text()))
     shutil.rmtree(folder, ignore_errors=True)
     return True
+
+
+def _copy_folder(source: Path, target: Path) -> None:
+    """Replace `target` with a copy of `source`, whole or not at all (copied beside it, then renamed)."""
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.replace(target)
 
 
 def _part_folder(uri: str | None, tracking_uri: str | None) -> tuple[str, Path] | None:

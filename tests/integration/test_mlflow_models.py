@@ -498,3 +498,55 @@ def test_a_worker_that_shares_only_mlflow_installs_and_searches_the_index_champi
     for case in registry["cases"]:
         assert [p.id for p in there(case["phrase"], 3)] == [p.id for p in here(case["phrase"], 3)]
     assert sync_live_pointer.fn(worker, "coder") == registry["index_version"]  # installed once; a re-run is a no-op
+
+
+def test_an_index_embedded_by_a_fine_tuned_embedder_carries_it_to_a_worker_and_to_its_model(
+    registry: dict, mlflow_server: str, prepared_models: Path, tmp_path: Path
+) -> None:
+    """The fine-tuned embedder's folder is on the builder's disk only: the index version carries it."""
+    import mlflow
+
+    from cadre.config import load_config
+    from cadre.knowledge.embedding import Embedder, resolve_model_path
+    from cadre.knowledge.reindex import reindex_specialist
+    from cadre.prompts.program import open_retriever
+    from cadre.registry.models import install_index_version
+    from cadre.runtime.retrieval import IndexTarget
+
+    builder_root = tmp_path / "builder"
+    (builder_root / "suite").mkdir(parents=True)
+    (builder_root / "pipelines.yaml").write_text(_pipelines(mlflow_server, "state", registry["codes"]))
+    _link_models(builder_root / "state", prepared_models)
+    builder = load_config(builder_root / "pipelines.yaml")
+    # A "fine-tuned" embedder: the packaged model's files plus a note, so its fingerprint is not the packaged one.
+    tuned = builder_root / "embedders" / "tuned"
+    shutil.copytree(resolve_model_path(builder.project.embedding.model), tuned)
+    (tuned / "cadre_note.txt").write_text("a fine-tuned embedder stand-in\n")
+    embedder = Embedder.from_folder(tuned, batch_size=8, threads=1, registry_version="7")
+    packaged = Embedder.load(builder.project.embedding, builder.project.threads, root=builder.root)
+    assert embedder.fingerprint != packaged.fingerprint
+    built = reindex_specialist(builder, "coder", budget="smoke", show_progress=False, embedder=embedder)
+    version = _register(builder, "index", None, {"index_version": built.version}, index_version=built.version)
+    here = open_retriever(
+        dataclasses.replace(IndexTarget.from_config(builder, "coder", pin_live=False), version=built.version)
+    )
+    expected = {case["phrase"]: [p.id for p in here(case["phrase"], 3)] for case in registry["cases"]}
+    shutil.move(tuned, builder_root / "embedders" / "gone")  # the builder machine is out of reach now
+
+    (tmp_path / "worker" / "suite").mkdir(parents=True)
+    (tmp_path / "worker" / "pipelines.yaml").write_text(_pipelines(mlflow_server, "state", registry["codes"]))
+    _link_models(tmp_path / "worker" / "state", prepared_models)
+    worker = load_config(tmp_path / "worker" / "pipelines.yaml")
+    name = f"{PROJECT}.coder.index"
+    assert install_index_version(worker, "coder", version, built.version, mlflow_server)
+    assert (worker.state_dir / "index" / "coder" / "embedders" / embedder.fingerprint / "cadre_note.txt").is_file()
+    there = open_retriever(
+        dataclasses.replace(IndexTarget.from_config(worker, "coder", pin_live=False), version=built.version)
+    )
+    assert {phrase: [p.id for p in there(phrase, 3)] for phrase in expected} == expected
+
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    answers = model.predict([{"phrase": phrase} for phrase in expected]).to_dict(orient="records")
+    assert [row["retrieved_ids"][:3] for row in answers] == [list(ids) for ids in expected.values()]

@@ -196,10 +196,15 @@ class IndexLayout:
         self.lancedb_dir = self.root / "lancedb"
         self.manifests_dir = self.root / "manifests"
         self.builds_dir = self.root / "builds"
+        self.embedders_dir = self.root / "embedders"
         self.pointers = LivePointers(self.index_dir)
 
     def manifest_path(self, version: str) -> Path:
         return self.manifests_dir / f"{version}.json"
+
+    def shipped_embedder(self, fingerprint: str) -> Path:
+        """Where a version installed from the registry keeps the fine-tuned embedder that embedded it."""
+        return self.embedders_dir / fingerprint
 
     def read_manifest(self, version: str) -> Manifest | None:
         content = read_json(self.manifest_path(version))
