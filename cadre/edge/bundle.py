@@ -178,8 +178,11 @@ def _copy_index(parts: BundleParts, bundle: Path) -> dict[str, Any]:
             "carries a LanceDB table and its manifest; a Weaviate index cannot be bundled)"
         )
     key = manifest.index_key
+    # An index version downloaded from the registry carries its fine-tuned embedder; the recorded folder is the
+    # builder's.
+    shipped = source.shipped_embedder(key.embedding_fingerprint)
     try:
-        model_dir = resolve_model_path(key.embedding_model, parts.root)
+        model_dir = shipped if shipped.is_dir() else resolve_model_path(key.embedding_model, parts.root)
     except ValueError as error:
         raise BundleError(f"index version {version} was embedded with {key.embedding_model}: {error}") from None
     if model_fingerprint(model_dir) != key.embedding_fingerprint:
