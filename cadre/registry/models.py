@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
+import pandas as pd
 from mlflow.models import Model
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
@@ -623,10 +624,12 @@ class CadreModel(mlflow.pyfunc.PythonModel):
             raise ModelError(f"unknown Cadre model kind {self.kind!r}")
         self.runtime = runtime_of(settings, program, adapter)
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow reads type hints as a schema
-        """One row per case: the program's output fields and the retrieved ids (an index model: the ids only)."""
-        import pandas as pd
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """One row per case: the program's output fields and the retrieved ids (an index model: the ids only).
 
+        `model_input` is typed as a DataFrame, a hint MLflow infers no schema from: the schema is the signature
+        each model declares when it is logged (and records, a dict and a list of dicts are answered too).
+        """
         from cadre.runtime.retrieval import retrieval_query
         from cadre.serving.team import answer
 
