@@ -9,6 +9,9 @@ In one run, against the project's MLflow server (its registry names the champion
    answer each case (after one untimed answer each: the first search loads the embedding model); identical results
    (answer, outputs, retrieved ids), exact match of each, p50/p95 per answer.
 4. The bare base GGUF in llama.cpp (`LlamaCppClient`, no adapter) completing the prompts the bundle rendered: p50/p95.
+5. Query embedding with the bundle's embedding model, one fresh process per runtime (`Embedder.runtime`: `numpy`, what
+   the bundle uses, and `torch`, sentence-transformers): seconds from start to the first query vector, p50/p95 per
+   query after it, peak RSS, and how far apart the two runtimes' vectors are.
 
 Run (the stack's MLflow up, e.g. `cadre up --only mlflow`):
 
@@ -28,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -51,6 +55,39 @@ bundle.close()
 print("RESULT " + json.dumps({"open_s": opened, "first_answer_s": first,
                               "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+
+EMBED_COLD = """
+import json, resource, sys, time
+started = time.perf_counter()
+import numpy as np
+from cadre.config.project import EmbeddingSettings, ThreadSettings
+from cadre.knowledge.embedding import Embedder
+model_dir, runtime, queries, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+embedder = Embedder.load(EmbeddingSettings(model=model_dir, batch_size=1), ThreadSettings(embedding=1), runtime=runtime)
+vectors = [embedder.embed_query(queries[0])]
+first = time.perf_counter() - started
+seconds = []
+for query in queries[1:]:
+    begun = time.perf_counter()
+    vectors.append(embedder.embed_query(query))
+    seconds.append(time.perf_counter() - begun)
+np.save(out, np.stack(vectors))
+print("RESULT " + json.dumps({"first_vector_s": first, "seconds": seconds, "heavy": "torch" in sys.modules,
+                              "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def fresh_process(script: str, argv: list[str], env: dict[str, str], cwd: Path) -> dict | None:
+    """Run `script` in a fresh interpreter; its `RESULT {json}` line, or None (its stderr printed) if it failed."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
+    if done.returncode != 0:
+        console.print(done.stderr[-3000:])
+        return None
+    return json.loads(
+        next(line for line in done.stdout.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT ")
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -88,8 +125,10 @@ def run(args: argparse.Namespace, config, work: Path) -> int:
     from cadre.edge import Bundle, export_bundle
     from cadre.edge.export import champion_parts
     from cadre.evaluation.results import load_cases
+    from cadre.knowledge.embedding import EMBED_RUNTIMES
     from cadre.runtime.base_model import base_gguf
     from cadre.runtime.lm import LlamaCppClient
+    from cadre.runtime.retrieval import retrieval_query
     from cadre.serving.engine import LoraEngine
     from cadre.serving.team import RegistrySource, answer, build_runtime, current_versions
 
@@ -107,20 +146,18 @@ def run(args: argparse.Namespace, config, work: Path) -> int:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))} | {"OMP_NUM_THREADS": "1"}
     first_case = {name: cases[0].get(name) for name in inputs}
-    done = subprocess.run(
-        [sys.executable, "-c", COLD_START, str(folder), json.dumps(first_case)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=work,
-        timeout=600,
-    )
-    if done.returncode != 0:
-        console.print(done.stderr[-3000:])
+    cold = fresh_process(COLD_START, [str(folder), json.dumps(first_case)], env, work)
+    if cold is None:
         return 1
-    cold = json.loads(
-        next(line for line in done.stdout.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT ")
-    )
+    embedding: dict[str, dict] = {}
+    if manifest["index"]:
+        texts = json.dumps([retrieval_query(case, inputs) for case in cases])
+        for runtime in EMBED_RUNTIMES:
+            argv = [str(folder / manifest["index"]["embedder"]), runtime, texts, str(work / f"vectors-{runtime}.npy")]
+            found = fresh_process(EMBED_COLD, argv, env, work)
+            if found is None:
+                return 1
+            embedding[runtime] = found
 
     source = RegistrySource(config.project.mlflow.uri, config.project.name, str(config.state_dir))
     versions = current_versions(source, args.specialist, bool(settings.program.retrieve_k))
@@ -177,6 +214,31 @@ def run(args: argparse.Namespace, config, work: Path) -> int:
     ):
         table.add_row(name, f"{statistics.median(seconds) * 1000:.0f}", f"{percentile(seconds, 0.95) * 1000:.0f}")
     console.print(table)
+    if embedding:
+        table = Table(
+            f"query embedding, {manifest['index']['embedder']}/, 1 thread",
+            "first vector after start s",
+            "p50 ms",
+            "p95 ms",
+            "peak RSS MB",
+            "imports torch",
+        )
+        for runtime, found in embedding.items():
+            seconds = found["seconds"]
+            table.add_row(
+                runtime,
+                f"{found['first_vector_s']:.2f}",
+                f"{statistics.median(seconds) * 1000:.1f}",
+                f"{percentile(seconds, 0.95) * 1000:.1f}",
+                f"{found['rss_mb']:.0f}",
+                "yes" if found["heavy"] else "no",
+            )
+        console.print(table)
+        vectors = {runtime: np.load(work / f"vectors-{runtime}.npy") for runtime in embedding}
+        console.print(
+            f"numpy vs torch vectors on {n} queries: max |difference| {np.abs(vectors['numpy'] - vectors['torch']).max():.1e}, "
+            f"lowest cosine {(vectors['numpy'] * vectors['torch']).sum(axis=1).min():.7f}"
+        )
     for a, b, q in zip(served, edge, queries, strict=True):
         if a != b:
             console.print(f"differs: {q}: served {a}, bundle {b}")

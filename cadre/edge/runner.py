@@ -12,11 +12,16 @@ engine on the base GGUF with the adapter applied, the serving prompt, the index 
 `cadre.serving.team.answer`: the same rendering (`ServingPrompt.render`), the same search (`open_index_search` on the
 bundled LanceDB table, queries embedded with the bundled model) and the same answer rule (a plain completion, or
 `answer_from_candidates` for `constrained` / `score`). Only the files differ: they come from the folder.
+
+Queries are embedded with `cadre.edge.encoder.NumpyEncoder` (the same vectors as sentence-transformers to ~1e-6), so
+answering never imports torch, transformers or sentence-transformers (~10 s of a cold start); a bundled embedding
+model that encoder does not implement is run by sentence-transformers instead, with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +33,8 @@ from cadre.edge.bundle import MANIFEST_FILE, BundleError, verify_bundle
 if TYPE_CHECKING:
     from cadre.runtime.retrieval import Retriever
     from cadre.serving.team import SpecialistRuntime
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,10 +141,18 @@ class Bundle:
 
 
 def _index_search(folder: Path, specialist: str, index: dict[str, Any], n_threads: int) -> Retriever:
-    """`open_index_search` on the bundled table, embedding queries with the bundled model (checked by fingerprint)."""
+    """`open_index_search` on the bundled table, embedding queries with the bundled model (checked by fingerprint)
+    on the numpy runtime when the encoder implements it."""
     from cadre.config.project import EmbeddingSettings, IndexBackendSettings, ThreadSettings
+    from cadre.edge.encoder import EncoderSpec
     from cadre.runtime.retrieval import IndexTarget, open_index_search
 
+    runtime = "numpy"
+    try:
+        EncoderSpec.read(folder / index["embedder"])
+    except ValueError as error:
+        logger.warning("%s; queries are embedded with sentence-transformers (imports torch: slower to start)", error)
+        runtime = "torch"
     target = IndexTarget(
         specialist=specialist,
         state_dir=str(folder / index["state_dir"]),
@@ -147,6 +162,7 @@ def _index_search(folder: Path, specialist: str, index: dict[str, Any], n_thread
         threads=ThreadSettings(torch=n_threads, embedding=n_threads),
         search_mode=index["search_mode"],
         version=index["version"],
+        embed_runtime=runtime,
     )
     try:
         return open_index_search(target, index["version"])

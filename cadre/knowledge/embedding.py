@@ -6,6 +6,10 @@ downloaded: the model loads with `local_files_only=True`.
 
 Threads are set deliberately for every call (`ThreadSettings.embedding`): torch's default thread count
 collapses on a shared 2-core machine (measured: 57 sentences/s instead of 383).
+
+An embedder runs on one of two runtimes (`EMBED_RUNTIMES`): `torch` (sentence-transformers; every stage) or `numpy`
+(`cadre.edge.encoder.NumpyEncoder`: the same vectors to ~1e-6 for the BERT models the project uses, without
+importing torch; an edge bundle embeds its queries with it).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -28,13 +32,19 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
     from tqdm import tqdm
 
+    from cadre.edge.encoder import NumpyEncoder
+
 logger = logging.getLogger(__name__)
 
 PACKAGED_PREFIX = "packaged:"
 PACKAGED_MODELS = ("all-minilm-l6-v2",)
 
+EmbedRuntime = Literal["torch", "numpy"]
+EMBED_RUNTIMES: tuple[EmbedRuntime, ...] = ("torch", "numpy")
+
 _MODEL_CACHE: dict[Path, SentenceTransformer] = {}
 _MODEL_CACHE_LOCK = threading.Lock()
+_ENCODER_CACHE: dict[Path, NumpyEncoder] = {}
 
 
 def resolve_model_path(model: str, root: Path | None = None) -> Path:
@@ -103,6 +113,18 @@ def _load_model(model_dir: Path) -> SentenceTransformer:
         return model
 
 
+def _load_encoder(model_dir: Path) -> NumpyEncoder:
+    with _MODEL_CACHE_LOCK:
+        encoder = _ENCODER_CACHE.get(model_dir)
+        if encoder is None:
+            from cadre.edge.encoder import NumpyEncoder
+
+            logger.info("loading embedding model from %s (numpy runtime)", model_dir)
+            encoder = NumpyEncoder.load(model_dir)
+            _ENCODER_CACHE[model_dir] = encoder
+        return encoder
+
+
 @dataclass
 class Embedder:
     """Embeds chunks and queries into normalised float32 vectors.
@@ -113,9 +135,11 @@ class Embedder:
         model_dir: Folder of the model.
         model_ref: The reference it was loaded from (as written in `pipelines.yaml`).
         batch_size: Sentences per forward pass.
-        threads: torch threads used while embedding.
+        threads: torch threads (numpy's BLAS threads on the numpy runtime) used while embedding.
         fingerprint: Short hash identifying the model (part of an index's identity).
         registry_version: The `embedder` registry version it is (None: the configured model, or a candidate).
+        runtime: What runs the model: `torch` (sentence-transformers) or `numpy` (`NumpyEncoder`, no torch import;
+            BERT models with mean or CLS pooling only).
     """
 
     model_dir: Path
@@ -124,15 +148,28 @@ class Embedder:
     threads: int
     fingerprint: str
     registry_version: str | None = None
+    runtime: EmbedRuntime = "torch"
+
+    def __post_init__(self) -> None:
+        if self.runtime not in EMBED_RUNTIMES:
+            raise ValueError(f"unknown embedding runtime {self.runtime!r}; runtimes: {', '.join(EMBED_RUNTIMES)}")
 
     @classmethod
-    def load(cls, settings: EmbeddingSettings, threads: ThreadSettings, *, root: Path | None = None) -> Embedder:
+    def load(
+        cls,
+        settings: EmbeddingSettings,
+        threads: ThreadSettings,
+        *,
+        root: Path | None = None,
+        runtime: EmbedRuntime = "torch",
+    ) -> Embedder:
         """An embedder for the configured model; the model itself loads on first use.
 
         Args:
             settings: `project.embedding`.
             threads: `project.threads` (its `embedding` count is used).
             root: Project folder for relative model folders.
+            runtime: `torch`, or `numpy` to embed without importing torch (an edge bundle's queries).
         """
         model_dir = resolve_model_path(settings.model, root)
         return cls(
@@ -141,6 +178,7 @@ class Embedder:
             batch_size=settings.batch_size,
             threads=threads.embedding,
             fingerprint=model_fingerprint(model_dir),
+            runtime=runtime,
         )
 
     @classmethod
@@ -156,7 +194,7 @@ class Embedder:
         return cls(model_dir, str(model_dir), batch_size, threads, model_fingerprint(model_dir), registry_version)
 
     def with_model(self, model_ref: str, fingerprint: str, root: Path | None = None) -> Embedder:
-        """An embedder of the same batch size and threads for the model an index version records.
+        """An embedder of the same batch size, threads and runtime for the model an index version records.
 
         Raises:
             ValueError: That model is not on this machine, or its files changed since the version was embedded.
@@ -173,7 +211,7 @@ class Embedder:
                 f"the index version was embedded with {model_ref} (fingerprint {fingerprint}); the folder now holds "
                 f"fingerprint {found}, so its queries would not match its vectors"
             )
-        return Embedder(model_dir, model_ref, self.batch_size, self.threads, fingerprint)
+        return Embedder(model_dir, model_ref, self.batch_size, self.threads, fingerprint, runtime=self.runtime)
 
     def record(self) -> dict[str, str]:
         """What an index version records about the model that embedded it."""
@@ -199,6 +237,8 @@ class Embedder:
             config = json.loads((self.model_dir / "config.json").read_text())
             if config.get("hidden_size"):
                 return int(config["hidden_size"])
+        if self.runtime == "numpy":
+            return _load_encoder(self.model_dir).dimension
         model = self.model
         getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(getter())
@@ -220,17 +260,20 @@ class Embedder:
         """
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        with torch_threads(self.threads):
-            import torch
+        if self.runtime == "numpy":
+            vectors = _load_encoder(self.model_dir).embed(texts, batch_size=self.batch_size, threads=self.threads)
+        else:
+            with torch_threads(self.threads):
+                import torch
 
-            with torch.inference_mode():
-                vectors = self.model.encode(
-                    list(texts),
-                    batch_size=self.batch_size,
-                    normalize_embeddings=True,
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
-                )
+                with torch.inference_mode():
+                    vectors = self.model.encode(
+                        list(texts),
+                        batch_size=self.batch_size,
+                        normalize_embeddings=True,
+                        convert_to_numpy=True,
+                        show_progress_bar=False,
+                    )
         if progress is not None:
             progress.update(len(texts))
         return np.ascontiguousarray(vectors, dtype=np.float32)

@@ -154,6 +154,8 @@ class IndexTarget:
         threads: `project.threads`.
         search_mode: the specialist's `index.search_mode`.
         version: the index version to search; None for whichever is live when the search opens.
+        embed_runtime: what embeds the queries (`Embedder.runtime`): `torch`, or `numpy` where importing torch costs
+            more than the search (an edge bundle).
     """
 
     specialist: str
@@ -164,6 +166,7 @@ class IndexTarget:
     threads: Any
     search_mode: str = "hybrid"
     version: str | None = None
+    embed_runtime: str = "torch"
 
     @classmethod
     def from_config(cls, config: CadreConfig, specialist: str, pin_live: bool = True) -> IndexTarget:
@@ -211,7 +214,7 @@ def open_index_search(target: IndexTarget, version: str) -> Retriever:
     from cadre.knowledge.reindex import IndexSearcher
 
     state_dir = Path(target.state_dir)
-    embedder = Embedder.load(target.embedding, target.threads, root=Path(target.root))
+    embedder = Embedder.load(target.embedding, target.threads, root=Path(target.root), runtime=target.embed_runtime)
     backend = open_backend(target.backend, state_dir, target.specialist, dimension=embedder.dimension)
     index = IndexSearcher(target.specialist, state_dir, backend, embedder, target.search_mode)
     index.embedder_for(version)

@@ -4,8 +4,9 @@ Real parts throughout: 20 ICD-10-CM documents indexed by the re-index code into 
 champion program (an optimizer's instruction, a demo, a constrained answer from 3 passages) and the packaged
 Gemma 3 270M GGUF in llama.cpp. The server's runtime is built as `cadre serve` builds it (`assemble_runtime`) on the
 original files; the bundle is opened from a copy while the original index is out of reach, in this process and by
-`cadre answer` in a fresh one that has no service address, proxies pointing nowhere and imports neither MLflow,
-Prefect, DSPy nor FastAPI. A bundle with a missing file, a changed file, an unknown format or an adapter for another
+`cadre answer` in a fresh one that has no service address, proxies pointing nowhere and imports none of MLflow,
+Prefect, DSPy, FastAPI, torch, transformers or sentence-transformers (the numpy encoder, `cadre.edge.encoder`, embeds
+its queries). A bundle with a missing file, a changed file, an unknown format or an adapter for another
 base model is refused, naming the file.
 """
 
@@ -179,7 +180,7 @@ def test_a_copied_bundle_answers_what_the_server_answers_without_the_original_fi
         assert done.returncode == 0, done.stderr[-3000:]
         *out, imported = done.stdout.splitlines()
         assert out == [served["answer"], "retrieved: " + " ".join(served["retrieved_ids"])]
-        assert json.loads(imported) == {"mlflow": False, "prefect": False, "dspy": False, "fastapi": False}
+        assert json.loads(imported) == dict.fromkeys(UNIMPORTED, False)
     finally:
         away.rename(project["state"])
 
@@ -208,12 +209,13 @@ def test_a_program_that_retrieves_nothing_bundles_no_index_and_answers_freely(gg
         bundle.close()
 
 
-ANSWER_PROBE = """
+UNIMPORTED = ("mlflow", "prefect", "dspy", "fastapi", "torch", "transformers", "sentence_transformers")
+ANSWER_PROBE = f"""
 import json, sys
 from cadre.cli import main
 
 code = main(["answer", "--bundle", sys.argv[1], sys.argv[2]])
-print(json.dumps({name: name in sys.modules for name in ("mlflow", "prefect", "dspy", "fastapi")}))
+print(json.dumps({{name: name in sys.modules for name in {UNIMPORTED!r}}}))
 sys.exit(code)
 """
 OFFLINE = {
