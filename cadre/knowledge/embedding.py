@@ -245,11 +245,24 @@ class Embedder:
 
     @property
     def max_seq_length(self) -> int:
-        """Longest input, in tokens including special tokens, that the model embeds without truncating."""
-        config_path = self.model_dir / "sentence_bert_config.json"
-        if config_path.is_file():
-            return int(json.loads(config_path.read_text()).get("max_seq_length", 512))
-        return int(self.model.max_seq_length)
+        """Longest input, in tokens including special tokens, that the model embeds without truncating.
+
+        As sentence-transformers resolves it: `sentence_bert_config.json`'s `max_seq_length`, else the tokenizer's
+        `model_max_length`, capped at the model's `max_position_embeddings` (a fine-tuned model saved by
+        sentence-transformers 5 records no `max_seq_length` and truncates at its tokenizer's 256).
+        """
+
+        def read(name: str) -> dict:
+            path = self.model_dir / name
+            return json.loads(path.read_text()) if path.is_file() else {}
+
+        positions = read("config.json").get("max_position_embeddings")
+        found = read("sentence_bert_config.json").get("max_seq_length") or read("tokenizer_config.json").get(
+            "model_max_length"
+        )
+        if found is None or positions is None:
+            return int(self.model.max_seq_length)
+        return min(int(found), int(positions))
 
     def embed(self, texts: Sequence[str], *, progress: tqdm | None = None) -> np.ndarray:
         """Vectors of `texts`, L2-normalised, shape (len(texts), dimension), float32.

@@ -121,3 +121,15 @@ def test_an_unsupported_pooling_is_refused_naming_the_folder(tmp_path: Path, poo
 def test_an_unknown_runtime_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown embedding runtime 'onnx'; runtimes: torch, numpy"):
         Embedder.load(EmbeddingSettings(), ThreadSettings(), runtime="onnx")  # type: ignore[arg-type]
+
+
+def test_max_seq_length_is_what_sentence_transformers_truncates_at(tmp_path: Path) -> None:
+    """Without `max_seq_length` in sentence_bert_config.json (a model saved by sentence-transformers 5), the tokenizer's
+    `model_max_length` decides, capped at the model's positions; `Embedder.max_seq_length` reads it without loading."""
+    bare = packaged_copy(tmp_path / "bare", "sentence_bert_config.json", {"do_lower_case": False})
+    tokenizer = json.loads((bare / "tokenizer_config.json").read_text())
+    (bare / "tokenizer_config.json").write_text(json.dumps({**tokenizer, "model_max_length": 200}))
+    embedder = Embedder.from_folder(bare, batch_size=8, threads=1)
+    assert (
+        embedder.max_seq_length == 200 == embedder.model.max_seq_length == NumpyEncoder.load(bare).spec.max_seq_length
+    )
