@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markdown import Markdown
 
 from cadre.config import ConfigError, load_config
 from cadre.platform.env import apply_env, ensure_state_dir
@@ -309,6 +310,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from cadre.serving.server import ServeError, run_server
 
+    if args.bundle:
+        return _serve_bundle(args)
     config = _load(args.file)
     flags = {
         "host": args.host,
@@ -341,17 +344,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def _serve_bundle(args: argparse.Namespace) -> int:
+    """`cadre serve --bundle DIR`: no pipelines.yaml, no registry; the request limits are the defaults or the flags."""
+    from cadre.config.project import ServingSettings
+    from cadre.edge import BundleError
+    from cadre.serving.server import run_bundle_server
+
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "api_key_env": args.api_key_env,
+        "max_in_flight": args.max_in_flight,
+        "max_body_bytes": args.max_body_bytes,
+        "max_input_chars": args.max_input_chars,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "max_tokens": args.max_tokens,
+    }
+    settings = ServingSettings().model_copy(update={k: v for k, v in flags.items() if v is not None})
+    try:
+        return run_bundle_server(Path(args.bundle), settings, n_threads=args.threads or 1, console=console)
+    except BundleError as error:
+        console.print(f"[red]{error}[/red]")
+        return 1
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from cadre.edge.bundle import BundleError, export_bundle
     from cadre.edge.export import champion_parts
+    from cadre.edge.judge import publish_bundle
 
     config = _load(args.file)
     _specialist_or_exit(config, args.specialist)
     require_services(config, "mlflow")  # the champions to export are read from its registry
     target = Path(args.to) if args.to else config.state_dir / "bundles" / args.specialist
     started = time.perf_counter()
+    judgement = None
     try:
-        folder = export_bundle(champion_parts(config, args.specialist), target)
+        if args.no_judge:
+            folder = export_bundle(champion_parts(config, args.specialist), target)
+        else:
+            cases = args.cases or config.specialist(args.specialist).edge.cases
+            console.print(
+                f"exporting {args.specialist}, then answering {cases} test cases beside the served champion …"
+            )
+            publication = publish_bundle(config, args.specialist, target, cases=args.cases)
+            folder, judgement = publication.folder, publication.judgement
     except BundleError as error:
         console.print(f"[red]{error}[/red]")
         return 1
@@ -361,11 +398,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{kind} {'v' + lineage[kind] if lineage.get(kind) else default}"
         for kind, default in (("program", "declared"), ("adapter", "none (base model)"), ("index", "none"))
     )
-    console.print(
-        f"[green]exported {args.specialist}[/green] to {folder}: {manifest['bytes'] / 1e6:.0f} MB in "
-        f"{len(manifest['files'])} files ({parts}; index version {lineage.get('index_version') or 'none'}) "
-        f"in {time.perf_counter() - started:.0f} s"
+    summary = (
+        f"{manifest['bytes'] / 1e6:.0f} MB in {len(manifest['files'])} files ({parts}; index version "
+        f"{lineage.get('index_version') or 'none'}) in {time.perf_counter() - started:.0f} s"
     )
+    if judgement is not None:
+        console.print(Markdown(judgement.to_markdown()))
+    if judgement is not None and not judgement.passed:
+        console.print(
+            f"[red]refused: the bundle was not published[/red] ({target} is unchanged); the refused bundle and its "
+            f"report are in {folder}: {summary}"
+        )
+        return 1
+    console.print(f"[green]exported {args.specialist}[/green] to {folder}: {summary}")
     console.print(f'answer with: cadre answer --bundle {folder} "…"')
     return 0
 
@@ -596,6 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve the team behind an OpenAI-compatible API; champions go live without a restart"
     )
     _config_arg(p)
+    p.add_argument(
+        "--bundle",
+        metavar="DIR",
+        help="serve one exported bundle (`cadre export`) instead of the registry's team: no pipelines.yaml, no stack",
+    )
     p.add_argument("--host", help="interface to bind (default: project.serving.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: project.serving.port, 8000)")
     p.add_argument(
@@ -652,7 +702,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--to",
         metavar="DIR",
-        help="the bundle folder (default: <state_dir>/bundles/<specialist>; replaced if a bundle)",
+        help="the bundle folder (default: <state_dir>/bundles/<specialist>; replaced only by a bundle that passes)",
+    )
+    p.add_argument("--cases", type=int, help="test cases answered beside the served champion (default: edge.cases)")
+    p.add_argument(
+        "--no-judge", action="store_true", help="write the bundle without judging it (no parity check, no rules)"
     )
     p.set_defaults(func=cmd_export)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from cadre.config.base import FieldError, Strict
+from cadre.config.edge import EdgeSettings
 from cadre.config.embedder import EmbedderSettings
 from cadre.config.evaluation import EvaluationSettings, Gates, check_baseline_rules, check_gate_metrics
 from cadre.config.knowledge import ChunkingSettings, IndexSettings, Source
@@ -58,6 +59,9 @@ class Specialist(Strict):
     gates: Gates = Field(default_factory=Gates, description="Promotion gates per artifact kind.")
     schedules: Schedules = Field(default_factory=Schedules, description="Cron schedules of the four flows.")
     smoke: SmokeBudget = Field(default_factory=SmokeBudget, description="The `smoke` budget.")
+    edge: EdgeSettings = Field(
+        default_factory=EdgeSettings, description="The offline bundle: export after promotion and its publish rules."
+    )
 
     @field_validator("base_model")
     @classmethod

@@ -225,13 +225,17 @@ def gate_and_promote(
         )
         outcome = PromotionOutcome(decision, record, version.name, str(version.version))
         if outcome.promoted:
-            register_specialist(
+            composite = register_specialist(
                 config,
                 specialist,
                 handle.run_id,
                 actor=actor,
                 reason=f"Follows {outcome.model_name} v{outcome.version}.",
             )
+            if composite is not None and config.specialist(specialist).edge.export_on_promotion:
+                from cadre.edge.judge import publish_after_promotion
+
+                publish_after_promotion(config, specialist, composite.name, str(composite.version), handle.run_id)
     _report_on_run(client, handle, candidate, outcome)
     return outcome
 

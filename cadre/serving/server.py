@@ -160,8 +160,6 @@ def run_server(
     console: Any = None,
 ) -> int:
     """Load the team and serve until interrupted (SIGINT/SIGTERM stop it cleanly); arguments as `build_state`."""
-    import uvicorn
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     app = create_server_app(config, settings, n_threads, n_ctx)
@@ -181,7 +179,68 @@ def run_server(
             f"serving at http://{settings.host}:{settings.port}/v1 (API key {key}; champions checked every "
             f"{settings.poll_interval_s:g} s; ready in {time.perf_counter() - started:.1f} s)"
         )
+    _run(app, settings)
+    return 0
+
+
+def _run(app: Any, settings: ServingSettings) -> None:
+    import uvicorn
+
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level="info", access_log=False, timeout_graceful_shutdown=10
     )
+
+
+def bundle_state(folder: Path, settings: ServingSettings, n_threads: int = 1, feedback_url: str | None = None) -> Any:
+    """The serving state of one exported bundle: its specialist, answering from the bundle's files only.
+
+    No registry is read and nothing is watched (a bundle is fixed); responses and feedback go to a SQLite file beside
+    the bundle (`<bundle>.feedback.db`) unless `feedback_url` names another store.
+
+    Raises:
+        cadre.edge.BundleError: the bundle is incomplete, changed, or of an unknown format.
+    """
+    from cadre.edge.runner import Bundle
+    from cadre.feedback.store import open_store
+    from cadre.serving.app import ServingState
+    from cadre.serving.team import Team
+
+    bundle = Bundle.open(folder, n_threads=n_threads)
+    name = bundle.manifest["specialist"]
+    team = Team([name])
+    team.install(name, bundle.runtime)
+    folder = Path(folder).resolve()
+    url = feedback_url or f"sqlite:///{folder.with_name(folder.name + '.feedback.db')}"
+    return ServingState(
+        team=team,
+        engines=[bundle.runtime.engine],
+        stores={name: open_store(url)},
+        limits=settings.model_copy(update={"route": False}),
+        api_key=os.environ.get(settings.api_key_env) or None,
+        descriptions={name: f"the exported bundle {folder.name}"},
+    )
+
+
+def run_bundle_server(folder: Path, settings: ServingSettings, n_threads: int = 1, console: Any = None) -> int:
+    """`cadre serve --bundle DIR`: the bundle's specialist behind the same API as `cadre serve`, until interrupted."""
+    from cadre.serving.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    state = bundle_state(folder, settings, n_threads)
+
+    def shutdown() -> None:
+        state.team.close()
+        for engine in state.engines:
+            engine.close()
+
+    app = create_app(state, on_shutdown=shutdown)
+    if console is not None:
+        name = state.team.names[0]
+        versions = ", ".join(f"{k} {v}" for k, v in state.team.entry(name).versions.describe().items())
+        console.print(f"[green]✓[/green] {name} from the bundle {folder}: {versions}")
+        console.print(
+            f"serving at http://{settings.host}:{settings.port}/v1 (ready in {time.perf_counter() - started:.1f} s)"
+        )
+    _run(app, settings)
     return 0

@@ -550,3 +550,58 @@ def test_an_index_embedded_by_a_fine_tuned_embedder_carries_it_to_a_worker_and_t
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     answers = model.predict([{"phrase": phrase} for phrase in expected]).to_dict(orient="records")
     assert [row["retrieved_ids"][:3] for row in answers] == [list(ids) for ids in expected.values()]
+
+
+def _edge_config(registry: dict, mlflow_server: str, prepared_models: Path, root: Path, edge: str):
+    """The registry's project on another state dir, with `edge:` settings for the specialist."""
+    from cadre.config import load_config
+
+    (root / "suite").mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        shutil.copyfile(registry["root"] / "suite" / f"{split}.jsonl", root / "suite" / f"{split}.jsonl")
+    text = _pipelines(mlflow_server, "state", registry["codes"])
+    text = text.replace("    smoke: {max_documents: 60}\n", f"    smoke: {{max_documents: 60}}\n    edge: {edge}\n")
+    (root / "pipelines.yaml").write_text(text)
+    _link_models(root / "state", prepared_models)
+    return load_config(root / "pipelines.yaml")
+
+
+def test_a_bundle_is_published_only_when_it_passes_its_rules(
+    registry: dict, mlflow_server: str, prepared_models: Path, tmp_path: Path
+) -> None:
+    """`publish_bundle` judges the bundle beside the served champion; a refused one never replaces the published one."""
+    from cadre.edge.judge import publish_bundle
+
+    config = _edge_config(registry, mlflow_server, prepared_models, tmp_path / "a", "{cases: 3}")
+    target = tmp_path / "bundles" / "coder"
+    published = publish_bundle(config, "coder", target)
+    assert published.published and published.folder == target
+    judgement = json.loads((target / "bundle.json").read_text())["judgement"]
+    assert judgement["verdict"] == "published" and judgement["cases"] == 3
+    assert judgement["identical"] == 3, judgement["differences"]
+    assert (target / "judgement.md").read_text().startswith("**Edge bundle of `coder`: PUBLISHED.**")
+
+    strict = _edge_config(registry, mlflow_server, prepared_models, tmp_path / "b", "{cases: 2, max_size_mb: 1}")
+    refused = publish_bundle(strict, "coder", target)
+    assert not refused.published and refused.folder == tmp_path / "bundles" / "coder.refused"
+    assert any("edge.max_size_mb 1" in failure for failure in refused.judgement.failures)
+    assert json.loads((target / "bundle.json").read_text())["judgement"] == judgement, "the published bundle stays"
+    assert not list((tmp_path / "bundles").glob("coder.candidate-*")), "no candidate folder is left behind"
+
+
+def test_a_promotion_exports_the_bundle_and_tags_the_specialist_version(
+    registry: dict, mlflow_server: str, prepared_models: Path, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from cadre.edge.judge import EDGE_TAG, publish_after_promotion
+
+    config = _edge_config(registry, mlflow_server, prepared_models, tmp_path, "{export_on_promotion: true, cases: 2}")
+    client = MlflowClient(mlflow_server)
+    version = client.get_model_version_by_alias(f"{PROJECT}.coder", "champion")
+    assert publish_after_promotion(config, "coder", version.name, version.version, version.run_id)
+    tag = client.get_model_version(version.name, version.version).tags[EDGE_TAG]
+    assert tag.startswith("published: 2/2 identical"), tag
+    logged = {item.path for item in client.list_artifacts(version.run_id, f"edge/coder-v{version.version}")}
+    assert logged == {f"edge/coder-v{version.version}/judgement.md", f"edge/coder-v{version.version}/bundle.json"}
+    assert (config.state_dir / "bundles" / "coder" / "bundle.json").is_file()

@@ -286,3 +286,37 @@ def test_an_adapter_made_for_another_base_model_is_refused(exported: Path, tmp_p
     _replace(bundle / "bundle.json", json.dumps(manifest).encode())
     with pytest.raises(BundleError, match=r"model/adapter\.gguf was made for the base model qwen3-0\.6b@1234"):
         Bundle.open(bundle)
+
+
+def test_cadre_serve_bundle_answers_and_records_feedback_beside_the_bundle(exported: Path, tmp_path: Path) -> None:
+    """`cadre serve --bundle`: the same API as `cadre serve`, for the bundle's specialist, with no pipelines.yaml."""
+    from fastapi.testclient import TestClient
+
+    from cadre.config.project import ServingSettings
+    from cadre.feedback.store import open_store
+    from cadre.serving.app import create_app
+    from cadre.serving.server import bundle_state
+
+    folder = _linked_copy(exported, tmp_path / "bundle")
+    expected = Bundle.open(folder, n_threads=1)
+    try:
+        wanted = expected.answer(CASE)
+    finally:
+        expected.close()
+    state = bundle_state(folder, ServingSettings(), n_threads=1)
+    with TestClient(create_app(state)) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [SPECIALIST]
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": SPECIALIST, "messages": [{"role": "user", "content": CASE["phrase"]}]},
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["choices"][0]["message"]["content"] == wanted["answer"]
+        assert body["cadre"]["retrieved_ids"] == wanted["retrieved_ids"]
+        stored = client.post("/v1/feedback", json={"response_id": body["id"], "rating": -1, "correction": "A01.02"})
+        assert stored.status_code == 201, stored.text
+    assert (tmp_path / "bundle.feedback.db").is_file()
+    records = open_store(f"sqlite:///{tmp_path / 'bundle.feedback.db'}").feedback(SPECIALIST)
+    assert [(r.response_id, r.rating, r.correction) for r in records] == [(body["id"], -1, {"code": "A01.02"})]
+    verify_bundle(folder)  # serving wrote nothing into the bundle
