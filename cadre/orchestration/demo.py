@@ -2,7 +2,8 @@
 
 Each flow runs through its Prefect deployment (so it shows in the Prefect UI exactly like a
 scheduled run) in the order the loop needs, the order of the stage table (`cadre.stages.SCHEDULED`):
-re-index → optimize prompts → refresh adapter → learn from feedback. The job ends with a summary a
+re-index → optimize prompts → refresh adapter → learn from feedback, then the specialist's champions are
+exported as an offline bundle and judged beside the server (`cadre.edge.judge`). The job ends with a summary a
 person can act on: what ran, how it ended, what was promoted or refused and why, and where to look.
 """
 
@@ -54,8 +55,38 @@ def run_demo(config: CadreConfig, budget: str = "smoke", console: Console | None
                     "[yellow]re-index failed: the later flows of this specialist would use a stale index; skipping them[/yellow]"
                 )
                 break
+        outcomes.append(export_bundle_step(config, specialist.name, console))
     print_summary(config, outcomes, time.monotonic() - started, console, since=started_at)
     return all(o.completed for o in outcomes)
+
+
+def export_bundle_step(config: CadreConfig, specialist: str, console: Console) -> StepOutcome:
+    """The cycle's last step: the specialist's champions as an offline bundle, judged before it is published.
+
+    A refused bundle is an outcome, not a failure (the report says why); a bundle that cannot be made (e.g. no
+    champion index yet) fails the step.
+    """
+    from rich.markdown import Markdown
+
+    from cadre.edge import BundleError
+    from cadre.edge.judge import publish_bundle
+
+    console.rule(f"edge export · {specialist}")
+    step_started = time.monotonic()
+    target = config.state_dir / "bundles" / specialist
+    cases = config.specialist(specialist).edge.cases
+    console.print(f"bundling the champions, then answering {cases} test cases with the bundle beside the server …")
+    try:
+        publication = publish_bundle(config, specialist, target)
+    except BundleError as error:
+        console.print(f"[red]edge export failed: {error}[/red]")
+        return StepOutcome(specialist, "edge export", False, time.monotonic() - step_started)
+    console.print(Markdown(publication.judgement.to_markdown()))
+    if publication.published:
+        console.print(f'published: {publication.folder}; try `cadre answer --bundle {publication.folder} "…"`')
+    else:
+        console.print(f"[yellow]refused: the report and the refused bundle are in {publication.folder}[/yellow]")
+    return StepOutcome(specialist, "edge export", True, time.monotonic() - step_started)
 
 
 def print_summary(

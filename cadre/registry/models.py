@@ -405,18 +405,22 @@ def download_version(name: str, version: str, folder: Path, tracking_uri: str | 
     partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    # `models:/…` is resolved on the process's registry URI, which is not the given server's unless
-    # MLFLOW_TRACKING_URI happens to point there: name it for the download.
-    previous = mlflow.get_registry_uri() if tracking_uri else None
+    source = f"models:/{name}/{version}"
     if tracking_uri:
-        mlflow.set_registry_uri(tracking_uri)
-    try:
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=str(partial), tracking_uri=tracking_uri
-        )
-    finally:
-        if tracking_uri:
-            mlflow.set_registry_uri(previous)
+        # `models:/…` would be resolved on the process's registry URI (a `mlflow.db` in the working directory when
+        # none is set), not on the given server: ask that server where the version's files are.
+        from mlflow import MlflowClient
+
+        source = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(name, version)
+    local = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(partial), tracking_uri=tracking_uri)
+    ).resolve()
+    if local != partial.resolve():  # a folder's URI lands in a subfolder named after it: its files are the version's
+        files = partial.with_name(partial.name + "-files")
+        shutil.rmtree(files, ignore_errors=True)
+        local.replace(files)
+        shutil.rmtree(partial)
+        files.replace(partial)
     (partial / ".complete").write_text(f"models:/{name}/{version}\n")
     if (folder / ".complete").is_file():  # another process finished first
         shutil.rmtree(partial, ignore_errors=True)

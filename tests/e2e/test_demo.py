@@ -62,6 +62,9 @@ def test_demo_completes_and_ends_with_a_summary(demo) -> None:
     assert run.returncode == 0, run.stderr[-4000:]
     assert "What ran" in run.stderr
     assert "What the gates decided" in run.stderr  # each promotion/refusal this cycle, with its reason
+    # The last step bundles the champions and judges the bundle beside the server (published or refused, with why).
+    assert "edge export · icd10-coder" in run.stderr
+    assert "Edge bundle of icd10-coder: PUBLISHED." in run.stderr or "REFUSED" in run.stderr, run.stderr[-4000:]
     assert f"http://127.0.0.1:{ports['prefect']}/deployments" in run.stderr
     assert f"http://127.0.0.1:{ports['mlflow']}/#/models" in run.stderr
 
