@@ -9,6 +9,7 @@ Layout (`bundle.json` names every other file with its sha256 and size)::
     knowledge/index/<specialist>/lancedb/<v>.lance    the champion index version's LanceDB table
     knowledge/index/<specialist>/manifests/<v>.json   its manifest (which embedder embedded it)
     embedder/                                         that embedding model's folder (sentence-transformers)
+    requirements.txt                                  the runner's dependencies, pinned (no torch, MLflow, Prefect)
 
 The adapter is *not* merged into the base: llama.cpp applies it at load, exactly as `cadre serve` does at run
 time, so the bundle answers what the server answers. Merging works offline with what is installed (peft
@@ -46,6 +47,20 @@ BASE_FILE = "model/base.gguf"
 ADAPTER_FILE = "model/adapter.gguf"
 KNOWLEDGE_DIR = "knowledge"
 EMBEDDER_DIR = "embedder"
+REQUIREMENTS_FILE = "requirements.txt"
+RUNNER_PACKAGES = (
+    "llama-cpp-python",  # the base model and its adapter
+    "lancedb",  # the index (pyarrow comes with it)
+    "numpy",
+    "tokenizers",  # the query encoder (cadre.edge.encoder)
+    "safetensors",
+    "threadpoolctl",
+    "pydantic",  # Cadre's settings
+    "ruamel.yaml",
+    "rich",  # the command line
+    "httpx",
+)
+"""What the runner imports besides Cadre; the bundle's `requirements.txt` pins them (`runner_requirements`)."""
 
 
 class BundleError(RuntimeError):
@@ -117,6 +132,7 @@ def export_bundle(parts: BundleParts, to: Path) -> Path:
         if parts.adapter_gguf is not None:
             shutil.copyfile(parts.adapter_gguf, partial / ADAPTER_FILE)
         index = _copy_index(parts, partial) if retrieves else None
+        (partial / REQUIREMENTS_FILE).write_text(runner_requirements(), encoding="utf-8")
         files = {
             path.relative_to(partial).as_posix(): {"sha256": file_sha256(path), "bytes": path.stat().st_size}
             for path in sorted(partial.rglob("*"))
@@ -204,6 +220,25 @@ def _copy_index(parts: BundleParts, bundle: Path) -> dict[str, Any]:
         "embedder_model": key.embedding_model,
         "batch_size": parts.embedding_batch_size,
     }
+
+
+def runner_requirements() -> str:
+    """`requirements.txt` of the runner: what `cadre answer --bundle` imports besides Cadre, pinned as installed here.
+
+    A machine that runs bundles installs these and Cadre without its dependencies (`pip install --no-deps cadre`):
+    no torch, MLflow, Prefect or DSPy.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    lines = [
+        "# cadre answer --bundle / cadre serve --bundle: pip install -r requirements.txt && pip install --no-deps cadre"
+    ]
+    for package in RUNNER_PACKAGES:
+        try:
+            lines.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            lines.append(package)
+    return "\n".join(lines) + "\n"
 
 
 def _cadre_version() -> str:

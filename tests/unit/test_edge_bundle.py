@@ -190,7 +190,7 @@ def test_a_program_that_retrieves_nothing_bundles_no_index_and_answers_freely(gg
     program = PROGRAM.model_copy(update={"retrieve_k": 0, "instruction": "Answer with the ICD-10-CM code."})
     parts = BundleParts(SPECIALIST, program, None, "gemma3-270m", gguf, n_ctx=N_CTX)
     folder = export_bundle(parts, tmp_path / "bundle")
-    assert sorted(path.name for path in folder.iterdir()) == ["bundle.json", "model", "prompt.json"]
+    assert sorted(path.name for path in folder.iterdir()) == ["bundle.json", "model", "prompt.json", "requirements.txt"]
 
     engine = LoraEngine(gguf, contexts=1, n_threads=1, n_ctx=N_CTX)
     runtime = assemble_runtime(SPECIALIST, program, None, None, None, engine, ChampionVersions(None, None, None))
