@@ -308,6 +308,7 @@ def register_specialist(
         ensure_registered_model,
         get_champion,
         model_lock,
+        version_source,
     )
 
     client = MlflowClient(config.project.mlflow.uri)
@@ -341,7 +342,7 @@ def register_specialist(
         parts = ", ".join(f"{kind} {uri.rsplit('/', 1)[-1] if uri else '—'}" for kind, uri in pinned.items())
         version = client.create_model_version(
             name,
-            f"runs:/{run_id}/{artifact_path}",
+            version_source(client, run_id, artifact_path),
             run_id=run_id,
             description=f"The specialist `{specialist}` as one model: {parts}. {reason}",
             tags={

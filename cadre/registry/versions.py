@@ -529,11 +529,9 @@ def register_candidate(
     with model_lock(client, name, holder=actor or default_actor(), operation=f"register run {run_id}") as lease:
         version = _existing_version(client, name, run_id, artifact_path)
         if version is None:
-            # `runs:/` keeps the version linked to its run in the UI and resolves through the tracking
-            # server, so it works with `mlflow-artifacts:` stores and survives an artifact-root move.
             version = client.create_model_version(
                 name,
-                f"runs:/{run_id}/{artifact_path}",
+                version_source(client, run_id, artifact_path),
                 run_id=run_id,
                 description=description,
                 tags={**tags, _REGISTRATION: "pending"},
@@ -549,6 +547,17 @@ def register_candidate(
         lease.check()
         _move_alias(client, name, CHALLENGER, version.version)
     return client.get_model_version(name, version.version)
+
+
+def version_source(client: MlflowClient, run_id: str, artifact_path: str) -> str:
+    """Where a version's files are: the run's artifact folder itself (`mlflow-artifacts:/…/artifacts/<path>`).
+
+    Not `runs:/<run>/<path>`: the MLflow server reads a version's `MLmodel` for the registry page (its signature)
+    by resolving the source inside its own process, whose tracking URI is the database, so a `runs:/` source over
+    proxied artifacts fails there ("the tracking URI must be a valid http or https URI") and the page shows no
+    schema. The version still links to its run through `run_id`.
+    """
+    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path.strip('/')}"
 
 
 def _lineage(lineage: Mapping[str, str], run_id: str) -> dict[str, str]:

@@ -285,6 +285,22 @@ def _held_ids(registry: dict) -> list[str]:
     return [doc_id.split(":", 1)[1] for doc_id in manifest.documents]
 
 
+def test_the_registry_page_of_each_version_reads_its_signature(registry: dict, mlflow_server: str) -> None:
+    """The MLflow UI shows a version's schema from `GET /model-versions/get-artifact?path=MLmodel`, which the server
+    resolves in its own process: a version whose source it cannot read there shows "Inputs (0)"."""
+    for name, version in [
+        *((f"{PROJECT}.coder.{kind}", number) for kind, number in registry["versions"].items()),
+        (f"{PROJECT}.coder", registry["specialist"]),
+    ]:
+        response = httpx.get(
+            f"{mlflow_server}/model-versions/get-artifact",
+            params={"path": "MLmodel", "name": name, "version": version},
+            timeout=30,
+        )
+        assert response.status_code == 200, (name, response.text[:500])
+        assert "signature:" in response.text and '"name": "phrase"' in response.text, (name, response.text[:800])
+
+
 def test_the_specialist_version_names_its_parts(registry: dict) -> None:
     from mlflow import MlflowClient
 
