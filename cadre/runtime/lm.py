@@ -127,16 +127,22 @@ def answer_continuation(candidate: str, stop: Sequence[str]) -> str:
 def score_continuations(llama: Any, prompt: str, continuations: Sequence[str]) -> list[float]:
     """Log-likelihood of each continuation after the prompt on an in-process `llama_cpp.Llama` (caller holds it).
 
-    The prompt is evaluated once; each continuation is then fed token by token from the end of the prompt (the
-    KV cache is cut back to the prompt before each), and the log-probabilities of its tokens are summed. A
-    continuation is tokenized together with the prompt, so its tokens are those the model would have written.
+    The prompt is evaluated once; each continuation's tokens are then fed one at a time from the end of the prompt,
+    and the log-probabilities of its tokens are summed. A continuation is tokenized together with the prompt, so its
+    tokens are those the model would have written. Candidates often share their first tokens (`C31.1`, `C31.9`):
+    the log-probabilities after a shared prefix are computed once, and the KV cache is cut back only to where the
+    next continuation leaves the tokens already evaluated. Every token is still evaluated on the same tokens before
+    it, one at a time, so the scores are those of scoring each continuation on its own.
     """
     import numpy as np
 
     prompt_tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
     llama.reset()
     llama.eval(prompt_tokens)
-    first = _log_softmax(np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),)))
+    after: dict[tuple[int, ...], Any] = {
+        (): _log_softmax(np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),)))
+    }
+    evaluated: list[int] = []  # the continuation tokens the KV cache holds after the prompt
     scores = []
     for continuation in continuations:
         joined = llama.tokenize((prompt + continuation).encode("utf-8"), add_bos=True, special=False)
@@ -144,12 +150,23 @@ def score_continuations(llama: Any, prompt: str, continuations: Sequence[str]) -
             tokens = joined[len(prompt_tokens) :]
         else:  # the boundary merged differently; score the continuation on its own
             tokens = llama.tokenize(continuation.encode("utf-8"), add_bos=False, special=False)
-        total = float(first[tokens[0]]) if tokens else -math.inf
-        for position in range(1, len(tokens)):
-            llama.n_tokens = len(prompt_tokens) + position - 1
-            llama.eval([tokens[position - 1]])
-            logits = np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),))
-            total += float(_log_softmax(logits)[tokens[position]])
+        if not tokens:
+            scores.append(-math.inf)
+            continue
+        total = 0.0
+        for position, token in enumerate(tokens):
+            prefix = tuple(tokens[:position])
+            if prefix not in after:
+                shared = 0
+                while shared < len(evaluated) and shared < position - 1 and evaluated[shared] == prefix[shared]:
+                    shared += 1
+                for index in range(shared, position):  # the prefix's tokens the cache does not hold yet
+                    llama.n_tokens = len(prompt_tokens) + index
+                    llama.eval([prefix[index]])
+                    logits = np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),))
+                    after[prefix[: index + 1]] = _log_softmax(logits)
+                evaluated = list(prefix)
+            total += float(after[prefix][token])
         scores.append(total)
     llama.n_tokens = len(prompt_tokens)
     return scores

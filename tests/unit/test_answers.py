@@ -190,6 +190,15 @@ def test_a_free_answer_invents_a_code_a_constrained_or_scored_one_cannot(client:
     assert nothing.text == ""  # no candidate: unanswered, not invented
 
 
+def test_candidates_that_share_their_first_tokens_score_as_each_scored_alone(client: LlamaCppClient) -> None:
+    """`score_continuations` computes a shared prefix's log-probabilities once: the scores must not change."""
+    candidates = [" C31.1\n", " C31.9\n", " J33.8\n", " C31.3\n", " C31.1\n", " C3\n", " J33.8\n"]
+    together = client.score(PROMPT, candidates)
+    alone = [client.score(PROMPT, [candidate])[0] for candidate in candidates]
+    assert together == alone  # identical floats: every token is evaluated on the same tokens before it
+    assert together[0] == together[4] and together[2] == together[6] and len(set(together)) == 5
+
+
 def test_the_server_engine_answers_by_the_same_rule(gguf: Path, client: LlamaCppClient) -> None:
     from cadre.serving.engine import LoraEngine
 
