@@ -10,3 +10,52 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+ICD_INSTRUCTION = "Given a clinical phrase and candidate ICD-10-CM codes, answer with the single billable code."
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "NO_PROXY": "",
+    "OMP_NUM_THREADS": "1",
+}
+"""A process environment in which nothing on the network can be reached (every proxy points at a closed port)."""
+
+
+def icd_program(retrieve_k: int):
+    """The ICD coder's program as the edge tests declare it: a phrase in, a code out, `retrieve_k` passages."""
+    from cadre.config import ProgramSettings
+
+    return ProgramSettings(
+        instruction=ICD_INSTRUCTION,
+        inputs=[{"name": "phrase", "description": "a diagnosis as a clinician writes it"}],
+        outputs=[{"name": "code", "description": "one ICD-10-CM code, e.g. A01.02"}],
+        retrieve_k=retrieve_k,
+        max_tokens=12,
+    )
+
+
+def icd_index(root, specialist: str, documents: int = 20) -> str:
+    """An index version of the first `documents` billable ICD-10-CM codes in `root / "state"` (packaged MiniLM,
+    LanceDB); returns its name."""
+    from cadre.config.knowledge import ChunkingSettings, PythonSource
+    from cadre.config.project import EmbeddingSettings, ThreadSettings
+    from cadre.knowledge.embedding import Embedder
+    from cadre.knowledge.reindex import plan_and_apply
+
+    source = PythonSource(
+        kind="python", name="icd10cm", entrypoint="cadre.demo.icd10:load_documents", options={"billable_only": True}
+    )
+    built = plan_and_apply(
+        specialist,
+        [source],
+        ChunkingSettings(max_tokens=128, overlap_tokens=16),
+        root=root,
+        state_dir=root / "state",
+        embedder=Embedder.load(EmbeddingSettings(batch_size=32), ThreadSettings(embedding=1)),
+        max_documents=documents,
+    )
+    assert built.created_version and built.documents_total == documents
+    return built.version

@@ -19,31 +19,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import OFFLINE, icd_index, icd_program
 
-from cadre.config import ProgramSettings
-from cadre.config.knowledge import ChunkingSettings, PythonSource
-from cadre.config.project import EmbeddingSettings, ThreadSettings
 from cadre.edge import Bundle, BundleParts, export_bundle
-from cadre.knowledge.embedding import Embedder
-from cadre.knowledge.reindex import plan_and_apply
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-PROGRAM = ProgramSettings(
-    instruction="Given a clinical phrase and candidate ICD-10-CM codes, answer with the single billable code.",
-    inputs=[{"name": "phrase", "description": "a diagnosis as a clinician writes it"}],
-    outputs=[{"name": "code", "description": "one ICD-10-CM code, e.g. A01.02"}],
-    retrieve_k=3,
-    max_tokens=12,
-)
+PROGRAM = icd_program(retrieve_k=3)
 PHRASE = "typhoid endocarditis"
 ABSENT = ("torch", "mlflow", "prefect", "dspy", "sentence-transformers", "transformers")
-OFFLINE = {
-    "HTTP_PROXY": "http://127.0.0.1:9",
-    "HTTPS_PROXY": "http://127.0.0.1:9",
-    "NO_PROXY": "",
-    "OMP_NUM_THREADS": "1",
-}
 
 
 def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -54,21 +38,9 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def test_a_bundle_answers_in_a_fresh_venv_with_only_the_runner_dependencies(gguf: Path, tmp_path: Path) -> None:
     root = tmp_path / "project"
-    embedder = Embedder.load(EmbeddingSettings(batch_size=32), ThreadSettings(embedding=1))
-    source = PythonSource(
-        kind="python", name="icd10cm", entrypoint="cadre.demo.icd10:load_documents", options={"billable_only": True}
-    )
-    built = plan_and_apply(
-        "coder",
-        [source],
-        ChunkingSettings(max_tokens=128, overlap_tokens=16),
-        root=root,
-        state_dir=root / "state",
-        embedder=embedder,
-        max_documents=20,
-    )
+    version = icd_index(root, "coder")
     parts = BundleParts(
-        "coder", PROGRAM, None, "gemma3-270m", gguf, None, root / "state", built.version, root=root, n_ctx=1024
+        "coder", PROGRAM, None, "gemma3-270m", gguf, None, root / "state", version, root=root, n_ctx=1024
     )
     exported = export_bundle(parts, tmp_path / "export" / "bundle")
     bundle = Bundle.open(exported, n_threads=1)

