@@ -134,10 +134,7 @@ def learn_from_feedback(specialist: str, config_path: str, budget: RunBudget = "
         handle,
         {
             "mlflow_run_id": handle.run_id,
-            "version": outcome.version,
-            "promoted": outcome.promoted,
-            "gate_passed": outcome.decision.passed,
-            "summary": outcome.decision.summary,
+            **outcome.result_fields(),
             "corrections": len(collected.corrections),
             "pairs": trained.pairs,
             "steps": trained.steps,

@@ -111,11 +111,7 @@ def optimize_prompts(specialist: str, config_path: str, budget: RunBudget = "ful
         handle,
         {
             "mlflow_run_id": handle.run_id,
-            "gate_passed": outcome.decision.passed,
-            "event": outcome.event,
-            "version": outcome.version,
-            "champion": outcome.champion,
-            "promoted": outcome.promoted,
+            **outcome.result_fields(),
             "candidate": scores.candidate.scores,
             "baseline": scores.baseline.scores,
             "compile_lm_calls": candidate.summary.get("compile_lm_calls"),

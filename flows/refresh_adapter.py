@@ -124,10 +124,7 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
         handle,
         {
             "mlflow_run_id": handle.run_id,
-            "version": outcome.version,
-            "promoted": outcome.promoted,
-            "gate_passed": outcome.decision.passed,
-            "summary": outcome.decision.summary,
+            **outcome.result_fields(),
             "steps": trained.global_step,
             "resumed_from_step": trained.resumed_from_step,
             "wall_capped": trained.wall_capped,

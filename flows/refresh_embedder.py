@@ -108,10 +108,7 @@ def refresh_embedder(
         handle,
         {
             "mlflow_run_id": handle.run_id,
-            "version": outcome.version,
-            "promoted": outcome.promoted,
-            "gate_passed": outcome.decision.passed,
-            "summary": outcome.decision.summary,
+            **outcome.result_fields(),
             "index_version": built.version,
             "live": live_now,
             "train_pairs": len(pairs),

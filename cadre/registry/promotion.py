@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -125,6 +126,17 @@ class PromotionOutcome:
     def champion(self) -> str | None:
         """The champion version after the decision."""
         return self.record.to_version if self.record is not None else self.version
+
+    def result_fields(self) -> dict[str, Any]:
+        """What every gated flow returns about the decision (its Prefect result), before its own figures."""
+        return {
+            "event": self.event,
+            "version": self.version,
+            "champion": self.champion,
+            "promoted": self.promoted,
+            "gate_passed": self.decision.passed,
+            "summary": self.decision.summary,
+        }
 
     def summary(self) -> str:
         if self.record is None:
