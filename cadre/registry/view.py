@@ -71,6 +71,33 @@ def print_champions(config: CadreConfig, console: Console) -> None:
     console.print(table)
 
 
+def champions_json(config: CadreConfig) -> dict[str, dict[str, dict | None]]:
+    """`cadre status --json`'s champions: per specialist and kind, the champion version and how it got there (None:
+    no champion of that kind)."""
+    client = registry_client(config)
+    found: dict[str, dict[str, dict | None]] = {}
+    for specialist in config.specialists:
+        events = history(client, config.project.name, specialist.name)
+        current = champions(client, config.project.name, specialist.name, events)
+        found[specialist.name] = {}
+        for kind in REGISTRY_KINDS:
+            info = current.get(kind)
+            found[specialist.name][kind] = (
+                None
+                if info is None
+                else {
+                    "model": info.model_name,
+                    "version": info.version,
+                    "promoted_at": info.promoted_at.isoformat() if info.promoted_at else None,
+                    "promoted_by": info.promoted_by,
+                    "alias_moved_outside_cadre": alias_outside_history(events, kind, info.version) is not None,
+                    "metrics": info.metrics,
+                    "run_id": info.run_id,
+                }
+            )
+    return found
+
+
 SCORE_TABLE = "evaluation/summary.md"
 """The optimize flow's test-split table (retrieval only, declared program, champion, candidate; 95 % intervals)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -442,6 +443,25 @@ def test_commands_against_a_stopped_stack_say_so_at_once(project: Path, capsys, 
     err = capsys.readouterr().err
     assert f"{service} is not answering at http://127.0.0.1:{ports[service]}" in err and "cadre up" in err
     assert "Traceback" not in err
+
+
+def test_status_of_a_stopped_stack_exits_3_and_reports_it_as_json(project: Path, capsys) -> None:
+    from support import free_port
+
+    ports = {"mlflow": free_port(), "prefect": free_port()}  # nothing listens there
+    path = _write(
+        project,
+        VALID.replace(
+            "  name: t\n",
+            f"  name: t\n  mlflow: {{port: {ports['mlflow']}}}\n  prefect: {{port: {ports['prefect']}}}\n",
+        ),
+    )
+    assert main(["status", "-c", str(path)]) == 3
+    assert "a service is down" in capsys.readouterr().err
+    assert main(["status", "--json", "-c", str(path)]) == 3
+    report = json.loads(capsys.readouterr().out)
+    assert report["healthy"] is False and "champions" not in report
+    assert {row["service"]: row["state"] for row in report["services"]}["mlflow"] == "down"
 
 
 # Found by the fuzz tier (tests/fuzz/test_loaders_fuzz.py): each once escaped as a traceback, or as an error spread
