@@ -225,6 +225,16 @@ def cmd_history(args: argparse.Namespace) -> int:
     config = _load(args.file)
     _specialist_or_exit(config, args.specialist)
     require_services(config, "mlflow")
+    if args.json:
+        import dataclasses
+
+        from cadre.registry.versions import history
+        from cadre.registry.view import registry_client
+
+        records = history(registry_client(config), config.project.name, args.specialist, args.kind)
+        rows = [dataclasses.asdict(record) | {"at": record.at.isoformat()} for record in records]
+        print(json.dumps(rows, indent=1, default=str))
+        return 0
     print_history(config, args.specialist, args.kind, console)
     return 0
 
@@ -625,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.add_argument("specialist")
     p.add_argument("kind", nargs="?", choices=kinds, help="only this artifact kind (default: all)")
+    p.add_argument("--json", action="store_true", help="print the events as a JSON list (for scripts)")
     p.set_defaults(func=cmd_history)
 
     p = commands.add_parser(

@@ -226,3 +226,8 @@ def test_the_readme_walk(project) -> None:
     assert status.returncode == 0 and f"optimize-prompts/{name}" in status.stderr
     assert "latest optimize run" in " ".join(status.stderr.split()), status.stderr  # its test table, 95 % intervals
     assert "Test split:" in status.stderr, status.stderr
+    # What a script reads: the same stack and champions as JSON, and the history as a list of events.
+    report = json.loads(_cadre(["status", "--json"], config).stdout)
+    assert report["healthy"] and report["champions"][name]["index"]["version"], report
+    events = json.loads(_cadre(["history", name, "--json"], config).stdout)
+    assert [e["event"] for e in events if e["kind"] == "index"][:1] == ["promotion"], events
