@@ -415,7 +415,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             )
             publication = publish_bundle(config, args.specialist, target, cases=args.cases)
             folder, judgement = publication.folder, publication.judgement
-    except BundleError as error:
+    except (BundleError, ValueError) as error:
         console.print(f"[red]{error}[/red]")
         return 1
     manifest = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))

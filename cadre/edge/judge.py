@@ -143,7 +143,11 @@ def judge_bundle(config: CadreConfig, specialist: str, folder: Path, *, cases: i
         respond(queries[0])  # the first search loads the embedding model: not an answer's latency
 
         def predict(case: dict[str, Any]) -> Prediction:
-            result = respond({key: case.get(key) for key in inputs})
+            try:
+                result = respond({key: case.get(key) for key in inputs})
+            except Exception as error:  # scored 0 by evaluate_cases; kept here so the two sides stay paired
+                found.append({"error": f"{type(error).__name__}: {error}"})
+                raise
             found.append(result)
             return Prediction(output=result["outputs"].get(output), retrieved_ids=result["retrieved_ids"])
 
