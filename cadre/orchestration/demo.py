@@ -78,8 +78,9 @@ def export_bundle_step(config: CadreConfig, specialist: str, console: Console) -
     console.print(f"bundling the champions, then answering {cases} test cases with the bundle beside the server …")
     try:
         publication = publish_bundle(config, specialist, target)
-    except BundleError as error:
-        console.print(f"[red]edge export failed: {error}[/red]")
+    except Exception as error:  # noqa: BLE001 - the cycle's summary must still print; the step is marked failed
+        message = str(error) if isinstance(error, BundleError | ValueError) else f"{type(error).__name__}: {error}"
+        console.print(f"[red]edge export failed: {message}[/red]")
         return StepOutcome(specialist, "edge export", False, time.monotonic() - step_started)
     console.print(Markdown(publication.judgement.to_markdown()))
     if publication.published:
