@@ -49,15 +49,28 @@ def run_demo(config: CadreConfig, budget: str = "smoke", console: Console | None
             # The cycle runs optimize right after re-index and embedder itself, so they must not queue another.
             extra = {"trigger_optimize": False} if kind in ("reindex", "embedder") else None
             completed = run_now(config, kind, specialist.name, budget=budget, console=console, parameters=extra)
+            if kind == "reindex" and completed and specialist.sources and not _has_live_index(config, specialist.name):
+                console.print(
+                    "[yellow]the re-index ended without a live index (it stopped at the budget's wall-time cap "
+                    "before its build was complete, or its gates refused the first version)[/yellow]"
+                )
+                completed = False
             outcomes.append(StepOutcome(specialist.name, kind, completed, time.monotonic() - step_started))
             if not completed and kind == "reindex":
                 console.print(
-                    "[yellow]re-index failed: the later flows of this specialist would use a stale index; skipping them[/yellow]"
+                    "[yellow]re-index failed: skipping the later flows of this specialist (they would search a stale "
+                    "or missing index)[/yellow]"
                 )
                 break
         outcomes.append(export_bundle_step(config, specialist.name, console))
     print_summary(config, outcomes, time.monotonic() - started, console, since=started_at)
     return all(o.completed for o in outcomes)
+
+
+def _has_live_index(config: CadreConfig, specialist: str) -> bool:
+    from cadre.knowledge.reindex import live_version
+
+    return live_version(config.state_dir, specialist) is not None
 
 
 def export_bundle_step(config: CadreConfig, specialist: str, console: Console) -> StepOutcome:
