@@ -27,6 +27,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAM = icd_program(retrieve_k=3)
 PHRASE = "typhoid endocarditis"
+BUILD_IGNORES = (".git", ".venv", ".cadre", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "tests")
 ABSENT = ("torch", "mlflow", "prefect", "dspy", "sentence-transformers", "transformers")
 
 
@@ -56,7 +57,9 @@ def test_a_bundle_answers_in_a_fresh_venv_with_only_the_runner_dependencies(gguf
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "CADRE_", "PYTHON"))}
     _run([*pip, "-r", str(device / "bundle" / "requirements.txt")], timeout=1200, env=env)
-    _run([*pip, "--no-deps", str(ROOT)], timeout=600, env=env, cwd=device)
+    # From a copy of the sources: pip builds in the source tree, and the checkout keeps no build/ or egg-info.
+    source = shutil.copytree(ROOT, device / "cadre-src", ignore=shutil.ignore_patterns(*BUILD_IGNORES))
+    _run([*pip, "--no-deps", str(source)], timeout=600, env=env, cwd=device)
     installed = _run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"], timeout=120, env=env)
     names = {line.split("==")[0].lower() for line in installed.stdout.splitlines()}
     assert "cadre" in names and not names & set(ABSENT), sorted(names & set(ABSENT))
