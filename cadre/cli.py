@@ -206,8 +206,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             console.print(f"[red]{error.args[0]}[/red]")
             return EXIT_INVALID
     require_services(config, "prefect", "mlflow")
+    reports: list[dict] = []
     for name in names:
-        ok &= run_now(config, args.flow, name, budget=args.budget, console=console, follow_existing=not args.new)
+        reports.append({})
+        ok &= run_now(
+            config,
+            args.flow,
+            name,
+            budget=args.budget,
+            console=console,
+            follow_existing=not args.new,
+            report=reports[-1],
+        )
+    if args.json:
+        print(json.dumps(reports, indent=1, default=str))
     return 0 if ok else 1
 
 
@@ -627,6 +639,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--new",
         action="store_true",
         help="start a new run even when one of this flow is already queued or running (it waits for that one)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="end by printing each run's flow run, final state, MLflow run, verdict and figures as JSON on stdout",
     )
     p.set_defaults(func=cmd_run)
 

@@ -661,6 +661,7 @@ def run_now(
     timeout_s: float | None = None,
     parameters: dict | None = None,
     follow_existing: bool = True,
+    report: dict | None = None,
 ) -> bool:
     """Trigger `flow_kind` for a specialist through its deployment, follow it to the end, print a summary.
 
@@ -668,6 +669,10 @@ def run_now(
     is already queued or running (a promoted re-index queues an optimize), that run answers the request: it is
     followed instead of queuing a second one that would wait for its slot and judge the same thing again. When a
     new run must wait (another budget, or `follow_existing=False`), it says for which run.
+
+    Args:
+        report: filled with what a script needs (`cadre run --json`): the flow run (id, name, URL, final state and
+            message), the MLflow run id, its verdict and key figures.
 
     Returns:
         True when the flow run ended COMPLETED.
@@ -744,6 +749,18 @@ def run_now(
             "  it resumes or redoes what did not finish."
         )
         raise
+    if report is not None:
+        report.update(
+            flow=name,
+            specialist=specialist,
+            budget=budget,
+            flow_run_id=str(flow_run.id),
+            flow_run=flow_run.name,
+            url=url,
+            state=state.name if state else "timed out",
+            message=state.message if state else None,
+            completed=bool(state and state.is_completed()),
+        )
     if state is None:
         return False
     completed = state.is_completed()
@@ -767,7 +784,10 @@ def run_now(
         skipped = skipped_summary(mlflow_run.data.metrics)
         if skipped:
             console.print(f"  [yellow]{skipped}[/yellow]")
-        print_figures(console, key_metrics(config, specialist, flow_kind, mlflow_run.data.metrics))
+        figures = key_metrics(config, specialist, flow_kind, mlflow_run.data.metrics)
+        print_figures(console, figures)
+        if report is not None:
+            report.update(mlflow_run_id=mlflow_run.info.run_id, verdict=verdict or None, figures=figures)
     return completed
 
 

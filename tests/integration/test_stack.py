@@ -123,9 +123,12 @@ def test_deploy_run_and_read_back_through_prefect_and_mlflow(stack) -> None:
     config, ports = stack
     deploy = _cadre("deploy", config=config)
     assert deploy.returncode == 0, deploy.stderr
-    run = _cadre("run", "check", "--specialist", "alpha", "--budget", "smoke", config=config)
+    run = _cadre("run", "check", "--specialist", "alpha", "--budget", "smoke", "--json", config=config)
     assert run.returncode == 0, run.stderr
     assert "Completed" in run.stderr
+    [report] = json.loads(run.stdout)  # what a script reads: the same run, on stdout
+    assert (report["flow"], report["state"], report["completed"]) == ("check/alpha", "Completed", True), report
+    assert report["mlflow_run_id"] and report["url"].endswith(report["flow_run_id"]), report
 
     api = f"http://127.0.0.1:{ports['prefect']}/api"
     with SyncPrefectClient(api) as client:
