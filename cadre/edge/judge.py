@@ -133,7 +133,7 @@ def judge_bundle(config: CadreConfig, specialist: str, folder: Path, *, cases: i
     rules = settings.edge
     inputs = [item.name for item in settings.program.inputs]
     output = settings.program.outputs[0].name
-    metric = settings.evaluation.answer_metrics[0]
+    metric = (settings.evaluation.answer_metrics or ["exact_match"])[0]
     chosen = load_cases(config.resolve(settings.evaluation.suite), "test", limit=cases or rules.cases)
     if not chosen:
         raise ValueError(f"the test split of {specialist!r} has no valid case to judge the bundle on")
