@@ -416,6 +416,21 @@ def test_validate_command_as_a_user_runs_it(project: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def _stopped_stack(project: Path) -> tuple[Path, dict[str, int]]:
+    """A valid pipelines file whose MLflow and Prefect ports nothing listens on, and those ports."""
+    from support import free_port
+
+    ports = {"mlflow": free_port(), "prefect": free_port()}
+    path = _write(
+        project,
+        VALID.replace(
+            "  name: t\n",
+            f"  name: t\n  mlflow: {{port: {ports['mlflow']}}}\n  prefect: {{port: {ports['prefect']}}}\n",
+        ),
+    )
+    return path, ports
+
+
 @pytest.mark.parametrize(
     ("command", "service"),
     [
@@ -427,16 +442,7 @@ def test_validate_command_as_a_user_runs_it(project: Path) -> None:
     ],
 )
 def test_commands_against_a_stopped_stack_say_so_at_once(project: Path, capsys, command, service) -> None:
-    from support import free_port
-
-    ports = {"mlflow": free_port(), "prefect": free_port()}  # nothing listens there
-    path = _write(
-        project,
-        VALID.replace(
-            "  name: t\n",
-            f"  name: t\n  mlflow: {{port: {ports['mlflow']}}}\n  prefect: {{port: {ports['prefect']}}}\n",
-        ),
-    )
+    path, ports = _stopped_stack(project)
     started = time.monotonic()
     assert main([*command, "-c", str(path)]) == 1
     assert time.monotonic() - started < 15, "it waited out a client's retries"
@@ -446,16 +452,7 @@ def test_commands_against_a_stopped_stack_say_so_at_once(project: Path, capsys, 
 
 
 def test_status_of_a_stopped_stack_exits_3_and_reports_it_as_json(project: Path, capsys) -> None:
-    from support import free_port
-
-    ports = {"mlflow": free_port(), "prefect": free_port()}  # nothing listens there
-    path = _write(
-        project,
-        VALID.replace(
-            "  name: t\n",
-            f"  name: t\n  mlflow: {{port: {ports['mlflow']}}}\n  prefect: {{port: {ports['prefect']}}}\n",
-        ),
-    )
+    path, _ = _stopped_stack(project)
     assert main(["status", "-c", str(path)]) == 3
     assert "a service is down" in capsys.readouterr().err
     assert main(["status", "--json", "-c", str(path)]) == 3
