@@ -491,3 +491,21 @@ def test_yaml_that_once_crashed_the_loader_is_one_line_per_problem(project: Path
     rendered = str(error.value).splitlines()
     assert all(row.startswith(f"{path}:") for row in rendered), rendered
     assert any(row.startswith(f"{path}:{line}:") and words in row for row in rendered), rendered
+
+
+def test_service_urls_from_the_environment_override_the_file(project: Path, monkeypatch) -> None:
+    """A worker container shares the laptop's pipelines.yaml but reaches the services by other names."""
+    from cadre.platform.env import cadre_env
+    from cadre.platform.stack import Stack
+
+    path = _write(project, VALID.replace("  name: t\n", "  name: t\n  mlflow: {port: 5111}\n"))
+    assert load_config(path).project.mlflow.uri == "http://127.0.0.1:5111"
+    monkeypatch.setenv("CADRE_MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("CADRE_PREFECT_API_URL", "http://prefect:4200/api")
+    monkeypatch.setenv("CADRE_LM_API_BASE", "")  # empty: not set
+    config = load_config(path)
+    assert (config.project.mlflow.uri, config.project.prefect.api) == ("http://mlflow:5000", "http://prefect:4200/api")
+    assert config.project.lm.api_base is None and config.project.mlflow.port == 5111
+    env = cadre_env(config)  # what the flows, the worker and the services are given
+    assert (env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"]) == ("http://mlflow:5000", "http://prefect:4200/api")
+    assert {service.name for service in Stack(config).services()} == {"worker", "lm"}  # nothing external is started
