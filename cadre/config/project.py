@@ -38,6 +38,12 @@ class PrefectSettings(Strict):
         "When set, `cadre up` does not start Prefect.",
     )
     work_pool: str = Field("cadre", min_length=1, description="Process work pool the deployments are sent to.")
+    max_concurrent_runs: int | None = Field(
+        None,
+        ge=1,
+        description="Flow runs the work pool runs at once; the others queue (Prefect's work-pool concurrency limit), "
+        "so many specialists' runs scheduled at the same minute do not all start together. null: no limit.",
+    )
 
     @property
     def api(self) -> str:

@@ -64,17 +64,21 @@ def desired_deployments(config: CadreConfig) -> list[DeploymentSpec]:
     return specs
 
 
-def _ensure_work_pool(client, name: str) -> None:
-    from prefect.client.schemas.actions import WorkPoolCreate
+def _ensure_work_pool(client, name: str, max_concurrent_runs: int | None = None) -> None:
+    """The process work pool exists, with `project.prefect.max_concurrent_runs` as its concurrency limit."""
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     try:
-        client.read_work_pool(name)
+        pool = client.read_work_pool(name)
     except ObjectNotFound:
         try:
-            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            client.create_work_pool(WorkPoolCreate(name=name, type="process", concurrency_limit=max_concurrent_runs))
+            return
         except ObjectAlreadyExists:
-            pass
+            pool = client.read_work_pool(name)
+    if pool.concurrency_limit != max_concurrent_runs:
+        client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=max_concurrent_runs))
 
 
 def deploy_all(config: CadreConfig, console: Console | None = None, paused: bool = False) -> list[str]:
@@ -95,7 +99,7 @@ def deploy_all(config: CadreConfig, console: Console | None = None, paused: bool
     names: list[str] = []
     active: list[str] = []  # deployments whose schedule runs
     with get_client(sync_client=True) as client:
-        _ensure_work_pool(client, config.project.prefect.work_pool)
+        _ensure_work_pool(client, config.project.prefect.work_pool, config.project.prefect.max_concurrent_runs)
         for spec in desired_deployments(config):
             flow = STAGE_BY_NAME[spec.flow_kind].flow_object()
             full_name = f"{flow.name}/{spec.specialist}"

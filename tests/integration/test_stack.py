@@ -46,7 +46,7 @@ def _write_project(root: Path, ports: dict[str, int], specialists: list[str]) ->
           name: stacktest
           state_dir: state
           mlflow: {{port: {ports["mlflow"]}}}
-          prefect: {{port: {ports["prefect"]}, work_pool: stacktest-pool}}
+          prefect: {{port: {ports["prefect"]}, work_pool: stacktest-pool, max_concurrent_runs: 3}}
           lm: {{port: {ports["lm"]}}}
         specialists:
         """
@@ -135,6 +135,7 @@ def test_deploy_run_and_read_back_through_prefect_and_mlflow(stack) -> None:
         deployment = client.read_deployment_by_name("check/alpha")
         assert {"cadre", "specialist:alpha", "flow:check"} <= set(deployment.tags)
         assert deployment.work_pool_name == "stacktest-pool"
+        assert client.read_work_pool("stacktest-pool").concurrency_limit == 3  # project.prefect.max_concurrent_runs
         assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
         runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]))
