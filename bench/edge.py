@@ -5,9 +5,10 @@ In one run, against the project's MLflow server (its registry names the champion
 1. `export_bundle(champion_parts(...))` into a temporary folder: time, and size by part.
 2. Cold start: `Bundle.open` + the first answer in a fresh process with no service address: seconds to open (verify
    every file, load the GGUF), seconds to the first answer (which loads the embedding model), peak RSS.
-3. Parity on the first N test cases: the server's runtime (`build_runtime`, as `cadre serve` builds it) and the bundle
-   answer each case (after one untimed answer each: the first search loads the embedding model); identical results
-   (answer, outputs, retrieved ids), exact match of each, p50/p95 per answer.
+3. Parity on the first N test cases, as `cadre export` judges a bundle (`cadre.edge.judge.judge_bundle`): the server's
+   runtime (`build_runtime`, as `cadre serve` builds it) and the bundle answer each case (after one untimed answer
+   each: the first search loads the embedding model); identical results (answer, outputs, retrieved ids), the first
+   answer metric of each with its 95 % interval, p50/p95 per answer.
 4. The bare base GGUF in llama.cpp (`LlamaCppClient`, no adapter) completing the prompts the bundle rendered: p50/p95.
 5. Query embedding with the bundle's embedding model, one fresh process per runtime (`Embedder.runtime`: `numpy`, what
    the bundle uses, and `torch`, sentence-transformers): seconds from start to the first query vector, p50/p95 per
@@ -124,17 +125,15 @@ def main() -> int:
 def run(args: argparse.Namespace, config, work: Path) -> int:
     from cadre.edge import Bundle, export_bundle
     from cadre.edge.export import champion_parts
+    from cadre.edge.judge import judge_bundle
     from cadre.evaluation.results import load_cases
     from cadre.knowledge.embedding import EMBED_RUNTIMES
     from cadre.runtime.base_model import base_gguf
     from cadre.runtime.lm import LlamaCppClient
     from cadre.runtime.retrieval import retrieval_query
-    from cadre.serving.engine import LoraEngine
-    from cadre.serving.team import RegistrySource, answer, build_runtime, current_versions
 
     settings = config.specialist(args.specialist)
     inputs = [f.name for f in settings.program.inputs]
-    output = settings.program.outputs[0].name
     cases = load_cases(config.resolve(settings.evaluation.suite), "test")[: args.cases]
     started = time.perf_counter()
     folder = export_bundle(champion_parts(config, args.specialist), work / "bundle")
@@ -159,35 +158,19 @@ def run(args: argparse.Namespace, config, work: Path) -> int:
                 return 1
             embedding[runtime] = found
 
-    source = RegistrySource(config.project.mlflow.uri, config.project.name, str(config.state_dir))
-    versions = current_versions(source, args.specialist, bool(settings.program.retrieve_k))
-    gguf = base_gguf(config, settings.base_model)
-    engine = LoraEngine(gguf, contexts=1, n_threads=1, n_ctx=config.project.lm.n_ctx)
-    runtime = build_runtime(config, args.specialist, versions, engine, source)
-    queries = [{name: case.get(name) for name in inputs} for case in cases]
-    answer(runtime, queries[0])  # the first search loads the embedding model: not an answer's latency
-    served, served_s = timed(lambda q: answer(runtime, q), queries)
-    runtime.close()
-    engine.close()
+    judgement = judge_bundle(config, args.specialist, folder, cases=args.cases)
 
+    queries = [{name: case.get(name) for name in inputs} for case in cases]
     bundle = Bundle.open(folder, n_threads=1)
-    bundle.answer(queries[0])
-    edge, edge_s = timed(bundle.answer, queries)
     prompts = [bundle.render(q)[0] for q in queries]
     stop = bundle.runtime.spec.stop
     max_tokens = bundle.runtime.max_tokens
     bundle.close()
-    bare = LlamaCppClient(gguf, n_threads=1, n_ctx=config.project.lm.n_ctx)
+    bare = LlamaCppClient(base_gguf(config, settings.base_model), n_threads=1, n_ctx=config.project.lm.n_ctx)
     bare.complete(prompts[0], max_tokens=max_tokens, stop=stop)
     _, bare_s = timed(lambda p: bare.complete(p, max_tokens=max_tokens, stop=stop), prompts)
 
     n = len(cases)
-    same = sum(a == b for a, b in zip(served, edge, strict=True))
-    gold = [str(case.get(output)) for case in cases]
-    exact = {
-        "served": sum(a["outputs"].get(output) == g for a, g in zip(served, gold, strict=True)) / n,
-        "bundle": sum(a["outputs"].get(output) == g for a, g in zip(edge, gold, strict=True)) / n,
-    }
     lineage = manifest["lineage"]
     console.print(
         f"[bold]{args.specialist}[/bold]: program {lineage.get('program') or 'declared'}, adapter "
@@ -202,17 +185,24 @@ def run(args: argparse.Namespace, config, work: Path) -> int:
         f"cold start (fresh process, 1 thread): open {cold['open_s']:.2f} s, first answer {cold['first_answer_s']:.2f} s "
         f"after start, peak RSS {cold['rss_mb']:.0f} MB"
     )
+    metric = judgement.metric
+
+    def scored(result) -> str:
+        low, high = result.intervals[metric]
+        return f"{result.scores[metric]:.3f} [{low:.3f}, {high:.3f}]"
+
     console.print(
-        f"parity on {n} test cases: {same}/{n} identical results; exact match served {exact['served']:.3f}, "
-        f"bundle {exact['bundle']:.3f}"
+        f"parity on {judgement.cases} test cases: {judgement.identical}/{judgement.cases} identical results; {metric} "
+        f"served {scored(judgement.served)}, bundle {scored(judgement.bundle)}"
     )
     table = Table("per answer, 1 thread", "p50 ms", "p95 ms")
-    for name, seconds in (
-        ("served champion (cadre serve's runtime)", served_s),
-        ("bundle", edge_s),
-        ("bare base GGUF, no adapter (free completion)", bare_s),
-    ):
-        table.add_row(name, f"{statistics.median(seconds) * 1000:.0f}", f"{percentile(seconds, 0.95) * 1000:.0f}")
+    for name, result in (("served champion (cadre serve's runtime)", judgement.served), ("bundle", judgement.bundle)):
+        table.add_row(name, f"{result.scores['latency_p50_ms']:.0f}", f"{result.scores['latency_p95_ms']:.0f}")
+    table.add_row(
+        "bare base GGUF, no adapter (free completion)",
+        f"{statistics.median(bare_s) * 1000:.0f}",
+        f"{percentile(bare_s, 0.95) * 1000:.0f}",
+    )
     console.print(table)
     if embedding:
         table = Table(
@@ -239,9 +229,8 @@ def run(args: argparse.Namespace, config, work: Path) -> int:
             f"numpy vs torch vectors on {n} queries: max |difference| {np.abs(vectors['numpy'] - vectors['torch']).max():.1e}, "
             f"lowest cosine {(vectors['numpy'] * vectors['torch']).sum(axis=1).min():.7f}"
         )
-    for a, b, q in zip(served, edge, queries, strict=True):
-        if a != b:
-            console.print(f"differs: {q}: served {a}, bundle {b}")
+    for difference in judgement.differences:
+        console.print(f"differs: {difference}")
     return 0
 
 
