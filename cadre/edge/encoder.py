@@ -138,13 +138,11 @@ class EncoderSpec:
             if not (model_dir / name).is_file():
                 raise refuse(f"{model_dir / name} is missing (it reads the tokenizer and weights from those files)")
         tokenizer = read_json(model_dir / "tokenizer_config.json", optional=True)
-        positions = int(config["max_position_embeddings"])
-        max_seq_length = module.get("max_seq_length") or tokenizer.get("model_max_length") or positions
         return cls(
             folder=folder,
             transformer_dir=model_dir,
             pooling=pooling,
-            max_seq_length=min(int(max_seq_length), positions),
+            max_seq_length=max_seq_length(module, tokenizer, int(config["max_position_embeddings"])),
             lowercase=bool(module.get("do_lower_case", False)),
             truncate_left=tokenizer.get("truncation_side") == "left",
             layers=int(config["num_hidden_layers"]),
@@ -152,6 +150,12 @@ class EncoderSpec:
             hidden=int(config["hidden_size"]),
             layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
         )
+
+
+def max_seq_length(sentence_bert: dict[str, Any], tokenizer: dict[str, Any], positions: int) -> int:
+    """Tokens per text, special tokens included, where sentence-transformers truncates: `sentence_bert_config.json`'s
+    `max_seq_length`, else the tokenizer's `model_max_length`, capped at the model's `max_position_embeddings`."""
+    return min(int(sentence_bert.get("max_seq_length") or tokenizer.get("model_max_length") or positions), positions)
 
 
 def _pooling_mode(config: dict[str, Any]) -> str:

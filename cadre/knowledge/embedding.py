@@ -252,17 +252,16 @@ class Embedder:
         sentence-transformers 5 records no `max_seq_length` and truncates at its tokenizer's 256).
         """
 
+        from cadre.edge.encoder import max_seq_length
+
         def read(name: str) -> dict:
             path = self.model_dir / name
             return json.loads(path.read_text()) if path.is_file() else {}
 
         positions = read("config.json").get("max_position_embeddings")
-        found = read("sentence_bert_config.json").get("max_seq_length") or read("tokenizer_config.json").get(
-            "model_max_length"
-        )
-        if found is None or positions is None:
+        if positions is None:
             return int(self.model.max_seq_length)
-        return min(int(found), int(positions))
+        return max_seq_length(read("sentence_bert_config.json"), read("tokenizer_config.json"), int(positions))
 
     def embed(self, texts: Sequence[str], *, progress: tqdm | None = None) -> np.ndarray:
         """Vectors of `texts`, L2-normalised, shape (len(texts), dimension), float32.
