@@ -113,8 +113,7 @@ def export_bundle(parts: BundleParts, to: Path) -> Path:
     from cadre.runtime.serving_prompt import read_serving_prompt
 
     to = Path(to)
-    if to.exists() and not (to / MANIFEST_FILE).is_file() and any(to.iterdir()):
-        raise BundleError(f"{to} exists and is not a bundle; choose an empty or new folder (--to DIR)")
+    check_bundle_target(to)
     prompt = read_serving_prompt(parts.program, parts.program_file)
     retrieves = prompt.spec.context_field is not None and prompt.retrieve_k > 0
     partial = to.with_name(f"{to.name}.partial-{os.getpid()}")
@@ -168,10 +167,28 @@ def export_bundle(parts: BundleParts, to: Path) -> Path:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    shutil.rmtree(to, ignore_errors=True)
-    to.parent.mkdir(parents=True, exist_ok=True)
-    partial.replace(to)
+    replace_folder(partial, to)
     return to
+
+
+def check_bundle_target(to: Path) -> None:
+    """Refuse to write a bundle over a folder that holds something else than a bundle.
+
+    Raises:
+        BundleError: `to` exists, is not empty, and holds no `bundle.json`.
+    """
+    if to.exists() and not (to / MANIFEST_FILE).is_file() and any(to.iterdir()):
+        raise BundleError(f"{to} exists and is not a bundle; choose an empty or new folder (--to DIR)")
+
+
+def replace_folder(source: Path, target: Path) -> None:
+    """Move the folder `source` to `target`, replacing what is there (renamed aside first, removed after)."""
+    old = target.with_name(f"{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.replace(old)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.replace(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _copy_index(parts: BundleParts, bundle: Path) -> dict[str, Any]:
@@ -194,11 +211,8 @@ def _copy_index(parts: BundleParts, bundle: Path) -> dict[str, Any]:
             "carries a LanceDB table and its manifest; a Weaviate index cannot be bundled)"
         )
     key = manifest.index_key
-    # An index version downloaded from the registry carries its fine-tuned embedder; the recorded folder is the
-    # builder's.
-    shipped = source.shipped_embedder(key.embedding_fingerprint)
     try:
-        model_dir = shipped if shipped.is_dir() else resolve_model_path(key.embedding_model, parts.root)
+        model_dir = resolve_model_path(source.embedding_model(key), parts.root)
     except ValueError as error:
         raise BundleError(f"index version {version} was embedded with {key.embedding_model}: {error}") from None
     if model_fingerprint(model_dir) != key.embedding_fingerprint:

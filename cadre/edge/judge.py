@@ -220,12 +220,11 @@ def publish_bundle(config: CadreConfig, specialist: str, to: Path, *, cases: int
     Raises:
         cadre.edge.BundleError: the champions cannot be exported (see `export_bundle`, `champion_parts`).
     """
-    from cadre.edge.bundle import BundleError, export_bundle
+    from cadre.edge.bundle import check_bundle_target, export_bundle, replace_folder
     from cadre.edge.export import champion_parts
 
     to = Path(to)
-    if to.exists() and not (to / MANIFEST_FILE).is_file() and any(to.iterdir()):
-        raise BundleError(f"{to} exists and is not a bundle; choose an empty or new folder (--to DIR)")
+    check_bundle_target(to)
     candidate = to.with_name(f"{to.name}.candidate-{os.getpid()}")
     shutil.rmtree(candidate, ignore_errors=True)
     export_bundle(champion_parts(config, specialist), candidate)
@@ -240,17 +239,8 @@ def publish_bundle(config: CadreConfig, specialist: str, to: Path, *, cases: int
     manifest_path.write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
     (candidate / "judgement.md").write_text(judgement.to_markdown(), encoding="utf-8")
     target = to if judgement.passed else to.with_name(to.name + REFUSED_SUFFIX)
-    _replace(candidate, target)
+    replace_folder(candidate, target)
     return Publication(target, judgement, judgement.passed)
-
-
-def _replace(source: Path, target: Path) -> None:
-    """Move `source` to `target`, replacing it; the old one is renamed aside first and removed after."""
-    old = target.with_name(f"{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.replace(old)
-    source.replace(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 EDGE_TAG = "cadre.edge"

@@ -830,12 +830,8 @@ class IndexSearcher:
         found = self.embedder
         if manifest is not None:
             key = manifest.index_key
-            # A version installed from the registry brought its fine-tuned embedder; the recorded folder is the
-            # builder's, on another machine.
-            shipped = self.layout.shipped_embedder(key.embedding_fingerprint)
-            model = str(shipped) if shipped.is_dir() else key.embedding_model
             try:
-                found = self.embedder.with_model(model, key.embedding_fingerprint)
+                found = self.embedder.with_model(self.layout.embedding_model(key), key.embedding_fingerprint)
             except ValueError as error:
                 raise ValueError(f"index version {version} of {self.specialist}: {error}") from None
             if manifest.embedder.get("registry_version"):

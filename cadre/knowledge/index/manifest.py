@@ -206,6 +206,12 @@ class IndexLayout:
         """Where a version installed from the registry keeps the fine-tuned embedder that embedded it."""
         return self.embedders_dir / fingerprint
 
+    def embedding_model(self, key: IndexKey) -> str:
+        """The model that embeds a version's queries: the embedder it brought from the registry when it was installed
+        here (the folder the key records is the builder's, on another machine), else the one the key records."""
+        shipped = self.shipped_embedder(key.embedding_fingerprint)
+        return str(shipped) if shipped.is_dir() else key.embedding_model
+
     def read_manifest(self, version: str) -> Manifest | None:
         content = read_json(self.manifest_path(version))
         return Manifest.from_json(content) if content else None
