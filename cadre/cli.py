@@ -128,13 +128,13 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cadre.platform.stack import Stack
+    from cadre.platform.stack import Stack, all_up
 
     config = _load(args.file)
     stack = Stack(config)
     if args.json:
         rows = stack.status()
-        healthy = all(row["state"].startswith("up") for row in rows)
+        healthy = all_up(rows)
         report: dict = {"healthy": healthy, "services": rows}
         if healthy:
             from cadre.registry.view import champions_json
@@ -351,23 +351,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.bundle:
         return _serve_bundle(args)
     config = _load(args.file)
-    flags = {
-        "host": args.host,
-        "port": args.port,
-        "contexts": args.contexts,
-        "poll_interval_s": args.poll_interval,
-        "api_key_env": args.api_key_env,
-        "route_threshold": args.route_threshold,
-        "route_margin": args.route_margin,
-        "route_fallback": args.route_fallback,
-        "max_in_flight": args.max_in_flight,
-        "max_body_bytes": args.max_body_bytes,
-        "max_input_chars": args.max_input_chars,
-        "max_prompt_tokens": args.max_prompt_tokens,
-        "max_tokens": args.max_tokens,
-    }
     # `project.serving` from pipelines.yaml, each flag given on the command line overriding its field.
-    overrides = {key: value for key, value in flags.items() if value is not None}
+    overrides = _serving_flags(
+        args,
+        contexts=args.contexts,
+        poll_interval_s=args.poll_interval,
+        route_threshold=args.route_threshold,
+        route_margin=args.route_margin,
+        route_fallback=args.route_fallback,
+    )
     if args.no_route:
         overrides["route"] = False
     settings = config.project.serving.model_copy(update=overrides)
@@ -382,23 +374,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+_SERVING_FLAGS = (
+    "host",
+    "port",
+    "api_key_env",
+    "max_in_flight",
+    "max_body_bytes",
+    "max_input_chars",
+    "max_prompt_tokens",
+    "max_tokens",
+)
+"""`cadre serve` flags named as their `ServingSettings` field, for the team and for `--bundle` alike."""
+
+
+def _serving_flags(args: argparse.Namespace, **team: Any) -> dict[str, Any]:
+    """The `ServingSettings` fields given on `cadre serve`'s command line: `_SERVING_FLAGS`, and the team's own
+    settings passed as `team` (what `--bundle` has no use for); flags left out are not included."""
+    flags = {name: getattr(args, name) for name in _SERVING_FLAGS} | team
+    return {name: value for name, value in flags.items() if value is not None}
+
+
 def _serve_bundle(args: argparse.Namespace) -> int:
     """`cadre serve --bundle DIR`: no pipelines.yaml, no registry; the request limits are the defaults or the flags."""
     from cadre.config.project import ServingSettings
     from cadre.edge import BundleError
     from cadre.serving.server import run_bundle_server
 
-    flags = {
-        "host": args.host,
-        "port": args.port,
-        "api_key_env": args.api_key_env,
-        "max_in_flight": args.max_in_flight,
-        "max_body_bytes": args.max_body_bytes,
-        "max_input_chars": args.max_input_chars,
-        "max_prompt_tokens": args.max_prompt_tokens,
-        "max_tokens": args.max_tokens,
-    }
-    settings = ServingSettings().model_copy(update={k: v for k, v in flags.items() if v is not None})
+    settings = ServingSettings().model_copy(update=_serving_flags(args))
     try:
         return run_bundle_server(Path(args.bundle), settings, n_threads=args.threads or 1, console=console)
     except BundleError as error:

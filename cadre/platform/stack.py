@@ -53,6 +53,11 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def all_up(rows: list[dict]) -> bool:
+    """Whether every service of `Stack.status()` is up (an external one included)."""
+    return all(row["state"].startswith("up") for row in rows)
+
+
 class Stack:
     """The services of one project, as declared by its `pipelines.yaml`."""
 
@@ -250,7 +255,7 @@ class Stack:
             colour = "green" if row["state"].startswith("up") else "red"
             table.add_row(row["service"], f"[{colour}]{row['state']}[/{colour}]", row["url"], str(row["pid"] or ""))
         console.print(table)
-        return all(row["state"].startswith("up") for row in rows)
+        return all_up(rows)
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -140,16 +140,18 @@ def create_server_app(
     from cadre.serving.app import create_app
 
     state = build_state(config, settings, n_threads, n_ctx)
-
-    def shutdown() -> None:
-        state.watcher.stop()
-        state.team.close()
-        for engine in state.engines:
-            engine.close()
-
-    app = create_app(state, on_shutdown=shutdown)
+    app = create_app(state, on_shutdown=lambda: _shut_down(state))
     state.watcher.start()
     return app
+
+
+def _shut_down(state: Any) -> None:
+    """Stop the champion watcher (a bundle has none), release the team's adapters and free the engines."""
+    if state.watcher is not None:
+        state.watcher.stop()
+    state.team.close()
+    for engine in state.engines:
+        engine.close()
 
 
 def run_server(
@@ -160,7 +162,7 @@ def run_server(
     console: Any = None,
 ) -> int:
     """Load the team and serve until interrupted (SIGINT/SIGTERM stop it cleanly); arguments as `build_state`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_to_stderr()
     started = time.perf_counter()
     app = create_server_app(config, settings, n_threads, n_ctx)
     state = app.state.cadre
@@ -181,6 +183,10 @@ def run_server(
         )
     _run(app, settings)
     return 0
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _run(app: Any, settings: ServingSettings) -> None:
@@ -225,16 +231,10 @@ def run_bundle_server(folder: Path, settings: ServingSettings, n_threads: int = 
     """`cadre serve --bundle DIR`: the bundle's specialist behind the same API as `cadre serve`, until interrupted."""
     from cadre.serving.app import create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_to_stderr()
     started = time.perf_counter()
     state = bundle_state(folder, settings, n_threads)
-
-    def shutdown() -> None:
-        state.team.close()
-        for engine in state.engines:
-            engine.close()
-
-    app = create_app(state, on_shutdown=shutdown)
+    app = create_app(state, on_shutdown=lambda: _shut_down(state))
     if console is not None:
         name = state.team.names[0]
         versions = ", ".join(f"{k} {v}" for k, v in state.team.entry(name).versions.describe().items())
