@@ -308,7 +308,7 @@ def register_specialist(
         ensure_registered_model,
         get_champion,
         model_lock,
-        version_source,
+        new_model_version,
     )
 
     client = MlflowClient(config.project.mlflow.uri)
@@ -340,10 +340,11 @@ def register_specialist(
         artifact_path = f"specialist-{int(time.time() * 1000)}"
         log_model_files(client, run_id, artifact_path, model_spec(config, specialist, SPECIALIST_KIND, parts=pinned))
         parts = ", ".join(f"{kind} {uri.rsplit('/', 1)[-1] if uri else '—'}" for kind, uri in pinned.items())
-        version = client.create_model_version(
+        version = new_model_version(
+            client,
             name,
-            version_source(client, run_id, artifact_path),
-            run_id=run_id,
+            run_id,
+            artifact_path,
             description=f"The specialist `{specialist}` as one model: {parts}. {reason}",
             tags={
                 **tags,

@@ -38,6 +38,7 @@ No Prefect here: flows call these functions, and so does the CLI.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -61,6 +62,8 @@ from cadre.registry.lineage import lineage_markdown
 from cadre.registry.models import ModelSpec
 from cadre.registry.runs import code_version
 from cadre.stages import REGISTRY_KINDS
+
+log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -529,10 +532,11 @@ def register_candidate(
     with model_lock(client, name, holder=actor or default_actor(), operation=f"register run {run_id}") as lease:
         version = _existing_version(client, name, run_id, artifact_path)
         if version is None:
-            version = client.create_model_version(
+            version = new_model_version(
+                client,
                 name,
-                version_source(client, run_id, artifact_path),
-                run_id=run_id,
+                run_id,
+                artifact_path,
                 description=description,
                 tags={**tags, _REGISTRATION: "pending"},
                 await_creation_for=0,
@@ -549,15 +553,34 @@ def register_candidate(
     return client.get_model_version(name, version.version)
 
 
-def version_source(client: MlflowClient, run_id: str, artifact_path: str) -> str:
-    """Where a version's files are: the run's artifact folder itself (`mlflow-artifacts:/…/artifacts/<path>`).
+def new_model_version(client: MlflowClient, name: str, run_id: str, artifact_path: str, **fields: Any) -> ModelVersion:
+    """Create a version of `name` from the folder `artifact_path` of run `run_id` (`fields` go to MLflow as is).
 
-    Not `runs:/<run>/<path>`: the MLflow server reads a version's `MLmodel` for the registry page (its signature)
-    by resolving the source inside its own process, whose tracking URI is the database, so a `runs:/` source over
-    proxied artifacts fails there ("the tracking URI must be a valid http or https URI") and the page shows no
-    schema. The version still links to its run through `run_id`.
+    Its source is the run's artifact folder itself (`mlflow-artifacts:/…/artifacts/<path>`), not
+    `runs:/<run>/<path>`: the MLflow server reads a version's `MLmodel` for the registry page (its signature) by
+    resolving the source inside its own process, whose tracking URI is the database, so a `runs:/` source over
+    proxied artifacts fails there and the page shows no schema. The version links to its run through `run_id`.
+
+    A server that refuses that source (one CI run saw "the run_id request parameter must identify the resource
+    that contains the source" for a run it had just served) gets `runs:/`, which every server accepts: the version
+    exists and loads the same, only its registry page lacks the signature.
     """
-    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path.strip('/')}"
+    artifact_path = artifact_path.strip("/")
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    try:
+        return client.create_model_version(name, source, run_id=run_id, **fields)
+    except MlflowException as error:
+        if error.error_code != "INVALID_PARAMETER_VALUE" or "model version source" not in str(error):
+            raise
+        log.warning(
+            "MLflow refused the source %s (%s); registering %s from runs:/%s/%s",
+            source,
+            error.message,
+            name,
+            run_id,
+            artifact_path,
+        )
+        return client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id, **fields)
 
 
 def _lineage(lineage: Mapping[str, str], run_id: str) -> dict[str, str]:
