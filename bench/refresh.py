@@ -16,7 +16,10 @@ five candidate codes (the gold code and its neighbours in ICD-10-CM, titles from
 standing in for retrieved passages, so prompts have the length they have in production without an
 index.
 
-Run: `.venv/bin/python bench/refresh.py [--steps 12] [--methods lora,qlora]` (about 1 minute per
+A third table times the hyperparameter search (`tuning.search`): seconds per trial of `run_search` (LoRA, the
+study in SQLite, a pruning report every step) against one bare trl run of the same steps.
+
+Run: `.venv/bin/python bench/refresh.py [--steps 12] [--methods lora,qlora] [--search-trials 2]` (about 1 minute per
 variant on 2 quiet cores; a GPU is used when present, otherwise it says CUDA was not available).
 """
 
@@ -85,6 +88,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 
 spec = json.loads(Path(sys.argv[1]).read_text())
+began = time.perf_counter()
 tuning = spec["tuning"]
 cuda = torch.cuda.is_available()
 bf16 = cuda and torch.cuda.is_bf16_supported()
@@ -112,7 +116,38 @@ timer = StepTimer()
 trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora, callbacks=[timer])
 output = trainer.train()
 loss = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][-1]
-print("BENCH " + json.dumps({"stamps": timer.stamps, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss": loss}))
+print("BENCH " + json.dumps({"stamps": timer.stamps, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss": loss,
+                            "run_s": time.perf_counter() - began}))
+"""
+)
+
+SEARCH_VARIANT = (
+    TIMER
+    + """
+import json, resource, sys
+from pathlib import Path
+from cadre.config.tuning import TuningSettings
+from cadre.tuning.finetune import train_adapter
+from cadre.tuning.search import run_search
+from cadre.tuning.training_data import TrainingData, TrainingExample
+
+spec = json.loads(Path(sys.argv[1]).read_text())
+examples = [TrainingExample(e["prompt"], e["completion"], "bench") for e in spec["examples"]]
+data = TrainingData(train=examples, heldout=[], fingerprint="bench", counts={})
+rate = spec["tuning"]["learning_rate"]
+tuning = TuningSettings(**{**spec["tuning"], "search": {"space": {"learning_rate": [rate, rate * 2]}, "prune": False}})
+timer = StepTimer()
+
+def train(settings, steps, report, number):
+    sink = lambda metrics, step: report(step, metrics["loss"]) if "loss" in metrics else None
+    return train_adapter(data, settings, base_model_dir=Path(spec["model"]), work_dir=Path(spec["work"]) / f"trial-{number}",
+                         max_steps=steps, threads=spec["threads"], sink=sink, say=lambda line: None, progress_bar=False,
+                         extra_callbacks=[timer])
+
+result = run_search(tuning.search, tuning, trials=spec["trials"], steps=spec["steps"], storage=Path(spec["work"]) / "study.db",
+                    study="bench", metric="-loss", train=train, score=lambda r, s, n: -r.loss_curve[-1]["loss"], say=lambda line: None)
+print("BENCH " + json.dumps({"stamps": timer.stamps[-spec["steps"]:], "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            "loss": -result.best.dev_score, "trial_s": [t.seconds for t in result.trials]}))
 """
 )
 
@@ -174,6 +209,8 @@ def run_variant(script: str, spec_path: Path) -> dict:
         "rss_mb": found["rss_mb"],
         "loss": found["loss"],
         "wall_s": time.perf_counter() - started,
+        "run_s": found.get("run_s"),
+        "trial_s": found.get("trial_s"),
     }
 
 
@@ -184,6 +221,12 @@ def main() -> None:
     )
     parser.add_argument("--methods", default="lora,qlora")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: project.threads.torch)")
+    parser.add_argument(
+        "--search-trials",
+        type=int,
+        default=2,
+        help="also time a hyperparameter search of this many trials (LoRA) against bare trl runs (0: skip)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -256,10 +299,59 @@ def main() -> None:
                     f"{found['wall_s']:.0f}",
                     f"{ratio:.3f}" if name == "cadre" else "",
                 )
+        if args.search_trials:
+            search = search_overhead(scratch, model, settings, examples, threads, args.steps, args.search_trials)
     console.print(table)
     console.print(
         "steps/s counts steps 2…N (the first step pays one-off costs); peak RSS is the process's maximum resident set."
     )
+    if args.search_trials:
+        console.print(search)
+
+
+def search_overhead(
+    scratch: str, model: Path, settings, examples: list, threads: int, steps: int, trials: int
+) -> Table:
+    """Seconds per search trial (`cadre.tuning.search.run_search` training through `train_adapter`, the study in
+    SQLite, pruning reports on every step) against one bare trl run of the same steps (model load + training, both
+    timed inside their process, imports excluded). The trials' dev scoring is the refresh's evaluation and is not
+    timed here: this is what the search adds around the training itself."""
+    tuning = settings.tuning.model_copy(
+        update={"method": "lora", "max_steps": steps, "checkpoint_every": 10_000, "search": None}
+    )
+    found = {}
+    for name, script in (("bare trl", BARE_VARIANT), ("cadre search", SEARCH_VARIANT)):
+        spec_path = Path(scratch) / f"search-{name.replace(' ', '-')}.json"
+        spec_path.write_text(
+            json.dumps(
+                {
+                    "model": str(model),
+                    "work": str(Path(scratch) / spec_path.stem),
+                    "steps": steps,
+                    "threads": threads,
+                    "trials": trials,
+                    "tuning": tuning.model_dump(mode="json"),
+                    "examples": examples,
+                }
+            )
+        )
+        console.print(f"  running search overhead / {name} …")
+        found[name] = run_variant(script, spec_path)
+    per_trial = sum(found["cadre search"]["trial_s"]) / len(found["cadre search"]["trial_s"])
+    bare = found["bare trl"]["run_s"]
+    table = Table(
+        title=f"hyperparameter search: seconds per trial ({trials} LoRA trials of {steps} steps) vs. one bare trl run"
+    )
+    for column in ("implementation", "s per run (load + train)", "steps/s", "cadre / bare"):
+        table.add_column(column, justify="left" if column == "implementation" else "right")
+    table.add_row("bare trl (one run)", f"{bare:.1f}", f"{found['bare trl']['steps_per_s']:.3f}", "")
+    table.add_row(
+        f"cadre search (mean of {trials} trials)",
+        f"{per_trial:.1f}",
+        f"{found['cadre search']['steps_per_s']:.3f}",
+        f"{per_trial / bare:.3f}",
+    )
+    return table
 
 
 if __name__ == "__main__":

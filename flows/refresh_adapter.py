@@ -4,7 +4,9 @@ Monthly. Run it by hand with `cadre run refresh -s icd10-coder --budget smoke`.
 
 Steps: log the resolved config → prepare the base model (safetensors for training, GGUF for serving)
 → find the champion program and champion adapter → render the training data exactly as the serving
-program prompts (retrieval included) and log its fingerprint → train with peft + trl, resuming from
+program prompts (retrieval included) and log its fingerprint → if `tuning.search` is declared, search the
+fine-tuning settings (Optuna trials scored on dev as the specialist serves; `tasks.search`) → train with the
+declared or best-found settings with peft + trl (the best trial's adapter is reused), resuming from
 the last checkpoint of the same data and config → export the adapter (PEFT + llama.cpp GGUF) and log
 it with its configs and loss curve → run the specialist as it serves with the candidate adapter and
 with the champion adapter (or the bare base model) on the same test cases → gate, register with
@@ -37,6 +39,7 @@ from tasks.refresh import (
     train_candidate,
 )
 from tasks.reindex import sync_live_pointer
+from tasks.search import search_hyperparameters
 from tasks.tracking import tracked_run
 
 
@@ -76,19 +79,34 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
             plan.max_examples,
             scratch,
         )
-        trained = train_candidate(
+        searched = search_hyperparameters(
             handle,
             data,
             settings.tuning,
+            setup,
+            settings.evaluation,
+            suite,
+            plan,
+            str(config.state_dir),
+            specialist,
+            scratch,
+            config.project.threads.torch,
+        )
+        # The best trial's settings, whose adapter the search already trained (the candidate's training reuses it).
+        tuning, steps = (searched.tuning, searched.max_steps) if searched else (settings.tuning, plan.max_steps)
+        trained = train_candidate(
+            handle,
+            data,
+            tuning,
             base,
             str(config.state_dir),
             specialist,
-            plan.max_steps,
+            steps,
             config.project.threads.torch,
             plan.max_wall_seconds,
         )
         exported = export_candidate(
-            handle, trained, data, settings.tuning, setup, str(config.state_dir), scratch, config.project.lm.n_threads
+            handle, trained, data, tuning, setup, str(config.state_dir), scratch, config.project.lm.n_threads
         )
         cases = load_test_cases(suite, plan.eval_cases, settings.program.field_names)
         scores = evaluate_adapters(
@@ -104,6 +122,8 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
             "parent_versions": f"adapter:{champion_version or '-'},program:{program.version if program else '-'}",
         }
         table = adapter_score_table(scores)
+        if searched:
+            table = f"{table}\n\n{searched.summary()}"
         outcome = promote_through_gates(
             config,
             specialist,
@@ -130,6 +150,7 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
             "wall_capped": trained.wall_capped,
             "train_seconds": trained.train_seconds,
             "data_fingerprint": data.fingerprint,
+            "search": searched.summary() if searched else None,
             "candidate": scores.candidate.result.scores,
             "champion": scores.champion.result.scores,
             "champion_name": scores.champion.result.name,

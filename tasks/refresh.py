@@ -399,34 +399,41 @@ def evaluate_adapters(
     Both run in this process on the same engine and base file, so the adapter is the only difference.
     """
     use_disk_cache(cache_dir)
+    champion_name = f"adapter-v{setup.adapter_version}" if setup.adapter_gguf else "base-model"
+    champion = run_as_served(setup, evaluation, cases, setup.adapter_gguf, setup.adapter_version, champion_name)
+    candidate = run_as_served(setup, evaluation, cases, candidate_gguf, None, "candidate-adapter")
+    return AdapterScores(candidate=candidate, champion=champion, champion_is_adapter=setup.adapter_gguf is not None)
+
+
+def run_as_served(
+    setup: ServingSetup,
+    evaluation: EvaluationSettings,
+    cases: list[dict[str, Any]],
+    adapter_gguf: str | None,
+    adapter_version: str | None,
+    name: str,
+) -> EvaluationRun:
+    """The specialist's program, retrieval and llama.cpp engine with `adapter_gguf` (or none) on `cases`."""
     program_settings = setup.program_settings
     retriever = open_retriever(setup.index) if setup.index is not None and program_settings.retrieve_k else None
-
-    def program() -> SpecialistProgram:
-        if setup.program is not None:
-            return load_program(setup.program.path, program_settings, retriever)
-        return SpecialistProgram(program_settings, retriever)
-
-    def run(adapter: str | None, version: str | None, name: str) -> EvaluationRun:
-        target = llama_cpp_target(setup.base.gguf, adapter, version, setup.n_threads, setup.n_ctx)
-        lm = CompletionLM(
-            build_client(target),
-            model_id=target.identity,
-            max_tokens=program_settings.max_tokens,
-            temperature=program_settings.temperature,
-        )
-        scored = evaluate_program(program(), program_settings, evaluation, lm, cases, name)
-        print(
-            f"{name}: "
-            + ", ".join(f"{m} {scored.result.scores[m]:.3f}" for m in evaluation.answer_metrics)
-            + f" on {scored.result.cases} cases in {scored.wall_seconds:.0f} s"
-        )
-        return scored
-
-    champion_name = f"adapter-v{setup.adapter_version}" if setup.adapter_gguf else "base-model"
-    champion = run(setup.adapter_gguf, setup.adapter_version, champion_name)
-    candidate = run(candidate_gguf, None, "candidate-adapter")
-    return AdapterScores(candidate=candidate, champion=champion, champion_is_adapter=setup.adapter_gguf is not None)
+    if setup.program is not None:
+        program = load_program(setup.program.path, program_settings, retriever)
+    else:
+        program = SpecialistProgram(program_settings, retriever)
+    target = llama_cpp_target(setup.base.gguf, adapter_gguf, adapter_version, setup.n_threads, setup.n_ctx)
+    lm = CompletionLM(
+        build_client(target),
+        model_id=target.identity,
+        max_tokens=program_settings.max_tokens,
+        temperature=program_settings.temperature,
+    )
+    scored = evaluate_program(program, program_settings, evaluation, lm, cases, name)
+    print(
+        f"{name}: "
+        + ", ".join(f"{m} {scored.result.scores[m]:.3f}" for m in evaluation.answer_metrics)
+        + f" on {scored.result.cases} cases in {scored.wall_seconds:.0f} s"
+    )
+    return scored
 
 
 def run_dir(state_dir: Path, run_id: str) -> str:

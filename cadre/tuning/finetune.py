@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cadre.config.budget import RunBudget, parse_budget, wall_seconds
-from cadre.config.tuning import TuningSettings, length_limit
+from cadre.config.tuning import SearchRange, TuningSettings, length_limit
 from cadre.tuning.training_data import TrainingData
 
 if TYPE_CHECKING:
@@ -145,10 +145,12 @@ def training_config_hash(tuning: TuningSettings, base_model_id: str, max_steps: 
 
     The data choices (files, held-out share, max_length filtering) are already in the data
     fingerprint; `checkpoint_every` changes only how often progress is saved, so it is left out and
-    a run may resume with a different value.
+    a run may resume with a different value. `search` is left out too: a search trial with the declared settings
+    trains in the same folder as a refresh without a search, and the best trial's adapter is the candidate's.
     """
     settings = tuning.model_dump(
-        mode="json", exclude={"data", "from_eval_train", "heldout_fraction", "checkpoint_every", "max_steps"}
+        mode="json",
+        exclude={"data", "from_eval_train", "heldout_fraction", "checkpoint_every", "max_steps", "search"},
     )
     key = {"recipe": RECIPE_VERSION, "base_model": base_model_id, "max_steps": max_steps, "tuning": settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -229,10 +231,23 @@ def plan_refresh(specialist: Specialist, budget: RunBudget) -> RefreshPlan:
 
     budget = parse_budget(budget)
     tuning = specialist.tuning
-    steps = effective_steps(tuning, budget, specialist.smoke.max_train_steps)
+    steps = effective = effective_steps(tuning, budget, specialist.smoke.max_train_steps)
     eval_cases = specialist.smoke.max_eval_cases if budget == "smoke" else specialist.evaluation.max_cases
-    needed = examples_needed(steps, tuning.batch_size, tuning.gradient_accumulation, tuning.heldout_fraction)
-    return RefreshPlan(budget, steps, needed, eval_cases, wall_seconds(specialist, budget))
+    batch_size = tuning.batch_size
+    search = tuning.search
+    if search is not None and search.trial_count(budget) and steps is not None:
+        # Enough examples for the largest trial: more steps or bigger batches than declared must not repeat data.
+        if budget == "full":
+            steps = max(steps, _largest(search.space.get("max_steps"), steps))
+        batch_size = max(batch_size, _largest(search.space.get("batch_size"), batch_size))
+    needed = examples_needed(steps, batch_size, tuning.gradient_accumulation, tuning.heldout_fraction)
+    return RefreshPlan(budget, effective, needed, eval_cases, wall_seconds(specialist, budget))
+
+
+def _largest(values: list | SearchRange | None, default: int) -> int:
+    if values is None:
+        return default
+    return int(values.high) if isinstance(values, SearchRange) else max(int(v) for v in values)
 
 
 # --- model ---------------------------------------------------------------------------------------

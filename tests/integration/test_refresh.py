@@ -48,7 +48,7 @@ def prepared_models() -> Path:
     return config.state_dir
 
 
-def _write_project(root: Path, mlflow_uri: str, method: str, name: str) -> Path:
+def _write_project(root: Path, mlflow_uri: str, method: str, name: str, search: str = "") -> Path:
     """A one-specialist ICD-10 project whose index holds every code its cases need, plus neighbours."""
     suite = root / "suite"
     suite.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,7 @@ def _write_project(root: Path, mlflow_uri: str, method: str, name: str) -> Path:
               retrieve_k: 3
               max_tokens: 8
             tuning: {{method: {method}, rank: 8, alpha: 16, learning_rate: 1.0e-3, max_steps: 300, batch_size: 2, max_length: 192,
-                      checkpoint_every: 2, heldout_fraction: 0.05}}
+                      checkpoint_every: 2, heldout_fraction: 0.05{search}}}
             evaluation:
               suite: suite
               answer_metrics: [exact_match, icd_hierarchy]
@@ -180,6 +180,65 @@ def test_qlora_then_lora_refresh_log_register_and_gate(
     _check_refresh_run(client, second, "lora", champion)
     assert second["data_fingerprint"] == first["data_fingerprint"], "same data, rendered the same way"
     assert second["version"] != first["version"]
+
+
+SEARCH = (
+    ", search: {smoke_trials: 3, trials: 8, dev_cases: 4, "
+    "space: {learning_rate: {low: 1.0e-4, high: 3.0e-3, log: true}, rank: [4, 8]}}"
+)
+
+
+def test_the_refresh_searches_its_own_settings_and_trains_the_best(
+    project_root: Path, mlflow_server: str, harness: None, clean_environment: None
+) -> None:
+    """Trials are nested runs scored on dev; the declared settings are trial 0; the candidate is the best trial's
+    adapter, reused rather than trained again; a second run finds the finished study and trains nothing new."""
+    from mlflow import MlflowClient
+
+    from flows.refresh_adapter import refresh_adapter
+
+    client = MlflowClient(mlflow_server)
+    path = _write_project(project_root, mlflow_server, "lora", "search.yaml", search=SEARCH)
+    result = refresh_adapter(SPECIALIST, str(path), budget="smoke")
+    run = client.get_run(result["mlflow_run_id"])
+    metrics, params = run.data.metrics, run.data.params
+    assert metrics["search_trials"] == 3 and metrics["search_complete"] + metrics["search_pruned"] >= 2
+    assert "search_declared_dev_exact_match" in metrics and "search_best_dev_exact_match" in metrics
+    assert metrics["search_best_dev_exact_match"] >= metrics["search_declared_dev_exact_match"]
+    assert result["search"].startswith("hyperparameter search: 3 trials")
+
+    children = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
+    assert len(children) == 3, [c.data.tags.get("mlflow.runName") for c in children]
+    by_trial = {int(c.data.tags["cadre.trial"]): c for c in children}
+    declared = by_trial[0]
+    assert float(declared.data.params["learning_rate"]) == 1.0e-3 and declared.data.params["rank"] == "8"
+    for child in children:
+        state = child.data.tags["cadre.trial_state"]
+        assert state in ("complete", "pruned", "failed")
+        if state == "complete":
+            assert child.info.status == "FINISHED" and "dev_exact_match" in child.data.metrics
+            assert client.get_metric_history(child.info.run_id, "train/loss"), "each trial's loss by step"
+
+    # The candidate is the best trial's adapter: same settings, and its training was found done, not rerun.
+    best = by_trial[int(params["search.best_trial"])]
+    assert params["train.reused"] == "true"
+    local = Path(client.download_artifacts(run.info.run_id, "adapter/training_config.json"))
+    tuning = json.loads(local.read_text())["tuning"]
+    assert tuning["rank"] == int(best.data.params["rank"])
+    assert abs(tuning["learning_rate"] - float(best.data.params["learning_rate"])) < 1e-12
+    table = Path(client.download_artifacts(run.info.run_id, "search/trials.md")).read_text()
+    assert "(declared)" in table and "**best**" in table
+
+    # Run again: the study is finished, so no trial trains; the same best settings come back.
+    again = refresh_adapter(SPECIALIST, str(path), budget="smoke")
+    rerun = client.get_run(again["mlflow_run_id"])
+    assert rerun.data.params["search.best_trial"] == params["search.best_trial"]
+    assert "3 from an earlier run of this study" in again["search"]
+    assert not client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{rerun.info.run_id}'"
+    ), "a finished study trains no trial again"
 
 
 TRAIN_SCRIPT = """

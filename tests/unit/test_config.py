@@ -344,6 +344,48 @@ BAD = [
         "neither a packaged model",
     ),
     (
+        "empty search space",
+        lambda t: t.replace("{rank: 8, max_steps: 10}", "{rank: 8, max_steps: 10, search: {trials: 4, space: {}}}"),
+        "search:",
+        1,
+        "specialists[coder].tuning.search.space",
+        "the search space is empty",
+    ),
+    (
+        "inverted search range",
+        lambda t: t.replace(
+            "    program:\n      instruction",
+            "    tuning:\n      search:\n        space:\n          learning_rate: {low: 1.0e-3, high: 1.0e-5}\n"
+            "    program:\n      instruction",
+        ),
+        "learning_rate: {low",
+        1,
+        "specialists[coder].tuning.search.space.learning_rate.high",
+        "must be more than low",
+    ),
+    (
+        "declared setting outside the search space",
+        lambda t: t.replace(
+            "    program:\n      instruction",
+            "    tuning:\n      search:\n        space:\n          rank: [4, 16]\n    program:\n      instruction",
+        ),
+        "rank: [4, 16]",
+        1,
+        "specialists[coder].tuning.search.space.rank",
+        "the declared rank (8) is not in the choices [4, 16]",
+    ),
+    (
+        "unknown searched setting",
+        lambda t: t.replace(
+            "    program:\n      instruction",
+            "    tuning:\n      search:\n        space:\n          epochs: [1, 2]\n    program:\n      instruction",
+        ),
+        "epochs: [1, 2]",
+        1,
+        "",
+        "learning_rate",
+    ),
+    (
         "unsupported version",
         lambda t: t.replace("version: 1", "version: 2"),
         "version: 2",
