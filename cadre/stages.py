@@ -28,6 +28,8 @@ class Stage:
         artifact_path: Where the candidate lies in the flow's MLflow run, the folder that is registered.
         scheduled: Whether a specialist declares a schedule for it (`schedules.NAME`).
         judges_retrieval: Its gates read the suite's retrieval metrics (else its answer metrics).
+        timeout_hours: A flow run still going after this long fails (Prefect's flow timeout): a backstop against a
+            hung run holding its deployment's only slot, generous enough for a full-budget run on a CPU.
     """
 
     name: str
@@ -38,6 +40,7 @@ class Stage:
     artifact_path: str | None = None
     scheduled: bool = True
     judges_retrieval: bool = False
+    timeout_hours: float = 12.0
 
     def flow_object(self) -> Any:
         """The Prefect flow (imports its module)."""
@@ -63,6 +66,7 @@ STAGES: tuple[Stage, ...] = (
         registry_kind="embedder",
         artifact_path="embedder",
         judges_retrieval=True,
+        timeout_hours=24.0,
     ),
     Stage(
         "optimize",
@@ -79,6 +83,7 @@ STAGES: tuple[Stage, ...] = (
         gate="adapter",
         registry_kind="adapter",
         artifact_path="adapter",
+        timeout_hours=24.0,  # a hyperparameter search trains several adapters
     ),
     Stage(
         "feedback",
@@ -88,7 +93,7 @@ STAGES: tuple[Stage, ...] = (
         registry_kind="adapter",
         artifact_path="adapter",
     ),
-    Stage("check", "check", "flows.check:check_stack", scheduled=False),
+    Stage("check", "check", "flows.check:check_stack", scheduled=False, timeout_hours=0.25),
 )
 """Every stage, in the order the demo cycle runs them."""
 

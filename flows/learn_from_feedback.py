@@ -15,8 +15,6 @@ A running `cadre serve` picks the new champion up at its next poll.
 
 from __future__ import annotations
 
-from prefect import flow
-
 from cadre.config import load_config
 from cadre.config.budget import RunBudget
 from cadre.evaluation.report import adapter_score_table, slice_table, split_scores
@@ -26,7 +24,6 @@ from cadre.platform.env import apply_env
 from cadre.prompts.program import IndexTarget
 from cadre.registry.champions import RegistryTarget, ServingSetup
 from cadre.registry.promotion import Candidate
-from cadre.stages import stage
 from cadre.tuning.dpo import plan_feedback
 from tasks.feedback import (
     build_feedback_data,
@@ -40,10 +37,10 @@ from tasks.promotion import promote_through_gates
 from tasks.prompts import fetch_champion_adapter, fetch_champion_program
 from tasks.refresh import evaluate_adapters, load_test_cases, prepare_base_model
 from tasks.reindex import sync_live_pointer
-from tasks.tracking import tracked_run
+from tasks.tracking import stage_flow, tracked_run
 
 
-@flow(name=stage("feedback").flow, log_prints=True)
+@stage_flow("feedback")
 def learn_from_feedback(specialist: str, config_path: str, budget: RunBudget = "full") -> dict:
     """Learn the specialist's user corrections with DPO; promote the adapter only if its gate passes."""
     config = load_config(config_path)

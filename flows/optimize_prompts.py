@@ -16,8 +16,6 @@ judged but registers nothing. An unreachable LM fails the run after retries, wit
 
 from __future__ import annotations
 
-from prefect import flow
-
 from cadre.config import load_config
 from cadre.config.budget import RunBudget
 from cadre.evaluation.report import program_score_table
@@ -28,7 +26,6 @@ from cadre.prompts.optimize import plan_optimization
 from cadre.prompts.program import IndexTarget, lm_target
 from cadre.registry.champions import RegistryTarget
 from cadre.registry.promotion import Candidate
-from cadre.stages import stage
 from tasks.promotion import promote_through_gates
 from tasks.prompts import (
     cases_fingerprint,
@@ -44,10 +41,10 @@ from tasks.prompts import (
     work_dir,
 )
 from tasks.reindex import sync_live_pointer
-from tasks.tracking import log_case_splits, tracked_run
+from tasks.tracking import log_case_splits, stage_flow, tracked_run
 
 
-@flow(name=stage("optimize").flow, log_prints=True)
+@stage_flow("optimize")
 def optimize_prompts(specialist: str, config_path: str, budget: RunBudget = "full") -> dict:
     """Compile, evaluate, gate, register and (if the gate passes) promote the specialist's program."""
     config = load_config(config_path)

@@ -15,8 +15,6 @@ lineage, promote only if the gate passed → close the run.
 
 from __future__ import annotations
 
-from prefect import flow
-
 from cadre.config import load_config
 from cadre.config.budget import RunBudget
 from cadre.evaluation.report import adapter_score_table
@@ -25,7 +23,6 @@ from cadre.platform.env import apply_env
 from cadre.prompts.program import IndexTarget
 from cadre.registry.champions import RegistryTarget, ServingSetup
 from cadre.registry.promotion import Candidate
-from cadre.stages import stage
 from cadre.tuning.finetune import plan_refresh
 from tasks.promotion import promote_through_gates
 from tasks.prompts import fetch_champion_adapter, fetch_champion_program
@@ -40,10 +37,10 @@ from tasks.refresh import (
 )
 from tasks.reindex import sync_live_pointer
 from tasks.search import search_hyperparameters
-from tasks.tracking import tracked_run
+from tasks.tracking import stage_flow, tracked_run
 
 
-@flow(name=stage("refresh").flow, log_prints=True)
+@stage_flow("refresh")
 def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full") -> dict:
     """Fine-tune, evaluate, gate, register and (if the gate passes) promote the specialist's LoRA adapter."""
     config = load_config(config_path)

@@ -13,7 +13,7 @@ moves only now, to a complete version); a promoted embedder queues the prompt op
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from cadre.config import load_config
@@ -21,7 +21,6 @@ from cadre.config.budget import ReindexPlan, RunBudget
 from cadre.orchestration.run_page import finished_state
 from cadre.platform.env import apply_env
 from cadre.registry.promotion import Candidate
-from cadre.stages import stage
 from cadre.tuning.embedder import plan_embedder
 from tasks.embedder import (
     build_candidate_index,
@@ -33,11 +32,11 @@ from tasks.embedder import (
 )
 from tasks.promotion import find_champion_version, promote_through_gates
 from tasks.reindex import evaluate_retrieval, make_live, sync_live_pointer
-from tasks.tracking import tracked_run
+from tasks.tracking import stage_flow, tracked_run
 from tasks.triggers import trigger_flow
 
 
-@flow(name=stage("embedder").flow, log_prints=True)
+@stage_flow("embedder")
 def refresh_embedder(
     specialist: str, config_path: str, budget: RunBudget = "full", trigger_optimize: bool = True
 ) -> dict:

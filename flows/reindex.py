@@ -10,7 +10,7 @@ Run: `cadre run reindex -s SPECIALIST [--budget smoke]` (or on its daily schedul
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from cadre.config import load_config
@@ -18,7 +18,6 @@ from cadre.config.budget import RunBudget, plan_reindex
 from cadre.orchestration.run_page import finished_state
 from cadre.platform.env import apply_env
 from cadre.registry.promotion import Candidate
-from cadre.stages import stage
 from tasks.promotion import find_champion_version, promote_through_gates
 from tasks.reindex import (
     build_index_version,
@@ -27,11 +26,11 @@ from tasks.reindex import (
     make_live,
     sync_live_pointer,
 )
-from tasks.tracking import tracked_run
+from tasks.tracking import stage_flow, tracked_run
 from tasks.triggers import trigger_flow
 
 
-@flow(name=stage("reindex").flow, log_prints=True)
+@stage_flow("reindex")
 def reindex(specialist: str, config_path: str, budget: RunBudget = "full", trigger_optimize: bool = True) -> dict:
     """Re-index one specialist; returns what changed and what the gate decided."""
     config = load_config(config_path)

@@ -22,7 +22,7 @@ def probe_service(name: str, url: str) -> float:
 
 
 @task(retries=3, retry_delay_seconds=2, name="log-probe-metrics")
-def log_probe_metrics(handle: RunHandle, latencies_ms: dict[str, float]) -> None:
+def log_probe_metrics(handle: RunHandle, latencies_ms: dict[str, float], step: int = 0) -> None:
     client = MlflowClient(handle.tracking_uri)
     for name, value in latencies_ms.items():
-        client.log_metric(handle.run_id, f"probe_{name}_ms", value)
+        client.log_metric(handle.run_id, f"probe_{name}_ms", value, step=step)

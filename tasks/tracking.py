@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
-from prefect import task
+from prefect import flow, task
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
@@ -26,6 +27,7 @@ from cadre.config.budget import RunBudget
 from cadre.orchestration.run_page import publish_summary
 from cadre.platform.signals import Terminated, terminate_on_sigterm
 from cadre.registry.runs import RunHandle, close_run, dspy_traces, log_dataset, open_run, system_metrics
+from cadre.stages import stage as stage_named
 
 STOPPED = (Terminated, TerminationSignal, KeyboardInterrupt)
 """What a process told to stop raises: its MLflow run ends KILLED."""
@@ -86,3 +88,43 @@ def tracked_run(config: CadreConfig, specialist: str, stage: str, budget: RunBud
             raise
     close_tracking_run(handle)
     _publish_summary(handle)
+
+
+def end_tracking_run(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect hook (`on_crashed`, `on_cancellation`): end the flow run's MLflow run KILLED if it is still RUNNING.
+
+    A flow run killed by a signal never reaches `tracked_run`'s close. Prefect runs this hook where the run was
+    watched: the worker that saw its process die (on any machine) or the process told to cancel. The run is found
+    by its `cadre.prefect_flow_run_id` tag; the flow run's `config_path` parameter names the MLflow server.
+    """
+    from mlflow import MlflowClient
+
+    from cadre.config import load_config
+    from cadre.registry.runs import TAG_FLOW_RUN
+
+    config = load_config(flow_run.parameters["config_path"])
+    client = MlflowClient(config.project.mlflow.uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return
+    found = client.search_runs(
+        experiments,
+        filter_string=f"tags.`{TAG_FLOW_RUN}` = '{flow_run.id}' and attributes.status = 'RUNNING'",
+        max_results=10,
+    )
+    for run in found:
+        client.set_tag(run.info.run_id, "cadre.ended_by", f"Prefect {state.name} hook")
+        client.set_terminated(run.info.run_id, "KILLED")
+        print(f"MLflow run {run.info.run_id} of flow run {flow_run.name} ended KILLED ({state.name})")
+
+
+def stage_flow(name: str) -> Callable[[Callable[..., Any]], Any]:
+    """The `@flow` of stage `name`: its Prefect name, its timeout, and `end_tracking_run` on crash and cancel."""
+    spec = stage_named(name)
+    return flow(
+        name=spec.flow,
+        log_prints=True,
+        timeout_seconds=spec.timeout_hours * 3600,
+        on_crashed=[end_tracking_run],
+        on_cancellation=[end_tracking_run],
+    )

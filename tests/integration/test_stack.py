@@ -228,6 +228,47 @@ def test_a_run_whose_process_died_is_crashed_by_up_and_frees_its_slot(stack) -> 
     assert "lost its process" not in again.stderr, "a finished run is not an orphan"
 
 
+def test_a_flow_run_killed_by_sigkill_is_crashed_by_its_worker_and_its_mlflow_run_ends_killed(stack) -> None:
+    """No sweep, no `cadre up`: the worker that watched the process sees it die, marks the run Crashed and runs the
+    flow's `on_crashed` hook, which ends the MLflow run KILLED (what a worker on another machine does too)."""
+    import time
+
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from cadre.registry.runs import TAG_FLOW_RUN
+
+    config, ports = stack
+    assert _cadre("deploy", config=config).returncode == 0
+    mlflow = MlflowClient(f"http://127.0.0.1:{ports['mlflow']}")
+    with SyncPrefectClient(f"http://127.0.0.1:{ports['prefect']}/api") as client:
+        deployment = client.read_deployment_by_name("check/beta")
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={"watch_s": 240})
+        deadline = time.monotonic() + 180
+        tracked = []
+        while not tracked and time.monotonic() < deadline:  # the flow has opened its MLflow run: it is mid-work
+            time.sleep(1)
+            tracked = mlflow.search_runs(
+                [e.experiment_id for e in mlflow.search_experiments()],
+                filter_string=f"tags.`{TAG_FLOW_RUN}` = '{run.id}'",
+            )
+        assert tracked, "the flow run never opened its MLflow run"
+        pid = int(client.read_flow_run(run.id).infrastructure_pid.rpartition(":")[2])
+        os.kill(pid, signal.SIGKILL)
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status = mlflow.get_run(tracked[0].info.run_id).info.status
+            if status != "RUNNING":
+                break
+            time.sleep(1)
+        state = client.read_flow_run(run.id).state
+        assert state.is_crashed(), state
+        ended = mlflow.get_run(tracked[0].info.run_id)
+        assert ended.info.status == "KILLED"
+        assert ended.data.tags["cadre.ended_by"] == "Prefect Crashed hook"
+
+
 def test_redeploy_keeps_a_schedule_paused_in_the_ui_and_follows_a_new_cron(stack) -> None:
     from prefect.client.orchestration import SyncPrefectClient
 
