@@ -175,7 +175,10 @@ def build_candidate_index(
     from empty (another model), resumable, never live until promoted."""
     embedding = config.project
     candidate = Embedder.from_folder(
-        Path(trained.model_dir), batch_size=embedding.embedding.batch_size, threads=embedding.threads.embedding
+        Path(trained.model_dir),
+        batch_size=embedding.embedding.batch_size,
+        threads=embedding.threads.embedding,
+        runtime=embedding.embedding.runtime,
     )
     budget = plan.budget
     return reindex_specialist(config, specialist, budget=budget, show_progress=True, embedder=candidate)

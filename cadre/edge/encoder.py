@@ -182,7 +182,87 @@ class _Layer:
     out_norm: tuple[np.ndarray, np.ndarray]
 
 
-class NumpyEncoder:
+class TokenEncoder:
+    """What every encoder here shares: the model's tokenizer, length-sorted batching, pooling and L2 normalisation.
+
+    A subclass implements `_hidden`: the transformer's last hidden states of one padded batch.
+    """
+
+    def __init__(self, spec: EncoderSpec, tokenizer: Tokenizer):
+        self.spec = spec
+        self.dimension = spec.hidden
+        self._tokenizer = tokenizer
+
+    def embed(self, texts: Sequence[str], *, batch_size: int = 32, threads: int | None = None) -> np.ndarray:
+        """Vectors of `texts`, L2-normalised, shape (len(texts), dimension), float32.
+
+        Texts are batched by length (shortest padding) and each batch padded to its longest text; padding is masked
+        out of attention and pooling, so a text's vector does not depend on its batch.
+
+        Args:
+            texts: texts to embed (each truncated to `spec.max_seq_length` tokens).
+            batch_size: texts per forward pass.
+            threads: threads while embedding (None: the runtime's setting as it is).
+        """
+        vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        if not texts:
+            return vectors
+        encodings = self._tokenizer.encode_batch(list(texts))
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        with self._threads(threads):
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                width = max(len(encodings[i].ids) for i in batch)
+                ids = np.zeros((len(batch), width), dtype=np.int64)
+                types = np.zeros((len(batch), width), dtype=np.int64)
+                mask = np.zeros((len(batch), width), dtype=np.float32)
+                for row, i in enumerate(batch):
+                    n = len(encodings[i].ids)
+                    ids[row, :n], types[row, :n], mask[row, :n] = encodings[i].ids, encodings[i].type_ids, 1.0
+                vectors[batch] = self._pool(self._hidden(ids, types, mask), mask)
+        return vectors
+
+    def _threads(self, count: int | None) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def _hidden(self, ids: np.ndarray, types: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Last hidden states, (batch, width, hidden) float32, of a batch's ids, token types and mask."""
+        raise NotImplementedError
+
+    def _pool(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if self.spec.pooling == "cls":
+            pooled = tokens[:, 0]
+        else:
+            pooled = (tokens * mask[:, :, None]).sum(axis=1) / np.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def load_tokenizer(spec: EncoderSpec) -> Tokenizer:
+    """The model's tokenizer, truncating and lowercasing as sentence-transformers does for it."""
+    from tokenizers import Tokenizer
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    tokenizer = Tokenizer.from_file(str(spec.transformer_dir / "tokenizer.json"))
+    # tokenizer.json carries the padding and truncation it was saved with (the packaged MiniLM's: 128);
+    # sentence-transformers overrides both, and so does this.
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(spec.max_seq_length, direction="left" if spec.truncate_left else "right")
+    if spec.lowercase:
+        normalizer = tokenizer.normalizer
+        tokenizer.normalizer = Sequence([Lowercase(), normalizer] if normalizer is not None else [Lowercase()])
+    return tokenizer
+
+
+def load_weights(spec: EncoderSpec) -> dict[str, np.ndarray]:
+    """The transformer's weights as float32 arrays, names without the `bert.` prefix some checkpoints carry."""
+    from safetensors.numpy import load_file
+
+    weights = load_file(spec.transformer_dir / _WEIGHTS_FILE)
+    return {name.removeprefix("bert."): np.ascontiguousarray(w, dtype=np.float32) for name, w in weights.items()}
+
+
+class NumpyEncoder(TokenEncoder):
     """A BERT sentence-transformers model run with numpy: texts in, L2-normalised float32 vectors out.
 
     Use `NumpyEncoder.load(folder)`.
@@ -193,15 +273,13 @@ class NumpyEncoder:
     """
 
     def __init__(self, spec: EncoderSpec, tokenizer: Tokenizer, weights: dict[str, np.ndarray]):
-        self.spec = spec
-        self.dimension = spec.hidden
-        self._tokenizer = tokenizer
+        super().__init__(spec, tokenizer)
 
         def weight(name: str) -> np.ndarray:
-            found = weights.get(name, weights.get(f"bert.{name}"))
+            found = weights.get(name)
             if found is None:
                 raise ValueError(f"embedding model {spec.folder}: {_WEIGHTS_FILE} has no weight {name!r}")
-            return np.ascontiguousarray(found, dtype=np.float32)
+            return found
 
         def linear(name: str) -> tuple[np.ndarray, np.ndarray]:
             # torch's Linear stores (out, in); x @ weight wants (in, out).
@@ -243,52 +321,13 @@ class NumpyEncoder:
         Raises:
             ValueError: the folder holds a model the encoder does not implement, or lacks a file or weight.
         """
-        from safetensors.numpy import load_file
-        from tokenizers import Tokenizer
-        from tokenizers.normalizers import Lowercase, Sequence
-
         spec = EncoderSpec.read(folder)
-        tokenizer = Tokenizer.from_file(str(spec.transformer_dir / "tokenizer.json"))
-        # tokenizer.json carries the padding and truncation it was saved with (the packaged MiniLM's: 128);
-        # sentence-transformers overrides both, and so does this.
-        tokenizer.no_padding()
-        tokenizer.enable_truncation(spec.max_seq_length, direction="left" if spec.truncate_left else "right")
-        if spec.lowercase:
-            normalizer = tokenizer.normalizer
-            tokenizer.normalizer = Sequence([Lowercase(), normalizer] if normalizer is not None else [Lowercase()])
-        return cls(spec, tokenizer, load_file(spec.transformer_dir / _WEIGHTS_FILE))
+        return cls(spec, load_tokenizer(spec), load_weights(spec))
 
-    def embed(self, texts: Sequence[str], *, batch_size: int = 32, threads: int | None = None) -> np.ndarray:
-        """Vectors of `texts`, L2-normalised, shape (len(texts), dimension), float32.
+    def _threads(self, count: int | None) -> contextlib.AbstractContextManager[None]:
+        return blas_threads(count)
 
-        Texts are batched by length (shortest padding) and each batch padded to its longest text; padding is masked
-        out of attention and pooling, so a text's vector does not depend on its batch.
-
-        Args:
-            texts: texts to embed (each truncated to `spec.max_seq_length` tokens).
-            batch_size: texts per forward pass.
-            threads: BLAS threads while embedding (None: numpy's setting as it is).
-        """
-        vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
-        if not texts:
-            return vectors
-        encodings = self._tokenizer.encode_batch(list(texts))
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-        with blas_threads(threads):
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                width = max(len(encodings[i].ids) for i in batch)
-                ids = np.zeros((len(batch), width), dtype=np.int64)
-                types = np.zeros((len(batch), width), dtype=np.int64)
-                mask = np.zeros((len(batch), width), dtype=np.float32)
-                for row, i in enumerate(batch):
-                    n = len(encodings[i].ids)
-                    ids[row, :n], types[row, :n], mask[row, :n] = encodings[i].ids, encodings[i].type_ids, 1.0
-                vectors[batch] = self._forward(ids, types, mask)
-        return vectors
-
-    def _forward(self, ids: np.ndarray, types: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Pooled, normalised vectors of one padded batch: ids, token types and mask of shape (batch, width)."""
+    def _hidden(self, ids: np.ndarray, types: np.ndarray, mask: np.ndarray) -> np.ndarray:
         batch, width = ids.shape
         heads, hidden, eps = self.spec.heads, self.spec.hidden, self.spec.layer_norm_eps
         size = hidden // heads
@@ -306,13 +345,7 @@ class NumpyEncoder:
             x = _layer_norm(context @ layer.attention_out + layer.attention_out_bias + x, *layer.attention_norm, eps)
             inner = _gelu(x @ layer.intermediate + layer.intermediate_bias)
             x = _layer_norm(inner @ layer.out + layer.out_bias + x, *layer.out_norm, eps)
-        tokens = x.reshape(batch, width, hidden)
-        if self.spec.pooling == "cls":
-            pooled = tokens[:, 0]
-        else:
-            pooled = (tokens * mask[:, :, None]).sum(axis=1) / np.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
-        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+        return x.reshape(batch, width, hidden)
 
 
 @contextlib.contextmanager

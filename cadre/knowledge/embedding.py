@@ -7,9 +7,11 @@ downloaded: the model loads with `local_files_only=True`.
 Threads are set deliberately for every call (`ThreadSettings.embedding`): torch's default thread count
 collapses on a shared 2-core machine (measured: 57 sentences/s instead of 383).
 
-An embedder runs on one of two runtimes (`EMBED_RUNTIMES`): `torch` (sentence-transformers; every stage) or `numpy`
-(`cadre.edge.encoder.NumpyEncoder`: the same vectors to ~1e-6 for the BERT models the project uses, without
-importing torch; an edge bundle embeds its queries with it).
+An embedder runs on one of these runtimes (`EMBED_RUNTIMES`): `torch` (sentence-transformers), `onnx` and `onnx-int8`
+(`cadre.knowledge.onnx_runtime`: ONNX Runtime on a graph exported from the model's weights, fp32 or int8), all three
+chosen for every stage by `project.embedding.runtime`; or `numpy` (`cadre.edge.encoder.NumpyEncoder`: the same
+vectors to ~1e-6 for the BERT models the project uses, without importing torch; an edge bundle embeds its queries
+with it).
 """
 
 from __future__ import annotations
@@ -32,19 +34,19 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
     from tqdm import tqdm
 
-    from cadre.edge.encoder import NumpyEncoder
+    from cadre.edge.encoder import TokenEncoder
 
 logger = logging.getLogger(__name__)
 
 PACKAGED_PREFIX = "packaged:"
 PACKAGED_MODELS = ("all-minilm-l6-v2",)
 
-EmbedRuntime = Literal["torch", "numpy"]
-EMBED_RUNTIMES: tuple[EmbedRuntime, ...] = ("torch", "numpy")
+EmbedRuntime = Literal["torch", "onnx", "onnx-int8", "numpy"]
+EMBED_RUNTIMES: tuple[EmbedRuntime, ...] = ("torch", "onnx", "onnx-int8", "numpy")
 
 _MODEL_CACHE: dict[Path, SentenceTransformer] = {}
 _MODEL_CACHE_LOCK = threading.Lock()
-_ENCODER_CACHE: dict[Path, NumpyEncoder] = {}
+_ENCODER_CACHE: dict[tuple[Path, str], TokenEncoder] = {}
 
 
 def resolve_model_path(model: str, root: Path | None = None) -> Path:
@@ -113,15 +115,21 @@ def _load_model(model_dir: Path) -> SentenceTransformer:
         return model
 
 
-def _load_encoder(model_dir: Path) -> NumpyEncoder:
+def _load_encoder(model_dir: Path, runtime: str, fingerprint: str, threads: int) -> TokenEncoder:
+    """The numpy or ONNX encoder of a model folder, loaded once per process and runtime."""
     with _MODEL_CACHE_LOCK:
-        encoder = _ENCODER_CACHE.get(model_dir)
+        encoder = _ENCODER_CACHE.get((model_dir, runtime))
         if encoder is None:
-            from cadre.edge.encoder import NumpyEncoder
+            logger.info("loading embedding model from %s (%s runtime)", model_dir, runtime)
+            if runtime == "numpy":
+                from cadre.edge.encoder import NumpyEncoder
 
-            logger.info("loading embedding model from %s (numpy runtime)", model_dir)
-            encoder = NumpyEncoder.load(model_dir)
-            _ENCODER_CACHE[model_dir] = encoder
+                encoder = NumpyEncoder.load(model_dir)
+            else:
+                from cadre.knowledge.onnx_runtime import OnnxEncoder
+
+                encoder = OnnxEncoder.load(model_dir, fingerprint, int8=runtime == "onnx-int8", threads=threads)
+            _ENCODER_CACHE[(model_dir, runtime)] = encoder
         return encoder
 
 
@@ -138,8 +146,8 @@ class Embedder:
         threads: torch threads (numpy's BLAS threads on the numpy runtime) used while embedding.
         fingerprint: Short hash identifying the model (part of an index's identity).
         registry_version: The `embedder` registry version it is (None: the configured model, or a candidate).
-        runtime: What runs the model: `torch` (sentence-transformers) or `numpy` (`NumpyEncoder`, no torch import;
-            BERT models with mean or CLS pooling only).
+        runtime: What runs the model: `torch` (sentence-transformers), `onnx` / `onnx-int8` (ONNX Runtime) or `numpy`
+            (`NumpyEncoder`, no torch import). All but `torch`: BERT models with mean or CLS pooling only.
     """
 
     model_dir: Path
@@ -161,7 +169,7 @@ class Embedder:
         threads: ThreadSettings,
         *,
         root: Path | None = None,
-        runtime: EmbedRuntime = "torch",
+        runtime: EmbedRuntime | None = None,
     ) -> Embedder:
         """An embedder for the configured model; the model itself loads on first use.
 
@@ -169,7 +177,7 @@ class Embedder:
             settings: `project.embedding`.
             threads: `project.threads` (its `embedding` count is used).
             root: Project folder for relative model folders.
-            runtime: `torch`, or `numpy` to embed without importing torch (an edge bundle's queries).
+            runtime: `settings.runtime` unless given (`numpy` embeds without importing torch: an edge bundle's queries).
         """
         model_dir = resolve_model_path(settings.model, root)
         return cls(
@@ -178,12 +186,18 @@ class Embedder:
             batch_size=settings.batch_size,
             threads=threads.embedding,
             fingerprint=model_fingerprint(model_dir),
-            runtime=runtime,
+            runtime=runtime or settings.runtime,
         )
 
     @classmethod
     def from_folder(
-        cls, model_dir: Path, *, batch_size: int, threads: int, registry_version: str | None = None
+        cls,
+        model_dir: Path,
+        *,
+        batch_size: int,
+        threads: int,
+        registry_version: str | None = None,
+        runtime: EmbedRuntime = "torch",
     ) -> Embedder:
         """An embedder for a model folder (a fine-tuned embedder); its reference is the folder's absolute path.
 
@@ -191,7 +205,8 @@ class Embedder:
             ValueError: The folder holds no model.
         """
         model_dir = resolve_model_path(str(Path(model_dir).resolve()))
-        return cls(model_dir, str(model_dir), batch_size, threads, model_fingerprint(model_dir), registry_version)
+        fingerprint = model_fingerprint(model_dir)
+        return cls(model_dir, str(model_dir), batch_size, threads, fingerprint, registry_version, runtime)
 
     def with_model(self, model_ref: str, fingerprint: str, root: Path | None = None) -> Embedder:
         """An embedder of the same batch size, threads and runtime for the model an index version records.
@@ -220,6 +235,7 @@ class Embedder:
             "path": str(self.model_dir),
             "fingerprint": self.fingerprint,
             "registry_version": self.registry_version or "",
+            "runtime": self.runtime,
         }
 
     @property
@@ -237,8 +253,8 @@ class Embedder:
             config = json.loads((self.model_dir / "config.json").read_text())
             if config.get("hidden_size"):
                 return int(config["hidden_size"])
-        if self.runtime == "numpy":
-            return _load_encoder(self.model_dir).dimension
+        if self.runtime != "torch":
+            return self._encoder().dimension
         model = self.model
         getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(getter())
@@ -272,8 +288,8 @@ class Embedder:
         """
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        if self.runtime == "numpy":
-            vectors = _load_encoder(self.model_dir).embed(texts, batch_size=self.batch_size, threads=self.threads)
+        if self.runtime != "torch":
+            vectors = self._encoder().embed(texts, batch_size=self.batch_size, threads=self.threads)
         else:
             with torch_threads(self.threads):
                 import torch
@@ -289,6 +305,14 @@ class Embedder:
         if progress is not None:
             progress.update(len(texts))
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    @property
+    def precision(self) -> str:
+        """`int8` on the `onnx-int8` runtime, else `fp32` (an index key's `embedding_precision`)."""
+        return "int8" if self.runtime == "onnx-int8" else "fp32"
+
+    def _encoder(self) -> TokenEncoder:
+        return _load_encoder(self.model_dir, self.runtime, self.fingerprint, self.threads)
 
     def embed_query(self, query: str) -> np.ndarray:
         """The vector of one query, shape (dimension,)."""

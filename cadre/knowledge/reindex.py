@@ -317,6 +317,7 @@ def _index_key(embedder: Embedder, chunking: ChunkingSettings) -> IndexKey:
         dimension=embedder.dimension,
         max_tokens=chunking.max_tokens,
         overlap_tokens=chunking.overlap_tokens,
+        embedding_precision=embedder.precision,
     )
 
 

@@ -154,8 +154,8 @@ class IndexTarget:
         threads: `project.threads`.
         search_mode: the specialist's `index.search_mode`.
         version: the index version to search; None for whichever is live when the search opens.
-        embed_runtime: what embeds the queries (`Embedder.runtime`): `torch`, or `numpy` where importing torch costs
-            more than the search (an edge bundle).
+        embed_runtime: what embeds the queries (`Embedder.runtime`): None for `project.embedding.runtime`, or
+            `numpy` where importing torch costs more than the search (an edge bundle).
     """
 
     specialist: str
@@ -166,7 +166,7 @@ class IndexTarget:
     threads: Any
     search_mode: str = "hybrid"
     version: str | None = None
-    embed_runtime: str = "torch"
+    embed_runtime: str | None = None
 
     @classmethod
     def from_config(cls, config: CadreConfig, specialist: str, pin_live: bool = True) -> IndexTarget:

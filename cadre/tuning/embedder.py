@@ -463,4 +463,5 @@ def champion_embedder(config: CadreConfig, specialist: str) -> Embedder:
         batch_size=settings.embedding.batch_size,
         threads=settings.threads.embedding,
         registry_version=str(version.version),
+        runtime=settings.embedding.runtime,
     )

@@ -344,6 +344,14 @@ BAD = [
         "neither a packaged model",
     ),
     (
+        "unknown embedding runtime",
+        lambda t: t.replace("  name: t\n", "  name: t\n  embedding: {runtime: onnx16}\n"),
+        "runtime: onnx16",
+        1,
+        "project.embedding.runtime",
+        "'onnx-int8'",
+    ),
+    (
         "empty search space",
         lambda t: t.replace("{rank: 8, max_steps: 10}", "{rank: 8, max_steps: 10, search: {trials: 4, space: {}}}"),
         "search:",

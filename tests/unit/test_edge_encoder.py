@@ -119,8 +119,10 @@ def test_an_unsupported_pooling_is_refused_naming_the_folder(tmp_path: Path, poo
 
 
 def test_an_unknown_runtime_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown embedding runtime 'onnx'; runtimes: torch, numpy"):
-        Embedder.load(EmbeddingSettings(), ThreadSettings(), runtime="onnx")  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match="unknown embedding runtime 'tensorrt'; runtimes: torch, onnx, onnx-int8, numpy"
+    ):
+        Embedder.load(EmbeddingSettings(), ThreadSettings(), runtime="tensorrt")  # type: ignore[arg-type]
 
 
 def test_max_seq_length_is_what_sentence_transformers_truncates_at(tmp_path: Path) -> None:

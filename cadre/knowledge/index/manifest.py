@@ -58,6 +58,8 @@ class IndexKey:
         dimension: Vector length.
         max_tokens: Chunk size.
         overlap_tokens: Chunk overlap.
+        embedding_precision: `fp32` (torch and ONNX fp32 give the same vectors) or `int8` (the `onnx-int8` runtime's
+            vectors differ a little): a change of precision re-embeds from empty instead of mixing the two.
     """
 
     embedding_model: str
@@ -65,6 +67,7 @@ class IndexKey:
     dimension: int
     max_tokens: int
     overlap_tokens: int
+    embedding_precision: str = "fp32"
 
     @property
     def digest(self) -> str:
@@ -72,13 +75,16 @@ class IndexKey:
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        key = {
             "embedding_model": self.embedding_model,
             "embedding_fingerprint": self.embedding_fingerprint,
             "dimension": self.dimension,
             "max_tokens": self.max_tokens,
             "overlap_tokens": self.overlap_tokens,
         }
+        if self.embedding_precision != "fp32":  # absent for fp32: keys (and digests) written before it stay equal
+            key["embedding_precision"] = self.embedding_precision
+        return key
 
     @classmethod
     def from_dict(cls, content: dict[str, Any]) -> IndexKey:
@@ -86,7 +92,8 @@ class IndexKey:
             **{
                 name: content[name]
                 for name in ("embedding_model", "embedding_fingerprint", "dimension", "max_tokens", "overlap_tokens")
-            }
+            },
+            embedding_precision=content.get("embedding_precision", "fp32"),
         )
 
 
