@@ -37,6 +37,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from cadre.config.tuning import length_limit
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -268,7 +270,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for method in args.methods.split(","):
             tuning = settings.tuning.model_copy(
-                update={"method": method, "max_steps": args.steps, "checkpoint_every": 10_000}
+                update={
+                    "method": method,
+                    "max_steps": args.steps,
+                    "checkpoint_every": 10_000,
+                    "max_length": length_limit(settings.tuning.max_length),  # a number for the bare script too
+                    "search": None,  # one training, the declared settings with these steps
+                }
             )
             results = {}
             for name, script in (("bare trl", BARE_VARIANT), ("cadre", CADRE_VARIANT)):
@@ -317,7 +325,13 @@ def search_overhead(
     timed inside their process, imports excluded). The trials' dev scoring is the refresh's evaluation and is not
     timed here: this is what the search adds around the training itself."""
     tuning = settings.tuning.model_copy(
-        update={"method": "lora", "max_steps": steps, "checkpoint_every": 10_000, "search": None}
+        update={
+            "method": "lora",
+            "max_steps": steps,
+            "checkpoint_every": 10_000,
+            "search": None,
+            "max_length": length_limit(settings.tuning.max_length),
+        }
     )
     found = {}
     for name, script in (("bare trl", BARE_VARIANT), ("cadre search", SEARCH_VARIANT)):
