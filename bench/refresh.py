@@ -56,12 +56,9 @@ class StepTimer(TrainerCallback):
         self.stamps.append(time.perf_counter())
 """
 
-CADRE_VARIANT = (
-    TIMER
-    + """
+CADRE_DATA = """
 import json, resource, sys
 from pathlib import Path
-import torch
 from cadre.config.tuning import TuningSettings
 from cadre.tuning.finetune import train_adapter
 from cadre.tuning.training_data import TrainingData, TrainingExample
@@ -69,6 +66,13 @@ from cadre.tuning.training_data import TrainingData, TrainingExample
 spec = json.loads(Path(sys.argv[1]).read_text())
 examples = [TrainingExample(e["prompt"], e["completion"], "bench") for e in spec["examples"]]
 data = TrainingData(train=examples, heldout=[], fingerprint="bench", counts={})
+"""
+"""What both Cadre variants start with: the spec and its examples as training data."""
+
+CADRE_VARIANT = (
+    TIMER
+    + CADRE_DATA
+    + """
 timer = StepTimer()
 result = train_adapter(data, TuningSettings(**spec["tuning"]), base_model_dir=Path(spec["model"]), work_dir=Path(spec["work"]),
                        max_steps=spec["steps"], threads=spec["threads"], sink=lambda metrics, step: None, say=lambda line: None,
@@ -125,17 +129,10 @@ print("BENCH " + json.dumps({"stamps": timer.stamps, "rss_mb": resource.getrusag
 
 SEARCH_VARIANT = (
     TIMER
+    + CADRE_DATA
     + """
-import json, resource, sys
-from pathlib import Path
-from cadre.config.tuning import TuningSettings
-from cadre.tuning.finetune import train_adapter
 from cadre.tuning.search import run_search
-from cadre.tuning.training_data import TrainingData, TrainingExample
 
-spec = json.loads(Path(sys.argv[1]).read_text())
-examples = [TrainingExample(e["prompt"], e["completion"], "bench") for e in spec["examples"]]
-data = TrainingData(train=examples, heldout=[], fingerprint="bench", counts={})
 rate = spec["tuning"]["learning_rate"]
 tuning = TuningSettings(**{**spec["tuning"], "search": {"space": {"learning_rate": [rate, rate * 2]}, "prune": False}})
 timer = StepTimer()

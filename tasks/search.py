@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from cadre.evaluation.results import load_cases, mlflow_metric_name
 from cadre.prompts.program import use_disk_cache
 from cadre.tuning.finetune import RefreshPlan, train_adapter, training_config_hash, work_dir
-from cadre.tuning.search import COMPLETE, PRUNED, SearchResult, TrialOutcome, run_search, study_name
+from cadre.tuning.search import COMPLETE, FAILED, PRUNED, SearchResult, TrialOutcome, run_search, study_name
 
 if TYPE_CHECKING:
     from cadre.config import EvaluationSettings, TuningSettings
@@ -165,7 +165,7 @@ def search_hyperparameters(
         "search_trials": len(result.trials),
         "search_complete": result.counts.get(COMPLETE, 0),
         "search_pruned": result.counts.get(PRUNED, 0),
-        "search_failed": len(result.trials) - result.counts.get(COMPLETE, 0) - result.counts.get(PRUNED, 0),
+        "search_failed": result.counts.get(FAILED, 0),
         "search_seconds": result.seconds,
         f"search_best_dev_{mlflow_metric_name(metric)}": result.best.dev_score,
     }
