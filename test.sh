@@ -14,6 +14,6 @@ tier="${1:-all}"
 case "$tier" in
   unit) exec .venv/bin/python -m pytest tests/unit "$@" ;;
   fuzz) exec .venv/bin/python -m pytest -m fuzz tests/fuzz "$@" ;;
-  all)  exec .venv/bin/python -m pytest -m "not slow" tests "$@" ;;
+  all)  exec .venv/bin/python -m pytest -m "not slow" --durations=40 tests "$@" ;;
   *)    echo "usage: ./test.sh [unit|fuzz|all] [pytest args]" >&2; exit 2 ;;
 esac

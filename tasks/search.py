@@ -93,6 +93,7 @@ def search_hyperparameters(
     def train(settings: TuningSettings, steps: int | None, report: Report, number: int) -> TrainingResult:
         run_id = child(number, {name: getattr(settings, name) for name in search.space})
         config_hash = training_config_hash(settings, base.identity, steps)
+        logged: set[int] = set()
 
         def sink(metrics: dict[str, float], step: int) -> None:
             stamp = int(time.time() * 1000)
@@ -100,12 +101,13 @@ def search_hyperparameters(
                 client.log_batch(
                     run_id, metrics=[Metric(f"train/{k}", float(v), stamp, step) for k, v in metrics.items()]
                 )
+                logged.add(step)
             except Exception as error:  # noqa: BLE001 - a lost metric point must not end the trial
                 say(f"warning: could not log trial {number} step {step} to MLflow: {error}")
             if "loss" in metrics:
                 report(step, metrics["loss"])
 
-        return train_adapter(
+        result = train_adapter(
             data,
             settings,
             base_model_dir=Path(base.hf_dir),
@@ -118,6 +120,22 @@ def search_hyperparameters(
             config_hash=config_hash,
             max_wall_seconds=plan.max_wall_seconds,
         )
+        # A reused adapter (or one resumed from a checkpoint) trained its first steps in an earlier process: the
+        # trial's run still shows its whole loss curve.
+        stamp = int(time.time() * 1000)
+        backfill = [
+            Metric(f"train/{key}", float(value), stamp, int(row["step"]))
+            for row in result.loss_curve
+            if int(row["step"]) not in logged
+            for key, value in row.items()
+            if key != "step"
+        ]
+        try:
+            for start in range(0, len(backfill), 500):
+                client.log_batch(run_id, metrics=backfill[start : start + 500])
+        except Exception as error:  # noqa: BLE001 - the curve is in the adapter's folder; only its copy is lost
+            say(f"warning: could not log trial {number}'s earlier loss curve to MLflow: {error}")
+        return result
 
     def score(result: TrainingResult, settings: TuningSettings, number: int) -> float:
         exported = export_adapter(

@@ -15,6 +15,28 @@ os.environ.update(OFFLINE_ENV)
 os.environ.setdefault("CADRE_MODELS_DIR", str(Path(__file__).resolve().parents[1] / ".cadre" / "models"))
 
 
+_MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_do_not_leak_between_tests():
+    """`mlflow.set_tracking_uri` / `set_registry_uri` write MLFLOW_*_URI into os.environ, which every later
+    subprocess (a `cadre` command, a Prefect worker) inherits: one test's server would then receive another test's
+    registry calls. Each test gets back the variables and MLflow's globals it started with."""
+    from mlflow.tracking._model_registry import utils as registry_uris
+    from mlflow.tracking._tracking_service import utils as tracking_uris
+
+    saved = {name: os.environ.get(name) for name in _MLFLOW_URI_VARIABLES}
+    tracking, registry = tracking_uris._tracking_uri, registry_uris._registry_uri
+    yield
+    tracking_uris._tracking_uri, registry_uris._registry_uri = tracking, registry
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(autouse=True)
 def _bitsandbytes_autograd_warning_is_an_error():
     # A no-grad forward on a 4-bit model repacks its weights and training then silently

@@ -45,6 +45,9 @@ def cadre_env(config: CadreConfig) -> dict[str, str]:
         **OFFLINE_ENV,
         "CADRE_CONFIG": str(config.file),
         "MLFLOW_TRACKING_URI": config.project.mlflow.uri,
+        # Runs and registered versions live on the same server: an MLFLOW_REGISTRY_URI left in the shell would
+        # otherwise send every version to another server, whose registry knows none of this project's runs.
+        "MLFLOW_REGISTRY_URI": config.project.mlflow.uri,
         "PREFECT_API_URL": config.project.prefect.api,
         "PREFECT_HOME": str(state / "prefect"),
         "DSPY_CACHEDIR": str(state / "cache" / "dspy"),

@@ -57,6 +57,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run, RunStatus, ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from cadre.registry.lineage import lineage_markdown
 from cadre.registry.models import ModelSpec
@@ -561,9 +562,9 @@ def new_model_version(client: MlflowClient, name: str, run_id: str, artifact_pat
     resolving the source inside its own process, whose tracking URI is the database, so a `runs:/` source over
     proxied artifacts fails there and the page shows no schema. The version links to its run through `run_id`.
 
-    A server that refuses that source (one CI run saw "the run_id request parameter must identify the resource
-    that contains the source" for a run it had just served) gets `runs:/`, which every server accepts: the version
-    exists and loads the same, only its registry page lacks the signature.
+    Raises:
+        MlflowException: the registry does not know the run: the client's registry and tracking servers differ
+            (an `MLFLOW_REGISTRY_URI` pointing elsewhere); the message names both.
     """
     artifact_path = artifact_path.strip("/")
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
@@ -572,15 +573,13 @@ def new_model_version(client: MlflowClient, name: str, run_id: str, artifact_pat
     except MlflowException as error:
         if error.error_code != "INVALID_PARAMETER_VALUE" or "model version source" not in str(error):
             raise
-        log.warning(
-            "MLflow refused the source %s (%s); registering %s from runs:/%s/%s",
-            source,
-            error.message,
-            name,
-            run_id,
-            artifact_path,
-        )
-        return client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id, **fields)
+        raise MlflowException(
+            f"the model registry at {client._registry_uri} refused version {source} of {name}: it does not hold run "
+            f"{run_id}, which the tracking server {client.tracking_uri} logged. Runs and registered versions must "
+            "live on one MLflow server (unset MLFLOW_REGISTRY_URI, or set it to the tracking URI). "
+            f"MLflow said: {error.message}",
+            error_code=INVALID_PARAMETER_VALUE,
+        ) from error
 
 
 def _lineage(lineage: Mapping[str, str], run_id: str) -> dict[str, str]:

@@ -558,4 +558,5 @@ def test_service_urls_from_the_environment_override_the_file(project: Path, monk
     assert config.project.lm.api_base is None and config.project.mlflow.port == 5111
     env = cadre_env(config)  # what the flows, the worker and the services are given
     assert (env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"]) == ("http://mlflow:5000", "http://prefect:4200/api")
+    assert env["MLFLOW_REGISTRY_URI"] == "http://mlflow:5000"  # a stray shell value never splits runs from versions
     assert {service.name for service in Stack(config).services()} == {"worker", "lm"}  # nothing external is started
