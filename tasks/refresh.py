@@ -165,7 +165,7 @@ def build_refresh_data(
 # ------------------------------------------------------------------------------------- training
 
 
-class _MlflowSink:
+class MlflowSink:
     """Streams step metrics to the flow's run; a failed logging call is reported, never fatal to training."""
 
     def __init__(self, handle: RunHandle, say: Callable[[str], None]):
@@ -190,6 +190,19 @@ class _MlflowSink:
             self.failures += 1
             if self.failures <= 3:
                 self.say(f"warning: could not log step {step} to MLflow: {error}")
+
+    def backfill(self, curve: list[dict[str, float]], stamp: int) -> list[Any]:
+        """The `train/*` points of the curve's steps this sink did not log: steps trained by an earlier process
+        (a reused or resumed adapter) or lost to a failed logging call."""
+        from mlflow.entities import Metric
+
+        return [
+            Metric(f"train/{key}", float(value), stamp, int(row["step"]))
+            for row in curve
+            if int(row["step"]) not in self.steps
+            for key, value in row.items()
+            if key != "step"
+        ]
 
 
 @task(name="train-adapter", cache_policy=NO_CACHE, log_prints=False)
@@ -226,7 +239,7 @@ def train_candidate(
         f"training {tuning.method} (r={tuning.rank}, alpha={tuning.alpha}) on {base.name} for "
         f"{max_steps if max_steps is not None else f'{tuning.epochs} epochs of'} steps; checkpoints in {folder}"
     )
-    sink = _MlflowSink(handle, say)
+    sink = MlflowSink(handle, say)
     result = train_adapter(
         data,
         tuning,
@@ -242,13 +255,7 @@ def train_candidate(
 
     client = MlflowClient(handle.tracking_uri)
     stamp = int(time.time() * 1000)
-    missing = [row for row in result.loss_curve if int(row["step"]) not in sink.steps]
-    backfill = [
-        Metric(f"train/{key}", value, stamp, int(row["step"]))
-        for row in missing
-        for key, value in row.items()
-        if key != "step"
-    ]
+    backfill = sink.backfill(result.loss_curve, stamp)
     summary = {
         "train_mean_loss": result.train_loss,
         "heldout_loss": result.heldout_loss,

@@ -57,8 +57,9 @@ def search_hyperparameters(
     from mlflow.entities import Metric, Param
     from prefect import get_run_logger
 
+    from cadre.registry.runs import RunHandle
     from cadre.tuning.adapter_export import export_adapter
-    from tasks.refresh import run_as_served
+    from tasks.refresh import MlflowSink, run_as_served
 
     say = get_run_logger().info
     search = tuning.search
@@ -93,17 +94,10 @@ def search_hyperparameters(
     def train(settings: TuningSettings, steps: int | None, report: Report, number: int) -> TrainingResult:
         run_id = child(number, {name: getattr(settings, name) for name in search.space})
         config_hash = training_config_hash(settings, base.identity, steps)
-        logged: set[int] = set()
+        logger = MlflowSink(RunHandle(run_id, handle.experiment_id, handle.tracking_uri), say)
 
         def sink(metrics: dict[str, float], step: int) -> None:
-            stamp = int(time.time() * 1000)
-            try:
-                client.log_batch(
-                    run_id, metrics=[Metric(f"train/{k}", float(v), stamp, step) for k, v in metrics.items()]
-                )
-                logged.add(step)
-            except Exception as error:  # noqa: BLE001 - a lost metric point must not end the trial
-                say(f"warning: could not log trial {number} step {step} to MLflow: {error}")
+            logger(metrics, step)
             if "loss" in metrics:
                 report(step, metrics["loss"])
 
@@ -122,14 +116,7 @@ def search_hyperparameters(
         )
         # A reused adapter (or one resumed from a checkpoint) trained its first steps in an earlier process: the
         # trial's run still shows its whole loss curve.
-        stamp = int(time.time() * 1000)
-        backfill = [
-            Metric(f"train/{key}", float(value), stamp, int(row["step"]))
-            for row in result.loss_curve
-            if int(row["step"]) not in logged
-            for key, value in row.items()
-            if key != "step"
-        ]
+        backfill = logger.backfill(result.loss_curve, int(time.time() * 1000))
         try:
             for start in range(0, len(backfill), 500):
                 client.log_batch(run_id, metrics=backfill[start : start + 500])
