@@ -113,11 +113,13 @@ def print_summary(
         result = "[green]completed[/green]" if outcome.completed else "[red]failed[/red]"
         table.add_row(outcome.specialist, outcome.flow, result, f"{outcome.seconds:.0f}s")
     console.print(table)
-    from cadre.registry.view import print_champions, print_decisions
+    from cadre.registry.view import print_champions, print_decisions, print_team_table
 
     if since is not None:
         print_decisions(config, since, console)
     print_champions(config, console)
+    if since is not None:
+        print_team_table(config, since, console)
     project = config.project
     console.print(
         f"\nWhere to look:\n"

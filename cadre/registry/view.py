@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cadre.config import CadreConfig, Specialist
+from cadre.evaluation.results import mlflow_metric_name
 from cadre.registry.runs import ui_url
 from cadre.registry.versions import (
     ChampionInfo,
@@ -135,6 +136,90 @@ def print_latest_tables(config: CadreConfig, console: Console) -> None:
             )
             console.print(Markdown(table))
             break
+
+
+def _latest_optimize_run(client: MlflowClient, config: CadreConfig, specialist: str):
+    """The specialist's latest finished optimize run that evaluated on test (None when none did)."""
+    from cadre.registry.runs import TAG_FLOW, experiment_name
+
+    experiment = client.get_experiment_by_name(experiment_name(config, specialist))
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.{TAG_FLOW} = 'optimize' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=5,
+    )
+    return next((run for run in runs if "candidate_cases" in run.data.metrics), None)
+
+
+def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _run_metrics(client: MlflowClient, run_id: str | None) -> dict[str, float]:
+    if not run_id:
+        return {}
+    try:
+        return dict(client.get_run(run_id).data.metrics)
+    except Exception:  # noqa: BLE001 - a deleted run: the version's own tag still has the score
+        return {}
+
+
+def _score(metrics: dict[str, float], key: str) -> str:
+    """`0.340 [0.287, 0.397]` from a metric and its interval bounds (`—` when missing)."""
+    if key not in metrics:
+        return "—"
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    return f"{metrics[key]:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
+
+
+def print_team_table(config: CadreConfig, since: datetime, console: Console) -> None:
+    """One row per specialist: its retrieval-only baseline and what serves, each on the test split with its 95 %
+    interval, and what each registry kind's gate decided since `since` (the demo cycle's start).
+
+    Both scores come from the runs that measured them: the baseline and the program from the latest finished
+    optimize run (the retriever's first hit answered; the program that served then, or the candidate it promoted),
+    an adapter champion from the run that promoted it (measured serving with the program).
+    """
+    from cadre.registry.versions import EVENT_REFUSAL
+
+    client = registry_client(config)
+    table = Table(title="The team after this cycle (test split, 95 % intervals)", title_justify="left")
+    for column in ("specialist", "metric", "baseline: retrieval only", "serving now", *REGISTRY_KINDS):
+        table.add_column(column, overflow="fold")
+    for specialist in config.specialists:
+        metric = mlflow_metric_name(specialist.evaluation.answer_metrics[0])
+        events = history(client, config.project.name, specialist.name)
+        current = champions(client, config.project.name, specialist.name, events)
+        optimize = _latest_optimize_run(client, config, specialist.name)
+        measured = dict(optimize.data.metrics) if optimize else {}
+        program, adapter = current.get("program"), current.get("adapter")
+        if adapter is not None:
+            serving = f"adapter v{adapter.version}: " + _score(
+                _prefixed(_run_metrics(client, adapter.run_id), "candidate_") or adapter.metrics, metric
+            )
+        elif optimize is None:
+            serving = "declared program (never evaluated)"
+        else:
+            promoted_here = program is not None and program.run_id == optimize.info.run_id
+            name = f"program v{program.version}" if program else "declared program"
+            serving = f"{name}: " + _score(_prefixed(measured, "candidate_" if promoted_here else "baseline_"), metric)
+        decided = []
+        for kind in REGISTRY_KINDS:
+            recent = [e for e in events if e.kind == kind and e.at is not None and e.at >= since]
+            if recent:
+                last = recent[-1]
+                word = "refused" if last.event == EVENT_REFUSAL else last.event.replace("promotion", "promoted")
+                decided.append(f"{word} v{last.version}")
+            else:
+                info = current.get(kind)
+                decided.append(f"kept v{info.version}" if info else "—")
+        table.add_row(
+            specialist.name, metric, _score(_prefixed(measured, "retrieval_only_"), metric), serving, *decided
+        )
+    console.print(table)
 
 
 # What answers when a kind has no champion, as `cadre serve` and the flows behave.

@@ -19,8 +19,8 @@ similarities of short in-domain phrases and of out-of-domain chatter overlap.
     decision = router.route("code for acute appendicitis")   # decision.specialist == "icd10-coder"
 
 The defaults were chosen on the dev split of the routing suite (`evals/suites/routing`: the demo's
-ICD-10 coder and two more specialists declared in the suite's own `team.yaml`, plus out-of-domain
-requests that must reach the fallback); evaluate with
+ICD-10 coder and sense tagger, two more specialists declared in the suite's own `team.yaml`, and
+out-of-domain requests that must reach the fallback); evaluate with
 
     python -m cadre.serving.router evals/suites/routing        # threshold and margin chosen on dev, accuracy on test
 """
@@ -42,10 +42,10 @@ if TYPE_CHECKING:
 Embed = Callable[[Sequence[str]], np.ndarray]
 """Texts → vectors, one row per text (`cadre.knowledge.embedding.Embedder.embed`); normalised here in any case."""
 
-DEFAULT_THRESHOLD = 0.06
+DEFAULT_THRESHOLD = 0.22
 """Absolute floor of a specialist's score; chosen with `DEFAULT_MARGIN` on the routing suite's dev split (`tune`)."""
 
-DEFAULT_MARGIN = 0.07
+DEFAULT_MARGIN = -0.04
 """How much the best specialist must beat the off-topic profile by; chosen on the routing suite's dev split."""
 
 OFF_TOPIC_TEXTS = (

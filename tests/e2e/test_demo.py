@@ -63,8 +63,14 @@ def test_demo_completes_and_ends_with_a_summary(demo) -> None:
     assert "What ran" in run.stderr
     assert "What the gates decided" in run.stderr  # each promotion/refusal this cycle, with its reason
     # The last step bundles the champions and judges the bundle beside the server (published or refused, with why).
-    assert "edge export · icd10-coder" in run.stderr
-    assert "Edge bundle of icd10-coder: PUBLISHED." in run.stderr or "REFUSED" in run.stderr, run.stderr[-4000:]
+    team = [entry["name"] for entry in YAML(typ="safe").load((ROOT / "pipelines.yaml").read_text())["specialists"]]
+    assert len(team) >= 2, team
+    for name in team:
+        assert f"edge export · {name}" in run.stderr
+        assert f"Edge bundle of {name}: PUBLISHED." in run.stderr or f"Edge bundle of {name}: REFUSED" in run.stderr
+    # One table ends the cycle: per specialist its retrieval-only baseline, its champion, what each gate decided.
+    summary = run.stderr.split("The team after this cycle", 1)[-1]
+    assert "The team after this cycle" in run.stderr and all(name in summary for name in team), run.stderr[-4000:]
     assert f"http://127.0.0.1:{ports['prefect']}/deployments" in run.stderr
     assert f"http://127.0.0.1:{ports['mlflow']}/#/models" in run.stderr
 
@@ -93,6 +99,9 @@ def test_mlflow_holds_a_run_per_flow_run(demo) -> None:
 
     _, ports = demo
     client = MlflowClient(f"http://127.0.0.1:{ports['mlflow']}")
+    for name in [e["name"] for e in YAML(typ="safe").load((ROOT / "pipelines.yaml").read_text())["specialists"]]:
+        experiment = client.get_experiment_by_name(f"cadre-demo/{name}")
+        assert experiment is not None and client.search_runs([experiment.experiment_id]), f"{name} logged no run"
     experiment = client.get_experiment_by_name("cadre-demo/icd10-coder")
     runs = client.search_runs([experiment.experiment_id])
     flows_logged = {r.data.tags.get("cadre.flow") for r in runs}

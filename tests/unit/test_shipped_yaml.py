@@ -77,7 +77,7 @@ def test_the_readmes_new_specialist_validates_and_inherits_the_defaults(tmp_path
     for source in entry.get("sources", []):
         (tmp_path / source["path"]).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / source["path"]).write_text('{"id": "1", "text": "a clause"}\n')
-    for suite in (document["specialists"][0]["evaluation"]["suite"], entry["evaluation"]["suite"]):
+    for suite in (specialist["evaluation"]["suite"] for specialist in document["specialists"]):  # the new one too
         (tmp_path / suite).mkdir(parents=True, exist_ok=True)
         for split in ("train", "dev", "test"):
             source = ROOT / suite / f"{split}.jsonl"
