@@ -103,26 +103,32 @@ SCORE_TABLE = "evaluation/summary.md"
 """The optimize flow's test-split table (retrieval only, declared program, champion, candidate; 95 % intervals)."""
 
 
+def _finished_optimize_runs(client: MlflowClient, config: CadreConfig, specialist: str) -> list:
+    """The specialist's last few finished optimize runs, newest first (empty when it has no experiment)."""
+    from cadre.registry.runs import TAG_FLOW, experiment_name
+
+    experiment = client.get_experiment_by_name(experiment_name(config, specialist))
+    if experiment is None:
+        return []
+    return client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.{TAG_FLOW} = 'optimize' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=5,
+    )
+
+
 def print_latest_tables(config: CadreConfig, console: Console) -> None:
     """Print, per specialist, the test-split table of its latest finished optimize run: what retrieval alone, the
     declared program, the champion and the last candidate score on the same cases, so `cadre status` tells whether
     the specialist beats its retriever. Nothing is printed for a specialist that never finished an optimize run."""
     from rich.markdown import Markdown
 
-    from cadre.registry.runs import TAG_FLOW, TAG_VERDICT, experiment_name
+    from cadre.registry.runs import TAG_VERDICT
 
     client = registry_client(config)
     for specialist in config.specialists:
-        experiment = client.get_experiment_by_name(experiment_name(config, specialist.name))
-        if experiment is None:
-            continue
-        runs = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.{TAG_FLOW} = 'optimize' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=5,
-        )
-        for run in runs:
+        for run in _finished_optimize_runs(client, config, specialist.name):
             try:
                 text = client.download_artifacts(run.info.run_id, SCORE_TABLE)
             except Exception:  # noqa: BLE001 - a run that logged no table (stopped early): try the one before
@@ -132,26 +138,10 @@ def print_latest_tables(config: CadreConfig, console: Console) -> None:
             when = _when(datetime.fromtimestamp(run.info.start_time / 1000, UTC))
             console.print(
                 f"\n[bold]{specialist.name}[/bold]: latest optimize run {run.info.run_id[:12]} ({when}, {verdict}) — "
-                + ui_url(config.project.mlflow.uri, f"experiments/{experiment.experiment_id}/runs/{run.info.run_id}")
+                + ui_url(config.project.mlflow.uri, f"experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
             )
             console.print(Markdown(table))
             break
-
-
-def _latest_optimize_run(client: MlflowClient, config: CadreConfig, specialist: str):
-    """The specialist's latest finished optimize run that evaluated on test (None when none did)."""
-    from cadre.registry.runs import TAG_FLOW, experiment_name
-
-    experiment = client.get_experiment_by_name(experiment_name(config, specialist))
-    if experiment is None:
-        return None
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.{TAG_FLOW} = 'optimize' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=5,
-    )
-    return next((run for run in runs if "candidate_cases" in run.data.metrics), None)
 
 
 def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
@@ -193,7 +183,15 @@ def print_team_table(config: CadreConfig, since: datetime, console: Console) -> 
         metric = mlflow_metric_name(specialist.evaluation.answer_metrics[0])
         events = history(client, config.project.name, specialist.name)
         current = champions(client, config.project.name, specialist.name, events)
-        optimize = _latest_optimize_run(client, config, specialist.name)
+        # The latest optimize run that evaluated on test (one stopped early has no candidate scores).
+        optimize = next(
+            (
+                r
+                for r in _finished_optimize_runs(client, config, specialist.name)
+                if "candidate_cases" in r.data.metrics
+            ),
+            None,
+        )
         measured = dict(optimize.data.metrics) if optimize else {}
         program, adapter = current.get("program"), current.get("adapter")
         if adapter is not None:
