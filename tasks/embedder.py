@@ -217,13 +217,18 @@ def promote_reembedded_index(
     """The promoted embedder's index version goes through the index gates too, in a child run of its own, so the
     registry's `index` champion is the live version (the re-index flow repairs the live pointer from it)."""
     from cadre.registry.promotion import gate_and_promote
-    from cadre.registry.runs import close_run, open_run
+    from cadre.registry.runs import TAG_FLOW_RUN_URL, close_run, open_run
     from tasks.promotion import flow_actor
 
     IndexLayout(config.state_dir, specialist).record_embedder_version(built.version, embedder_version)
+    # Not tagged with the flow run's id: that tag finds *the* MLflow run of a flow run (`find_run`), the parent.
+    # The child links to the same Prefect page, and MLflow shows it under its parent.
     child = open_run(config, specialist, "reindex", budget, flow_run_id=None)
     client = MlflowClient(child.tracking_uri)
     client.set_tag(child.run_id, "mlflow.parentRunId", parent.run_id)
+    flow_run_url = client.get_run(parent.run_id).data.tags.get(TAG_FLOW_RUN_URL)
+    if flow_run_url:
+        client.set_tag(child.run_id, TAG_FLOW_RUN_URL, flow_run_url)
     client.set_tag(child.run_id, "mlflow.runName", f"reindex-by-embedder-v{embedder_version}")
     client.log_artifact(child.run_id, built.manifest_path, artifact_path="index")
     lineage = {

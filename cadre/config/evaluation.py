@@ -38,6 +38,14 @@ class EvaluationSettings(Strict):
         ["exact_match", "token_f1"], description=f"Metrics of the answers; any of {', '.join(ANSWER_METRICS)}."
     )
     max_cases: int | None = Field(None, gt=0, description="Cap on test cases per evaluation (null = the whole split).")
+    retrieval_answer: Literal["id", "title"] = Field(
+        "id",
+        description=(
+            "What the retrieval-only reference answers with: the first retrieved document's `id` (a lookup or a "
+            "label, e.g. a code), or its `title` (a generative specialist whose documents are solved examples, "
+            "e.g. a known word's pronunciation: the nearest example's answer is the baseline to beat)."
+        ),
+    )
     bootstrap_samples: int = Field(
         1000, ge=100, le=100_000, description="Bootstrap resamples for confidence intervals."
     )
@@ -56,7 +64,8 @@ class EvaluationSettings(Strict):
 
 _RULE_KINDS = ("at_least", "at_most", "beat_champion_by", "max_slice_drop", "beat_baseline")
 BASELINES = ("retrieval",)
-"""Reference systems a `beat_baseline` rule can name: `retrieval` answers with the first retrieved document's id."""
+"""Reference systems a `beat_baseline` rule can name: `retrieval` answers with the first retrieved document's id
+(or its title: `evaluation.retrieval_answer`)."""
 
 
 class GateRule(Strict):
@@ -84,7 +93,8 @@ class GateRule(Strict):
         description=(
             "The candidate must beat this reference system on the same test cases, by at least `margin` (paired "
             "bootstrap; with `significant` the interval's lower bound must exceed it). `retrieval`: the first "
-            "retrieved document's id as the answer (program gates of a retrieving program)."
+            "retrieved document's id (or title, see `evaluation.retrieval_answer`) as the answer (program gates "
+            "of a retrieving program)."
         ),
     )
     margin: float = Field(

@@ -17,15 +17,11 @@ Regenerate the committed suite with::
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import random
 import re
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
@@ -33,14 +29,10 @@ from typing import Any
 
 import simple_icd_10_cm as icd
 
+from cadre.demo.suite import SPLITS, build_suite_command, deal, order_splits, slice_counts, write_suite
+
 SUITE_NAME = "icd10-coder"
 SUITE_VERSION = 1
-SPLITS = ("train", "dev", "test")
-# Within each chapter the shuffled codes are dealt out in rounds of ten: one to test, one to
-# dev, eight to train. Dealing (rather than cutting fractions) gives even a small chapter a
-# test code before it gets a dev code.
-_DEAL = ("test", "dev") + ("train",) * 8
-MIN_HELD_OUT_CASES = 300
 MIN_PHRASE_CHARS = 3
 
 _RANGE_IN_TITLE = re.compile(r"\(([A-Z0-9]{3}-[A-Z0-9]{3})\)\s*$")
@@ -229,22 +221,11 @@ def split_cases(cases: list[Case], seed: int = 0) -> dict[str, list[Case]]:
     codes_by_chapter: dict[str, list[str]] = defaultdict(list)
     for code in dict.fromkeys(case.code for case in cases):
         codes_by_chapter[_place(code)["chapter"]].append(code)
-    split_of: dict[str, str] = {}
-    for chapter, codes in sorted(codes_by_chapter.items()):
-        random.Random(f"{SUITE_NAME}:{seed}:{chapter}").shuffle(codes)
-        for position, code in enumerate(codes):
-            split_of[code] = _DEAL[position % len(_DEAL)]
+    split_of = deal(codes_by_chapter, SUITE_NAME, seed)
     splits: dict[str, list[Case]] = {split: [] for split in SPLITS}
     for case in cases:
         splits[split_of[case.code]].append(case)
-    for split, members in splits.items():
-        members.sort(key=lambda case: case.id)
-        random.Random(f"{SUITE_NAME}:{seed}:{split}").shuffle(members)
-    return splits
-
-
-def _jsonl(cases: list[Case]) -> bytes:
-    return "".join(json.dumps(asdict(case), ensure_ascii=False) + "\n" for case in cases).encode("utf-8")
+    return order_splits(splits, SUITE_NAME, seed)
 
 
 def build_suite(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
@@ -267,24 +248,10 @@ def build_suite(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     """
     harvest = harvest_cases()
     splits = split_cases(harvest.cases, seed)
-    for split in ("dev", "test"):
-        if len(splits[split]) < MIN_HELD_OUT_CASES:
-            raise RuntimeError(f"{split} holds {len(splits[split])} cases, fewer than {MIN_HELD_OUT_CASES}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    digests = {}
-    for split, cases in splits.items():
-        payload = _jsonl(cases)
-        (out / f"{split}.jsonl").write_bytes(payload)
-        digests[f"{split}.jsonl"] = hashlib.sha256(payload).hexdigest()
-    manifest = _manifest(splits, harvest.dropped, digests, seed)
-    (out / "manifest.json").write_bytes((json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-    return manifest
+    return write_suite(out_dir, splits, _manifest(splits, harvest.dropped, seed))
 
 
-def _manifest(
-    splits: dict[str, list[Case]], dropped: dict[str, int], digests: dict[str, str], seed: int
-) -> dict[str, Any]:
+def _manifest(splits: dict[str, list[Case]], dropped: dict[str, int], seed: int) -> dict[str, Any]:
     return {
         "suite": SUITE_NAME,
         "version": SUITE_VERSION,
@@ -308,26 +275,14 @@ def _manifest(
         },
         "counts": {split: len(cases) for split, cases in splits.items()},
         "codes": {split: len({case.code for case in cases}) for split, cases in splits.items()},
-        "slices": {
-            split: dict(sorted(Counter(case.slice for case in cases).items())) for split, cases in splits.items()
-        },
+        "slices": slice_counts(splits),
         "dropped": dropped,
-        "sha256": digests,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m cadre.demo.icd10 build-suite DIR [--seed N]``."""
-    parser = argparse.ArgumentParser(prog="python -m cadre.demo.icd10", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build-suite", help="write train/dev/test JSONL and manifest.json")
-    build.add_argument("out_dir", type=Path)
-    build.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    manifest = build_suite(args.out_dir, seed=args.seed)
-    counts = ", ".join(f"{split} {count}" for split, count in manifest["counts"].items())
-    print(f"wrote {args.out_dir}: {counts} cases; dropped {sum(manifest['dropped'].values())} terms")
-    return 0
+main = build_suite_command(
+    "cadre.demo.icd10", __doc__, build_suite, lambda manifest: f"dropped {sum(manifest['dropped'].values())} terms"
+)
 
 
 if __name__ == "__main__":

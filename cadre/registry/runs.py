@@ -24,6 +24,7 @@ from cadre.config.budget import WALL_CAP_TAG
 TAG_SPECIALIST = "cadre.specialist"
 TAG_FLOW = "cadre.flow"
 TAG_FLOW_RUN = "cadre.prefect_flow_run_id"
+TAG_FLOW_RUN_URL = "cadre.prefect_flow_run_url"
 TAG_BUDGET = "cadre.budget"
 TAG_CONFIG_SHA = "cadre.pipelines_sha256"
 TAG_CODE = "cadre.code_version"
@@ -134,7 +135,7 @@ def open_run(config: CadreConfig, specialist: str, flow: str, budget: str, flow_
         tags[GIT_COMMIT_TAG] = code.removesuffix("+dirty")
     if flow_run_id:
         tags[TAG_FLOW_RUN] = flow_run_id
-        tags["cadre.prefect_flow_run_url"] = f"{config.project.prefect.ui}/runs/flow-run/{flow_run_id}"
+        tags[TAG_FLOW_RUN_URL] = f"{config.project.prefect.ui}/runs/flow-run/{flow_run_id}"
     run = client.create_run(experiment_id, tags=tags)
     run_id = run.info.run_id
     resolved = {"project": config.project.model_dump(mode="json"), "specialist": settings.model_dump(mode="json")}

@@ -42,10 +42,10 @@ if TYPE_CHECKING:
 Embed = Callable[[Sequence[str]], np.ndarray]
 """Texts → vectors, one row per text (`cadre.knowledge.embedding.Embedder.embed`); normalised here in any case."""
 
-DEFAULT_THRESHOLD = 0.22
+DEFAULT_THRESHOLD = 0.26
 """Absolute floor of a specialist's score; chosen with `DEFAULT_MARGIN` on the routing suite's dev split (`tune`)."""
 
-DEFAULT_MARGIN = -0.04
+DEFAULT_MARGIN = 0.04
 """How much the best specialist must beat the off-topic profile by; chosen on the routing suite's dev split."""
 
 OFF_TOPIC_TEXTS = (

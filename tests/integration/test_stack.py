@@ -22,8 +22,17 @@ pytestmark = pytest.mark.integration
 CADRE = [sys.executable, "-m", "cadre.cli"]
 
 
+def _write_suite(folder: Path) -> None:
+    """Sums to answer: enough for an optimize and a smoke refresh to run for real, small enough to be quick."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sums = [(a, b) for a in range(2, 9) for b in range(1, 7)]
+    for split, members in (("train", sums[:30]), ("dev", sums[30:36]), ("test", sums[36:42])):
+        lines = [json.dumps({"question": f"What is {a} plus {b}?", "answer": str(a + b)}) for a, b in members]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
 def _write_project(root: Path, ports: dict[str, int], specialists: list[str]) -> Path:
-    (root / "evals" / "suite").mkdir(parents=True, exist_ok=True)
+    _write_suite(root / "evals" / "suite")
     team = "".join(
         textwrap.dedent(
             f"""\
@@ -35,6 +44,7 @@ def _write_project(root: Path, ports: dict[str, int], specialists: list[str]) ->
                   outputs: [{{name: answer}}]
                   retrieve_k: 0
                 evaluation: {{suite: evals/suite}}
+                smoke: {{max_eval_cases: 4, max_train_steps: 60, max_lm_calls: 12, max_wall_seconds: 240}}
             """
         )
         for name in specialists
@@ -329,3 +339,88 @@ def test_port_taken_by_another_program_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"port {taken}" in result.stderr and "already in use" in result.stderr
     assert not _processes_under(tmp_path)
+
+
+def _descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (from /proc), children last."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().split(")")[-1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        queue.extend(children.get(current, []))
+    return found
+
+
+def test_killing_one_specialists_refresh_mid_training_leaves_the_others_flows_to_finish(stack) -> None:
+    """alpha's refresh trains; beta's optimize starts beside it, and alpha's refresh is killed with SIGKILL (flow
+    process and its training, as a reboot would) while both run. beta's optimize still completes and logs its
+    evaluation; alpha's run is Crashed, and running alpha's refresh again completes."""
+    import time
+
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from cadre.registry.runs import TAG_FLOW_RUN
+
+    config, ports = stack
+    assert _cadre("deploy", config=config).returncode == 0
+    mlflow = MlflowClient(f"http://127.0.0.1:{ports['mlflow']}")
+
+    def mlflow_run_of(flow_run_id):
+        found = mlflow.search_runs(
+            [e.experiment_id for e in mlflow.search_experiments()],
+            filter_string=f"tags.`{TAG_FLOW_RUN}` = '{flow_run_id}'",
+        )
+        return found[0] if found else None
+
+    with SyncPrefectClient(f"http://127.0.0.1:{ports['prefect']}/api") as client:
+        smoke = {"budget": "smoke"}
+        refresh = client.create_flow_run_from_deployment(
+            client.read_deployment_by_name("refresh-adapter/alpha").id, parameters=smoke
+        )
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:  # mid-training: the refresh's MLflow run has a loss
+            time.sleep(1)
+            tracked = mlflow_run_of(refresh.id)
+            if tracked and "train/loss" in tracked.data.metrics:
+                break
+            assert not client.read_flow_run(refresh.id).state.is_final(), "the refresh ended before it was killed"
+        else:
+            raise AssertionError("alpha's refresh never started training")
+        optimize = client.create_flow_run_from_deployment(
+            client.read_deployment_by_name("optimize-prompts/beta").id, parameters=smoke
+        )
+        while time.monotonic() < deadline and not client.read_flow_run(optimize.id).state.is_running():
+            time.sleep(0.5)
+        assert client.read_flow_run(optimize.id).state.is_running(), "beta's optimize never started"
+        assert not client.read_flow_run(refresh.id).state.is_final(), "alpha's refresh ended before it was killed"
+        pid = int(client.read_flow_run(refresh.id).infrastructure_pid.rpartition(":")[2])
+        for victim in _descendants(pid):
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and not all(
+            client.read_flow_run(run.id).state.is_final() for run in (refresh, optimize)
+        ):
+            time.sleep(2)
+        assert client.read_flow_run(refresh.id).state.is_crashed(), client.read_flow_run(refresh.id).state
+        finished = client.read_flow_run(optimize.id).state
+        assert finished.is_completed(), finished
+        beta = mlflow_run_of(optimize.id)
+        assert beta.info.status == "FINISHED" and "candidate_cases" in beta.data.metrics, beta.data.metrics
+
+    again = _cadre("run", "refresh", "-s", "alpha", "--budget", "smoke", config=config, timeout=900)
+    # It finishes and its gates decide (promoted or refused: a completed state either way).
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "refresh-adapter/alpha Promoted in" in again.stderr or "refresh-adapter/alpha Refused in" in again.stderr

@@ -102,7 +102,7 @@ def test_bad_router_settings_are_refused(embed) -> None:
 
 def test_routing_suite_is_well_formed(suite) -> None:
     profiles, splits = suite
-    team = ["icd10-coder", "sense-tagger", "sql-analyst", "support-triage"]
+    team = ["icd10-coder", "sense-tagger", "pronouncer"]
     assert [p.name for p in profiles] == team
     for split, cases in splits.items():
         assert len({c.id for c in cases}) == len(cases), f"{split}: ids are unique"
@@ -115,7 +115,7 @@ def test_the_shipped_specialists_profiles_in_the_suite_are_the_ones_pipelines_ya
 
     profiles, _ = suite
     shipped = load_config(SUITE.parents[2] / "pipelines.yaml").specialists
-    assert profiles[: len(shipped)] == [SpecialistProfile.of(specialist) for specialist in shipped]
+    assert profiles == [SpecialistProfile.of(specialist) for specialist in shipped]
 
 
 def test_defaults_are_the_ones_tuned_on_dev_and_test_accuracy_holds(embed, suite) -> None:
@@ -127,10 +127,13 @@ def test_defaults_are_the_ones_tuned_on_dev_and_test_accuracy_holds(embed, suite
     )
     test = evaluate_routing(router, splits["test"])
     assert test.cases == len(splits["test"])
-    # Measured with the sense tagger in the team (77 cases): 0.831, in-domain 0.810, out-of-domain 0.895 (17 of 19;
-    # "Translate the word 'bank' into French" goes to the sense tagger). Three specialists: 0.855 / 0.826 / 0.938.
-    assert test.accuracy >= 0.82, test.mistakes
-    assert test.out_of_domain_accuracy >= 0.85
+    # Measured with the shipped team of three (91 cases, 45 of them off-topic or for specialists the team lacks):
+    # 0.791, in-domain 0.652, off-topic 0.933. Bare ICD phrases ("Accretio cordis") score below the threshold.
+    assert test.accuracy >= 0.77, test.mistakes
+    assert test.out_of_domain_accuracy >= 0.9
     assert sum(sum(row.values()) for row in test.confusion.values()) == test.cases
+    # The off-topic profile earns its place: without it the threshold alone (tuned on dev too) is no more
+    # accurate and lets more off-topic requests through (measured: 0.791 overall, off-topic 0.911 vs 0.933).
     without = Router(profiles, embed, RouterSettings(off_topic=()))
-    assert evaluate_routing(without, splits["test"], tune(without, splits["dev"]).threshold).accuracy < test.accuracy
+    alone = evaluate_routing(without, splits["test"], tune(without, splits["dev"]).threshold)
+    assert alone.accuracy <= test.accuracy and alone.out_of_domain_accuracy < test.out_of_domain_accuracy
