@@ -12,6 +12,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+SUITE_SPLITS = ("train", "dev", "test")
+
+
+def committed_suite(name: str) -> dict[str, list[dict]]:
+    """The cases of a shipped suite (`evals/suites/NAME`), per split; fails if a committed line is malformed."""
+    from pathlib import Path
+
+    from cadre.evaluation.results import read_split
+
+    folder = Path(__file__).resolve().parents[1] / "evals" / "suites" / name
+    loaded = {split: read_split(folder, split) for split in SUITE_SPLITS}
+    assert all(not read.skipped for read in loaded.values()), f"the committed {name} suite has malformed lines"
+    return {split: read.cases for split, read in loaded.items()}
+
+
 ICD_INSTRUCTION = "Given a clinical phrase and candidate ICD-10-CM codes, answer with the single billable code."
 OFFLINE = {
     "HF_HUB_OFFLINE": "1",

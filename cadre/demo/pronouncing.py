@@ -35,7 +35,15 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from cadre.demo.suite import SPLITS, build_suite_command, deal, order_splits, slice_counts, write_suite
+from cadre.demo.suite import (
+    SPLITS,
+    build_suite_command,
+    deal,
+    malformed_summary,
+    order_splits,
+    slice_counts,
+    write_suite,
+)
 
 SUITE_NAME = "pronouncer"
 SUITE_VERSION = 1
@@ -255,7 +263,7 @@ def build_suite(out_dir: str | Path, seed: int = 0, folder: Path | None = None) 
         },
         "slices": slice_counts(splits),
         "dropped": dealt.dropped,
-        "malformed": {"count": len(dealt.malformed), "lines": dealt.malformed[:100]},
+        "malformed": malformed_summary(dealt.malformed),
     }
     return write_suite(out_dir, splits, manifest)
 

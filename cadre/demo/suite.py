@@ -48,6 +48,11 @@ def slice_counts(splits: dict[str, Sequence[Any]]) -> dict[str, dict[str, int]]:
     return {split: dict(sorted(Counter(case.slice for case in cases).items())) for split, cases in splits.items()}
 
 
+def malformed_summary(lines: Sequence[str]) -> dict[str, Any]:
+    """The manifest's `malformed`: how many source lines were unreadable, and the first 100 (`FILE:LINE: why`)."""
+    return {"count": len(lines), "lines": list(lines[:100])}
+
+
 def write_suite(out_dir: str | Path, splits: dict[str, Sequence[Any]], manifest: dict[str, Any]) -> dict[str, Any]:
     """Write one JSONL per split (the cases as dataclasses) and `manifest.json` with each file's sha256.
 

@@ -34,7 +34,15 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from cadre.demo.suite import SPLITS, build_suite_command, deal, order_splits, slice_counts, write_suite
+from cadre.demo.suite import (
+    SPLITS,
+    build_suite_command,
+    deal,
+    malformed_summary,
+    order_splits,
+    slice_counts,
+    write_suite,
+)
 
 SUITE_NAME = "sense-tagger"
 SUITE_VERSION = 1
@@ -364,7 +372,7 @@ def build_suite(out_dir: str | Path, seed: int = 0, folder: Path | None = None) 
             split: Counter(case.sense for case in cases).most_common(1)[0][0] for split, cases in splits.items()
         },
         "dropped": harvest.dropped,
-        "malformed": {"count": len(harvest.malformed), "lines": harvest.malformed[:100]},
+        "malformed": malformed_summary(harvest.malformed),
     }
     return write_suite(out_dir, splits, manifest)
 

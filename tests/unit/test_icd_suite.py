@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import simple_icd_10_cm as icd
+from support import SUITE_SPLITS as SPLITS
+from support import committed_suite
 
 from cadre.demo.icd10 import (
     billable_codes,
@@ -16,17 +18,13 @@ from cadre.demo.icd10 import (
     load_documents,
     normalize_phrase,
 )
-from cadre.evaluation.results import read_split
 
 SUITE = Path(__file__).resolve().parents[2] / "evals" / "suites" / "icd10-coder"
-SPLITS = ("train", "dev", "test")
 
 
 @pytest.fixture(scope="module")
 def splits():
-    loaded = {split: read_split(SUITE, split) for split in SPLITS}
-    assert all(not read.skipped for read in loaded.values()), "the committed suite has malformed lines"
-    return {split: read.cases for split, read in loaded.items()}
+    return committed_suite("icd10-coder")
 
 
 def test_held_out_splits_are_large_enough(splits):

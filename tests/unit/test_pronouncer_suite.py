@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from support import SUITE_SPLITS as SPLITS
+from support import committed_suite
 
 from cadre.demo.pronouncing import (
     CASES_KEPT,
@@ -18,17 +20,13 @@ from cadre.demo.pronouncing import (
     read_dictionary,
     syllables,
 )
-from cadre.evaluation.results import read_split
 
 SUITE = Path(__file__).resolve().parents[2] / "evals" / "suites" / "pronouncer"
-SPLITS = ("train", "dev", "test")
 
 
 @pytest.fixture(scope="module")
 def splits():
-    loaded = {split: read_split(SUITE, split) for split in SPLITS}
-    assert all(not read.skipped for read in loaded.values()), "the committed suite has malformed lines"
-    return {split: read.cases for split, read in loaded.items()}
+    return committed_suite("pronouncer")
 
 
 def test_held_out_splits_are_large_and_span_every_length(splits):

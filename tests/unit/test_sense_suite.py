@@ -10,6 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from support import SUITE_SPLITS as SPLITS
+from support import committed_suite
 
 from cadre.demo.wordnet import (
     LABELS,
@@ -21,17 +23,13 @@ from cadre.demo.wordnet import (
 )
 from cadre.demo.wordnet import _exceptions as exceptions
 from cadre.demo.wordnet import _frequent_words as frequent_words
-from cadre.evaluation.results import read_split
 
 SUITE = Path(__file__).resolve().parents[2] / "evals" / "suites" / "sense-tagger"
-SPLITS = ("train", "dev", "test")
 
 
 @pytest.fixture(scope="module")
 def splits():
-    loaded = {split: read_split(SUITE, split) for split in SPLITS}
-    assert all(not read.skipped for read in loaded.values()), "the committed suite has malformed lines"
-    return {split: read.cases for split, read in loaded.items()}
+    return committed_suite("sense-tagger")
 
 
 def test_held_out_splits_are_large_and_cover_every_label(splits):
