@@ -15,16 +15,42 @@ def free_port() -> int:
 SUITE_SPLITS = ("train", "dev", "test")
 
 
-def committed_suite(name: str) -> dict[str, list[dict]]:
-    """The cases of a shipped suite (`evals/suites/NAME`), per split; fails if a committed line is malformed."""
+def suite_folder(name: str):
+    """`evals/suites/NAME` of this checkout."""
     from pathlib import Path
 
+    return Path(__file__).resolve().parents[1] / "evals" / "suites" / name
+
+
+def committed_suite(name: str) -> dict[str, list[dict]]:
+    """The cases of a shipped suite (`evals/suites/NAME`), per split; fails if a committed line is malformed."""
     from cadre.evaluation.results import read_split
 
-    folder = Path(__file__).resolve().parents[1] / "evals" / "suites" / name
+    folder = suite_folder(name)
     loaded = {split: read_split(folder, split) for split in SUITE_SPLITS}
     assert all(not read.skipped for read in loaded.values()), f"the committed {name} suite has malformed lines"
     return {split: read.cases for split, read in loaded.items()}
+
+
+def committed_manifest(name: str) -> dict:
+    """A shipped suite's manifest, checked against its files: each split's sha256 and line count."""
+    import hashlib
+    import json
+
+    folder = suite_folder(name)
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    for split in SUITE_SPLITS:
+        payload = (folder / f"{split}.jsonl").read_bytes()
+        assert hashlib.sha256(payload).hexdigest() == manifest["sha256"][f"{split}.jsonl"]
+        assert payload.count(b"\n") == manifest["counts"][split]
+    return manifest
+
+
+def assert_rebuilt_identically(name: str, built) -> None:
+    """Every file of a fresh build (in folder `built`) equals the committed suite's, byte for byte."""
+    folder = suite_folder(name)
+    for file in ("train.jsonl", "dev.jsonl", "test.jsonl", "manifest.json"):
+        assert (built / file).read_bytes() == (folder / file).read_bytes(), f"{file} differs from a fresh build"
 
 
 ICD_INSTRUCTION = "Given a clinical phrase and candidate ICD-10-CM codes, answer with the single billable code."

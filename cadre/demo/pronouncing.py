@@ -271,11 +271,8 @@ def build_suite(out_dir: str | Path, seed: int = 0, folder: Path | None = None) 
 main = build_suite_command(
     "cadre.demo.pronouncing",
     __doc__,
-    lambda out_dir, seed: build_suite(out_dir, seed=seed),
-    lambda manifest: (
-        f"left out {sum(manifest['dropped'].values())} head words; "
-        f"{manifest['malformed']['count']} malformed line(s) skipped"
-    ),
+    build_suite,
+    lambda manifest: f"left out {sum(manifest['dropped'].values())} head words",
 )
 
 

@@ -75,9 +75,10 @@ def write_suite(out_dir: str | Path, splits: dict[str, Sequence[Any]], manifest:
 
 
 def build_suite_command(
-    module: str, doc: str, build: Callable[[Path, int], dict[str, Any]], summary: Callable[[dict[str, Any]], str]
+    module: str, doc: str, build: Callable[..., dict[str, Any]], summary: Callable[[dict[str, Any]], str]
 ) -> Callable[[list[str] | None], int]:
-    """The builder's command line, ``python -m MODULE build-suite DIR [--seed N]``; it prints `summary(manifest)`."""
+    """The builder's command line, ``python -m MODULE build-suite DIR [--seed N]``, calling `build(dir, seed=N)`;
+    it prints the counts, `summary(manifest)` and, when the manifest has them, how many malformed lines were skipped."""
 
     def main(argv: Iterable[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
@@ -86,9 +87,10 @@ def build_suite_command(
         command.add_argument("out_dir", type=Path)
         command.add_argument("--seed", type=int, default=0)
         args = parser.parse_args(None if argv is None else list(argv))
-        manifest = build(args.out_dir, args.seed)
+        manifest = build(args.out_dir, seed=args.seed)
         counts = ", ".join(f"{split} {count}" for split, count in manifest["counts"].items())
-        print(f"wrote {args.out_dir}: {counts} cases; {summary(manifest)}")
+        skipped = f"; {manifest['malformed']['count']} malformed line(s) skipped" if "malformed" in manifest else ""
+        print(f"wrote {args.out_dir}: {counts} cases; {summary(manifest)}{skipped}")
         return 0
 
     return main

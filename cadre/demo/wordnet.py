@@ -380,11 +380,8 @@ def build_suite(out_dir: str | Path, seed: int = 0, folder: Path | None = None) 
 main = build_suite_command(
     "cadre.demo.wordnet",
     __doc__,
-    lambda out_dir, seed: build_suite(out_dir, seed=seed),
-    lambda manifest: (
-        f"dropped {sum(manifest['dropped'].values())} example sentences; "
-        f"{manifest['malformed']['count']} malformed line(s) skipped"
-    ),
+    build_suite,
+    lambda manifest: f"dropped {sum(manifest['dropped'].values())} example sentences",
 )
 
 

@@ -18,9 +18,9 @@ similarities of short in-domain phrases and of out-of-domain chatter overlap.
     router = Router.from_specialists(config.specialists, Embedder.load(...).embed)
     decision = router.route("code for acute appendicitis")   # decision.specialist == "icd10-coder"
 
-The defaults were chosen on the dev split of the routing suite (`evals/suites/routing`: the demo's
-ICD-10 coder and sense tagger, two more specialists declared in the suite's own `team.yaml`, and
-out-of-domain requests that must reach the fallback); evaluate with
+The defaults were chosen on the dev split of the routing suite (`evals/suites/routing`: the shipped
+team's three profiles in `team.yaml`, and off-topic requests, including ones for specialists the team
+lacks, that must reach the fallback); evaluate with
 
     python -m cadre.serving.router evals/suites/routing        # threshold and margin chosen on dev, accuracy on test
 """

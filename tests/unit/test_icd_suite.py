@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import simple_icd_10_cm as icd
 from support import SUITE_SPLITS as SPLITS
-from support import committed_suite
+from support import assert_rebuilt_identically, committed_manifest, committed_suite, suite_folder
 
 from cadre.demo.icd10 import (
     billable_codes,
@@ -19,7 +17,7 @@ from cadre.demo.icd10 import (
     normalize_phrase,
 )
 
-SUITE = Path(__file__).resolve().parents[2] / "evals" / "suites" / "icd10-coder"
+SUITE = suite_folder("icd10-coder")
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +62,14 @@ def test_every_held_out_split_covers_most_chapters(splits):
 
 
 def test_manifest_matches_the_files():
-    manifest = json.loads((SUITE / "manifest.json").read_text(encoding="utf-8"))
+    manifest = committed_manifest("icd10-coder")
     for split in SPLITS:
-        payload = (SUITE / f"{split}.jsonl").read_bytes()
-        assert hashlib.sha256(payload).hexdigest() == manifest["sha256"][f"{split}.jsonl"]
-        assert payload.count(b"\n") == manifest["counts"][split]
         assert sum(manifest["slices"][split].values()) == manifest["counts"][split]
 
 
 def test_rebuilding_gives_identical_files(tmp_path):
     build_suite(tmp_path, seed=0)
-    for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "manifest.json"):
-        assert (tmp_path / name).read_bytes() == (SUITE / name).read_bytes(), f"{name} differs from a fresh build"
+    assert_rebuilt_identically("icd10-coder", tmp_path)
 
 
 def test_another_seed_gives_another_split(tmp_path):

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
-from pathlib import Path
 
 import pytest
-from support import SUITE_SPLITS as SPLITS
-from support import committed_suite
+from support import assert_rebuilt_identically, committed_manifest, committed_suite
 
 from cadre.demo.pronouncing import (
     CASES_KEPT,
@@ -20,8 +16,6 @@ from cadre.demo.pronouncing import (
     read_dictionary,
     syllables,
 )
-
-SUITE = Path(__file__).resolve().parents[2] / "evals" / "suites" / "pronouncer"
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +58,13 @@ def test_every_case_is_a_word_and_its_phones(splits):
 
 
 def test_manifest_matches_the_files():
-    manifest = json.loads((SUITE / "manifest.json").read_text(encoding="utf-8"))
+    manifest = committed_manifest("pronouncer")
     assert manifest["malformed"]["count"] == 0 and manifest["dropped"]["several_pronunciations"] > 1000
-    for split in SPLITS:
-        payload = (SUITE / f"{split}.jsonl").read_bytes()
-        assert hashlib.sha256(payload).hexdigest() == manifest["sha256"][f"{split}.jsonl"]
-        assert payload.count(b"\n") == manifest["counts"][split]
 
 
 def test_rebuilding_gives_identical_files(tmp_path):
     build_suite(tmp_path, seed=0)
-    for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "manifest.json"):
-        assert (tmp_path / name).read_bytes() == (SUITE / name).read_bytes(), f"{name} differs from a fresh build"
+    assert_rebuilt_identically("pronouncer", tmp_path)
 
 
 def test_malformed_lines_are_skipped_and_counted_with_file_and_line(tmp_path):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from support import SUITE_SPLITS as SPLITS
-from support import committed_suite
+from support import assert_rebuilt_identically, committed_manifest, committed_suite
 
 from cadre.demo.wordnet import (
     LABELS,
@@ -23,8 +20,6 @@ from cadre.demo.wordnet import (
 )
 from cadre.demo.wordnet import _exceptions as exceptions
 from cadre.demo.wordnet import _frequent_words as frequent_words
-
-SUITE = Path(__file__).resolve().parents[2] / "evals" / "suites" / "sense-tagger"
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +52,13 @@ def test_every_case_uses_its_word_and_names_a_label(splits):
 
 
 def test_manifest_matches_the_files():
-    manifest = json.loads((SUITE / "manifest.json").read_text(encoding="utf-8"))
+    manifest = committed_manifest("sense-tagger")
     assert manifest["labels"] == list(LABELS) and manifest["malformed"]["count"] == 0
-    for split in SPLITS:
-        payload = (SUITE / f"{split}.jsonl").read_bytes()
-        assert hashlib.sha256(payload).hexdigest() == manifest["sha256"][f"{split}.jsonl"]
-        assert payload.count(b"\n") == manifest["counts"][split]
 
 
 def test_rebuilding_gives_identical_files(tmp_path):
     build_suite(tmp_path, seed=0)
-    for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "manifest.json"):
-        assert (tmp_path / name).read_bytes() == (SUITE / name).read_bytes(), f"{name} differs from a fresh build"
+    assert_rebuilt_identically("sense-tagger", tmp_path)
 
 
 def _broken_copy(tmp_path: Path) -> Path:
