@@ -342,7 +342,7 @@ def _move_champion(args: argparse.Namespace, operation: Any) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cadre.orchestration.demo import run_demo
 
-    return 0 if run_demo(_load(args.file), budget=args.budget, console=console) else 1
+    return 0 if run_demo(_load(args.file), budget=args.budget, console=console, parallel=args.parallel) else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -778,6 +778,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="the main job: bring the stack up, deploy, and run the team's full cycle")
     _config_arg(p)
     p.add_argument("--budget", choices=["smoke", "full"], default="smoke", help="(default: %(default)s)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        metavar="N",
+        help="run at most N specialists' cycles at once (default: all side by side; 1: one after another)",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

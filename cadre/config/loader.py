@@ -113,7 +113,7 @@ def load_config(file: str | Path = "pipelines.yaml") -> CadreConfig:
         )
     locations: dict[Path_, tuple[int, int]] = {}
     data = _plain(document, (), locations)
-    merged = _with_service_urls_from_env(_with_defaults(data))
+    merged = _with_project_settings_from_env(_with_defaults(data))
     issues: list[ConfigIssue] = []
     if isinstance(data.get("defaults"), dict) and "name" in data["defaults"]:
         line, column = locations.get(("defaults", "name"), (1, 1))
@@ -205,25 +205,28 @@ def _position(lookup: Any, key: Any) -> tuple[int, int] | None:
         return None
 
 
-SERVICE_URL_VARIABLES = {
+PROJECT_VARIABLES = {
     "CADRE_MLFLOW_TRACKING_URI": ("mlflow", "tracking_uri"),
     "CADRE_PREFECT_API_URL": ("prefect", "api_url"),
     "CADRE_LM_API_BASE": ("lm", "api_base"),
     "CADRE_WEAVIATE_URL": ("index", "weaviate_url"),
+    "CADRE_TORCH_THREADS": ("threads", "torch"),
+    "CADRE_EMBEDDING_THREADS": ("threads", "embedding"),
 }
-"""Environment variables that override a service's URL in `project` (e.g. a worker container, whose services have
-other host names than the laptop that shares its `pipelines.yaml`)."""
+"""Environment variables that override a setting of `project`: a service's URL (e.g. a worker container, whose
+services have other host names than the laptop that shares its `pipelines.yaml`), or the CPU threads of one process
+(`cadre demo` gives each flow run its share of the cores when it runs the specialists' cycles side by side)."""
 
 
-def _with_service_urls_from_env(data: dict[str, Any]) -> dict[str, Any]:
-    """`data` with `project.<section>.<field>` set from each `SERVICE_URL_VARIABLES` variable that is set."""
-    found = {name: os.environ[name] for name in SERVICE_URL_VARIABLES if os.environ.get(name)}
+def _with_project_settings_from_env(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with `project.<section>.<field>` set from each `PROJECT_VARIABLES` variable that is set."""
+    found = {name: os.environ[name] for name in PROJECT_VARIABLES if os.environ.get(name)}
     project = data.get("project")
     if not found or not isinstance(project, dict):
         return data
     project = dict(project)
     for name, value in found.items():
-        section, field = SERVICE_URL_VARIABLES[name]
+        section, field = PROJECT_VARIABLES[name]
         settings = project.get(section)
         if settings is not None and not isinstance(settings, dict):
             continue  # not a mapping: validation reports the file's mistake as it is

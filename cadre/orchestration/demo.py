@@ -5,16 +5,27 @@ scheduled run) in the order the loop needs, the order of the stage table (`cadre
 re-index → optimize prompts → refresh adapter → learn from feedback, then the specialist's champions are
 exported as an offline bundle and judged beside the server (`cadre.edge.judge`). The job ends with a summary a
 person can act on: what ran, how it ended, what was promoted or refused and why, and where to look.
+
+The specialists' chains run side by side (`parallel`, default all of them), as a team's scheduled runs would: each
+chain is one thread that triggers its flow runs one after another and follows them; the worker runs the flow runs
+in their own processes. While they run, one status line says where each chain is; each step's report is printed
+whole when the step ends (a chain writes to its own buffer, so reports never interleave). One chain's failure
+stops only that chain. With `parallel=1` the chains run one after another and print as they go.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cadre.config import CadreConfig
 from cadre.orchestration.deployments import crash_orphaned_runs, deploy_all, run_now
@@ -31,8 +42,14 @@ class StepOutcome:
     seconds: float
 
 
-def run_demo(config: CadreConfig, budget: str = "smoke", console: Console | None = None) -> bool:
-    """Run the whole main job; returns True when every step completed."""
+def run_demo(
+    config: CadreConfig, budget: str = "smoke", console: Console | None = None, parallel: int | None = None
+) -> bool:
+    """Run the whole main job; returns True when every step completed.
+
+    Args:
+        parallel: how many specialists' chains run at once (None: all of them; 1: one after another).
+    """
     console = console or Console(stderr=True)
     started, started_at = time.monotonic(), datetime.now(UTC)
     console.rule("[bold]Cadre[/bold] — the demo team's full cycle")
@@ -41,30 +58,171 @@ def run_demo(config: CadreConfig, budget: str = "smoke", console: Console | None
     stack.up(console=console)
     crash_orphaned_runs(config, console)
     deploy_all(config, console=console)
-    outcomes: list[StepOutcome] = []
-    for specialist in config.specialists:
-        for kind in SCHEDULED:
-            console.rule(f"{kind} · {specialist.name} · budget {budget}")
-            step_started = time.monotonic()
-            # The cycle runs optimize right after re-index and embedder itself, so they must not queue another.
-            extra = {"trigger_optimize": False} if kind in ("reindex", "embedder") else None
-            completed = run_now(config, kind, specialist.name, budget=budget, console=console, parameters=extra)
-            if kind == "reindex" and completed and specialist.sources and not _has_live_index(config, specialist.name):
-                console.print(
-                    "[yellow]the re-index ended without a live index (it stopped at the budget's wall-time cap "
-                    "before its build was complete, or its gates refused the first version)[/yellow]"
-                )
-                completed = False
-            outcomes.append(StepOutcome(specialist.name, kind, completed, time.monotonic() - step_started))
-            if not completed and kind == "reindex":
-                console.print(
-                    "[yellow]re-index failed: skipping the later flows of this specialist (they would search a stale "
-                    "or missing index)[/yellow]"
-                )
-                break
-        outcomes.append(export_bundle_step(config, specialist.name, console))
+    names = [specialist.name for specialist in config.specialists]
+    width = max(1, min(parallel or len(names), len(names)))
+    if width == 1:
+        outcomes = [outcome for name in names for outcome in run_chain(config, name, budget, console)]
+    else:
+        outcomes = TeamRun(config, names, budget, console, env=thread_shares(config, width)).run(width)
     print_summary(config, outcomes, time.monotonic() - started, console, since=started_at)
     return all(o.completed for o in outcomes)
+
+
+def run_chain(
+    config: CadreConfig,
+    specialist: str,
+    budget: str,
+    console: Console,
+    on_step: Callable[[str], None] | None = None,
+    outcomes: list[StepOutcome] | None = None,
+    env: dict[str, str] | None = None,
+) -> list[StepOutcome]:
+    """One specialist's cycle, stage after stage, then its edge export.
+
+    Args:
+        on_step: told the name of each step as it starts.
+        outcomes: where each step's outcome is appended as it ends (a new list if None); returned.
+        env: environment variables of its flow runs' processes (their CPU threads when chains run side by side).
+    """
+    outcomes = [] if outcomes is None else outcomes
+    for kind in SCHEDULED:
+        if on_step is not None:
+            on_step(kind)
+        console.rule(f"{kind} · {specialist} · budget {budget}")
+        step_started = time.monotonic()
+        # The cycle runs optimize right after re-index and embedder itself, so they must not queue another.
+        extra = {"trigger_optimize": False} if kind in ("reindex", "embedder") else None
+        completed = run_now(config, kind, specialist, budget=budget, console=console, parameters=extra, env=env)
+        if (
+            kind == "reindex"
+            and completed
+            and config.specialist(specialist).sources
+            and not _has_live_index(config, specialist)
+        ):
+            console.print(
+                "[yellow]the re-index ended without a live index (it stopped at the budget's wall-time cap "
+                "before its build was complete, or its gates refused the first version)[/yellow]"
+            )
+            completed = False
+        outcomes.append(StepOutcome(specialist, kind, completed, time.monotonic() - step_started))
+        if not completed and kind == "reindex":
+            console.print(
+                "[yellow]re-index failed: skipping the later flows of this specialist (they would search a stale "
+                "or missing index)[/yellow]"
+            )
+            break
+    if on_step is not None:
+        on_step("edge export")
+    outcomes.append(export_bundle_step(config, specialist, console))
+    return outcomes
+
+
+def thread_shares(config: CadreConfig, width: int) -> dict[str, str]:
+    """The CPU threads of each flow run when `width` chains run at once: its share of the cores, at most the
+    configured count. Threads beyond the cores make torch's and llama.cpp's threads wait on each other (on 2 cores,
+    three flows of 2 threads each trained 4x slower than one alone), so the chains share the cores instead."""
+    share = max(1, (os.cpu_count() or 1) // width)
+    threads = config.project.threads
+    return {
+        "CADRE_TORCH_THREADS": str(min(threads.torch, share)),
+        "CADRE_EMBEDDING_THREADS": str(min(threads.embedding, share)),
+    }
+
+
+class TeamRun:
+    """The specialists' chains side by side, at most `width` at once, each in its own thread.
+
+    A chain prints into its own buffer; when one of its steps ends, the buffer is printed whole on the console. A
+    status line shows where every chain is. A chain that raises ends as a failed step; the others go on.
+    """
+
+    def __init__(
+        self,
+        config: CadreConfig,
+        names: list[str],
+        budget: str,
+        console: Console,
+        chain: Callable[..., list[StepOutcome]] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`chain` runs one specialist's cycle, with `run_chain`'s arguments (default: `run_chain`); `env` goes to
+        every flow run the chains start (`thread_shares`)."""
+        self.config, self.names, self.budget, self.console = config, names, budget, console
+        self.chain = chain or run_chain
+        self.env = env
+        self.lock = threading.Lock()
+        self.where: dict[str, str] = dict.fromkeys(names, "waiting")
+        self.since: dict[str, float] = {}
+        self.outcomes: dict[str, list[StepOutcome]] = {}
+
+    def run(self, width: int) -> list[StepOutcome]:
+        threads_note = (
+            f", each flow run with {self.env['CADRE_TORCH_THREADS']} CPU thread(s) of {os.cpu_count()}"
+            if self.env
+            else ""
+        )
+        self.console.print(
+            f"running the {len(self.names)} specialists' cycles side by side ({width} at once{threads_note}); each "
+            "step's report is printed when it ends"
+        )
+        slots = threading.Semaphore(width)
+        threads = [threading.Thread(target=self._chain, args=(name, slots), daemon=True) for name in self.names]
+        for thread in threads:
+            thread.start()
+        with self.console.status(self._status_line()) as status:
+            while any(thread.is_alive() for thread in threads):
+                status.update(self._status_line())
+                for thread in threads:
+                    thread.join(timeout=1.0 / len(threads))
+        return [outcome for name in self.names for outcome in self.outcomes.get(name, [])]
+
+    def _chain(self, name: str, slots: threading.Semaphore) -> None:
+        buffer = io.StringIO()
+        chain_console = Console(
+            file=buffer, width=self.console.width, color_system="truecolor", force_interactive=False, highlight=False
+        )
+
+        def on_step(kind: str) -> None:
+            self._flush(buffer)
+            with self.lock:
+                self.where[name], self.since[name] = kind, time.monotonic()
+            self.console.print(f"… {name}: {kind} started", highlight=False)
+
+        outcomes = self.outcomes.setdefault(name, [])
+        now = time.monotonic()
+        with slots:
+            try:
+                self.chain(
+                    self.config, name, self.budget, chain_console, on_step=on_step, outcomes=outcomes, env=self.env
+                )
+            except Exception as error:  # noqa: BLE001 - one chain's failure must not stop the others
+                chain_console.print(f"[red]{name}: the cycle stopped: {type(error).__name__}: {error}[/red]")
+                outcomes.append(
+                    StepOutcome(name, self.where[name], False, time.monotonic() - self.since.get(name, now))
+                )
+            finally:
+                self._flush(buffer)
+                with self.lock:
+                    self.where[name] = "done"
+
+    def _flush(self, buffer: io.StringIO) -> None:
+        """Print what a chain wrote since the last flush, in one piece."""
+        with self.lock:
+            text = buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+        if text.strip():
+            self.console.print(Text.from_ansi(text.rstrip("\n")))
+
+    def _status_line(self) -> str:
+        now = time.monotonic()
+        with self.lock:
+            parts = [
+                f"{name}: {where}"
+                + (f" {now - self.since[name]:.0f}s" if name in self.since and where != "done" else "")
+                for name, where in self.where.items()
+            ]
+        return " · ".join(parts)
 
 
 def _has_live_index(config: CadreConfig, specialist: str) -> bool:

@@ -666,6 +666,7 @@ def run_now(
     parameters: dict | None = None,
     follow_existing: bool = True,
     report: dict | None = None,
+    env: dict[str, str] | None = None,
 ) -> bool:
     """Trigger `flow_kind` for a specialist through its deployment, follow it to the end, print a summary.
 
@@ -677,6 +678,7 @@ def run_now(
     Args:
         report: filled with what a script needs (`cadre run --json`): the flow run (id, name, URL, final state and
             message), the MLflow run id, its verdict and key figures.
+        env: environment variables of a new flow run's process (on top of the worker's), e.g. its CPU threads.
 
     Returns:
         True when the flow run ended COMPLETED.
@@ -733,6 +735,7 @@ def run_now(
             timeout=0,
             as_subflow=False,
             tags=[f"budget:{budget}", "trigger:cli"],
+            job_variables={"env": env} if env else None,
         )
         if busy:
             ahead = busy[0]

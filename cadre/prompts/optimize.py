@@ -94,13 +94,13 @@ class OptimizationPlan:
 
 
 SMOKE_TRAIN_CASES = 16
-SMOKE_DEV_CASES = 12
+SMOKE_DEV_CASES = 8
 
 
 def plan_optimization(specialist: Specialist, budget: RunBudget) -> OptimizationPlan:
     """The plan of one run: `full` from `program.optimizer` and `evaluation.max_cases`; `smoke` from `smoke`.
 
-    A smoke run also shrinks the train/dev splits (to at most 16 and 12 cases), so that the smoke
+    A smoke run also shrinks the train/dev splits (to at most 16 and 8 cases), so that the smoke
     LM-call cap still lets the optimizer compare a few candidates.
 
     Args:

@@ -560,3 +560,21 @@ def test_service_urls_from_the_environment_override_the_file(project: Path, monk
     assert (env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"]) == ("http://mlflow:5000", "http://prefect:4200/api")
     assert env["MLFLOW_REGISTRY_URI"] == "http://mlflow:5000"  # a stray shell value never splits runs from versions
     assert {service.name for service in Stack(config).services()} == {"worker", "lm"}  # nothing external is started
+
+
+def test_cpu_threads_from_the_environment_override_the_file(project: Path, monkeypatch) -> None:
+    """`cadre demo` gives each flow run its share of the cores when the specialists' cycles run side by side."""
+    from cadre.orchestration.demo import thread_shares
+
+    path = _write(project, VALID.replace("  name: t\n", "  name: t\n  threads: {torch: 4, embedding: 3}\n"))
+    assert (load_config(path).project.threads.torch, load_config(path).project.threads.embedding) == (4, 3)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    shares = thread_shares(load_config(path), 3)
+    assert shares == {"CADRE_TORCH_THREADS": "1", "CADRE_EMBEDDING_THREADS": "1"}
+    for name, value in shares.items():
+        monkeypatch.setenv(name, value)
+    config = load_config(path)
+    assert (config.project.threads.torch, config.project.threads.embedding) == (1, 1)
+    monkeypatch.setenv("CADRE_TORCH_THREADS", "many")
+    with pytest.raises(ConfigError, match="threads.torch"):
+        load_config(path)

@@ -1,0 +1,80 @@
+"""The demo's specialists' cycles side by side (`cadre.orchestration.demo.TeamRun`).
+
+The chains here are plain functions standing in for `run_chain` (which triggers real flow runs; the e2e demo test
+runs that): what is checked is the team runner's own work, running chains at once, keeping each step's report in
+one piece, and letting the other chains finish when one raises.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+from rich.console import Console
+
+from cadre.orchestration.demo import StepOutcome, TeamRun
+
+
+def _console() -> tuple[Console, io.StringIO]:
+    out = io.StringIO()
+    return Console(file=out, width=120, color_system=None, force_interactive=False), out
+
+
+def test_chains_run_at_once_and_each_steps_report_prints_whole() -> None:
+    console, out = _console()
+    running, most = set(), [0]
+    lock = threading.Lock()
+
+    def chain(config, name, budget, chain_console, on_step, outcomes, env):
+        for step in ("reindex", "optimize"):
+            on_step(step)
+            with lock:
+                running.add(name)
+                most[0] = max(most[0], len(running))
+            for line in range(3):  # written slowly, so the other chains write in between
+                chain_console.print(f"{name} {step} line {line}")
+                time.sleep(0.05)
+            with lock:
+                running.discard(name)
+            outcomes.append(StepOutcome(name, step, True, 0.15))
+        return outcomes
+
+    outcomes = TeamRun(None, ["a", "b", "c"], "smoke", console, chain=chain).run(width=3)
+
+    assert most[0] >= 2, "the chains never ran at the same time"
+    assert [(o.specialist, o.flow) for o in outcomes] == [
+        (name, step) for name in "abc" for step in ("reindex", "optimize")
+    ]
+    lines = [line for line in out.getvalue().splitlines() if " line " in line]
+    for name in "abc":
+        for step in ("reindex", "optimize"):
+            block = [i for i, line in enumerate(lines) if line.startswith(f"{name} {step} ")]
+            assert block == list(range(block[0], block[0] + 3)), f"{name} {step}'s report was split: {lines}"
+
+
+def test_one_chain_raising_leaves_the_others_to_finish() -> None:
+    console, out = _console()
+
+    def chain(config, name, budget, chain_console, on_step, outcomes, env):
+        on_step("reindex")
+        outcomes.append(StepOutcome(name, "reindex", True, 0.0))
+        on_step("optimize")
+        if name == "b":
+            raise RuntimeError("the LM went away")
+        time.sleep(0.1)
+        outcomes.append(StepOutcome(name, "optimize", True, 0.1))
+        return outcomes
+
+    outcomes = TeamRun(None, ["a", "b", "c"], "smoke", console, chain=chain).run(width=2)
+
+    by_name = {(o.specialist, o.flow): o.completed for o in outcomes}
+    assert by_name == {
+        ("a", "reindex"): True,
+        ("a", "optimize"): True,
+        ("b", "reindex"): True,
+        ("b", "optimize"): False,
+        ("c", "reindex"): True,
+        ("c", "optimize"): True,
+    }
+    assert "b: the cycle stopped: RuntimeError: the LM went away" in out.getvalue()
