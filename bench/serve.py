@@ -120,33 +120,26 @@ def write_project(folder: Path, max_tokens: int) -> Path:
 def random_adapters(config_path: Path, count: int) -> list[Path]:
     """`count` random (non-zero) LoRA adapters of the base model, exported to GGUF."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from cadre.runtime.base_model import ensure_hf_model
-    from cadre.tuning.adapter_export import export_adapter
+    from cadre.tuning.adapter_export import random_adapter
 
-    config = load_config(config_path)
-    hf = ensure_hf_model(config)
+    hf = ensure_hf_model(load_config(config_path))
     torch.set_num_threads(1)
-    paths = []
-    for seed in range(count):
-        torch.manual_seed(seed)
-        model = get_peft_model(
-            AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32),
-            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"),
-        )
-        # Small random weights: a real adapter's size and cost, answers still readable text.
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_" in name:
-                    parameter.mul_(0.05)
-        peft_dir = config_path.parent / f"lora{seed}"
-        model.save_pretrained(peft_dir)
-        # The converter is the one `setup.sh` vendored under the checkout's `.cadre`.
-        paths.append(export_adapter(peft_dir, hf, config_path.parent / f"export{seed}", ROOT / ".cadre").gguf)
-        del model
-    return paths
+    # Small random weights on every linear layer: a real adapter's size and cost, answers still readable text. The
+    # converter is the one `setup.sh` vendored under the checkout's `.cadre`.
+    return [
+        random_adapter(
+            hf,
+            config_path.parent / f"export{seed}",
+            ROOT / ".cadre",
+            seed,
+            rank=8,
+            target_modules="all-linear",
+            scale=0.05,
+        ).gguf
+        for seed in range(count)
+    ]
 
 
 def promote_adapters(config_path: Path, adapters: list[Path]) -> None:

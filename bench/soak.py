@@ -208,7 +208,7 @@ def register_programs(config) -> list[str]:
 def register_adapters(config) -> list[str]:
     """Two random LoRA adapters of `coder`, exported to GGUF; none when llama.cpp's converter is not installed."""
     from cadre.runtime.base_model import ensure_hf_model
-    from cadre.tuning.adapter_export import ConverterMissingError, export_adapter, find_converter
+    from cadre.tuning.adapter_export import ConverterMissingError, find_converter, random_adapter
 
     try:
         find_converter(config.state_dir)
@@ -216,22 +216,12 @@ def register_adapters(config) -> list[str]:
         console.print(f"[yellow]no adapter swaps: {str(error).splitlines()[0]}[/yellow]")
         return []
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
     hf = ensure_hf_model(config)
     versions = []
     for seed in (1, 2):
-        torch.manual_seed(seed)
-        model = get_peft_model(
-            AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32),
-            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-        )
-        work = config.state_dir / "work" / f"adapter-{seed}"
-        model.save_pretrained(work / "peft")
-        del model
-        exported = export_adapter(work / "peft", hf, work / "adapter", config.state_dir)
+        exported = random_adapter(hf, config.state_dir / "work" / f"adapter-{seed}", config.state_dir, seed)
         versions.append(_log_and_register(config, "adapter", "coder", exported.folder))
     return versions
 

@@ -167,6 +167,51 @@ def export_adapter(adapter_dir: Path, base_model_dir: Path, out_dir: Path, state
     return ExportedAdapter(folder=out_dir, gguf=gguf, sha256=digests, conversion_seconds=seconds)
 
 
+def random_adapter(
+    base_model_dir: Path,
+    out_dir: Path,
+    state_dir: Path,
+    seed: int,
+    *,
+    rank: int = 4,
+    target_modules: str | Sequence[str] = ("q_proj", "v_proj"),
+    scale: float = 1.0,
+) -> ExportedAdapter:
+    """A random, non-zero LoRA adapter of the base model, exported like a trained one (PEFT files and GGUF).
+
+    What the benchmarks and integration tests serve, register and swap when they need an adapter's real size and
+    cost, not a trained one. The same seed gives the same adapter.
+
+    Args:
+        base_model_dir: the transformers base model.
+        out_dir: the export folder (replaced if it exists); the PEFT adapter is saved beside it, in `<out_dir>.peft`.
+        state_dir: where the converter was installed.
+        seed: torch's seed for the weights.
+        rank: the LoRA rank (alpha is twice it).
+        target_modules: the adapted modules, as peft takes them (`"all-linear"`, or names).
+        scale: multiplies the LoRA weights (small: answers stay readable text).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32),
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM"),
+    )
+    if scale != 1.0:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_" in name:
+                    parameter.mul_(scale)
+    peft_dir = out_dir.with_name(f"{out_dir.name}.peft")
+    model.save_pretrained(peft_dir)
+    del model
+    return export_adapter(peft_dir, base_model_dir, out_dir, state_dir)
+
+
 def convert_lora_to_gguf(
     adapter_dir: Path, base_model_dir: Path, out_path: Path, script: Path, outtype: str = "f32"
 ) -> Path:

@@ -143,23 +143,10 @@ def _promote(config, kind: str, version: str) -> None:
 
 
 def _adapter_folder(config, seed: int) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from cadre.tuning.adapter_export import export_adapter
+    from cadre.tuning.adapter_export import random_adapter
 
     hf = config.state_dir / "models" / "gemma3-270m" / "hf"
-    torch.manual_seed(seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32),
-        LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
-        ),
-    )
-    work = config.state_dir / "work" / f"adapter-{seed}"
-    model.save_pretrained(work / "peft")
-    return export_adapter(work / "peft", hf, work / "adapter", config.state_dir).folder
+    return random_adapter(hf, config.state_dir / "work" / f"adapter-{seed}", config.state_dir, seed).folder
 
 
 def _program_folder(config) -> Path:

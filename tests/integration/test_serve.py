@@ -117,27 +117,15 @@ def project(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str, prepar
 
 def _register_adapter(config_path: Path, seed: int) -> str:
     """A random (non-zero) LoRA adapter, exported to GGUF, logged to a run and registered as a `coder` adapter version."""
-    import torch
     from mlflow import MlflowClient
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from cadre.config import load_config
     from cadre.registry.versions import register_candidate
-    from cadre.tuning.adapter_export import export_adapter
+    from cadre.tuning.adapter_export import random_adapter
 
     config = load_config(config_path)
     hf = config.state_dir / "models" / "gemma3-270m" / "hf"
-    torch.manual_seed(seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32),
-        LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
-        ),
-    )
-    work = config.state_dir / "work" / f"adapter-{seed}"
-    model.save_pretrained(work / "peft")
-    exported = export_adapter(work / "peft", hf, work / "adapter", config.state_dir)
+    exported = random_adapter(hf, config.state_dir / "work" / f"adapter-{seed}", config.state_dir, seed)
     client = MlflowClient(config.project.mlflow.uri)
     experiment = client.get_experiment_by_name(PROJECT) or client.get_experiment(client.create_experiment(PROJECT))
     run = client.create_run(experiment.experiment_id)
