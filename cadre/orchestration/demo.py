@@ -73,26 +73,36 @@ def run_chain(
     specialist: str,
     budget: str,
     console: Console,
-    on_step: Callable[[str], None] | None = None,
+    on_step: Callable[[str, str | None], None] | None = None,
     outcomes: list[StepOutcome] | None = None,
     env: dict[str, str] | None = None,
 ) -> list[StepOutcome]:
     """One specialist's cycle, stage after stage, then its edge export.
 
     Args:
-        on_step: told the name of each step as it starts.
+        on_step: told each step's name as it starts (`on_step(kind, None)`), and again with its flow run's URL in the
+            Prefect UI once the flow run exists (`on_step(kind, url)`).
         outcomes: where each step's outcome is appended as it ends (a new list if None); returned.
         env: environment variables of its flow runs' processes (their CPU threads when chains run side by side).
     """
     outcomes = [] if outcomes is None else outcomes
     for kind in SCHEDULED:
         if on_step is not None:
-            on_step(kind)
+            on_step(kind, None)
         console.rule(f"{kind} · {specialist} · budget {budget}")
         step_started = time.monotonic()
         # The cycle runs optimize right after re-index and embedder itself, so they must not queue another.
         extra = {"trigger_optimize": False} if kind in ("reindex", "embedder") else None
-        completed = run_now(config, kind, specialist, budget=budget, console=console, parameters=extra, env=env)
+        completed = run_now(
+            config,
+            kind,
+            specialist,
+            budget=budget,
+            console=console,
+            parameters=extra,
+            env=env,
+            on_started=(lambda url, kind=kind: on_step(kind, url)) if on_step is not None else None,
+        )
         if (
             kind == "reindex"
             and completed
@@ -112,7 +122,7 @@ def run_chain(
             )
             break
     if on_step is not None:
-        on_step("edge export")
+        on_step("edge export", None)
     outcomes.append(export_bundle_step(config, specialist, console))
     return outcomes
 
@@ -182,11 +192,15 @@ class TeamRun:
             file=buffer, width=self.console.width, color_system="truecolor", force_interactive=False, highlight=False
         )
 
-        def on_step(kind: str) -> None:
+        def on_step(kind: str, url: str | None) -> None:
+            if url is not None:  # its flow run exists: where to watch it, at once rather than when it ends
+                self.console.print(f"… {name}: {kind} started, flow run {url}", highlight=False)
+                return
             self._flush(buffer)
             with self.lock:
                 self.where[name], self.since[name] = kind, time.monotonic()
-            self.console.print(f"… {name}: {kind} started", highlight=False)
+            if kind not in SCHEDULED:  # a step of the demo itself: no flow run will announce it
+                self.console.print(f"… {name}: {kind} started", highlight=False)
 
         outcomes = self.outcomes.setdefault(name, [])
         now = time.monotonic()

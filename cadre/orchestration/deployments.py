@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -667,6 +668,7 @@ def run_now(
     follow_existing: bool = True,
     report: dict | None = None,
     env: dict[str, str] | None = None,
+    on_started: Callable[[str], None] | None = None,
 ) -> bool:
     """Trigger `flow_kind` for a specialist through its deployment, follow it to the end, print a summary.
 
@@ -679,6 +681,7 @@ def run_now(
         report: filled with what a script needs (`cadre run --json`): the flow run (id, name, URL, final state and
             message), the MLflow run id, its verdict and key figures.
         env: environment variables of a new flow run's process (on top of the worker's), e.g. its CPU threads.
+        on_started: told the flow run's URL in the Prefect UI as soon as it is known.
 
     Returns:
         True when the flow run ended COMPLETED.
@@ -746,6 +749,8 @@ def run_now(
             )
     url = f"{config.project.prefect.ui}/runs/flow-run/{flow_run.id}"
     console.print(f"▶ {name} ({budget}) — flow run [bold]{flow_run.name}[/bold]: {url}")
+    if on_started is not None:
+        on_started(url)
     started = time.monotonic()
     try:
         state = _follow(console, name, flow_run.id, url, config.project.prefect.api, timeout_s)

@@ -28,7 +28,8 @@ def test_chains_run_at_once_and_each_steps_report_prints_whole() -> None:
 
     def chain(config, name, budget, chain_console, on_step, outcomes, env):
         for step in ("reindex", "optimize"):
-            on_step(step)
+            on_step(step, None)
+            on_step(step, f"http://prefect/{name}/{step}")
             with lock:
                 running.add(name)
                 most[0] = max(most[0], len(running))
@@ -46,7 +47,9 @@ def test_chains_run_at_once_and_each_steps_report_prints_whole() -> None:
     assert [(o.specialist, o.flow) for o in outcomes] == [
         (name, step) for name in "abc" for step in ("reindex", "optimize")
     ]
-    lines = [line for line in out.getvalue().splitlines() if " line " in line]
+    printed = out.getvalue()
+    assert all(f"… {name}: reindex started, flow run http://prefect/{name}/reindex" in printed for name in "abc")
+    lines = [line for line in printed.splitlines() if " line " in line]
     for name in "abc":
         for step in ("reindex", "optimize"):
             block = [i for i, line in enumerate(lines) if line.startswith(f"{name} {step} ")]
@@ -57,9 +60,9 @@ def test_one_chain_raising_leaves_the_others_to_finish() -> None:
     console, out = _console()
 
     def chain(config, name, budget, chain_console, on_step, outcomes, env):
-        on_step("reindex")
+        on_step("reindex", None)
         outcomes.append(StepOutcome(name, "reindex", True, 0.0))
-        on_step("optimize")
+        on_step("optimize", None)
         if name == "b":
             raise RuntimeError("the LM went away")
         time.sleep(0.1)
