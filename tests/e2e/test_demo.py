@@ -94,6 +94,30 @@ def test_prefect_shows_the_schedules_and_completed_runs(demo) -> None:
         assert {stage.flow for stage in STAGES if stage.name in SCHEDULED} <= ran, ran
 
 
+def test_the_specialists_cycles_ran_side_by_side(demo) -> None:
+    """Each specialist's flow runs span a stretch of time that overlaps every other specialist's, each flow run with
+    its share of the cores (one thread each on a 2-core machine, never more than the file's)."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    _, ports = demo
+    with SyncPrefectClient(f"http://127.0.0.1:{ports['prefect']}/api") as client:
+        deployments = {d.id: d.name for d in client.read_deployments()}  # a deployment is named after its specialist
+        started = [r for r in client.read_flow_runs() if r.deployment_id and r.start_time and r.end_time]
+    shipped = YAML(typ="safe").load((ROOT / "pipelines.yaml").read_text())
+    team = len(shipped["specialists"])
+    share = str(min(shipped["project"]["threads"]["torch"], max(1, (os.cpu_count() or 1) // team)))
+    spans: dict[str, tuple] = {}
+    for run in started:
+        name = deployments[run.deployment_id]
+        first, last = spans.get(name, (run.start_time, run.end_time))
+        spans[name] = (min(first, run.start_time), max(last, run.end_time))
+        assert run.job_variables.get("env", {}).get("CADRE_TORCH_THREADS") == share, (run.name, run.job_variables)
+    assert len(spans) == team, spans
+    for a, (a_start, a_end) in spans.items():
+        for b, (b_start, b_end) in spans.items():
+            assert a_start < b_end and b_start < a_end, f"{a} ran {a_start}–{a_end}, {b} ran {b_start}–{b_end}"
+
+
 def test_mlflow_holds_a_run_per_flow_run(demo) -> None:
     from mlflow import MlflowClient
 
