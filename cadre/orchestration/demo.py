@@ -175,6 +175,19 @@ class TeamRun:
             f"running the {len(self.names)} specialists' cycles side by side ({width} at once{threads_note}); each "
             "step's report is printed when it ends"
         )
+        # Print through a copy of the console's file descriptor: while one chain's edge export loads a model, llama.cpp
+        # points fd 2 at /dev/null, and the other chains' reports would vanish with it.
+        restore, stream = self.console.file, _duplicate(self.console.file)
+        if stream is not None:
+            self.console.file = stream
+        try:
+            return self._run(width)
+        finally:
+            if stream is not None:
+                self.console.file = restore
+                stream.close()
+
+    def _run(self, width: int) -> list[StepOutcome]:
         slots = threading.Semaphore(width)
         threads = [threading.Thread(target=self._chain, args=(name, slots), daemon=True) for name in self.names]
         for thread in threads:
@@ -245,6 +258,12 @@ def _has_live_index(config: CadreConfig, specialist: str) -> bool:
     return live_version(config.state_dir, specialist) is not None
 
 
+_IN_PROCESS_MODELS = threading.Lock()
+"""One edge export at a time in this process. llama.cpp loads a model quietly by pointing the process's stderr (fd 2
+and `sys.stderr`) at /dev/null and back; two loads at once in two chains' threads restore each other's /dev/null, and
+everything printed after (the summary too) was lost."""
+
+
 def export_bundle_step(config: CadreConfig, specialist: str, console: Console) -> StepOutcome:
     """The cycle's last step: the specialist's champions as an offline bundle, judged before it is published.
 
@@ -262,7 +281,8 @@ def export_bundle_step(config: CadreConfig, specialist: str, console: Console) -
     cases = config.specialist(specialist).edge.cases
     console.print(f"bundling the champions, then answering {cases} test cases with the bundle beside the server …")
     try:
-        publication = publish_bundle(config, specialist, target)
+        with _IN_PROCESS_MODELS:
+            publication = publish_bundle(config, specialist, target)
     except Exception as error:  # noqa: BLE001 - the cycle's summary must still print; the step is marked failed
         message = str(error) if isinstance(error, BundleError | ValueError) else f"{type(error).__name__}: {error}"
         console.print(f"[red]edge export failed: {message}[/red]")
@@ -300,3 +320,12 @@ def print_summary(
         f"  Logs of the services: {config.state_dir / 'logs'}\n"
         f"  Stop everything: cadre down"
     )
+
+
+def _duplicate(file) -> io.TextIOWrapper | None:
+    """A new text stream on a duplicate of `file`'s descriptor, or None when it has none (e.g. a StringIO)."""
+    try:
+        descriptor = file.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return open(os.dup(descriptor), "w", buffering=1, encoding=getattr(file, "encoding", None) or "utf-8")  # noqa: SIM115
