@@ -81,3 +81,35 @@ def test_one_chain_raising_leaves_the_others_to_finish() -> None:
         ("c", "optimize"): True,
     }
     assert "b: the cycle stopped: RuntimeError: the LM went away" in out.getvalue()
+
+
+def test_reports_survive_another_chain_pointing_the_console_at_dev_null(tmp_path) -> None:
+    """llama.cpp loads a model quietly by pointing the process's stderr at /dev/null for a moment; a report another
+    chain prints in that moment still reaches the console's file."""
+    import os
+
+    target = (tmp_path / "console.txt").open("w", buffering=1)
+    console = Console(file=target, width=120, color_system=None, force_interactive=False)
+    descriptor = target.fileno()
+
+    def chain(config, name, budget, chain_console, on_step, outcomes, env):
+        on_step("reindex", None)
+        if name == "quiet":  # what llama.cpp's quiet model load does to fd 2
+            saved, null = os.dup(descriptor), os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, descriptor)
+            time.sleep(0.6)
+            os.dup2(saved, descriptor)
+            os.close(saved)
+            os.close(null)
+        else:
+            time.sleep(0.2)
+            chain_console.print(f"{name}'s reindex report")
+        outcomes.append(StepOutcome(name, "reindex", True, 0.2))
+        on_step("optimize", None)  # prints the reindex report while the quiet chain still points at /dev/null
+        time.sleep(0.6)
+        return outcomes
+
+    TeamRun(None, ["quiet", "loud"], "smoke", console, chain=chain).run(width=2)
+    target.close()
+
+    assert "loud's reindex report" in (tmp_path / "console.txt").read_text()
