@@ -176,7 +176,7 @@ class TeamRun:
             "step's report is printed when it ends"
         )
         # Print through a copy of the console's file descriptor: while one chain's edge export loads a model, llama.cpp
-        # points fd 2 at /dev/null, and the other chains' reports would vanish with it.
+        # points fd 2 at /dev/null (`cadre.runtime.lm.load_llama`), and the other chains' reports would vanish with it.
         restore, stream = self.console.file, _duplicate(self.console.file)
         if stream is not None:
             self.console.file = stream
@@ -258,12 +258,6 @@ def _has_live_index(config: CadreConfig, specialist: str) -> bool:
     return live_version(config.state_dir, specialist) is not None
 
 
-_IN_PROCESS_MODELS = threading.Lock()
-"""One edge export at a time in this process. llama.cpp loads a model quietly by pointing the process's stderr (fd 2
-and `sys.stderr`) at /dev/null and back; two loads at once in two chains' threads restore each other's /dev/null, and
-everything printed after (the summary too) was lost."""
-
-
 def export_bundle_step(config: CadreConfig, specialist: str, console: Console) -> StepOutcome:
     """The cycle's last step: the specialist's champions as an offline bundle, judged before it is published.
 
@@ -281,8 +275,7 @@ def export_bundle_step(config: CadreConfig, specialist: str, console: Console) -
     cases = config.specialist(specialist).edge.cases
     console.print(f"bundling the champions, then answering {cases} test cases with the bundle beside the server …")
     try:
-        with _IN_PROCESS_MODELS:
-            publication = publish_bundle(config, specialist, target)
+        publication = publish_bundle(config, specialist, target)
     except Exception as error:  # noqa: BLE001 - the cycle's summary must still print; the step is marked failed
         message = str(error) if isinstance(error, BundleError | ValueError) else f"{type(error).__name__}: {error}"
         console.print(f"[red]edge export failed: {message}[/red]")

@@ -295,6 +295,22 @@ class EndpointClient:
         raise LMUnavailable(f"LM endpoint {self.base_url} failed after {self.retries + 1} attempts: {last_error}")
 
 
+_QUIET_LOAD = threading.Lock()
+
+
+def load_llama(**options: Any) -> Any:
+    """A quiet `llama_cpp.Llama(**options)` (`verbose=False`), one load at a time in the process.
+
+    llama-cpp-python keeps a quiet load quiet by pointing the process's stdout and stderr (fd 1 and 2, `sys.stdout`
+    and `sys.stderr`) at /dev/null and back. Two loads at once in two threads restore each other's /dev/null, and the
+    process prints nothing more (`cadre demo` lost its summary that way when two edge exports overlapped).
+    """
+    from llama_cpp import Llama
+
+    with _QUIET_LOAD:
+        return Llama(**options, verbose=False)
+
+
 class LlamaCppClient:
     """llama.cpp in-process on a GGUF model, optionally with a LoRA adapter (GGUF) applied."""
 
@@ -306,18 +322,15 @@ class LlamaCppClient:
         n_ctx: int = 2048,
         name: str | None = None,
     ):
-        from llama_cpp import Llama
-
         self.name = name or (
             f"{Path(model_path).stem}+{Path(lora_path).parent.name}" if lora_path else Path(model_path).stem
         )
-        self._llama = Llama(
+        self._llama = load_llama(
             model_path=str(model_path),
             lora_path=str(lora_path) if lora_path else None,
             n_threads=n_threads,
             n_threads_batch=n_threads,
             n_ctx=n_ctx,
-            verbose=False,
             seed=0,
         )
         self._lock = threading.Lock()  # a Llama context is not safe to share between threads

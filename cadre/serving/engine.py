@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cadre.runtime.lm import Completion, llama_grammar, score_continuations
+from cadre.runtime.lm import Completion, llama_grammar, load_llama, score_continuations
 
 
 class EngineError(RuntimeError):
@@ -73,14 +73,11 @@ class _Context:
     """One llama.cpp context on the memory-mapped base, with its own handles of the loaded adapters."""
 
     def __init__(self, model_path: Path, n_threads: int, n_ctx: int):
-        from llama_cpp import Llama
-
-        self.llama = Llama(
+        self.llama = load_llama(
             model_path=str(model_path),
             n_threads=n_threads,
             n_threads_batch=n_threads,
             n_ctx=n_ctx,
-            verbose=False,
             seed=0,
             use_mmap=True,
         )

@@ -567,9 +567,10 @@ def test_cpu_threads_from_the_environment_override_the_file(project: Path, monke
     from cadre.orchestration.demo import thread_shares
 
     path = _write(project, VALID.replace("  name: t\n", "  name: t\n  threads: {torch: 4, embedding: 3}\n"))
-    assert (load_config(path).project.threads.torch, load_config(path).project.threads.embedding) == (4, 3)
+    from_file = load_config(path)
+    assert (from_file.project.threads.torch, from_file.project.threads.embedding) == (4, 3)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    shares = thread_shares(load_config(path), 3)
+    shares = thread_shares(from_file, 3)
     assert shares == {"CADRE_TORCH_THREADS": "1", "CADRE_EMBEDDING_THREADS": "1"}
     for name, value in shares.items():
         monkeypatch.setenv(name, value)
