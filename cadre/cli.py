@@ -565,13 +565,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_schema)
 
     p = commands.add_parser(
-        "up", help="start the local stack (MLflow, Prefect server + worker, LM server) and wait until healthy"
+        "up",
+        help="start the local stack (MLflow, Prefect server + worker, LM server; PostgreSQL with database.backend: "
+        "postgres) and wait until healthy",
     )
     _config_arg(p)
     p.add_argument(
         "--only",
         action="append",
-        choices=["mlflow", "prefect", "worker", "lm"],
+        choices=["database", "mlflow", "prefect", "worker", "lm"],
         help="start only this service (repeatable)",
     )
     p.set_defaults(func=cmd_up)

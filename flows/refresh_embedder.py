@@ -33,7 +33,7 @@ from tasks.embedder import (
 from tasks.promotion import find_champion_version, promote_through_gates
 from tasks.reindex import evaluate_retrieval, make_live, sync_live_pointer
 from tasks.tracking import stage_flow, tracked_run
-from tasks.triggers import trigger_flow
+from tasks.triggers import announce_index_promoted
 
 
 @stage_flow("embedder")
@@ -96,10 +96,10 @@ def refresh_embedder(
                     live,
                 )
     if live_now != live and trigger_optimize:
-        trigger_flow(
+        announce_index_promoted(
             config,
-            "optimize",
             specialist,
+            live_now,
             budget,
             reason=f"index {built.version} re-embedded by embedder v{outcome.version}, promoted by {flow_run.get_name()}",
         )

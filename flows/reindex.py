@@ -27,7 +27,7 @@ from tasks.reindex import (
     sync_live_pointer,
 )
 from tasks.tracking import stage_flow, tracked_run
-from tasks.triggers import trigger_flow
+from tasks.triggers import announce_index_promoted
 
 
 @stage_flow("reindex")
@@ -64,8 +64,12 @@ def reindex(specialist: str, config_path: str, budget: RunBudget = "full", trigg
         dropped = make_live(config, specialist, result.version, settings.index.retention) if outcome.promoted else []
     print(outcome.summary() + (f"; pruned {len(dropped)} old version(s)" if dropped else ""))
     if outcome.promoted and trigger_optimize:
-        trigger_flow(
-            config, "optimize", specialist, budget, reason=f"index {result.version} promoted by {flow_run.get_name()}"
+        announce_index_promoted(
+            config,
+            specialist,
+            result.version,
+            budget,
+            reason=f"index {result.version} promoted by {flow_run.get_name()}",
         )
     return finished_state(
         handle,

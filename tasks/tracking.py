@@ -94,28 +94,39 @@ def end_tracking_run(flow: Any, flow_run: Any, state: Any) -> None:
     """Prefect hook (`on_crashed`, `on_cancellation`): end the flow run's MLflow run KILLED if it is still RUNNING.
 
     A flow run killed by a signal never reaches `tracked_run`'s close. Prefect runs this hook where the run was
-    watched: the worker that saw its process die (on any machine) or the process told to cancel. The run is found
-    by its `cadre.prefect_flow_run_id` tag; the flow run's `config_path` parameter names the MLflow server.
+    watched: the worker that saw its process die (on any machine) or the process told to cancel. When no one saw
+    it die (its machine or its worker went with it), the heartbeat automation marks it Crashed and the
+    `end-crashed-tracking` flow ends its MLflow run instead (`cadre.orchestration.automations`).
+    """
+    end_mlflow_runs(flow_run.parameters["config_path"], str(flow_run.id), flow_run.name, f"Prefect {state.name} hook")
+
+
+def end_mlflow_runs(config_path: str, flow_run_id: str, flow_run_name: str, ended_by: str) -> list[str]:
+    """End KILLED the MLflow runs of a flow run that are still RUNNING; return their ids.
+
+    The runs are found by their `cadre.prefect_flow_run_id` tag; `config_path` (the flow run's parameter) names the
+    MLflow server. Each gets a `cadre.ended_by` tag saying what ended it.
     """
     from mlflow import MlflowClient
 
     from cadre.config import load_config
     from cadre.registry.runs import TAG_FLOW_RUN
 
-    config = load_config(flow_run.parameters["config_path"])
+    config = load_config(config_path)
     client = MlflowClient(config.project.mlflow.uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
-        return
+        return []
     found = client.search_runs(
         experiments,
-        filter_string=f"tags.`{TAG_FLOW_RUN}` = '{flow_run.id}' and attributes.status = 'RUNNING'",
+        filter_string=f"tags.`{TAG_FLOW_RUN}` = '{flow_run_id}' and attributes.status = 'RUNNING'",
         max_results=10,
     )
     for run in found:
-        client.set_tag(run.info.run_id, "cadre.ended_by", f"Prefect {state.name} hook")
+        client.set_tag(run.info.run_id, "cadre.ended_by", ended_by)
         client.set_terminated(run.info.run_id, "KILLED")
-        print(f"MLflow run {run.info.run_id} of flow run {flow_run.name} ended KILLED ({state.name})")
+        print(f"MLflow run {run.info.run_id} of flow run {flow_run_name} ended KILLED ({ended_by})")
+    return [run.info.run_id for run in found]
 
 
 def stage_flow(name: str) -> Callable[[Callable[..., Any]], Any]:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -17,8 +23,6 @@ SUITE_SPLITS = ("train", "dev", "test")
 
 def suite_folder(name: str):
     """`evals/suites/NAME` of this checkout."""
-    from pathlib import Path
-
     return Path(__file__).resolve().parents[1] / "evals" / "suites" / name
 
 
@@ -100,3 +104,118 @@ def icd_index(root, specialist: str, documents: int = 20) -> str:
     )
     assert built.created_version and built.documents_total == documents
     return built.version
+
+
+# -- a small project on the real local stack (`cadre up`), shared by the stack tiers -------------------------------
+
+CADRE = [sys.executable, "-m", "cadre.cli"]
+
+
+def write_sums_suite(folder: Path) -> None:
+    """Sums to answer: enough for an optimize and a smoke refresh to run for real, small enough to be quick."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sums = [(a, b) for a in range(2, 9) for b in range(1, 7)]
+    for split, members in (("train", sums[:30]), ("dev", sums[30:36]), ("test", sums[36:42])):
+        lines = [json.dumps({"question": f"What is {a} plus {b}?", "answer": str(a + b)}) for a, b in members]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def write_stack_project(
+    root: Path,
+    ports: dict[str, int],
+    specialists: list[str],
+    *,
+    mlflow_workers: int = 1,
+    heartbeat_timeout_s: int = 300,
+) -> Path:
+    """`root/pipelines.yaml`: project `stacktest` on the given ports, one sums specialist per name. With a
+    `database` port, MLflow and Prefect keep their records in a PostgreSQL that `cadre up` starts on it."""
+    write_sums_suite(root / "evals" / "suite")
+    team = "".join(
+        textwrap.dedent(
+            f"""\
+              - name: {name}
+                description: test specialist {name}
+                program:
+                  instruction: Answer.
+                  inputs: [{{name: question}}]
+                  outputs: [{{name: answer}}]
+                  retrieve_k: 0
+                evaluation: {{suite: evals/suite}}
+                smoke: {{max_eval_cases: 4, max_train_steps: 60, max_lm_calls: 12, max_wall_seconds: 240}}
+            """
+        )
+        for name in specialists
+    )
+    database = f"  database: {{backend: postgres, port: {ports['database']}}}\n" if "database" in ports else ""
+    text = (
+        textwrap.dedent(
+            f"""\
+            version: 1
+            project:
+              name: stacktest
+              state_dir: state
+              mlflow: {{port: {ports["mlflow"]}, workers: {mlflow_workers}}}
+              prefect:
+                port: {ports["prefect"]}
+                work_pool: stacktest-pool
+                max_concurrent_runs: 3
+                heartbeat_timeout_s: {heartbeat_timeout_s}
+              lm: {{port: {ports["lm"]}}}
+            """
+        )
+        + database
+        + "specialists:\n"
+        + team
+    )
+    path = root / "pipelines.yaml"
+    path.write_text(text)
+    return path
+
+
+def run_cadre(*args: str, config: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`cadre ARGS -c CONFIG` in a child process, without this shell's Prefect/MLflow settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    return subprocess.run(
+        [*CADRE, *args, "-c", str(config)] if args[0] not in ("validate",) else [*CADRE, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=config.parent,
+        env=env,
+    )
+
+
+def processes_under(folder: Path) -> list[str]:
+    """`pid: command line` of each live process whose command line names `folder`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            continue
+        if str(folder) in cmdline and state != "Z":
+            found.append(f"{entry.name}: {cmdline[:200]}")
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (from /proc), children last."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().split(")")[-1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        queue.extend(children.get(current, []))
+    return found

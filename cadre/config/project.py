@@ -21,6 +21,13 @@ class MlflowSettings(Strict):
         description="Use this MLflow server instead of starting one (e.g. http://mlflow:5000). "
         "When set, `cadre up` does not start MLflow.",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Server processes of the local MLflow server. More than 1 needs `project.database.backend: "
+        "postgres` (SQLite takes one writer at a time).",
+    )
 
     @property
     def uri(self) -> str:
@@ -44,6 +51,14 @@ class PrefectSettings(Strict):
         description="Flow runs the work pool runs at once; the others queue (Prefect's work-pool concurrency limit), "
         "so many specialists' runs scheduled at the same minute do not all start together. null: no limit.",
     )
+    heartbeat_timeout_s: int = Field(
+        300,
+        ge=90,
+        le=86400,
+        description="A flow run sends a heartbeat every 30 s; silent this long, a Prefect automation marks it "
+        "Crashed (its process, its worker or its machine died with no worker left to say so) and its MLflow run "
+        "ends KILLED. Long enough that a busy machine never misses it on a live run.",
+    )
 
     @property
     def api(self) -> str:
@@ -52,6 +67,56 @@ class PrefectSettings(Strict):
     @property
     def ui(self) -> str:
         return self.api.removesuffix("/api")
+
+
+class DatabaseSettings(Strict):
+    """Where the local MLflow and Prefect servers keep their records (`cadre up`)."""
+
+    backend: Literal["sqlite", "postgres"] = Field(
+        "sqlite",
+        description="`sqlite`: one file per service under the state dir (one machine, one writer at a time). "
+        "`postgres`: PostgreSQL, what a shared installation runs on; several MLflow workers and Prefect workers "
+        "write at once.",
+    )
+    url: str | None = Field(
+        None,
+        description="An existing PostgreSQL server, `postgresql://USER[:PASSWORD]@HOST:PORT` (no database name: "
+        "`cadre up` creates `<project>_mlflow` and `<project>_prefect` in it). null with backend `postgres`: "
+        "`cadre up` starts a local PostgreSQL under the state dir, on `host`:`port`.",
+    )
+    host: str = Field(LOOPBACK, description="Interface the local PostgreSQL binds to (backend `postgres`, no url).")
+    port: int = Field(5433, ge=1, le=65535, description="Port of the local PostgreSQL.")
+
+    @model_validator(mode="after")
+    def _url_is_a_postgres_server(self) -> DatabaseSettings:
+        if self.url is None:
+            return self
+        if self.backend != "postgres":
+            raise FieldError(("url",), "a database url needs backend: postgres (or remove url to keep SQLite)")
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+            raise FieldError(
+                ("url",), f"{self.url!r} is not a PostgreSQL server URL; write postgresql://USER@HOST:PORT"
+            )
+        if parts.path.strip("/"):
+            raise FieldError(
+                ("url",),
+                f"give the server without a database name (postgresql://{parts.netloc}); cadre up creates "
+                "one database per service in it",
+            )
+        return self
+
+    @property
+    def local(self) -> bool:
+        """Whether `cadre up` starts the PostgreSQL server itself."""
+        return self.backend == "postgres" and self.url is None
+
+    @property
+    def server(self) -> str:
+        """The PostgreSQL server's URL, without a database (backend `postgres`)."""
+        return (self.url or f"postgresql://cadre@{self.host}:{self.port}").rstrip("/")
 
 
 class LMSettings(Strict):
@@ -176,6 +241,9 @@ class ProjectSettings(Strict):
     )
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="MLflow tracking and registry.")
     prefect: PrefectSettings = Field(default_factory=PrefectSettings, description="Prefect orchestration.")
+    database: DatabaseSettings = Field(
+        default_factory=DatabaseSettings, description="Where the local MLflow and Prefect servers keep their records."
+    )
     lm: LMSettings = Field(default_factory=LMSettings, description="Language-model endpoint for programs and serving.")
     index: IndexBackendSettings = Field(default_factory=IndexBackendSettings, description="Vector index backend.")
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings, description="Embedding model.")
@@ -187,6 +255,8 @@ class ProjectSettings(Strict):
     @model_validator(mode="after")
     def _distinct_ports(self) -> ProjectSettings:
         services = {"mlflow": self.mlflow, "prefect": self.prefect, "lm": self.lm, "serving": self.serving}
+        if self.database.local:
+            services["database"] = self.database
         seen: dict[int, str] = {}
         for name, settings in services.items():
             if settings.port in seen:
@@ -202,4 +272,14 @@ class ProjectSettings(Strict):
                     f"port {settings.port} is already used by {kept}.port; give each service its own port",
                 )
             seen[settings.port] = name
+        return self
+
+    @model_validator(mode="after")
+    def _several_mlflow_workers_need_postgres(self) -> ProjectSettings:
+        if self.mlflow.workers > 1 and self.database.backend == "sqlite" and not self.mlflow.tracking_uri:
+            raise FieldError(
+                ("mlflow", "workers"),
+                f"{self.mlflow.workers} MLflow workers need project.database.backend: postgres; on SQLite keep "
+                "workers: 1 (one writer at a time)",
+            )
         return self

@@ -24,6 +24,7 @@ from rich.console import Console
 from cadre.config import CadreConfig
 from cadre.config.budget import WALL_CAP_TAG
 from cadre.evaluation.results import mlflow_metric_name
+from cadre.orchestration import automations
 from cadre.platform.env import apply_env
 from cadre.platform.stack import worker_name
 from cadre.registry.runs import find_run, run_verdict, skipped_summary, ui_url
@@ -101,6 +102,7 @@ def deploy_all(config: CadreConfig, console: Console | None = None, paused: bool
     active: list[str] = []  # deployments whose schedule runs
     with get_client(sync_client=True) as client:
         _ensure_work_pool(client, config.project.prefect.work_pool, config.project.prefect.max_concurrent_runs)
+        automations.ensure_lost_runs_automation(client, config)
         for spec in desired_deployments(config):
             flow = STAGE_BY_NAME[spec.flow_kind].flow_object()
             full_name = f"{flow.name}/{spec.specialist}"
@@ -124,6 +126,9 @@ def deploy_all(config: CadreConfig, console: Console | None = None, paused: bool
                 description=f"{spec.flow_kind} for specialist {spec.specialist} (managed by `cadre deploy` from {config.file.name})",
                 work_pool_name=config.project.prefect.work_pool,
                 entrypoint_type=EntrypointType.MODULE_PATH,
+                triggers=[automations.index_promoted_trigger(config, spec.specialist)]
+                if spec.flow_kind == "optimize"
+                else [],
             )
             deployment.apply()
             names.append(full_name)
@@ -135,6 +140,12 @@ def deploy_all(config: CadreConfig, console: Console | None = None, paused: bool
                 else "on demand"
             )
             console.print(f"[green]✓[/green] {full_name}: {when}")
+        names.append(_deploy_crashed_runs_flow(config, project_tag))
+        console.print(
+            f"[green]✓[/green] {names[-1]}: when a run crashes (a run silent for "
+            f"{config.project.prefect.heartbeat_timeout_s} s is crashed by the automation "
+            f"'{automations.lost_runs_automation(config).name}')"
+        )
         wanted = set(names)
         managed = client.read_deployments(
             deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[TAG_MANAGED, project_tag]))
@@ -158,6 +169,25 @@ def deploy_all(config: CadreConfig, console: Console | None = None, paused: bool
     else:
         console.print("every schedule is paused: nothing runs until `cadre run` or a schedule is resumed in the UI")
     return names
+
+
+def _deploy_crashed_runs_flow(config: CadreConfig, project_tag: str) -> str:
+    """The project's `end-crashed-tracking` deployment, run by any worker when a run of the project crashes."""
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.crashed_runs import end_crashed_tracking
+
+    end_crashed_tracking.to_deployment(
+        name=config.project.name,
+        parameters={"config_path": str(config.file)},
+        tags=[TAG_MANAGED, project_tag, f"flow:{automations.CRASHED_FLOW}"],
+        description="Ends the MLflow run of a flow run of the project that crashed where no worker saw it "
+        "(triggered by its Crashed event; managed by `cadre deploy`)",
+        work_pool_name=config.project.prefect.work_pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        triggers=[automations.crashed_runs_trigger(config)],
+    ).apply()
+    return f"{automations.CRASHED_FLOW}/{config.project.name}"
 
 
 def _online_workers(client, pool: str) -> int:
@@ -569,8 +599,8 @@ def _queued_or_running(client, deployment_id) -> list:
 
 def _who_started(run) -> str:
     tags = set(run.tags or [])
-    if "trigger:flow" in tags:
-        return "queued by a flow (a promoted re-index queues an optimize)"
+    if run.created_by is not None and str(run.created_by.type).upper().endswith("AUTOMATION"):
+        return f"started by the Prefect automation '{run.created_by.display_value}'"
     if "trigger:cli" in tags:
         return "started by `cadre run`"
     if run.auto_scheduled:

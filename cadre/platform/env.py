@@ -49,6 +49,9 @@ def cadre_env(config: CadreConfig) -> dict[str, str]:
         # otherwise send every version to another server, whose registry knows none of this project's runs.
         "MLFLOW_REGISTRY_URI": config.project.mlflow.uri,
         "PREFECT_API_URL": config.project.prefect.api,
+        # Every flow run sends heartbeats: a Prefect automation crashes the runs whose heartbeat stops
+        # (cadre.orchestration.automations), whichever machine they ran on.
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
         "PREFECT_HOME": str(state / "prefect"),
         "DSPY_CACHEDIR": str(state / "cache" / "dspy"),
         "HF_HOME": str(state / "cache" / "hf"),

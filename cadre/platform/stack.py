@@ -1,4 +1,5 @@
-"""The local stack: MLflow server, Prefect server, a Prefect worker and the llama.cpp LM server.
+"""The local stack: MLflow server, Prefect server, a Prefect worker and the llama.cpp LM server (and PostgreSQL
+under MLflow and Prefect, with `project.database.backend: postgres`).
 
 `cadre up` starts each service that `pipelines.yaml` does not point elsewhere, on 127.0.0.1, with
 its state under the project's state dir, and waits until each answers its health check. It is
@@ -19,7 +20,9 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cadre.config import CadreConfig
+from cadre.platform import postgres
 from cadre.platform.env import cadre_env
 
 
@@ -45,6 +49,9 @@ class Service:
     port: int | None
     host: str
     timeout_s: float = 90.0
+    probe: Callable[[], bool] | None = None  # health check of a service without an HTTP endpoint
+    stop_signal: int | None = None  # sent to the leader alone (PostgreSQL: SIGINT, a fast shutdown); else SIGTERM to
+    # the whole process group
 
 
 def _bin(name: str) -> str:
@@ -70,9 +77,28 @@ class Stack:
     def services(self) -> list[Service]:
         project = self.config.project
         services: list[Service] = []
+        database = project.database
+        if database.local:
+            services.append(
+                Service(
+                    name="database",
+                    command=postgres.server_command(self.config),
+                    health_url=None,
+                    ui_url=database.server,
+                    port=database.port,
+                    host=database.host,
+                    probe=lambda: postgres.answers(self.config),
+                    stop_signal=signal.SIGINT,
+                )
+            )
         if not project.mlflow.tracking_uri:
             m = project.mlflow
             mlflow_dir = self.state / "mlflow"
+            backend = (
+                postgres.database_url(self.config, "mlflow", "psycopg2")
+                if database.backend == "postgres"
+                else f"sqlite:///{mlflow_dir / 'mlflow.db'}"
+            )
             services.append(
                 Service(
                     name="mlflow",
@@ -80,7 +106,7 @@ class Stack:
                         _bin("mlflow"),
                         "server",
                         "--backend-store-uri",
-                        f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                        backend,
                         "--artifacts-destination",
                         str(mlflow_dir / "artifacts"),
                         "--host",
@@ -88,7 +114,7 @@ class Stack:
                         "--port",
                         str(m.port),
                         "--workers",
-                        "1",
+                        str(m.workers),
                     ],
                     health_url=f"{m.uri}/health",
                     ui_url=m.uri,
@@ -173,7 +199,17 @@ class Stack:
             from cadre.runtime.base_model import ensure_gguf
 
             ensure_gguf(self.config, console=console)
+        databases_ready = self.config.project.database.backend == "sqlite"
         for service in wanted:
+            try:
+                if service.name == "database" and postgres.initialize(self.config):
+                    console.print(f"[green]✓[/green] database: new data directory {postgres.data_dir(self.config)}")
+                elif service.name in ("mlflow", "prefect") and not databases_ready:
+                    for name in postgres.ensure_databases(self.config):
+                        console.print(f"[green]✓[/green] database: created {name}")
+                    databases_ready = True
+            except postgres.PostgresError as error:
+                raise StackError(str(error)) from None
             if self._running(service):
                 if self._healthy(service):
                     console.print(f"[green]✓[/green] {service.name} already running")
@@ -197,7 +233,7 @@ class Stack:
             if pid is None:
                 continue
             if _alive(pid) and self._is_ours(service, pid):
-                _terminate_group(pid)
+                _terminate_group(pid, leader_signal=service.stop_signal)
                 stopped.append(service.name)
                 console.print(f"[yellow]■[/yellow] stopped {service.name} (pid {pid})")
             self._pidfile(service).unlink(missing_ok=True)
@@ -229,17 +265,18 @@ class Stack:
                 }
             )
         project = self.config.project
-        for name, url, health in (
-            ("mlflow", project.mlflow.tracking_uri, f"{project.mlflow.uri}/health"),
-            ("prefect", project.prefect.api_url, f"{project.prefect.api}/health"),
-            ("lm", project.lm.api_base, f"{project.lm.base_url}/models"),
+        for name, url, answers in (
+            ("database", project.database.url, lambda: postgres.answers(self.config)),
+            ("mlflow", project.mlflow.tracking_uri, lambda: _http_ok(f"{project.mlflow.uri}/health")),
+            ("prefect", project.prefect.api_url, lambda: _http_ok(f"{project.prefect.api}/health")),
+            ("lm", project.lm.api_base, lambda: _http_ok(f"{project.lm.base_url}/models")),
         ):
             if url:
                 rows.append(
                     {
                         "service": name,
-                        "state": "up (external)" if _http_ok(health) else "unreachable (external)",
-                        "url": url,
+                        "state": "up (external)" if answers() else "unreachable (external)",
+                        "url": _without_password(url),
                         "pid": None,
                         "log": "",
                     }
@@ -285,6 +322,8 @@ class Stack:
         return pid is not None and _alive(pid) and self._is_ours(service, pid)
 
     def _healthy(self, service: Service) -> bool:
+        if service.probe is not None:
+            return self._running(service) and service.probe()
         if service.health_url is None:
             return self._running(service)
         return _http_ok(service.health_url)
@@ -306,7 +345,11 @@ class Stack:
     def _start(self, service: Service) -> None:
         env = {**os.environ, **cadre_env(self.config)}
         if service.name == "prefect":
-            env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{self.state / 'prefect' / 'prefect.db'}"
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
+                postgres.database_url(self.config, "prefect", "asyncpg")
+                if self.config.project.database.backend == "postgres"
+                else f"sqlite+aiosqlite:///{self.state / 'prefect' / 'prefect.db'}"
+            )
             env["PREFECT_UI_API_URL"] = self.config.project.prefect.api
         if service.name == "worker":
             env["PREFECT_WORKER_QUERY_SECONDS"] = "2"  # pick up a triggered run within ~2 s, not 10
@@ -442,9 +485,14 @@ def _leads_group(pid: int) -> bool:
         return False
 
 
-def _terminate_group(pid: int, grace_s: float = 15.0) -> None:
+def _terminate_group(pid: int, grace_s: float = 15.0, leader_signal: int | None = None) -> None:
+    """Stop a process group: SIGTERM to all of it (or `leader_signal` to its leader alone, which stops the rest
+    itself), SIGKILL to what is left after `grace_s`."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        if leader_signal is None:
+            os.killpg(pid, signal.SIGTERM)
+        else:
+            os.kill(pid, leader_signal)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace_s
@@ -476,6 +524,14 @@ def _http_ok(url: str) -> bool:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def _without_password(url: str) -> str:
+    """A service URL fit to print: a password in it becomes `***`."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
 
 
 def _tail(path: Path, lines: int = 15) -> str:

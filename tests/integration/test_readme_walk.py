@@ -202,7 +202,13 @@ def test_the_readme_walk(project) -> None:
         )
         assert len(runs) == 1, [(r.name, r.tags) for r in runs]
         [run] = runs
-        assert "trigger:flow" in run.tags, "the optimize that ran is not the one the promoted re-index queued"
+        # Queued by Prefect: the re-index emitted cadre.index.promoted, the optimize deployment's trigger reacted.
+        assert run.created_by is not None and run.created_by.display_value.endswith(
+            "a promoted index starts optimize"
+        ), (
+            "the optimize that ran is not the one the promoted re-index queued",
+            run.created_by,
+        )
         assert run.state.is_completed()
     ran = outputs["run optimize"]
     assert f"already has flow run {run.name}" in " ".join(ran.split()), ran

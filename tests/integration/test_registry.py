@@ -442,6 +442,12 @@ def test_crash_between_evaluate_and_alias_move_keeps_registry_consistent_and_rer
 
 
 def test_concurrent_promotions_are_serialized(client, project, mlflow_server, tmp_path):
+    assert_concurrent_promotions_are_serialized(client, project, mlflow_server, tmp_path)
+
+
+def assert_concurrent_promotions_are_serialized(client: MlflowClient, project: str, mlflow_server: str, tmp_path: Path):
+    """Two processes promote two versions of one model at the same instant: the registry lock serializes them (the
+    Postgres tier runs this against MLflow on PostgreSQL with several server workers)."""
     v1 = candidate(client, project)
     decide(client, project, v1, 0.70)
     v2, v3 = candidate(client, project), candidate(client, project)

@@ -8,103 +8,27 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-from support import free_port
+from support import descendants, free_port, processes_under, run_cadre, write_stack_project
 
 from cadre.stages import STAGES
 
 pytestmark = pytest.mark.integration
-
-CADRE = [sys.executable, "-m", "cadre.cli"]
-
-
-def _write_suite(folder: Path) -> None:
-    """Sums to answer: enough for an optimize and a smoke refresh to run for real, small enough to be quick."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sums = [(a, b) for a in range(2, 9) for b in range(1, 7)]
-    for split, members in (("train", sums[:30]), ("dev", sums[30:36]), ("test", sums[36:42])):
-        lines = [json.dumps({"question": f"What is {a} plus {b}?", "answer": str(a + b)}) for a, b in members]
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-
-
-def _write_project(root: Path, ports: dict[str, int], specialists: list[str]) -> Path:
-    _write_suite(root / "evals" / "suite")
-    team = "".join(
-        textwrap.dedent(
-            f"""\
-              - name: {name}
-                description: test specialist {name}
-                program:
-                  instruction: Answer.
-                  inputs: [{{name: question}}]
-                  outputs: [{{name: answer}}]
-                  retrieve_k: 0
-                evaluation: {{suite: evals/suite}}
-                smoke: {{max_eval_cases: 4, max_train_steps: 60, max_lm_calls: 12, max_wall_seconds: 240}}
-            """
-        )
-        for name in specialists
-    )
-    text = textwrap.dedent(
-        f"""\
-        version: 1
-        project:
-          name: stacktest
-          state_dir: state
-          mlflow: {{port: {ports["mlflow"]}}}
-          prefect: {{port: {ports["prefect"]}, work_pool: stacktest-pool, max_concurrent_runs: 3}}
-          lm: {{port: {ports["lm"]}}}
-        specialists:
-        """
-    ) + textwrap.indent(team, "")
-    path = root / "pipelines.yaml"
-    path.write_text(text)
-    return path
-
-
-def _cadre(*args: str, config: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
-    return subprocess.run(
-        [*CADRE, *args, "-c", str(config)] if args[0] not in ("validate",) else [*CADRE, *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=config.parent,
-        env=env,
-    )
-
-
-def _processes_under(folder: Path) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().split(")")[-1].split()[0]
-        except OSError:
-            continue
-        if str(folder) in cmdline and state != "Z":
-            found.append(f"{entry.name}: {cmdline[:200]}")
-    return found
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
     ports = {"mlflow": free_port(), "prefect": free_port(), "lm": free_port()}
-    config = _write_project(root, ports, ["alpha", "beta"])
-    up = _cadre("up", config=config)
+    config = write_stack_project(root, ports, ["alpha", "beta"])
+    up = run_cadre("up", config=config)
     assert up.returncode == 0, up.stdout + up.stderr
     yield config, ports
-    down = _cadre("down", config=config)
+    down = run_cadre("down", config=config)
     assert down.returncode == 0, down.stderr
-    leftovers = _processes_under(root)
+    leftovers = processes_under(root)
     for line in leftovers:  # never leave processes on the machine, even when failing
         os.kill(int(line.split(":")[0]), signal.SIGKILL)
     assert not leftovers, "cadre down left processes behind:\n" + "\n".join(leftovers)
@@ -112,10 +36,10 @@ def stack(tmp_path_factory):
 
 def test_up_is_idempotent_and_status_shows_urls(stack) -> None:
     config, ports = stack
-    again = _cadre("up", config=config)
+    again = run_cadre("up", config=config)
     assert again.returncode == 0
     assert again.stderr.count("already running") == 4
-    status = _cadre("status", config=config)
+    status = run_cadre("status", config=config)
     assert f"http://127.0.0.1:{ports['prefect']}" in status.stderr
     assert f"http://127.0.0.1:{ports['mlflow']}" in status.stderr
 
@@ -131,9 +55,9 @@ def test_deploy_run_and_read_back_through_prefect_and_mlflow(stack) -> None:
     )
 
     config, ports = stack
-    deploy = _cadre("deploy", config=config)
+    deploy = run_cadre("deploy", config=config)
     assert deploy.returncode == 0, deploy.stderr
-    run = _cadre("run", "check", "--specialist", "alpha", "--budget", "smoke", "--json", config=config)
+    run = run_cadre("run", "check", "--specialist", "alpha", "--budget", "smoke", "--json", config=config)
     assert run.returncode == 0, run.stderr
     assert "Completed" in run.stderr
     [report] = json.loads(run.stdout)  # what a script reads: the same run, on stdout
@@ -184,7 +108,7 @@ def test_deploy_run_and_read_back_through_prefect_and_mlflow(stack) -> None:
     )
     assert resolved["specialist"]["name"] == "alpha"
 
-    status = _cadre("status", config=config)
+    status = run_cadre("status", config=config)
     row = next(line for line in status.stderr.splitlines() if "check/alpha" in line)
     assert "on demand" in row and "Completed" in row, status.stderr
 
@@ -198,7 +122,7 @@ def test_a_run_whose_process_died_is_crashed_by_up_and_frees_its_slot(stack) -> 
     from prefect.states import Pending, Running, Scheduled
 
     config, ports = stack
-    assert _cadre("deploy", config=config).returncode == 0
+    assert run_cadre("deploy", config=config).returncode == 0
     dead = subprocess.Popen(["true"])
     dead.wait()
     with SyncPrefectClient(f"http://127.0.0.1:{ports['prefect']}/api") as client:
@@ -225,16 +149,16 @@ def test_a_run_whose_process_died_is_crashed_by_up_and_frees_its_slot(stack) -> 
             for run in (orphan, gone)
         }
 
-        up = _cadre("up", config=config)
+        up = run_cadre("up", config=config)
         assert up.returncode == 0, up.stderr
         assert f"flow run {orphan.name} (Running) had lost its process: marked Crashed" in up.stderr
         assert client.read_flow_run(orphan.id).state.is_crashed()
         assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
         assert {mlflow.get_run(run_id).info.status for run_id in tracked.values()} == {"KILLED"}
 
-    run = _cadre("run", "check", "--specialist", "alpha", "--budget", "smoke", config=config, timeout=180)
+    run = run_cadre("run", "check", "--specialist", "alpha", "--budget", "smoke", config=config, timeout=180)
     assert run.returncode == 0 and "Completed" in run.stderr, run.stderr
-    again = _cadre("up", config=config)
+    again = run_cadre("up", config=config)
     assert "lost its process" not in again.stderr, "a finished run is not an orphan"
 
 
@@ -249,7 +173,7 @@ def test_a_flow_run_killed_by_sigkill_is_crashed_by_its_worker_and_its_mlflow_ru
     from cadre.registry.runs import TAG_FLOW_RUN
 
     config, ports = stack
-    assert _cadre("deploy", config=config).returncode == 0
+    assert run_cadre("deploy", config=config).returncode == 0
     mlflow = MlflowClient(f"http://127.0.0.1:{ports['mlflow']}")
     with SyncPrefectClient(f"http://127.0.0.1:{ports['prefect']}/api") as client:
         deployment = client.read_deployment_by_name("check/beta")
@@ -292,7 +216,7 @@ def test_redeploy_keeps_a_schedule_paused_in_the_ui_and_follows_a_new_cron(stack
     assert scheduled != original
     try:
         config.write_text(scheduled)
-        assert _cadre("deploy", config=config).returncode == 0
+        assert run_cadre("deploy", config=config).returncode == 0
         with SyncPrefectClient(f"http://127.0.0.1:{ports['prefect']}/api") as client:
             deployment = client.read_deployment_by_name("reindex/alpha")
             [schedule] = client.read_deployment_schedules(deployment.id)
@@ -300,14 +224,14 @@ def test_redeploy_keeps_a_schedule_paused_in_the_ui_and_follows_a_new_cron(stack
             client.update_deployment_schedule(deployment.id, schedule.id, active=False)  # what the UI's toggle does
 
             config.write_text(scheduled.replace("0 3 * * *", "30 4 * * *"))
-            redeploy = _cadre("deploy", config=config)
+            redeploy = run_cadre("deploy", config=config)
             assert redeploy.returncode == 0 and "reindex/alpha: cron '30 4 * * *' UTC (paused)" in redeploy.stderr
             [after] = client.read_deployment_schedules(deployment.id)
             assert not after.active, "redeploying re-activated a schedule the user paused"
             assert after.slug == "alpha-reindex" and after.schedule.cron == "30 4 * * *"
     finally:
         config.write_text(original)
-        _cadre("deploy", config=config)
+        run_cadre("deploy", config=config)
 
 
 def test_removed_specialist_loses_its_deployments(stack) -> None:
@@ -317,8 +241,8 @@ def test_removed_specialist_loses_its_deployments(stack) -> None:
     config, ports = stack
     original = config.read_text()
     try:
-        _write_project(config.parent, ports, ["alpha"])
-        deploy = _cadre("deploy", config=config)
+        write_stack_project(config.parent, ports, ["alpha"])
+        deploy = run_cadre("deploy", config=config)
         assert deploy.returncode == 0, deploy.stderr
         assert "removed check/beta" in deploy.stderr
         with SyncPrefectClient(f"http://127.0.0.1:{ports['prefect']}/api") as client:
@@ -334,29 +258,11 @@ def test_port_taken_by_another_program_is_a_clear_error(tmp_path: Path) -> None:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        config = _write_project(tmp_path, {"mlflow": taken, "prefect": free_port(), "lm": free_port()}, ["alpha"])
-        result = _cadre("up", "--only", "mlflow", config=config, timeout=60)
+        config = write_stack_project(tmp_path, {"mlflow": taken, "prefect": free_port(), "lm": free_port()}, ["alpha"])
+        result = run_cadre("up", "--only", "mlflow", config=config, timeout=60)
     assert result.returncode == 1
     assert f"port {taken}" in result.stderr and "already in use" in result.stderr
-    assert not _processes_under(tmp_path)
-
-
-def _descendants(pid: int) -> list[int]:
-    """`pid` and every process below it (from /proc), children last."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().split(")")[-1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        found.append(current)
-        queue.extend(children.get(current, []))
-    return found
+    assert not processes_under(tmp_path)
 
 
 def test_killing_one_specialists_refresh_mid_training_leaves_the_others_flows_to_finish(stack) -> None:
@@ -371,7 +277,7 @@ def test_killing_one_specialists_refresh_mid_training_leaves_the_others_flows_to
     from cadre.registry.runs import TAG_FLOW_RUN
 
     config, ports = stack
-    assert _cadre("deploy", config=config).returncode == 0
+    assert run_cadre("deploy", config=config).returncode == 0
     mlflow = MlflowClient(f"http://127.0.0.1:{ports['mlflow']}")
 
     def mlflow_run_of(flow_run_id):
@@ -403,7 +309,7 @@ def test_killing_one_specialists_refresh_mid_training_leaves_the_others_flows_to
         assert client.read_flow_run(optimize.id).state.is_running(), "beta's optimize never started"
         assert not client.read_flow_run(refresh.id).state.is_final(), "alpha's refresh ended before it was killed"
         pid = int(client.read_flow_run(refresh.id).infrastructure_pid.rpartition(":")[2])
-        for victim in _descendants(pid):
+        for victim in descendants(pid):
             try:
                 os.kill(victim, signal.SIGKILL)
             except ProcessLookupError:
@@ -420,7 +326,7 @@ def test_killing_one_specialists_refresh_mid_training_leaves_the_others_flows_to
         beta = mlflow_run_of(optimize.id)
         assert beta.info.status == "FINISHED" and "candidate_cases" in beta.data.metrics, beta.data.metrics
 
-    again = _cadre("run", "refresh", "-s", "alpha", "--budget", "smoke", config=config, timeout=900)
+    again = run_cadre("run", "refresh", "-s", "alpha", "--budget", "smoke", config=config, timeout=900)
     # It finishes and its gates decide (promoted or refused: a completed state either way).
     assert again.returncode == 0, again.stderr[-3000:]
     assert "refresh-adapter/alpha Promoted in" in again.stderr or "refresh-adapter/alpha Refused in" in again.stderr

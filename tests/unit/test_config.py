@@ -80,6 +80,32 @@ def test_specialist_overrides_defaults_key_by_key(project: Path) -> None:
 # (name, transformation of VALID, text on the offending line, occurrence, field path, words in the message)
 BAD = [
     (
+        "database url with a database name",
+        lambda t: t.replace(
+            "  name: t\n", "  name: t\n  database: {backend: postgres, url: 'postgresql://u@db:5432/x'}\n"
+        ),
+        "database:",
+        1,
+        "project.database.url",
+        "without a database name (postgresql://u@db:5432)",
+    ),
+    (
+        "database url that is not PostgreSQL",
+        lambda t: t.replace("  name: t\n", "  name: t\n  database: {backend: postgres, url: 'mysql://u@db'}\n"),
+        "database:",
+        1,
+        "project.database.url",
+        "write postgresql://USER@HOST:PORT",
+    ),
+    (
+        "several MLflow workers on SQLite",
+        lambda t: t.replace("  name: t\n", "  name: t\n  mlflow: {workers: 4}\n"),
+        "mlflow:",
+        1,
+        "project.mlflow.workers",
+        "need project.database.backend: postgres",
+    ),
+    (
         "unknown top-level key",
         lambda t: t.replace("project:", "projetc:"),
         "projetc:",
@@ -579,3 +605,31 @@ def test_cpu_threads_from_the_environment_override_the_file(project: Path, monke
     monkeypatch.setenv("CADRE_TORCH_THREADS", "many")
     with pytest.raises(ConfigError, match="threads.torch"):
         load_config(path)
+
+
+def test_database_postgres_puts_mlflow_and_prefect_on_postgresql(project: Path) -> None:
+    """`cadre up` starts PostgreSQL first and gives MLflow (with its workers) and Prefect a database each on it; with
+    a server's url it starts none and uses that one."""
+    from cadre.platform import postgres
+    from cadre.platform.stack import Stack
+
+    local = VALID.replace(
+        "  name: t\n", "  name: t\n  database: {backend: postgres, port: 5544}\n  mlflow: {workers: 3}\n"
+    )
+    config = load_config(_write(project, local))
+    services = Stack(config).services()
+    assert [service.name for service in services][:2] == ["database", "mlflow"]
+    assert services[0].port == 5544 and str(postgres.data_dir(config)) in services[0].command
+    mlflow = services[1].command
+    assert mlflow[mlflow.index("--backend-store-uri") + 1] == "postgresql+psycopg2://cadre@127.0.0.1:5544/t_mlflow"
+    assert mlflow[mlflow.index("--workers") + 1] == "3"
+    assert postgres.database_url(config, "prefect", "asyncpg") == "postgresql+asyncpg://cadre@127.0.0.1:5544/t_prefect"
+
+    remote = VALID.replace(
+        "  name: t\n", "  name: t\n  database: {backend: postgres, url: 'postgresql://ops:s3cret@db:5432'}\n"
+    )
+    config = load_config(_write(project, remote))
+    assert "database" not in [service.name for service in Stack(config).services()]
+    assert postgres.database_url(config, "mlflow", "psycopg2") == "postgresql+psycopg2://ops:s3cret@db:5432/t_mlflow"
+    [row] = [row for row in Stack(config).status() if row["service"] == "database"]
+    assert row["url"] == "postgresql://ops:***@db:5432" and row["state"] == "unreachable (external)"
