@@ -91,6 +91,8 @@ def crashed_runs_trigger(config: CadreConfig):
 
     return DeploymentEventTrigger(
         name=f"{config.project.name}: end the MLflow run of a crashed flow run",
+        description="Prefect does not know MLflow: when a flow run of the project crashes, the project's "
+        "end-crashed-tracking flow ends its MLflow run KILLED, on any live worker (managed by `cadre deploy`).",
         expect={"prefect.flow-run.Crashed"},
         parameters={"crashed": "{{ event.resource.id }}", "config_path": str(config.file)},
         **_runs_of_the_project(config),
@@ -104,6 +106,8 @@ def index_promoted_trigger(config: CadreConfig, specialist: str):
 
     return DeploymentEventTrigger(
         name=f"{config.project.name}/{specialist}: a promoted index starts optimize",
+        description=f"When a re-index or an embedder run makes a new index version of {specialist} live, it emits "
+        f"{INDEX_PROMOTED}; this re-optimizes the prompts against it, on that run's budget (managed by `cadre deploy`).",
         expect={INDEX_PROMOTED},
         match=ResourceSpecification({"prefect.resource.id": specialist_resource(config, specialist)}),
         parameters={
