@@ -157,7 +157,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         billable_codes()
         warmup_s = time.perf_counter() - started
 
+    def files_by_inode() -> dict[int, tuple[int, bool]]:
+        """Inode → (size, whether it is part of a LanceDB table) of every file of the specialist's indexes (tables,
+        version manifests, build markers): a hard-linked file is one file."""
+        folder = state_dir / "index" / SPECIALIST
+        if not folder.exists():
+            return {}
+        return {
+            path.stat().st_ino: (path.stat().st_size, "lancedb" in path.relative_to(folder).parts)
+            for path in folder.rglob("*")
+            if path.is_file()
+        }
+
+    written: dict[float, int] = {}  # bytes of new files each run wrote under the index folder
+    written_tables: dict[float, int] = {}  # of them, into LanceDB tables
+
     def reindex(change: float):
+        before = files_by_inode()
         started = time.perf_counter()
         result = plan_and_apply(
             SPECIALIST,
@@ -169,14 +185,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_documents=args.limit,
             show_progress=True,
         )
-        return result, time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        new = [(size, table) for inode, (size, table) in files_by_inode().items() if inode not in before]
+        written[change] = sum(size for size, _ in new)
+        written_tables[change] = sum(size for size, table in new if table)
+        return result, elapsed
 
     console.print("full index …")
     full, full_s = reindex(0.0)
+    full_written, full_table_written = written[0.0], written_tables[0.0]
     promote_version(state_dir, SPECIALIST, full.version)
     console.print("re-run, no change …")
     unchanged, unchanged_s = reindex(0.0)
     console.print("re-run, 1% changed …")
+    unchanged_written, unchanged_table_written = written[0.0], written_tables[0.0]
     changed, changed_s = reindex(0.01)
 
     # The bare baseline: the same chunks, straight through the model and into a fresh LanceDB table.
@@ -279,6 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "changed_deleted": changed.chunks_deleted,
         "changed_documents": [changed.documents_added, changed.documents_updated, changed.documents_deleted],
         "changed_phases_s": changed.durations_s,
+        "full_bytes_written": full_written,
+        "unchanged_bytes_written": unchanged_written,
+        "changed_bytes_written": written[0.01],
+        "full_table_bytes_written": full_table_written,
+        "unchanged_table_bytes_written": unchanged_table_written,
+        "changed_table_bytes_written": written_tables[0.01],
         "latency_ms": {
             name: percentiles(times)
             for name, times in [
@@ -318,8 +346,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(table)
     console.print("  engine phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in full.durations_s.items()))
 
-    table = Table(title="Re-runs")
-    for column in ("", "seconds", "of full run", "target", "embedded", "deleted", "documents +/~/-"):
+    table = Table(title="Re-runs (bytes written: new files in the index folder; a hard-linked file counts once)")
+    for column in (
+        "",
+        "seconds",
+        "of full run",
+        "target",
+        "embedded",
+        "deleted",
+        "documents +/~/-",
+        "MB written",
+        "of it table",
+    ):
         table.add_column(column, justify="right" if column else "left")
     table.add_row(
         "no change",
@@ -329,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         str(unchanged.chunks_embedded),
         str(unchanged.chunks_deleted),
         f"{unchanged.documents_added}/{unchanged.documents_updated}/{unchanged.documents_deleted}",
+        f"{unchanged_written / 1e6:.2f} ({unchanged_written / full_written:.4f} of full)",
+        f"{unchanged_table_written / 1e6:.2f} ({unchanged_table_written / full_table_written:.4f})",
     )
     table.add_row(
         "1% changed",
@@ -338,8 +378,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         str(changed.chunks_embedded),
         str(changed.chunks_deleted),
         f"{changed.documents_added}/{changed.documents_updated}/{changed.documents_deleted}",
+        f"{written[0.01] / 1e6:.2f} ({written[0.01] / full_written:.4f} of full)",
+        f"{written_tables[0.01] / 1e6:.2f} ({written_tables[0.01] / full_table_written:.4f})",
     )
     console.print(table)
+    console.print(
+        f"  full index wrote {full_written / 1e6:.1f} MB, {full_table_written / 1e6:.1f} MB of it into the LanceDB "
+        "table; the rest is the version's manifest (every chunk's id and hash, rewritten whole for each version)"
+    )
     console.print("  no change phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in unchanged.durations_s.items()))
     console.print("  1% changed phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in changed.durations_s.items()))
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import free_port
+from support import free_port, processes_under
 
 pytestmark = pytest.mark.integration
 
@@ -109,24 +109,10 @@ def project(tmp_path_factory) -> Path:
     config = _write_project(tmp_path_factory.mktemp("down"))
     yield config
     _cadre("down", "--grace", "5", config=config)
-    leftovers = _processes_mentioning(config.parent)
+    leftovers = processes_under(config.parent)
     for line in leftovers:  # never leave processes on the machine, even when failing
         os.kill(int(line.split(":")[0]), signal.SIGKILL)
     assert not leftovers, "processes left behind:\n" + "\n".join(leftovers)
-
-
-def _processes_mentioning(folder: Path) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state = (entry / "stat").read_text().split(")")[-1].split()[0]
-            except OSError:
-                continue
-            if str(folder) in cmdline and state != "Z":
-                found.append(f"{entry.name}: {cmdline[:200]}")
-    return found
 
 
 def _port(config: Path, service: str) -> str:

@@ -276,3 +276,56 @@ def test_versions_are_listed_opened_and_dropped(backend: IndexBackend, filled: I
     with pytest.raises(VersionNotFound):
         backend.create_version("v3", from_version="v2")
     assert backend.open_version("v1").count() == filled.count()
+
+
+def _inodes(table: Path) -> dict[int, int]:
+    """Inode → size of every file of a LanceDB table folder."""
+    return {path.stat().st_ino: path.stat().st_size for path in table.rglob("*") if path.is_file()}
+
+
+def test_a_lancedb_copy_shares_its_sources_files_writes_only_the_change_and_outlives_the_source(
+    tmp_path: Path, corpus, embedder: Embedder
+):
+    """Re-index cost follows the change: a new version links the live one's data, deletion and index files (no
+    bytes), a small change adds a fragment without compacting or re-indexing the table, and dropping the source
+    leaves the copy whole."""
+    from cadre.knowledge.index.lancedb_backend import FOLD_SHARE, LanceDBBackend
+
+    chunks, vectors = corpus
+    backend = LanceDBBackend(tmp_path / "lancedb", dimension=embedder.dimension)
+    source = backend.create_version("v1")
+    source.upsert(chunks, vectors)
+    source.ensure_indexes()
+    v1, v2 = tmp_path / "lancedb" / "v1.lance", tmp_path / "lancedb" / "v2.lance"
+    copy = backend.create_version("v2", from_version="v1")
+    before = _inodes(v1)
+    written = sum(size for inode, size in _inodes(v2).items() if inode not in before)
+    assert written < 0.2 * sum(before.values()), f"the copy wrote {written} bytes of {sum(before.values())}"
+    assert {p.stat().st_ino for p in (v1 / "data").iterdir()} == {p.stat().st_ino for p in (v2 / "data").iterdir()}
+
+    small = max(1, int(FOLD_SHARE * len(chunks)))
+    copy.upsert([dataclasses.replace(chunk, id=f"new-{i}") for i, chunk in enumerate(chunks[:small])], vectors[:small])
+    copy.ensure_indexes()
+    shared = {p.stat().st_ino for p in (v1 / "data").iterdir()}
+    assert shared <= {p.stat().st_ino for p in (v2 / "data").iterdir()}, "a small change rewrote the table"
+    assert copy.table.index_stats("content_idx").num_unindexed_rows == small  # searched flat until the next fold
+    assert f"new-{small - 1}" in {hit.id for hit in search(copy, embedder, chunks[small - 1].content, k=10)}
+
+    holder = backend.open_version("v1")  # a reader holding the source when retention drops it
+    backend.drop_version("v1")
+    assert backend.list_versions() == ["v2"]
+    with pytest.raises(VersionNotFound):
+        backend.open_version("v1")
+    assert holder.count() == len(chunks), "dropping a version broke a reader that held it"
+    assert search(holder, embedder, "typhoid endocarditis", mode="hybrid")[0].doc_id == "icd:A01.02"
+    LanceDBBackend(tmp_path / "lancedb", drop_grace_s=0).drop_version("no-such-version")  # grace over: purged
+    assert not v1.exists() and not list((tmp_path / "lancedb").glob("v1.lance*"))
+    survivor = backend.open_version("v2")
+    assert survivor.count() == len(chunks) + small
+    assert search(survivor, embedder, "typhoid endocarditis", mode="hybrid")[0].doc_id == "icd:A01.02"
+
+    many = len(chunks)  # past FOLD_SHARE: one optimize compacts the table and folds every new row in
+    survivor.upsert([dataclasses.replace(chunk, id=f"more-{i}") for i, chunk in enumerate(chunks)], vectors)
+    survivor.ensure_indexes()
+    assert survivor.table.index_stats("content_idx").num_unindexed_rows == 0
+    assert survivor.count() == 2 * many + small

@@ -1,10 +1,23 @@
 """The embedded index: LanceDB on local disk, one table per index version.
 
-Layout: `<state_dir>/index/<specialist>/lancedb/<version>.lance`. A new version copied from the live
-one is a plain copy of the live table's folder (data, deletion files and indexes; LanceDB stores
-relative paths, so the copy is a valid table) made under a temporary name and renamed into place, so
-a crash mid-copy leaves no half table behind. LanceDB's shallow `clone_table` would be faster, but a
-shallow clone keeps reading the source's data files and breaks once the source version is pruned.
+Layout: `<state_dir>/index/<specialist>/lancedb/<version>.lance`. A new version made from the live one
+is a copy of the live table's folder that shares its bulk: Lance never rewrites a data fragment, a
+deletion file or an index file once written, so those are hard links (no bytes written), and only the
+small manifests and transaction files are copied (LanceDB stores relative paths, so the copy is a valid
+table). It is made under a temporary name and renamed into place, so a crash mid-copy leaves no half
+table behind; dropping the source later only unlinks its names, the copy keeps its files. LanceDB's
+shallow `clone_table` would share files too, but it reads them through the source's folder and breaks
+once the source version is pruned. On a file system without hard links the files are copied.
+
+A small change stays small (`ensure_indexes`): while the rows the indexes do not cover are at most
+`FOLD_SHARE` of the table and it has at most `FOLD_FRAGMENTS` fragments, nothing is compacted or
+re-indexed (LanceDB's optimize would rewrite the whole table and fold every index for a 1 % change);
+those rows are searched flat, full-text and vector alike. Past either bound, one optimize compacts the
+table and folds everything in.
+
+Dropping a version (retention, an abandoned build) leaves a tombstone `<version>.lance.dropped` beside it:
+it is no longer listed or opened, but a reader that already holds it keeps reading. Its folder is removed by
+a later drop once `drop_grace_s` (an hour by default) has passed.
 
 Indexes (`ensure_indexes`): full-text (`FTS`) on `content`, a `LabelList` on the metadata labels,
 a `BTree` on `id` (upserts and deletes by id), and an `IvfFlat` cosine vector index once the table
@@ -16,10 +29,10 @@ still searched (flat) until the next `ensure_indexes` folds them in.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
+import time
 import uuid
 import warnings
 from collections.abc import Collection, Mapping, Sequence
@@ -41,10 +54,12 @@ from cadre.knowledge.index.base import (
     parse_filters,
 )
 
-logger = logging.getLogger(__name__)
-
 TABLE_SUFFIX = ".lance"
 _PARTIAL_MARK = ".partial-"
+_TOMBSTONE = ".dropped"
+
+DROP_GRACE_S = 3600.0
+"""How long a dropped version's files stay for readers that still hold it."""
 _VALID_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 _DELETE_BATCH = 2000
 RRF_K = 60
@@ -85,6 +100,16 @@ def _where(filters: Mapping[str, Any] | None) -> str | None:
         f"array_has_any(labels, [{', '.join(_quote(label) for label in group)}])" for group in parsed.label_groups
     ]
     return " AND ".join(clauses) or None
+
+
+FOLD_SHARE = 0.05
+"""Largest share of a version's rows left outside its indexes (searched flat) before `ensure_indexes` folds them in."""
+
+FOLD_FRAGMENTS = 24
+"""Most data fragments (each change adds about one) before `ensure_indexes` compacts the table."""
+
+_SHARED_PARTS = ("data", "_deletions", "_indices")
+"""Folders of a Lance table whose files are written once and never changed: a copy links them."""
 
 
 class LanceDBVersion:
@@ -255,10 +280,13 @@ class LanceDBVersion:
         return [{**rows[chunk_id], "_relevance_score": fused[chunk_id]} for chunk_id in best]
 
     def ensure_indexes(self) -> None:
-        """Compact, build missing indexes, fold new rows into existing ones, drop superseded table versions."""
+        """Build missing indexes; past `FOLD_SHARE` unindexed rows or `FOLD_FRAGMENTS` fragments, compact the table,
+        fold new rows into the indexes and drop superseded table versions. A smaller change costs nothing here."""
         from lancedb.index import FTS, BTree, IvfFlat, LabelList
 
         self._indexed_columns = None
+        if self._change_is_small():
+            return
         self._optimize()
         existing = self._index_names()
         rows = self.count()
@@ -281,6 +309,20 @@ class LanceDBVersion:
             self._indexed_columns = None
             self._optimize()
 
+    def _change_is_small(self) -> bool:
+        """Every index is there, few rows are outside them and the table has few fragments."""
+        existing = self._index_names()
+        rows = self.count()
+        wanted = {"content", "labels", "id"} | ({"vector"} if rows >= self.ann_min_rows else set())
+        if not rows or not wanted <= set(existing):
+            return False
+        stats = [self.table.index_stats(f"{column}_idx") for column in wanted]  # the names ensure_indexes gives
+        if any(stat is None for stat in stats):
+            return False
+        unindexed = max(stat.num_unindexed_rows for stat in stats)
+        fragments = self.table.stats()["fragment_stats"]["num_fragments"]
+        return unindexed <= FOLD_SHARE * rows and fragments <= FOLD_FRAGMENTS
+
     def _optimize(self) -> None:
         # Only the re-index run holding this version's lock uses it, so older table versions can go
         # at once (LanceDB warns about concurrent readers, which a version under construction has none of).
@@ -297,16 +339,24 @@ class LanceDBBackend:
         dimension: Vector length; needed only to create an empty version.
         ann_min_rows: Row count from which a vector (ANN) index is built.
         nprobes: IVF partitions probed per query (None = LanceDB's default).
+        drop_grace_s: How long a dropped version's files stay for readers that still hold it.
     """
 
     def __init__(
-        self, path: Path, *, dimension: int | None = None, ann_min_rows: int = 20_000, nprobes: int | None = None
+        self,
+        path: Path,
+        *,
+        dimension: int | None = None,
+        ann_min_rows: int = 20_000,
+        nprobes: int | None = None,
+        drop_grace_s: float = DROP_GRACE_S,
     ):
         import lancedb
 
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.dimension = dimension
+        self.drop_grace_s = drop_grace_s
         self.ann_min_rows = ann_min_rows
         self.nprobes = nprobes
         self._db = lancedb.connect(str(self.path))
@@ -319,8 +369,15 @@ class LanceDBBackend:
     def _version(self, table: Any, name: str) -> LanceDBVersion:
         return LanceDBVersion(table, name, ann_min_rows=self.ann_min_rows, nprobes=self.nprobes)
 
+    def _tombstone(self, name: str) -> Path:
+        return self.path / f"{name}{TABLE_SUFFIX}{_TOMBSTONE}"
+
+    def _exists(self, name: str) -> bool:
+        """A version is there: its folder, and no tombstone."""
+        return self._folder(name).is_dir() and not self._tombstone(name).exists()
+
     def open_version(self, name: str) -> LanceDBVersion:
-        if not self._folder(name).is_dir():
+        if not self._exists(name):
             raise VersionNotFound(f"no index version {name!r} in {self.path}")
         try:
             table = self._db.open_table(name)
@@ -332,6 +389,8 @@ class LanceDBBackend:
         """A new version: empty, or a copy of `from_version`'s folder (the source is only read)."""
         target = self._folder(name)
         self._remove_partials(name)
+        if self._tombstone(name).exists():  # the name is used again: its dropped files go now
+            self._purge(name)
         if target.exists():
             raise IndexBackendError(f"index version {name!r} already exists in {self.path}")
         if from_version is None:
@@ -340,10 +399,10 @@ class LanceDBBackend:
             table = self._db.create_table(name, schema=chunk_schema(self.dimension))
             return self._version(table, name)
         source = self._folder(from_version)
-        if not source.is_dir():
+        if not self._exists(from_version):
             raise VersionNotFound(f"no index version {from_version!r} to copy in {self.path}")
         partial = self.path / f"{name}{TABLE_SUFFIX}{_PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
-        shutil.copytree(source, partial)
+        _share_tree(source, partial)
         os.replace(partial, target)
         return self.open_version(name)
 
@@ -352,17 +411,41 @@ class LanceDBBackend:
             shutil.rmtree(leftover, ignore_errors=True)
 
     def list_versions(self) -> list[str]:
-        return sorted(
-            path.name.removesuffix(TABLE_SUFFIX) for path in self.path.glob(f"*{TABLE_SUFFIX}") if path.is_dir()
-        )
+        names = (path.name.removesuffix(TABLE_SUFFIX) for path in self.path.glob(f"*{TABLE_SUFFIX}") if path.is_dir())
+        return sorted(name for name in names if not self._tombstone(name).exists())
 
     def drop_version(self, name: str) -> None:
-        folder = self._folder(name)
+        """No longer list or open `name`; its files stay `drop_grace_s` for readers holding it, then go on a later
+        drop (each drop removes the versions whose grace has passed)."""
         self._remove_partials(name)
-        if not folder.exists():
-            return
-        try:
-            self._db.drop_table(name)
-        except Exception:
-            logger.debug("lancedb could not drop %s; removing its folder", name, exc_info=True)
-        shutil.rmtree(folder, ignore_errors=True)
+        if self._folder(name).exists() and not self._tombstone(name).exists():
+            self._tombstone(name).write_text(f"{time.time():.3f}\n")
+        for tombstone in self.path.glob(f"*{TABLE_SUFFIX}{_TOMBSTONE}"):
+            try:
+                dropped_at = float(tombstone.read_text().strip() or 0)
+            except (OSError, ValueError):
+                dropped_at = 0.0
+            if time.time() - dropped_at >= self.drop_grace_s:
+                self._purge(tombstone.name.removesuffix(f"{TABLE_SUFFIX}{_TOMBSTONE}"))
+
+    def _purge(self, name: str) -> None:
+        """Remove a dropped version's folder, then its tombstone (a crash between the two leaves a tombstone that the
+        next drop finishes)."""
+        shutil.rmtree(self._folder(name), ignore_errors=True)
+        self._tombstone(name).unlink(missing_ok=True)
+
+
+def _share_tree(source: Path, target: Path) -> None:
+    """`target` as a copy of the table folder `source`: files Lance never changes are hard links, the rest copies."""
+    for folder, _, files in os.walk(source):
+        relative = Path(folder).relative_to(source)
+        (target / relative).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            origin, copy = Path(folder) / name, target / relative / name
+            if relative.parts and relative.parts[0] in _SHARED_PARTS:
+                try:
+                    os.link(origin, copy)
+                    continue
+                except OSError:  # another file system, or links not allowed: copy
+                    pass
+            shutil.copy2(origin, copy)
