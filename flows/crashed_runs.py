@@ -23,11 +23,12 @@ def end_crashed_tracking(crashed: str, config_path: str, state: str = "Crashed")
     `prefect.flow-run.<id>`); return their ids."""
     from prefect.client.orchestration import get_client
 
-    apply_env(load_config(config_path))
+    config = load_config(config_path)
+    apply_env(config)
     flow_run_id = crashed.removeprefix(FLOW_RUN_RESOURCE)
     with get_client(sync_client=True) as client:
         name = client.read_flow_run(flow_run_id).name
-    ended = end_mlflow_runs(config_path, flow_run_id, name, f"Prefect automation: flow run {state}")
+    ended = end_mlflow_runs(config, flow_run_id, name, f"Prefect automation: flow run {state}")
     if not ended:
         print(f"flow run {name} ({state}) left no MLflow run RUNNING")
     return ended

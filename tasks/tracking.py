@@ -98,21 +98,22 @@ def end_tracking_run(flow: Any, flow_run: Any, state: Any) -> None:
     it die (its machine or its worker went with it), the heartbeat automation marks it Crashed and the
     `end-crashed-tracking` flow ends its MLflow run instead (`cadre.orchestration.automations`).
     """
-    end_mlflow_runs(flow_run.parameters["config_path"], str(flow_run.id), flow_run.name, f"Prefect {state.name} hook")
+    from cadre.config import load_config
+
+    config = load_config(flow_run.parameters["config_path"])
+    end_mlflow_runs(config, str(flow_run.id), flow_run.name, f"Prefect {state.name} hook")
 
 
-def end_mlflow_runs(config_path: str, flow_run_id: str, flow_run_name: str, ended_by: str) -> list[str]:
+def end_mlflow_runs(config: CadreConfig, flow_run_id: str, flow_run_name: str, ended_by: str) -> list[str]:
     """End KILLED the MLflow runs of a flow run that are still RUNNING; return their ids.
 
-    The runs are found by their `cadre.prefect_flow_run_id` tag; `config_path` (the flow run's parameter) names the
-    MLflow server. Each gets a `cadre.ended_by` tag saying what ended it.
+    The runs are found by their `cadre.prefect_flow_run_id` tag on the project's MLflow server (`config`, the file the
+    flow run's `config_path` parameter names). Each gets a `cadre.ended_by` tag saying what ended it.
     """
     from mlflow import MlflowClient
 
-    from cadre.config import load_config
     from cadre.registry.runs import TAG_FLOW_RUN
 
-    config = load_config(config_path)
     client = MlflowClient(config.project.mlflow.uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:

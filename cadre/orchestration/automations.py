@@ -1,7 +1,7 @@
 """What Prefect's own event machinery does for the team; `cadre deploy` sets it up, and the Prefect UI shows it
 (Automations, and each event in the Event Feed).
 
-- **Lost flow runs.** Every flow run sends a heartbeat event every `HEARTBEAT_S` seconds
+- **Lost flow runs.** Every flow run sends a heartbeat event every `FLOW_HEARTBEAT_S` seconds
   (`PREFECT_FLOWS_HEARTBEAT_FREQUENCY`, set by `cadre.platform.env.cadre_env` for every process Cadre starts). An
   automation marks a run of the project Crashed when its heartbeat has been silent for
   `project.prefect.heartbeat_timeout_s`: its machine died, or its worker was killed with it, so no worker saw the
@@ -19,9 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from cadre.config import CadreConfig
-
-HEARTBEAT_S = 30
-"""Seconds between a flow run's heartbeats (Prefect's minimum)."""
+from cadre.platform.env import FLOW_HEARTBEAT_S
 
 INDEX_PROMOTED = "cadre.index.promoted"
 """Event a flow emits when it makes a new index version of a specialist live."""
@@ -64,7 +62,7 @@ def lost_runs_automation(config: CadreConfig):
     return AutomationCore(
         name=f"{config.project.name}: crash flow runs whose heartbeat stopped",
         description=(
-            f"A flow run of Cadre project {config.project.name} sends a heartbeat every {HEARTBEAT_S} s; silent for "
+            f"A flow run of Cadre project {config.project.name} sends a heartbeat every {FLOW_HEARTBEAT_S} s; silent for "
             f"{silent} s, its machine or its worker died with it, and it is marked Crashed (managed by `cadre deploy`)."
         ),
         trigger=EventTrigger(
@@ -132,9 +130,11 @@ def emit_index_promoted(config: CadreConfig, specialist: str, version: str, budg
     )
 
 
-def ensure_lost_runs_automation(client, config: CadreConfig) -> None:
-    """Create the project's lost-runs automation, replacing one of the same name (settings may have changed)."""
+def ensure_lost_runs_automation(client, config: CadreConfig) -> str:
+    """Create the project's lost-runs automation, replacing one of the same name (settings may have changed); return
+    its name."""
     wanted = lost_runs_automation(config)
     for existing in client.read_automations_by_name(wanted.name):
         client.delete_automation(existing.id)
     client.create_automation(wanted)
+    return wanted.name

@@ -97,12 +97,12 @@ def deploy_all(config: CadreConfig, console: Console | None = None, paused: bool
 
     console = console or Console(stderr=True)
     apply_env(config)
-    project_tag = f"project:{config.project.name}"
+    project_tag = automations.project_tag(config)
     names: list[str] = []
     active: list[str] = []  # deployments whose schedule runs
     with get_client(sync_client=True) as client:
         _ensure_work_pool(client, config.project.prefect.work_pool, config.project.prefect.max_concurrent_runs)
-        automations.ensure_lost_runs_automation(client, config)
+        lost_runs = automations.ensure_lost_runs_automation(client, config)
         for spec in desired_deployments(config):
             flow = STAGE_BY_NAME[spec.flow_kind].flow_object()
             full_name = f"{flow.name}/{spec.specialist}"
@@ -144,7 +144,7 @@ def deploy_all(config: CadreConfig, console: Console | None = None, paused: bool
         console.print(
             f"[green]✓[/green] {names[-1]}: when a run crashes (a run silent for "
             f"{config.project.prefect.heartbeat_timeout_s} s is crashed by the automation "
-            f"'{automations.lost_runs_automation(config).name}')"
+            f"'{lost_runs}')"
         )
         wanted = set(names)
         managed = client.read_deployments(
@@ -520,7 +520,7 @@ def print_schedules(config: CadreConfig, console: Console) -> None:
     with get_client(sync_client=True) as client:
         deployments = client.read_deployments(
             deployment_filter=DeploymentFilter(
-                tags=DeploymentFilterTags(all_=[TAG_MANAGED, f"project:{config.project.name}"])
+                tags=DeploymentFilterTags(all_=[TAG_MANAGED, automations.project_tag(config)])
             )
         )
         flow_names = {d.flow_id: client.read_flow(d.flow_id).name for d in deployments}

@@ -38,6 +38,11 @@ for _name in QUIET_LOGGERS:  # at import: the warning fires when the library is 
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 
+FLOW_HEARTBEAT_S = 30
+"""Seconds between a flow run's heartbeats (Prefect's minimum); `cadre.orchestration.automations` crashes a run whose
+heartbeat stops."""
+
+
 def cadre_env(config: CadreConfig) -> dict[str, str]:
     """Variables that point every library at this project's services and state."""
     state = config.state_dir
@@ -51,7 +56,7 @@ def cadre_env(config: CadreConfig) -> dict[str, str]:
         "PREFECT_API_URL": config.project.prefect.api,
         # Every flow run sends heartbeats: a Prefect automation crashes the runs whose heartbeat stops
         # (cadre.orchestration.automations), whichever machine they ran on.
-        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(FLOW_HEARTBEAT_S),
         "PREFECT_HOME": str(state / "prefect"),
         "DSPY_CACHEDIR": str(state / "cache" / "dspy"),
         "HF_HOME": str(state / "cache" / "hf"),

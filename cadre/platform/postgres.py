@@ -42,14 +42,20 @@ def data_dir(config: CadreConfig) -> Path:
     return config.state_dir / "postgres"
 
 
-def binary(name: str) -> str:
+def _find(name: str) -> str | None:
     """A PostgreSQL program (`postgres`, `initdb`): on PATH, or in Debian's `/usr/lib/postgresql/<major>/bin`."""
     found = shutil.which(name)
     if found:
         return found
     versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
-    if versions:
-        return str(versions[-1])
+    return str(versions[-1]) if versions else None
+
+
+def binary(name: str) -> str:
+    """`_find(name)`, or an error saying how to install it."""
+    found = _find(name)
+    if found:
+        return found
     raise PostgresError(
         f"PostgreSQL's `{name}` is not installed, so `cadre up` cannot start a local PostgreSQL "
         "(project.database.backend: postgres). Install it (Debian: `apt-get install postgresql`), or set "
@@ -69,7 +75,7 @@ def server_command(config: CadreConfig) -> list[str]:
     database = config.project.database
     return [
         *_as_server_user(),
-        binary("postgres"),
+        _find("postgres") or "postgres",  # `initialize`, run before every start, reports a missing install
         "-D",
         str(data_dir(config)),
         "-h",
@@ -87,9 +93,11 @@ def initialize(config: CadreConfig) -> bool:
     """Make the local data directory with `initdb` if it has none; return whether it did.
 
     Raises:
-        PostgresError: initdb failed, or the server's system user cannot reach the state directory.
+        PostgresError: PostgreSQL is not installed, initdb failed, or the server's system user cannot reach the
+            state directory.
     """
     folder = data_dir(config)
+    binary("postgres")  # installed, or a clear error before anything starts
     if (folder / "PG_VERSION").exists():
         return False
     folder.mkdir(parents=True, exist_ok=True)
