@@ -152,6 +152,8 @@ class Stack:
                 ui_url=f"{project.prefect.ui}/work-pools/work-pool/{project.prefect.work_pool}",
                 port=None,
                 host=project.prefect.host,
+                # Up once Prefect lists it ONLINE in its pool: a run triggered right after `cadre up` finds it.
+                probe=lambda: worker_online(project.prefect.api, project.prefect.work_pool, worker_name(self.config)),
             )
         )
         if not project.lm.api_base:
@@ -524,6 +526,22 @@ def _http_ok(url: str) -> bool:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def worker_online(api: str, pool: str, name: str) -> bool:
+    """Whether Prefect lists the worker `name` ONLINE in work pool `pool` (it has sent a recent heartbeat)."""
+    request = urllib.request.Request(
+        f"{api}/work_pools/{urllib.parse.quote(pool)}/workers/filter",
+        data=b"{}",
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            workers = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return any(worker.get("name") == name and worker.get("status") == "ONLINE" for worker in workers)
 
 
 def _without_password(url: str) -> str:

@@ -65,6 +65,22 @@ def _start_worker(config: Path, host: str) -> subprocess.Popen:
     )
 
 
+def _wait_online(ports: dict, workers: dict[str, subprocess.Popen], logs: Path, timeout_s: float = 120) -> None:
+    """Return once Prefect lists every worker ONLINE (a run triggered before that finds no worker polling)."""
+    from cadre.platform.stack import worker_online
+
+    api = f"http://127.0.0.1:{ports['prefect']}/api"
+    deadline = time.monotonic() + timeout_s
+    waiting = set(workers)
+    while waiting and time.monotonic() < deadline:
+        for host in list(waiting):
+            assert workers[host].poll() is None, (logs / f"{host}.log").read_text()[-3000:]
+            if worker_online(api, POOL, host):
+                waiting.discard(host)
+        time.sleep(0.5)
+    assert not waiting, f"workers {sorted(waiting)} not ONLINE in {POOL} after {timeout_s:.0f} s"
+
+
 @pytest.fixture(scope="module")
 def pg_stack():
     # Not under pytest's temporary folder: run as root, PostgreSQL runs as user `postgres`, and pytest's base
@@ -86,6 +102,7 @@ def pg_stack():
             for host in HOSTS:
                 client.create_work_queue(name=host, work_pool_name=POOL)
         workers = [_start_worker(config, host) for host in HOSTS]
+        _wait_online(ports, dict(zip(HOSTS, workers, strict=True)), config.parent)
         yield config, ports, dict(zip(HOSTS, workers, strict=True))
     finally:
         for worker in workers:
