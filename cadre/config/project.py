@@ -181,6 +181,46 @@ class EmbeddingSettings(Strict):
     )
 
 
+class EngineSettings(Strict):
+    """Where the heavy, parallel work runs: a re-index embeds its changed chunks in shards there."""
+
+    backend: Literal["inline", "dask"] = Field(
+        "inline",
+        description="`inline`: in the flow run's own process, with `threads.embedding` threads. `dask`: each shard is "
+        "a Prefect task run on a Dask cluster (prefect-dask's task runner): a local cluster of `workers` processes "
+        "started for the run, or the cluster at `address`. Pays past about ten thousand changed chunks: starting "
+        "the cluster and loading the model in each worker cost seconds (`bench/reindex.py --engine` measures it).",
+    )
+    workers: int = Field(2, ge=1, le=256, description="Worker processes of the local Dask cluster (no `address`).")
+    threads_per_worker: int = Field(
+        1, ge=1, le=64, description="Threads of each local worker; each shard embeds with this many."
+    )
+    address: str | None = Field(
+        None,
+        description="The scheduler of an existing Dask cluster, `tcp://HOST:PORT`. Its workers need Cadre installed, "
+        "the embedding model at the same path, and this project's Prefect API (they report each shard there).",
+    )
+    shard_chunks: int = Field(
+        1024, ge=1, le=65536, description="Chunks per shard: one task run, one write to the index."
+    )
+
+    @model_validator(mode="after")
+    def _address_is_a_scheduler(self) -> EngineSettings:
+        if self.address is None:
+            return self
+        if self.backend != "dask":
+            raise FieldError(("address",), "a cluster address needs backend: dask (or remove address)")
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.address)
+        if parts.scheme not in ("tcp", "tls") or not parts.hostname or not parts.port:
+            raise FieldError(
+                ("address",),
+                f"{self.address!r} is not a Dask scheduler address; write tcp://HOST:PORT (e.g. tcp://10.0.0.5:8786)",
+            )
+        return self
+
+
 class ThreadSettings(Strict):
     """CPU threads, set deliberately: torch's defaults collapse on a shared 2-core machine."""
 
@@ -248,6 +288,9 @@ class ProjectSettings(Strict):
     index: IndexBackendSettings = Field(default_factory=IndexBackendSettings, description="Vector index backend.")
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings, description="Embedding model.")
     threads: ThreadSettings = Field(default_factory=ThreadSettings, description="CPU thread counts.")
+    engine: EngineSettings = Field(
+        default_factory=EngineSettings, description="Where heavy, parallel work (embedding shards) runs."
+    )
     serving: ServingSettings = Field(
         default_factory=ServingSettings, description="`cadre serve` (the OpenAI-compatible API of the team)."
     )

@@ -43,16 +43,16 @@ import os
 import secrets
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cadre.config.budget import RunBudget, plan_reindex
 from cadre.config.knowledge import ChunkingSettings, Source
-from cadre.config.project import IndexBackendSettings
+from cadre.config.project import EngineSettings, IndexBackendSettings
 from cadre.knowledge.chunking import Chunk, Chunker, load_tokenizer
 from cadre.knowledge.embedding import Embedder
 from cadre.knowledge.index import (
@@ -82,6 +82,7 @@ from cadre.knowledge.sources import (
 
 if TYPE_CHECKING:
     from cadre.config import CadreConfig
+    from cadre.knowledge.shards import ShardEngine, ShardResult
 
 logger = logging.getLogger(__name__)
 
@@ -335,6 +336,8 @@ class _Run:
         embedder: Embedder,
         chunking: ChunkingSettings,
         write_batch_size: int,
+        engine: EngineSettings,
+        resources: ExitStack,
     ):
         self.specialist = specialist
         self.layout = layout
@@ -342,6 +345,10 @@ class _Run:
         self.embedder = embedder
         self.chunking = chunking
         self.write_batch_size = write_batch_size
+        self.engine_settings = engine
+        self.resources = resources  # closed when the run ends: a local Dask cluster stops there
+        self.engine: ShardEngine | None = None  # started on the first shard: a run that changes nothing starts none
+        self.in_flight: deque[tuple[list[Chunk], ShardResult]] = deque()
         self.timer = _PhaseTimer()
         self.key = _index_key(embedder, chunking)
         self.chunker: Chunker | None = None
@@ -441,17 +448,37 @@ class _Run:
                 self.write_pending()
 
     def write_pending(self, final: bool = False) -> None:
-        """Embed and upsert full batches of pending chunks; with `final`, the last partial one too."""
+        """Send full shards of pending chunks to the engine and upsert the oldest results while more than its
+        `in_flight` wait; with `final`, the last partial shard too, and every result."""
         while len(self.pending) >= self.write_batch_size or (final and self.pending):
             batch, self.pending = self.pending[: self.write_batch_size], self.pending[self.write_batch_size :]
-            target = self.ensure_target()
+            engine = self.start_engine()
             with self.timer.phase("embed"):
-                vectors = self.embedder.embed([chunk.content for chunk in batch], progress=self.progress)
-            with self.timer.phase("write"):
-                target.upsert(batch, vectors)
-            self.chunks_embedded += len(batch)
-            self.batches_written += 1
-            _checkpoint(f"upsert {self.batches_written}")
+                self.in_flight.append((batch, engine.submit([chunk.content for chunk in batch])))
+            while len(self.in_flight) >= engine.in_flight:
+                self.write_oldest()
+        while final and self.in_flight:
+            self.write_oldest()
+
+    def start_engine(self) -> ShardEngine:
+        if self.engine is None:
+            from cadre.knowledge.shards import open_engine
+
+            self.engine = self.resources.enter_context(open_engine(self.engine_settings, self.embedder))
+        return self.engine
+
+    def write_oldest(self) -> None:
+        batch, shard = self.in_flight.popleft()
+        target = self.ensure_target()
+        with self.timer.phase("embed"):  # (with a cluster: the wait for the shard's result)
+            vectors = shard.result()
+        with self.timer.phase("write"):
+            target.upsert(batch, vectors)
+        if self.progress is not None:
+            self.progress.update(len(batch))
+        self.chunks_embedded += len(batch)
+        self.batches_written += 1
+        _checkpoint(f"upsert {self.batches_written}")
 
     # 4. chunks no current document produced
     def delete_stale(self, state: _StoredState) -> None:
@@ -483,6 +510,7 @@ def plan_and_apply(
     show_progress: bool = False,
     priority_ids: Sequence[str] = (),
     max_wall_seconds: float | None = None,
+    engine: EngineSettings | None = None,
 ) -> ReindexResult:
     """Bring a specialist's index up to date with its sources, as a new version beside the live one.
 
@@ -502,11 +530,12 @@ def plan_and_apply(
         max_documents: Cap on documents per source (the smoke budget); documents past it are not
             loaded and a python source receives it as `limit=`.
         retry: Retries for reaching sources.
-        write_batch_size: Chunks embedded and written per commit.
+        write_batch_size: Chunks embedded and written per commit: one shard.
         show_progress: Show a progress bar of chunks embedded.
         priority_ids: Under `max_documents`, ids that python sources accepting `priority_ids=` load first.
         max_wall_seconds: Stop reading documents at the first one past this many seconds; the version then
             stays an unfinished build (`wall_capped`) that the next run resumes. None: no cap.
+        engine: Where the shards are embedded (`project.engine`; default: inline, in this process).
 
     Returns:
         What the run did.
@@ -528,8 +557,10 @@ def plan_and_apply(
             embedder.model_ref,
             embedder.max_seq_length,
         )
-    with layout.run_lock():
-        run = _Run(specialist, layout, backend, embedder, chunking, write_batch_size)
+    with layout.run_lock(), ExitStack() as resources:
+        run = _Run(
+            specialist, layout, backend, embedder, chunking, write_batch_size, engine or EngineSettings(), resources
+        )
         started = time.perf_counter()
         with run.timer.phase("plan"):
             live, live_manifest, state, resumed = run.choose_start()
@@ -926,6 +957,8 @@ def reindex_specialist(
         show_progress=show_progress,
         priority_ids=suite_relevant_ids(config.resolve(settings.evaluation.suite)) if cap else (),
         max_wall_seconds=plan.max_wall_seconds,
+        engine=config.project.engine,
+        write_batch_size=config.project.engine.shard_chunks,
     )
 
 

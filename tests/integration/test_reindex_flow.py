@@ -98,3 +98,35 @@ def test_an_unknown_budget_is_refused_before_the_flow_runs(config_path: Path, ha
     with pytest.raises(ParameterTypeError, match="budget"):
         reindex("coder", str(config_path), budget="huge", trigger_optimize=False)
     assert not (config_path.parent / ".cadre" / "index").exists()
+
+
+def test_on_the_dask_engine_each_shard_is_a_task_run_of_the_flow_run(
+    config_path: Path, harness: None, clean_environment: None
+) -> None:
+    """`project.engine.backend: dask` in a real flow run: the shards run on a local Dask cluster as task runs of the
+    re-index's flow run, and the index is built and promoted as inline."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+
+    from flows.reindex import reindex
+
+    text = config_path.read_text()
+    config_path.write_text(
+        text.replace("  mlflow:", "  engine: {backend: dask, workers: 1, shard_chunks: 4}\n  mlflow:", 1)
+    )
+    state = reindex("coder", str(config_path), budget="full", trigger_optimize=False, return_state=True)
+    result = state.result()
+    assert result["changed"] is True and result["promoted"] is True, result
+    with get_client(sync_client=True) as client:
+        shards = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="embed-shard")),
+        )
+    config = load_config(config_path)
+    tracking = MlflowClient(config.project.mlflow.uri)
+    experiment = tracking.get_experiment_by_name(experiment_name(config, "coder"))
+    run = tracking.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[0]
+    chunks = int(run.data.metrics["chunks_embedded"])
+    assert (
+        chunks > 4 and len(shards) == -(-chunks // 4) and all(shard.state_name == "Completed" for shard in shards)
+    ), [(shard.name, shard.state_name) for shard in shards]

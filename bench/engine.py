@@ -1,0 +1,260 @@
+"""Benchmark of the distributed engine (`project.engine`) on ICD-10-CM's chunks, side by side in one run.
+
+1. The re-index with its shards on a local Dask cluster of 1 and of 2 worker processes (1 thread each, through
+   Prefect's Dask task runner: each shard a task run), against the bare model embedding the same shards one after
+   another in one process at 1 thread. Ours does the whole re-index (load, chunk, embed, write, indexes, manifest)
+   and pays for starting the cluster and loading the model in every worker; the bare side embeds only.
+2. The same 2-worker embedding through bare Dask (`Client.map`, no Prefect) and, when `ray` is installed, bare Ray
+   (remote tasks): what Prefect's layer costs, and Dask against Ray.
+3. Startup and per-task cost of each engine: cluster start, and 40 empty tasks.
+4. A projection, from the measured per-worker throughput, of a 10-million-document corpus on N workers.
+
+Run from the repository root (a Prefect server is started for the run unless PREFECT_API_URL is set):
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/engine.py --documents 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SPECIALIST = "icd10-coder"
+MODEL_CACHE: dict = {}
+
+
+def embed_texts(embedder, texts: list[str]):
+    """Bare worker function (Dask, Ray): the model loads once per worker process, as in `embed_shard`."""
+    return embedder.embed(texts)
+
+
+def empty(_: int) -> int:
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--documents", type=int, default=3000, help="ICD-10-CM documents to index")
+    parser.add_argument("--shard", type=int, default=1024, help="chunks per shard")
+    parser.add_argument("--no-ray", action="store_true", help="skip Ray even when it is installed")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(REPO))
+    from cadre.platform.env import OFFLINE_ENV
+
+    os.environ.update(OFFLINE_ENV)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"  # (the shards run outside a flow here)
+    import dataclasses
+    import logging
+
+    for name in ("distributed", "prefect"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from cadre.config import load_config
+    from cadre.config.knowledge import PythonSource
+    from cadre.config.project import EngineSettings, ThreadSettings
+    from cadre.knowledge.chunking import Chunker, load_tokenizer
+    from cadre.knowledge.embedding import Embedder
+    from cadre.knowledge.reindex import plan_and_apply
+    from cadre.knowledge.sources import SkipReport, load_documents
+
+    torch.set_num_threads(1)
+    console = Console(width=max(Console().width, 120))
+    config = load_config(REPO / "pipelines.yaml")
+    chunking = config.specialist(SPECIALIST).chunking
+    embedder = Embedder.load(config.project.embedding, ThreadSettings(torch=1, embedding=1), root=config.root)
+    source = PythonSource(kind="python", name="icd10cm", entrypoint="bench.reindex:icd10_documents", options={})
+    documents = list(
+        load_documents(
+            [source],
+            root=REPO,
+            max_document_bytes=chunking.max_document_bytes,
+            skips=SkipReport(),
+            limit_per_source=args.documents,
+        )
+    )
+    chunks = [c for cs in Chunker(load_tokenizer(embedder.model_dir), chunking).chunk_many(documents) for c in cs]
+    texts = [chunk.content for chunk in chunks]
+    shards = [texts[i : i + args.shard] for i in range(0, len(texts), args.shard)]
+    console.print(
+        f"[bold]Cadre engine benchmark[/] · {len(documents)} ICD-10-CM documents · {len(texts)} chunks · "
+        f"{len(shards)} shards of {args.shard} · 1 thread per worker · {os.cpu_count()} CPUs"
+    )
+
+    with ExitStack() as stack:
+        if not os.environ.get("PREFECT_API_URL"):
+            from prefect.testing.utilities import prefect_test_harness
+
+            with console.status("starting a Prefect server for the task runs"):
+                stack.enter_context(prefect_test_harness(server_startup_timeout=180))
+        rows: list[tuple[str, float, str]] = []
+
+        def bare() -> float:
+            with console.status("bare: one process, the shards one after another"):
+                embedder.embed(["warm up"])
+                started = time.perf_counter()
+                for shard in shards:
+                    embedder.embed(shard)
+                return time.perf_counter() - started
+
+        bare_s = bare()
+        rows.append(("bare sentence-transformers, 1 process, 1 thread (embedding only)", bare_s, "model loaded; first"))
+
+        per_worker: dict[int, float] = {}
+        for workers in (1, 2):
+            with console.status(f"ours: the re-index, {workers} Dask worker(s) through Prefect"):
+                state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cadre-engine-")))
+                started = time.perf_counter()
+                result = plan_and_apply(
+                    SPECIALIST,
+                    [source],
+                    chunking,
+                    root=REPO,
+                    state_dir=state,
+                    embedder=embedder,
+                    max_documents=args.documents,
+                    write_batch_size=args.shard,
+                    engine=EngineSettings(backend="dask", workers=workers, threads_per_worker=1),
+                )
+                elapsed = time.perf_counter() - started
+            assert result.chunks_embedded == len(texts), (result.chunks_embedded, len(texts))
+            per_worker[workers] = elapsed
+            rows.append(
+                (
+                    f"ours: re-index, {workers} local Dask worker{'s' * (workers > 1)} via Prefect (whole run)",
+                    elapsed,
+                    f"embed+wait {result.durations_s.get('embed', 0):.1f} s, cluster start and model loads included",
+                )
+            )
+
+        overhead: list[tuple[str, float, float]] = []
+        worker_embedder = dataclasses.replace(embedder, threads=1)
+        from distributed import Client, LocalCluster
+
+        with console.status("bare Dask: 2 workers, Client.map"):
+            started = time.perf_counter()
+            with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+                with Client(cluster) as client:
+                    start_s = time.perf_counter() - started
+                    t = time.perf_counter()
+                    client.gather(client.map(empty, range(40), pure=False))
+                    empty_s = time.perf_counter() - t
+                    t = time.perf_counter()
+                    client.gather(client.map(embed_texts, [worker_embedder] * len(shards), shards, pure=False))
+                    dask_embed_s = time.perf_counter() - t
+            dask_s = time.perf_counter() - started
+        rows.append(("bare Dask, 2 workers (no Prefect)", dask_s, f"of which embedding {dask_embed_s:.1f} s"))
+        overhead.append(("Dask (LocalCluster, 2 processes)", start_s, empty_s))
+
+        with console.status("Prefect's Dask task runner: 40 empty task runs"):
+            from prefect import task
+            from prefect.cache_policies import NO_CACHE
+            from prefect_dask import DaskTaskRunner
+
+            empty_task = task(empty, name="empty", cache_policy=NO_CACHE, persist_result=False)
+            started = time.perf_counter()
+            with DaskTaskRunner(
+                cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+            ) as runner:
+                runner.client  # noqa: B018 (starts the cluster)
+                start_s = time.perf_counter() - started
+                t = time.perf_counter()
+                for future in [runner.submit(empty_task, {"_": n}) for n in range(40)]:
+                    future.result()
+                empty_s = time.perf_counter() - t
+        overhead.append(("Prefect task runs on Dask (prefect-dask)", start_s, empty_s))
+
+        try:
+            if args.no_ray:
+                raise ImportError
+            import ray
+        except ImportError:
+            ray = None
+            rows.append(("bare Ray, 2 workers", float("nan"), "not measured: pip install ray"))
+        if ray is not None:
+            with console.status("bare Ray: 2 workers, remote tasks"):
+                started = time.perf_counter()
+                ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+                remote_empty = ray.remote(num_cpus=1)(empty)
+                ray.get(remote_empty.remote(0))
+                start_s = time.perf_counter() - started
+                t = time.perf_counter()
+                ray.get([remote_empty.remote(n) for n in range(40)])
+                empty_s = time.perf_counter() - t
+                remote_embed = ray.remote(num_cpus=1)(embed_texts)
+                t = time.perf_counter()
+                ray.get([remote_embed.remote(worker_embedder, shard) for shard in shards])
+                ray_embed_s = time.perf_counter() - t
+                ray_s = time.perf_counter() - started
+                ray.shutdown()
+            rows.append(("bare Ray, 2 workers", ray_s, f"of which embedding {ray_embed_s:.1f} s"))
+            overhead.append(("Ray (ray.init, 2 CPUs)", start_s, empty_s))
+
+        bare_again_s = bare()
+        rows.append(
+            (
+                "bare again, at the end (the machine's drift over the run)",
+                bare_again_s,
+                "speed-ups above are against the first",
+            )
+        )
+
+    table = Table(title=f"Embedding {len(texts)} chunks in {len(shards)} shards (one run, side by side)")
+    for column in ("system", "wall s", "chunks/s", "speed-up vs bare", "note"):
+        table.add_column(column, justify="left" if column in ("system", "note") else "right")
+    for name, seconds, note in rows:
+        ok = seconds == seconds
+        table.add_row(
+            name,
+            f"{seconds:.1f}" if ok else "–",
+            f"{len(texts) / seconds:.0f}" if ok else "–",
+            f"{bare_s / seconds:.2f}×" if ok else "–",
+            note,
+        )
+    console.print(table)
+    console.print(
+        f"2 workers against 1 (ours): [bold]{per_worker[1] / per_worker[2]:.2f}×[/]; each worker embeds "
+        f"{len(texts) / bare_s:.0f} chunks/s at 1 thread"
+    )
+
+    costs = Table(title="What an engine costs before it embeds")
+    for column in ("engine", "start s", "40 empty tasks s", "per task ms"):
+        costs.add_column(column, justify="left" if column == "engine" else "right")
+    for name, start_s, empty_s in overhead:
+        costs.add_row(name, f"{start_s:.2f}", f"{empty_s:.2f}", f"{empty_s / 40 * 1000:.1f}")
+    console.print(costs)
+
+    # The projection: the measured single-thread throughput per worker, the measured chunks per document, and the
+    # 2-worker run's efficiency (its speed-up over 1 worker, per worker) held constant.
+    chunks_per_document = len(texts) / len(documents)
+    rate = len(texts) / bare_s
+    efficiency = per_worker[1] / per_worker[2] / 2
+    projection = Table(title="Projection: 10 million documents (measured rates; efficiency of 2 workers kept)")
+    for column in ("workers (1 thread each)", "chunks", "hours"):
+        projection.add_column(column, justify="right")
+    total_chunks = 10_000_000 * chunks_per_document
+    for workers in (1, 2, 16, 64, 256):
+        hours = total_chunks / (rate * (1 if workers == 1 else workers * efficiency)) / 3600
+        projection.add_row(str(workers), f"{total_chunks:,.0f}", f"{hours:,.1f}")
+    console.print(projection)
+    console.print(
+        f"(chunks per document {chunks_per_document:.2f}, {rate:.0f} chunks/s per worker, 2-worker efficiency "
+        f"{efficiency:.2f}; a GPU worker was not measured here: no GPU on this machine)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
