@@ -52,8 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.update(OFFLINE_ENV)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"  # (the shards run outside a flow here)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the tables, not a line per task run
     import dataclasses
     import logging
+
+    import distributed  # noqa: F401 (its loggers exist once imported)
+    import prefect  # noqa: F401
 
     for name in ("distributed", "prefect"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -17,6 +17,9 @@ Run from the repository root:
 
 `--bare-sample F` embeds only a random fraction F of the chunks for the bare baseline and scales
 its time to all chunks (the full baseline doubles the run's length on a slow machine).
+
+`--engine [ARGS]` runs the distributed engine's benchmark instead (`bench/engine.py`: the shards on 1 and 2
+local Dask workers against bare one-process embedding, and a 10-million-document projection).
 """
 
 from __future__ import annotations
@@ -82,6 +85,12 @@ def timed_calls(call, items: Sequence[Any]) -> tuple[list[float], list[Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--engine"]:
+        sys.path.insert(0, str(REPO))
+        from bench.engine import main as engine_main
+
+        return engine_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=None, help="index only this many documents (test codes first)")
     parser.add_argument(

@@ -223,7 +223,8 @@ def _copy_index(parts: BundleParts, bundle: Path) -> dict[str, Any]:
     target = IndexLayout(bundle / KNOWLEDGE_DIR, parts.specialist)
     shutil.copytree(table, target.lancedb_dir / table.name)
     target.manifest_path(version).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source.manifest_path(version), target.manifest_path(version))
+    # Whole, as the bundle carries no other version (here it may be a difference from one).
+    target.manifest_path(version).write_text(json.dumps(source.manifest_json(version)), encoding="utf-8")
     shutil.copytree(model_dir, bundle / EMBEDDER_DIR, ignore=shutil.ignore_patterns(".*"))
     return {
         "state_dir": KNOWLEDGE_DIR,

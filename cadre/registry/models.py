@@ -87,12 +87,15 @@ class ModelSpec:
         settings: the JSON state the model answers from (`cadre_model.json`).
         input_example: one case, `{column: value}`.
         uploads: local files or folders logged into the model folder first (path inside it → local path).
+        documents: JSON files written into the model folder first (path inside it → content): an index version's
+            whole manifest (its file here may be a difference from another version's).
     """
 
     kind: str
     settings: dict[str, Any]
     input_example: dict[str, Any]
     uploads: dict[str, str] = field(default_factory=dict)
+    documents: dict[str, Any] = field(default_factory=dict)
 
     def signature(self) -> ModelSignature:
         program = self.settings["program"]
@@ -142,6 +145,7 @@ def model_spec(
         "parts": parts or {},
     }
     uploads: dict[str, str] = {}
+    documents: dict[str, Any] = {}
     if kind == "index":
         if index_version is None:
             raise ModelError("an index model needs its index version")
@@ -156,7 +160,7 @@ def model_spec(
         state["index"] |= {"version": index_version, "key": manifest.index_key.as_dict(), "embedder": embedder}
         inside = f"{INDEX_STATE}/index/{specialist}"
         # The manifest goes with the table: the searcher reads from it which embedder embeds this version's queries.
-        uploads[f"{inside}/manifests/{index_version}.json"] = str(layout.manifest_path(index_version))
+        documents[f"{inside}/manifests/{index_version}.json"] = layout.manifest_json(index_version)
         if project.index.backend == "lancedb":
             table = layout.lancedb_dir / f"{index_version}.lance"
             uploads[f"{inside}/lancedb/{table.name}"] = str(table)
@@ -170,7 +174,7 @@ def model_spec(
     elif kind in ("program", "adapter") and settings.program.retrieve_k:
         state["parts"] = {"index": f"models:/{_name(project.name, specialist, 'index')}@champion"}
     example = {item.name: _example_value(config, specialist, item.name) for item in settings.program.inputs}
-    return ModelSpec(kind=kind, settings=state, input_example=example, uploads=uploads)
+    return ModelSpec(kind=kind, settings=state, input_example=example, uploads=uploads, documents=documents)
 
 
 def _base_gguf(config: CadreConfig, base_model: str) -> Path:
@@ -216,6 +220,11 @@ def log_model_files(client: MlflowClient, run_id: str, artifact_path: str, spec:
             client.log_artifacts(run_id, local, target)
         else:
             client.log_artifact(run_id, local, str(Path(target).parent))
+    for inside, content in spec.documents.items():
+        with tempfile.TemporaryDirectory(prefix="cadre-model-") as folder:
+            local = Path(folder) / Path(inside).name
+            local.write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
+            client.log_artifact(run_id, str(local), str(Path(f"{artifact_path}/{inside}").parent))
     files = _model_files(client, run_id, artifact_path, spec.kind)
     with tempfile.TemporaryDirectory(prefix="cadre-model-") as folder:
         work = Path(folder)

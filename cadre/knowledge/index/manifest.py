@@ -4,7 +4,7 @@
         live.json                         which version is live, per specialist (`cadre.knowledge.index.live`)
         <specialist>/
             lancedb/<version>.lance       the versions themselves (LanceDB backend)
-            manifests/<version>.json      written once the version is complete
+            manifests/<version>.json      written once the version is complete (whole, or as a difference)
             builds/<version>.json         marker of a version under construction (removed when complete)
             reindex.lock                  held by the one re-index run of this specialist
 
@@ -13,6 +13,14 @@ identity of the index (embedding model, chunking) and a fingerprint of the corpu
 *after* every chunk of the version is stored, so a version with a manifest is complete; the manifest
 of a complete version is exactly what its table holds, and a later run reads it instead of scanning
 the table.
+
+A version built from another one whose manifest is here stores only its difference from it
+(`documents_delta`: the documents added or changed, the ids deleted), so a 1 % change writes about 1 % of
+a manifest, as the table does. A chain of differences is cut at `MAX_DELTA_CHAIN` versions, or when the
+difference is past `MAX_DELTA_SHARE` of the documents: that version's manifest is written whole.
+`read_manifest` always returns the whole content; `manifest_json` gives it as one self-contained file (the
+registry and the edge bundle ship that). Removing a manifest (`remove_manifest`, pruning) first writes
+whole every manifest that is a difference from it.
 """
 
 from __future__ import annotations
@@ -31,6 +39,14 @@ from typing import Any
 from cadre.knowledge.index.live import LivePointers, read_json, write_json_atomic
 
 MANIFEST_FORMAT = 1
+MAX_DELTA_CHAIN = 8
+"""Most manifests read to rebuild one version's content (the version's own, and 7 bases)."""
+MAX_DELTA_SHARE = 0.25
+"""A difference touching more than this share of the documents is written as a whole manifest."""
+
+
+class ManifestError(RuntimeError):
+    """A manifest cannot be read whole: the version it is a difference from is gone."""
 
 
 def utc_now() -> str:
@@ -131,8 +147,9 @@ class Manifest:
     def chunk_count(self) -> int:
         return sum(len(chunk_ids) for _, chunk_ids in self.documents.values())
 
-    def to_json(self) -> dict[str, Any]:
-        return {
+    def to_json(self, base: Manifest | None = None) -> dict[str, Any]:
+        """The manifest as JSON: whole, or with `base` (the manifest of `base_version`) as its difference from it."""
+        header = {
             "format": MANIFEST_FORMAT,
             "specialist": self.specialist,
             "version": self.version,
@@ -144,28 +161,44 @@ class Manifest:
             "counts": {"documents": len(self.documents), "chunks": self.chunk_count},
             "stats": self.stats,
             "embedder": self.embedder,
-            "documents": {
-                doc_id: [content_hash, chunk_ids]
-                for doc_id, (content_hash, chunk_ids) in sorted(self.documents.items())
-            },
         }
+        if base is None:
+            return header | {"documents": _entries(self.documents)}
+        changed = {doc_id: entry for doc_id, entry in self.documents.items() if base.documents.get(doc_id) != entry}
+        deleted = sorted(doc_id for doc_id in base.documents if doc_id not in self.documents)
+        return header | {"documents_delta": {"base": base.version, "changed": _entries(changed), "deleted": deleted}}
 
     @classmethod
-    def from_json(cls, content: dict[str, Any]) -> Manifest:
+    def from_json(cls, content: dict[str, Any], base: Manifest | None = None) -> Manifest:
+        """A manifest from `to_json`'s output; a difference needs `base`, the manifest it is a difference from."""
         if content.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"unknown manifest format {content.get('format')!r}")
+        delta = content.get("documents_delta")
+        if delta is None:
+            documents = {doc_id: (entry[0], list(entry[1])) for doc_id, entry in content["documents"].items()}
+        else:
+            if base is None or base.version != delta["base"]:
+                raise ValueError(f"the manifest of {content['version']} needs the manifest of {delta['base']}")
+            documents = dict(base.documents)
+            for doc_id in delta["deleted"]:
+                documents.pop(doc_id, None)
+            documents.update({doc_id: (entry[0], list(entry[1])) for doc_id, entry in delta["changed"].items()})
         return cls(
             specialist=content["specialist"],
             version=content["version"],
             base_version=content.get("base_version"),
             index_key=IndexKey.from_dict(content["index_key"]),
-            documents={doc_id: (entry[0], list(entry[1])) for doc_id, entry in content["documents"].items()},
+            documents=documents,
             created_at=content.get("created_at", ""),
             completed_at=content.get("completed_at", ""),
             corpus_fingerprint=content.get("corpus_fingerprint", ""),
             stats=content.get("stats", {}),
             embedder=content.get("embedder", {}),
         )
+
+
+def _entries(documents: dict[str, tuple[str, list[str]]]) -> dict[str, list]:
+    return {doc_id: [content_hash, chunk_ids] for doc_id, (content_hash, chunk_ids) in sorted(documents.items())}
 
 
 @dataclass(frozen=True)
@@ -220,13 +253,52 @@ class IndexLayout:
         return str(shipped) if shipped.is_dir() else key.embedding_model
 
     def read_manifest(self, version: str) -> Manifest | None:
+        """The whole manifest of a complete version (a difference is applied to its bases); None if incomplete.
+
+        Raises:
+            ManifestError: it is a difference from a version whose manifest is gone.
+        """
+        return self._read(version)[0]
+
+    def _read(self, version: str) -> tuple[Manifest | None, int]:
+        """The manifest and how many manifest files were read to rebuild it."""
         content = read_json(self.manifest_path(version))
-        return Manifest.from_json(content) if content else None
+        if not content:
+            return None, 0
+        delta = content.get("documents_delta")
+        if delta is None:
+            return Manifest.from_json(content), 1
+        base, depth = self._read(delta["base"])
+        if base is None:
+            raise ManifestError(
+                f"the manifest of index version {version} of {self.specialist} is a difference from {delta['base']}, "
+                f"whose manifest is gone ({self.manifest_path(delta['base'])}); re-index to build a new version"
+            )
+        return Manifest.from_json(content, base), depth + 1
 
     def write_manifest(self, manifest: Manifest) -> Path:
+        """Write a complete version's manifest: as its difference from its base version when that is small and the
+        chain of differences short, else whole."""
+        base, depth = self._read(manifest.base_version) if manifest.base_version else (None, 0)
+        if base is not None:
+            changed = sum(1 for doc_id, entry in manifest.documents.items() if base.documents.get(doc_id) != entry)
+            deleted = sum(1 for doc_id in base.documents if doc_id not in manifest.documents)
+            if depth >= MAX_DELTA_CHAIN or changed + deleted > MAX_DELTA_SHARE * max(1, len(manifest.documents)):
+                base = None
         path = self.manifest_path(manifest.version)
-        write_json_atomic(path, manifest.to_json())
+        write_json_atomic(path, manifest.to_json(base))
         return path
+
+    def manifest_json(self, version: str) -> dict[str, Any]:
+        """A complete version's manifest as one whole JSON document (to ship it without its bases).
+
+        Raises:
+            ValueError: the version is not complete.
+        """
+        manifest = self.read_manifest(version)
+        if manifest is None:
+            raise ValueError(f"index version {version!r} of {self.specialist!r} is not complete")
+        return manifest.to_json()
 
     def record_embedder_version(self, version: str, registry_version: str) -> None:
         """Note on a complete version's manifest the `embedder` registry version that embedded it (after promotion).
@@ -266,6 +338,11 @@ class IndexLayout:
             os.unlink(self.builds_dir / f"{version}.json")
 
     def remove_manifest(self, version: str) -> None:
+        """Remove a version's manifest; every manifest that is a difference from it is written whole first."""
+        for other in self.complete_versions():
+            content = read_json(self.manifest_path(other)) if other != version else None
+            if content and (content.get("documents_delta") or {}).get("base") == version:
+                write_json_atomic(self.manifest_path(other), self.manifest_json(other))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.manifest_path(version))
 
