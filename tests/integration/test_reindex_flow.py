@@ -127,6 +127,6 @@ def test_on_the_dask_engine_each_shard_is_a_task_run_of_the_flow_run(
     experiment = tracking.get_experiment_by_name(experiment_name(config, "coder"))
     run = tracking.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])[0]
     chunks = int(run.data.metrics["chunks_embedded"])
-    assert (
-        chunks > 4 and len(shards) == -(-chunks // 4) and all(shard.state_name == "Completed" for shard in shards)
-    ), [(shard.name, shard.state_name) for shard in shards]
+    assert chunks > 4 and len(shards) == -(-chunks // 4) and all(shard.state_name == "Completed" for shard in shards), [
+        (shard.name, shard.state_name) for shard in shards
+    ]
