@@ -393,7 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(table)
     console.print(
         f"  full index wrote {full_written / 1e6:.1f} MB, {full_table_written / 1e6:.1f} MB of it into the LanceDB "
-        "table; the rest is the version's manifest (every chunk's id and hash, rewritten whole for each version)"
+        "table; the rest is the version's manifest (every chunk's id and hash: whole for the first version, a "
+        "version built from another stores its difference)"
     )
     console.print("  no change phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in unchanged.durations_s.items()))
     console.print("  1% changed phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in changed.durations_s.items()))
