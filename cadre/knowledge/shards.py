@@ -2,8 +2,8 @@
 
 `project.engine.backend: dask` sends each shard of changed chunks to a Dask cluster as a Prefect task run
 (`embed-shard`, through prefect-dask's `DaskTaskRunner`): a local cluster of `engine.workers` processes started for
-the run, or the scheduler at `engine.address`. Each task run shows in the Prefect UI under the re-index's
-`build-index-version` task.
+the run, or the scheduler at `engine.address`. Each shows in the Prefect UI as a task run of the re-index's flow
+run.
 
 Shards are idempotent. A shard is a pure function of its texts and the model; only the re-index's own process
 writes the vectors into the index, once per shard, as the shard's result arrives. When a worker dies mid-shard, Dask
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Protocol
@@ -87,6 +88,17 @@ class DaskEngine:
 
 
 @contextmanager
+def _environment_restored() -> Iterator[None]:
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        os.environ.update(saved)
+
+
+@contextmanager
 def open_engine(settings: EngineSettings, embedder: Embedder) -> Iterator[ShardEngine]:
     """The engine `settings` describe, started for the `with` block (a local Dask cluster stops at its end).
 
@@ -109,6 +121,9 @@ def open_engine(settings: EngineSettings, embedder: Embedder) -> Iterator[ShardE
             }
         )
     with ExitStack() as stack:
+        # A local cluster's nannies write the workers' settings (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_, ...)
+        # into this process's environment; they must not outlive the cluster in the flow run's process.
+        stack.enter_context(_environment_restored())
         stack.enter_context(runner)
         try:
             client = runner.client  # starts the local cluster, or connects to the one at the address

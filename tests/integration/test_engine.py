@@ -219,10 +219,16 @@ def test_the_local_cluster_builds_the_inline_index_and_each_shard_is_a_task_run(
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterStartTime
 
     began = datetime.now(UTC)
+    before = dict(os.environ)
     engine = EngineSettings(backend="dask", workers=2, threads_per_worker=1)
     result = build(project, embedder, ".local-cluster", engine)
     clean, clean_vectors = reference
     assert_same_index(vectors(project, ".local-cluster", result.version), clean_vectors)
+
+    assert os.environ.get("MALLOC_TRIM_THRESHOLD_") == before.get("MALLOC_TRIM_THRESHOLD_"), (
+        "the cluster's worker settings leaked into this process's environment"
+    )
+    assert os.environ.get("OMP_NUM_THREADS") == before.get("OMP_NUM_THREADS")
 
     shards = -(-clean.chunks_embedded // SHARD)
     with get_client(sync_client=True) as prefect:
