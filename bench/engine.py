@@ -27,7 +27,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIALIST = "icd10-coder"
-MODEL_CACHE: dict = {}
 
 
 def embed_texts(embedder, texts: list[str]):

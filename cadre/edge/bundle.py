@@ -195,6 +195,7 @@ def _copy_index(parts: BundleParts, bundle: Path) -> dict[str, Any]:
     """Copy the index version's table and manifest, and the embedding model that built it; their manifest entry."""
     from cadre.knowledge.embedding import model_fingerprint, resolve_model_path
     from cadre.knowledge.index import IndexLayout
+    from cadre.knowledge.index.live import write_json_atomic
 
     if parts.index_state_dir is None or parts.index_version is None:
         raise BundleError(
@@ -222,9 +223,8 @@ def _copy_index(parts: BundleParts, bundle: Path) -> dict[str, Any]:
         )
     target = IndexLayout(bundle / KNOWLEDGE_DIR, parts.specialist)
     shutil.copytree(table, target.lancedb_dir / table.name)
-    target.manifest_path(version).parent.mkdir(parents=True, exist_ok=True)
     # Whole, as the bundle carries no other version (here it may be a difference from one).
-    target.manifest_path(version).write_text(json.dumps(source.manifest_json(version)), encoding="utf-8")
+    write_json_atomic(target.manifest_path(version), source.manifest_json(version))
     shutil.copytree(model_dir, bundle / EMBEDDER_DIR, ignore=shutil.ignore_patterns(".*"))
     return {
         "state_dir": KNOWLEDGE_DIR,

@@ -147,8 +147,16 @@ class Manifest:
     def chunk_count(self) -> int:
         return sum(len(chunk_ids) for _, chunk_ids in self.documents.values())
 
-    def to_json(self, base: Manifest | None = None) -> dict[str, Any]:
-        """The manifest as JSON: whole, or with `base` (the manifest of `base_version`) as its difference from it."""
+    def difference(self, base: Manifest) -> ManifestDelta:
+        """What this manifest adds, changes and deletes against `base` (the manifest of `base_version`)."""
+        return ManifestDelta(
+            base=base.version,
+            changed={doc_id: entry for doc_id, entry in self.documents.items() if base.documents.get(doc_id) != entry},
+            deleted=sorted(doc_id for doc_id in base.documents if doc_id not in self.documents),
+        )
+
+    def to_json(self, delta: ManifestDelta | None = None) -> dict[str, Any]:
+        """The manifest as JSON: whole, or as `delta`, its difference from its base version (`difference`)."""
         header = {
             "format": MANIFEST_FORMAT,
             "specialist": self.specialist,
@@ -162,11 +170,11 @@ class Manifest:
             "stats": self.stats,
             "embedder": self.embedder,
         }
-        if base is None:
+        if delta is None:
             return header | {"documents": _entries(self.documents)}
-        changed = {doc_id: entry for doc_id, entry in self.documents.items() if base.documents.get(doc_id) != entry}
-        deleted = sorted(doc_id for doc_id in base.documents if doc_id not in self.documents)
-        return header | {"documents_delta": {"base": base.version, "changed": _entries(changed), "deleted": deleted}}
+        return header | {
+            "documents_delta": {"base": delta.base, "changed": _entries(delta.changed), "deleted": delta.deleted}
+        }
 
     @classmethod
     def from_json(cls, content: dict[str, Any], base: Manifest | None = None) -> Manifest:
@@ -195,6 +203,19 @@ class Manifest:
             stats=content.get("stats", {}),
             embedder=content.get("embedder", {}),
         )
+
+
+@dataclass(frozen=True)
+class ManifestDelta:
+    """A manifest's documents as a difference from its base version's: added or changed entries, deleted ids."""
+
+    base: str
+    changed: dict[str, tuple[str, list[str]]]
+    deleted: list[str]
+
+    @property
+    def size(self) -> int:
+        return len(self.changed) + len(self.deleted)
 
 
 def _entries(documents: dict[str, tuple[str, list[str]]]) -> dict[str, list]:
@@ -279,14 +300,14 @@ class IndexLayout:
     def write_manifest(self, manifest: Manifest) -> Path:
         """Write a complete version's manifest: as its difference from its base version when that is small and the
         chain of differences short, else whole."""
+        delta = None
         base, depth = self._read(manifest.base_version) if manifest.base_version else (None, 0)
-        if base is not None:
-            changed = sum(1 for doc_id, entry in manifest.documents.items() if base.documents.get(doc_id) != entry)
-            deleted = sum(1 for doc_id in base.documents if doc_id not in manifest.documents)
-            if depth >= MAX_DELTA_CHAIN or changed + deleted > MAX_DELTA_SHARE * max(1, len(manifest.documents)):
-                base = None
+        if base is not None and depth < MAX_DELTA_CHAIN:
+            delta = manifest.difference(base)
+            if delta.size > MAX_DELTA_SHARE * max(1, len(manifest.documents)):
+                delta = None
         path = self.manifest_path(manifest.version)
-        write_json_atomic(path, manifest.to_json(base))
+        write_json_atomic(path, manifest.to_json(delta))
         return path
 
     def manifest_json(self, version: str) -> dict[str, Any]:
