@@ -166,6 +166,12 @@ def cluster(tmp_path: Path):
                 os.killpg(process.pid, signal.SIGKILL)
 
 
+def executing(client, worker: str) -> list[str]:
+    """The keys of the tasks a worker's executor runs now (asked over the worker's own comm, not its busy thread)."""
+    running = client.run(lambda dask_worker: [str(task.key) for task in dask_worker.state.executing], workers=[worker])
+    return running.get(worker, [])
+
+
 def test_a_worker_killed_mid_shard_leaves_the_same_index_as_an_uninterrupted_run(
     project: Path, embedder: Embedder, reference, harness, cluster
 ):
@@ -181,28 +187,22 @@ def test_a_worker_killed_mid_shard_leaves_the_same_index_as_an_uninterrupted_run
 
     runner = threading.Thread(target=reindex)
     runner.start()
-    # Kill w0 while it embeds: once it has finished a shard (its model is loaded) and holds another.
+    # Kill w0 while it embeds: once its executor has held a shard for a while. (Asked of the worker itself: the
+    # scheduler's per-state task counts drop a shard as soon as the flow has gathered it, so they can miss it.)
     deadline = time.monotonic() + 300
     killed_holding: list[str] = []
     while time.monotonic() < deadline and runner.is_alive():
-        done = client.run_on_scheduler(
-            lambda dask_scheduler, worker=victim: (
-                dask_scheduler.workers[worker].metrics.get("task_counts", {})
-                if worker in dask_scheduler.workers
-                else {}
-            )
-        )
-        holding = client.processing(workers=[victim]).get(victim, [])
-        if done.get("memory", 0) + done.get("released", 0) >= 1 and holding:
+        if executing(client, victim):
             time.sleep(0.3)  # into the shard
-            killed_holding = list(client.processing(workers=[victim]).get(victim, []))
-            os.kill(victim_pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
+            killed_holding = executing(client, victim)
+            if killed_holding:
+                os.kill(victim_pid, signal.SIGKILL)
+                break
+        time.sleep(0.02)
     runner.join(timeout=600)
     assert not runner.is_alive(), "the re-index did not finish after the kill"
     assert "error" not in outcome, outcome.get("error")
-    assert killed_holding, "w0 was never seen holding a shard; the kill did not happen mid-shard"
+    assert killed_holding, "w0 was never seen embedding a shard; the kill did not happen mid-shard"
     client.wait_for_workers(1, timeout=10)
     assert victim not in client.scheduler_info()["workers"], "w0 still runs"
 
