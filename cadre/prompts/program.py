@@ -38,7 +38,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -319,7 +319,10 @@ class _CachedScores:
     def complete(self, *args: Any, **kwargs: Any) -> Any:
         return self.client.complete(*args, **kwargs)
 
-    def score(self, prompt: str, continuations: list[str]) -> list[float]:
+    def score(
+        self, prompt: str, continuations: list[str], penalties: Sequence[float] | None = None
+    ) -> list[float]:
+        """Every continuation's full score, cached (`penalties` are not passed on: the scores serve every weight)."""
         key = {
             "_fn_identifier": CACHE_NAMESPACE + ".score",
             "model_id": self.model_id,

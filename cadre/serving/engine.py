@@ -325,11 +325,19 @@ class LoraEngine:
             seconds=seconds,
         )
 
-    def score(self, prompt: str, continuations: list[str], *, adapter: AdapterLease) -> list[float]:
-        """Log-likelihood of each continuation after the prompt with the adapter applied (`score_continuations`)."""
+    def score(
+        self,
+        prompt: str,
+        continuations: list[str],
+        *,
+        adapter: AdapterLease,
+        penalties: Sequence[float] | None = None,
+    ) -> list[float]:
+        """Log-likelihood of each continuation after the prompt with the adapter applied (`score_continuations`,
+        which gives up those that cannot win when given their `penalties`)."""
         with self._context() as (context, _):
             context.use(adapter.key)
-            return score_continuations(context.llama, prompt, continuations)
+            return score_continuations(context.llama, prompt, continuations, penalties)
 
     def client(self, adapter: AdapterLease) -> EngineClient:
         """This engine with one adapter as a `cadre.runtime.lm.CompletionClient`, so the server answers from
@@ -360,5 +368,7 @@ class EngineClient:
         )
         return Completion(generation.text, generation.prompt_tokens, generation.completion_tokens, generation.seconds)
 
-    def score(self, prompt: str, continuations: Sequence[str]) -> list[float]:
-        return self.engine.score(prompt, list(continuations), adapter=self.adapter)
+    def score(
+        self, prompt: str, continuations: Sequence[str], penalties: Sequence[float] | None = None
+    ) -> list[float]:
+        return self.engine.score(prompt, list(continuations), adapter=self.adapter, penalties=penalties)

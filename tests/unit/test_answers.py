@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from cadre.evaluation.gates import decide
 from cadre.evaluation.results import Prediction, evaluate_cases
 from cadre.prompts.optimize import choose_on_dev
 from cadre.prompts.program import CompletionLM, SpecialistProgram, load_program, save_program, use_disk_cache
-from cadre.runtime.lm import LlamaCppClient, answer_from_candidates, candidate_grammar, pick_scored
+from cadre.runtime.lm import LlamaCppClient, answer_from_candidates, candidate_grammar, pick_scored, rank_penalties
 from cadre.runtime.retrieval import Passage
 from cadre.runtime.serving_prompt import read_serving_prompt
 
@@ -199,6 +200,32 @@ def test_candidates_that_share_their_first_tokens_score_as_each_scored_alone(cli
     assert together[0] == together[4] and together[2] == together[6] and len(set(together)) == 5
 
 
+def test_scoring_gives_up_the_candidates_that_cannot_win_and_answers_as_full_scoring(
+    client: LlamaCppClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With each candidate's rank penalty, a candidate stops being scored once it cannot win: the same answer for
+    every weight, the winner's score unchanged, fewer forward passes."""
+    candidates = [" C31.1\n", " K35.20\n", " A01.02\n", " J33.8\n", " C31.9\n", " Z99.89\n"]
+    llama, passes = client._llama, []
+    real_eval = llama.eval
+    monkeypatch.setattr(llama, "eval", lambda tokens: (passes.append(len(tokens)), real_eval(tokens))[1])
+
+    full = client.score(PROMPT, candidates)
+    full_passes = len(passes)
+    for weight in (0.0, 1.0, 100.0):
+        passes.clear()
+        pruned = client.score(PROMPT, candidates, rank_penalties(len(candidates), weight))
+        winner = pick_scored(full, weight)
+        assert pick_scored(pruned, weight) == winner, f"weight {weight}: a different answer"
+        assert pruned[winner] == full[winner]
+        assert all(p == f or p == float("-inf") for p, f in zip(pruned, full))
+        assert len(passes) <= full_passes
+        if weight == 100.0:  # no other candidate can make up 100·ln 2 nats: only the first hit is scored
+            assert full[0] > -100 * math.log(2)
+            assert pruned[1:] == [float("-inf")] * (len(candidates) - 1)
+            assert len(passes) < full_passes
+
+
 def test_the_server_engine_answers_by_the_same_rule(gguf: Path, client: LlamaCppClient) -> None:
     from cadre.serving.engine import LoraEngine
 
@@ -298,9 +325,9 @@ class CountingClient:
     def complete(self, *args, **kwargs):
         return self.client.complete(*args, **kwargs)
 
-    def score(self, prompt, continuations):
+    def score(self, prompt, continuations, penalties=None):
         self.scored += 1
-        return self.client.score(prompt, continuations)
+        return self.client.score(prompt, continuations, penalties)
 
 
 def test_retrieval_weights_are_tried_on_scores_computed_once_and_the_choice_is_served(
