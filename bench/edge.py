@@ -10,6 +10,9 @@ In one run, against the project's MLflow server (its registry names the champion
    each: the first search loads the embedding model); identical results (answer, outputs, retrieved ids), the first
    answer metric of each with its 95 % interval, p50/p95 per answer.
 4. The bare base GGUF in llama.cpp (`LlamaCppClient`, no adapter) completing the prompts the bundle rendered: p50/p95.
+4b. When the champion scores its candidates (`answer.mode: score`): the bundle's prompts and candidates scored on its
+   GGUF in full vs. with every candidate given up once it cannot win (`score_continuations` with rank penalties), at
+   retrieval weights 0, 1 and 100: p50/p95, forward passes per answer, and whether every answer is the same.
 5. Query embedding with the bundle's embedding model, one fresh process per runtime (`Embedder.runtime`: `numpy`, what
    the bundle uses, and `torch`, sentence-transformers): seconds from start to the first query vector, p50/p95 per
    query after it, peak RSS, and how far apart the two runtimes' vectors are.
@@ -162,10 +165,13 @@ def run(args: argparse.Namespace, config, work: Path) -> int:
 
     queries = [{name: case.get(name) for name in inputs} for case in cases]
     bundle = Bundle.open(folder, n_threads=1)
-    prompts = [bundle.render(q)[0] for q in queries]
+    rendered = [bundle.render(q) for q in queries]
+    prompts = [prompt for prompt, _ in rendered]
     stop = bundle.runtime.spec.stop
     max_tokens = bundle.runtime.max_tokens
+    scoring = bundle.runtime.answer_mode == "score"
     bundle.close()
+    pruning = score_pruning(folder, manifest, rendered, stop) if scoring else []
     bare = LlamaCppClient(base_gguf(config, settings.base_model), n_threads=1, n_ctx=config.project.lm.n_ctx)
     bare.complete(prompts[0], max_tokens=max_tokens, stop=stop)
     _, bare_s = timed(lambda p: bare.complete(p, max_tokens=max_tokens, stop=stop), prompts)
@@ -229,9 +235,78 @@ def run(args: argparse.Namespace, config, work: Path) -> int:
             f"numpy vs torch vectors on {n} queries: max |difference| {np.abs(vectors['numpy'] - vectors['torch']).max():.1e}, "
             f"lowest cosine {(vectors['numpy'] * vectors['torch']).sum(axis=1).min():.7f}"
         )
+    if pruning:
+        table = Table(
+            "scoring the candidates, 1 thread (prompt evaluated once)",
+            "p50 ms",
+            "p95 ms",
+            "forward passes",
+            "ratio",
+            "same answers",
+            title="every candidate scored in full vs. given up once it cannot win (score_continuations' penalties)",
+        )
+        for row in pruning:
+            table.add_row(*row)
+        console.print(table)
     for difference in judgement.differences:
         console.print(f"differs: {difference}")
     return 0
+
+
+def score_pruning(folder: Path, manifest: dict, rendered: list[tuple[str, list[str]]], stop: list[str]) -> list[tuple]:
+    """The bundle's prompts and candidates scored in full and with the candidates that cannot win given up, at
+    retrieval weights 0, 1 and 100 (the same llama.cpp model; the answers must agree)."""
+    from cadre.runtime.lm import LlamaCppClient, answer_continuation, pick_scored, rank_penalties
+
+    adapter = (manifest["model"].get("adapter") or {}).get("file")
+    client = LlamaCppClient(
+        folder / manifest["model"]["base"]["file"],
+        lora_path=folder / adapter if adapter else None,
+        n_threads=1,
+        n_ctx=int(manifest["runtime"]["n_ctx"]),
+    )
+    passes = [0]
+    real_eval = client._llama.eval
+
+    def counted(tokens):
+        passes[0] += 1
+        return real_eval(tokens)
+
+    client._llama.eval = counted
+    work = [(prompt, [answer_continuation(c, stop) for c in dict.fromkeys(ids)]) for prompt, ids in rendered if ids]
+    client.score(*work[0])  # warm
+    rows = []
+    full_s, full_passes, full_scores = [], 0, []
+    for prompt, continuations in work:
+        passes[0] = 0
+        started = time.perf_counter()
+        full_scores.append(client.score(prompt, continuations))
+        full_s.append(time.perf_counter() - started)
+        full_passes += passes[0]
+    rows.append(("in full (any weight)", *_latency(full_s), f"{full_passes / len(work):.1f}", "1.00×", "—"))
+    for weight in (0.0, 1.0, 100.0):
+        seconds, total, same = [], 0, 0
+        for (prompt, continuations), full in zip(work, full_scores, strict=True):
+            passes[0] = 0
+            started = time.perf_counter()
+            pruned = client.score(prompt, continuations, rank_penalties(len(continuations), weight))
+            seconds.append(time.perf_counter() - started)
+            total += passes[0]
+            same += pick_scored(pruned, weight) == pick_scored(full, weight)
+        rows.append(
+            (
+                f"given up when beaten, weight {weight:g}",
+                *_latency(seconds),
+                f"{total / len(work):.1f}",
+                f"{statistics.median(full_s) / statistics.median(seconds):.2f}×",
+                f"{same}/{len(work)}",
+            )
+        )
+    return rows
+
+
+def _latency(seconds: list[float]) -> tuple[str, str]:
+    return f"{statistics.median(seconds) * 1000:.0f}", f"{percentile(seconds, 0.95) * 1000:.0f}"
 
 
 if __name__ == "__main__":

@@ -319,9 +319,7 @@ class _CachedScores:
     def complete(self, *args: Any, **kwargs: Any) -> Any:
         return self.client.complete(*args, **kwargs)
 
-    def score(
-        self, prompt: str, continuations: list[str], penalties: Sequence[float] | None = None
-    ) -> list[float]:
+    def score(self, prompt: str, continuations: list[str], penalties: Sequence[float] | None = None) -> list[float]:
         """Every continuation's full score, cached (`penalties` are not passed on: the scores serve every weight)."""
         key = {
             "_fn_identifier": CACHE_NAMESPACE + ".score",

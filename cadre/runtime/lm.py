@@ -61,9 +61,7 @@ class CompletionClient(Protocol):
         self, prompt: str, *, max_tokens: int, stop: list[str], temperature: float = 0.0, grammar: str | None = None
     ) -> Completion: ...
 
-    def score(
-        self, prompt: str, continuations: Sequence[str], penalties: Sequence[float] | None = None
-    ) -> list[float]:
+    def score(self, prompt: str, continuations: Sequence[str], penalties: Sequence[float] | None = None) -> list[float]:
         """The log-likelihood of each continuation after the prompt (sum over its tokens).
 
         With `penalties` (one per continuation, `rank_penalties`), a client may stop scoring a continuation once its
@@ -151,6 +149,8 @@ def score_continuations(
     next continuation leaves the tokens already evaluated. Every token is still evaluated on the same tokens before
     it, one at a time, so the scores are those of scoring each continuation on its own.
 
+    The prompt is evaluated by `evaluate_prompt`, which keeps its fixed part (instruction and demos) for the next call.
+
     With `penalties` (one per continuation, in rank order: `rank_penalties`), a continuation is scored only while it
     can still win: each token's log-probability is at most 0, so once its running sum minus its penalty is no
     better than the best continuation before it (which wins a tie), it is given up and scored `-inf`. The answer
@@ -160,8 +160,7 @@ def score_continuations(
     import numpy as np
 
     prompt_tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
-    llama.reset()
-    llama.eval(prompt_tokens)
+    evaluate_prompt(llama, prompt, prompt_tokens)
     after: dict[tuple[int, ...], Any] = {
         (): _log_softmax(np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),)))
     }
@@ -200,6 +199,48 @@ def score_continuations(
             best = max(best, total - penalty)
     llama.n_tokens = len(prompt_tokens)
     return scores
+
+
+_HELD_PREFIX = "_cadre_held_prefix"  # attribute of a `llama_cpp.Llama`: the fixed prompt part its KV cache holds
+
+
+def evaluate_prompt(llama: Any, prompt: str, prompt_tokens: Sequence[int]) -> None:
+    """Evaluate `prompt` (its `prompt_tokens`) on `llama` in two batches: its fixed part, the instruction and demos up
+    to the last `---` separator (`cadre.runtime.prompt.SEPARATOR`; a value never holds one, its whitespace is
+    collapsed), then the question. The fixed part's cache is kept: when the next prompt starts with the same fixed
+    part on the same model and adapter, only its question is evaluated (the instruction is about a quarter of an
+    ICD prompt; with demos, most of it).
+
+    Where the prompt is cut depends on the prompt alone, and the fixed part is always evaluated as one batch from an
+    empty cache, so a prompt's scores are the same whether its fixed part was kept or evaluated now. Anything else
+    that evaluates on `llama` must call `forget_prompt(llama)` first (`LlamaCppClient.complete`, the server's
+    engine when it generates or switches adapter).
+    """
+    from cadre.runtime.prompt import SEPARATOR
+
+    fixed = 0
+    cut = prompt.rfind(SEPARATOR)
+    if cut >= 0:
+        head = llama.tokenize(prompt[: cut + len(SEPARATOR)].encode("utf-8"), add_bos=True, special=False)
+        limit = min(len(head), len(prompt_tokens) - 1)  # the question keeps at least the last token (its logits)
+        while fixed < limit and head[fixed] == prompt_tokens[fixed]:
+            fixed += 1
+    held = tuple(prompt_tokens[:fixed])
+    if fixed and getattr(llama, _HELD_PREFIX, None) == held:
+        llama.n_tokens = fixed  # the question's batch cuts the cache back to here
+    else:
+        forget_prompt(llama)
+        if fixed:
+            llama.eval(prompt_tokens[:fixed])
+            setattr(llama, _HELD_PREFIX, held)
+    llama.eval(prompt_tokens[fixed:])
+
+
+def forget_prompt(llama: Any) -> None:
+    """Empty `llama`'s KV cache and forget the fixed prompt part `evaluate_prompt` kept (before evaluating anything
+    else on it, or after switching its adapter)."""
+    setattr(llama, _HELD_PREFIX, None)
+    llama.reset()
 
 
 def _log_softmax(logits: Any) -> Any:
@@ -280,9 +321,7 @@ class EndpointClient:
             seconds=seconds,
         )
 
-    def score(
-        self, prompt: str, continuations: Sequence[str], penalties: Sequence[float] | None = None
-    ) -> list[float]:
+    def score(self, prompt: str, continuations: Sequence[str], penalties: Sequence[float] | None = None) -> list[float]:
         """One `echo` + `logprobs` request per continuation: the sum of the log-probabilities of its tokens
         (those that start at or after the end of the prompt), every continuation in full; on the served GGUF in
         process when it is local (which gives up the continuations that cannot win, see `score_continuations`)."""
@@ -373,7 +412,7 @@ class LlamaCppClient:
     ) -> Completion:
         started = time.perf_counter()
         with self._lock:
-            self._llama.reset()  # no cross-request prefix reuse: identical prompts give identical answers
+            forget_prompt(self._llama)  # no cross-request prefix reuse: identical prompts give identical answers
             data = self._llama.create_completion(
                 prompt, max_tokens=max_tokens, stop=stop, temperature=temperature, grammar=llama_grammar(grammar)
             )
@@ -385,9 +424,7 @@ class LlamaCppClient:
             seconds=time.perf_counter() - started,
         )
 
-    def score(
-        self, prompt: str, continuations: Sequence[str], penalties: Sequence[float] | None = None
-    ) -> list[float]:
+    def score(self, prompt: str, continuations: Sequence[str], penalties: Sequence[float] | None = None) -> list[float]:
         """Log-likelihood of each continuation after the prompt (`score_continuations`)."""
         with self._lock:
             return score_continuations(self._llama, prompt, continuations, penalties)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cadre.runtime.lm import Completion, llama_grammar, load_llama, score_continuations
+from cadre.runtime.lm import Completion, forget_prompt, llama_grammar, load_llama, score_continuations
 
 
 class EngineError(RuntimeError):
@@ -108,6 +108,7 @@ class _Context:
         if status != 0:
             raise EngineError(f"llama.cpp refused to set adapter {key!r} (status {status})")
         self.active = key
+        forget_prompt(self.llama)  # what the cache holds was computed with the previous adapter
 
     def free(self, key: str) -> None:
         import llama_cpp
@@ -291,7 +292,7 @@ class LoraEngine:
             started = time.perf_counter()
             context.use(adapter.key)
             # A fresh KV cache per request: the previous request may have run with another adapter.
-            context.llama.reset()
+            forget_prompt(context.llama)
             stream = context.llama.create_completion(
                 prompt,
                 max_tokens=max_tokens,
@@ -368,7 +369,5 @@ class EngineClient:
         )
         return Completion(generation.text, generation.prompt_tokens, generation.completion_tokens, generation.seconds)
 
-    def score(
-        self, prompt: str, continuations: Sequence[str], penalties: Sequence[float] | None = None
-    ) -> list[float]:
+    def score(self, prompt: str, continuations: Sequence[str], penalties: Sequence[float] | None = None) -> list[float]:
         return self.engine.score(prompt, list(continuations), adapter=self.adapter, penalties=penalties)

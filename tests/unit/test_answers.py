@@ -27,7 +27,14 @@ from cadre.evaluation.gates import decide
 from cadre.evaluation.results import Prediction, evaluate_cases
 from cadre.prompts.optimize import choose_on_dev
 from cadre.prompts.program import CompletionLM, SpecialistProgram, load_program, save_program, use_disk_cache
-from cadre.runtime.lm import LlamaCppClient, answer_from_candidates, candidate_grammar, pick_scored, rank_penalties
+from cadre.runtime.lm import (
+    LlamaCppClient,
+    answer_from_candidates,
+    candidate_grammar,
+    forget_prompt,
+    pick_scored,
+    rank_penalties,
+)
 from cadre.runtime.retrieval import Passage
 from cadre.runtime.serving_prompt import read_serving_prompt
 
@@ -224,6 +231,35 @@ def test_scoring_gives_up_the_candidates_that_cannot_win_and_answers_as_full_sco
             assert full[0] > -100 * math.log(2)
             assert pruned[1:] == [float("-inf")] * (len(candidates) - 1)
             assert len(passes) < full_passes
+
+
+def test_the_fixed_part_of_the_prompt_is_kept_and_the_scores_do_not_depend_on_it(
+    client: LlamaCppClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The instruction (everything up to the last `---`) is evaluated once and kept for the next prompt that starts
+    with it; a prompt's scores are the same whether it was kept, evaluated now, or evaluated after a completion."""
+    other = PROMPT.replace("typhoid endocarditis", "appendicitis with peritonitis")
+    candidates = [" K35.20\n", " A01.02\n"]
+    llama, batches = client._llama, []
+    real_eval = llama.eval
+    monkeypatch.setattr(llama, "eval", lambda tokens: (batches.append(len(tokens)), real_eval(tokens))[1])
+
+    forget_prompt(llama)
+    fresh = client.score(PROMPT, candidates)
+    fixed, total = batches[0], len(llama.tokenize(PROMPT.encode(), add_bos=True, special=False))
+    assert 10 < fixed < total - 10 and batches[1] == total - fixed  # the instruction, then the question
+    client.score(other, candidates)
+    batches.clear()
+    kept = client.score(PROMPT, candidates)
+    assert batches[0] == total - fixed, "the instruction was evaluated again"
+    assert kept == fresh  # identical floats
+    client.complete(other, max_tokens=4, stop=["\n"])  # a completion empties the cache
+    batches.clear()
+    assert client.score(PROMPT, candidates) == fresh and batches[0] == fixed
+    without = PROMPT.split("\n\n---\n\n")[1]  # no separator: one batch, nothing kept
+    batches.clear()
+    client.score(without, candidates)
+    assert batches[0] == len(llama.tokenize(without.encode(), add_bos=True, special=False))
 
 
 def test_the_server_engine_answers_by_the_same_rule(gguf: Path, client: LlamaCppClient) -> None:
