@@ -11,8 +11,10 @@ In one run, against the project's MLflow server (its registry names the champion
    answer metric of each with its 95 % interval, p50/p95 per answer.
 4. The bare base GGUF in llama.cpp (`LlamaCppClient`, no adapter) completing the prompts the bundle rendered: p50/p95.
 4b. When the champion scores its candidates (`answer.mode: score`): the bundle's prompts and candidates scored on its
-   GGUF in full vs. with every candidate given up once it cannot win (`score_continuations` with rank penalties), at
-   retrieval weights 0, 1 and 100: p50/p95, forward passes per answer, and whether every answer is the same.
+   GGUF as before (the whole prompt evaluated for each answer, every candidate in full), with the prompt's fixed part
+   kept (`evaluate_prompt`), and with every candidate given up once it cannot win (`score_continuations` with rank
+   penalties) at retrieval weights 0, 1 and 100: p50/p95, forward passes per answer, and whether every answer is
+   the same.
 5. Query embedding with the bundle's embedding model, one fresh process per runtime (`Embedder.runtime`: `numpy`, what
    the bundle uses, and `torch`, sentence-transformers): seconds from start to the first query vector, p50/p95 per
    query after it, peak RSS, and how far apart the two runtimes' vectors are.
@@ -237,13 +239,13 @@ def run(args: argparse.Namespace, config, work: Path) -> int:
         )
     if pruning:
         table = Table(
-            "scoring the candidates, 1 thread (prompt evaluated once)",
+            "scoring the candidates (prompt included), 1 thread",
             "p50 ms",
             "p95 ms",
-            "forward passes",
+            "llama.cpp evals",
             "ratio",
             "same answers",
-            title="every candidate scored in full vs. given up once it cannot win (score_continuations' penalties)",
+            title="score_continuations as before vs. keeping the instruction and giving up candidates that cannot win",
         )
         for row in pruning:
             table.add_row(*row)
@@ -256,7 +258,7 @@ def run(args: argparse.Namespace, config, work: Path) -> int:
 def score_pruning(folder: Path, manifest: dict, rendered: list[tuple[str, list[str]]], stop: list[str]) -> list[tuple]:
     """The bundle's prompts and candidates scored in full and with the candidates that cannot win given up, at
     retrieval weights 0, 1 and 100 (the same llama.cpp model; the answers must agree)."""
-    from cadre.runtime.lm import LlamaCppClient, answer_continuation, pick_scored, rank_penalties
+    from cadre.runtime.lm import LlamaCppClient, answer_continuation, forget_prompt, pick_scored, rank_penalties
 
     adapter = (manifest["model"].get("adapter") or {}).get("file")
     client = LlamaCppClient(
@@ -276,6 +278,14 @@ def score_pruning(folder: Path, manifest: dict, rendered: list[tuple[str, list[s
     work = [(prompt, [answer_continuation(c, stop) for c in dict.fromkeys(ids)]) for prompt, ids in rendered if ids]
     client.score(*work[0])  # warm
     rows = []
+    before_s, before_scores, before_passes = [], [], 0
+    for prompt, continuations in work:  # as before: the whole prompt evaluated for each answer
+        forget_prompt(client._llama)
+        passes[0] = 0
+        started = time.perf_counter()
+        before_scores.append(client.score(prompt, continuations))
+        before_s.append(time.perf_counter() - started)
+        before_passes += passes[0]
     full_s, full_passes, full_scores = [], 0, []
     for prompt, continuations in work:
         passes[0] = 0
@@ -283,7 +293,20 @@ def score_pruning(folder: Path, manifest: dict, rendered: list[tuple[str, list[s
         full_scores.append(client.score(prompt, continuations))
         full_s.append(time.perf_counter() - started)
         full_passes += passes[0]
-    rows.append(("in full (any weight)", *_latency(full_s), f"{full_passes / len(work):.1f}", "1.00×", "—"))
+    same = sum(pick_scored(a) == pick_scored(b) for a, b in zip(before_scores, full_scores, strict=True))
+    baseline = statistics.median(before_s)
+    rows.append(
+        ("in full, whole prompt each time", *_latency(before_s), f"{before_passes / len(work):.1f}", "1.00×", "—")
+    )
+    rows.append(
+        (
+            "in full, instruction kept",
+            *_latency(full_s),
+            f"{full_passes / len(work):.1f}",
+            f"{baseline / statistics.median(full_s):.2f}×",
+            f"{same}/{len(work)} (weight 0)",
+        )
+    )
     for weight in (0.0, 1.0, 100.0):
         seconds, total, same = [], 0, 0
         for (prompt, continuations), full in zip(work, full_scores, strict=True):
@@ -295,10 +318,10 @@ def score_pruning(folder: Path, manifest: dict, rendered: list[tuple[str, list[s
             same += pick_scored(pruned, weight) == pick_scored(full, weight)
         rows.append(
             (
-                f"given up when beaten, weight {weight:g}",
+                f"kept, candidates given up when beaten, weight {weight:g}",
                 *_latency(seconds),
                 f"{total / len(work):.1f}",
-                f"{statistics.median(full_s) / statistics.median(seconds):.2f}×",
+                f"{baseline / statistics.median(seconds):.2f}×",
                 f"{same}/{len(work)}",
             )
         )
