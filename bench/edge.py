@@ -168,7 +168,7 @@ def run(args: argparse.Namespace, config, work: Path) -> int:
     queries = [{name: case.get(name) for name in inputs} for case in cases]
     bundle = Bundle.open(folder, n_threads=1)
     rendered = [bundle.render(q) for q in queries]
-    prompts = [prompt for prompt, _ in rendered]
+    prompts = [r.prompt for r in rendered]
     stop = bundle.runtime.spec.stop
     max_tokens = bundle.runtime.max_tokens
     scoring = bundle.runtime.answer_mode == "score"
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace, config, work: Path) -> int:
     return 0
 
 
-def score_pruning(folder: Path, manifest: dict, rendered: list[tuple[str, list[str]]], stop: list[str]) -> list[tuple]:
+def score_pruning(folder: Path, manifest: dict, rendered: list, stop: list[str]) -> list[tuple]:
     """The bundle's prompts and candidates scored in full and with the candidates that cannot win given up, at
     retrieval weights 0, 1 and 100 (the same llama.cpp model; the answers must agree)."""
     from cadre.runtime.lm import LlamaCppClient, answer_continuation, forget_prompt, pick_scored, rank_penalties
@@ -275,7 +275,11 @@ def score_pruning(folder: Path, manifest: dict, rendered: list[tuple[str, list[s
         return real_eval(tokens)
 
     client._llama.eval = counted
-    work = [(prompt, [answer_continuation(c, stop) for c in dict.fromkeys(ids)]) for prompt, ids in rendered if ids]
+    work = [
+        (r.prompt, [answer_continuation(c, stop) for c in dict.fromkeys(r.candidates)])
+        for r in rendered
+        if r.candidates
+    ]
     client.score(*work[0])  # warm
     rows = []
     before_s, before_scores, before_passes = [], [], 0

@@ -114,7 +114,7 @@ def build_refresh_data(
         search = open_retriever(setup.index)  # searches each query once: both readers below share it
         retrieve = context_retriever(search, names, prompt.retrieve_k, prompt.passage_format)
         if prompt.answer_mode in CANDIDATE_MODES:  # train on what serves: only answers the program can give
-            answer_ids = candidate_ids(search, names, prompt.retrieve_k)
+            answer_ids = candidate_ids(search, names, prompt.retrieve_k, prompt.choose_from)
 
     sources = training_sources(Path(suite_dir), [Path(f) for f in data_files], tuning.from_eval_train)
     records, skipped = read_records(sources)

@@ -116,6 +116,14 @@ class AnswerSettings(Strict):
             "a single output field, and never answer an id outside the candidates."
         ),
     )
+    choose_from: Literal["id", "title"] = Field(
+        "id",
+        description=(
+            "What a `constrained` or `score` answer chooses among: the retrieved documents' `id`s (a code, a label), "
+            "or their `title`s, where the documents are solved examples and a title is an answer (e.g. a known "
+            "word's pronunciation). Match `evaluation.retrieval_answer`, so the baseline answers the same way."
+        ),
+    )
     retrieval_weight: float = Field(
         0.0,
         ge=0.0,
@@ -195,6 +203,14 @@ class ProgramSettings(Strict):
                     f"answer mode {mode!r} decodes the answer alone, but module {self.module!r} writes its reasoning "
                     "first; use module predict or mode free",
                 )
+        chooses = self.answer.mode in CANDIDATE_MODES or any(m in CANDIDATE_MODES for m in self.optimizer.answer_modes)
+        if self.answer.choose_from != "id" and not chooses:
+            raise FieldError(
+                ("answer", "choose_from"),
+                f"choose_from: {self.answer.choose_from} sets what a constrained or scored answer chooses among, but "
+                "this program only answers freely; set answer.mode: score (or add score to optimizer.answer_modes) or "
+                "remove choose_from",
+            )
         scored = self.answer.mode == "score" or "score" in self.optimizer.answer_modes
         if self.answer.retrieval_weight and self.answer.mode != "score":
             raise FieldError(

@@ -32,7 +32,7 @@ from cadre.edge.bundle import MANIFEST_FILE, BundleError, verify_bundle
 
 if TYPE_CHECKING:
     from cadre.runtime.retrieval import Retriever
-    from cadre.serving.team import SpecialistRuntime
+    from cadre.serving.team import Rendered, SpecialistRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,9 @@ class Bundle:
         """The program's input fields, in order."""
         return self.runtime.input_names
 
-    def render(self, inputs: Mapping[str, Any]) -> tuple[str, list[str]]:
-        """The prompt the model reads for these inputs, and the ids of the passages in it."""
+    def render(self, inputs: Mapping[str, Any]) -> Rendered:
+        """The prompt the model reads for these inputs, the ids of the passages in it, and what its answer chooses
+        among (`cadre.serving.team.Rendered`)."""
         return self.runtime.render(inputs)
 
     def answer(self, inputs: Mapping[str, Any]) -> dict[str, Any]:

@@ -61,6 +61,7 @@ from cadre.runtime.retrieval import (
     Passage,
     PassageFormat,
     Retriever,
+    candidate_answers,
     open_index_search,
     retrieval_query,
 )
@@ -526,9 +527,9 @@ class SpecialistProgram(dspy.Module):
 
     Returns a `dspy.Prediction` with the output fields, `retrieved_ids` (ranked ids, for the
     retrieval metrics) and the rendered context. With an answer mode other than `free` the LM answers
-    one of the retrieved ids (`cadre.runtime.lm.answer_from_candidates`); `answer_mode` and `retrieve_k`
-    start as declared and may be replaced by what the flow chose on dev (`choose`), which `save_program`
-    records in the JSON and `load_program` reads back.
+    one of the retrieved ids, or titles (`answer.choose_from`; `cadre.runtime.lm.answer_from_candidates`);
+    `answer_mode` and `retrieve_k` start as declared and may be replaced by what the flow chose on dev (`choose`),
+    which `save_program` records in the JSON and `load_program` reads back.
     """
 
     def __init__(self, settings: ProgramSettings, retriever: Retriever | None = None):
@@ -546,6 +547,7 @@ class SpecialistProgram(dspy.Module):
         self.context_field = settings.context_field if settings.retrieve_k else None
         self.retrieve_k = settings.retrieve_k
         self.answer_mode = settings.answer.mode
+        self.choose_from = settings.answer.choose_from
         self.retrieval_weight = settings.answer.retrieval_weight if settings.answer.mode == "score" else 0.0
         self.passage_format = PassageFormat.from_settings(settings)
         self._declared = self.choices
@@ -566,7 +568,7 @@ class SpecialistProgram(dspy.Module):
             passages = self.retriever(retrieval_query(arguments, self.input_names), self.retrieve_k)
             arguments = {self.context_field: [p.render(self.passage_format) for p in passages], **arguments}
         if self.answer_mode != "free":
-            config = {"answer_mode": self.answer_mode, "candidates": [p.id for p in passages]}
+            config = {"answer_mode": self.answer_mode, "candidates": candidate_answers(passages, self.choose_from)}
             if self.retrieval_weight:
                 config["retrieval_weight"] = self.retrieval_weight
             answer = self.answer(**arguments, config=config)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cadre.runtime.prompt import FieldSpec, PromptSpec, render_prompt
-from cadre.runtime.retrieval import ID_AND_TITLE, PassageFormat
+from cadre.runtime.retrieval import ID_AND_TITLE, Passage, PassageFormat, candidate_answers
 
 if TYPE_CHECKING:
     from cadre.config import ProgramSettings
@@ -36,6 +36,8 @@ class ServingPrompt:
         answer_mode: `free`, `constrained` or `score` (`cadre.runtime.lm.answer_from_candidates`), the same way.
         retrieval_weight: with `score`, how much the retriever's ranking counts beside the LM, the same way.
         passage_format: how each passage is rendered (the program's `passage` settings).
+        choose_from: what a `constrained` or `score` answer chooses among: the passages' `id`s or `title`s (the
+            program's `answer.choose_from`).
     """
 
     spec: PromptSpec
@@ -44,6 +46,11 @@ class ServingPrompt:
     answer_mode: str = "free"
     passage_format: PassageFormat = ID_AND_TITLE
     retrieval_weight: float = 0.0
+    choose_from: str = "id"
+
+    def candidates(self, passages: Sequence[Passage]) -> list[str]:
+        """What the answer chooses among for these passages (empty for a free answer)."""
+        return candidate_answers(passages, self.choose_from) if self.answer_mode != "free" else []
 
     @property
     def instruction(self) -> str:
@@ -64,6 +71,7 @@ class ServingPrompt:
             "retrieve_k": self.retrieve_k,
             "answer_mode": self.answer_mode,
             "retrieval_weight": self.retrieval_weight,
+            "choose_from": self.choose_from,
             "passage": {
                 "fields": list(self.passage_format.fields),
                 "max_text_words": self.passage_format.max_text_words,
@@ -90,6 +98,7 @@ class ServingPrompt:
                 int(passage.get("max_text_words", ID_AND_TITLE.max_text_words)),
             ),
             float(content.get("retrieval_weight", 0.0)),
+            str(content.get("choose_from", "id")),
         )
 
 
@@ -122,6 +131,7 @@ def read_serving_prompt(program_settings: ProgramSettings, program_path: str | P
         program.answer_mode,
         program.passage_format,
         program.retrieval_weight,
+        program.choose_from,
     )
 
 

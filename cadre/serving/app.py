@@ -72,6 +72,7 @@ from cadre.serving.protocol import (
 from cadre.serving.router import NoRoute, Router
 from cadre.serving.team import (
     ChampionWatcher,
+    Rendered,
     SpecialistRuntime,
     SpecialistUnavailable,
     Team,
@@ -314,15 +315,16 @@ def create_app(state: ServingState, *, on_shutdown: Callable[[], None] | None = 
                 inputs = program_inputs(text, runtime.input_names)
                 max_tokens = min(body.token_limit or runtime.max_tokens, state.limits.max_tokens)
                 temperature = runtime.temperature if body.temperature is None else body.temperature
-                prompt, retrieved, prompt_tokens = await run(_prepare, state, runtime, inputs, max_tokens)
+                rendered, prompt_tokens = await run(_prepare, state, runtime, inputs, max_tokens)
                 call = _Call(
                     state=state,
                     runtime=runtime,
                     lease=lease,
                     inputs=inputs,
-                    prompt=prompt,
+                    prompt=rendered.prompt,
                     prompt_tokens=prompt_tokens,
-                    retrieved=retrieved,
+                    retrieved=rendered.retrieved_ids,
+                    candidates=rendered.candidates,
                     max_tokens=max_tokens,
                     temperature=temperature,
                     requested=body.model,
@@ -450,10 +452,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def _prepare(
     state: ServingState, runtime: SpecialistRuntime, inputs: dict[str, str], max_tokens: int
-) -> tuple[str, list[str], int]:
+) -> tuple[Rendered, int]:
     """Retrieve, render and count the prompt; refuse it when it does not fit."""
-    prompt, retrieved = runtime.render(inputs)
-    tokens = len(runtime.engine.tokenize(prompt))
+    rendered = runtime.render(inputs)
+    tokens = len(runtime.engine.tokenize(rendered.prompt))
     window = runtime.engine.n_ctx - max_tokens
     limit = min(window, state.limits.max_prompt_tokens) if state.limits.max_prompt_tokens else window
     if tokens > limit:
@@ -464,7 +466,7 @@ def _prepare(
             param="messages",
             code="context_length_exceeded",
         )
-    return prompt, retrieved, tokens
+    return rendered, tokens
 
 
 @dataclass
@@ -478,6 +480,7 @@ class _Call:
     prompt: str
     prompt_tokens: int
     retrieved: list[str]
+    candidates: list[str]
     max_tokens: int
     temperature: float
     requested: str
@@ -519,7 +522,7 @@ class _Call:
         generation = self.runtime.generate(
             self.prompt,
             adapter=self.lease,
-            candidates=self.retrieved,
+            candidates=self.candidates,
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             on_text=on_text,

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cadre.runtime.lm import answer_from_candidates
 from cadre.runtime.prompt import PromptSpec, parse_completion
@@ -67,6 +67,21 @@ class SpecialistUnavailable(RuntimeError):
     """The specialist cannot answer now (e.g. it retrieves and no index is live); the message says why."""
 
 
+class Rendered(NamedTuple):
+    """A request made ready to answer.
+
+    Attributes:
+        prompt: what the model reads.
+        retrieved_ids: the ids of the passages in it, best-ranked first.
+        candidates: what a `constrained` or `score` answer chooses among (the passages' ids or titles, by the
+            program's `answer.choose_from`); empty for a free answer.
+    """
+
+    prompt: str
+    retrieved_ids: list[str]
+    candidates: list[str]
+
+
 @dataclass(frozen=True)
 class RequestRenderer:
     """How a request becomes the prompt the engine completes: what the program's forward sends for the same inputs.
@@ -84,15 +99,15 @@ class RequestRenderer:
     retrieve: Retriever | None
     retrieve_k: int
 
-    def render(self, inputs: Mapping[str, Any]) -> tuple[str, list[str]]:
-        """The prompt for one request and the ids of the passages in it."""
+    def render(self, inputs: Mapping[str, Any]) -> Rendered:
+        """The prompt for one request, the ids of the passages in it and what its answer chooses among."""
         values = {name: inputs.get(name) for name in self.input_names}
         passages: list[Passage] = []
         context = self.prompt.spec.context_field
         if self.retrieve is not None and context:
             passages = self.retrieve(retrieval_query(values, self.input_names), self.retrieve_k)
             values = {context: [p.render(self.prompt.passage_format) for p in passages], **values}
-        return self.prompt.render(values), [p.id for p in passages]
+        return Rendered(self.prompt.render(values), [p.id for p in passages], self.prompt.candidates(passages))
 
 
 @dataclass
@@ -134,8 +149,8 @@ class SpecialistRuntime:
     def output_names(self) -> list[str]:
         return [f.name for f in self.spec.outputs]
 
-    def render(self, inputs: Mapping[str, Any]) -> tuple[str, list[str]]:
-        """The prompt for one request and the ids of the passages in it."""
+    def render(self, inputs: Mapping[str, Any]) -> Rendered:
+        """The prompt for one request, the ids of the passages in it and what its answer chooses among."""
         return self.renderer.render(inputs)
 
     @property
@@ -155,8 +170,9 @@ class SpecialistRuntime:
         cancelled: Callable[[], bool] | None = None,
         prompt_tokens: int | None = None,
     ) -> Generation:
-        """Answer a rendered request: a free completion (streamed), or one of the `candidates` (the retrieved ids)
-        by the program's answer mode, with the rule the flows evaluated (`answer_from_candidates`), sent whole."""
+        """Answer a rendered request: a free completion (streamed), or one of the `candidates` (`Rendered.candidates`:
+        the retrieved ids or titles) by the program's answer mode, with the rule the flows evaluated
+        (`answer_from_candidates`), sent whole."""
         if self.answer_mode == "free":
             return self.engine.generate(
                 prompt,
@@ -443,13 +459,13 @@ def answer(runtime: SpecialistRuntime, inputs: Mapping[str, Any]) -> dict[str, A
     Returns:
         `{"answer": text, "outputs": {field: value}, "retrieved_ids": [...]}`.
     """
-    prompt, retrieved = runtime.render(inputs)
+    prompt, retrieved, candidates = runtime.render(inputs)
     lease = runtime.adapter.share()
     try:
         generation = runtime.generate(
             prompt,
             adapter=lease,
-            candidates=retrieved,
+            candidates=candidates,
             max_tokens=runtime.max_tokens,
             temperature=runtime.temperature,
         )

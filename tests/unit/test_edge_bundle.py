@@ -135,7 +135,7 @@ def test_a_copied_bundle_answers_what_the_server_answers_without_the_original_fi
     try:
         bundle = Bundle.open(device, n_threads=1)
         try:
-            assert bundle.render(CASE) == (served_prompt, served["retrieved_ids"])
+            assert bundle.render(CASE)[:2] == (served_prompt, served["retrieved_ids"])
             assert bundle.answer(CASE) == served
             assert bundle.runtime.versions.describe() == {
                 "program": "7",

@@ -133,8 +133,8 @@ def served_prompt(
 ) -> tuple[str, list[str]]:
     """The server: `build_runtime` reads the champion and renders each request with a `RequestRenderer`."""
     prompt = read_serving_prompt(settings, program_json)
-    renderer = RequestRenderer(prompt, NAMES, search, prompt.retrieve_k)
-    return renderer.render(CASE)
+    rendered = RequestRenderer(prompt, NAMES, search, prompt.retrieve_k).render(CASE)
+    return rendered.prompt, rendered.retrieved_ids
 
 
 def test_every_path_renders_the_same_bytes(program_json: Path | None, gguf: Path, tmp_path: Path) -> None:
