@@ -26,7 +26,14 @@ from cadre.evaluation.comparison import outside_candidates
 from cadre.evaluation.gates import decide
 from cadre.evaluation.results import Prediction, evaluate_cases
 from cadre.prompts.optimize import choose_on_dev
-from cadre.prompts.program import CompletionLM, SpecialistProgram, load_program, save_program, use_disk_cache
+from cadre.prompts.program import (
+    CompletionLM,
+    SpecialistProgram,
+    load_program,
+    program_context,
+    save_program,
+    use_disk_cache,
+)
 from cadre.runtime.lm import (
     LlamaCppClient,
     answer_from_candidates,
@@ -120,6 +127,13 @@ BAD = [
         "retrieval_weights: [0, 1]",
         "specialists[coder].program.optimizer.retrieval_weights",
         "add score to optimizer.answer_modes",
+    ),
+    (
+        "choose among titles without a candidate answer",
+        lambda t: t.replace("answer: {mode: constrained}", "answer: {mode: free, choose_from: title}"),
+        "answer: {mode: free, choose_from: title}",
+        "specialists[coder].program.answer.choose_from",
+        "set answer.mode: score",
     ),
     (
         "beat the retriever without retrieval",
@@ -350,6 +364,51 @@ def test_a_retrieval_weight_lets_the_lm_overrule_the_first_hit_only_when_it_is_c
     assert pick_scored(scores, 1.0) == 1  # -1 - ln 2 = -1.69 still beats -4
     assert pick_scored(scores, 5.0) == 0  # -1 - 5 ln 2 = -4.47: the first hit
     assert pick_scored([-2.0, -2.0]) == 0  # a tie goes to the better-ranked candidate
+
+
+WORDS = {  # solved examples: a known word is the id, how it is said the title
+    "knighthood": [("knight", "N AY1 T"), ("hood", "HH UH1 D"), ("night", "N AY1 T")],
+    "badges": [("badge", "B AE1 JH"), ("budget", "B AH1 JH AH0 T")],
+}
+
+
+def words(query: str, k: int) -> list[Passage]:
+    return [Passage(word, phones) for word, phones in WORDS[query]][:k]
+
+
+def test_a_program_choosing_among_titles_answers_a_title_on_every_path(client: LlamaCppClient, tmp_path: Path) -> None:
+    """`answer.choose_from: title`: the program, the served runtime and the candidates the refresh grounds on all
+    choose among the passages' titles, never an id, by the same rule."""
+    from cadre.runtime.retrieval import candidate_ids
+    from cadre.serving.team import RequestRenderer
+
+    settings = ProgramSettings(
+        instruction="Given a word and known words with their pronunciations, write the word's ARPAbet phones.",
+        inputs=[{"name": "word", "description": "an English word"}],
+        outputs=[{"name": "phones", "description": "ARPAbet phones"}],
+        retrieve_k=3,
+        max_tokens=16,
+        answer={"mode": "score", "choose_from": "title", "retrieval_weight": 1.0},
+    )
+    use_disk_cache(tmp_path / "dspy")
+    lm = CompletionLM(client, model_id="llama.cpp:test-titles", max_tokens=16)
+    program = SpecialistProgram(settings, words)
+    served = read_serving_prompt(settings, None)
+    assert served.choose_from == "title" and served.to_json()["choose_from"] == "title"
+    for word, known in WORDS.items():
+        with program_context(lm, settings):
+            answer = program(word=word).phones
+        rendered = RequestRenderer(served, ["word"], words, served.retrieve_k).render({"word": word})
+        assert rendered.retrieved_ids == [w for w, _ in known]
+        assert rendered.candidates == [phones for _, phones in known]
+        assert candidate_ids(words, ["word"], 3, "title")({"word": word}) == rendered.candidates
+        expected = answer_from_candidates(
+            client, rendered.prompt, rendered.candidates, mode="score", max_tokens=16, stop=["\n"], retrieval_weight=1.0
+        )
+        assert answer == expected.text.strip() and answer in dict(known).values()
+    program_json = tmp_path / "program.json"
+    save_program(program, program_json)
+    assert read_serving_prompt(settings, program_json).choose_from == "title"
 
 
 class CountingClient:
