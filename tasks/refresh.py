@@ -113,8 +113,11 @@ def build_refresh_data(
         names = [item.name for item in program_settings.inputs]
         search = open_retriever(setup.index)  # searches each query once: both readers below share it
         retrieve = context_retriever(search, names, prompt.retrieve_k, prompt.passage_format)
-        if prompt.answer_mode in CANDIDATE_MODES:  # train on what serves: only answers the program can give
-            answer_ids = candidate_ids(search, names, prompt.retrieve_k, prompt.choose_from)
+        # Train on what serves: a program choosing among ids learns only from records whose id it could answer (any
+        # other id would be an invented code). One choosing among titles (answers, e.g. a pronunciation) learns from
+        # every record: the right answer is rarely a neighbour's, and learning to say it ranks the closest one first.
+        if prompt.answer_mode in CANDIDATE_MODES and prompt.choose_from == "id":
+            answer_ids = candidate_ids(search, names, prompt.retrieve_k)
 
     sources = training_sources(Path(suite_dir), [Path(f) for f in data_files], tuning.from_eval_train)
     records, skipped = read_records(sources)

@@ -132,14 +132,12 @@ def candidate_answers(passages: Sequence[Passage], choose_from: str = "id") -> l
     return [getattr(passage, choose_from) for passage in passages]
 
 
-def candidate_ids(
-    search: Retriever, input_names: Sequence[str], k: int, choose_from: str = "id"
-) -> Callable[[Mapping[str, Any]], list[str]]:
-    """The answers a program answering from its candidates chooses among for a case's inputs (`candidate_answers`
-    of the same search as `context_retriever`, so a caching `search` runs each query once for both)."""
+def candidate_ids(search: Retriever, input_names: Sequence[str], k: int) -> Callable[[Mapping[str, Any]], list[str]]:
+    """The document ids a program answering from its candidates chooses among for a case's inputs (the same search
+    as `context_retriever`, so a caching `search` runs each query once for both)."""
 
     def ids(inputs: Mapping[str, Any]) -> list[str]:
-        return candidate_answers(search(retrieval_query(inputs, input_names), k), choose_from)
+        return [passage.id for passage in search(retrieval_query(inputs, input_names), k)]
 
     return ids
 
