@@ -132,12 +132,14 @@ def main() -> None:
             versus = compare(result, reference.result, [metric], samples=evaluation.bootstrap_samples).metrics[metric]
             delta = f"{versus.delta:+.3f} [{versus.interval[0]:+.3f}, {versus.interval[1]:+.3f}]"
             row |= {"delta": versus.delta, "delta_interval": list(versus.interval)}
-        outside = outside_candidates(result) if not name.startswith("retrieval only") else 0.0
+        ids = evaluation.retrieval_answer == "id"  # a text answer (a pronunciation) is never a retrieved id
+        outside = outside_candidates(result) if ids and not name.startswith("retrieval only") else None
         per_case = run.wall_seconds / max(len(cases), 1)
         row |= {"outside_candidates": outside, "seconds_per_case": per_case, "scores": result.scores}
         rows.append(row)
         print(
-            f"| {name} | {result.scores[metric]:.3f} [{low:.3f}, {high:.3f}] | {delta} | {outside:.3f} | {per_case:.2f} |"
+            f"| {name} | {result.scores[metric]:.3f} [{low:.3f}, {high:.3f}] | {delta} | "
+            f"{'—' if outside is None else f'{outside:.3f}'} | {per_case:.2f} |"
         )
     for name, run in runs.items():
         if name.startswith("retrieval only"):

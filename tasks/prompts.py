@@ -287,6 +287,7 @@ def evaluate_on_test(
         costs,
         declared.result if declared else None,
         candidate.summary.get("answer_mode", program_settings.answer.mode),
+        answers_are_ids=evaluation.retrieval_answer == "id",
     )
 
 

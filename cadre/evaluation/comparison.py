@@ -22,6 +22,8 @@ class TestScores:
         costs: per system (`baseline`, `candidate`, `retrieval_only`, `declared`), LM usage and `wall_seconds`.
         declared: the declared (un-optimized) program, when `baseline` is a champion (else `baseline` is it).
         answer_mode: how the candidate answers (`free`, `constrained`, `score`; chosen on dev or declared).
+        answers_are_ids: whether a right answer is a document id (`evaluation.retrieval_answer: id`), so that an
+            answer outside the retrieved ids is an invented one; False where answers are texts (a pronunciation).
     """
 
     __test__ = False  # not a pytest class
@@ -33,6 +35,7 @@ class TestScores:
     costs: dict[str, dict[str, float]]
     declared: EvaluationResult | None = None
     answer_mode: str = "free"
+    answers_are_ids: bool = True
 
     @property
     def baselines(self) -> dict[str, EvaluationResult]:

@@ -27,7 +27,7 @@ def program_score_table(scores: TestScores, compile_summary: Mapping[str, Any]) 
     Rows: retrieval only (the first hit's id), the declared program (when a champion is the baseline), the
     champion or declared program, the candidate with the answer mode and retrieval depth it answers with. Each
     score carries its bootstrap interval; `outside` is the share of answers that are not among the case's
-    retrieved ids (an invented answer; 0 for a constrained or scored answer).
+    retrieved ids (an invented answer; 0 for a constrained or scored answer; `—` where answers are not ids).
 
     Args:
         scores: the systems scored on the test split.
@@ -69,7 +69,8 @@ def program_score_table(scores: TestScores, compile_summary: Mapping[str, Any]) 
             continue
         values = " | ".join(_with_interval(result, m) for m in metrics)
         calls, seconds = int((cost or {}).get("lm_calls", 0)), (cost or {}).get("wall_seconds", 0.0)
-        outside = f"{outside_candidates(result):.3f}" if any(e.retrieved_ids for e in result.examples) else "—"
+        judged = scores.answers_are_ids and any(e.retrieved_ids for e in result.examples)
+        outside = f"{outside_candidates(result):.3f}" if judged else "—"
         lines.append(f"| {name} | {values} | {outside} | {calls} | {seconds:.1f} |")
     summary = compile_summary
     lines += [

@@ -66,6 +66,21 @@ def test_the_program_table_lists_every_system_on_the_test_split_and_the_compile_
     assert table[6] == "| candidate (answers free) | 0.500 [0.000, 1.000] | — | 7 | 3.0 |"
     assert table[-1] == "Compile: mipro, 40 LM calls (5 cache hits), 900 tokens, $0.0000, 0.0 s."
 
+    from dataclasses import replace
+
+    retrieved = evaluate_cases(
+        CASES,
+        lambda case: Prediction(output="A01", retrieved_ids=["A01", "A00"]),
+        ["exact_match"],
+        name="candidate",
+        output_field="code",
+        bootstrap_samples=50,
+    )
+    ids = program_score_table(replace(scores, candidate=retrieved), summary).splitlines()
+    assert ids[6].split(" | ")[2] == "0.000"  # every answer among the retrieved ids
+    texts = program_score_table(replace(scores, candidate=retrieved, answers_are_ids=False), summary).splitlines()
+    assert texts[6].split(" | ")[2] == "—"  # answers are texts (a pronunciation): never a retrieved id
+
     declared = TestScores(scores.baseline, scores.candidate, None, False, {})
     stopped = program_score_table(declared, {**summary, "stopped_by_budget": True, "stop_reason": "max_lm_calls"})
     assert "| champion-v3 (declared program) |" in stopped and "retrieval only" not in stopped
