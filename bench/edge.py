@@ -281,53 +281,38 @@ def score_pruning(folder: Path, manifest: dict, rendered: list, stop: list[str])
         if r.candidates
     ]
     client.score(*work[0])  # warm
-    rows = []
-    before_s, before_scores, before_passes = [], [], 0
-    for prompt, continuations in work:  # as before: the whole prompt evaluated for each answer
-        forget_prompt(client._llama)
-        passes[0] = 0
-        started = time.perf_counter()
-        before_scores.append(client.score(prompt, continuations))
-        before_s.append(time.perf_counter() - started)
-        before_passes += passes[0]
-    full_s, full_passes, full_scores = [], 0, []
-    for prompt, continuations in work:
-        passes[0] = 0
-        started = time.perf_counter()
-        full_scores.append(client.score(prompt, continuations))
-        full_s.append(time.perf_counter() - started)
-        full_passes += passes[0]
-    same = sum(pick_scored(a) == pick_scored(b) for a, b in zip(before_scores, full_scores, strict=True))
-    baseline = statistics.median(before_s)
-    rows.append(
-        ("in full, whole prompt each time", *_latency(before_s), f"{before_passes / len(work):.1f}", "1.00×", "—")
-    )
-    rows.append(
-        (
-            "in full, instruction kept",
-            *_latency(full_s),
-            f"{full_passes / len(work):.1f}",
-            f"{baseline / statistics.median(full_s):.2f}×",
-            f"{same}/{len(work)} (weight 0)",
-        )
-    )
-    for weight in (0.0, 1.0, 100.0):
-        seconds, total, same = [], 0, 0
-        for (prompt, continuations), full in zip(work, full_scores, strict=True):
+
+    def measure(weight: float | None = None, keep: bool = True) -> tuple[list[float], float, list[list[float]]]:
+        """Score every prompt's candidates: seconds each, llama.cpp evals per answer, the scores. `weight` None
+        scores every candidate in full; `keep` False evaluates the whole prompt each time (as before)."""
+        seconds, evals, scores = [], 0, []
+        for prompt, continuations in work:
+            if not keep:
+                forget_prompt(client._llama)
+            penalties = None if weight is None else rank_penalties(len(continuations), weight)
             passes[0] = 0
             started = time.perf_counter()
-            pruned = client.score(prompt, continuations, rank_penalties(len(continuations), weight))
+            scores.append(client.score(prompt, continuations, penalties))
             seconds.append(time.perf_counter() - started)
-            total += passes[0]
-            same += pick_scored(pruned, weight) == pick_scored(full, weight)
+            evals += passes[0]
+        return seconds, evals / len(work), scores
+
+    def row(name: str, seconds: list[float], evals: float, same: str) -> tuple:
+        return (name, *_latency(seconds), f"{evals:.1f}", f"{baseline / statistics.median(seconds):.2f}×", same)
+
+    before_s, before_evals, before_scores = measure(keep=False)
+    full_s, full_evals, full_scores = measure()
+    baseline = statistics.median(before_s)
+    same = sum(pick_scored(a) == pick_scored(b) for a, b in zip(before_scores, full_scores, strict=True))
+    rows = [
+        row("in full, whole prompt each time", before_s, before_evals, "—"),
+        row("in full, instruction kept", full_s, full_evals, f"{same}/{len(work)} (weight 0)"),
+    ]
+    for weight in (0.0, 1.0, 100.0):
+        seconds, evals, pruned = measure(weight)
+        same = sum(pick_scored(p, weight) == pick_scored(f, weight) for p, f in zip(pruned, full_scores, strict=True))
         rows.append(
-            (
-                f"kept, candidates given up when beaten, weight {weight:g}",
-                *_latency(seconds),
-                f"{total / len(work):.1f}",
-                f"{baseline / statistics.median(seconds):.2f}×",
-                f"{same}/{len(work)}",
-            )
+            row(f"kept, candidates given up when beaten, weight {weight:g}", seconds, evals, f"{same}/{len(work)}")
         )
     return rows
 

@@ -137,7 +137,7 @@ def candidate_ids(search: Retriever, input_names: Sequence[str], k: int) -> Call
     as `context_retriever`, so a caching `search` runs each query once for both)."""
 
     def ids(inputs: Mapping[str, Any]) -> list[str]:
-        return [passage.id for passage in search(retrieval_query(inputs, input_names), k)]
+        return candidate_answers(search(retrieval_query(inputs, input_names), k))
 
     return ids
 
