@@ -1,13 +1,18 @@
 """Benchmark of the distributed engine (`project.engine`) on ICD-10-CM's chunks, side by side in one run.
 
 1. The re-index with its shards on a local Dask cluster of 1 and of 2 worker processes (1 thread each, through
-   Prefect's Dask task runner: each shard a task run), against the bare model embedding the same shards one after
-   another in one process at 1 thread. Ours does the whole re-index (load, chunk, embed, write, indexes, manifest)
-   and pays for starting the cluster and loading the model in every worker; the bare side embeds only.
+   Prefect's Dask task runner: each shard a task run), and inline (the default engine) at 2 threads, against the
+   bare model embedding the same shards one after another in one process at 1 thread. Ours does the whole re-index
+   (load, chunk, embed, write, indexes, manifest) and pays for starting the cluster and loading the model in every
+   worker; the bare side embeds only.
 2. The same 2-worker embedding through bare Dask (`Client.map`, no Prefect) and, when `ray` is installed, bare Ray
    (remote tasks): what Prefect's layer costs, and Dask against Ray.
 3. Startup and per-task cost of each engine: cluster start, and 40 empty tasks.
 4. A projection, from the measured per-worker throughput, of a 10-million-document corpus on N workers.
+5. Evaluating many cases (`--cases N`): the ICD specialist's declared program as it serves (retrieval from the index
+   built in 1, llama.cpp on the packaged GGUF) on N test cases, in this process at 1 and 2 threads and in shards on
+   a local cluster of 1 and 2 one-thread workers (`cadre.prompts.served`), against bare llama-cpp-python completing
+   the same prompts (recorded from our run) one after another in one process. Every run must give the same answers.
 
 Run from the repository root (a Prefect server is started for the run unless PREFECT_API_URL is set):
 
@@ -43,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--documents", type=int, default=3000, help="ICD-10-CM documents to index")
     parser.add_argument("--shard", type=int, default=1024, help="chunks per shard")
     parser.add_argument("--no-ray", action="store_true", help="skip Ray even when it is installed")
+    parser.add_argument("--cases", type=int, default=40, help="test cases of the evaluation section (0: skip it)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
@@ -78,7 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(REPO / "pipelines.yaml")
     chunking = config.specialist(SPECIALIST).chunking
     embedder = Embedder.load(config.project.embedding, ThreadSettings(torch=1, embedding=1), root=config.root)
-    source = PythonSource(kind="python", name="icd10cm", entrypoint="bench.reindex:icd10_documents", options={})
+    from cadre.evaluation.results import load_cases
+
+    suite = config.resolve(config.specialist(SPECIALIST).evaluation.suite)
+    cases = load_cases(suite, "test", args.cases) if args.cases else []
+    codes = sorted({code for case in cases for code in case["relevant_ids"]})  # indexed first: the cases can hit
+    source = PythonSource(
+        kind="python", name="icd10cm", entrypoint="bench.reindex:icd10_documents", options={"priority_ids": codes}
+    )
     documents = list(
         load_documents(
             [source],
@@ -115,6 +128,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         bare_s = bare()
         rows.append(("bare sentence-transformers, 1 process, 1 thread (embedding only)", bare_s, "model loaded; first"))
 
+        with console.status("ours: the re-index inline (the default engine), 2 threads"):
+            state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cadre-engine-")))
+            started = time.perf_counter()
+            result = plan_and_apply(
+                SPECIALIST,
+                [source],
+                chunking,
+                root=REPO,
+                state_dir=state,
+                embedder=dataclasses.replace(embedder, threads=2),
+                max_documents=args.documents,
+                write_batch_size=args.shard,
+                engine=EngineSettings(),
+            )
+            inline_s = time.perf_counter() - started
+        assert result.chunks_embedded == len(texts), (result.chunks_embedded, len(texts))
+        rows.append(("ours: re-index inline, 1 process, 2 threads (the default engine)", inline_s, "whole run"))
+
         per_worker: dict[int, float] = {}
         for workers in (1, 2):
             with console.status(f"ours: the re-index, {workers} Dask worker(s) through Prefect"):
@@ -134,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 elapsed = time.perf_counter() - started
             assert result.chunks_embedded == len(texts), (result.chunks_embedded, len(texts))
             per_worker[workers] = elapsed
+            built = (state, result.version)
             rows.append(
                 (
                     f"ours: re-index, {workers} local Dask worker{'s' * (workers > 1)} via Prefect (whole run)",
@@ -205,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(("bare Ray, 2 workers", ray_s, f"of which embedding {ray_embed_s:.1f} s"))
             overhead.append(("Ray (ray.init, 2 CPUs)", start_s, empty_s))
 
+        evaluated = evaluation_rows(console, config, cases, *built) if cases else None
+
         bare_again_s = bare()
         rows.append(
             (
@@ -228,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     console.print(table)
     console.print(
-        f"2 workers against 1 (ours): [bold]{per_worker[1] / per_worker[2]:.2f}×[/]; each worker embeds "
+        f"2 workers against 1 (ours): [bold]{per_worker[1] / per_worker[2]:.2f}×[/]; 2 one-thread workers against "
+        f"inline at 2 threads: [bold]{inline_s / per_worker[2]:.2f}×[/]; each worker embeds "
         f"{len(texts) / bare_s:.0f} chunks/s at 1 thread"
     )
 
@@ -256,7 +291,116 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(chunks per document {chunks_per_document:.2f}, {rate:.0f} chunks/s per worker, 2-worker efficiency "
         f"{efficiency:.2f}; a GPU worker was not measured here: no GPU on this machine)"
     )
+    if evaluated is not None:
+        print_evaluation(console, len(cases), evaluated)
     return 0
+
+
+def evaluation_rows(console, config, cases: list[dict], state: Path, version: str) -> list[tuple[str, float, str]]:
+    """Section 5: the same test cases evaluated by bare llama.cpp, and by ours inline and on 1 and 2 workers.
+
+    Returns (system, wall seconds, note) rows; raises if any run's answers differ from the first run's.
+    """
+    from llama_cpp import Llama
+
+    from cadre.config.project import EngineSettings, ThreadSettings
+    from cadre.prompts.optimize import evaluate_program
+    from cadre.prompts.served import ServedRun, open_evaluator, open_served
+    from cadre.registry.champions import ServingSetup
+    from cadre.runtime.base_model import BaseModelFiles, ensure_gguf
+    from cadre.runtime.retrieval import IndexTarget
+
+    settings = config.specialist(SPECIALIST)
+    index = IndexTarget(
+        SPECIALIST, str(state), str(config.root), config.project.index, config.project.embedding,
+        ThreadSettings(torch=1, embedding=1), search_mode=settings.index.search_mode, version=version,
+    )  # fmt: skip
+    gguf = str(ensure_gguf(config))
+    base = BaseModelFiles("gemma3-270m", "", gguf, "gemma3-270m")
+
+    def setup(threads: int) -> ServingSetup:
+        return ServingSetup(settings.program, None, index, base, None, None, threads, config.project.lm.n_ctx)
+
+    rows: list[tuple[str, float, str]] = []
+    answers: dict[str, list] = {}
+    cache = Path(tempfile.mkdtemp(prefix="cadre-engine-cache-"))  # a fresh cache per run: every answer computed
+
+    # Ours, inline at 1 thread, recording the prompts it sends (the bare side completes the same prompts).
+    recorded: list[tuple[str, dict]] = []
+    with console.status(f"ours: {len(cases)} cases in this process, 1 thread"):
+        started = time.perf_counter()
+        program, lm = open_served(ServedRun(setup(1), None, None, 1, str(cache / "inline-1")))
+
+        class Recording:
+            def __init__(self, client):
+                self.client = client
+
+            def complete(self, prompt: str, **options):
+                recorded.append((prompt, options))
+                return self.client.complete(prompt, **options)
+
+            def score(self, *arguments, **options):  # (the declared program answers freely: never called)
+                return self.client.score(*arguments, **options)
+
+        lm.client = Recording(lm.client)
+        run = evaluate_program(program, settings.program, settings.evaluation, lm, cases, "inline-1")
+        rows.append(("ours: in this process, 1 thread", time.perf_counter() - started, "model load included"))
+        answers["inline-1"] = [e.output for e in run.result.examples]
+        del program, lm
+
+    for threads in (1, 2):
+        with console.status(f"bare llama-cpp-python: the recorded prompts, {threads} thread(s)"):
+            started = time.perf_counter()
+            llm = Llama(model_path=gguf, n_ctx=config.project.lm.n_ctx, n_threads=threads, n_threads_batch=threads,
+                        seed=0, verbose=False)  # fmt: skip
+            for prompt, options in recorded:
+                llm.reset()
+                llm.create_completion(prompt, max_tokens=options["max_tokens"], stop=options["stop"], temperature=0.0)
+            rows.append(
+                (
+                    f"bare llama-cpp-python, 1 process, {threads} thread{'s' * (threads > 1)} (LM only)",
+                    time.perf_counter() - started,
+                    "prompts given: no retrieval, no prompt building, no scoring",
+                )
+            )
+            del llm
+
+    runs = [("inline-2", None, 2), ("dask-1", EngineSettings(backend="dask", workers=1), 1)]
+    runs.append(("dask-2", EngineSettings(backend="dask", workers=2), 1))
+    for name, engine, threads in runs:
+        where = "this process, 2 threads" if engine is None else f"{engine.workers} local Dask worker(s), 1 thread each"
+        with console.status(f"ours: {len(cases)} cases, {where}"):
+            started = time.perf_counter()
+            with open_evaluator(engine, str(cache / name)) as evaluator:
+                run = evaluator.evaluate(setup(threads), settings.evaluation, cases, None, None, name)
+            note = "" if engine is None else "cluster start and a model load per worker included"
+            rows.append((f"ours: {where}", time.perf_counter() - started, note))
+            answers[name] = [e.output for e in run.result.examples]
+            assert run.usage.calls == len(cases), f"{name}: {run.usage.cache_hits} answers came from a cache"
+    differing = {name: sum(a != b for a, b in zip(got, answers["inline-1"])) for name, got in answers.items()}
+    if any(differing.values()):
+        raise AssertionError(f"answers differ from the 1-thread run: {differing}")
+    return rows
+
+
+def print_evaluation(console, cases: int, rows: list[tuple[str, float, str]]) -> None:
+    from rich.table import Table
+
+    bare = next(seconds for name, seconds, _ in rows if name.startswith("bare") and "1 thread " in name)
+    table = Table(title=f"Evaluating {cases} ICD test cases as the specialist serves (one run; the same answers)")
+    for column in ("system", "wall s", "cases/s", "speed-up vs bare 1 thread", "note"):
+        table.add_column(column, justify="left" if column in ("system", "note") else "right")
+    for name, seconds, note in rows:
+        table.add_row(name, f"{seconds:.1f}", f"{cases / seconds:.2f}", f"{bare / seconds:.2f}×", note)
+    console.print(table)
+    by_name = {name: seconds for name, seconds, _ in rows}
+    two = next(s for n, s in by_name.items() if "2 local Dask" in n)
+    one = next(s for n, s in by_name.items() if "1 local Dask" in n)
+    inline = next(s for n, s in by_name.items() if "this process, 2 threads" in n)
+    console.print(
+        f"2 workers against 1: [bold]{one / two:.2f}×[/]; 2 one-thread workers against this process at 2 threads: "
+        f"[bold]{inline / two:.2f}×[/]"
+    )
 
 
 if __name__ == "__main__":

@@ -99,7 +99,12 @@ def learn_from_feedback(specialist: str, config_path: str, budget: RunBudget = "
             + data.cases
         )
         scores = evaluate_adapters(
-            setup, settings.evaluation, str(config.state_dir / "cache" / "dspy"), cases, str(exported.gguf)
+            setup,
+            settings.evaluation,
+            str(config.state_dir / "cache" / "dspy"),
+            cases,
+            str(exported.gguf),
+            config.project.engine,
         )
         lineage = {
             "base_model": base.identity,

@@ -88,6 +88,7 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
             specialist,
             scratch,
             config.project.threads.torch,
+            config.project.engine,
         )
         # The best trial's settings, whose adapter the search already trained (the candidate's training reuses it).
         tuning, steps = (searched.tuning, searched.max_steps) if searched else (settings.tuning, plan.max_steps)
@@ -107,7 +108,12 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
         )
         cases = load_test_cases(suite, plan.eval_cases, settings.program.field_names)
         scores = evaluate_adapters(
-            setup, settings.evaluation, str(config.state_dir / "cache" / "dspy"), cases, str(exported.gguf)
+            setup,
+            settings.evaluation,
+            str(config.state_dir / "cache" / "dspy"),
+            cases,
+            str(exported.gguf),
+            config.project.engine,
         )
         lineage = {
             "base_model": base.identity,

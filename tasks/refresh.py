@@ -23,16 +23,8 @@ from cadre.config.budget import WALL_CAP_TAG
 from cadre.config.program import CANDIDATE_MODES
 from cadre.evaluation.comparison import AdapterScores
 from cadre.evaluation.results import load_cases
-from cadre.prompts.optimize import EvaluationRun, evaluate_program
-from cadre.prompts.program import (
-    CompletionLM,
-    SpecialistProgram,
-    build_client,
-    llama_cpp_target,
-    load_program,
-    open_retriever,
-    use_disk_cache,
-)
+from cadre.prompts.program import open_retriever
+from cadre.prompts.served import open_evaluator
 from cadre.registry.champions import ServingSetup
 from cadre.registry.runs import RunHandle, log_dataset
 from cadre.runtime.base_model import BaseModelFiles, base_model_files
@@ -63,6 +55,7 @@ from cadre.tuning.training_data import (
 
 if TYPE_CHECKING:
     from cadre.config import CadreConfig, EvaluationSettings, TuningSettings
+    from cadre.config.project import EngineSettings
 
 ADAPTER_ARTIFACT = stage("refresh").artifact_path
 """Artifact folder of a run that holds the adapter (what the registry version points at)."""
@@ -402,48 +395,21 @@ def evaluate_adapters(
     cache_dir: str,
     cases: list[dict[str, Any]],
     candidate_gguf: str,
+    engine: EngineSettings | None = None,
 ) -> AdapterScores:
     """Run the specialist as it serves — its program, retrieval from the live index, llama.cpp on the GGUF base —
     once with the candidate adapter and once with the champion adapter (or none), on the same cases.
 
-    Both run in this process on the same engine and base file, so the adapter is the only difference.
+    Both run on the same engine and base file, so the adapter is the only difference: in this process, or in shards
+    on the Dask cluster of `project.engine` (`cadre.prompts.served`).
     """
-    use_disk_cache(cache_dir)
     champion_name = f"adapter-v{setup.adapter_version}" if setup.adapter_gguf else "base-model"
-    champion = run_as_served(setup, evaluation, cases, setup.adapter_gguf, setup.adapter_version, champion_name)
-    candidate = run_as_served(setup, evaluation, cases, candidate_gguf, None, "candidate-adapter")
+    with open_evaluator(engine, cache_dir) as evaluator:
+        champion = evaluator.evaluate(
+            setup, evaluation, cases, setup.adapter_gguf, setup.adapter_version, champion_name
+        )
+        candidate = evaluator.evaluate(setup, evaluation, cases, candidate_gguf, None, "candidate-adapter")
     return AdapterScores(candidate=candidate, champion=champion, champion_is_adapter=setup.adapter_gguf is not None)
-
-
-def run_as_served(
-    setup: ServingSetup,
-    evaluation: EvaluationSettings,
-    cases: list[dict[str, Any]],
-    adapter_gguf: str | None,
-    adapter_version: str | None,
-    name: str,
-) -> EvaluationRun:
-    """The specialist's program, retrieval and llama.cpp engine with `adapter_gguf` (or none) on `cases`."""
-    program_settings = setup.program_settings
-    retriever = open_retriever(setup.index) if setup.index is not None and program_settings.retrieve_k else None
-    if setup.program is not None:
-        program = load_program(setup.program.path, program_settings, retriever)
-    else:
-        program = SpecialistProgram(program_settings, retriever)
-    target = llama_cpp_target(setup.base.gguf, adapter_gguf, adapter_version, setup.n_threads, setup.n_ctx)
-    lm = CompletionLM(
-        build_client(target),
-        model_id=target.identity,
-        max_tokens=program_settings.max_tokens,
-        temperature=program_settings.temperature,
-    )
-    scored = evaluate_program(program, program_settings, evaluation, lm, cases, name)
-    print(
-        f"{name}: "
-        + ", ".join(f"{m} {scored.result.scores[m]:.3f}" for m in evaluation.answer_metrics)
-        + f" on {scored.result.cases} cases in {scored.wall_seconds:.0f} s"
-    )
-    return scored
 
 
 def run_dir(state_dir: Path, run_id: str) -> str:

@@ -3,8 +3,9 @@
 `search_hyperparameters` runs `cadre.tuning.search.run_search` with the refresh's own pieces: each trial trains
 through `train_adapter` (checkpointed in the work folder of its settings, so the best trial's adapter is reused by
 the candidate's training and a killed trial resumes), its adapter is exported to GGUF and run on the dev split
-by `tasks.refresh.run_as_served`. Each trial is a child run of the refresh's MLflow run (params, its training
-loss by step, its dev scores, `cadre.trial_state`); the parent gets the trial table and the summary figures.
+by `cadre.prompts.served` (in shards on `project.engine` when that is a Dask cluster). Each trial is a child run of
+the refresh's MLflow run (params, its training loss by step, its dev scores, `cadre.trial_state`); the parent gets
+the trial table and the summary figures.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cadre.tuning.search import COMPLETE, FAILED, PRUNED, SearchResult, TrialOut
 
 if TYPE_CHECKING:
     from cadre.config import EvaluationSettings, TuningSettings
+    from cadre.config.project import EngineSettings
     from cadre.registry.champions import ServingSetup
     from cadre.registry.runs import RunHandle
     from cadre.tuning.finetune import TrainingResult
@@ -51,15 +53,17 @@ def search_hyperparameters(
     specialist: str,
     scratch: str,
     threads: int,
+    engine: EngineSettings | None = None,
 ) -> SearchResult | None:
     """Search `tuning.search.space` for the settings whose adapter does best on dev; None when no search runs."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
     from prefect import get_run_logger
 
+    from cadre.prompts.served import open_evaluator
     from cadre.registry.runs import RunHandle
     from cadre.tuning.adapter_export import export_adapter
-    from tasks.refresh import MlflowSink, run_as_served
+    from tasks.refresh import MlflowSink
 
     say = get_run_logger().info
     search = tuning.search
@@ -75,7 +79,8 @@ def search_hyperparameters(
     dev = load_cases(suite_dir, "dev", dev_limit, required=setup.program_settings.field_names)
     if not dev:
         raise ValueError(f"{suite_dir}: the dev split holds no usable case to score search trials on")
-    use_disk_cache(str(Path(state_dir) / "cache" / "dspy"))
+    cache_dir = str(Path(state_dir) / "cache" / "dspy")
+    use_disk_cache(cache_dir)
     base = setup.base
     client = MlflowClient(handle.tracking_uri)
     children: dict[int, str] = {}
@@ -128,7 +133,7 @@ def search_hyperparameters(
         exported = export_adapter(
             result.adapter_dir, Path(base.hf_dir), Path(scratch) / "search" / f"trial-{number}", Path(state_dir)
         )
-        scored = run_as_served(setup, evaluation, dev, str(exported.gguf), None, f"trial-{number}")
+        scored = evaluator.evaluate(setup, evaluation, dev, str(exported.gguf), None, f"trial-{number}")
         stamp = int(time.time() * 1000)
         figures = {f"dev_{mlflow_metric_name(k)}": v for k, v in scored.result.scores.items()}
         try:
@@ -150,20 +155,21 @@ def search_hyperparameters(
         client.set_terminated(run_id, _RUN_STATUS.get(outcome.state, "FAILED"))
 
     name = study_name(specialist, data.fingerprint, tuning, base.identity, plan.max_steps)
-    result = run_search(
-        search,
-        tuning,
-        trials=trials,
-        steps=plan.max_steps,
-        storage=study_file(Path(state_dir), specialist),
-        study=name,
-        metric=metric,
-        train=train,
-        score=score,
-        on_trial=ended,
-        say=say,
-        steps_cap=plan.max_steps if plan.budget == "smoke" else None,
-    )
+    with open_evaluator(engine, cache_dir) as evaluator:  # every trial's dev cases, on the engine
+        result = run_search(
+            search,
+            tuning,
+            trials=trials,
+            steps=plan.max_steps,
+            storage=study_file(Path(state_dir), specialist),
+            study=name,
+            metric=metric,
+            train=train,
+            score=score,
+            on_trial=ended,
+            say=say,
+            steps_cap=plan.max_steps if plan.budget == "smoke" else None,
+        )
     stamp = int(time.time() * 1000)
     declared = result.declared
     figures = {

@@ -182,18 +182,20 @@ class EmbeddingSettings(Strict):
 
 
 class EngineSettings(Strict):
-    """Where the heavy, parallel work runs: a re-index embeds its changed chunks in shards there."""
+    """Where the heavy, parallel work runs: a re-index embeds its changed chunks in shards there, and an adapter's
+    evaluation (the refresh, its search trials, the feedback flow) answers its cases in shards there."""
 
     backend: Literal["inline", "dask"] = Field(
         "inline",
-        description="`inline`: in the flow run's own process, with `threads.embedding` threads. `dask`: each shard is "
-        "a Prefect task run on a Dask cluster (prefect-dask's task runner): a local cluster of `workers` processes "
-        "started for the run, or the cluster at `address`. Pays past about ten thousand changed chunks: starting "
-        "the cluster and loading the model in each worker cost seconds (`bench/reindex.py --engine` measures it).",
+        description="`inline`: in the flow run's own process, with `threads.embedding` (`lm.n_threads`) threads. "
+        "`dask`: each shard is a Prefect task run on a Dask cluster (prefect-dask's task runner): a local cluster of "
+        "`workers` processes started for the run, or the cluster at `address`. Pays past about ten thousand changed "
+        "chunks, or a few hundred evaluation cases: starting the cluster and loading the models in each worker cost "
+        "seconds (`bench/engine.py` measures both).",
     )
     workers: int = Field(2, ge=1, le=256, description="Worker processes of the local Dask cluster (no `address`).")
     threads_per_worker: int = Field(
-        1, ge=1, le=64, description="Threads of each local worker; each shard embeds with this many."
+        1, ge=1, le=64, description="Threads of each local worker; a shard embeds (or runs llama.cpp) with this many."
     )
     address: str | None = Field(
         None,

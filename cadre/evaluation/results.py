@@ -661,7 +661,8 @@ def restrict(
     )
 
 
-def _predict_one(predict: Callable[[dict[str, Any]], Prediction], case: dict[str, Any]) -> Prediction:
+def predict_case(predict: Callable[[dict[str, Any]], Prediction], case: dict[str, Any]) -> Prediction:
+    """`predict(case)`, timed; an error it raises becomes the prediction's `error` (a wrong answer, not a failure)."""
     started = time.perf_counter()
     try:
         prediction = _as_prediction(predict(case))
@@ -706,7 +707,7 @@ def evaluate_cases(
     """
     metric_names = list(metrics)
     _check_metrics(metric_names, output_field, retrieval_field)
-    predictions = [_predict_one(predict, case) for case in cases]
+    predictions = [predict_case(predict, case) for case in cases]
     return score_predictions(
         cases, predictions, metric_names, name=name, output_field=output_field, retrieval_field=retrieval_field,
         confidence=confidence, bootstrap_samples=bootstrap_samples, seed=seed, skipped_cases=skipped_cases,

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Protocol
 
 import numpy as np
@@ -30,11 +29,9 @@ from prefect.cache_policies import NO_CACHE
 
 from cadre.config.project import EngineSettings
 from cadre.knowledge.embedding import Embedder
+from cadre.platform.cluster import open_cluster
 
 logger = logging.getLogger(__name__)
-
-CONNECT_TIMEOUT_S = 10
-"""How long the re-index waits for the scheduler at `engine.address` before it fails with a clear error."""
 
 
 class ShardResult(Protocol):
@@ -88,17 +85,6 @@ class DaskEngine:
 
 
 @contextmanager
-def _environment_restored() -> Iterator[None]:
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        for name in set(os.environ) - set(saved):
-            del os.environ[name]
-        os.environ.update(saved)
-
-
-@contextmanager
 def open_engine(settings: EngineSettings, embedder: Embedder) -> Iterator[ShardEngine]:
     """The engine `settings` describe, started for the `with` block (a local Dask cluster stops at its end).
 
@@ -108,34 +94,6 @@ def open_engine(settings: EngineSettings, embedder: Embedder) -> Iterator[ShardE
     if settings.backend == "inline":
         yield InlineEngine(embedder)
         return
-    from prefect_dask import DaskTaskRunner
-
-    if settings.address:
-        runner = DaskTaskRunner(address=settings.address, client_kwargs={"timeout": CONNECT_TIMEOUT_S})
-    else:
-        runner = DaskTaskRunner(
-            cluster_kwargs={
-                "n_workers": settings.workers,
-                "threads_per_worker": settings.threads_per_worker,
-                "processes": True,
-            }
-        )
-    with ExitStack() as stack:
-        # A local cluster's nannies write the workers' settings (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_, ...)
-        # into this process's environment; they must not outlive the cluster in the flow run's process.
-        stack.enter_context(_environment_restored())
-        stack.enter_context(runner)
-        try:
-            client = runner.client  # starts the local cluster, or connects to the one at the address
-        except OSError as error:
-            raise RuntimeError(
-                f"cannot reach the Dask scheduler at {settings.address} (project.engine.address) within "
-                f"{CONNECT_TIMEOUT_S} s: {error}. Start it (`dask scheduler`), or set project.engine.backend: inline"
-            ) from None
-        workers = len(client.scheduler_info().get("workers", {})) or settings.workers
-        logger.info(
-            "embedding shards on %s (%d workers)",
-            settings.address or f"a local Dask cluster ({client.scheduler.address})",
-            workers,
-        )
-        yield DaskEngine(runner, embedder, workers, settings.threads_per_worker)
+    with open_cluster(settings) as cluster:
+        logger.info("embedding shards on %s (%d workers)", cluster.where, cluster.workers)
+        yield DaskEngine(cluster.runner, embedder, cluster.workers, cluster.threads_per_worker)

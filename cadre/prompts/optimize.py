@@ -688,19 +688,11 @@ def program_metrics(program_settings: ProgramSettings, evaluation: EvaluationSet
     return [*evaluation.answer_metrics, *(evaluation.retrieval_metrics if program_settings.retrieve_k else [])]
 
 
-def evaluate_program(
-    program: SpecialistProgram,
-    program_settings: ProgramSettings,
-    evaluation: EvaluationSettings,
-    lm: CompletionLM,
-    cases: Sequence[dict[str, Any]],
-    name: str,
-) -> EvaluationRun:
-    """Score a program on suite cases (one program call per case) with `cadre.evaluation.results`.
-
-    Each case's `Prediction` carries the LM calls, tokens and cost it used; an `LMUnreachable`
-    stops the evaluation (a dead endpoint is not a wrong answer), any other error scores the case 0.
-    """
+def program_predictor(
+    program: SpecialistProgram, program_settings: ProgramSettings, lm: CompletionLM
+) -> Callable[[dict[str, Any]], Prediction]:
+    """One program call per case, as a `Prediction` with the LM calls, tokens and cost that case used (call it inside
+    `program_context(lm, program_settings)`)."""
     output = program_settings.outputs[0].name
     inputs = [item.name for item in program_settings.inputs]
 
@@ -717,14 +709,30 @@ def evaluate_program(
             replayed_ms=used.replayed_seconds * 1000.0,
         )
 
+    return predict
+
+
+def evaluate_program(
+    program: SpecialistProgram,
+    program_settings: ProgramSettings,
+    evaluation: EvaluationSettings,
+    lm: CompletionLM,
+    cases: Sequence[dict[str, Any]],
+    name: str,
+) -> EvaluationRun:
+    """Score a program on suite cases (one program call per case) with `cadre.evaluation.results`.
+
+    Each case's `Prediction` carries the LM calls, tokens and cost it used; an `LMUnreachable`
+    stops the evaluation (a dead endpoint is not a wrong answer), any other error scores the case 0.
+    """
     started, before = time.monotonic(), lm.usage.snapshot()
     with program_context(lm, program_settings):
         result = evaluate_cases(
             list(cases),
-            predict,
+            program_predictor(program, program_settings, lm),
             program_metrics(program_settings, evaluation),
             name=name,
-            output_field=output,
+            output_field=program_settings.outputs[0].name,
             retrieval_field="relevant_ids" if program_settings.retrieve_k else None,
             confidence=evaluation.confidence,
             bootstrap_samples=evaluation.bootstrap_samples,
@@ -781,5 +789,6 @@ __all__ = [
     "outside_candidates",
     "plan_optimization",
     "program_metrics",
+    "program_predictor",
     "to_examples",
 ]

@@ -5,6 +5,8 @@
   build (no chunk lost, none written twice).
 - The default local cluster (no address) builds the same index as the inline engine, and each shard is a Prefect
   task run.
+- An adapter evaluation's cases in shards on the cluster (`evaluate-shard` task runs), one worker killed while it
+  answers a shard: every case is answered once, with the same answers and scores as in one process.
 
 The cluster of the first test is started the way an existing cluster runs (`dask scheduler`, `dask worker`), and the
 re-index reaches it by `engine.address`.
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import free_port
+from support import free_port, icd_index, icd_program
 
 from cadre.config.knowledge import ChunkingSettings, SqlSource
 from cadre.config.project import EmbeddingSettings, EngineSettings, ThreadSettings
@@ -36,6 +38,8 @@ from cadre.knowledge.index.lancedb_backend import LanceDBBackend
 from cadre.knowledge.reindex import plan_and_apply
 
 pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
 
 CHUNKING = ChunkingSettings(max_tokens=96, overlap_tokens=8)
 SOURCE = SqlSource(
@@ -248,3 +252,85 @@ def test_an_unreachable_scheduler_fails_with_the_setting_to_fix(embedder: Embedd
     with pytest.raises(RuntimeError, match=r"cannot reach the Dask scheduler at .*project\.engine\.address"):
         with open_engine(EngineSettings(backend="dask", address=address), embedder):
             pass
+
+
+def test_a_worker_killed_mid_shard_of_an_evaluation_leaves_the_answers_of_one_process(
+    tmp_path: Path, harness, cluster
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterStartTime
+
+    from cadre.config import EvaluationSettings, load_config
+    from cadre.config.project import IndexBackendSettings
+    from cadre.demo.icd10 import load_documents
+    from cadre.prompts.served import open_evaluator, shards_of
+    from cadre.registry.champions import ServingSetup
+    from cadre.runtime.base_model import BaseModelFiles, ensure_gguf
+    from cadre.runtime.retrieval import IndexTarget
+
+    address, client, workers = cluster
+    victim, victim_pid = workers["w0"]
+    version = icd_index(tmp_path, "coder", documents=60)
+    cases = [
+        {"id": document["id"], "phrase": document["title"], "code": document["id"], "relevant_ids": [document["id"]]}
+        for document in list(load_documents(billable_only=True, limit=60))[::3]
+    ]
+    threads = ThreadSettings(torch=1, embedding=1)
+    index = IndexTarget(
+        "coder", str(tmp_path / "state"), str(tmp_path), IndexBackendSettings(), EmbeddingSettings(), threads,
+        version=version,
+    )  # fmt: skip
+    gguf = str(ensure_gguf(load_config(REPO / "pipelines.yaml")))
+    setup = ServingSetup(
+        icd_program(3), None, index, BaseModelFiles("gemma3-270m", "", gguf, "gemma3-270m"), None, None, 1, 2048
+    )
+    evaluation = EvaluationSettings(suite="evals/suites/icd10-coder", answer_metrics=["exact_match"])
+
+    with open_evaluator(None, str(tmp_path / "cache-inline")) as evaluator:
+        clean = evaluator.evaluate(setup, evaluation, cases, None, None, "inline")
+
+    began = datetime.now(UTC)
+    outcome: dict = {}
+
+    def evaluate() -> None:
+        try:
+            engine = EngineSettings(backend="dask", address=address)
+            with open_evaluator(engine, str(tmp_path / "cache-dask")) as evaluator:
+                outcome["run"] = evaluator.evaluate(setup, evaluation, cases, None, None, "dask")
+        except BaseException as error:  # (reported below)
+            outcome["error"] = error
+
+    runner = threading.Thread(target=evaluate)
+    runner.start()
+    deadline = time.monotonic() + 300
+    killed_holding: list[str] = []
+    while time.monotonic() < deadline and runner.is_alive():
+        if executing(client, victim):
+            time.sleep(0.3)  # into the shard (its first one loads the model and the index)
+            killed_holding = executing(client, victim)
+            if killed_holding:
+                os.kill(victim_pid, signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    runner.join(timeout=600)
+    assert not runner.is_alive(), "the evaluation did not finish after the kill"
+    assert "error" not in outcome, outcome.get("error")
+    assert killed_holding, "w0 was never seen answering a shard; the kill did not happen mid-shard"
+
+    sharded = outcome["run"].result
+    assert sharded.cases == clean.result.cases == len(cases), "a case was scored twice or not at all"
+    assert [(e.case_id, e.output, e.retrieved_ids) for e in sharded.examples] == [
+        (e.case_id, e.output, e.retrieved_ids) for e in clean.result.examples
+    ]
+    quality = ["exact_match", *evaluation.retrieval_metrics]
+    assert {m: sharded.scores[m] for m in quality} == {m: clean.result.scores[m] for m in quality}
+    # (a redone shard may find answers its dead worker left in the disk cache: requests, not calls)
+    assert outcome["run"].usage.requests == clean.usage.requests == len(cases)
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(
+            task_run_filter=TaskRunFilter(
+                name=TaskRunFilterName(like_="evaluate-shard"), start_time=TaskRunFilterStartTime(after_=began)
+            )
+        )
+    completed = [run for run in runs if run.state_type and run.state_type.value == "COMPLETED"]
+    assert len(completed) >= len(shards_of(cases, 2)), [(run.name, run.state_name) for run in runs]
