@@ -8,12 +8,13 @@ logged):
 | --- | --- | --- |
 | `<project>.<specialist>.program` | `program.json` and the specialist's settings | the program's outputs, through the base model (no adapter), with passages from the index champion |
 | `<project>.<specialist>.adapter` | the PEFT weights and `adapter.gguf` | the declared program's outputs through the base model with this adapter |
-| `<project>.<specialist>.index` | the LanceDB table of the version (`state/index/<specialist>/lancedb/<version>.lance`), or a pointer for Weaviate; its manifest, which names the embedder it was built with; and that embedder's folder when it is a fine-tuned one (`state/index/<specialist>/embedders/<fingerprint>/`) | the ids of the passages a case retrieves |
+| `<project>.<specialist>.index` | the LanceDB table of the version (`state/index/<specialist>/lancedb/<version>.lance`) as a difference: the files no earlier registered version stores, and where each other file is (loading fetches them), or a pointer for Weaviate; its manifest, which names the embedder it was built with; and that embedder's folder when it is a fine-tuned one (`state/index/<specialist>/embedders/<fingerprint>/`) | the ids of the passages a case retrieves |
 | `<project>.<specialist>` | the versions of its parts (`models:/…/N`) | the specialist's answer, as `cadre serve` gives it |
 
 `register_candidate(..., model=ModelSpec)` writes the model files (`MLmodel`, the code file, `cadre_model.json`,
 the input example) into the candidate's artifact folder before the version is created, so a version is a model
-from the moment it exists (and an index version carries its whole table before its alias can move: blue/green).
+from the moment it exists (and an index version carries its table, or where each of its files is stored, before
+its alias can move: blue/green).
 `register_specialist` registers the composite after a part is promoted (`cadre.registry.promotion`).
 
 Answering reuses the runtime contract: `cadre.serving.team.assemble_runtime` (the serving prompt, the retrieval
@@ -56,6 +57,10 @@ MODEL_KINDS = ("program", "adapter", "index")
 INDEX_STATE = "state"
 """Folder of an index model that is laid out as a state dir: `state/index/<specialist>/lancedb/<version>.lance`."""
 RETRIEVED = "retrieved_ids"
+TABLE_FILES = "table_files"
+"""Key of an index model's settings: every file of its table and the run that stores it (`upload_table`)."""
+RECENT_INDEX_VERSIONS = 5
+"""Newest registered index versions (with the champion) whose stored table files a new version may refer to."""
 CODE = (
     '"""Cadre model (models-from-code): the state is cadre_model.json and the files beside it."""\n\n'
     "from mlflow.models import set_model\n\n"
@@ -89,6 +94,8 @@ class ModelSpec:
         uploads: local files or folders logged into the model folder first (path inside it → local path).
         documents: JSON files written into the model folder first (path inside it → content): an index version's
             whole manifest (its file here may be a difference from another version's).
+        table: an index version's LanceDB table, `(path inside the model folder, local folder)`: logged as a
+            difference from the specialist's registered index versions (`upload_table`).
     """
 
     kind: str
@@ -96,6 +103,7 @@ class ModelSpec:
     input_example: dict[str, Any]
     uploads: dict[str, str] = field(default_factory=dict)
     documents: dict[str, Any] = field(default_factory=dict)
+    table: tuple[str, str] | None = None
 
     def signature(self) -> ModelSignature:
         program = self.settings["program"]
@@ -146,6 +154,7 @@ def model_spec(
     }
     uploads: dict[str, str] = {}
     documents: dict[str, Any] = {}
+    table: tuple[str, str] | None = None
     if kind == "index":
         if index_version is None:
             raise ModelError("an index model needs its index version")
@@ -162,8 +171,8 @@ def model_spec(
         # The manifest goes with the table: the searcher reads from it which embedder embeds this version's queries.
         documents[f"{inside}/manifests/{index_version}.json"] = layout.manifest_json(index_version)
         if project.index.backend == "lancedb":
-            table = layout.lancedb_dir / f"{index_version}.lance"
-            uploads[f"{inside}/lancedb/{table.name}"] = str(table)
+            local = layout.lancedb_dir / f"{index_version}.lance"
+            table = (f"{inside}/lancedb/{local.name}", str(local))
         key = manifest.index_key
         if not key.embedding_model.startswith(PACKAGED_PREFIX):
             # A fine-tuned embedder lives in the builder's state dir: it travels with the version, so a machine that
@@ -174,7 +183,9 @@ def model_spec(
     elif kind in ("program", "adapter") and settings.program.retrieve_k:
         state["parts"] = {"index": f"models:/{_name(project.name, specialist, 'index')}@champion"}
     example = {item.name: _example_value(config, specialist, item.name) for item in settings.program.inputs}
-    return ModelSpec(kind=kind, settings=state, input_example=example, uploads=uploads, documents=documents)
+    return ModelSpec(
+        kind=kind, settings=state, input_example=example, uploads=uploads, documents=documents, table=table
+    )
 
 
 def _base_gguf(config: CadreConfig, base_model: str) -> Path:
@@ -212,8 +223,16 @@ def _example_value(config: CadreConfig, specialist: str, name: str) -> str:
 def log_model_files(client: MlflowClient, run_id: str, artifact_path: str, spec: ModelSpec) -> None:
     """Make `runs:/<run_id>/<artifact_path>` an MLflow model: upload `spec.uploads`, then `MLmodel` and friends.
 
-    The files the flow logged there stay where they are; `MLmodel` names them as the pyfunc's artifacts.
+    The files the flow logged there stay where they are; `MLmodel` names them as the pyfunc's artifacts. An index's
+    table is logged as a difference (`upload_table`); its settings then list where each of its files is stored.
     """
+    settings = spec.settings
+    if spec.table is not None:
+        inside, local = spec.table
+        files = upload_table(
+            client, run_id, f"{artifact_path}/{inside}", Path(local), registered_table_files(client, spec)
+        )
+        settings = {**settings, "index": {**settings["index"], TABLE_FILES: files}}
     for inside, local in spec.uploads.items():
         target = f"{artifact_path}/{inside}"
         if Path(local).is_dir():
@@ -228,7 +247,7 @@ def log_model_files(client: MlflowClient, run_id: str, artifact_path: str, spec:
     files = _model_files(client, run_id, artifact_path, spec.kind)
     with tempfile.TemporaryDirectory(prefix="cadre-model-") as folder:
         work = Path(folder)
-        (work / SETTINGS_FILE).write_text(json.dumps(spec.settings, indent=1, sort_keys=True), encoding="utf-8")
+        (work / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True), encoding="utf-8")
         code = work / "cadre_model.py"
         code.write_text(CODE, encoding="utf-8")
         saved = work / "model"
@@ -245,6 +264,118 @@ def log_model_files(client: MlflowClient, run_id: str, artifact_path: str, spec:
         model.flavors["python_function"]["artifacts"].update({name: {"path": path} for name, path in files.items()})
         model.save(str(saved / "MLmodel"))
         client.log_artifacts(run_id, str(saved), artifact_path)
+
+
+def registered_table_files(client: MlflowClient, spec: ModelSpec) -> dict[str, dict[str, Any]]:
+    """The table files the specialist's registered index versions store, by path inside a table, and where each is.
+
+    Read from the champion and the `RECENT_INDEX_VERSIONS` newest versions (their `cadre_model.json`); a version
+    whose settings cannot be read, or that was registered whole before tables were differences, adds nothing.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from cadre.registry.versions import CHAMPION
+
+    name = _name(spec.settings["project"], spec.settings["specialist"], "index")
+    try:
+        versions = list(
+            client.search_model_versions(
+                f"name = '{name}'", max_results=RECENT_INDEX_VERSIONS, order_by=["version_number DESC"]
+            )
+        )
+        champion = version_by_alias(client, name, CHAMPION)
+    except MlflowException:
+        return {}
+    known: dict[str, dict[str, Any]] = {}
+    for version in [*versions, *([champion] if champion else [])]:
+        folder = version.tags.get("cadre.artifact_path")
+        if not folder:
+            continue
+        with tempfile.TemporaryDirectory(prefix="cadre-model-") as scratch:
+            try:
+                local = client.download_artifacts(version.run_id, f"{folder}/artifacts/{SETTINGS_FILE}", scratch)
+                settings = json.loads(Path(local).read_text(encoding="utf-8"))
+            except (MlflowException, OSError, ValueError):
+                continue
+        known.update(settings.get("index", {}).get(TABLE_FILES) or {})
+    return known
+
+
+def upload_table(
+    client: MlflowClient, run_id: str, target: str, table: Path, known: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Log the LanceDB table folder `table` to `target` in the run, as a difference from the files in `known`.
+
+    Lance never changes a data, deletion or index file once written, and names each by a UUID: a file of those
+    parts (`IMMUTABLE_PARTS`) that a registered version already stores, at the same path and size, is not
+    uploaded again. The manifests and transaction files (small) are always uploaded. A daily 1 % change therefore
+    uploads about 1 % of the table, not all of it.
+
+    Returns:
+        Every file of the table: its path inside the table → `{"run_id", "path", "bytes"}`, where it is stored.
+    """
+    from cadre.knowledge.index.lancedb_backend import IMMUTABLE_PARTS
+
+    files: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="cadre-table-") as staging:
+        for path in sorted(p for p in table.rglob("*") if p.is_file()):
+            inside = path.relative_to(table).as_posix()
+            size = path.stat().st_size
+            stored = known.get(inside)
+            if inside.split("/", 1)[0] in IMMUTABLE_PARTS and stored and stored.get("bytes") == size:
+                files[inside] = stored
+                continue
+            copy = Path(staging) / inside
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, copy)
+            except OSError:  # another file system
+                shutil.copy2(path, copy)
+            files[inside] = {"run_id": run_id, "path": f"{target}/{inside}", "bytes": size}
+        client.log_artifacts(run_id, staging, target)
+    return files
+
+
+def complete_table(folder: Path, settings: dict[str, Any], tracking_uri: str | None) -> int:
+    """Fetch into an index model's downloaded `folder` the table files its version stores by reference.
+
+    Returns:
+        How many files were fetched.
+
+    Raises:
+        ModelError: a file's run is gone from the tracking server (deleted), or the file is not the size recorded.
+    """
+    index = settings.get("index") or {}
+    files = index.get(TABLE_FILES)
+    if not files:
+        return 0
+    table = Path(folder) / INDEX_STATE / "index" / settings["specialist"] / "lancedb" / f"{index['version']}.lance"
+    missing = {inside: where for inside, where in files.items() if not (table / inside).is_file()}
+    with tempfile.TemporaryDirectory(prefix="cadre-table-", dir=folder) as scratch:
+        for number, (inside, where) in enumerate(sorted(missing.items())):
+            try:
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        run_id=where["run_id"],
+                        artifact_path=where["path"],
+                        dst_path=str(Path(scratch) / str(number)),
+                        tracking_uri=tracking_uri,
+                    )
+                )
+            except Exception as error:  # noqa: BLE001 - any failure to read it means the same to the user
+                raise ModelError(
+                    f"index version {index['version']} of {settings['specialist']!r}: its table file {inside} is stored "
+                    f"with run {where['run_id']} ({where['path']}), which cannot be read: {error}. Was that run "
+                    "deleted? Re-index and register the index again (`cadre run <specialist> --stage index`)"
+                ) from None
+            if local.stat().st_size != where["bytes"]:
+                raise ModelError(
+                    f"index version {index['version']}: table file {inside} from run {where['run_id']} has "
+                    f"{local.stat().st_size} bytes, {where['bytes']} were registered"
+                )
+            (table / inside).parent.mkdir(parents=True, exist_ok=True)
+            local.replace(table / inside)
+    return len(missing)
 
 
 def _model_files(client: MlflowClient, run_id: str, artifact_path: str, kind: str) -> dict[str, str]:
@@ -410,7 +541,11 @@ def resolve_version(uri: str, tracking_uri: str | None = None) -> tuple[str, str
 
 
 def download_version(name: str, version: str, folder: Path, tracking_uri: str | None = None) -> Path:
-    """The files of a registered version under `folder` (downloaded once; a partial download is never reused)."""
+    """The files of a registered version under `folder` (downloaded once; a partial download is never reused).
+
+    An index version's table is whole here: the files it stores by reference are fetched from the runs that store
+    them (`complete_table`).
+    """
     if (folder / ".complete").is_file():
         return folder
     partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
@@ -432,6 +567,9 @@ def download_version(name: str, version: str, folder: Path, tracking_uri: str | 
         local.replace(files)
         shutil.rmtree(partial)
         files.replace(partial)
+    settings = model_settings(partial)
+    if settings is not None and settings.get("kind") == "index":  # the table files earlier versions store
+        complete_table(partial, settings, tracking_uri or _tracking_uri(settings))
     (partial / ".complete").write_text(f"models:/{name}/{version}\n")
     if (folder / ".complete").is_file():  # another process finished first
         shutil.rmtree(partial, ignore_errors=True)
@@ -624,6 +762,7 @@ class CadreModel(mlflow.pyfunc.PythonModel):
         self.search = None
         folder = settings_path.parent.parent
         if self.kind == "index":
+            complete_table(folder, settings, _tracking_uri(settings))
             self.search = index_search(folder, settings)
             return
         program = adapter = None

@@ -555,6 +555,86 @@ def test_an_index_embedded_by_a_fine_tuned_embedder_carries_it_to_a_worker_and_t
     assert [row["retrieved_ids"][:3] for row in answers] == [list(ids) for ids in expected.values()]
 
 
+def _stored_bytes(client, run_id: str, folder: str) -> int:
+    """Bytes of the files a run stores under `folder` (recursively)."""
+    total = 0
+    for item in client.list_artifacts(run_id, folder):
+        total += _stored_bytes(client, run_id, item.path) if item.is_dir else (item.file_size or 0)
+    return total
+
+
+def test_an_index_version_after_a_small_change_stores_only_its_new_table_files(
+    registry: dict, mlflow_server: str, prepared_models: Path, tmp_path: Path
+) -> None:
+    """A re-index that adds two documents registers a version that uploads its new fragment and manifests, not the
+    table; `mlflow.pyfunc.load_model` and `download_version` fetch the rest from the run that stores it, and
+    search it like the table it was built from. A file whose run is gone is named in the error."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from cadre.config import load_config
+    from cadre.knowledge.reindex import promote_version, reindex_specialist
+    from cadre.prompts.program import open_retriever
+    from cadre.registry.models import TABLE_FILES, ModelError, complete_table, download_version, model_settings
+    from cadre.runtime.retrieval import IndexTarget
+
+    root = tmp_path / "changing"
+    (root / "suite").mkdir(parents=True)
+    text = _pipelines(mlflow_server, "state", registry["codes"])
+    (root / "pipelines.yaml").write_text(text)
+    _link_models(root / "state", prepared_models)
+    config = load_config(root / "pipelines.yaml")
+    first = reindex_specialist(config, "coder", budget="smoke", show_progress=False)
+    promote_version(config.state_dir, "coder", first.version)
+    (root / "pipelines.yaml").write_text(text.replace("max_documents: 60", "max_documents: 62"))
+    changed = load_config(root / "pipelines.yaml")
+    second = reindex_specialist(changed, "coder", budget="smoke", show_progress=False)
+    assert second.documents_total == first.documents_total + 2 and second.chunks_embedded <= 4
+
+    client = MlflowClient(mlflow_server)
+    name = f"{PROJECT}.coder.index"
+    versions = [
+        _register(changed, "index", None, {"index_version": built.version}, index_version=built.version)
+        for built in (first, second)
+    ]
+    runs = [client.get_model_version(name, version).run_id for version in versions]
+    table = f"index/state/index/coder/lancedb/{second.version}.lance"
+    whole = _stored_bytes(client, runs[0], f"index/state/index/coder/lancedb/{first.version}.lance")
+    stored = _stored_bytes(client, runs[1], table)
+    local = sum(
+        path.stat().st_size
+        for path in (config.state_dir / "index/coder/lancedb").glob(f"{second.version}.lance/**/*")
+        if path.is_file()
+    )
+    assert stored < whole / 3, f"the changed version stored {stored} bytes of its {local}-byte table (whole: {whole})"
+
+    here = open_retriever(
+        dataclasses.replace(IndexTarget.from_config(changed, "coder", pin_live=False), version=second.version)
+    )
+    expected = [[p.id for p in here(case["phrase"], 3)] for case in registry["cases"]]
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{versions[1]}")
+    answers = model.predict([{"phrase": case["phrase"]} for case in registry["cases"]]).to_dict(orient="records")
+    assert [row["retrieved_ids"][:3] for row in answers] == expected
+
+    folder = download_version(name, versions[1], tmp_path / "download", mlflow_server)
+    shipped = folder / "state/index/coder/lancedb" / f"{second.version}.lance"
+    built_here = config.state_dir / "index/coder/lancedb" / f"{second.version}.lance"
+    assert {p.relative_to(shipped): p.stat().st_size for p in shipped.rglob("*") if p.is_file()} == {
+        p.relative_to(built_here): p.stat().st_size for p in built_here.rglob("*") if p.is_file()
+    }
+
+    settings = model_settings(folder)
+    carried = {inside: where for inside, where in settings["index"][TABLE_FILES].items() if where["run_id"] == runs[0]}
+    assert carried, "the changed version stores every file itself"
+    inside = sorted(carried)[0]
+    (shipped / inside).unlink()
+    lost = {**settings["index"][TABLE_FILES], inside: {**carried[inside], "run_id": "0" * 32}}
+    with pytest.raises(ModelError, match=rf"table file {inside} is stored with run 0{{32}}"):
+        complete_table(folder, {**settings, "index": {**settings["index"], TABLE_FILES: lost}}, mlflow_server)
+
+
 def _edge_config(registry: dict, mlflow_server: str, prepared_models: Path, root: Path, edge: str):
     """The registry's project on another state dir, with `edge:` settings for the specialist."""
     from cadre.config import load_config

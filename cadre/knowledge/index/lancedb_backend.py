@@ -108,8 +108,10 @@ FOLD_SHARE = 0.05
 FOLD_FRAGMENTS = 24
 """Most data fragments (each change adds about one) before `ensure_indexes` compacts the table."""
 
-_SHARED_PARTS = ("data", "_deletions", "_indices")
-"""Folders of a Lance table whose files are written once and never changed: a copy links them."""
+IMMUTABLE_PARTS = ("data", "_deletions", "_indices")
+"""Folders of a Lance table whose files are written once and never changed (named by a UUID: one name, one
+content): a copy links them, and a registered version stores only those an earlier version did not
+(`cadre.registry.models`)."""
 
 
 class LanceDBVersion:
@@ -442,7 +444,7 @@ def _share_tree(source: Path, target: Path) -> None:
         (target / relative).mkdir(parents=True, exist_ok=True)
         for name in files:
             origin, copy = Path(folder) / name, target / relative / name
-            if relative.parts and relative.parts[0] in _SHARED_PARTS:
+            if relative.parts and relative.parts[0] in IMMUTABLE_PARTS:
                 try:
                     os.link(origin, copy)
                     continue
