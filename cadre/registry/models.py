@@ -270,7 +270,8 @@ def registered_table_files(client: MlflowClient, spec: ModelSpec) -> dict[str, d
     """The table files the specialist's registered index versions store, by path inside a table, and where each is.
 
     Read from the champion and the `RECENT_INDEX_VERSIONS` newest versions (their `cadre_model.json`); a version
-    whose settings cannot be read, or that was registered whole before tables were differences, adds nothing.
+    whose settings cannot be read, or that was registered whole before tables were differences, adds nothing, and
+    neither does a file whose run was deleted (a new version then stores that file again).
     """
     from mlflow.exceptions import MlflowException
 
@@ -298,7 +299,13 @@ def registered_table_files(client: MlflowClient, spec: ModelSpec) -> dict[str, d
             except (MlflowException, OSError, ValueError):
                 continue
         known.update(settings.get("index", {}).get(TABLE_FILES) or {})
-    return known
+    live: dict[str, bool] = {}
+    for run_id in {where["run_id"] for where in known.values()}:
+        try:
+            live[run_id] = client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            live[run_id] = False
+    return {inside: where for inside, where in known.items() if live[where["run_id"]]}
 
 
 def upload_table(

@@ -115,7 +115,11 @@ def assert_same_index(built: dict[str, np.ndarray], reference: dict[str, np.ndar
 
 
 def _dask(*arguments: str, log: Path) -> subprocess.Popen:
+    from prefect.settings import PREFECT_API_URL
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if PREFECT_API_URL.value():  # the test harness's server (set in this process's settings, not its environment)
+        env["PREFECT_API_URL"] = PREFECT_API_URL.value()  # as a user's workers report to the project's Prefect
     return subprocess.Popen(
         [str(Path(sys.executable).with_name("dask")), *arguments],
         stdout=log.open("ab"),

@@ -634,6 +634,12 @@ def test_an_index_version_after_a_small_change_stores_only_its_new_table_files(
     with pytest.raises(ModelError, match=rf"table file {inside} is stored with run 0{{32}}"):
         complete_table(folder, {**settings, "index": {**settings["index"], TABLE_FILES: lost}}, mlflow_server)
 
+    # The first run deleted: a new registration stores those files again instead of referring to them.
+    client.delete_run(runs[0])
+    again = _register(changed, "index", None, {"index_version": second.version}, index_version=second.version)
+    again_settings = model_settings(download_version(name, again, tmp_path / "again", mlflow_server))
+    assert runs[0] not in {where["run_id"] for where in again_settings["index"][TABLE_FILES].values()}
+
 
 def _edge_config(registry: dict, mlflow_server: str, prepared_models: Path, root: Path, edge: str):
     """The registry's project on another state dir, with `edge:` settings for the specialist."""
