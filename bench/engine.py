@@ -13,6 +13,7 @@
    built in 1, llama.cpp on the packaged GGUF) on N test cases, in this process at 1 and 2 threads and in shards on
    a local cluster of 1 and 2 one-thread workers (`cadre.prompts.served`), against bare llama-cpp-python completing
    the same prompts (recorded from our run) one after another in one process. Every run must give the same answers.
+   `--evaluation-only` runs this section alone.
 
 Run from the repository root (a Prefect server is started for the run unless PREFECT_API_URL is set):
 
@@ -49,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shard", type=int, default=1024, help="chunks per shard")
     parser.add_argument("--no-ray", action="store_true", help="skip Ray even when it is installed")
     parser.add_argument("--cases", type=int, default=40, help="test cases of the evaluation section (0: skip it)")
+    parser.add_argument(
+        "--evaluation-only", action="store_true", help="section 5 alone (its index built inline, not measured)"
+    )
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
@@ -116,6 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             with console.status("starting a Prefect server for the task runs"):
                 stack.enter_context(prefect_test_harness(server_startup_timeout=180))
         rows: list[tuple[str, float, str]] = []
+        if args.evaluation_only and cases:
+            state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cadre-engine-")))
+            with console.status("building the index inline"):
+                result = plan_and_apply(
+                    SPECIALIST, [source], chunking, root=REPO, state_dir=state,
+                    embedder=dataclasses.replace(embedder, threads=2), max_documents=args.documents,
+                    write_batch_size=args.shard, engine=EngineSettings(),
+                )  # fmt: skip
+            print_evaluation(console, len(cases), evaluation_rows(console, config, cases, state, result.version))
+            return 0
 
         def bare() -> float:
             with console.status("bare: one process, the shards one after another"):

@@ -114,6 +114,20 @@ _opened: dict[str, tuple[SpecialistProgram, CompletionLM]] = {}
 """A worker process's open specialist (one at a time): its shards of one evaluation reuse the loaded model."""
 
 
+def opened(run: ServedRun) -> tuple[SpecialistProgram, CompletionLM]:
+    """`open_served(run)`, kept open in this process for the next shard of the same run.
+
+    (A Prefect task's function travels to a Dask worker by value, with a copy of each global it names: it must
+    reach this cache through a function, which travels by reference, or every shard would load the model again.)
+    """
+    key = run.key()
+    if key not in _opened:
+        _check_paths(run)
+        _opened.clear()  # the previous adapter's model goes before the next one loads
+        _opened[key] = open_served(run)
+    return _opened[key]
+
+
 @task(name="evaluate-shard", cache_policy=NO_CACHE, persist_result=False, log_prints=False)
 def evaluate_shard(run: ServedRun, cases: list[dict[str, Any]]) -> tuple[list[Prediction], LMUsage]:
     """The predictions of one shard of cases, answered on a Dask worker, and the LM usage they took.
@@ -121,12 +135,7 @@ def evaluate_shard(run: ServedRun, cases: list[dict[str, Any]]) -> tuple[list[Pr
     Raises:
         FileNotFoundError: a file of the specialist is not at its path on this worker.
     """
-    key = run.key()
-    if key not in _opened:
-        _check_paths(run)
-        _opened.clear()  # the previous adapter's model goes before the next one loads
-        _opened[key] = open_served(run)
-    program, lm = _opened[key]
+    program, lm = opened(run)
     predict = program_predictor(program, run.setup.program_settings, lm)
     before = lm.usage.snapshot()
     with program_context(lm, run.setup.program_settings):

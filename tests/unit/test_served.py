@@ -44,3 +44,16 @@ def test_a_worker_that_cannot_see_the_adapter_says_what_it_needs(tmp_path) -> No
     run = ServedRun(setup, str(tmp_path / "gone" / "adapter.gguf"), None, 1, str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match=r"cannot see .*gone/adapter\.gguf.*shared file system"):
         evaluate_shard.fn(run, [{"id": "c1", "phrase": "fever"}])
+
+
+def test_a_shard_shipped_to_a_worker_reaches_the_worker_s_open_model() -> None:
+    """Dask ships a Prefect task's function by value, with copies of the globals it names: a cache it named directly
+    would arrive empty with every shard (each shard loading the model again). It reaches the cache through
+    `opened`, a function shipped by reference."""
+    import cloudpickle
+
+    from cadre.prompts import served
+
+    shipped = cloudpickle.loads(cloudpickle.dumps(served.evaluate_shard))
+    assert "_opened" not in shipped.fn.__globals__
+    assert shipped.fn.__globals__["opened"] is served.opened
