@@ -86,7 +86,7 @@ def set_up(root: Path, tracking_uri: str, documents: int) -> str:
               retrieve_k: 3
               max_tokens: 8
             evaluation: {{suite: suite, answer_metrics: [exact_match], retrieval_metrics: ["recall@3"]}}
-            smoke: {{max_documents: {2 * documents}}}
+            smoke: {{max_documents: {2 * documents}, max_wall_seconds: 7200}}
         """)
     )
     config = load_config(root / "pipelines.yaml")

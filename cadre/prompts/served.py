@@ -157,7 +157,9 @@ def _check_paths(run: ServedRun) -> None:
 
 def shards_of(cases: Sequence[dict[str, Any]], workers: int) -> list[list[dict[str, Any]]]:
     """The cases in consecutive shards, `SHARDS_PER_WORKER` per worker (fewer when there are fewer cases)."""
-    count = max(1, min(len(cases), workers * SHARDS_PER_WORKER))
+    if not cases:
+        return []
+    count = min(len(cases), workers * SHARDS_PER_WORKER)
     size = -(-len(cases) // count)
     return [list(cases[start : start + size]) for start in range(0, len(cases), size)]
 

@@ -25,6 +25,10 @@ def test_shards_keep_every_case_once_in_order(cases: int, workers: int) -> None:
     assert max(map(len, shards)) - min(map(len, shards)) <= max(map(len, shards)) // 2 + 1
 
 
+def test_no_cases_make_no_shards() -> None:
+    assert shards_of([], 2) == []
+
+
 def test_a_worker_reuses_its_model_only_for_the_same_adapter_and_program() -> None:
     setup = ServingSetup(
         icd_program(3), None, None, BaseModelFiles("gemma3-270m", "", "/m/base.gguf", "gemma"), None, None, 1, 2048
