@@ -688,6 +688,18 @@ def program_metrics(program_settings: ProgramSettings, evaluation: EvaluationSet
     return [*evaluation.answer_metrics, *(evaluation.retrieval_metrics if program_settings.retrieve_k else [])]
 
 
+def program_scoring(program_settings: ProgramSettings, evaluation: EvaluationSettings) -> dict[str, Any]:
+    """How a program's predictions are scored, as `evaluate_cases` / `score_predictions` keywords: its metrics, the
+    case fields holding the answer and the relevant ids, and the bootstrap."""
+    return {
+        "metrics": program_metrics(program_settings, evaluation),
+        "output_field": program_settings.outputs[0].name,
+        "retrieval_field": "relevant_ids" if program_settings.retrieve_k else None,
+        "confidence": evaluation.confidence,
+        "bootstrap_samples": evaluation.bootstrap_samples,
+    }
+
+
 def program_predictor(
     program: SpecialistProgram, program_settings: ProgramSettings, lm: CompletionLM
 ) -> Callable[[dict[str, Any]], Prediction]:
@@ -727,16 +739,8 @@ def evaluate_program(
     """
     started, before = time.monotonic(), lm.usage.snapshot()
     with program_context(lm, program_settings):
-        result = evaluate_cases(
-            list(cases),
-            program_predictor(program, program_settings, lm),
-            program_metrics(program_settings, evaluation),
-            name=name,
-            output_field=program_settings.outputs[0].name,
-            retrieval_field="relevant_ids" if program_settings.retrieve_k else None,
-            confidence=evaluation.confidence,
-            bootstrap_samples=evaluation.bootstrap_samples,
-        )
+        predict = program_predictor(program, program_settings, lm)
+        result = evaluate_cases(list(cases), predict, name=name, **program_scoring(program_settings, evaluation))
     return EvaluationRun(result, lm.usage.since(before), time.monotonic() - started)
 
 
@@ -790,5 +794,6 @@ __all__ = [
     "plan_optimization",
     "program_metrics",
     "program_predictor",
+    "program_scoring",
     "to_examples",
 ]

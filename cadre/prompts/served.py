@@ -33,7 +33,7 @@ from cadre.config import EvaluationSettings
 from cadre.config.project import EngineSettings, ThreadSettings
 from cadre.evaluation.results import Prediction, predict_case, score_predictions
 from cadre.platform.cluster import Cluster, open_cluster
-from cadre.prompts.optimize import EvaluationRun, evaluate_program, program_metrics, program_predictor
+from cadre.prompts.optimize import EvaluationRun, evaluate_program, program_predictor, program_scoring
 from cadre.prompts.program import (
     CompletionLM,
     LMUsage,
@@ -219,17 +219,7 @@ class ServedEvaluator:
             predictions.extend(answered)
             usage = _added(usage, used)
             print(f"{name}: shard {number}/{len(shards)} answered ({len(predictions)}/{len(cases)} cases)")
-        program_settings = setup.program_settings
-        result = score_predictions(
-            cases,
-            predictions,
-            program_metrics(program_settings, evaluation),
-            name=name,
-            output_field=program_settings.outputs[0].name,
-            retrieval_field="relevant_ids" if program_settings.retrieve_k else None,
-            confidence=evaluation.confidence,
-            bootstrap_samples=evaluation.bootstrap_samples,
-        )
+        result = score_predictions(cases, predictions, name=name, **program_scoring(setup.program_settings, evaluation))
         return EvaluationRun(result, usage, time.monotonic() - started)
 
 

@@ -180,6 +180,22 @@ def executing(client, worker: str) -> list[str]:
     return running.get(worker, [])
 
 
+def kill_mid_shard(client, victim: str, victim_pid: int, runner: threading.Thread) -> list[str]:
+    """SIGKILL the worker `victim` once its executor has held a shard for 0.3 s, while `runner` works; returns the
+    keys it held then (empty: it was never seen holding one). Asked of the worker itself: the scheduler's per-state
+    task counts drop a shard as soon as the flow has gathered it, so they can miss it."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and runner.is_alive():
+        if executing(client, victim):
+            time.sleep(0.3)  # into the shard
+            held = executing(client, victim)
+            if held:
+                os.kill(victim_pid, signal.SIGKILL)
+                return held
+        time.sleep(0.02)
+    return []
+
+
 def test_a_worker_killed_mid_shard_leaves_the_same_index_as_an_uninterrupted_run(
     project: Path, embedder: Embedder, reference, harness, cluster
 ):
@@ -195,18 +211,7 @@ def test_a_worker_killed_mid_shard_leaves_the_same_index_as_an_uninterrupted_run
 
     runner = threading.Thread(target=reindex)
     runner.start()
-    # Kill w0 while it embeds: once its executor has held a shard for a while. (Asked of the worker itself: the
-    # scheduler's per-state task counts drop a shard as soon as the flow has gathered it, so they can miss it.)
-    deadline = time.monotonic() + 300
-    killed_holding: list[str] = []
-    while time.monotonic() < deadline and runner.is_alive():
-        if executing(client, victim):
-            time.sleep(0.3)  # into the shard
-            killed_holding = executing(client, victim)
-            if killed_holding:
-                os.kill(victim_pid, signal.SIGKILL)
-                break
-        time.sleep(0.02)
+    killed_holding = kill_mid_shard(client, victim, victim_pid, runner)
     runner.join(timeout=600)
     assert not runner.is_alive(), "the re-index did not finish after the kill"
     assert "error" not in outcome, outcome.get("error")
@@ -306,16 +311,7 @@ def test_a_worker_killed_mid_shard_of_an_evaluation_leaves_the_answers_of_one_pr
 
     runner = threading.Thread(target=evaluate)
     runner.start()
-    deadline = time.monotonic() + 300
-    killed_holding: list[str] = []
-    while time.monotonic() < deadline and runner.is_alive():
-        if executing(client, victim):
-            time.sleep(0.3)  # into the shard (its first one loads the model and the index)
-            killed_holding = executing(client, victim)
-            if killed_holding:
-                os.kill(victim_pid, signal.SIGKILL)
-                break
-        time.sleep(0.02)
+    killed_holding = kill_mid_shard(client, victim, victim_pid, runner)  # (its first shard loads model and index)
     runner.join(timeout=600)
     assert not runner.is_alive(), "the evaluation did not finish after the kill"
     assert "error" not in outcome, outcome.get("error")
