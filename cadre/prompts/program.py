@@ -167,6 +167,10 @@ class LMUsage:
         """The usage between `earlier` (a snapshot) and now."""
         return LMUsage(**{key: value - getattr(earlier, key) for key, value in asdict(self).items()})
 
+    def plus(self, other: LMUsage) -> LMUsage:
+        """This usage and `other` together (e.g. the shards of one evaluation)."""
+        return LMUsage(**{key: value + getattr(other, key) for key, value in asdict(self).items()})
+
     def to_metrics(self, prefix: str = "") -> dict[str, float]:
         """As MLflow metrics: `{prefix}lm_requests`, `lm_calls` (real), `lm_cache_hits`, tokens, `cost_usd`, `lm_seconds`."""
         return {

@@ -164,10 +164,6 @@ def shards_of(cases: Sequence[dict[str, Any]], workers: int) -> list[list[dict[s
     return [list(cases[start : start + size]) for start in range(0, len(cases), size)]
 
 
-def _added(total: LMUsage, more: LMUsage) -> LMUsage:
-    return LMUsage(**{f.name: getattr(total, f.name) + getattr(more, f.name) for f in dataclasses.fields(LMUsage)})
-
-
 class ServedEvaluator:
     """Evaluates the specialist as it serves, on the engine it was opened with (`open_evaluator`)."""
 
@@ -217,7 +213,7 @@ class ServedEvaluator:
         for number, future in enumerate(futures, 1):
             answered, used = future.result()
             predictions.extend(answered)
-            usage = _added(usage, used)
+            usage = usage.plus(used)
             print(f"{name}: shard {number}/{len(shards)} answered ({len(predictions)}/{len(cases)} cases)")
         result = score_predictions(cases, predictions, name=name, **program_scoring(setup.program_settings, evaluation))
         return EvaluationRun(result, usage, time.monotonic() - started)

@@ -287,8 +287,10 @@ def registered_table_files(client: MlflowClient, spec: ModelSpec) -> dict[str, d
         champion = version_by_alias(client, name, CHAMPION)
     except MlflowException:
         return {}
+    if champion is not None and all(version.version != champion.version for version in versions):
+        versions.append(champion)
     known: dict[str, dict[str, Any]] = {}
-    for version in [*versions, *([champion] if champion else [])]:
+    for version in versions:
         folder = version.tags.get("cadre.artifact_path")
         if not folder:
             continue
@@ -321,7 +323,7 @@ def upload_table(
     Returns:
         Every file of the table: its path inside the table → `{"run_id", "path", "bytes"}`, where it is stored.
     """
-    from cadre.knowledge.index.lancedb_backend import IMMUTABLE_PARTS
+    from cadre.knowledge.index.lancedb_backend import IMMUTABLE_PARTS, link_or_copy
 
     files: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="cadre-table-") as staging:
@@ -334,10 +336,7 @@ def upload_table(
                 continue
             copy = Path(staging) / inside
             copy.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, copy)
-            except OSError:  # another file system
-                shutil.copy2(path, copy)
+            link_or_copy(path, copy)  # (the staging folder is only read, by the upload)
             files[inside] = {"run_id": run_id, "path": f"{target}/{inside}", "bytes": size}
         client.log_artifacts(run_id, staging, target)
     return files

@@ -445,9 +445,15 @@ def _share_tree(source: Path, target: Path) -> None:
         for name in files:
             origin, copy = Path(folder) / name, target / relative / name
             if relative.parts and relative.parts[0] in IMMUTABLE_PARTS:
-                try:
-                    os.link(origin, copy)
-                    continue
-                except OSError:  # another file system, or links not allowed: copy
-                    pass
-            shutil.copy2(origin, copy)
+                link_or_copy(origin, copy)
+            else:
+                shutil.copy2(origin, copy)
+
+
+def link_or_copy(origin: Path, copy: Path) -> None:
+    """`copy` as a hard link to `origin` (no bytes written), or a copy on another file system or where links are not
+    allowed. Only for files nobody will change in place: both names share the content."""
+    try:
+        os.link(origin, copy)
+    except OSError:
+        shutil.copy2(origin, copy)
