@@ -120,14 +120,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             with console.status("starting a Prefect server for the task runs"):
                 stack.enter_context(prefect_test_harness(server_startup_timeout=180))
         rows: list[tuple[str, float, str]] = []
-        if args.evaluation_only and cases:
+
+        def reindex(engine: EngineSettings, threads: int):
+            """The whole re-index into a fresh state dir; (seconds, its result, the state dir)."""
             state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cadre-engine-")))
+            started = time.perf_counter()
+            result = plan_and_apply(
+                SPECIALIST,
+                [source],
+                chunking,
+                root=REPO,
+                state_dir=state,
+                embedder=dataclasses.replace(embedder, threads=threads),
+                max_documents=args.documents,
+                write_batch_size=args.shard,
+                engine=engine,
+            )
+            assert result.chunks_embedded == len(texts), (result.chunks_embedded, len(texts))
+            return time.perf_counter() - started, result, state
+
+        if args.evaluation_only and cases:
             with console.status("building the index inline"):
-                result = plan_and_apply(
-                    SPECIALIST, [source], chunking, root=REPO, state_dir=state,
-                    embedder=dataclasses.replace(embedder, threads=2), max_documents=args.documents,
-                    write_batch_size=args.shard, engine=EngineSettings(),
-                )  # fmt: skip
+                _, result, state = reindex(EngineSettings(), 2)
             print_evaluation(console, len(cases), evaluation_rows(console, config, cases, state, result.version))
             return 0
 
@@ -143,41 +157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(("bare sentence-transformers, 1 process, 1 thread (embedding only)", bare_s, "model loaded; first"))
 
         with console.status("ours: the re-index inline (the default engine), 2 threads"):
-            state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cadre-engine-")))
-            started = time.perf_counter()
-            result = plan_and_apply(
-                SPECIALIST,
-                [source],
-                chunking,
-                root=REPO,
-                state_dir=state,
-                embedder=dataclasses.replace(embedder, threads=2),
-                max_documents=args.documents,
-                write_batch_size=args.shard,
-                engine=EngineSettings(),
-            )
-            inline_s = time.perf_counter() - started
-        assert result.chunks_embedded == len(texts), (result.chunks_embedded, len(texts))
+            inline_s, _, _ = reindex(EngineSettings(), 2)
         rows.append(("ours: re-index inline, 1 process, 2 threads (the default engine)", inline_s, "whole run"))
 
         per_worker: dict[int, float] = {}
         for workers in (1, 2):
             with console.status(f"ours: the re-index, {workers} Dask worker(s) through Prefect"):
-                state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cadre-engine-")))
-                started = time.perf_counter()
-                result = plan_and_apply(
-                    SPECIALIST,
-                    [source],
-                    chunking,
-                    root=REPO,
-                    state_dir=state,
-                    embedder=embedder,
-                    max_documents=args.documents,
-                    write_batch_size=args.shard,
-                    engine=EngineSettings(backend="dask", workers=workers, threads_per_worker=1),
-                )
-                elapsed = time.perf_counter() - started
-            assert result.chunks_embedded == len(texts), (result.chunks_embedded, len(texts))
+                elapsed, result, state = reindex(EngineSettings(backend="dask", workers=workers), 1)
             per_worker[workers] = elapsed
             built = (state, result.version)
             rows.append(

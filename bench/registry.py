@@ -47,14 +47,32 @@ SPECIALIST = "coder"
 CASE = {"phrase": "Typhoid fever with heart involvement"}
 
 
+def register_index(client, config, run_id: str, index_version: str):
+    """Register the index version as a model (its table logged under the run's `index/`), as the index flow does."""
+    from cadre.registry.models import model_spec
+    from cadre.registry.versions import register_candidate
+
+    return register_candidate(
+        client,
+        project=PROJECT,
+        specialist=SPECIALIST,
+        kind="index",
+        run_id=run_id,
+        artifact_path="index",
+        lineage={"index_version": index_version},
+        actor="bench",
+        model=model_spec(config, SPECIALIST, "index", index_version=index_version),
+    )
+
+
 def set_up(root: Path, tracking_uri: str, documents: int) -> str:
     """Build, register and promote the index and the specialist; returns the composite's URI."""
     from mlflow import MlflowClient
 
     from cadre.config import load_config
     from cadre.knowledge.reindex import promote_version, reindex_specialist
-    from cadre.registry.models import model_spec, register_specialist, specialist_model_name
-    from cadre.registry.versions import promote, register_candidate
+    from cadre.registry.models import register_specialist, specialist_model_name
+    from cadre.registry.versions import promote
 
     demo = load_config(REPO / "pipelines.yaml")
     state = root / "state"
@@ -95,17 +113,7 @@ def set_up(root: Path, tracking_uri: str, documents: int) -> str:
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(PROJECT) or client.get_experiment(client.create_experiment(PROJECT))
     run_id = client.create_run(experiment.experiment_id, run_name="bench registry").info.run_id
-    version = register_candidate(
-        client,
-        project=PROJECT,
-        specialist=SPECIALIST,
-        kind="index",
-        run_id=run_id,
-        artifact_path="index",
-        lineage={"index_version": built.version},
-        actor="bench",
-        model=model_spec(config, SPECIALIST, "index", index_version=built.version),
-    )
+    version = register_index(client, config, run_id, built.version)
     promote(
         client,
         project=PROJECT,
@@ -161,8 +169,7 @@ def registered_change(root: Path, tracking_uri: str) -> dict:
 
     from cadre.config import load_config
     from cadre.knowledge.reindex import reindex_specialist
-    from cadre.registry.models import model_spec
-    from cadre.registry.versions import register_candidate, registered_model_name
+    from cadre.registry.versions import registered_model_name
 
     path = root / "pipelines.yaml"
     path.write_text(path.read_text().replace("change: 0.0,", "change: 0.01,"))
@@ -174,17 +181,7 @@ def registered_change(root: Path, tracking_uri: str) -> dict:
     experiment = client.get_experiment_by_name(PROJECT)
     run_id = client.create_run(experiment.experiment_id, run_name="bench registry: 1 % change").info.run_id
     started = time.perf_counter()
-    version = register_candidate(
-        client,
-        project=PROJECT,
-        specialist=SPECIALIST,
-        kind="index",
-        run_id=run_id,
-        artifact_path="index",
-        lineage={"index_version": built.version},
-        actor="bench",
-        model=model_spec(config, SPECIALIST, "index", index_version=built.version),
-    )
+    version = register_index(client, config, run_id, built.version)
     ours_s = time.perf_counter() - started
     table = config.state_dir / "index" / SPECIALIST / "lancedb" / f"{built.version}.lance"
     started = time.perf_counter()
