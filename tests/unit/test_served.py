@@ -36,7 +36,9 @@ def test_a_worker_reuses_its_model_only_for_the_same_adapter_and_program() -> No
     run = ServedRun(setup, "/a/v1.gguf", "1", 1, "/cache")
     assert run.key() == ServedRun(setup, "/a/v1.gguf", "1", 1, "/cache").key()
     assert run.key() != dataclasses.replace(run, adapter_gguf="/a/v2.gguf").key()
-    assert run.key() != dataclasses.replace(run, setup=dataclasses.replace(setup, program_settings=icd_program(5))).key()
+    assert (
+        run.key() != dataclasses.replace(run, setup=dataclasses.replace(setup, program_settings=icd_program(5))).key()
+    )
 
 
 def test_a_worker_that_cannot_see_the_adapter_says_what_it_needs(tmp_path) -> None:
