@@ -75,6 +75,7 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
             [str(config.resolve(f)) for f in settings.tuning.data],
             plan.max_examples,
             scratch,
+            settings.evaluation.train_cases_in_corpus,
         )
         searched = search_hyperparameters(
             handle,

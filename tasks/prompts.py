@@ -49,6 +49,7 @@ from cadre.prompts.program import (
 from cadre.registry.champions import ChampionProgram, RegistryTarget
 from cadre.registry.runs import RunHandle
 from cadre.runtime.lm import LMUnavailable
+from cadre.runtime.retrieval import leave_out_own
 
 if TYPE_CHECKING:
     from cadre.config import EvaluationSettings, ProgramSettings
@@ -177,6 +178,8 @@ def compile_candidate(
     dev split (`optimizer.answer_modes` × `optimizer.retrieve_k`), save it as JSON and readable Markdown."""
     use_disk_cache(runtime.cache_dir)
     retriever = open_retriever(runtime.index) if runtime.index is not None and program_settings.retrieve_k else None
+    if retriever is not None and evaluation.train_cases_in_corpus:  # a train case's demo never shows its own answer
+        retriever = leave_out_own(retriever, train, [item.name for item in program_settings.inputs])
     lm = _lm(runtime.lm, program_settings.max_tokens, program_settings.temperature, plan.budget())
     reflection = _reflection_lm(program_settings.optimizer.reflection_lm)
     try:

@@ -29,7 +29,7 @@ from cadre.registry.champions import ServingSetup
 from cadre.registry.runs import RunHandle, log_dataset
 from cadre.runtime.base_model import BaseModelFiles, base_model_files
 from cadre.runtime.prompt import PromptSpec
-from cadre.runtime.retrieval import candidate_ids, context_retriever
+from cadre.runtime.retrieval import candidate_ids, context_retriever, leave_out_own
 from cadre.runtime.serving_prompt import read_serving_prompt
 from cadre.stages import stage
 from cadre.tuning.adapter_export import (
@@ -83,12 +83,14 @@ def build_refresh_data(
     data_files: list[str],
     max_examples: int | None,
     out_dir: str,
+    train_cases_in_corpus: bool = False,
 ) -> TrainingData:
     """Render the specialist's training examples exactly as its program prompts, and log fingerprint and counts.
 
     The suite's train split (if `from_eval_train`) and the `tuning.data` files are read; the prompts
     carry the passages the program retrieves from the live index and the serving program's
-    instruction and demos.
+    instruction and demos. With `train_cases_in_corpus` (`evaluation.train_cases_in_corpus`) a record never
+    retrieves the document with its own id (`leave_out_own`), as a served request never finds itself.
     """
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
@@ -101,10 +103,14 @@ def build_refresh_data(
             "traces the training data does not have (set program.module: predict or skip this flow)"
         )
     prompt = read_serving_prompt(program_settings, champion_program.path if champion_program else None)
+    sources = training_sources(Path(suite_dir), [Path(f) for f in data_files], tuning.from_eval_train)
+    records, skipped = read_records(sources)
     retrieve = answer_ids = None
     if prompt.spec.context_field:
         names = [item.name for item in program_settings.inputs]
         search = open_retriever(setup.index)  # searches each query once: both readers below share it
+        if train_cases_in_corpus:
+            search = leave_out_own(search, (record.values for record in records), names)
         retrieve = context_retriever(search, names, prompt.retrieve_k, prompt.passage_format)
         # Train on what serves: a program choosing among ids learns only from records whose id it could answer (any
         # other id would be an invented code). One choosing among titles (answers, e.g. a pronunciation) learns from
@@ -112,8 +118,6 @@ def build_refresh_data(
         if prompt.answer_mode in CANDIDATE_MODES and prompt.choose_from == "id":
             answer_ids = candidate_ids(search, names, prompt.retrieve_k)
 
-    sources = training_sources(Path(suite_dir), [Path(f) for f in data_files], tuning.from_eval_train)
-    records, skipped = read_records(sources)
     started = time.perf_counter()
     data = build_training_data(
         records,

@@ -46,6 +46,15 @@ class EvaluationSettings(Strict):
             "e.g. a known word's pronunciation: the nearest example's answer is the baseline to beat)."
         ),
     )
+    train_cases_in_corpus: bool = Field(
+        False,
+        description=(
+            "The suite's train cases are documents of the specialist's corpus, under their case ids (e.g. the "
+            "pronouncer: every train word is a known word of its index). A train case then never retrieves its own "
+            "document, in the refresh's training prompts and the optimizer's demos alike: a served request never "
+            "finds its own answer written down, and a model trained on prompts that hold it learns only to copy."
+        ),
+    )
     bootstrap_samples: int = Field(
         1000, ge=100, le=100_000, description="Bootstrap resamples for confidence intervals."
     )

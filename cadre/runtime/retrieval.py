@@ -13,7 +13,7 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -124,6 +124,33 @@ def context_retriever(
         return [passage.render(form) for passage in search(retrieval_query(inputs, input_names), k)]
 
     return retrieve
+
+
+def leave_out_own(search: Retriever, cases: Iterable[Mapping[str, Any]], input_names: Sequence[str]) -> Retriever:
+    """`search`, except that a case's query never finds the document with the case's own id.
+
+    For a suite whose train cases are documents of the corpus (`evaluation.train_cases_in_corpus`, e.g. the
+    pronouncer: every train word is a known word of its index). Searched as itself, such a case would find its own
+    answer written down, which no served request ever does; its training prompts, optimizer demos and grounding
+    must show the neighbours a served request sees. Queries of other cases (dev, test, requests) search unchanged.
+
+    Args:
+        search: the index search (a `SharedRetriever` keeps caching each query once).
+        cases: the train cases (or records) with an `id`; a case without one searches unchanged.
+        input_names: the program's inputs, in order (the query is `retrieval_query`).
+    """
+    own = {
+        retrieval_query(case, input_names): str(case["id"])
+        for case in cases
+        if case.get("id") is not None and retrieval_query(case, input_names)
+    }
+
+    def search_without_own(query: str, k: int) -> list[Passage]:
+        if query not in own:
+            return search(query, k)
+        return [passage for passage in search(query, k + 1) if passage.id != own[query]][:k]
+
+    return search_without_own
 
 
 def candidate_answers(passages: Sequence[Passage], choose_from: str = "id") -> list[str]:

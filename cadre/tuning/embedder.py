@@ -151,7 +151,8 @@ def build_pairs(
         texts: record id → indexed text of the documents the cases need; a case none of whose relevant ids is
             here (not in the index, e.g. under a document cap) is left out.
         hits: per case, the live index's best hits as (record id, text), best first (None: no mining).
-        hard_negatives: negatives per pair. The best hits that are not relevant and whose text is not the
+        hard_negatives: negatives per pair. The best hits that are not relevant, not the case's own document (a
+            case whose id is a document's, `evaluation.train_cases_in_corpus`) and whose text is not the
             positive's come first; when mining finds fewer, documents of other pairs drawn at random fill in,
             so every pair has the same number (the loss takes fixed columns).
         max_pairs: keep the first this many pairs (None: all).
@@ -166,11 +167,12 @@ def build_pairs(
         if positive_id is None:
             continue
         positive = texts[positive_id]
+        own = str(case.get("id"))  # a train word of the pronouncer is a document: it is the query, never a negative
         negatives: list[str] = []
         for record_id, text in hits[position] if hits is not None else ():
             if len(negatives) == hard_negatives:
                 break
-            if record_id in relevant or text == positive or text in negatives:
+            if record_id in relevant or record_id == own or text == positive or text in negatives:
                 continue
             negatives.append(text)
         relevant_texts = {texts[item] for item in relevant if item in texts}

@@ -197,3 +197,11 @@ def test_a_dataset_fingerprint_reads_its_disassembly_and_writes_none_into_a_pref
                 assert "json" in dill.detect.globalvars(uses_a_global)  # read from the captured disassembly
             assert shown.getvalue() == ""  # nothing leaked to the (run-log) stdout
         assert builtins.print is not real  # Prefect's patch is back for the flow's own prints
+
+
+def test_a_case_that_is_itself_a_document_never_gets_it_as_a_negative() -> None:
+    """The pronouncer's train words are documents (`evaluation.train_cases_in_corpus`): the word's own entry is the
+    best hit of its query, yet it is neither relevant (its family is) nor wrong: it must not be taught as a negative."""
+    cases = [{"id": "A02", "phrase": "salmonella", "relevant_ids": ["A01"]}]
+    hits = [[("A02", TEXTS["A02"]), ("A01", TEXTS["A01"]), ("B01", TEXTS["B01"])]]
+    assert build_pairs(cases, ["phrase"], TEXTS, hits, hard_negatives=1)[0].negatives == (TEXTS["B01"],)

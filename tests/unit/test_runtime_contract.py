@@ -26,7 +26,7 @@ from cadre.prompts.program import (
     use_disk_cache,
 )
 from cadre.runtime.lm import LlamaCppClient
-from cadre.runtime.retrieval import Passage, PassageFormat, context_retriever, retrieval_query
+from cadre.runtime.retrieval import Passage, PassageFormat, context_retriever, leave_out_own, retrieval_query
 from cadre.runtime.serving_prompt import read_serving_prompt
 from cadre.serving.team import RequestRenderer
 from cadre.tuning.training_data import Record, build_training_data
@@ -213,3 +213,19 @@ def test_the_default_passage_keeps_todays_bytes() -> None:
     assert Passage("os.path", "").render() == "os.path"
     assert passage.render(PassageFormat(("id", "text"), 3)) == "A01.02 — A01.02 Typhoid fever …"
     assert passage.render(PassageFormat(("title",), 3)) == "Typhoid fever with heart involvement"
+
+
+def test_a_train_case_in_the_corpus_never_retrieves_its_own_document() -> None:
+    """`evaluation.train_cases_in_corpus`: a train word searches as a served word would, one deeper and without its
+    own entry; every other query (dev, test, a request) searches unchanged."""
+    words = {"knight": "N AY1 T", "knighthood": "N AY1 T HH UH2 D", "night": "N AY1 T", "knit": "N IH1 T"}
+
+    def search(query: str, k: int) -> list[Passage]:
+        ranked = sorted(words, key=lambda word: (word != query, not word.startswith(query[:4]), word))
+        return [Passage(word, words[word]) for word in ranked][:k]
+
+    leaving = leave_out_own(search, [{"id": "knight", "word": "knight"}, {"word": "knit"}], ["word"])
+    assert [p.id for p in search("knight", 2)] == ["knight", "knighthood"]
+    assert [p.id for p in leaving("knight", 2)] == ["knighthood", "knit"]
+    assert [p.id for p in leaving("knit", 2)] == [p.id for p in search("knit", 2)]  # a case without an id
+    assert [p.id for p in leaving("knightly", 3)] == [p.id for p in search("knightly", 3)]
