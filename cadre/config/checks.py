@@ -141,6 +141,7 @@ def _check_suite(
     cases = 0
     keys: dict[str, None] = {}
     relevant: list[tuple[Path, int, str]] = []
+    train_ids: list[str] = []
     for split in SPLITS:
         file = suite / f"{split}.jsonl"
         if not file.is_file():
@@ -166,6 +167,8 @@ def _check_suite(
             ids = line.value.get("relevant_ids")
             if isinstance(ids, list):
                 relevant += [(file, line.line, str(item)) for item in ids]
+            if split == "train" and line.value.get("id") is not None:
+                train_ids.append(str(line.value["id"]))
     if cases:
         for group, index, name in fields:
             if seen[name] == 0:
@@ -191,8 +194,8 @@ def _check_suite(
                         "warning",
                     )
                 )
-    if relevant:
-        findings += _check_relevant_ids(config, specialist, here, locate, relevant, deep)
+    if relevant or train_ids:
+        findings += _check_against_sources(config, specialist, here, locate, relevant, train_ids, deep)
     return findings
 
 
@@ -226,14 +229,17 @@ def _check_embedder_pairs(config: CadreConfig, specialist: Specialist, here: tup
     ]
 
 
-def _check_relevant_ids(
+def _check_against_sources(
     config: CadreConfig,
     specialist: Specialist,
     here: tuple,
     locate: Locator,
     relevant: list[tuple[Path, int, str]],
+    train_ids: list[str],
     deep: bool,
 ) -> list[Finding]:
+    """Read the sources' document ids (local small sources, or every source with `deep`): the suite's `relevant_ids`
+    must be among them, and train cases that are documents need `evaluation.train_cases_in_corpus` (and only they)."""
     from cadre.knowledge.sources import SkipReport, SourceError, load_documents
 
     if not specialist.sources:
@@ -252,12 +258,13 @@ def _check_relevant_ids(
         }
     except SourceError as error:
         return [_finding(config, locate, (*here, "sources"), f"specialists.{specialist.name}.sources", str(error))]
+    findings = _check_train_cases_in_corpus(config, specialist, here, locate, train_ids, held)
     missing = [(file, line, item) for file, line, item in relevant if item not in held]
     if not missing:
-        return []
+        return findings
     file, line, item = missing[0]
     distinct = len({item for _, _, item in missing})
-    return [
+    return findings + [
         Finding(
             file,
             line,
@@ -269,6 +276,32 @@ def _check_relevant_ids(
             "warning",
         )
     ]
+
+
+def _check_train_cases_in_corpus(
+    config: CadreConfig, specialist: Specialist, here: tuple, locate: Locator, train_ids: list[str], held: set[str]
+) -> list[Finding]:
+    """Most train case ids being document ids means each train case would retrieve its own answer (unlike any
+    served request) unless `evaluation.train_cases_in_corpus` leaves it out; the flag with none does nothing."""
+    inside = sum(1 for item in train_ids if item in held)
+    flag = specialist.evaluation.train_cases_in_corpus
+    field = f"specialists.{specialist.name}.evaluation.train_cases_in_corpus"
+    if not flag and train_ids and inside * 2 >= len(train_ids):
+        message = (
+            f"{inside} of {len(train_ids)} train case ids of {specialist.evaluation.suite} are ids of documents of "
+            f"{specialist.name}'s sources: each would retrieve its own answer in its training prompt, which no served "
+            "request does. Set evaluation.train_cases_in_corpus: true (if they are the same items), or give the cases "
+            "ids of their own"
+        )
+        return [_finding(config, locate, (*here, "evaluation", "suite"), field, message, "warning")]
+    if flag and train_ids and not inside:
+        message = (
+            f"evaluation.train_cases_in_corpus is set, but none of the {len(train_ids)} train case ids of "
+            f"{specialist.evaluation.suite} is the id of a document of {specialist.name}'s sources: it leaves nothing "
+            "out (remove it, or give each train case the id of its document)"
+        )
+        return [_finding(config, locate, (*here, "evaluation", "train_cases_in_corpus"), field, message, "warning")]
+    return []
 
 
 def _cheap(config: CadreConfig, specialist: Specialist) -> bool:

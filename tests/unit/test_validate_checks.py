@@ -118,3 +118,28 @@ def test_relevant_ids_no_document_holds_are_found_where_cheap_or_deep(tmp_path: 
     [finding] = findings
     assert finding.file.name == "test.jsonl" and finding.line == 3 and "'tuples'" in finding.message
     assert finding.severity == "warning"
+
+
+def test_train_cases_that_are_documents_need_the_flag_and_the_flag_needs_them(tmp_path: Path) -> None:
+    """A train case whose id is a document's would retrieve its own answer in training (no served request does):
+    `--deep` says to set `evaluation.train_cases_in_corpus`, and says when the flag is set but leaves nothing out."""
+    path = _project(tmp_path)
+    train = tmp_path / "evals" / "pyhelp" / "train.jsonl"
+    train.write_text(
+        json.dumps({"id": "lists", "question": "lists", "topic": "lists", "relevant_ids": ["lists"]}) + "\n"
+    )
+    [finding] = check_config(load_config(path), deep=True)
+    assert finding.field == "specialists.pyhelp.evaluation.train_cases_in_corpus"
+    assert finding.file == path and finding.line == 12 and finding.severity == "warning"
+    assert "1 of 1 train case ids" in finding.message and "train_cases_in_corpus: true" in finding.message
+
+    path.write_text(
+        path.read_text().replace(
+            "evaluation: {suite: evals/pyhelp}", "evaluation: {suite: evals/pyhelp, train_cases_in_corpus: true}"
+        )
+    )
+    assert check_config(load_config(path), deep=True) == []
+
+    train.write_text(json.dumps({"id": "t1", "question": "lists", "topic": "lists", "relevant_ids": ["lists"]}) + "\n")
+    [finding] = check_config(load_config(path), deep=True)
+    assert "leaves nothing out" in finding.message and finding.severity == "warning"
