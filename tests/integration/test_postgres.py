@@ -108,7 +108,11 @@ def pg_stack():
         for worker in workers:
             if worker.poll() is None:
                 os.killpg(worker.pid, signal.SIGTERM)
-                worker.wait(timeout=30)
+                try:
+                    worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # a loaded machine: a worker slow to stop is killed, not waited on
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait(timeout=30)
         down = run_cadre("down", config=config)
         leftovers = processes_under(root)
         for line in leftovers:  # never leave processes on the machine, even when failing
