@@ -8,9 +8,12 @@ program prompts (retrieval included) and log its fingerprint → if `tuning.sear
 fine-tuning settings (Optuna trials scored on dev as the specialist serves; `tasks.search`) → train with the
 declared or best-found settings with peft + trl (the best trial's adapter is reused), resuming from
 the last checkpoint of the same data and config → export the adapter (PEFT + llama.cpp GGUF) and log
-it with its configs and loss curve → run the specialist as it serves with the candidate adapter and
-with the champion adapter (or the bare base model) on the same test cases → gate, register with
-lineage, promote only if the gate passed → close the run.
+it with its configs and loss curve → with `tuning.decoding_dev_cases`, re-choose on dev how the program answers
+with the candidate (`tasks.refresh.choose_decoding`) → run the specialist as it serves with the candidate adapter
+(answering as chosen) and with the champion adapter (or the bare base model) on the same test cases → gate,
+register with lineage, promote only if the gate passed; a candidate promoted answering another way brings the
+program answering that way with it, through the program gates (checked before the adapter is promoted) → close
+the run.
 """
 
 from __future__ import annotations
@@ -18,20 +21,24 @@ from __future__ import annotations
 from cadre.config import load_config
 from cadre.config.budget import RunBudget
 from cadre.evaluation.report import adapter_score_table
+from cadre.evaluation.results import load_cases
 from cadre.orchestration.run_page import finished_state
 from cadre.platform.env import apply_env
 from cadre.prompts.program import IndexTarget
 from cadre.registry.champions import RegistryTarget, ServingSetup
-from cadre.registry.promotion import Candidate
+from cadre.registry.promotion import Candidate, decide_gates
 from cadre.tuning.finetune import plan_refresh
 from tasks.promotion import promote_through_gates
 from tasks.prompts import fetch_champion_adapter, fetch_champion_program
 from tasks.refresh import (
     build_refresh_data,
+    choose_decoding,
     evaluate_adapters,
     export_candidate,
     load_test_cases,
     prepare_base_model,
+    promote_program_beside,
+    reference_scores,
     run_dir,
     train_candidate,
 )
@@ -108,6 +115,19 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
             handle, trained, data, tuning, setup, str(config.state_dir), scratch, config.project.lm.n_threads
         )
         cases = load_test_cases(suite, plan.eval_cases, settings.program.field_names)
+        decoding = None
+        if plan.decoding_dev_cases:  # an adapter may make another answer mode pay: choose it on dev
+            dev = load_cases(suite, "dev", plan.decoding_dev_cases, required=settings.program.field_names)
+            decoding = choose_decoding(
+                setup,
+                settings.evaluation,
+                str(config.state_dir / "cache" / "dspy"),
+                dev,
+                str(exported.gguf),
+                scratch,
+                config.project.engine,
+            )
+            print(decoding.summary())
         scores = evaluate_adapters(
             setup,
             settings.evaluation,
@@ -115,7 +135,23 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
             cases,
             str(exported.gguf),
             config.project.engine,
+            decoding.setup if decoding else None,
         )
+        references = {}
+        if decoding and decoding.changed:  # the pair goes together: the program must pass its gates too
+            references = reference_scores(decoding.setup, settings.evaluation, cases)
+            check = decide_gates(settings, "program", scores.candidate.result, scores.champion.result, references)
+            if not check.passed:
+                decoding = decoding.kept(setup, f"the program answering {decoding.chosen.label} would be refused")
+                print(f"{decoding.kept_because} ({check.summary}); the candidate is judged answering as it serves")
+                scores = evaluate_adapters(
+                    setup,
+                    settings.evaluation,
+                    str(config.state_dir / "cache" / "dspy"),
+                    cases,
+                    str(exported.gguf),
+                    config.project.engine,
+                )
         lineage = {
             "base_model": base.identity,
             "data_fingerprint": data.fingerprint,
@@ -124,8 +160,11 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
             "program_version": program.version if program else "declared",
             "index_version": index.version if index else "-",
             "parent_versions": f"adapter:{champion_version or '-'},program:{program.version if program else '-'}",
+            **({"answer_mode": decoding.chosen.label} if decoding else {}),
         }
         table = adapter_score_table(scores)
+        if decoding:
+            table = f"{table}\n\n{decoding.summary()}"
         if searched:
             table = f"{table}\n\n{searched.summary()}"
         outcome = promote_through_gates(
@@ -144,6 +183,12 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
         )
         print(table)
         print(outcome.summary())
+        program_outcome = None
+        if decoding and decoding.changed and outcome.promoted:  # the adapter serves best answering another way
+            program_outcome = promote_program_beside(
+                config, specialist, handle, decoding, scores, lineage, outcome.version, references
+            )
+            print(program_outcome.summary())
     return finished_state(
         handle,
         {
@@ -158,5 +203,7 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
             "candidate": scores.candidate.result.scores,
             "champion": scores.champion.result.scores,
             "champion_name": scores.champion.result.name,
+            "answer_mode": decoding.chosen.label if decoding else None,
+            "program": program_outcome.result_fields() if program_outcome else None,
         },
     )

@@ -10,9 +10,12 @@ skip Prefect's input hashing (`NO_CACHE`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +26,10 @@ from cadre.config.budget import WALL_CAP_TAG
 from cadre.config.program import CANDIDATE_MODES
 from cadre.evaluation.comparison import AdapterScores
 from cadre.evaluation.results import load_cases
-from cadre.prompts.program import open_retriever
+from cadre.prompts.optimize import AnswerChoice, decoding_plan
+from cadre.prompts.program import SpecialistProgram, open_retriever
 from cadre.prompts.served import open_evaluator
-from cadre.registry.champions import ServingSetup
+from cadre.registry.champions import ChampionProgram, ServingSetup
 from cadre.registry.runs import RunHandle, log_dataset
 from cadre.runtime.base_model import BaseModelFiles, base_model_files
 from cadre.runtime.prompt import PromptSpec
@@ -56,6 +60,8 @@ from cadre.tuning.training_data import (
 if TYPE_CHECKING:
     from cadre.config import CadreConfig, EvaluationSettings, TuningSettings
     from cadre.config.project import EngineSettings
+    from cadre.evaluation.results import EvaluationResult
+    from cadre.registry.promotion import PromotionOutcome
 
 ADAPTER_ARTIFACT = stage("refresh").artifact_path
 """Artifact folder of a run that holds the adapter (what the registry version points at)."""
@@ -400,20 +406,202 @@ def evaluate_adapters(
     cases: list[dict[str, Any]],
     candidate_gguf: str,
     engine: EngineSettings | None = None,
+    candidate_setup: ServingSetup | None = None,
 ) -> AdapterScores:
     """Run the specialist as it serves — its program, retrieval from the live index, llama.cpp on the GGUF base —
     once with the candidate adapter and once with the champion adapter (or none), on the same cases.
 
     Both run on the same engine and base file, so the adapter is the only difference: in this process, or in shards
-    on the Dask cluster of `project.engine` (`cadre.prompts.served`).
+    on the Dask cluster of `project.engine` (`cadre.prompts.served`). With `candidate_setup` (the answer mode
+    re-chosen for the candidate on dev, `choose_decoding`) the candidate answers that way; the champion always
+    answers as it serves.
     """
     champion_name = f"adapter-v{setup.adapter_version}" if setup.adapter_gguf else "base-model"
     with open_evaluator(engine, cache_dir) as evaluator:
         champion = evaluator.evaluate(
             setup, evaluation, cases, setup.adapter_gguf, setup.adapter_version, champion_name
         )
-        candidate = evaluator.evaluate(setup, evaluation, cases, candidate_gguf, None, "candidate-adapter")
+        candidate = evaluator.evaluate(
+            candidate_setup or setup, evaluation, cases, candidate_gguf, None, "candidate-adapter"
+        )
     return AdapterScores(candidate=candidate, champion=champion, champion_is_adapter=setup.adapter_gguf is not None)
+
+
+@dataclass(frozen=True)
+class CandidateDecoding:
+    """How the candidate adapter answers: as the serving program does, or as re-chosen for it on dev.
+
+    Attributes:
+        setup: the serving setup the candidate is judged with (the serving one, or its program answering as chosen).
+        changed: the chosen answer differs from the serving program's; `folder` then holds that program.
+        tried: every answer mode (and weight) scored on dev, the serving one first.
+        folder: the program folder (`program.json`, `settings.json`, `program.md`) to register beside a promoted
+            adapter; None when nothing changed.
+    """
+
+    setup: ServingSetup
+    changed: bool
+    tried: list[AnswerChoice]
+    folder: str | None = None
+    kept_because: str = ""
+
+    def kept(self, serving: ServingSetup, because: str) -> CandidateDecoding:
+        """The candidate answering as the program serves after all (the re-chosen program would be refused)."""
+        return CandidateDecoding(serving, False, self.tried, None, because)
+
+    @property
+    def chosen(self) -> AnswerChoice:
+        """The try the candidate answers with."""
+        return max(self.tried, key=lambda choice: choice.score) if self.changed else self.tried[0]
+
+    def summary(self) -> str:
+        """One line per try, for the run's note."""
+        if not self.tried:
+            return ""
+        cases = self.tried[0].cases
+        rows = "\n".join(
+            f"| {choice.label}{' (serving)' if index == 0 else ''} | {choice.score:.3f} |"
+            for index, choice in enumerate(self.tried)
+        )
+        verdict = (
+            "re-chosen for the candidate"
+            if self.changed
+            else f"kept: {self.kept_because or 'the serving answer mode is best'}"
+        )
+        return f"Answer mode on {cases} dev cases with the candidate adapter ({verdict}):\n\n| answer | score |\n|---|---|\n{rows}"
+
+
+@task(name="choose-decoding", cache_policy=NO_CACHE)
+def choose_decoding(
+    setup: ServingSetup,
+    evaluation: EvaluationSettings,
+    cache_dir: str,
+    dev_cases: list[dict[str, Any]],
+    candidate_gguf: str,
+    out_dir: str,
+    engine: EngineSettings | None = None,
+) -> CandidateDecoding:
+    """Choose on dev how the program answers with the candidate adapter (`tuning.decoding_dev_cases`).
+
+    Each of `program.optimizer.answer_modes` (with each of `retrieval_weights` for `score`) is tried at the serving
+    depth, the serving program's instruction and demos unchanged: the adapter was trained on exactly those prompts.
+    The serving answer mode is tried first and kept on a tie. The candidate is then judged on test answering the
+    chosen way, and the flow promotes the program answering that way beside the adapter.
+    """
+    from cadre.prompts.candidate import PROGRAM_ARTIFACT, PROGRAM_FILE
+    from cadre.prompts.program import load_program, render_program_markdown, save_program
+
+    def never_searched(query: str, k: int) -> list[Any]:
+        raise RuntimeError("choosing an answer mode saves programs; it never runs their retrieval here")
+
+    settings = setup.program_settings
+    search = never_searched if settings.retrieve_k else None
+    serving = read_serving_prompt(settings, setup.program_path)
+    here = (
+        serving.answer_mode,
+        serving.retrieve_k,
+        serving.retrieval_weight if serving.answer_mode == "score" else 0.0,
+    )
+    plan = [here, *(item for item in decoding_plan(settings, [serving.retrieve_k]) if item != here)]
+    metric = evaluation.answer_metrics[0]
+    tried: list[AnswerChoice] = []
+    setups: list[tuple[ServingSetup, Path]] = []
+    with open_evaluator(engine, cache_dir) as evaluator:
+        for mode, depth, weight in plan:
+            program = (
+                load_program(setup.program_path, settings, search)
+                if setup.program_path
+                else SpecialistProgram(settings, search)
+            ).choose(mode, depth, weight)
+            label = f"{mode}-k{depth}" + (f"-w{weight:g}" if mode == "score" else "")
+            path = Path(out_dir) / "decodings" / label / PROGRAM_FILE
+            fingerprint = save_program(program, path)
+            version = setup.program.version if setup.program else "declared"
+            chosen = dataclasses.replace(
+                setup, program=ChampionProgram(f"{version}+{label}", str(path), fingerprint, None)
+            )
+            run = evaluator.evaluate(chosen, evaluation, dev_cases, candidate_gguf, None, f"dev-{label}")
+            result = run.result
+            tried.append(
+                AnswerChoice(
+                    mode, depth, result.scores.get(metric, 0.0), result.intervals.get(metric), result.cases, 0.0, weight
+                )
+            )
+            setups.append((chosen, path))
+    best = max(range(len(tried)), key=lambda i: (tried[i].score, -i))
+    if best == 0:
+        return CandidateDecoding(setup, False, tried)
+    chosen, path = setups[best]
+    folder = Path(out_dir) / PROGRAM_ARTIFACT
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, folder / PROGRAM_FILE)
+    (folder / "settings.json").write_text(json.dumps(settings.model_dump(mode="json"), indent=2), encoding="utf-8")
+    program = load_program(path, settings, search)
+    title = f"Program of adapter refresh: answers {tried[best].label}, chosen on dev with the candidate adapter"
+    (folder / "program.md").write_text(render_program_markdown(program, settings, title), encoding="utf-8")
+    return CandidateDecoding(chosen, True, tried, str(folder))
+
+
+def reference_scores(
+    setup: ServingSetup, evaluation: EvaluationSettings, cases: list[dict[str, Any]]
+) -> dict[str, EvaluationResult]:
+    """The reference systems a program's `beat_baseline` rules name, on these cases: `retrieval` (the first
+    retrieved document's id, or title) when the program retrieves."""
+    from cadre.prompts.optimize import evaluate_retrieval_only
+
+    if setup.index is None or not setup.program_settings.retrieve_k:
+        return {}
+    retriever = open_retriever(setup.index)
+    return {"retrieval": evaluate_retrieval_only(retriever, setup.program_settings, evaluation, cases).result}
+
+
+def promote_program_beside(
+    config: CadreConfig,
+    specialist: str,
+    handle: RunHandle,
+    decoding: CandidateDecoding,
+    scores: AdapterScores,
+    lineage: dict[str, str],
+    adapter_version: str,
+    baselines: dict[str, EvaluationResult],
+) -> PromotionOutcome:
+    """Promote the program answering as chosen for the adapter just promoted (`choose_decoding`), through the
+    program gates: the pair (this program, the new adapter) against the pair that served, on the same test cases,
+    and against `baselines` (`reference_scores`). The flow checked these gates before it promoted the adapter, so
+    the pair goes together; the new adapter serves with the previous program only between the two promotions.
+    """
+    from mlflow import MlflowClient
+
+    from cadre.prompts.candidate import PROGRAM_ARTIFACT
+    from cadre.registry.promotion import Candidate
+    from tasks.promotion import promote_through_gates
+
+    setup = decoding.setup
+    if decoding.folder is None or setup.program is None:
+        raise ValueError("the answer mode was not re-chosen for the candidate: there is no program to promote")
+    MlflowClient(handle.tracking_uri).log_artifacts(handle.run_id, decoding.folder, PROGRAM_ARTIFACT)
+    champion = lineage.get("program_version")
+    return promote_through_gates(
+        config,
+        specialist,
+        handle,
+        Candidate(
+            "optimize",
+            scores.candidate.result,
+            scores.champion.result,
+            None if champion in (None, "declared") else champion,
+            {
+                **{key: value for key, value in lineage.items() if key != "adapter_sha256"},
+                "program_sha256": setup.program.fingerprint,
+                "parent_versions": f"program:{champion or '-'},adapter:{adapter_version}",
+            },
+            identity="program_sha256",
+            note=f"The program answering as chosen for adapter v{adapter_version}.\n\n{decoding.summary()}",
+            scores_logged=True,
+            baselines=baselines,
+            on_run=False,
+        ),
+    )
 
 
 def run_dir(state_dir: Path, run_id: str) -> str:

@@ -89,4 +89,16 @@ class Specialist(Strict):
                 ("program", "retrieve_k"),
                 "retrieve_k > 0 needs at least one source to retrieve from (or set retrieve_k: 0)",
             )
+        optimizer = self.program.optimizer
+        if (
+            self.tuning.decoding_dev_cases
+            and len(set(optimizer.answer_modes) | {self.program.answer.mode}) < 2
+            and (len(set(optimizer.retrieval_weights) | {self.program.answer.retrieval_weight}) < 2)
+        ):
+            raise FieldError(
+                ("tuning", "decoding_dev_cases"),
+                "the refresh re-chooses the answer mode among program.optimizer.answer_modes (and retrieval_weights), "
+                "but this program declares no other: list them (e.g. answer_modes: [free, score]) or remove "
+                "decoding_dev_cases",
+            )
         return self

@@ -58,6 +58,18 @@ class TuningSettings(Strict):
         None,
         description="Optional Optuna search over these settings before the candidate is trained (see `SearchSettings`).",
     )
+    decoding_dev_cases: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Re-choose how the program answers for the candidate adapter on this many dev cases (the smoke budget: "
+            "`smoke.max_eval_cases`): each of `program.optimizer.answer_modes` (and `retrieval_weights` with "
+            "`score`) at the serving depth. An adapter can make another answer mode pay (the pronouncer's writes "
+            "phones the base model cannot); the candidate is then judged answering that way, and if it is promoted "
+            "the serving program is promoted with that answer mode beside it. Null: the candidate answers as the "
+            "serving program does."
+        ),
+    )
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TuningSettings:

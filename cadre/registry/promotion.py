@@ -80,6 +80,9 @@ class Candidate:
         scores_logged: the flow logged both evaluations itself (the prompt flow's tables hold more systems).
         baselines: reference systems scored on the same cases, by the name a `beat_baseline` gate rule gives
             (`retrieval`: the first retrieved document's id as the answer).
+        on_run: write the verdict on the run (its tags, note and gate report). False for a second candidate of
+            the same run (the program an adapter refresh promotes beside its adapter): its verdict is on its
+            registry version, and the run keeps its own candidate's.
     """
 
     stage: str
@@ -92,6 +95,7 @@ class Candidate:
     same_as_champion: bool = False
     scores_logged: bool = False
     baselines: dict[str, EvaluationResult] = field(default_factory=dict)
+    on_run: bool = True
 
 
 @dataclass(frozen=True)
@@ -248,7 +252,8 @@ def gate_and_promote(
                 from cadre.edge.judge import publish_after_promotion
 
                 publish_after_promotion(config, specialist, composite.name, str(composite.version), handle.run_id)
-    _report_on_run(client, handle, candidate, outcome)
+    if candidate.on_run:
+        _report_on_run(client, handle, candidate, outcome)
     return outcome
 
 

@@ -216,6 +216,8 @@ class RefreshPlan:
         max_examples: examples rendered for training (None: all); more could never be reached.
         eval_cases: test cases the candidate and the champion are compared on (None: the whole split).
         max_wall_seconds: wall time of the training loop (None: no cap).
+        decoding_dev_cases: dev cases the candidate's answer mode is re-chosen on (None: it answers as the serving
+            program does; `tuning.decoding_dev_cases`, or the smoke budget's `max_eval_cases`).
     """
 
     budget: RunBudget
@@ -223,6 +225,7 @@ class RefreshPlan:
     max_examples: int | None
     eval_cases: int | None
     max_wall_seconds: float | None = None
+    decoding_dev_cases: int | None = None
 
 
 def plan_refresh(specialist: Specialist, budget: RunBudget) -> RefreshPlan:
@@ -241,7 +244,10 @@ def plan_refresh(specialist: Specialist, budget: RunBudget) -> RefreshPlan:
             steps = max(steps, _largest(search.space.get("max_steps"), steps))
         batch_size = max(batch_size, _largest(search.space.get("batch_size"), batch_size))
     needed = examples_needed(steps, batch_size, tuning.gradient_accumulation, tuning.heldout_fraction)
-    return RefreshPlan(budget, effective, needed, eval_cases, wall_seconds(specialist, budget))
+    decoding = tuning.decoding_dev_cases
+    if decoding and budget == "smoke":
+        decoding = min(decoding, specialist.smoke.max_eval_cases)
+    return RefreshPlan(budget, effective, needed, eval_cases, wall_seconds(specialist, budget), decoding)
 
 
 def _largest(values: list | SearchRange | None, default: int) -> int:

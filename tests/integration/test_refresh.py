@@ -48,7 +48,9 @@ def prepared_models() -> Path:
     return config.state_dir
 
 
-def _write_project(root: Path, mlflow_uri: str, method: str, name: str, search: str = "") -> Path:
+def _write_project(
+    root: Path, mlflow_uri: str, method: str, name: str, search: str = "", program: str = "", gates: str = ""
+) -> Path:
     """A one-specialist ICD-10 project whose index holds every code its cases need, plus neighbours."""
     suite = root / "suite"
     suite.mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,7 @@ def _write_project(root: Path, mlflow_uri: str, method: str, name: str, search: 
               inputs: [{{name: phrase, description: a diagnosis as a clinician writes it}}]
               outputs: [{{name: code, description: one ICD-10-CM code}}]
               retrieve_k: 3
-              max_tokens: 8
+              max_tokens: 8{program}
             tuning: {{method: {method}, rank: 8, alpha: 16, learning_rate: 1.0e-3, max_steps: 300, batch_size: 2, max_length: 192,
                       checkpoint_every: 2, heldout_fraction: 0.05{search}}}
             evaluation:
@@ -87,7 +89,7 @@ def _write_project(root: Path, mlflow_uri: str, method: str, name: str, search: 
               bootstrap_samples: 200
             gates:
               adapter:
-                - {{metric: exact_match, beat_champion_by: 0.0}}
+                - {{metric: exact_match, beat_champion_by: 0.0}}{gates}
             smoke: {{max_documents: 400, max_eval_cases: {CASES["test"]}, max_train_steps: {STEPS}}}
         """)
     path = root / name
@@ -239,6 +241,55 @@ def test_the_refresh_searches_its_own_settings_and_trains_the_best(
     assert not client.search_runs(
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{rerun.info.run_id}'"
     ), "a finished study trains no trial again"
+
+
+CHOOSING = {
+    "search": ", decoding_dev_cases: 4",
+    # Served: the model writes the code, in one token, so never a whole code. Tried with the candidate: the
+    # retriever's first code (score, weight 100), which is right on some dev cases: the candidate must answer that way.
+    "program": "\n              optimizer: {answer_modes: [free, score], retrieval_weights: [100]}",
+    "gates": "\n              program:\n                - {metric: exact_match, beat_baseline: retrieval}",
+}
+
+
+def test_an_adapter_that_serves_best_answering_another_way_is_promoted_with_that_program(
+    project_root: Path, mlflow_server: str, harness: None, clean_environment: None
+) -> None:
+    """`tuning.decoding_dev_cases`: the answer modes of `optimizer.answer_modes` are tried on dev with the candidate
+    (the serving one first); the candidate is judged on test answering the best way; promoted, the program answering
+    that way is registered and promoted beside it, its lineage naming the adapter."""
+    from mlflow import MlflowClient
+
+    from cadre.registry.versions import get_champion, registered_model_name
+    from cadre.runtime.serving_prompt import read_serving_prompt
+    from flows.refresh_adapter import refresh_adapter
+
+    client = MlflowClient(mlflow_server)
+    path = _write_project(project_root, mlflow_server, "lora", "choosing.yaml", **CHOOSING)
+    path.write_text(path.read_text().replace("max_tokens: 8", "max_tokens: 1"))
+    programs = registered_model_name(PROJECT, SPECIALIST, "program")
+    result = refresh_adapter(SPECIALIST, str(path), budget="smoke")
+    note = client.get_run(result["mlflow_run_id"]).data.tags["mlflow.note.content"]
+    assert "Answer mode on 4 dev cases with the candidate adapter" in note
+    assert "| free k=3 (serving) |" in note and "| score (retrieval weight 100) k=3 |" in note
+    assert result["answer_mode"] == "score (retrieval weight 100) k=3"
+    assert result["promoted"] and result["program"]["promoted"], (result["summary"], result["program"])
+    champion = get_champion(client, PROJECT, SPECIALIST, "program")
+    assert champion is not None and str(champion.version) == str(result["program"]["version"])
+    assert champion.tags["cadre.lineage.parent_versions"] == f"program:declared,adapter:{result['version']}"
+    local = client.download_artifacts(champion.run_id, "program/program.json")
+    from cadre.config import load_config
+
+    settings = load_config(path).specialist(SPECIALIST).program
+    served = read_serving_prompt(settings, local)
+    assert (served.answer_mode, served.retrieve_k, served.retrieval_weight) == ("score", 3, 100.0)
+    assert champion.run_id == result["mlflow_run_id"], "registered from the refresh run"
+    run_tags = client.get_run(result["mlflow_run_id"]).data.tags
+    assert (
+        run_tags["cadre.candidate_version"]
+        == f"{registered_model_name(PROJECT, SPECIALIST, 'adapter')}/{result['version']}"
+    )
+    assert str(champion.version) in {v.version for v in client.search_model_versions(f"name='{programs}'")}
 
 
 TRAIN_SCRIPT = """

@@ -154,6 +154,14 @@ BAD = [
         'expected a positive integer, got "eight"',
     ),
     (
+        "answer mode re-chosen by the refresh with nothing to choose among",
+        lambda t: t.replace("{rank: 8, max_steps: 10}", "{rank: 8, max_steps: 10, decoding_dev_cases: 20}"),
+        "decoding_dev_cases",
+        1,
+        "specialists[coder].tuning.decoding_dev_cases",
+        "answer_modes: [free, score]",
+    ),
+    (
         "bad cron value",
         lambda t: t.replace('"0 3 * * *"', '"61 3 * * *"'),
         "61 3",
