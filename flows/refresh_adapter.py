@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from cadre.config import load_config
 from cadre.config.budget import RunBudget
+from cadre.evaluation.comparison import AdapterScores
 from cadre.evaluation.report import adapter_score_table
 from cadre.evaluation.results import load_cases
 from cadre.orchestration.run_page import finished_state
@@ -128,15 +129,19 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
                 config.project.engine,
             )
             print(decoding.summary())
-        scores = evaluate_adapters(
-            setup,
-            settings.evaluation,
-            str(config.state_dir / "cache" / "dspy"),
-            cases,
-            str(exported.gguf),
-            config.project.engine,
-            decoding.setup if decoding else None,
-        )
+
+        def judge(candidate_setup: ServingSetup | None) -> AdapterScores:
+            return evaluate_adapters(
+                setup,
+                settings.evaluation,
+                str(config.state_dir / "cache" / "dspy"),
+                cases,
+                str(exported.gguf),
+                config.project.engine,
+                candidate_setup,
+            )
+
+        scores = judge(decoding.setup if decoding else None)
         references = {}
         if decoding and decoding.changed:  # the pair goes together: the program must pass its gates too
             references = reference_scores(decoding.setup, settings.evaluation, cases)
@@ -144,14 +149,7 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
             if not check.passed:
                 decoding = decoding.kept(setup, f"the program answering {decoding.chosen.label} would be refused")
                 print(f"{decoding.kept_because} ({check.summary}); the candidate is judged answering as it serves")
-                scores = evaluate_adapters(
-                    setup,
-                    settings.evaluation,
-                    str(config.state_dir / "cache" / "dspy"),
-                    cases,
-                    str(exported.gguf),
-                    config.project.engine,
-                )
+                scores = judge(None)
         lineage = {
             "base_model": base.identity,
             "data_fingerprint": data.fingerprint,

@@ -437,22 +437,25 @@ class CandidateDecoding:
         tried: every answer mode (and weight) scored on dev, the serving one first.
         folder: the program folder (`program.json`, `settings.json`, `program.md`) to register beside a promoted
             adapter; None when nothing changed.
+        chosen_at: the position in `tried` of the try the candidate answers with (0: the serving one).
+        kept_because: why the serving answer mode was kept although another scored better on dev.
     """
 
     setup: ServingSetup
     changed: bool
     tried: list[AnswerChoice]
     folder: str | None = None
+    chosen_at: int = 0
     kept_because: str = ""
 
     def kept(self, serving: ServingSetup, because: str) -> CandidateDecoding:
         """The candidate answering as the program serves after all (the re-chosen program would be refused)."""
-        return CandidateDecoding(serving, False, self.tried, None, because)
+        return CandidateDecoding(serving, False, self.tried, kept_because=because)
 
     @property
     def chosen(self) -> AnswerChoice:
         """The try the candidate answers with."""
-        return max(self.tried, key=lambda choice: choice.score) if self.changed else self.tried[0]
+        return self.tried[self.chosen_at]
 
     def summary(self) -> str:
         """One line per try, for the run's note."""
@@ -539,7 +542,7 @@ def choose_decoding(
     program = load_program(path, settings, search)
     title = f"Program of adapter refresh: answers {tried[best].label}, chosen on dev with the candidate adapter"
     (folder / "program.md").write_text(render_program_markdown(program, settings, title), encoding="utf-8")
-    return CandidateDecoding(chosen, True, tried, str(folder))
+    return CandidateDecoding(chosen, True, tried, str(folder), best)
 
 
 def reference_scores(

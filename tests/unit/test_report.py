@@ -155,3 +155,27 @@ def test_a_flow_refuses_an_unknown_budget_before_it_runs() -> None:
     assert accepted["budget"] == "smoke"
     with pytest.raises(ParameterTypeError, match="budget"):
         optimize_prompts.validate_parameters({"specialist": "x", "config_path": "p", "budget": "huge"})
+
+
+def test_the_refresh_says_which_answer_mode_its_candidate_was_judged_with_and_why() -> None:
+    """`CandidateDecoding`: every try on dev with the serving one first; a re-chosen mode, or the serving one kept
+    because the program answering the better way would be refused."""
+    from cadre.prompts.optimize import AnswerChoice
+    from tasks.refresh import CandidateDecoding
+
+    tried = [
+        AnswerChoice("score", 5, 0.310, None, 12, 0.0, 100.0),
+        AnswerChoice("free", 5, 0.000, None, 12, 0.0),
+        AnswerChoice("score", 5, 0.326, None, 12, 0.0, 0.0),
+    ]
+    chosen = CandidateDecoding(setup="with-score-w0", changed=True, tried=tried, folder="/run/program", chosen_at=2)
+    assert chosen.chosen.label == "score (retrieval weight 0) k=5"
+    assert (
+        chosen.summary().splitlines()[0]
+        == "Answer mode on 12 dev cases with the candidate adapter (re-chosen for the candidate):"
+    )
+    assert "| score (retrieval weight 100) k=5 (serving) | 0.310 |" in chosen.summary()
+
+    kept = chosen.kept("serving", "the program answering score (retrieval weight 0) k=5 would be refused")
+    assert (kept.setup, kept.changed, kept.folder, kept.chosen.label) == ("serving", False, None, tried[0].label)
+    assert "(kept: the program answering score (retrieval weight 0) k=5 would be refused)" in kept.summary()
