@@ -25,6 +25,15 @@ class SmokeBudget(Strict):
     max_eval_cases: int = Field(40, gt=0, description="Test cases per evaluation.")
     max_train_steps: int = Field(30, gt=0, description="Fine-tuning steps.")
     max_lm_calls: int = Field(120, gt=0, description="LM calls per prompt optimization.")
+    decoding_dev_cases: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Dev cases a smoke refresh re-chooses its candidate's answer mode on (`tuning.decoding_dev_cases`, capped "
+            "by it). 0: a smoke refresh judges its candidate as the program serves; a few training steps change too "
+            "little for a choice on a dozen cases to mean anything, and the demo stays within its time."
+        ),
+    )
     max_wall_seconds: int = Field(
         300,
         gt=0,

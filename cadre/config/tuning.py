@@ -63,7 +63,7 @@ class TuningSettings(Strict):
         gt=0,
         description=(
             "Re-choose how the program answers for the candidate adapter on this many dev cases (the smoke budget: "
-            "`smoke.max_eval_cases`): each of `program.optimizer.answer_modes` (and `retrieval_weights` with "
+            "at most `smoke.decoding_dev_cases`, by default none): each of `program.optimizer.answer_modes` (and `retrieval_weights` with "
             "`score`) at the serving depth. An adapter can make another answer mode pay (the pronouncer's writes "
             "phones the base model cannot); the candidate is then judged answering that way, and if it is promoted "
             "the serving program is promoted with that answer mode beside it. Null: the candidate answers as the "

@@ -217,7 +217,7 @@ class RefreshPlan:
         eval_cases: test cases the candidate and the champion are compared on (None: the whole split).
         max_wall_seconds: wall time of the training loop (None: no cap).
         decoding_dev_cases: dev cases the candidate's answer mode is re-chosen on (None: it answers as the serving
-            program does; `tuning.decoding_dev_cases`, or the smoke budget's `max_eval_cases`).
+            program does; `tuning.decoding_dev_cases`, capped by the smoke budget's `decoding_dev_cases`).
     """
 
     budget: RunBudget
@@ -246,7 +246,7 @@ def plan_refresh(specialist: Specialist, budget: RunBudget) -> RefreshPlan:
     needed = examples_needed(steps, batch_size, tuning.gradient_accumulation, tuning.heldout_fraction)
     decoding = tuning.decoding_dev_cases
     if decoding and budget == "smoke":
-        decoding = min(decoding, specialist.smoke.max_eval_cases)
+        decoding = min(decoding, specialist.smoke.decoding_dev_cases) or None
     return RefreshPlan(budget, effective, needed, eval_cases, wall_seconds(specialist, budget), decoding)
 
 

@@ -90,7 +90,7 @@ def _write_project(
             gates:
               adapter:
                 - {{metric: exact_match, beat_champion_by: 0.0}}{gates}
-            smoke: {{max_documents: 400, max_eval_cases: {CASES["test"]}, max_train_steps: {STEPS}}}
+            smoke: {{max_documents: 400, max_eval_cases: {CASES["test"]}, max_train_steps: {STEPS}, decoding_dev_cases: 4}}
         """)
     path = root / name
     path.write_text(text, encoding="utf-8")

@@ -137,7 +137,9 @@ def test_each_stage_reads_the_budget_once_into_its_plan_and_refuses_an_unknown_o
     assert plan_refresh(specialist, "full").decoding_dev_cases is None  # the ICD coder answers as its program does
     pronouncer = load_config(ROOT / "pipelines.yaml").specialist("pronouncer")
     assert plan_refresh(pronouncer, "full").decoding_dev_cases == pronouncer.tuning.decoding_dev_cases == 50
-    assert plan_refresh(pronouncer, "smoke").decoding_dev_cases == pronouncer.smoke.max_eval_cases
+    assert plan_refresh(pronouncer, "smoke").decoding_dev_cases is None  # the demo's smoke refresh does not re-choose
+    keen = pronouncer.model_copy(update={"smoke": pronouncer.smoke.model_copy(update={"decoding_dev_cases": 4})})
+    assert plan_refresh(keen, "smoke").decoding_dev_cases == 4
 
     for plan in (plan_reindex, plan_feedback, plan_refresh, plan_optimization):
         with pytest.raises(ValueError, match="unknown budget 'huge'; expected 'smoke' or 'full'"):
