@@ -116,13 +116,14 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
             handle, trained, data, tuning, setup, str(config.state_dir), scratch, config.project.lm.n_threads
         )
         cases = load_test_cases(suite, plan.eval_cases, settings.program.field_names)
+        dspy_cache = str(config.state_dir / "cache" / "dspy")
         decoding = None
         if plan.decoding_dev_cases:  # an adapter may make another answer mode pay: choose it on dev
             dev = load_cases(suite, "dev", plan.decoding_dev_cases, required=settings.program.field_names)
             decoding = choose_decoding(
                 setup,
                 settings.evaluation,
-                str(config.state_dir / "cache" / "dspy"),
+                dspy_cache,
                 dev,
                 str(exported.gguf),
                 scratch,
@@ -134,7 +135,7 @@ def refresh_adapter(specialist: str, config_path: str, budget: RunBudget = "full
             return evaluate_adapters(
                 setup,
                 settings.evaluation,
-                str(config.state_dir / "cache" / "dspy"),
+                dspy_cache,
                 cases,
                 str(exported.gguf),
                 config.project.engine,

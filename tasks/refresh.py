@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from cadre.config.budget import WALL_CAP_TAG
 from cadre.config.program import CANDIDATE_MODES
 from cadre.evaluation.comparison import AdapterScores
 from cadre.evaluation.results import load_cases
-from cadre.prompts.optimize import AnswerChoice, decoding_plan
+from cadre.prompts.optimize import AnswerChoice
 from cadre.prompts.program import SpecialistProgram, open_retriever
 from cadre.prompts.served import open_evaluator
 from cadre.registry.champions import ChampionProgram, ServingSetup
@@ -491,8 +490,8 @@ def choose_decoding(
     The serving answer mode is tried first and kept on a tie. The candidate is then judged on test answering the
     chosen way, and the flow promotes the program answering that way beside the adapter.
     """
-    from cadre.prompts.candidate import PROGRAM_ARTIFACT, PROGRAM_FILE
-    from cadre.prompts.program import load_program, render_program_markdown, save_program
+    from cadre.prompts.candidate import PROGRAM_ARTIFACT, PROGRAM_FILE, write_program_folder
+    from cadre.prompts.program import load_program, save_program
 
     def never_searched(query: str, k: int) -> list[Any]:
         raise RuntimeError("choosing an answer mode saves programs; it never runs their retrieval here")
@@ -505,10 +504,11 @@ def choose_decoding(
         serving.retrieve_k,
         serving.retrieval_weight if serving.answer_mode == "score" else 0.0,
     )
-    plan = [here, *(item for item in decoding_plan(settings, [serving.retrieve_k]) if item != here)]
+    plan = [here, *(item for item in settings.decoding_plan([serving.retrieve_k]) if item != here)]
     metric = evaluation.answer_metrics[0]
     tried: list[AnswerChoice] = []
-    setups: list[tuple[ServingSetup, Path]] = []
+    programs: list[SpecialistProgram] = []
+    setups: list[ServingSetup] = []
     with open_evaluator(engine, cache_dir) as evaluator:
         for mode, depth, weight in plan:
             program = (
@@ -530,19 +530,15 @@ def choose_decoding(
                     mode, depth, result.scores.get(metric, 0.0), result.intervals.get(metric), result.cases, 0.0, weight
                 )
             )
-            setups.append((chosen, path))
+            programs.append(program)
+            setups.append(chosen)
     best = max(range(len(tried)), key=lambda i: (tried[i].score, -i))
     if best == 0:
         return CandidateDecoding(setup, False, tried)
-    chosen, path = setups[best]
     folder = Path(out_dir) / PROGRAM_ARTIFACT
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, folder / PROGRAM_FILE)
-    (folder / "settings.json").write_text(json.dumps(settings.model_dump(mode="json"), indent=2), encoding="utf-8")
-    program = load_program(path, settings, search)
     title = f"Program of adapter refresh: answers {tried[best].label}, chosen on dev with the candidate adapter"
-    (folder / "program.md").write_text(render_program_markdown(program, settings, title), encoding="utf-8")
-    return CandidateDecoding(chosen, True, tried, str(folder), best)
+    write_program_folder(programs[best], settings, folder, title)
+    return CandidateDecoding(setups[best], True, tried, str(folder), best)
 
 
 def reference_scores(

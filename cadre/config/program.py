@@ -164,6 +164,27 @@ class ProgramSettings(Strict):
         """The signature's input and output field names: what every evaluation case must give."""
         return [field.name for field in (*self.inputs, *self.outputs)]
 
+    @property
+    def declared_decoding(self) -> tuple[str, int, float]:
+        """The declared (answer mode, retrieval depth, retrieval weight): how the un-optimized program answers."""
+        weight = self.answer.retrieval_weight if self.answer.mode == "score" else 0.0
+        return (self.answer.mode, self.retrieve_k, weight)
+
+    def decoding_plan(self, depths: list[int] | None = None) -> list[tuple[str, int, float]]:
+        """The (answer mode, retrieval depth, retrieval weight) tries a flow chooses among on dev, in the declared
+        order: `optimizer.answer_modes` × `optimizer.retrieve_k` (or `depths`), with each of
+        `optimizer.retrieval_weights` for `score`. An undeclared list is the declared program's one value."""
+        optimizer = self.optimizer
+        modes = optimizer.answer_modes or [self.answer.mode]
+        depths = depths or optimizer.retrieve_k or [self.retrieve_k]
+        weights = optimizer.retrieval_weights or [self.answer.retrieval_weight]
+        return [
+            (mode, depth, weight if mode == "score" else 0.0)
+            for depth in depths
+            for mode in modes
+            for weight in (weights if mode == "score" else [0.0])
+        ]
+
     @model_validator(mode="after")
     def _distinct_field_names(self) -> ProgramSettings:
         seen: set[str] = set()

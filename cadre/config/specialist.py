@@ -98,12 +98,11 @@ class Specialist(Strict):
                 ("program", "retrieve_k"),
                 "retrieve_k > 0 needs at least one source to retrieve from (or set retrieve_k: 0)",
             )
-        optimizer = self.program.optimizer
-        if (
-            self.tuning.decoding_dev_cases
-            and len(set(optimizer.answer_modes) | {self.program.answer.mode}) < 2
-            and (len(set(optimizer.retrieval_weights) | {self.program.answer.retrieval_weight}) < 2)
-        ):
+        program = self.program
+        if self.tuning.decoding_dev_cases and {
+            program.declared_decoding,
+            *program.decoding_plan([program.retrieve_k]),
+        } == {program.declared_decoding}:
             raise FieldError(
                 ("tuning", "decoding_dev_cases"),
                 "the refresh re-chooses the answer mode among program.optimizer.answer_modes (and retrieval_weights), "

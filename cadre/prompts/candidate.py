@@ -46,6 +46,18 @@ class CompiledCandidate:
     candidates: list[dict[str, Any]]
 
 
+def write_program_folder(program: Any, program_settings: ProgramSettings, folder: Path, title: str) -> str:
+    """Write what a registered program version holds into `folder`: `program.json` (the program's state and
+    choices), `settings.json` (the declared settings it belongs to) and a readable `program.md` under `title`.
+    Returns the program's fingerprint."""
+    fingerprint = save_program(program, folder / PROGRAM_FILE)
+    (folder / "settings.json").write_text(
+        json.dumps(program_settings.model_dump(mode="json"), indent=2), encoding="utf-8"
+    )
+    (folder / "program.md").write_text(render_program_markdown(program, program_settings, title), encoding="utf-8")
+    return fingerprint
+
+
 def save_candidate(
     result: CompileResult,
     program_settings: ProgramSettings,
@@ -62,22 +74,16 @@ def save_candidate(
         choices: the answer modes and depths scored on the dev split (`choose_on_dev`), for the summary.
         choice_usage: what scoring them on dev cost.
     """
-    folder = Path(out_dir) / PROGRAM_ARTIFACT
-    path = folder / PROGRAM_FILE
-    fingerprint = save_program(result.program, path)
-    (folder / "settings.json").write_text(
-        json.dumps(program_settings.model_dump(mode="json"), indent=2), encoding="utf-8"
-    )
-    markdown = folder / "program.md"
     stopped = (
         f" — stopped by the budget ({result.stop_reason}); best program scored so far"
         if result.stopped_by_budget
         else ""
     )
-    markdown.write_text(
-        render_program_markdown(result.program, program_settings, f"Candidate program ({result.optimizer}){stopped}"),
-        encoding="utf-8",
+    folder = Path(out_dir) / PROGRAM_ARTIFACT
+    fingerprint = write_program_folder(
+        result.program, program_settings, folder, f"Candidate program ({result.optimizer}){stopped}"
     )
+    path, markdown = folder / PROGRAM_FILE, folder / "program.md"
     candidates = [
         {
             "candidate": c.index,

@@ -608,25 +608,6 @@ class AnswerChoice:
         return f"{self.answer_mode}{weight} k={self.retrieve_k}"
 
 
-def decoding_plan(
-    program_settings: ProgramSettings, depths: Sequence[int] | None = None
-) -> list[tuple[str, int, float]]:
-    """The (answer mode, retrieval depth, retrieval weight) tries a flow chooses among on dev, in the declared order:
-    `optimizer.answer_modes` × `optimizer.retrieve_k` (or `depths`), with each of `optimizer.retrieval_weights` for
-    `score`. An undeclared list is the declared program's one value."""
-    optimizer = program_settings.optimizer
-    declared = program_settings.answer
-    modes = optimizer.answer_modes or [declared.mode]
-    depths = depths or optimizer.retrieve_k or [program_settings.retrieve_k]
-    weights = optimizer.retrieval_weights or [declared.retrieval_weight]
-    return [
-        (mode, depth, weight if mode == "score" else 0.0)
-        for depth in depths
-        for mode in modes
-        for weight in (weights if mode == "score" else [0.0])
-    ]
-
-
 def choose_on_dev(
     program: SpecialistProgram,
     program_settings: ProgramSettings,
@@ -645,7 +626,7 @@ def choose_on_dev(
     far is kept (the declared choices if none was).
     """
     declared = program_settings.answer
-    plan = decoding_plan(program_settings)
+    plan = program_settings.decoding_plan()
     if len(plan) <= 1:
         program.choose(*plan[0])
         return []

@@ -167,7 +167,7 @@ def build_pairs(
         if positive_id is None:
             continue
         positive = texts[positive_id]
-        own = str(case.get("id"))  # a train word of the pronouncer is a document: it is the query, never a negative
+        own = str(case["id"]) if case.get("id") is not None else None  # a pronouncer train word is a document too
         negatives: list[str] = []
         for record_id, text in hits[position] if hits is not None else ():
             if len(negatives) == hard_negatives:
