@@ -200,7 +200,7 @@ def compile_candidate(
             program_settings.temperature,
             Budget(max_wall_seconds=plan.max_wall_seconds),
         )
-        choices = choose_on_dev(result.program, program_settings, evaluation, choosing, dev)
+        choices = choose_on_dev(result.program, program_settings, evaluation, choosing, dev, plan.choice_depths)
     except LMUnreachable as error:
         raise LMUnavailable(
             f"the LM at {runtime.lm.describe()} became unreachable while compiling; nothing was promoted: {error}"

@@ -18,7 +18,7 @@ build that can never go live and that the next re-index resumes. The run says so
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
@@ -44,6 +44,12 @@ def parse_budget(value: object) -> RunBudget:
     return value  # type: ignore[return-value]
 
 
+SMOKE_TRAIN_CASES = 16
+"""Train cases a smoke optimization shows the optimizer."""
+SMOKE_DEV_CASES = 8
+"""Dev cases a smoke optimization selects and chooses the answer mode on."""
+
+
 @dataclass(frozen=True)
 class ReindexPlan:
     """What one re-index may use.
@@ -53,20 +59,38 @@ class ReindexPlan:
         max_documents: documents read from the sources (None: all).
         eval_cases: test cases the retrieval gate compares on (None: the whole split).
         max_wall_seconds: wall time of the build (reading, chunking, embedding); None: no cap.
+        first_cases: under a document cap, how many leading cases of each suite split have their relevant
+            documents read before any other case's: the cases the smoke cycle evaluates (empty: test, then dev).
     """
 
     budget: RunBudget
     max_documents: int | None
     eval_cases: int | None
     max_wall_seconds: float | None = None
+    first_cases: dict[str, int] = field(default_factory=dict)
 
 
 def plan_reindex(specialist: Specialist, budget: RunBudget) -> ReindexPlan:
-    """`full` reads `index.max_documents` and `evaluation.max_cases`; `smoke` the specialist's `smoke` caps."""
+    """`full` reads `index.max_documents` and `evaluation.max_cases`; `smoke` the specialist's `smoke` caps.
+
+    A smoke index holds first the documents of the cases a smoke cycle answers: the test cases its evaluations
+    and edge export use, the dev cases its optimizer and refresh choose on, and the train cases its optimizer and
+    refresh read (a program answering one of its candidates trains only on cases whose answer the index holds; the
+    refresh reads twice the examples it needs). So `smoke.max_documents` can be small without leaving a judged or
+    trained case unanswerable."""
+    from cadre.tuning.finetune import plan_refresh  # here: the refresh's plan imports this module
+
     budget = parse_budget(budget)
     if budget == "smoke":
         smoke = specialist.smoke
-        return ReindexPlan(budget, smoke.max_documents, smoke.max_eval_cases, wall_seconds(specialist, budget))
+        first = {
+            "test": max(smoke.max_eval_cases, specialist.edge.cases),
+            "dev": max(SMOKE_DEV_CASES, smoke.decoding_dev_cases),
+            "train": max(SMOKE_TRAIN_CASES, 2 * (plan_refresh(specialist, budget).max_examples or 0)),
+        }
+        return ReindexPlan(
+            budget, smoke.max_documents, smoke.max_eval_cases, wall_seconds(specialist, budget), first_cases=first
+        )
     return ReindexPlan(budget, specialist.index.max_documents, specialist.evaluation.max_cases)
 
 

@@ -955,20 +955,34 @@ def reindex_specialist(
         max_documents=cap,
         retry=retry,
         show_progress=show_progress,
-        priority_ids=suite_relevant_ids(config.resolve(settings.evaluation.suite)) if cap else (),
+        priority_ids=suite_relevant_ids(config.resolve(settings.evaluation.suite), first=plan.first_cases)
+        if cap
+        else (),
         max_wall_seconds=plan.max_wall_seconds,
         engine=config.project.engine,
         write_batch_size=config.project.engine.shard_chunks,
     )
 
 
-def suite_relevant_ids(suite_dir: Path, splits: Sequence[str] = ("test", "dev")) -> list[str]:
-    """The document ids the suite's cases need (test first), so a capped index can still answer them."""
+def suite_relevant_ids(
+    suite_dir: Path, splits: Sequence[str] = ("test", "dev"), first: Mapping[str, int] | None = None
+) -> list[str]:
+    """The document ids the suite's cases need (test first), so a capped index can still answer them.
+
+    `first` names how many leading cases of a split (of `splits` or another, e.g. train) come before every other
+    case (`ReindexPlan.first_cases`): the ids of those cases, then the rest of the test cases', then the rest of the
+    dev cases'."""
     from cadre.evaluation.results import load_cases
 
+    first = first or {}
+    cases = {
+        split: load_cases(suite_dir, split)
+        for split in dict.fromkeys([*splits, *first])
+        if (Path(suite_dir) / f"{split}.jsonl").exists()
+    }
+    ordered = [case for split in first if split in cases for case in cases[split][: first[split]]]
+    ordered += [case for split in splits if split in cases for case in cases[split]]
     ids: dict[str, None] = {}
-    for split in splits:
-        if (Path(suite_dir) / f"{split}.jsonl").exists():
-            for case in load_cases(suite_dir, split):
-                ids.update(dict.fromkeys(case.get("relevant_ids", [])))
+    for case in ordered:
+        ids.update(dict.fromkeys(case.get("relevant_ids", [])))
     return list(ids)

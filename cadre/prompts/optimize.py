@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import dspy
 from dspy.utils.callback import BaseCallback
 
-from cadre.config.budget import RunBudget, parse_budget
+from cadre.config.budget import SMOKE_DEV_CASES, SMOKE_TRAIN_CASES, RunBudget, parse_budget
 from cadre.evaluation import metrics as metric_functions
 from cadre.evaluation.comparison import outside_candidates
 from cadre.evaluation.results import EvaluationResult, Prediction, evaluate_cases
@@ -76,6 +76,7 @@ class OptimizationPlan:
         test_cases: test-split cases the gate compares champion and candidate on.
         max_lm_calls: hard cap on real LM calls while compiling.
         max_wall_seconds: hard cap on compile wall time.
+        choice_depths: the retrieval depths the answer-mode choice tries on dev (None: `optimizer.retrieve_k`).
     """
 
     budget_name: RunBudget
@@ -84,6 +85,7 @@ class OptimizationPlan:
     test_cases: int | None
     max_lm_calls: int
     max_wall_seconds: float
+    choice_depths: list[int] | None = None
 
     def budget(self) -> Budget:
         """A fresh, unstarted `Budget` with this plan's caps."""
@@ -93,15 +95,13 @@ class OptimizationPlan:
         return {"train": self.train_cases, "dev": self.dev_cases, "test": self.test_cases}
 
 
-SMOKE_TRAIN_CASES = 16
-SMOKE_DEV_CASES = 8
-
-
 def plan_optimization(specialist: Specialist, budget: RunBudget) -> OptimizationPlan:
     """The plan of one run: `full` from `program.optimizer` and `evaluation.max_cases`; `smoke` from `smoke`.
 
     A smoke run also shrinks the train/dev splits (to at most 16 and 8 cases), so that the smoke
-    LM-call cap still lets the optimizer compare a few candidates.
+    LM-call cap still lets the optimizer compare a few candidates, and chooses the answer mode at the serving
+    depth only (as the refresh's choice does): on 8 dev cases a deeper prompt's score is noise, and its tries
+    made the demo's longest chain a minute longer.
 
     Args:
         specialist: the `Specialist` settings.
@@ -128,6 +128,7 @@ def plan_optimization(specialist: Specialist, budget: RunBudget) -> Optimization
         smoke.max_eval_cases,
         min(optimizer.max_lm_calls, smoke.max_lm_calls),
         float(min(optimizer.max_wall_seconds, smoke.max_wall_seconds)),
+        choice_depths=[specialist.program.retrieve_k],
     )
 
 
@@ -614,10 +615,11 @@ def choose_on_dev(
     evaluation: EvaluationSettings,
     lm: CompletionLM,
     devset: Sequence[dict[str, Any]],
+    depths: list[int] | None = None,
 ) -> list[AnswerChoice]:
     """Score the compiled program on the dev split with each declared answer mode and retrieval depth
-    (`optimizer.answer_modes` × `optimizer.retrieve_k`, and `optimizer.retrieval_weights` with mode `score`),
-    leave it answering with the best, and return every try.
+    (`optimizer.answer_modes` × `optimizer.retrieve_k`, or × `depths`, and `optimizer.retrieval_weights` with mode
+    `score`), leave it answering with the best, and return every try.
 
     The best has the highest first answer metric; ties go to the earlier try (the declared order: list the cheaper
     modes, depths and smaller weights first). With no list declared the program keeps its declared choices and
@@ -626,7 +628,7 @@ def choose_on_dev(
     far is kept (the declared choices if none was).
     """
     declared = program_settings.answer
-    plan = program_settings.decoding_plan()
+    plan = program_settings.decoding_plan(depths)
     if len(plan) <= 1:
         program.choose(*plan[0])
         return []

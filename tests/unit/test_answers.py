@@ -357,6 +357,12 @@ def test_the_dev_choice_is_kept_in_the_program_json_and_every_reader_answers_wit
     save_program(SpecialistProgram(SETTINGS, shelf), declared)
     assert "cadre" not in json.loads(declared.read_text())  # a program answering as declared keeps DSPy's bytes
 
+    # A smoke run's choice (`OptimizationPlan.choice_depths`) tries the answer modes at the serving depth only.
+    serving_depth = SpecialistProgram(SETTINGS, shelf)
+    tried = choose_on_dev(serving_depth, SETTINGS, evaluation, lm, DEV, depths=[3])
+    assert [(t.answer_mode, t.retrieve_k) for t in tried] == [("free", 3), ("constrained", 3)]
+    assert serving_depth.retrieve_k == 3
+
 
 def test_a_retrieval_weight_lets_the_lm_overrule_the_first_hit_only_when_it_is_confident() -> None:
     scores = [-4.0, -1.0, -3.9]  # log-likelihoods of three candidates, best-ranked first

@@ -286,6 +286,8 @@ def test_plans_read_the_optimizer_settings_and_the_smoke_budget() -> None:
         smoke.max_wall_seconds,
     )
     assert quick.train_cases <= 16 and quick.dev_cases <= 12
+    # The full run chooses among the declared depths; a smoke run chooses the answer mode at the serving depth only.
+    assert full.choice_depths is None and quick.choice_depths == [specialist.program.retrieve_k]
     assert quick.budget().max_lm_calls == smoke.max_lm_calls and quick.budget().started_at is None
     with pytest.raises(ValueError, match="unknown budget"):
         plan_optimization(specialist, "huge")

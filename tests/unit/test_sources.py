@@ -360,6 +360,37 @@ def test_the_demo_suite_ids_lead_a_capped_icd10_index() -> None:
     assert {normal(c) for c in loaded} == {normal(c) for c in needed}
 
 
+def test_a_smoke_index_reads_first_the_documents_of_the_cases_the_smoke_cycle_judges(tmp_path: Path) -> None:
+    """Under a cap, the leading test, dev and train cases a smoke run evaluates or trains on come before the rest of
+    the test split, so a cap smaller than the test split still answers the optimizer's dev cases and grounds the
+    refresh's training examples."""
+    from cadre.config import load_config
+    from cadre.config.budget import plan_reindex
+    from cadre.demo.icd10 import load_documents
+    from cadre.evaluation.results import load_cases
+    from cadre.knowledge.reindex import suite_relevant_ids
+
+    for split, ids in (("test", "abcde"), ("dev", "xyz"), ("train", "mn")):
+        lines = [json.dumps({"id": f"{split}{n}", "q": "?", "relevant_ids": [i]}) for n, i in enumerate(ids)]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert suite_relevant_ids(tmp_path) == list("abcdexyz")
+    assert suite_relevant_ids(tmp_path, first={"test": 1, "dev": 2, "train": 1}) == list("axymbcdez")
+
+    root = Path(__file__).resolve().parents[2]
+    coder = load_config(root / "pipelines.yaml").specialist("icd10-coder")
+    plan = plan_reindex(coder, "smoke")
+    assert plan_reindex(coder, "full").first_cases == {}
+    assert plan.first_cases["test"] >= max(coder.smoke.max_eval_cases, coder.edge.cases)
+    assert plan.first_cases["dev"] >= 8  # the smoke optimizer's dev cases
+    suite = root / "evals" / "suites" / "icd10-coder"
+    needed = suite_relevant_ids(suite, first=plan.first_cases)
+    loaded = {d["id"].replace(".", "") for d in load_documents(limit=plan.max_documents, priority_ids=needed)}
+    judged = [case for split, count in plan.first_cases.items() for case in load_cases(suite, split)[:count]]
+    assert plan.first_cases["train"] >= 2 * 24  # the smoke refresh reads twice the examples of 6 steps of 4
+    assert len(loaded) == plan.max_documents < len(needed)  # the cap is smaller than the cases' codes
+    assert all(code.replace(".", "") in loaded for case in judged for code in case["relevant_ids"])
+
+
 def test_python_source_failures_are_source_errors(tmp_path: Path, loader_module: str):
     with pytest.raises(SourceError, match="cannot import"):
         load(PythonSource(kind="python", name="py", entrypoint="no_such_module_here:load"), tmp_path)
