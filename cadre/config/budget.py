@@ -74,19 +74,17 @@ def plan_reindex(specialist: Specialist, budget: RunBudget) -> ReindexPlan:
     """`full` reads `index.max_documents` and `evaluation.max_cases`; `smoke` the specialist's `smoke` caps.
 
     A smoke index holds first the documents of the cases a smoke cycle answers: the test cases its evaluations
-    and edge export use, the dev cases its optimizer and refresh choose on, and the train cases its optimizer and
-    refresh read (a program answering one of its candidates trains only on cases whose answer the index holds; the
-    refresh reads twice the examples it needs). So `smoke.max_documents` can be small without leaving a judged or
-    trained case unanswerable."""
-    from cadre.tuning.finetune import plan_refresh  # here: the refresh's plan imports this module
-
+    and edge export use, the dev cases its optimizer and refresh choose on, and the train cases its optimizer shows
+    as demos (only a case whose answer was retrieved becomes one). So `smoke.max_documents` can be small without
+    leaving a judged case unanswerable. (The refresh reads train cases in a stable hashed order, not the file's, so
+    these do not ground its examples: see `cadre.tuning.training_data.build_training_data`.)"""
     budget = parse_budget(budget)
     if budget == "smoke":
         smoke = specialist.smoke
         first = {
             "test": max(smoke.max_eval_cases, specialist.edge.cases),
             "dev": max(SMOKE_DEV_CASES, smoke.decoding_dev_cases),
-            "train": max(SMOKE_TRAIN_CASES, 2 * (plan_refresh(specialist, budget).max_examples or 0)),
+            "train": SMOKE_TRAIN_CASES,
         }
         return ReindexPlan(
             budget, smoke.max_documents, smoke.max_eval_cases, wall_seconds(specialist, budget), first_cases=first

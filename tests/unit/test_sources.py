@@ -361,9 +361,9 @@ def test_the_demo_suite_ids_lead_a_capped_icd10_index() -> None:
 
 
 def test_a_smoke_index_reads_first_the_documents_of_the_cases_the_smoke_cycle_judges(tmp_path: Path) -> None:
-    """Under a cap, the leading test, dev and train cases a smoke run evaluates or trains on come before the rest of
-    the test split, so a cap smaller than the test split still answers the optimizer's dev cases and grounds the
-    refresh's training examples."""
+    """Under a cap, the leading test, dev and train cases a smoke run evaluates or shows as demos come before the
+    rest of the test split, so a cap smaller than the test split still answers the optimizer's dev cases and
+    grounds its demos."""
     from cadre.config import load_config
     from cadre.config.budget import plan_reindex
     from cadre.demo.icd10 import load_documents
@@ -386,7 +386,7 @@ def test_a_smoke_index_reads_first_the_documents_of_the_cases_the_smoke_cycle_ju
     needed = suite_relevant_ids(suite, first=plan.first_cases)
     loaded = {d["id"].replace(".", "") for d in load_documents(limit=plan.max_documents, priority_ids=needed)}
     judged = [case for split, count in plan.first_cases.items() for case in load_cases(suite, split)[:count]]
-    assert plan.first_cases["train"] >= 2 * 24  # the smoke refresh reads twice the examples of 6 steps of 4
+    assert plan.first_cases["train"] == 16  # the smoke optimizer's train cases: its demos must be grounded
     assert len(loaded) == plan.max_documents < len(needed)  # the cap is smaller than the cases' codes
     assert all(code.replace(".", "") in loaded for case in judged for code in case["relevant_ids"])
 
