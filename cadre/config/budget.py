@@ -61,6 +61,8 @@ class ReindexPlan:
         max_wall_seconds: wall time of the build (reading, chunking, embedding); None: no cap.
         first_cases: under a document cap, how many leading cases of each suite split have their relevant
             documents read before any other case's: the cases the smoke cycle evaluates (empty: test, then dev).
+        refresh_cases: under a document cap, how many train cases the smoke refresh reads (in its own order,
+            `cadre.tuning.training_data.read_first`) have their documents read next.
     """
 
     budget: RunBudget
@@ -68,6 +70,7 @@ class ReindexPlan:
     eval_cases: int | None
     max_wall_seconds: float | None = None
     first_cases: dict[str, int] = field(default_factory=dict)
+    refresh_cases: int = 0
 
 
 def plan_reindex(specialist: Specialist, budget: RunBudget) -> ReindexPlan:
@@ -75,9 +78,12 @@ def plan_reindex(specialist: Specialist, budget: RunBudget) -> ReindexPlan:
 
     A smoke index holds first the documents of the cases a smoke cycle answers: the test cases its evaluations
     and edge export use, the dev cases its optimizer and refresh choose on, and the train cases its optimizer shows
-    as demos (only a case whose answer was retrieved becomes one). So `smoke.max_documents` can be small without
-    leaving a judged case unanswerable. (The refresh reads train cases in a stable hashed order, not the file's, so
-    these do not ground its examples: see `cadre.tuning.training_data.build_training_data`.)"""
+    as demos (only a case whose answer was retrieved becomes one), then the train cases the refresh reads (twice
+    the examples its steps need, in its own stable order; a program answering one of its candidates trains only on
+    cases whose answer the index holds). So `smoke.max_documents` can be small without leaving a judged or trained
+    case unanswerable."""
+    from cadre.tuning.finetune import plan_refresh  # here: the refresh's plan imports this module
+
     budget = parse_budget(budget)
     if budget == "smoke":
         smoke = specialist.smoke
@@ -87,7 +93,12 @@ def plan_reindex(specialist: Specialist, budget: RunBudget) -> ReindexPlan:
             "train": SMOKE_TRAIN_CASES,
         }
         return ReindexPlan(
-            budget, smoke.max_documents, smoke.max_eval_cases, wall_seconds(specialist, budget), first_cases=first
+            budget,
+            smoke.max_documents,
+            smoke.max_eval_cases,
+            wall_seconds(specialist, budget),
+            first_cases=first,
+            refresh_cases=2 * (plan_refresh(specialist, budget).max_examples or 0),
         )
     return ReindexPlan(budget, specialist.index.max_documents, specialist.evaluation.max_cases)
 

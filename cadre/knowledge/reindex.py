@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cadre.config.budget import RunBudget, plan_reindex
+from cadre.config.budget import ReindexPlan, RunBudget, plan_reindex
 from cadre.config.knowledge import ChunkingSettings, Source
 from cadre.config.project import EngineSettings, IndexBackendSettings
 from cadre.knowledge.chunking import Chunk, Chunker, load_tokenizer
@@ -81,7 +81,7 @@ from cadre.knowledge.sources import (
 )
 
 if TYPE_CHECKING:
-    from cadre.config import CadreConfig
+    from cadre.config import CadreConfig, Specialist
     from cadre.knowledge.shards import ShardEngine, ShardResult
 
 logger = logging.getLogger(__name__)
@@ -955,23 +955,43 @@ def reindex_specialist(
         max_documents=cap,
         retry=retry,
         show_progress=show_progress,
-        priority_ids=suite_relevant_ids(config.resolve(settings.evaluation.suite), first=plan.first_cases)
-        if cap
-        else (),
+        priority_ids=smoke_priority_ids(config.resolve(settings.evaluation.suite), settings, plan) if cap else (),
         max_wall_seconds=plan.max_wall_seconds,
         engine=config.project.engine,
         write_batch_size=config.project.engine.shard_chunks,
     )
 
 
+def smoke_priority_ids(suite_dir: Path, settings: Specialist, plan: ReindexPlan) -> list[str]:
+    """The ids a capped index reads first: the cases the plan names (`ReindexPlan.first_cases`), then the train
+    cases the refresh reads (`ReindexPlan.refresh_cases`, in its order), then the rest of the test and dev cases'."""
+    from cadre.evaluation.results import load_cases
+    from cadre.tuning.training_data import read_first
+
+    refresh: list[Mapping[str, Any]] = []
+    if plan.refresh_cases and (Path(suite_dir) / "train.jsonl").exists():
+        program = settings.program
+        refresh = read_first(
+            load_cases(suite_dir, "train"),
+            [item.name for item in program.inputs],
+            [item.name for item in program.outputs],
+            settings.tuning.seed,
+            plan.refresh_cases,
+        )
+    return suite_relevant_ids(suite_dir, first=plan.first_cases, then=refresh)
+
+
 def suite_relevant_ids(
-    suite_dir: Path, splits: Sequence[str] = ("test", "dev"), first: Mapping[str, int] | None = None
+    suite_dir: Path,
+    splits: Sequence[str] = ("test", "dev"),
+    first: Mapping[str, int] | None = None,
+    then: Sequence[Mapping[str, Any]] = (),
 ) -> list[str]:
     """The document ids the suite's cases need (test first), so a capped index can still answer them.
 
     `first` names how many leading cases of a split (of `splits` or another, e.g. train) come before every other
-    case (`ReindexPlan.first_cases`): the ids of those cases, then the rest of the test cases', then the rest of the
-    dev cases'."""
+    case (`ReindexPlan.first_cases`): the ids of those cases, then those of the cases `then`, then the rest of the
+    test cases', then the rest of the dev cases'."""
     from cadre.evaluation.results import load_cases
 
     first = first or {}
@@ -981,6 +1001,7 @@ def suite_relevant_ids(
         if (Path(suite_dir) / f"{split}.jsonl").exists()
     }
     ordered = [case for split in first if split in cases for case in cases[split][: first[split]]]
+    ordered += then
     ordered += [case for split in splits if split in cases for case in cases[split]]
     ids: dict[str, None] = {}
     for case in ordered:

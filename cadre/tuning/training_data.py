@@ -223,6 +223,27 @@ def _identity(inputs: Mapping[str, Any], outputs: Mapping[str, str]) -> str:
     return json.dumps([sorted(inputs.items()), sorted(outputs.items())], ensure_ascii=False)
 
 
+def read_rank(seed: int, inputs: Mapping[str, Any], outputs: Mapping[str, str]) -> float:
+    """Where a record stands in the order `build_training_data` reads records under a cap (stable per seed)."""
+    return _hash_fraction(seed, _identity(inputs, outputs))
+
+
+def read_first(
+    cases: Sequence[Mapping[str, Any]], input_names: Sequence[str], output_names: Sequence[str], seed: int, count: int
+) -> list[Mapping[str, Any]]:
+    """The first `count` cases `build_training_data` would read under a cap (cases missing a field are skipped), so
+    a capped smoke index can hold their documents: a program answering one of its candidates trains only on cases
+    whose answer the index holds."""
+    ranked = []
+    for case in cases:
+        inputs = {name: _text(case.get(name)) for name in input_names}
+        outputs = {name: _text(case.get(name)) for name in output_names}
+        if None not in inputs.values() and None not in outputs.values():
+            ranked.append((read_rank(seed, inputs, outputs), case))
+    ranked.sort(key=lambda item: item[0])
+    return [case for _, case in ranked[:count]]
+
+
 def build_training_data(
     records: Sequence[Record],
     spec: PromptSpec,
@@ -288,7 +309,7 @@ def build_training_data(
         seen.add(identity)
         usable.append((record, inputs, outputs))
 
-    usable.sort(key=lambda item: _hash_fraction(seed, _identity(item[1], item[2])))  # the cap keeps a stable choice
+    usable.sort(key=lambda item: read_rank(seed, item[1], item[2]))  # the cap keeps a stable choice (`read_first`)
     available = len(usable)
     if max_examples is not None:
         usable = usable[: max_examples * 2 if answer_ids is not None else max_examples]

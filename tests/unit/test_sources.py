@@ -361,20 +361,24 @@ def test_the_demo_suite_ids_lead_a_capped_icd10_index() -> None:
 
 
 def test_a_smoke_index_reads_first_the_documents_of_the_cases_the_smoke_cycle_judges(tmp_path: Path) -> None:
-    """Under a cap, the leading test, dev and train cases a smoke run evaluates or shows as demos come before the
-    rest of the test split, so a cap smaller than the test split still answers the optimizer's dev cases and
-    grounds its demos."""
+    """Under a cap, the cases a smoke run evaluates, shows as demos or trains on come before the rest of the test
+    split, so a cap smaller than the test split still answers the optimizer's dev cases and grounds its demos and
+    the refresh's examples."""
     from cadre.config import load_config
     from cadre.config.budget import plan_reindex
     from cadre.demo.icd10 import load_documents
     from cadre.evaluation.results import load_cases
-    from cadre.knowledge.reindex import suite_relevant_ids
+    from cadre.knowledge.reindex import smoke_priority_ids, suite_relevant_ids
+    from cadre.tuning.finetune import plan_refresh
+    from cadre.tuning.training_data import read_first
 
     for split, ids in (("test", "abcde"), ("dev", "xyz"), ("train", "mn")):
         lines = [json.dumps({"id": f"{split}{n}", "q": "?", "relevant_ids": [i]}) for n, i in enumerate(ids)]
         (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert suite_relevant_ids(tmp_path) == list("abcdexyz")
     assert suite_relevant_ids(tmp_path, first={"test": 1, "dev": 2, "train": 1}) == list("axymbcdez")
+    then = [{"relevant_ids": ["n"]}]
+    assert suite_relevant_ids(tmp_path, first={"test": 1}, then=then) == list("anbcdexyz")
 
     root = Path(__file__).resolve().parents[2]
     coder = load_config(root / "pipelines.yaml").specialist("icd10-coder")
@@ -383,10 +387,14 @@ def test_a_smoke_index_reads_first_the_documents_of_the_cases_the_smoke_cycle_ju
     assert plan.first_cases["test"] >= max(coder.smoke.max_eval_cases, coder.edge.cases)
     assert plan.first_cases["dev"] >= 8  # the smoke optimizer's dev cases
     suite = root / "evals" / "suites" / "icd10-coder"
-    needed = suite_relevant_ids(suite, first=plan.first_cases)
+    needed = smoke_priority_ids(suite, coder, plan)
     loaded = {d["id"].replace(".", "") for d in load_documents(limit=plan.max_documents, priority_ids=needed)}
     judged = [case for split, count in plan.first_cases.items() for case in load_cases(suite, split)[:count]]
     assert plan.first_cases["train"] == 16  # the smoke optimizer's train cases: its demos must be grounded
+    # The train cases the smoke refresh reads, in its own order: a program answering one of its candidates trains
+    # only on cases whose answer the index holds.
+    assert plan.refresh_cases == 2 * plan_refresh(coder, "smoke").max_examples > 0
+    judged += read_first(load_cases(suite, "train"), ["phrase"], ["code"], coder.tuning.seed, plan.refresh_cases)
     assert len(loaded) == plan.max_documents < len(needed)  # the cap is smaller than the cases' codes
     assert all(code.replace(".", "") in loaded for case in judged for code in case["relevant_ids"])
 

@@ -16,6 +16,7 @@ from cadre.tuning.training_data import (
     Record,
     build_training_data,
     examples_needed,
+    read_first,
     read_records,
     token_counter,
     training_sources,
@@ -184,6 +185,10 @@ def test_cap_renders_only_what_the_budget_can_consume_and_is_stable() -> None:
     assert len(retrieved) == 10  # nothing beyond the cap is retrieved
     again = build(list(reversed(rows)), spec=WITH_CONTEXT, retrieve=retrieve, max_examples=10)
     assert again.fingerprint == capped.fingerprint
+    # `read_first` names the cases the cap reads, so a capped smoke index can hold their documents first.
+    assert [row["phrase"] for row in read_first(rows, ["phrase"], ["code"], 0, 10)] == [
+        r["phrase"] for r in retrieved[:10]
+    ]
     assert examples_needed(300, 4, 1, 0.05) >= 300 * 4 / 0.95
     assert examples_needed(None, 4, 1, 0.05) is None
 
