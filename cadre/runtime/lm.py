@@ -16,7 +16,8 @@ is the one rule every path applies (the DSPy program's LM, and the server throug
 same `candidate_grammar` / `score_continuations`):
 
 - `constrained`: the completion is decoded under a llama.cpp GBNF grammar (`candidate_grammar`) whose
-  alternatives are the candidate ids, so no other answer can be produced.
+  alternatives are the candidate ids, so no other answer can be produced; `max_tokens` is raised to the longest
+  id's length in bytes, so an answer is never cut inside an id.
 - `score`: each candidate's completion (` A01.02` and the newline that ends it) is scored by the LM's
   log-likelihood after the prompt, and the best is the answer. In process (`LlamaCppClient`, the server's engine)
   the prompt is evaluated once and each candidate costs one forward pass per token of its completion; through an
@@ -109,8 +110,10 @@ def answer_from_candidates(
     if not candidates:
         return Completion("", 0, 0, 0.0)
     if mode == "constrained":
+        # Never cut inside an id (its prefix is no candidate): a token holds at least one byte, plus the space.
+        room = max(max_tokens, 1 + max(len(candidate.encode()) for candidate in candidates))
         return client.complete(
-            prompt, max_tokens=max_tokens, stop=stop, temperature=temperature, grammar=candidate_grammar(candidates)
+            prompt, max_tokens=room, stop=stop, temperature=temperature, grammar=candidate_grammar(candidates)
         )
     if mode == "score":
         penalties = rank_penalties(len(candidates), retrieval_weight)

@@ -210,6 +210,11 @@ def test_a_free_answer_invents_a_code_a_constrained_or_scored_one_cannot(client:
     assert all(score < 0 for score in scores)
     nothing = answer_from_candidates(client, PROMPT, [], mode="constrained", max_tokens=12, stop=["\n"])
     assert nothing.text == ""  # no candidate: unanswered, not invented
+    # A program's max_tokens shorter than an id never cuts the constrained answer inside it (an id's prefix is not
+    # a candidate: the smoke optimizer once answered one with max_tokens 8 and 7-character codes).
+    long_ids = ["S52.521A", "M80.08XA"]
+    cut = answer_from_candidates(client, PROMPT, long_ids, mode="constrained", max_tokens=2, stop=["\n"])
+    assert cut.text.strip() in long_ids, cut.text
 
 
 def test_candidates_that_share_their_first_tokens_score_as_each_scored_alone(client: LlamaCppClient) -> None:
