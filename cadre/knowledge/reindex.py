@@ -955,30 +955,33 @@ def reindex_specialist(
         max_documents=cap,
         retry=retry,
         show_progress=show_progress,
-        priority_ids=smoke_priority_ids(config.resolve(settings.evaluation.suite), settings, plan) if cap else (),
+        priority_ids=smoke_priority_ids(config, settings, plan) if cap else (),
         max_wall_seconds=plan.max_wall_seconds,
         engine=config.project.engine,
         write_batch_size=config.project.engine.shard_chunks,
     )
 
 
-def smoke_priority_ids(suite_dir: Path, settings: Specialist, plan: ReindexPlan) -> list[str]:
-    """The ids a capped index reads first: the cases the plan names (`ReindexPlan.first_cases`), then the train
-    cases the refresh reads (`ReindexPlan.refresh_cases`, in its order), then the rest of the test and dev cases'."""
-    from cadre.evaluation.results import load_cases
-    from cadre.tuning.training_data import read_first
+def smoke_priority_ids(config: CadreConfig, settings: Specialist, plan: ReindexPlan) -> list[str]:
+    """The ids a capped index reads first: the cases the plan names (`ReindexPlan.first_cases`), then those of the
+    records the refresh reads (`ReindexPlan.refresh_cases`, from its own files and in its order), then the rest of
+    the test and dev cases'."""
+    from cadre.tuning.training_data import read_first, read_records, training_sources
 
+    suite = config.resolve(settings.evaluation.suite)
     refresh: list[Mapping[str, Any]] = []
-    if plan.refresh_cases and (Path(suite_dir) / "train.jsonl").exists():
-        program = settings.program
+    if plan.refresh_cases:
+        tuning, program = settings.tuning, settings.program
+        files = training_sources(suite, [config.resolve(f) for f in tuning.data], tuning.from_eval_train)
+        records, _ = read_records(path for path in files if Path(path).exists())
         refresh = read_first(
-            load_cases(suite_dir, "train"),
+            [record.values for record in records],
             [item.name for item in program.inputs],
             [item.name for item in program.outputs],
-            settings.tuning.seed,
+            tuning.seed,
             plan.refresh_cases,
         )
-    return suite_relevant_ids(suite_dir, first=plan.first_cases, then=refresh)
+    return suite_relevant_ids(suite, first=plan.first_cases, then=refresh)
 
 
 def suite_relevant_ids(
@@ -995,8 +998,8 @@ def suite_relevant_ids(
     from cadre.evaluation.results import load_cases
 
     first = first or {}
-    cases = {
-        split: load_cases(suite_dir, split)
+    cases = {  # a split only named in `first` is read only that far
+        split: load_cases(suite_dir, split, None if split in splits else first[split])
         for split in dict.fromkeys([*splits, *first])
         if (Path(suite_dir) / f"{split}.jsonl").exists()
     }

@@ -235,10 +235,13 @@ def read_first(
     a capped smoke index can hold their documents: a program answering one of its candidates trains only on cases
     whose answer the index holds."""
     ranked = []
+    seen: set[str] = set()
     for case in cases:
         inputs = {name: _text(case.get(name)) for name in input_names}
         outputs = {name: _text(case.get(name)) for name in output_names}
-        if None not in inputs.values() and None not in outputs.values():
+        identity = _identity(inputs, outputs)
+        if None not in inputs.values() and None not in outputs.values() and identity not in seen:  # as it reads
+            seen.add(identity)
             ranked.append((read_rank(seed, inputs, outputs), case))
     ranked.sort(key=lambda item: item[0])
     return [case for _, case in ranked[:count]]

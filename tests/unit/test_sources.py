@@ -381,13 +381,14 @@ def test_a_smoke_index_reads_first_the_documents_of_the_cases_the_smoke_cycle_ju
     assert suite_relevant_ids(tmp_path, first={"test": 1}, then=then) == list("anbcdexyz")
 
     root = Path(__file__).resolve().parents[2]
-    coder = load_config(root / "pipelines.yaml").specialist("icd10-coder")
+    config = load_config(root / "pipelines.yaml")
+    coder = config.specialist("icd10-coder")
     plan = plan_reindex(coder, "smoke")
     assert plan_reindex(coder, "full").first_cases == {}
     assert plan.first_cases["test"] >= max(coder.smoke.max_eval_cases, coder.edge.cases)
     assert plan.first_cases["dev"] >= 8  # the smoke optimizer's dev cases
     suite = root / "evals" / "suites" / "icd10-coder"
-    needed = smoke_priority_ids(suite, coder, plan)
+    needed = smoke_priority_ids(config, coder, plan)
     loaded = {d["id"].replace(".", "") for d in load_documents(limit=plan.max_documents, priority_ids=needed)}
     judged = [case for split, count in plan.first_cases.items() for case in load_cases(suite, split)[:count]]
     assert plan.first_cases["train"] == 16  # the smoke optimizer's train cases: its demos must be grounded
