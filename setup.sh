@@ -28,8 +28,22 @@ step "upgrading pip" .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first, from the CPU wheel pip finds on local disk; the project pins the same version so no
 # later install can swap it for a multi-GB CUDA build.
 step "installing torch 2.13.0 (CPU)" .venv/bin/python -m pip install --quiet "torch==2.13.0"
+# llama.cpp's AMX kernels (Intel Xeon 4th gen and later) crash on the first generation with our Q4_K_M model
+# (SIGSEGV in ggml_backend_amx_mul_mat, llama.cpp issue #20824): compile them out; every other native
+# instruction set (AVX-512, VNNI) stays.
+if [ "$(uname -m)" = x86_64 ]; then
+  export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8"
+fi
 step "installing Cadre and its stack (llama-cpp-python compiles once, ~7 min on 2 cores; pip caches the wheel)" \
   .venv/bin/python -m pip install --quiet -e ".[test]"
+# A llama-cpp-python built before that flag (or a wheel pip cached from such a build) still has the AMX
+# kernels: rebuild it once, without them.
+if .venv/bin/python -c "import sys, llama_cpp; sys.exit(b'AMX_INT8 = 1' not in llama_cpp.llama_print_system_info())"; then
+  LLAMA_CPP_VERSION=$(.venv/bin/python -c "import llama_cpp; print(llama_cpp.__version__)")
+  .venv/bin/python -m pip cache remove llama_cpp_python >>"$log" 2>&1 || true
+  step "rebuilding llama-cpp-python ${LLAMA_CPP_VERSION} without its AMX kernels (they crash on this CPU)" \
+    .venv/bin/python -m pip install --quiet --force-reinstall --no-deps "llama-cpp-python==${LLAMA_CPP_VERSION}"
+fi
 .venv/bin/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') and '+cu' not in v else f'unexpected torch {v}')"
 # llama.cpp's LoRA → GGUF converter (so a trained adapter can be served) ships only in the
 # llama-cpp-python sdist: fetch it once from PyPI (pip caches it) and extract the scripts into .venv.

@@ -63,7 +63,8 @@ def run_demo(
     if width == 1:
         outcomes = [outcome for name in names for outcome in run_chain(config, name, budget, console)]
     else:
-        outcomes = TeamRun(config, names, budget, console, env=thread_shares(config, width)).run(width)
+        shares = (lambda running: thread_shares(config, running)) if width > 1 else None
+        outcomes = TeamRun(config, names, budget, console, shares=shares).run(width)
     print_summary(config, outcomes, time.monotonic() - started, console, since=started_at)
     return all(o.completed for o in outcomes)
 
@@ -75,7 +76,7 @@ def run_chain(
     console: Console,
     on_step: Callable[[str, str | None], None] | None = None,
     outcomes: list[StepOutcome] | None = None,
-    env: dict[str, str] | None = None,
+    env: Callable[[], dict[str, str]] | None = None,
 ) -> list[StepOutcome]:
     """One specialist's cycle, stage after stage, then its edge export.
 
@@ -83,7 +84,8 @@ def run_chain(
         on_step: told each step's name as it starts (`on_step(kind, None)`), and again with its flow run's URL in the
             Prefect UI once the flow run exists (`on_step(kind, url)`).
         outcomes: where each step's outcome is appended as it ends (a new list if None); returned.
-        env: environment variables of its flow runs' processes (their CPU threads when chains run side by side).
+        env: asked as each step starts for the environment variables of its flow run's process (its CPU threads when
+            chains run side by side: its share of the cores at that moment).
     """
     outcomes = [] if outcomes is None else outcomes
     for kind in SCHEDULED:
@@ -100,7 +102,7 @@ def run_chain(
             budget=budget,
             console=console,
             parameters=extra,
-            env=env,
+            env=env() if env is not None else None,
             on_started=(lambda url, kind=kind: on_step(kind, url)) if on_step is not None else None,
         )
         if (
@@ -127,11 +129,12 @@ def run_chain(
     return outcomes
 
 
-def thread_shares(config: CadreConfig, width: int) -> dict[str, str]:
-    """The CPU threads of each flow run when `width` chains run at once: its share of the cores, at most the
-    configured count. Threads beyond the cores make torch's and llama.cpp's threads wait on each other (on 2 cores,
-    three flows of 2 threads each trained 4x slower than one alone), so the chains share the cores instead."""
-    share = max(1, (os.cpu_count() or 1) // width)
+def thread_shares(config: CadreConfig, running: int) -> dict[str, str]:
+    """The CPU threads of a flow run started while `running` chains run (itself included): its share of the cores,
+    at most the configured count. Threads beyond the cores make torch's and llama.cpp's threads wait on each other
+    (on 2 cores, three flows of 2 threads each trained 4x slower than one alone), so the chains share the cores; a
+    chain left alone gets them all."""
+    share = max(1, (os.cpu_count() or 1) // max(1, running))
     threads = config.project.threads
     return {
         "CADRE_TORCH_THREADS": str(min(threads.torch, share)),
@@ -153,13 +156,15 @@ class TeamRun:
         budget: str,
         console: Console,
         chain: Callable[..., list[StepOutcome]] | None = None,
-        env: dict[str, str] | None = None,
+        shares: Callable[[int], dict[str, str]] | None = None,
     ) -> None:
-        """`chain` runs one specialist's cycle, with `run_chain`'s arguments (default: `run_chain`); `env` goes to
-        every flow run the chains start (`thread_shares`)."""
+        """`chain` runs one specialist's cycle, with `run_chain`'s arguments (default: `run_chain`). `shares(n)` is the
+        environment of a flow run started while n chains run (`thread_shares`), asked as each step starts: a step
+        started after the other chains ended gets the cores they left."""
         self.config, self.names, self.budget, self.console = config, names, budget, console
         self.chain = chain or run_chain
-        self.env = env
+        self.shares = shares
+        self.width = len(names)
         self.lock = threading.Lock()
         self.where: dict[str, str] = dict.fromkeys(names, "waiting")
         self.since: dict[str, float] = {}
@@ -167,9 +172,7 @@ class TeamRun:
 
     def run(self, width: int) -> list[StepOutcome]:
         threads_note = (
-            f", each flow run with {self.env['CADRE_TORCH_THREADS']} CPU thread(s) of {os.cpu_count()}"
-            if self.env
-            else ""
+            f", each flow run with its share of the {os.cpu_count()} cores as it starts" if self.shares else ""
         )
         self.console.print(
             f"running the {len(self.names)} specialists' cycles side by side ({width} at once{threads_note}); each "
@@ -188,6 +191,7 @@ class TeamRun:
                 stream.close()
 
     def _run(self, width: int) -> list[StepOutcome]:
+        self.width = width
         slots = threading.Semaphore(width)
         threads = [threading.Thread(target=self._chain, args=(name, slots), daemon=True) for name in self.names]
         for thread in threads:
@@ -220,7 +224,13 @@ class TeamRun:
         with slots:
             try:
                 self.chain(
-                    self.config, name, self.budget, chain_console, on_step=on_step, outcomes=outcomes, env=self.env
+                    self.config,
+                    name,
+                    self.budget,
+                    chain_console,
+                    on_step=on_step,
+                    outcomes=outcomes,
+                    env=self._env if self.shares else None,
                 )
             except Exception as error:  # noqa: BLE001 - one chain's failure must not stop the others
                 chain_console.print(f"[red]{name}: the cycle stopped: {type(error).__name__}: {error}[/red]")
@@ -231,6 +241,14 @@ class TeamRun:
                 self._flush(buffer)
                 with self.lock:
                     self.where[name] = "done"
+
+    def _env(self) -> dict[str, str]:
+        """The environment of a flow run starting now: its share of the cores among the chains that run now or are
+        about to (every chain not done, at most `width` of them: all start together, and one waiting for a slot
+        takes the slot of the next to end)."""
+        with self.lock:
+            running = min(self.width, sum(where != "done" for where in self.where.values()))
+        return self.shares(running)
 
     def _flush(self, buffer: io.StringIO) -> None:
         """Print what a chain wrote since the last flush, in one piece."""

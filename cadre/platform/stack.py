@@ -52,6 +52,7 @@ class Service:
     probe: Callable[[], bool] | None = None  # health check of a service without an HTTP endpoint
     stop_signal: int | None = None  # sent to the leader alone (PostgreSQL: SIGINT, a fast shutdown); else SIGTERM to
     # the whole process group
+    works: Callable[[], str | None] | None = None  # once healthy after a start: does its work; None, or what failed
 
 
 def _bin(name: str) -> str:
@@ -185,6 +186,7 @@ class Stack:
                     port=lm.port,
                     host=lm.host,
                     timeout_s=180,
+                    works=lambda: _generates(lm.base_url, lm.model),
                 )
             )
         return services
@@ -224,6 +226,7 @@ class Stack:
             self._start(service)
             with console.status(f"starting {service.name} …"):
                 self._wait_healthy(service)
+                self._check_works(service)
             console.print(f"[green]✓[/green] {service.name} up" + (f" at {service.ui_url}" if service.ui_url else ""))
 
     def down(self, console: Console | None = None) -> list[str]:
@@ -369,6 +372,28 @@ class Stack:
         )
         self._pidfile(service).write_text(
             json.dumps({"pid": process.pid, "command": service.command, "started": time.time()})
+        )
+
+    def _check_works(self, service: Service) -> None:
+        """A service that answers its health check can still fail at its work: a llama.cpp build whose kernels crash
+        on this CPU serves `/models` and dies on its first generation. Checked once, right after a start."""
+        if service.works is None:
+            return
+        failure = service.works()
+        if failure is None:
+            return
+        pid = self._pid(service)
+        time.sleep(0.5)
+        state = "exited" if pid is None or not _alive(pid) else "is running"
+        raise StackError(
+            f"{service.name} answers its health check but failed its first piece of work ({failure}) and {state}; "
+            f"last lines of {self._log(service)}:\n{_tail(self._log(service))}\n"
+            + (
+                "A llama.cpp build with AMX kernels crashes on recent Intel Xeon CPUs: ./setup.sh rebuilds "
+                "llama-cpp-python without them."
+                if service.name == "lm"
+                else ""
+            )
         )
 
     def _wait_healthy(self, service: Service) -> None:
@@ -526,6 +551,22 @@ def _http_ok(url: str) -> bool:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def _generates(base_url: str, model: str) -> str | None:
+    """None when the OpenAI-compatible server at `base_url` writes one token, else what went wrong."""
+    request = urllib.request.Request(
+        f"{base_url}/completions",
+        data=json.dumps({"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            json.loads(response.read())["choices"][0]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError) as error:
+        return f"a one-token completion: {type(error).__name__}: {error}"
+    return None
 
 
 def worker_online(api: str, pool: str, name: str) -> bool:

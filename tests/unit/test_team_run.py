@@ -113,3 +113,37 @@ def test_reports_survive_another_chain_pointing_the_console_at_dev_null(tmp_path
     target.close()
 
     assert "loud's reindex report" in (tmp_path / "console.txt").read_text()
+
+
+def test_a_step_started_after_the_other_chains_ended_gets_the_cores_they_left(monkeypatch) -> None:
+    """Each flow run's threads are its share of the cores among the chains running as it starts: on 2 cores, 1 while
+    three or two run, 2 for the last chain's steps once the others are done."""
+    from types import SimpleNamespace
+
+    from cadre.config.project import ThreadSettings
+    from cadre.orchestration.demo import thread_shares
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    config = SimpleNamespace(project=SimpleNamespace(threads=ThreadSettings(torch=2, embedding=2)))
+    console, _ = _console()
+    asked: dict[tuple[str, str], str] = {}
+    short_done = threading.Barrier(3)
+
+    def chain(config, name, budget, chain_console, on_step, outcomes, env):
+        steps = ("reindex", "optimize", "refresh") if name == "long" else ("reindex",)
+        for number, step in enumerate(steps):
+            on_step(step, None)
+            asked[(name, step)] = env()["CADRE_TORCH_THREADS"]
+            if number == 0:
+                short_done.wait(timeout=5)  # every chain has asked for its first step's share
+            if name == "long" and step == "reindex":
+                time.sleep(0.3)  # the short chains end meanwhile
+            outcomes.append(StepOutcome(name, step, True, 0.0))
+        return outcomes
+
+    TeamRun(config, ["long", "a", "b"], "smoke", console, chain=chain, shares=lambda n: thread_shares(config, n)).run(
+        width=3
+    )
+
+    assert asked[("long", "reindex")] == asked[("a", "reindex")] == asked[("b", "reindex")] == "1"
+    assert asked[("long", "optimize")] == asked[("long", "refresh")] == "2"
