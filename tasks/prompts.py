@@ -151,8 +151,19 @@ def check_lm(target: LMTarget) -> float:
     except httpx.HTTPError as error:
         raise LMUnavailable(
             f"the LM at {target.describe()} is unreachable; nothing was compiled or promoted: {error}"
+            f"{_local_server_hint(target)}"
         ) from error
     return (time.perf_counter() - started) * 1000.0
+
+
+def _local_server_hint(target: LMTarget) -> str:
+    """Where to look when the local llama.cpp server `cadre up` started stops answering (it may have died)."""
+    if target.kind != "endpoint" or target.local_gguf is None:
+        return ""
+    return (
+        ". It is the local LM server `cadre up` starts: `cadre status` shows whether it still runs, its log "
+        "(logs/lm.log under the project's state_dir) why it stopped, and `cadre up` starts it again"
+    )
 
 
 def _lm(target: LMTarget, max_tokens: int, temperature: float, budget: Budget | None = None) -> CompletionLM:
@@ -204,6 +215,7 @@ def compile_candidate(
     except LMUnreachable as error:
         raise LMUnavailable(
             f"the LM at {runtime.lm.describe()} became unreachable while compiling; nothing was promoted: {error}"
+            f"{_local_server_hint(runtime.lm)}"
         ) from None
     return save_candidate(result, program_settings, out_dir, choices, choosing.usage)
 
@@ -268,6 +280,7 @@ def evaluate_on_test(
     except LMUnreachable as error:
         raise LMUnavailable(
             f"the LM at {runtime.lm.describe()} became unreachable while evaluating; nothing was promoted: {error}"
+            f"{_local_server_hint(runtime.lm)}"
         ) from None
     reference = (
         evaluate_retrieval_only(retriever, program_settings, evaluation, test) if retriever is not None else None

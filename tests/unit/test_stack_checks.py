@@ -106,3 +106,14 @@ def test_an_lm_that_generates_is_up(tmp_path: Path) -> None:
         assert stack.status()[0]["state"] == "up"
     finally:
         stack.down(console=Console(file=io.StringIO()))
+
+
+def test_an_lm_gone_mid_run_points_at_the_local_server_only_when_it_is_the_local_one() -> None:
+    """A flow whose LM stops answering says where to look when that LM is the server `cadre up` started."""
+    from cadre.prompts.program import LMTarget
+    from tasks.prompts import _local_server_hint
+
+    local = LMTarget(kind="endpoint", model="m", base_url="http://127.0.0.1:8088/v1", identity="l", local_gguf="x.gguf")
+    remote = LMTarget(kind="endpoint", model="m", base_url="https://api.example/v1", identity="r")
+    assert "`cadre status`" in _local_server_hint(local) and "logs/lm.log" in _local_server_hint(local)
+    assert _local_server_hint(remote) == ""
