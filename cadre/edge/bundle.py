@@ -246,7 +246,9 @@ def runner_requirements() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     lines = [
-        "# cadre answer --bundle / cadre serve --bundle: pip install -r requirements.txt && pip install --no-deps cadre"
+        "# cadre answer --bundle / cadre serve --bundle: pip install -r requirements.txt && pip install --no-deps cadre",
+        "# x86 CPU with AMX (Intel Xeon 4th gen+): llama.cpp's AMX kernels crash (llama.cpp #20824); install with",
+        '#   CMAKE_ARGS="-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8" pip install -r requirements.txt',
     ]
     for package in RUNNER_PACKAGES:
         try:
