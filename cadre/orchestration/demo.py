@@ -15,6 +15,7 @@ stops only that chain. With `parallel=1` the chains run one after another and pr
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import threading
@@ -63,8 +64,7 @@ def run_demo(
     if width == 1:
         outcomes = [outcome for name in names for outcome in run_chain(config, name, budget, console)]
     else:
-        shares = (lambda running: thread_shares(config, running)) if width > 1 else None
-        outcomes = TeamRun(config, names, budget, console, shares=shares).run(width)
+        outcomes = TeamRun(config, names, budget, console, shares=functools.partial(thread_shares, config)).run(width)
     print_summary(config, outcomes, time.monotonic() - started, console, since=started_at)
     return all(o.completed for o in outcomes)
 
