@@ -36,10 +36,10 @@ if [ "$(uname -m)" = x86_64 ]; then
 fi
 step "installing Cadre and its stack (llama-cpp-python compiles once, ~7 min on 2 cores; pip caches the wheel)" \
   .venv/bin/python -m pip install --quiet -e ".[test]"
+LLAMA_CPP_VERSION=$(.venv/bin/python -c "from cadre.tuning.adapter_export import LLAMA_CPP_PYTHON_VERSION as v; print(v)")
 # A llama-cpp-python built before that flag (or a wheel pip cached from such a build) still has the AMX
 # kernels: rebuild it once, without them.
 if .venv/bin/python -c "import sys, llama_cpp; sys.exit(b'AMX_INT8 = 1' not in llama_cpp.llama_print_system_info())"; then
-  LLAMA_CPP_VERSION=$(.venv/bin/python -c "import llama_cpp; print(llama_cpp.__version__)")
   .venv/bin/python -m pip cache remove llama_cpp_python >>"$log" 2>&1 || true
   step "rebuilding llama-cpp-python ${LLAMA_CPP_VERSION} without its AMX kernels (they crash on this CPU)" \
     .venv/bin/python -m pip install --quiet --force-reinstall --no-deps "llama-cpp-python==${LLAMA_CPP_VERSION}"
@@ -48,7 +48,6 @@ fi
 # llama.cpp's LoRA → GGUF converter (so a trained adapter can be served) ships only in the
 # llama-cpp-python sdist: fetch it once from PyPI (pip caches it) and extract the scripts into .venv.
 if [ ! -f .venv/share/cadre/llama.cpp/convert_lora_to_gguf.py ]; then
-  LLAMA_CPP_VERSION=$(.venv/bin/python -c "from cadre.tuning.adapter_export import LLAMA_CPP_PYTHON_VERSION as v; print(v)")
   mkdir -p .cadre/vendor
   step "fetching llama.cpp's LoRA converter (llama-cpp-python ${LLAMA_CPP_VERSION} sdist)" \
     .venv/bin/python -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==${LLAMA_CPP_VERSION}" -d .cadre/vendor

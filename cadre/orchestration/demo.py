@@ -164,7 +164,6 @@ class TeamRun:
         self.config, self.names, self.budget, self.console = config, names, budget, console
         self.chain = chain or run_chain
         self.shares = shares
-        self.width = len(names)
         self.lock = threading.Lock()
         self.where: dict[str, str] = dict.fromkeys(names, "waiting")
         self.since: dict[str, float] = {}
@@ -191,9 +190,9 @@ class TeamRun:
                 stream.close()
 
     def _run(self, width: int) -> list[StepOutcome]:
-        self.width = width
         slots = threading.Semaphore(width)
-        threads = [threading.Thread(target=self._chain, args=(name, slots), daemon=True) for name in self.names]
+        env = functools.partial(self._env, width) if self.shares else None
+        threads = [threading.Thread(target=self._chain, args=(name, slots, env), daemon=True) for name in self.names]
         for thread in threads:
             thread.start()
         with self.console.status(self._status_line()) as status:
@@ -203,7 +202,7 @@ class TeamRun:
                     thread.join(timeout=1.0 / len(threads))
         return [outcome for name in self.names for outcome in self.outcomes.get(name, [])]
 
-    def _chain(self, name: str, slots: threading.Semaphore) -> None:
+    def _chain(self, name: str, slots: threading.Semaphore, env: Callable[[], dict[str, str]] | None) -> None:
         buffer = io.StringIO()
         chain_console = Console(
             file=buffer, width=self.console.width, color_system="truecolor", force_interactive=False, highlight=False
@@ -230,7 +229,7 @@ class TeamRun:
                     chain_console,
                     on_step=on_step,
                     outcomes=outcomes,
-                    env=self._env if self.shares else None,
+                    env=env,
                 )
             except Exception as error:  # noqa: BLE001 - one chain's failure must not stop the others
                 chain_console.print(f"[red]{name}: the cycle stopped: {type(error).__name__}: {error}[/red]")
@@ -242,12 +241,12 @@ class TeamRun:
                 with self.lock:
                     self.where[name] = "done"
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, width: int) -> dict[str, str]:
         """The environment of a flow run starting now: its share of the cores among the chains that run now or are
         about to (every chain not done, at most `width` of them: all start together, and one waiting for a slot
         takes the slot of the next to end)."""
         with self.lock:
-            running = min(self.width, sum(where != "done" for where in self.where.values()))
+            running = min(width, sum(where != "done" for where in self.where.values()))
         return self.shares(running)
 
     def _flush(self, buffer: io.StringIO) -> None:

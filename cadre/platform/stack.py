@@ -553,17 +553,20 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def _post_json(url: str, body: dict, timeout: float):
+    """POST `body` as JSON, return the decoded answer (raises URLError, OSError or ValueError)."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
 def _generates(base_url: str, model: str) -> str | None:
     """None when the OpenAI-compatible server at `base_url` writes one token, else what went wrong."""
-    request = urllib.request.Request(
-        f"{base_url}/completions",
-        data=json.dumps({"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
+    body = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            json.loads(response.read())["choices"][0]
+        _post_json(f"{base_url}/completions", body, timeout=60)["choices"][0]
     except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError) as error:
         return f"a one-token completion: {type(error).__name__}: {error}"
     return None
@@ -571,15 +574,8 @@ def _generates(base_url: str, model: str) -> str | None:
 
 def worker_online(api: str, pool: str, name: str) -> bool:
     """Whether Prefect lists the worker `name` ONLINE in work pool `pool` (it has sent a recent heartbeat)."""
-    request = urllib.request.Request(
-        f"{api}/work_pools/{urllib.parse.quote(pool)}/workers/filter",
-        data=b"{}",
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
     try:
-        with urllib.request.urlopen(request, timeout=2) as response:
-            workers = json.loads(response.read())
+        workers = _post_json(f"{api}/work_pools/{urllib.parse.quote(pool)}/workers/filter", {}, timeout=2)
     except (urllib.error.URLError, OSError, ValueError):
         return False
     return any(worker.get("name") == name and worker.get("status") == "ONLINE" for worker in workers)
