@@ -18,7 +18,7 @@ import json
 import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -30,7 +30,13 @@ MAX_FEEDBACK_CHARS = 4000
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any left is alone
 _NUL = re.compile("\x00")
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # all but tab, newline, carriage return
+_CONTROL_CLASS = "\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f"  # all but tab, newline, carriage return
+_CONTROL = re.compile(f"[{_CONTROL_CLASS}]")
+_PRINTABLE = {"pattern": f"^[^{_CONTROL_CLASS}]*$"}
+# The feedback rules in the OpenAPI document, so a client (and a fuzzer) can see them; the validators below enforce
+# them with messages that name the character or the length.
+FeedbackText = Annotated[str, Field(json_schema_extra=_PRINTABLE | {"maxLength": MAX_FEEDBACK_CHARS})]
+FeedbackFields = Annotated[dict[str, FeedbackText], Field(json_schema_extra={"propertyNames": _PRINTABLE})]
 
 
 class ApiError(Exception):
@@ -129,16 +135,18 @@ class FeedbackRequest(BaseModel):
 
     response_id: str = Field(min_length=1, max_length=64)
     rating: int = Field(strict=True, ge=-1, le=1, description="-1 (bad), 0 (neutral) or 1 (good).")
-    correction: str | dict[str, str] | None = Field(
+    correction: FeedbackText | FeedbackFields | None = Field(
         None,
         description="The right answer: text for the first output field, or an object of output fields "
         f"(at most {MAX_FEEDBACK_CHARS} characters each, no control characters but tab and newline).",
     )
-    comment: str | None = Field(None, max_length=MAX_FEEDBACK_CHARS)
+    comment: FeedbackText | None = Field(None, max_length=MAX_FEEDBACK_CHARS)
 
     @field_validator("rating", mode="before")
     @classmethod
     def _rating(cls, value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # JSON Schema's integer: `1.0` is one
         if isinstance(value, int) and not isinstance(value, bool) and value not in (-1, 0, 1):
             raise ValueError("rating must be -1 (bad), 0 (neutral) or 1 (good)")
         return value

@@ -221,7 +221,7 @@ def test_a_poisoned_correction_is_refused_and_stores_nothing(client: TestClient,
             {"response_id": "chatcmpl-known", "rating": -1, "correction": {"code": "x" * 5000}}
         ).encode(),
         "bool rating": b'{"response_id": "chatcmpl-known", "rating": true}',
-        "float rating": b'{"response_id": "chatcmpl-known", "rating": 1.0}',
+        "fractional rating": b'{"response_id": "chatcmpl-known", "rating": 0.5}',
         "string rating": b'{"response_id": "chatcmpl-known", "rating": "1"}',
     }
     for what, body in refused.items():
@@ -237,6 +237,9 @@ def test_a_poisoned_correction_is_refused_and_stores_nothing(client: TestClient,
     assert [record.correction for record in stored] == [{"code": "M10.9\tgout,\nunspecified"}]
     exported = io.StringIO()
     assert store.export_jsonl(exported).written == 1 and json.loads(exported.getvalue())["comment"] == "ü"
+    # JSON Schema's integer, which the OpenAPI document declares: `1.0` is one
+    assert _raw(client, "/v1/feedback", b'{"response_id": "chatcmpl-known", "rating": 1.0}').status_code == 201
+    assert [record.rating for record in store.feedback()][-1:] == [1]
 
 
 def test_our_own_failure_is_a_generic_500_whose_details_are_logged_under_its_request_id(
