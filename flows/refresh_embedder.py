@@ -5,7 +5,8 @@ Run: `cadre run embedder -s SPECIALIST [--budget smoke]` (or on its schedule, `s
 Steps: log the resolved config → sync the live index with the registry → find the champion embedder (the model
 of the live index) → build training pairs from the train split, hard negatives mined from the live index → fine-tune
 with sentence-transformers (resuming a killed training, reusing a finished one) → re-embed the corpus with the
-candidate through the re-index engine into a new version beside the live one → evaluate retrieval on the test split,
+candidate through the re-index engine into a new version beside the live one → fit that version's learned ranking
+(`search_mode: learned`) → evaluate retrieval on the test split,
 candidate version against the live one, same cases → gate (`gates.embedder`), register, promote → on promotion the
 re-embedded version passes the index gates, becomes the `index` champion and goes live (blue/green: the pointer
 moves only now, to a complete version); a promoted embedder queues the prompt optimization, as a re-index does.
@@ -31,7 +32,7 @@ from tasks.embedder import (
     train_candidate_embedder,
 )
 from tasks.promotion import find_champion_version, promote_through_gates
-from tasks.reindex import evaluate_retrieval, make_live, sync_live_pointer
+from tasks.reindex import evaluate_retrieval, fit_index_ranker, make_live, sync_live_pointer
 from tasks.tracking import stage_flow, tracked_run
 from tasks.triggers import announce_index_promoted
 
@@ -60,6 +61,7 @@ def refresh_embedder(
         built = build_candidate_index(config, specialist, trained, plan)
         log_candidate_embedder(handle, trained, built)
         cases = ReindexPlan(budget, plan.max_documents, plan.eval_cases)
+        ranker = fit_index_ranker(config, specialist, built.version, cases, handle)
         candidate = evaluate_retrieval(config, specialist, built.version, cases, "candidate")
         champion = evaluate_retrieval(config, specialist, live, cases, "champion", cases_of=built.version)
         lineage = {
@@ -115,6 +117,7 @@ def refresh_embedder(
             "train_seconds": trained.train_seconds,
             "reused_training": trained.reused,
             "reembed_seconds": built.durations_s.get("total", 0.0),
+            "ranker": ranker,
             "candidate": candidate.scores if candidate else {},
             "champion": champion.scores if champion else {},
         },

@@ -1,7 +1,7 @@
 """The daily re-index flow: keep a specialist's knowledge current, incrementally, behind a retrieval gate.
 
 Loads the sources, embeds only new or changed chunks into a new index version beside the live one
-(a killed run resumes), evaluates retrieval on the new and the live version with the same cases,
+(a killed run resumes), fits the version's learned ranking where `search_mode: learned`, evaluates retrieval on the new and the live version with the same cases,
 and makes the new version live only if the index gates pass. A promoted re-index triggers the prompt
 optimization flow, since the program's retrieved context changed.
 
@@ -22,6 +22,7 @@ from tasks.promotion import find_champion_version, promote_through_gates
 from tasks.reindex import (
     build_index_version,
     evaluate_retrieval,
+    fit_index_ranker,
     log_reindex_result,
     make_live,
     sync_live_pointer,
@@ -50,6 +51,7 @@ def reindex(specialist: str, config_path: str, budget: RunBudget = "full", trigg
             logger.info("no source changed since version %s: nothing embedded, nothing to promote", live)
             return finished_state(handle, {"changed": False, "live": live})
 
+        ranker = fit_index_ranker(config, specialist, result.version, plan, handle)
         candidate = evaluate_retrieval(config, specialist, result.version, plan, "candidate")
         champion = evaluate_retrieval(config, specialist, live, plan, "champion", cases_of=result.version)
         lineage = {
@@ -73,5 +75,11 @@ def reindex(specialist: str, config_path: str, budget: RunBudget = "full", trigg
         )
     return finished_state(
         handle,
-        {"changed": True, "version": result.version, "promoted": outcome.promoted, "gate": outcome.decision.summary},
+        {
+            "changed": True,
+            "version": result.version,
+            "promoted": outcome.promoted,
+            "gate": outcome.decision.summary,
+            "ranker": ranker,
+        },
     )

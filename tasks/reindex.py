@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,76 @@ def log_reindex_result(handle: RunHandle, result: ReindexResult) -> None:
         client.log_artifact(handle.run_id, str(report), artifact_path="index")
         if result.manifest_path:
             client.log_artifact(handle.run_id, result.manifest_path, artifact_path="index")
+
+
+@task(name="fit-index-ranker")
+def fit_index_ranker(
+    config: CadreConfig, specialist: str, version: str | None, plan: ReindexPlan, handle: RunHandle | None = None
+) -> dict[str, Any] | None:
+    """Fit the learned ranking of a new index version (`search_mode: learned`) on the train split and write it beside
+    the version's manifest, so every later search of the version ranks with it; None when the mode is another or no
+    version was built.
+
+    The train cases are searched in `version` exactly as serving searches (their retrieval query); cases whose answer
+    is not among their candidates are left out. With too few usable cases (a smoke index holds few train answers)
+    no ranker is written and the version is searched with the fused (hybrid) ranking: the log and the run say so.
+    """
+    from cadre.config.budget import parse_budget
+    from cadre.knowledge.index.live import write_json_atomic
+    from cadre.knowledge.ranker import LearnedRanker, NotEnoughRankerData, RankerSettings, collect
+
+    settings = config.specialist(specialist)
+    ranking = settings.index.ranking
+    if ranking is None or version is None:
+        return None
+    logger = get_run_logger()
+    started = time.perf_counter()
+    searcher = IndexSearcher.from_config(config, specialist)
+    ranker_settings = RankerSettings.from_config(ranking)
+    limit = SMOKE_RANKER_CASES if parse_budget(plan.budget) == "smoke" else ranking.max_cases
+    input_names = [f.name for f in settings.program.inputs]
+    held = _held_record_ids(searcher, version)  # under a document cap, only cases it can answer teach it
+    train = [
+        case
+        for case in load_cases(config.resolve(settings.evaluation.suite), "train")
+        if case.get("relevant_ids")
+        and retrieval_query(case, input_names).strip()
+        and (held is None or set(case["relevant_ids"]) & held)
+    ][:limit]
+    queries = [retrieval_query(case, input_names) for case in train]
+    rankings = searcher.rankings_many(queries, ranker_settings.fetch_depth, version=version) if queries else []
+    data = collect(
+        ranker_settings, [(q, case["relevant_ids"], r) for q, case, r in zip(queries, train, rankings, strict=True)]
+    )
+    try:
+        ranker = LearnedRanker.fit(data, ranker_settings)
+    except NotEnoughRankerData as error:
+        logger.warning("index %s of %s keeps the fused ranking: %s", version, specialist, error)
+        return {"fitted": False, "why": str(error), "queries": data.queries, "usable": data.usable}
+    path = searcher.layout.ranker_path(version)
+    write_json_atomic(path, ranker.to_json())
+    seconds = round(time.perf_counter() - started, 1)
+    fitted = {"fitted": True, **ranker.fitted_on, "fit_seconds": seconds}
+    logger.info(
+        "index %s of %s: learned ranking fitted on %d of %d train cases in %.1f s (train top-1: fused %.3f, learned %.3f)",
+        version,
+        specialist,
+        data.usable,
+        data.queries,
+        seconds,
+        ranker.fitted_on["train_top1_fused"],
+        ranker.fitted_on["train_top1_learned"],
+    )
+    if handle is not None:
+        client = MlflowClient(handle.tracking_uri)
+        numbers = {key: float(value) for key, value in fitted.items() if isinstance(value, (int, float))}
+        client.log_batch(handle.run_id, metrics=[Metric(f"ranker_{k}", v, 0, 0) for k, v in numbers.items()])
+        client.log_artifact(handle.run_id, str(path), artifact_path="index")
+    return fitted
+
+
+SMOKE_RANKER_CASES = 200
+"""Train cases a smoke run fits its ranker on."""
 
 
 @task(name="evaluate-retrieval")

@@ -87,6 +87,7 @@ def check_config(config: CadreConfig, deep: bool = False) -> list[Finding]:
         findings += _check_entrypoints(config, specialist, here, locate)
         findings += _check_suite(config, specialist, here, locate, deep)
         findings += _check_embedder_pairs(config, specialist, here, locate)
+        findings += _check_ranker_cases(config, specialist, here, locate)
     return findings
 
 
@@ -208,25 +209,65 @@ def _check_embedder_pairs(config: CadreConfig, specialist: Specialist, here: tup
         path, field = (*here, "embedder"), f"specialists.{specialist.name}.embedder"
     else:
         return []
-    train = config.resolve(specialist.evaluation.suite) / "train.jsonl"
-    if not train.is_file():
-        return []  # the suite check reports the missing split
-    inputs = [f.name for f in specialist.program.inputs]
-    for line in read_json_lines(train):
-        case = line.value if not line.problem else None
-        if isinstance(case, dict) and case.get("relevant_ids") and any(case.get(name) for name in inputs):
-            return []
+    return _missing_train_relevance(
+        config,
+        specialist,
+        locate,
+        path,
+        field,
+        "the embedder stage fine-tunes",
+        "Add relevant_ids (the ids of the documents each case should retrieve) to its cases, or remove the embedder "
+        "schedule and settings",
+    )
+
+
+def _check_ranker_cases(config: CadreConfig, specialist: Specialist, here: tuple, locate: Locator) -> list[Finding]:
+    """`search_mode: learned` fits each index version's ranker on train cases with relevant ids and a query."""
+    if specialist.index.search_mode != "learned":
+        return []
+    return _missing_train_relevance(
+        config,
+        specialist,
+        locate,
+        (*here, "index", "search_mode"),
+        f"specialists.{specialist.name}.index.search_mode",
+        "search_mode: learned fits its ranker",
+        "Add relevant_ids to its cases, or use search_mode: hybrid",
+    )
+
+
+def _missing_train_relevance(
+    config: CadreConfig, specialist: Specialist, locate: Locator, path: tuple, field: str, needs: str, remedy: str
+) -> list[Finding]:
+    """A finding at `path` when the suite's train split has no case with relevant ids and a query (what `needs`
+    learns from); none when it has one."""
+    if _has_retrieval_train_case(config, specialist):
+        return []
+    inputs = ", ".join(f.name for f in specialist.program.inputs)
     return [
         _finding(
             config,
             locate,
             path,
             field,
-            f"the embedder stage fine-tunes on train cases with relevant_ids and a value for {', '.join(inputs)}; "
-            f"{specialist.evaluation.suite}/train.jsonl has none. Add relevant_ids (the ids of the documents each "
-            "case should retrieve) to its cases, or remove the embedder schedule and settings",
+            f"{needs} on train cases with relevant_ids and a value for {inputs}; "
+            f"{specialist.evaluation.suite}/train.jsonl has none. {remedy}",
         )
     ]
+
+
+def _has_retrieval_train_case(config: CadreConfig, specialist: Specialist) -> bool:
+    """The suite's train split has a case with relevant ids and a query (True too when the split is missing: the
+    suite check reports that)."""
+    train = config.resolve(specialist.evaluation.suite) / "train.jsonl"
+    if not train.is_file():
+        return True
+    inputs = [f.name for f in specialist.program.inputs]
+    for line in read_json_lines(train):
+        case = line.value if not line.problem else None
+        if isinstance(case, dict) and case.get("relevant_ids") and any(case.get(name) for name in inputs):
+            return True
+    return False
 
 
 def _check_against_sources(

@@ -97,9 +97,56 @@ class ChunkingSettings(Strict):
         return self
 
 
+class RankerConfig(Strict):
+    """The learned ranking of `search_mode: learned` (`cadre.knowledge.ranker`): fitted for every new index version
+    on the suite's train split, from both rankings' scores and the documents' titles."""
+
+    depth: int = Field(
+        20, ge=2, le=100, description="Candidate documents taken from each ranking (vector and keyword) per query."
+    )
+    group_field: str | None = Field(
+        None,
+        min_length=1,
+        description="A metadata field grouping documents (e.g. an ICD-10 category): how many of the best hits share "
+        "a candidate's group becomes a feature. Null: no groups.",
+    )
+    title_words: int = Field(
+        60, ge=0, le=1000, description="Indicator features for the most frequent words of the train answers' titles."
+    )
+    max_cases: int = Field(
+        8000, ge=20, description="Train cases the ranker is fitted on (the first in the split's order); smoke: 200."
+    )
+    l2: float = Field(0.01, ge=0.0, le=10.0, description="L2 penalty of the listwise fit.")
+
+
 class IndexSettings(Strict):
     """The specialist's vector index."""
 
-    search_mode: Literal["vector", "hybrid"] = Field("hybrid", description="Default retrieval mode.")
+    search_mode: Literal["vector", "hybrid", "learned"] = Field(
+        "hybrid",
+        description="Retrieval mode: `vector` (cosine), `hybrid` (vector and BM25 ranks fused) or `learned` (both "
+        "rankings re-ordered by a ranker fitted for each index version on the train split; `ranker:`).",
+    )
+    ranker: RankerConfig | None = Field(
+        None, description="Settings of the learned ranking (search_mode: learned; defaults when omitted)."
+    )
+
+    @model_validator(mode="after")
+    def _ranker_needs_learned(self) -> IndexSettings:
+        if self.ranker is not None and self.search_mode != "learned":
+            raise FieldError(
+                ("ranker",),
+                f"ranker settings only apply to search_mode: learned (this index says {self.search_mode!r}); "
+                "set search_mode: learned or remove ranker",
+            )
+        return self
+
+    @property
+    def ranking(self) -> RankerConfig | None:
+        """The ranker's settings where the mode is `learned` (defaults when `ranker:` is omitted), else None."""
+        if self.search_mode != "learned":
+            return None
+        return self.ranker or RankerConfig()
+
     retention: int = Field(3, ge=1, description="Index versions kept besides the live one (older ones are pruned).")
     max_documents: int | None = Field(None, ge=1, description="Cap on documents per run (for trials); null = all.")

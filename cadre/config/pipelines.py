@@ -34,6 +34,14 @@ class PipelinesFile(Strict):
                     ("specialists", position, "name"), f"specialist name {specialist.name!r} is used twice"
                 )
             seen.add(specialist.name)
+        if self.project.index.backend != "lancedb":
+            for position, specialist in enumerate(self.specialists):
+                if specialist.index.search_mode == "learned":
+                    raise FieldError(
+                        ("specialists", position, "index", "search_mode"),
+                        f"search_mode: learned needs project.index.backend: lancedb (it is "
+                        f"{self.project.index.backend!r}, which fuses its rankings itself); use hybrid or vector",
+                    )
         fallback = self.project.serving.route_fallback
         if fallback is not None and fallback not in seen:
             raise FieldError(

@@ -8,6 +8,7 @@ Layout (`bundle.json` names every other file with its sha256 and size)::
     model/adapter.gguf                                the champion LoRA adapter in GGUF form, applied at load (if any)
     knowledge/index/<specialist>/lancedb/<v>.lance    the champion index version's LanceDB table
     knowledge/index/<specialist>/manifests/<v>.json   its manifest (which embedder embedded it)
+    knowledge/index/<specialist>/rankers/<v>.json     its learned ranking, where the version has one
     embedder/                                         that embedding model's folder (sentence-transformers)
     requirements.txt                                  the runner's dependencies, pinned (no torch, MLflow, Prefect)
 
@@ -225,6 +226,10 @@ def _copy_index(parts: BundleParts, bundle: Path) -> dict[str, Any]:
     shutil.copytree(table, target.lancedb_dir / table.name)
     # Whole, as the bundle carries no other version (here it may be a difference from one).
     write_json_atomic(target.manifest_path(version), source.manifest_json(version))
+    ranker = source.ranker_path(version)
+    if ranker.is_file():  # the version's learned ranking (search_mode: learned) ranks the bundle's searches too
+        target.rankers_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ranker, target.ranker_path(version))
     shutil.copytree(model_dir, bundle / EMBEDDER_DIR, ignore=shutil.ignore_patterns(".*"))
     return {
         "state_dir": KNOWLEDGE_DIR,

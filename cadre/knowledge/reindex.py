@@ -58,8 +58,8 @@ from cadre.knowledge.embedding import Embedder
 from cadre.knowledge.index import (
     IndexBackend,
     IndexVersion,
+    RetrievalMode,
     SearchHit,
-    SearchMode,
     VersionNotFound,
     open_backend,
 )
@@ -72,6 +72,7 @@ from cadre.knowledge.index.manifest import (
     corpus_fingerprint,
     utc_now,
 )
+from cadre.knowledge.ranker import LearnedRanker, Rankings
 from cadre.knowledge.sources import (
     DEFAULT_RETRY,
     Document,
@@ -81,6 +82,8 @@ from cadre.knowledge.sources import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from cadre.config import CadreConfig, Specialist
     from cadre.knowledge.shards import ShardEngine, ShardResult
 
@@ -511,6 +514,7 @@ def plan_and_apply(
     priority_ids: Sequence[str] = (),
     max_wall_seconds: float | None = None,
     engine: EngineSettings | None = None,
+    ranking: Mapping[str, Any] | None = None,
 ) -> ReindexResult:
     """Bring a specialist's index up to date with its sources, as a new version beside the live one.
 
@@ -536,6 +540,10 @@ def plan_and_apply(
         max_wall_seconds: Stop reading documents at the first one past this many seconds; the version then
             stays an unfinished build (`wall_capped`) that the next run resumes. None: no cap.
         engine: Where the shards are embedded (`project.engine`; default: inline, in this process).
+        ranking: The learned ranking declared for the specialist (`IndexSettings.ranking`, as a dict; None: the
+            fused ranking), recorded in the manifest. Where it differs from the live version's, a new version is
+            built although no document changed (a copy: nothing is embedded), so that its ranker is fitted and the
+            change is evaluated and gated like any other.
 
     Returns:
         What the run did.
@@ -650,15 +658,22 @@ def plan_and_apply(
             )
             logger.info("%s: %s", specialist, result.wall_cap_note)
             return result
-        if run.target is None and run.copy_from is not None:
-            run.timer.seconds["total"] = time.perf_counter() - started
-            logger.info("%s: no change since %s (%d documents)", specialist, live, len(run.document_chunks))
-            return ReindexResult(
-                version=live,
-                created_version=False,
-                durations_s=_rounded(run.timer.seconds),
-                manifest_path=str(layout.manifest_path(live)),
-                **common,
+        ranking = dict(ranking) if ranking is not None else None
+        if run.target is None and run.copy_from is not None:  # no document changed (copy_from: live_manifest is set)
+            if live_manifest.ranking == ranking:
+                run.timer.seconds["total"] = time.perf_counter() - started
+                logger.info("%s: no change since %s (%d documents)", specialist, live, len(run.document_chunks))
+                return ReindexResult(
+                    version=live,
+                    created_version=False,
+                    durations_s=_rounded(run.timer.seconds),
+                    manifest_path=str(layout.manifest_path(live)),
+                    **common,
+                )
+            logger.info(
+                "%s: no document changed since %s, but the declared ranking did: building a copy to fit and gate it",
+                specialist,
+                live,
             )
         target = run.ensure_target()
         with run.timer.phase("indexes"):
@@ -689,6 +704,7 @@ def plan_and_apply(
                     "skipped": dict(skips.counts),
                 },
                 embedder=embedder.record(),
+                ranking=ranking,
             )
             manifest_path = layout.write_manifest(manifest)
             layout.remove_build(target.name)
@@ -823,7 +839,7 @@ class IndexSearcher:
         state_dir: Path,
         backend: IndexBackend,
         embedder: Embedder,
-        default_mode: SearchMode = "hybrid",
+        default_mode: RetrievalMode = "hybrid",
     ):
         self.specialist = specialist
         self.layout = IndexLayout(state_dir, specialist)
@@ -832,6 +848,7 @@ class IndexSearcher:
         self.default_mode = default_mode
         self._versions: dict[str, IndexVersion] = {}
         self._embedders: dict[str, Embedder] = {}
+        self._rankers: dict[str, LearnedRanker | None] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -872,6 +889,30 @@ class IndexSearcher:
             self._embedders[version] = found
         return found
 
+    def ranker_for(self, version: str) -> LearnedRanker | None:
+        """The learned ranker fitted for `version` (`IndexLayout.ranker_path`), or None where none was fitted.
+
+        Raises:
+            ValueError: its file is there but unreadable (naming the file).
+        """
+        with self._lock:
+            if version in self._rankers:
+                return self._rankers[version]
+        path = self.layout.ranker_path(version)
+        found = LearnedRanker.read(path) if path.is_file() else None
+        with self._lock:
+            self._rankers[version] = found
+        return found
+
+    def _ordered(
+        self, handle: IndexVersion, name: str, vector: np.ndarray, query: str, k: int, filters: Any, mode: RetrievalMode
+    ) -> list[SearchHit]:
+        ranker = self.ranker_for(name) if mode == "learned" else None
+        if ranker is None:
+            return handle.search(vector, query, k, filters=filters, mode="vector" if mode == "vector" else "hybrid")
+        by_vector, by_keyword = handle.rankings(vector, query, ranker.settings.fetch_depth, filters=filters)
+        return ranker.rank(query, Rankings(by_vector, by_keyword))[:k]
+
     def _name(self, version: str | None) -> str:
         name = version or self.layout.pointers.get(self.specialist)
         if name is None:
@@ -883,7 +924,7 @@ class IndexSearcher:
         query: str,
         k: int = 5,
         filters: Mapping[str, Any] | None = None,
-        mode: SearchMode | None = None,
+        mode: RetrievalMode | None = None,
         version: str | None = None,
     ) -> list[SearchHit]:
         """Ranked chunks for a query, best first.
@@ -893,7 +934,7 @@ class IndexSearcher:
             k: How many hits.
             filters: Metadata equality filters (`{"key": value or [values]}`; `source`, `doc_id`,
                 `record_id` filter those fields).
-            mode: `vector` or `hybrid` (default: the specialist's `index.search_mode`).
+            mode: `vector`, `hybrid` or `learned` (default: the specialist's `index.search_mode`).
             version: Search this version instead of the live one (e.g. a challenger under evaluation).
 
         Raises:
@@ -902,18 +943,27 @@ class IndexSearcher:
         name = self._name(version)
         handle = self._version(name)
         vector = self.embedder_for(name).embed_query(query)
-        return handle.search(vector, query, k, filters=filters, mode=mode or self.default_mode)
+        return self._ordered(handle, name, vector, query, k, filters, mode or self.default_mode)
 
     def search_many(
-        self, queries: Sequence[str], k: int = 5, mode: SearchMode | None = None, version: str | None = None
+        self, queries: Sequence[str], k: int = 5, mode: RetrievalMode | None = None, version: str | None = None
     ) -> list[list[SearchHit]]:
         """`search` for many queries, their vectors embedded in batches (mining hard negatives for a whole split)."""
         name = self._name(version)
         handle = self._version(name)
         vectors = self.embedder_for(name).embed(list(queries))
         return [
-            handle.search(vector, query, k, mode=mode or self.default_mode)
+            self._ordered(handle, name, vector, query, k, None, mode or self.default_mode)
             for vector, query in zip(vectors, queries, strict=True)
+        ]
+
+    def rankings_many(self, queries: Sequence[str], depth: int, version: str | None = None) -> list[Rankings]:
+        """Both rankings (`IndexVersion.rankings`) of many queries, embedded in batches: what a ranker is fitted on."""
+        name = self._name(version)
+        handle = self._version(name)
+        vectors = self.embedder_for(name).embed(list(queries))
+        return [
+            Rankings(*handle.rankings(vector, query, depth)) for vector, query in zip(vectors, queries, strict=True)
         ]
 
 
@@ -959,6 +1009,7 @@ def reindex_specialist(
         max_wall_seconds=plan.max_wall_seconds,
         engine=config.project.engine,
         write_batch_size=config.project.engine.shard_chunks,
+        ranking=settings.index.ranking.model_dump() if settings.index.ranking else None,
     )
 
 

@@ -170,6 +170,9 @@ def model_spec(
         inside = f"{INDEX_STATE}/index/{specialist}"
         # The manifest goes with the table: the searcher reads from it which embedder embeds this version's queries.
         documents[f"{inside}/manifests/{index_version}.json"] = layout.manifest_json(index_version)
+        ranker = layout.ranker_path(index_version)
+        if ranker.is_file():  # its learned ranking: the version is searched with it wherever it is installed
+            documents[f"{inside}/rankers/{index_version}.json"] = json.loads(ranker.read_text(encoding="utf-8"))
         if project.index.backend == "lancedb":
             local = layout.lancedb_dir / f"{index_version}.lance"
             table = (f"{inside}/lancedb/{local.name}", str(local))
@@ -619,6 +622,9 @@ def install_index_version(
         copies.append((table, layout.lancedb_dir / table.name))
     for source, target in copies:
         _copy_folder(source, target)
+    ranker = shipped.ranker_path(index_version)
+    if ranker.is_file():
+        write_json_atomic(layout.ranker_path(index_version), json.loads(ranker.read_text(encoding="utf-8")))
     write_json_atomic(layout.manifest_path(index_version), json.loads(shipped.manifest_path(index_version).read_text()))
     shutil.rmtree(folder, ignore_errors=True)
     return True

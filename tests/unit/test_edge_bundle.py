@@ -25,6 +25,7 @@ import pytest
 from support import OFFLINE, icd_index, icd_program
 
 from cadre.cli import main
+from cadre.config.knowledge import RankerConfig
 from cadre.config.project import EmbeddingSettings, IndexBackendSettings, ThreadSettings
 from cadre.edge import BUNDLE_FORMAT, Bundle, BundleError, BundleParts, export_bundle, verify_bundle
 from cadre.prompts.program import SpecialistProgram, save_program
@@ -290,3 +291,59 @@ def test_cadre_serve_bundle_answers_and_records_feedback_beside_the_bundle(expor
     records = open_store(f"sqlite:///{tmp_path / 'bundle.feedback.db'}").feedback(SPECIALIST)
     assert [(r.response_id, r.rating, r.correction) for r in records] == [(body["id"], -1, {"code": "A01.02"})]
     verify_bundle(folder)  # serving wrote nothing into the bundle
+
+
+def test_a_learned_ranking_travels_with_its_index_version_and_ranks_the_bundles_searches(
+    project: dict, gguf: Path, tmp_path: Path
+) -> None:
+    """`search_mode: learned`: the version's ranker file is copied beside its manifest, and a search of the bundle's
+    copy of the index orders the hits as the ranker orders them on the original."""
+    import simple_icd_10_cm as icd
+
+    from cadre.config.project import EmbeddingSettings as Embedding
+    from cadre.edge.bundle import KNOWLEDGE_DIR, _copy_index
+    from cadre.knowledge.embedding import Embedder
+    from cadre.knowledge.index import IndexLayout, open_backend
+    from cadre.knowledge.ranker import LearnedRanker, RankerSettings, collect
+    from cadre.knowledge.reindex import IndexSearcher
+
+    state = tmp_path / "state"
+    shutil.copytree(project["state"], state)
+    version = project["version"]
+    embedder = Embedder.load(Embedding(batch_size=32), ThreadSettings(embedding=1))
+
+    def searcher(state_dir: Path) -> IndexSearcher:
+        backend = open_backend(IndexBackendSettings(), state_dir, SPECIALIST, dimension=embedder.dimension)
+        return IndexSearcher(SPECIALIST, state_dir, backend, embedder, "learned")
+
+    here = searcher(state)
+    codes = [hit.record_id for hit in here.search("cholera typhoid", k=20, mode="vector", version=version)]
+    queries = [f"{icd.get_description(code)} (a case)" for code in codes] * 2
+    settings = RankerSettings.from_config(RankerConfig(depth=5, title_words=0), steps=50)
+    rankings = here.rankings_many(queries, 15, version=version)
+    ranker = LearnedRanker.fit(collect(settings, zip(queries, [[c] for c in codes * 2], rankings)), settings)
+    IndexLayout(state, SPECIALIST).rankers_dir.mkdir(parents=True)
+    (IndexLayout(state, SPECIALIST).ranker_path(version)).write_text(json.dumps(ranker.to_json()))
+
+    parts = BundleParts(
+        specialist=SPECIALIST,
+        program=PROGRAM,
+        program_file=project["program"],
+        base_model="gemma3-270m",
+        base_gguf=gguf,
+        index_state_dir=state,
+        index_version=version,
+        search_mode="learned",
+        root=project["root"],
+    )
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    entry = _copy_index(parts, bundle)
+    assert entry["search_mode"] == "learned"
+    copied = IndexLayout(bundle / KNOWLEDGE_DIR, SPECIALIST).ranker_path(version)
+    assert json.loads(copied.read_text()) == ranker.to_json()
+    there = searcher(bundle / KNOWLEDGE_DIR)
+    for query in queries[:5]:
+        expected = [hit.record_id for hit in here.search(query, k=5, version=version)]
+        assert [hit.record_id for hit in there.search(query, k=5, version=version)] == expected
+        assert expected == [hit.record_id for hit in ranker.rank(query, rankings[queries.index(query)])][:5]

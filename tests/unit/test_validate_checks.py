@@ -143,3 +143,41 @@ def test_train_cases_that_are_documents_need_the_flag_and_the_flag_needs_them(tm
     train.write_text(json.dumps({"id": "t1", "question": "lists", "topic": "lists", "relevant_ids": ["lists"]}) + "\n")
     [finding] = check_config(load_config(path), deep=True)
     assert "leaves nothing out" in finding.message and finding.severity == "warning"
+
+
+def test_a_learned_ranking_needs_train_cases_with_relevant_ids(tmp_path: Path) -> None:
+    path = _project(tmp_path)
+    path.write_text(
+        path.read_text().replace(
+            "evaluation: {suite: evals/pyhelp}", "evaluation: {suite: evals/pyhelp}\n    index: {search_mode: learned}"
+        )
+    )
+    assert check_config(load_config(path)) == []
+    train = tmp_path / "evals" / "pyhelp" / "train.jsonl"
+    train.write_text(json.dumps({"question": "how do lists work", "topic": "lists"}) + "\n")
+    findings = check_config(load_config(path))
+    assert [(f.field, f.line) for f in findings] == [("specialists.pyhelp.index.search_mode", 13)]
+    assert "fits its ranker on train cases with relevant_ids" in findings[0].message
+
+
+@pytest.mark.parametrize(
+    ("index", "project", "expected"),
+    [
+        ("{search_mode: hybrid, ranker: {depth: 10}}", "", "ranker settings only apply to search_mode: learned"),
+        ("{search_mode: learned, ranker: {depth: 1}}", "", "depth"),
+        (
+            "{search_mode: learned}",
+            ", index: {backend: weaviate, weaviate_url: 'http://localhost:8080'}",
+            "needs project.index.backend: lancedb",
+        ),
+    ],
+)
+def test_bad_ranking_settings_name_their_line(tmp_path: Path, index: str, project: str, expected: str) -> None:
+    path = _project(tmp_path)
+    text = path.read_text().replace(
+        "evaluation: {suite: evals/pyhelp}", f"evaluation: {{suite: evals/pyhelp}}\n    index: {index}"
+    )
+    path.write_text(text.replace("state_dir: state}", f"state_dir: state{project}}}"))
+    result = _validate(path)
+    assert result.returncode == 2, result.stderr
+    assert f"{path}:" in result.stderr and expected in result.stderr, result.stderr

@@ -24,6 +24,9 @@ from cadre.knowledge.chunking import Chunk
 
 SearchMode = Literal["vector", "hybrid"]
 SEARCH_MODES: tuple[SearchMode, ...] = ("vector", "hybrid")
+RetrievalMode = Literal["vector", "hybrid", "learned"]
+"""How `IndexSearcher` orders hits: a backend's own mode, or `learned` (the version's fitted ranker over both of
+the backend's rankings; `hybrid` where the version has none)."""
 CHUNK_FIELD_FILTERS = ("source", "doc_id", "record_id")
 
 
@@ -117,6 +120,13 @@ class IndexVersion(Protocol):
         mode: SearchMode = "vector",
     ) -> list[SearchHit]:
         """The `k` best chunks for a query, best first; `hybrid` fuses vector and full-text (BM25) ranks."""
+        ...
+
+    def rankings(
+        self, query_vector: np.ndarray, query_text: str, depth: int, filters: Mapping[str, Any] | None = None
+    ) -> tuple[list[SearchHit], list[SearchHit]]:
+        """The `depth` best chunks by cosine (score: cosine) and by BM25 (score: BM25), each best first (the
+        learned ranking's input). Raises `IndexBackendError` where the backend cannot give both."""
         ...
 
     def ensure_indexes(self) -> None:

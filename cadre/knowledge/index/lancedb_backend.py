@@ -89,6 +89,20 @@ def chunk_schema(dimension: int) -> pa.Schema:
     )
 
 
+def _hit(row: Mapping[str, Any], score: float) -> SearchHit:
+    return SearchHit(
+        id=row["id"],
+        doc_id=row["doc_id"],
+        record_id=row["record_id"],
+        source=row["source"],
+        chunk_index=row["chunk_index"],
+        title=row["title"],
+        text=row["text"],
+        score=float(score),
+        metadata=json.loads(row["metadata"]) if row["metadata"] else {},
+    )
+
+
 def _quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -231,23 +245,44 @@ class LanceDBVersion:
             rows = query.limit(k).to_arrow().to_pylist()
             for row in rows:
                 row["_relevance_score"] = 1.0 - row["_distance"]
-        hits = []
-        for row in rows:
-            score = row["_relevance_score"]
-            hits.append(
-                SearchHit(
-                    id=row["id"],
-                    doc_id=row["doc_id"],
-                    record_id=row["record_id"],
-                    source=row["source"],
-                    chunk_index=row["chunk_index"],
-                    title=row["title"],
-                    text=row["text"],
-                    score=float(score),
-                    metadata=json.loads(row["metadata"]) if row["metadata"] else {},
-                )
-            )
-        return hits
+        return [_hit(row, row["_relevance_score"]) for row in rows]
+
+    def rankings(
+        self, query_vector: np.ndarray, query_text: str, depth: int, filters: Mapping[str, Any] | None = None
+    ) -> tuple[list[SearchHit], list[SearchHit]]:
+        """The `depth` best chunks by cosine (score: cosine similarity) and by BM25 (score: BM25), each best first,
+        ties by chunk id; the second is empty where the query has no text or there is no full-text index yet."""
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}")
+        vector = np.asarray(query_vector, dtype=np.float32).reshape(-1)
+        by_vector, by_text = self._ranked_rows(vector, query_text, depth, _where(filters))
+        return (
+            [_hit(row, 1.0 - row["_distance"]) for row in by_vector],
+            [_hit(row, row["_score"]) for row in by_text],
+        )
+
+    def _ranked_rows(
+        self, vector: np.ndarray, query_text: str, depth: int, where: str | None
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        semantic = (
+            self.table.search(vector, vector_column_name="vector")
+            .distance_type("cosine")
+            .select([*_RESULT_COLUMNS, "_distance"])
+        )
+        if self.nprobes:
+            semantic = semantic.nprobes(self.nprobes)
+        if where:
+            semantic = semantic.where(where, prefilter=True)
+        by_vector = sorted(semantic.limit(depth).to_arrow().to_pylist(), key=lambda row: (row["_distance"], row["id"]))
+        if not query_text.strip() or "content" not in self._index_names():
+            return by_vector, []
+        lexical = self.table.search(query_text, query_type="fts", fts_columns="content").select(
+            [*_RESULT_COLUMNS, "_score"]
+        )
+        if where:
+            lexical = lexical.where(where, prefilter=True)
+        by_text = sorted(lexical.limit(depth).to_arrow().to_pylist(), key=lambda row: (-row["_score"], row["id"]))
+        return by_vector, by_text
 
     def _hybrid_rows(self, vector: np.ndarray, query_text: str, k: int, where: str | None) -> list[dict[str, Any]]:
         """Reciprocal-rank fusion of the vector and BM25 rankings, computed here so that it is deterministic.
@@ -257,21 +292,7 @@ class LanceDBVersion:
         training-data fingerprints and DSPy's cache depend on the same query getting the same passages.
         Each ranking orders ties by chunk id; fused ties too.
         """
-        depth = k * 3 + 10
-        semantic = (
-            self.table.search(vector, vector_column_name="vector")
-            .distance_type("cosine")
-            .select([*_RESULT_COLUMNS, "_distance"])
-        )
-        lexical = self.table.search(query_text, query_type="fts", fts_columns="content").select(
-            [*_RESULT_COLUMNS, "_score"]
-        )
-        if self.nprobes:
-            semantic = semantic.nprobes(self.nprobes)
-        if where:
-            semantic, lexical = semantic.where(where, prefilter=True), lexical.where(where, prefilter=True)
-        by_vector = sorted(semantic.limit(depth).to_arrow().to_pylist(), key=lambda row: (row["_distance"], row["id"]))
-        by_text = sorted(lexical.limit(depth).to_arrow().to_pylist(), key=lambda row: (-row["_score"], row["id"]))
+        by_vector, by_text = self._ranked_rows(vector, query_text, k * 3 + 10, where)
         fused: dict[str, float] = {}
         rows: dict[str, dict[str, Any]] = {}
         for ranking in (by_vector, by_text):

@@ -6,6 +6,7 @@
             lancedb/<version>.lance       the versions themselves (LanceDB backend)
             manifests/<version>.json      written once the version is complete (whole, or as a difference)
             builds/<version>.json         marker of a version under construction (removed when complete)
+            rankers/<version>.json        its learned ranker, where one was fitted (`cadre.knowledge.ranker`)
             reindex.lock                  held by the one re-index run of this specialist
 
 A manifest maps every document of a version to its content hash and its chunk ids, with the
@@ -130,6 +131,9 @@ class Manifest:
         embedder: The model that embedded it (`Embedder.record()`: model, path, fingerprint, and the `embedder`
             registry version, set when a fine-tuned embedder is promoted); every query of this version is
             embedded with it. Empty for versions written before it was recorded (their `index_key` names it).
+        ranking: The learned ranking declared when the version was built (`index.ranker` under
+            `search_mode: learned`), None for the fused ranking: a re-index whose declared ranking differs builds
+            a new version although no document changed, so that its ranker is fitted and gated.
     """
 
     specialist: str
@@ -142,6 +146,7 @@ class Manifest:
     corpus_fingerprint: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     embedder: dict[str, str] = field(default_factory=dict)
+    ranking: dict[str, Any] | None = None
 
     @property
     def chunk_count(self) -> int:
@@ -169,6 +174,7 @@ class Manifest:
             "counts": {"documents": len(self.documents), "chunks": self.chunk_count},
             "stats": self.stats,
             "embedder": self.embedder,
+            "ranking": self.ranking,
         }
         if delta is None:
             return header | {"documents": _entries(self.documents)}
@@ -202,6 +208,7 @@ class Manifest:
             corpus_fingerprint=content.get("corpus_fingerprint", ""),
             stats=content.get("stats", {}),
             embedder=content.get("embedder", {}),
+            ranking=content.get("ranking"),
         )
 
 
@@ -258,10 +265,15 @@ class IndexLayout:
         self.manifests_dir = self.root / "manifests"
         self.builds_dir = self.root / "builds"
         self.embedders_dir = self.root / "embedders"
+        self.rankers_dir = self.root / "rankers"
         self.pointers = LivePointers(self.index_dir)
 
     def manifest_path(self, version: str) -> Path:
         return self.manifests_dir / f"{version}.json"
+
+    def ranker_path(self, version: str) -> Path:
+        """The version's learned ranker (`cadre.knowledge.ranker`), when one was fitted for it."""
+        return self.rankers_dir / f"{version}.json"
 
     def shipped_embedder(self, fingerprint: str) -> Path:
         """Where a version installed from the registry keeps the fine-tuned embedder that embedded it."""
@@ -366,6 +378,8 @@ class IndexLayout:
                 write_json_atomic(self.manifest_path(other), self.manifest_json(other))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.manifest_path(version))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.ranker_path(version))
 
     @contextlib.contextmanager
     def run_lock(self) -> Iterator[None]:

@@ -188,6 +188,13 @@ class WeaviateVersion:
     def count(self) -> int:
         return int(self.collection.aggregate.over_all(total_count=True).total_count or 0)
 
+    def rankings(
+        self, query_vector: np.ndarray, query_text: str, depth: int, filters: Mapping[str, Any] | None = None
+    ) -> tuple[list[SearchHit], list[SearchHit]]:
+        """Not offered: Weaviate fuses its rankings on the server (`cadre validate` refuses `search_mode: learned`
+        with this backend)."""
+        raise IndexBackendError("search_mode: learned needs the LanceDB backend; Weaviate fuses its rankings itself")
+
     def search(
         self,
         query_vector: np.ndarray,
