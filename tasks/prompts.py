@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from cadre.evaluation.comparison import TestScores
@@ -285,12 +285,18 @@ def evaluate_on_test(
     reference = (
         evaluate_retrieval_only(retriever, program_settings, evaluation, test) if retriever is not None else None
     )
+    configured = (
+        retrieval_before_embedder_refresh(runtime, program_settings, evaluation, test)
+        if retriever is not None
+        else None
+    )
     costs = {
         name: {**run.usage.to_metrics(), "wall_seconds": round(run.wall_seconds, 3)}
         for name, run in (
             ("baseline", baseline),
             ("candidate", scored),
             ("retrieval_only", reference),
+            ("retrieval_configured", configured),
             ("declared", declared),
         )
         if run is not None
@@ -304,7 +310,33 @@ def evaluate_on_test(
         declared.result if declared else None,
         candidate.summary.get("answer_mode", program_settings.answer.mode),
         answers_are_ids=evaluation.retrieval_answer == "id",
+        retrieval_configured=configured.result if configured else None,
     )
+
+
+def retrieval_before_embedder_refresh(
+    runtime: ProgramRuntime, program_settings: ProgramSettings, evaluation: EvaluationSettings, test: list[dict]
+) -> EvaluationRun | None:
+    """Retrieval alone as it was before the embedder refresh: the first hit of the newest index version the
+    configured model (`project.embedding.model`) embedded, fused hybrid search, on the same cases; None while the
+    live version is the configured model's own (the retrieval-only row is that) or none of its versions is kept."""
+    from dataclasses import replace
+
+    from cadre.knowledge.reindex import configured_embedder_version
+
+    index = runtime.index
+    version = configured_embedder_version(Path(index.state_dir), index.specialist, index.embedding.model)
+    if version is None:
+        return None
+    before = open_retriever(replace(index, version=version, search_mode="hybrid"))
+    run = evaluate_retrieval_only(before, program_settings, evaluation, test, name=f"retrieval-top1-{version}")
+    get_run_logger().info(
+        "retrieval only with the configured embedder (%s, index %s, hybrid): %s",
+        index.embedding.model,
+        version,
+        ", ".join(f"{k} {v:.3f}" for k, v in run.result.scores.items()),
+    )
+    return run
 
 
 def _renamed(result: EvaluationResult, name: str) -> EvaluationResult:
@@ -347,6 +379,7 @@ def log_optimization(
         "candidate": scores.candidate,
         "baseline": scores.baseline,
         "retrieval_only": scores.retrieval_only,
+        "retrieval_configured": scores.retrieval_configured,
         "declared": scores.declared,
     }
     client.log_dict(
@@ -366,6 +399,11 @@ def log_optimization(
             else {}
         ),
         **({f"declared_{k}": v for k, v in scores.declared.mlflow_metrics().items()} if scores.declared else {}),
+        **(
+            {f"retrieval_configured_{k}": v for k, v in scores.retrieval_configured.mlflow_metrics().items()}
+            if scores.retrieval_configured
+            else {}
+        ),
         **{f"test_{name}_{key}": value for name, cost in scores.costs.items() for key, value in cost.items()},
         **{
             k: float(v)

@@ -249,4 +249,6 @@ def make_live(config: CadreConfig, specialist: str, version: str, retention: int
 
     promote_version(config.state_dir, specialist, version)
     backend = open_backend(config.project.index, config.state_dir, specialist)
-    return prune_versions(config.state_dir, specialist, retention, backend=backend).dropped
+    return prune_versions(
+        config.state_dir, specialist, retention, backend=backend, configured_model=config.project.embedding.model
+    ).dropped

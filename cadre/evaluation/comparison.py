@@ -19,11 +19,13 @@ class TestScores:
         candidate: the compiled program.
         retrieval_only: the retriever's top-1 document as the answer (None: the program does not retrieve).
         baseline_is_champion: whether `baseline` is a promoted champion.
-        costs: per system (`baseline`, `candidate`, `retrieval_only`, `declared`), LM usage and `wall_seconds`.
+        costs: per system (`baseline`, `candidate`, `retrieval_only`, `retrieval_configured`, `declared`), LM usage and `wall_seconds`.
         declared: the declared (un-optimized) program, when `baseline` is a champion (else `baseline` is it).
         answer_mode: how the candidate answers (`free`, `constrained`, `score`; chosen on dev or declared).
         answers_are_ids: whether a right answer is a document id (`evaluation.retrieval_answer: id`), so that an
             answer outside the retrieved ids is an invented one; False where answers are texts (a pronunciation).
+        retrieval_configured: the top-1 document of the index version the configured embedding model embedded,
+            where a refreshed embedder's version is live (retrieval before the embedder refresh); else None.
     """
 
     __test__ = False  # not a pytest class
@@ -36,6 +38,7 @@ class TestScores:
     declared: EvaluationResult | None = None
     answer_mode: str = "free"
     answers_are_ids: bool = True
+    retrieval_configured: EvaluationResult | None = None
 
     @property
     def baselines(self) -> dict[str, EvaluationResult]:

@@ -24,10 +24,12 @@ def program_score_table(scores: TestScores, compile_summary: Mapping[str, Any]) 
     """The test-split comparison a reviewer reads first: every system on the same cases, with intervals, LM calls
     and time, then what compiling cost.
 
-    Rows: retrieval only (the first hit's id), the declared program (when a champion is the baseline), the
-    champion or declared program, the candidate with the answer mode and retrieval depth it answers with. Each
-    score carries its bootstrap interval; `outside` is the share of answers that are not among the case's
-    retrieved ids (an invented answer; 0 for a constrained or scored answer; `—` where answers are not ids).
+    Rows: retrieval only on the configured embedder's index version (where a refreshed embedder's is live: what
+    the retriever refresh added), retrieval only (the first hit's id), the declared program (when a champion is
+    the baseline), the champion or declared program, the candidate with the answer mode and retrieval depth it
+    answers with. Each score carries its bootstrap interval; `outside` is the share of answers that are not among
+    the case's retrieved ids (an invented answer; 0 for a constrained or scored answer; `—` where answers are not
+    ids).
 
     Args:
         scores: the systems scored on the test split.
@@ -42,9 +44,18 @@ def program_score_table(scores: TestScores, compile_summary: Mapping[str, Any]) 
         + (f" with the retriever's ranking weighted {weight:g}" if weight else "")
         + (f", {depth} passages" if depth else "")
     )
+    before = scores.retrieval_configured
     rows = [
         (
-            "retrieval only (its top-1 document as the answer)",
+            "retrieval only, the configured embedder, hybrid "
+            f"(index {before.name.removeprefix('retrieval-top1-') if before else ''}, before the embedder refresh)",
+            before,
+            scores.costs.get("retrieval_configured"),
+        ),
+        (
+            "retrieval only, the live index (its top-1 document as the answer)"
+            if before
+            else "retrieval only (its top-1 document as the answer)",
             scores.retrieval_only,
             scores.costs.get("retrieval_only"),
         ),

@@ -740,6 +740,27 @@ def live_version(state_dir: Path, specialist: str) -> str | None:
     return IndexLayout(state_dir, specialist).pointers.get(specialist)
 
 
+def configured_embedder_version(state_dir: Path, specialist: str, configured_model: str) -> str | None:
+    """The newest complete version embedded by the configured model (`project.embedding.model`) while the live one
+    was embedded by another (a refreshed embedder): the version "retrieval only, configured embedder" is measured
+    on, beside the live one. None where the live version is the configured model's own or none of its is kept.
+
+    `prune_versions` keeps it, so the comparison outlives the `retention` newest versions.
+    """
+    layout = IndexLayout(state_dir, specialist)
+    live = layout.pointers.get(specialist)
+    if live is None or (layout.embedded_by(live) or configured_model) == configured_model:
+        return None
+    return next(
+        (
+            version
+            for version in reversed(layout.complete_versions())
+            if version != live and (layout.embedded_by(version) or configured_model) == configured_model
+        ),
+        None,
+    )
+
+
 def promote_version(state_dir: Path, specialist: str, version: str) -> Promotion:
     """Make a complete index version live (also how to roll back: promote the previous one).
 
@@ -764,9 +785,12 @@ def promote_version(state_dir: Path, specialist: str, version: str) -> Promotion
     return promotion
 
 
-def prune_versions(state_dir: Path, specialist: str, retention: int, *, backend: IndexBackend) -> PruneResult:
-    """Delete old index versions: keep the live one, the `retention` newest complete others, and the
-    previous live version (the rollback target) even when it is older.
+def prune_versions(
+    state_dir: Path, specialist: str, retention: int, *, backend: IndexBackend, configured_model: str | None = None
+) -> PruneResult:
+    """Delete old index versions: keep the live one, the `retention` newest complete others, the previous live
+    version (the rollback target) even when it is older, and, while a refreshed embedder's version is live, the
+    newest version of the configured embedder (`configured_embedder_version`: the retrieval baseline).
 
     Unfinished builds are dropped unless they can still be resumed (started from the live version).
     Takes the run lock, so it never races a re-index.
@@ -776,6 +800,7 @@ def prune_versions(state_dir: Path, specialist: str, retention: int, *, backend:
         specialist: Specialist name.
         retention: Complete versions kept besides the live one (`index.retention`).
         backend: The specialist's index backend.
+        configured_model: `project.embedding.model` (None: no baseline version is kept beyond the others).
 
     Returns:
         Kept and dropped versions.
@@ -792,6 +817,9 @@ def prune_versions(state_dir: Path, specialist: str, retention: int, *, backend:
         rollback = next((version for version in history if version in complete and version != live), None)
         if rollback:
             keep.add(rollback)
+        baseline = configured_embedder_version(state_dir, specialist, configured_model) if configured_model else None
+        if baseline:
+            keep.add(baseline)
         if live:
             keep.add(live)
         resumable = {

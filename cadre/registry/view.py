@@ -214,9 +214,11 @@ def print_team_table(config: CadreConfig, since: datetime, console: Console) -> 
             else:
                 info = current.get(kind)
                 decided.append(f"kept v{info.version}" if info else "—")
-        table.add_row(
-            specialist.name, metric, _score(_prefixed(measured, "retrieval_only_"), metric), serving, *decided
-        )
+        baseline = _score(_prefixed(measured, "retrieval_only_"), metric)
+        before = _prefixed(measured, "retrieval_configured_")  # the configured embedder's version, where refreshed
+        if metric in before:
+            baseline = f"{baseline} ({_score(before, metric)} before the embedder refresh)"
+        table.add_row(specialist.name, metric, baseline, serving, *decided)
     console.print(table)
 
 

@@ -165,6 +165,27 @@ def test_a_promoted_embedder_reembeds_the_index_and_every_query_of_that_version_
         dict.fromkeys(hit.record_id for hit in searcher.search(PHRASES[2], k=6, version=new_version))
     )[:3]
 
+    # Retrieval before the refresh, the optimize flow's first baseline row: the version the packaged (configured)
+    # model embedded, searched with that model and the fused hybrid ranking, on the same cases.
+    from prefect.logging import disable_run_logger
+
+    from cadre.evaluation.results import load_cases
+    from cadre.knowledge.reindex import configured_embedder_version
+    from cadre.prompts.candidate import ProgramRuntime
+    from tasks.prompts import retrieval_before_embedder_refresh
+
+    assert configured_embedder_version(state, "coder", config.project.embedding.model) == old_version
+    settings = config.specialist("coder")
+    cases = load_cases(config.resolve(settings.evaluation.suite), "test")
+    runtime = ProgramRuntime(None, IndexTarget.from_config(config, "coder"), str(state / "cache" / "dspy"))
+    with disable_run_logger():
+        before = retrieval_before_embedder_refresh(runtime, settings.program, settings.evaluation, cases)
+    assert before is not None and before.result.name == f"retrieval-top1-{old_version}"
+    firsts = [example.retrieved_ids[0] for example in before.result.examples]
+    assert firsts == [
+        next(hit.record_id for hit in searcher.search(case["phrase"], k=10, version=old_version)) for case in cases
+    ], "the first hits of the old version, embedded with the packaged model"
+
     # The daily re-index embeds with the champion embedder: nothing changed, so nothing is rebuilt.
     again = reindex("coder", str(config_path), budget="smoke", trigger_optimize=False)
     assert again == {"changed": False, "live": new_version}, again

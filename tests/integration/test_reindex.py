@@ -34,6 +34,7 @@ from cadre.knowledge.reindex import (
     PAUSE_AT_ENV,
     PAUSE_ENV,
     IndexSearcher,
+    configured_embedder_version,
     live_version,
     plan_and_apply,
     promote_version,
@@ -279,6 +280,21 @@ def test_prune_keeps_live_rollback_target_and_retention(project: Path, embedder:
     assert result.dropped == [versions[2]]
     assert backend.list_versions() == sorted([versions[0], versions[1], versions[3]])
     assert live_version(state, SPECIALIST) == versions[1]
+
+    # A refreshed embedder's version live: the configured model's newest version is the retrieval baseline, kept
+    # beyond `retention` (here 0) so the optimize flow can still score retrieval before the refresh.
+    layout = IndexLayout(state, SPECIALIST)
+    configured = embedder.model_ref
+    assert configured_embedder_version(state, SPECIALIST, configured) is None  # the live version is configured's
+    for version in (versions[0], versions[1]):
+        manifest = layout.read_manifest(version)
+        manifest.embedder = {**manifest.embedder, "model": "/models/refreshed"}
+        layout.write_manifest(manifest)
+    assert layout.embedded_by(versions[1]) == "/models/refreshed"
+    assert configured_embedder_version(state, SPECIALIST, configured) == versions[3]
+    kept = prune_versions(state, SPECIALIST, retention=0, backend=backend, configured_model=configured)
+    assert kept.dropped == [] and kept.kept == [versions[1], versions[0], versions[3]]
+    assert prune_versions(state, SPECIALIST, retention=0, backend=backend).dropped == [versions[3]]  # without it
 
 
 # --- crash convergence ------------------------------------------------------------------------

@@ -81,6 +81,13 @@ def test_the_program_table_lists_every_system_on_the_test_split_and_the_compile_
     texts = program_score_table(replace(scores, candidate=retrieved, answers_are_ids=False), summary).splitlines()
     assert texts[6].split(" | ")[2] == "—"  # answers are texts (a pronunciation): never a retrieved id
 
+    before = replace(scores, retrieval_configured=scored("retrieval-top1-v20261201", {}))
+    rows = program_score_table(before, summary).splitlines()
+    assert rows[4].startswith(
+        "| retrieval only, the configured embedder, hybrid (index v20261201, before the embedder refresh) | 0.000"
+    )
+    assert rows[5].startswith("| retrieval only, the live index (its top-1 document as the answer) |")
+
     declared = TestScores(scores.baseline, scores.candidate, None, False, {})
     stopped = program_score_table(declared, {**summary, "stopped_by_budget": True, "stop_reason": "max_lm_calls"})
     assert "| champion-v3 (declared program) |" in stopped and "retrieval only" not in stopped

@@ -345,6 +345,12 @@ class IndexLayout:
         manifest.embedder = {**manifest.embedder, "registry_version": registry_version}
         self.write_manifest(manifest)
 
+    def embedded_by(self, version: str) -> str | None:
+        """The model reference that embedded a complete version (its manifest's `embedder.model`; None where the
+        manifest records none: such a version was embedded by the configured model)."""
+        content = read_json(self.manifest_path(version)) or {}
+        return (content.get("embedder") or {}).get("model") or None
+
     def complete_versions(self) -> list[str]:
         """Versions with a manifest, sorted by name (names start with their UTC creation time)."""
         return sorted(path.stem for path in self.manifests_dir.glob("*.json")) if self.manifests_dir.is_dir() else []
