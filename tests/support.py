@@ -11,6 +11,12 @@ import textwrap
 from pathlib import Path
 
 
+def project_name(prefix: str, tmp_path: Path) -> str:
+    """A project name of its own for a test's folder: MLflow experiments and registered models are named after it,
+    so tests sharing one MLflow server never read each other's versions."""
+    return f"{prefix}-{tmp_path.name[-6:].lower().replace('_', '-').strip('-') or 'x'}"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

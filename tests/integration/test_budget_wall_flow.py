@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from support import project_name
 
 from cadre.config import load_config
 from cadre.config.budget import WALL_CAP_TAG
@@ -58,7 +59,7 @@ def config_path(tmp_path: Path, mlflow_server: str) -> Path:
         textwrap.dedent(f"""\
         version: 1
         project:
-          name: wallcap-{tmp_path.name[-6:].lower().replace("_", "-").strip("-") or "x"}
+          name: {project_name("wallcap", tmp_path)}
           mlflow: {{tracking_uri: "{mlflow_server}"}}
         specialists:
           - name: pyhelp

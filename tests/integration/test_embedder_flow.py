@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from support import project_name
 
 from cadre.config import load_config
 from cadre.knowledge.embedding import Embedder
@@ -86,7 +87,7 @@ def config_path(tmp_path: Path, mlflow_server: str) -> Path:
         textwrap.dedent(f"""\
         version: 1
         project:
-          name: embflow-{tmp_path.name[-6:].lower().replace("_", "-").strip("-") or "x"}
+          name: {project_name("embflow", tmp_path)}
           mlflow: {{tracking_uri: "{mlflow_server}"}}
           threads: {{torch: 1, embedding: 1}}
         specialists:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from support import project_name
 
 from cadre.config import load_config
 from cadre.evaluation.results import load_cases, score_predictions
@@ -26,7 +27,7 @@ def config(tmp_path: Path, mlflow_server: str):
         textwrap.dedent(f"""\
         version: 1
         project:
-          name: promo-{tmp_path.name[-6:].lower().replace("_", "-").strip("-") or "x"}
+          name: {project_name("promo", tmp_path)}
           mlflow: {{tracking_uri: "{mlflow_server}"}}
         specialists:
           - name: coder

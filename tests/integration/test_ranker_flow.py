@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from support import project_name
 
 from cadre.config import load_config
 from cadre.knowledge.index import IndexLayout
@@ -75,7 +76,7 @@ def config_path(tmp_path: Path, mlflow_server: str) -> Path:
         textwrap.dedent(f"""\
         version: 1
         project:
-          name: ranker-{tmp_path.name[-6:].lower().replace("_", "-").strip("-") or "x"}
+          name: {project_name("ranker", tmp_path)}
           mlflow: {{tracking_uri: "{mlflow_server}"}}
         specialists:
           - name: coder

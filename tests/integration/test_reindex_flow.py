@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from support import project_name
 
 from cadre.config import load_config
 from cadre.knowledge.reindex import live_version
@@ -52,7 +53,7 @@ def config_path(tmp_path: Path, mlflow_server: str) -> Path:
         textwrap.dedent(f"""\
         version: 1
         project:
-          name: reflow-{tmp_path.name[-6:].lower().replace("_", "-").strip("-") or "x"}
+          name: {project_name("reflow", tmp_path)}
           mlflow: {{tracking_uri: "{mlflow_server}"}}
         specialists:
           - name: coder

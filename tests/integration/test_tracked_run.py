@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from prefect import flow
+from support import project_name
 
 from cadre.config import load_config
 from cadre.platform.env import OFFLINE_ENV
@@ -37,7 +38,7 @@ def config_path(tmp_path: Path, mlflow_server: str) -> Path:
         textwrap.dedent(f"""\
         version: 1
         project:
-          name: tracked-{tmp_path.name[-6:].lower().replace("_", "-").strip("-") or "x"}
+          name: {project_name("tracked", tmp_path)}
           mlflow: {{tracking_uri: "{mlflow_server}"}}
         specialists:
           - name: coder
