@@ -8,9 +8,9 @@
 How it works:
 
 - **The declared settings are trial 0**, so "best vs default" is always measured on the same dev cases.
-- **Each trial** fine-tunes with one draw of `search.space` (TPE sampler, seeded by `tuning.seed`) through the
-  caller's `train`, which reports its training loss as it goes; then the caller's `score` evaluates the adapter
-  on the dev split exactly as the specialist serves. The objective is that dev score.
+- **Each trial** fine-tunes with one draw of `search.space` (TPE sampler, seeded by `tuning.seed` and the trials
+  already run) through the caller's `train`, which reports its training loss as it goes; then the caller's `score`
+  evaluates the adapter on the dev split exactly as the specialist serves. The objective is that dev score.
 - **Pruning:** a trial whose running training loss is worse than the median of the earlier trials at the same step
   stops there (Optuna's `MedianPruner`, after 2 trials and the first fifth of the steps). Nothing evaluates the
   model while it trains (the 4-bit trap, see `cadre.tuning.finetune`), so the training loss is the signal.
@@ -155,17 +155,28 @@ def _suggest(trial: optuna.Trial, name: str, values: list[Any] | SearchRange) ->
 
 
 def open_study(storage: Path, name: str, seed: int, prune: bool) -> optuna.Study:
-    """The study `name` in the SQLite file `storage`, created or loaded (TPE seeded by `seed`)."""
+    """The study `name` in the SQLite file `storage`, created or loaded.
+
+    Its TPE sampler is seeded by `seed` plus the trials the study already holds: a sampler's generator starts
+    again in each process, so a resumed study seeded by `seed` alone would draw the first run's settings again
+    (a killed 4-trial search re-ran trial 1's settings as its last trial). Reruns stay reproducible.
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage.parent.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{storage}"
+    held = (
+        len(optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False))
+        if name in optuna.get_all_study_names(storage=url)
+        else 0
+    )
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if prune else optuna.pruners.NopPruner()
     return optuna.create_study(
         study_name=name,
-        storage=f"sqlite:///{storage}",
+        storage=url,
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        sampler=optuna.samplers.TPESampler(seed=seed + held),
         pruner=pruner,
         load_if_exists=True,
     )

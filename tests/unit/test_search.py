@@ -131,6 +131,8 @@ def test_a_killed_study_resumes_the_cut_off_trial_and_converges(tmp_path: Path) 
     result = _search(tuning, tmp_path, train, lambda s, r, n: s.rank / 16, trials=5)
     assert again[0] == cut_off, "the cut-off trial runs first, with its own settings"
     assert len(again) == 3, "trials 0 and 1 are kept; the cut-off one and the two left run"
+    drawn_before = {(rank, rate) for number, rank, rate in trained if number != 0}
+    assert not {(rank, rate) for _, rank, rate in again[1:]} & drawn_before, "new draws, not the first run's again"
     assert result.resumed_trials == 2
     numbers = [t.number for t in result.trials]
     assert len(set(numbers)) == 5 and {0, 1, cut_off[0]} <= set(numbers)
