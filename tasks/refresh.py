@@ -14,6 +14,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from cadre.evaluation.comparison import AdapterScores
 from cadre.evaluation.results import load_cases
 from cadre.prompts.optimize import AnswerChoice
 from cadre.prompts.program import SpecialistProgram, open_retriever
-from cadre.prompts.served import open_evaluator
+from cadre.prompts.served import ServedEvaluator, open_evaluator
 from cadre.registry.champions import ChampionProgram, ServingSetup
 from cadre.registry.runs import RunHandle, log_dataset
 from cadre.runtime.base_model import BaseModelFiles, base_model_files
@@ -482,13 +483,15 @@ def choose_decoding(
     candidate_gguf: str,
     out_dir: str,
     engine: EngineSettings | None = None,
+    evaluator: ServedEvaluator | None = None,
 ) -> CandidateDecoding:
     """Choose on dev how the program answers with the candidate adapter (`tuning.decoding_dev_cases`).
 
     Each of `program.optimizer.answer_modes` (with each of `retrieval_weights` for `score`) is tried at the serving
     depth, the serving program's instruction and demos unchanged: the adapter was trained on exactly those prompts.
     The serving answer mode is tried first and kept on a tie. The candidate is then judged on test answering the
-    chosen way, and the flow promotes the program answering that way beside the adapter.
+    chosen way, and the flow promotes the program answering that way beside the adapter. The search scores each
+    trial's adapter this way too (`evaluator`: the one it holds open, else one on `engine` for this call).
     """
     from cadre.prompts.candidate import PROGRAM_ARTIFACT, PROGRAM_FILE, write_program_folder
     from cadre.prompts.program import load_program, save_program
@@ -509,7 +512,7 @@ def choose_decoding(
     tried: list[AnswerChoice] = []
     programs: list[SpecialistProgram] = []
     setups: list[ServingSetup] = []
-    with open_evaluator(engine, cache_dir) as evaluator:
+    with nullcontext(evaluator) if evaluator else open_evaluator(engine, cache_dir) as evaluator:
         for mode, depth, weight in plan:
             program = (
                 load_program(setup.program_path, settings, search)

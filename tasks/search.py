@@ -1,5 +1,9 @@
 """The refresh's hyperparameter search as a task: trials as nested MLflow runs, scored on dev as the specialist serves.
 
+Where the refresh re-chooses the answer mode for its adapter (`tuning.decoding_dev_cases`), a trial answers the dev
+cases each way `choose_decoding` tries and scores its best: a program that answers with the retriever's first hit
+scores every adapter alike, and the search would have nothing to choose by.
+
 `search_hyperparameters` runs `cadre.tuning.search.run_search` with the refresh's own pieces: each trial trains
 through `train_adapter` (checkpointed in the work folder of its settings, so the best trial's adapter is reused by
 the candidate's training and a killed trial resumes), its adapter is exported to GGUF and run on the dev split
@@ -35,6 +39,11 @@ TRIAL_STATE_TAG = "cadre.trial_state"
 _RUN_STATUS = {COMPLETE: "FINISHED", PRUNED: "KILLED"}
 
 
+def _slug(label: str) -> str:
+    """`score (retrieval weight 1) k=5` as an MLflow metric name part: `score_w1_k5`."""
+    return label.replace(" (retrieval weight ", "_w").replace(") k=", "_k").replace(" k=", "_k")
+
+
 def study_file(state_dir: Path, specialist: str) -> Path:
     """The SQLite file of a specialist's search studies."""
     return Path(state_dir) / "search" / specialist / "studies.db"
@@ -63,7 +72,7 @@ def search_hyperparameters(
     from cadre.prompts.served import open_evaluator
     from cadre.registry.runs import RunHandle
     from cadre.tuning.adapter_export import export_adapter
-    from tasks.refresh import MlflowSink
+    from tasks.refresh import MlflowSink, choose_decoding
 
     say = get_run_logger().info
     search = tuning.search
@@ -73,6 +82,9 @@ def search_hyperparameters(
             say(f"search: none under the {plan.budget} budget (tuning.search.smoke_trials is 0)")
         return None
     metric = evaluation.answer_metrics[0]
+    # An adapter can make another answer mode pay (a program answering with the retriever's first hit scores every
+    # adapter alike): where the refresh re-chooses it, a trial's score is its best answer mode's.
+    rechosen = bool(plan.decoding_dev_cases)
     dev_limit = (
         search.dev_cases if plan.budget == "full" else min(search.dev_cases, plan.eval_cases or search.dev_cases)
     )
@@ -130,12 +142,21 @@ def search_hyperparameters(
         return result
 
     def score(result: TrainingResult, settings: TuningSettings, number: int) -> float:
-        exported = export_adapter(
-            result.adapter_dir, Path(base.hf_dir), Path(scratch) / "search" / f"trial-{number}", Path(state_dir)
-        )
-        scored = evaluator.evaluate(setup, evaluation, dev, str(exported.gguf), None, f"trial-{number}")
+        folder = Path(scratch) / "search" / f"trial-{number}"
+        exported = export_adapter(result.adapter_dir, Path(base.hf_dir), folder, Path(state_dir))
+        if rechosen:  # the refresh re-chooses the answer mode for its adapter: each trial answers its best way
+            decoding = choose_decoding(
+                setup, evaluation, cache_dir, dev, str(exported.gguf), str(folder), evaluator=evaluator
+            )
+            best = decoding.tried[decoding.chosen_at]
+            say(f"search: trial {number} answers best {best.label} on dev ({decoding.summary()})")
+            tries = {f"dev_{_slug(t.label)}_{mlflow_metric_name(metric)}": t.score for t in decoding.tried}
+            client.set_tag(children[number], "cadre.trial_answer", best.label)
+            figures = {f"dev_{mlflow_metric_name(metric)}": best.score, **tries}
+        else:
+            scored = evaluator.evaluate(setup, evaluation, dev, str(exported.gguf), None, f"trial-{number}")
+            figures = {f"dev_{mlflow_metric_name(k)}": v for k, v in scored.result.scores.items()}
         stamp = int(time.time() * 1000)
-        figures = {f"dev_{mlflow_metric_name(k)}": v for k, v in scored.result.scores.items()}
         try:
             client.log_batch(
                 children[number],
@@ -145,7 +166,7 @@ def search_hyperparameters(
             )
         except Exception as error:  # noqa: BLE001 - the score is in the study; only its copy in MLflow is lost
             say(f"warning: could not log trial {number}'s dev scores to MLflow: {error}")
-        return scored.result.scores[metric]
+        return figures[f"dev_{mlflow_metric_name(metric)}"]
 
     def ended(outcome: TrialOutcome) -> None:
         run_id = child(outcome.number, outcome.params)

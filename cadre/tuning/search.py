@@ -10,7 +10,8 @@ How it works:
 - **The declared settings are trial 0**, so "best vs default" is always measured on the same dev cases.
 - **Each trial** fine-tunes with one draw of `search.space` (TPE sampler, seeded by `tuning.seed` and the trials
   already run) through the caller's `train`, which reports its training loss as it goes; then the caller's `score`
-  evaluates the adapter on the dev split exactly as the specialist serves. The objective is that dev score.
+  evaluates the adapter on the dev split as the specialist serves it (the refresh's task: its best answer mode
+  where the refresh re-chooses one). The objective is that dev score.
 - **Pruning:** a trial whose running training loss is worse than the median of the earlier trials at the same step
   stops there (Optuna's `MedianPruner`, after 2 trials and the first fifth of the steps). Nothing evaluates the
   model while it trains (the 4-bit trap, see `cadre.tuning.finetune`), so the training loss is the signal.

@@ -244,7 +244,8 @@ def test_the_refresh_searches_its_own_settings_and_trains_the_best(
 
 
 CHOOSING = {
-    "search": ", decoding_dev_cases: 4",
+    # A 2-trial search too: each trial answers its dev cases each way the refresh tries and counts its best.
+    "search": ", decoding_dev_cases: 4, search: {smoke_trials: 2, trials: 2, dev_cases: 4, space: {rank: [4, 8]}}",
     # Served: the model writes the code, in one token, so never a whole code. Tried with the candidate: the
     # retriever's first code (score, weight 100), which is right on some dev cases: the candidate must answer that way.
     "program": "\n              optimizer: {answer_modes: [free, score], retrieval_weights: [100]}",
@@ -274,6 +275,17 @@ def test_an_adapter_that_serves_best_answering_another_way_is_promoted_with_that
     assert "| free k=3 (serving) |" in note and "| score (retrieval weight 100) k=3 |" in note
     assert result["answer_mode"] == "score (retrieval weight 100) k=3"
     assert result["promoted"] and result["program"]["promoted"], (result["summary"], result["program"])
+    trials = client.search_runs(
+        [client.get_run(result["mlflow_run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'",
+    )
+    assert len(trials) == 2, "the search ran its 2 trials"
+    for trial in trials:  # scored as the refresh would serve it: its best answer mode, not the serving one
+        figures = trial.data.metrics
+        assert trial.data.tags["cadre.trial_answer"] == "score (retrieval weight 100) k=3", trial.data.tags
+        assert (
+            figures["dev_exact_match"] == figures["dev_score_w100_k3_exact_match"] > figures["dev_free_k3_exact_match"]
+        )
     champion = get_champion(client, PROJECT, SPECIALIST, "program")
     assert champion is not None and str(champion.version) == str(result["program"]["version"])
     assert champion.tags["cadre.lineage.parent_versions"] == f"program:declared,adapter:{result['version']}"
