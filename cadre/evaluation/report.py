@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cadre.evaluation.comparison import AdapterScores, TestScores, outside_candidates
-from cadre.evaluation.results import EvaluationResult
+from cadre.evaluation.results import EvaluationResult, compare
 from cadre.feedback.store import FEEDBACK_SLICE
 
 
@@ -128,21 +128,33 @@ def _with_interval(result: Any, metric: str) -> str:
 
 
 def adapter_score_table(scores: AdapterScores) -> str:
-    """Champion (or base model) and candidate side by side, as a reviewer reads it in the run's note."""
-    metrics = scores.candidate.result.metrics
+    """Champion (or base model) and candidate side by side, as a reviewer reads it in the run's note: each score
+    with its bootstrap interval, then the candidate's paired difference on the same cases (both resampled on the
+    same case indices)."""
+    candidate, champion = scores.candidate.result, scores.champion.result
+    metrics = candidate.metrics
     lines = [
-        f"### Test split: {scores.candidate.result.cases} cases, same program and retrieval",
+        f"### Test split: {candidate.cases} cases, same program and retrieval, "
+        f"{candidate.confidence:.0%} bootstrap intervals",
         "",
         "| system | " + " | ".join(metrics) + " | wall s |",
         "|---" * (len(metrics) + 2) + "|",
     ]
     for run in (scores.champion, scores.candidate):
-        result = run.result
         lines.append(
-            f"| {result.name} | "
-            + " | ".join(f"{result.scores.get(m, 0.0):.3f}" for m in metrics)
+            f"| {run.result.name} | "
+            + " | ".join(_with_interval(run.result, m) for m in metrics)
             + f" | {run.wall_seconds:.0f} |"
         )
+    shared = [m for m in metrics if m in champion.scores]
+    paired = compare(
+        candidate, champion, shared, confidence=candidate.confidence, samples=candidate.bootstrap_samples
+    ).metrics
+    cells = [
+        f"{paired[m].delta:+.3f} [{paired[m].interval[0]:+.3f}, {paired[m].interval[1]:+.3f}]" if m in paired else "—"
+        for m in metrics
+    ]
+    lines.append(f"| Δ candidate − {champion.name} (paired) | " + " | ".join(cells) + " | |")
     return "\n".join(lines)
 
 

@@ -94,14 +94,15 @@ def test_the_program_table_lists_every_system_on_the_test_split_and_the_compile_
     assert stopped.endswith("; stopped by the budget: max_lm_calls.")
 
 
-def test_the_adapter_table_puts_the_champion_first_then_the_candidate() -> None:
+def test_the_adapter_table_puts_the_champion_first_then_the_candidate_then_the_paired_difference() -> None:
     assert adapter_score_table(adapter_scores()).splitlines() == [
-        "### Test split: 4 cases, same program and retrieval",
+        "### Test split: 4 cases, same program and retrieval, 95% bootstrap intervals",
         "",
         "| system | exact_match | wall s |",
         "|---|---|---|",
-        "| base-model | 0.250 | 10 |",
-        "| candidate-adapter | 0.750 | 12 |",
+        "| base-model | 0.250 [0.000, 0.694] | 10 |",
+        "| candidate-adapter | 0.750 [0.250, 1.000] | 12 |",
+        "| Δ candidate − base-model (paired) | +0.500 [+0.000, +0.944] | |",  # both resampled on the same cases
     ]
 
 
