@@ -149,7 +149,8 @@ def search_hyperparameters(
                 setup, evaluation, cache_dir, dev, str(exported.gguf), str(folder), evaluator=evaluator
             )
             best = decoding.tried[decoding.chosen_at]
-            say(f"search: trial {number} answers best {best.label} on dev ({decoding.summary()})")
+            tried = ", ".join(f"{t.label} {t.score:.3f}" for t in decoding.tried)
+            say(f"search: trial {number} answers best {best.label} on {len(dev)} dev cases ({tried})")
             tries = {f"dev_{_slug(t.label)}_{mlflow_metric_name(metric)}": t.score for t in decoding.tried}
             client.set_tag(children[number], "cadre.trial_answer", best.label)
             figures = {f"dev_{mlflow_metric_name(metric)}": best.score, **tries}
