@@ -11,7 +11,7 @@ from cadre.config.edge import EdgeSettings
 from cadre.config.embedder import EmbedderSettings
 from cadre.config.evaluation import EvaluationSettings, Gates, check_baseline_rules, check_gate_metrics
 from cadre.config.knowledge import ChunkingSettings, IndexSettings, Source
-from cadre.config.program import ProgramSettings
+from cadre.config.program import CANDIDATE_MODES, ProgramSettings
 from cadre.config.schedules import Schedules
 from cadre.config.tuning import FeedbackSettings, TuningSettings
 
@@ -99,6 +99,17 @@ class Specialist(Strict):
                 "retrieve_k > 0 needs at least one source to retrieve from (or set retrieve_k: 0)",
             )
         program = self.program
+        chooses = {program.answer.mode, *program.optimizer.answer_modes} & set(CANDIDATE_MODES)
+        if chooses and program.answer.choose_from != self.evaluation.retrieval_answer:
+            wanted = self.evaluation.retrieval_answer
+            raise FieldError(
+                ("program", "answer", "choose_from"),
+                f"answer mode {sorted(chooses)[0]!r} answers one of the retrieved documents' "
+                f"{program.answer.choose_from}s, but evaluation.retrieval_answer: {wanted} says a right answer is a "
+                f"document's {wanted}, so no such answer could be right; set program.answer.choose_from: {wanted}, or "
+                f"retrieval_answer: {program.answer.choose_from} if the cases' answers are document "
+                f"{program.answer.choose_from}s",
+            )
         if self.tuning.decoding_dev_cases and {
             program.declared_decoding,
             *program.decoding_plan([program.retrieve_k]),

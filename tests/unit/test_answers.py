@@ -136,6 +136,13 @@ BAD = [
         "set answer.mode: score",
     ),
     (
+        "choose among ids where a right answer is a title",
+        lambda t: t.replace("      suite: evals/suite\n", "      suite: evals/suite\n      retrieval_answer: title\n"),
+        "answer: {mode: constrained}",
+        "specialists[coder].program.answer.choose_from",
+        "set program.answer.choose_from: title",
+    ),
+    (
         "beat the retriever without retrieval",
         lambda t: t.replace("retrieve_k: 5", "retrieve_k: 0").replace("      answer: {mode: constrained}\n", ""),
         "beat_baseline: retrieval",
