@@ -39,11 +39,6 @@ TRIAL_STATE_TAG = "cadre.trial_state"
 _RUN_STATUS = {COMPLETE: "FINISHED", PRUNED: "KILLED"}
 
 
-def _slug(label: str) -> str:
-    """`score (retrieval weight 1) k=5` as an MLflow metric name part: `score_w1_k5`."""
-    return label.replace(" (retrieval weight ", "_w").replace(") k=", "_k").replace(" k=", "_k")
-
-
 def study_file(state_dir: Path, specialist: str) -> Path:
     """The SQLite file of a specialist's search studies."""
     return Path(state_dir) / "search" / specialist / "studies.db"
@@ -148,10 +143,10 @@ def search_hyperparameters(
             decoding = choose_decoding(
                 setup, evaluation, cache_dir, dev, str(exported.gguf), str(folder), evaluator=evaluator
             )
-            best = decoding.tried[decoding.chosen_at]
+            best = decoding.chosen
             tried = ", ".join(f"{t.label} {t.score:.3f}" for t in decoding.tried)
             say(f"search: trial {number} answers best {best.label} on {len(dev)} dev cases ({tried})")
-            tries = {f"dev_{_slug(t.label)}_{mlflow_metric_name(metric)}": t.score for t in decoding.tried}
+            tries = {f"dev_{t.key}_{mlflow_metric_name(metric)}": t.score for t in decoding.tried}
             client.set_tag(children[number], "cadre.trial_answer", best.label)
             figures = {f"dev_{mlflow_metric_name(metric)}": best.score, **tries}
         else:

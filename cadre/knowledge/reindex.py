@@ -748,17 +748,14 @@ def configured_embedder_version(state_dir: Path, specialist: str, configured_mod
     `prune_versions` keeps it, so the comparison outlives the `retention` newest versions.
     """
     layout = IndexLayout(state_dir, specialist)
+
+    def configured(version: str) -> bool:
+        return (layout.embedded_by(version) or configured_model) == configured_model
+
     live = layout.pointers.get(specialist)
-    if live is None or (layout.embedded_by(live) or configured_model) == configured_model:
+    if live is None or configured(live):
         return None
-    return next(
-        (
-            version
-            for version in reversed(layout.complete_versions())
-            if version != live and (layout.embedded_by(version) or configured_model) == configured_model
-        ),
-        None,
-    )
+    return next((version for version in reversed(layout.complete_versions()) if configured(version)), None)
 
 
 def promote_version(state_dir: Path, specialist: str, version: str) -> Promotion:

@@ -608,6 +608,12 @@ class AnswerChoice:
         weight = f" (retrieval weight {self.retrieval_weight:g})" if self.answer_mode == "score" else ""
         return f"{self.answer_mode}{weight} k={self.retrieve_k}"
 
+    @property
+    def key(self) -> str:
+        """`score_w1_k5`: the try as part of a metric name."""
+        weight = f"_w{self.retrieval_weight:g}" if self.answer_mode == "score" else ""
+        return f"{self.answer_mode}{weight}_k{self.retrieve_k}"
+
 
 def choose_on_dev(
     program: SpecialistProgram,

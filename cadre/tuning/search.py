@@ -166,21 +166,12 @@ def open_study(storage: Path, name: str, seed: int, prune: bool) -> optuna.Study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage.parent.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{storage}"
-    held = (
-        len(optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False))
-        if name in optuna.get_all_study_names(storage=url)
-        else 0
-    )
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if prune else optuna.pruners.NopPruner()
-    return optuna.create_study(
-        study_name=name,
-        storage=url,
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed + held),
-        pruner=pruner,
-        load_if_exists=True,
+    study = optuna.create_study(
+        study_name=name, storage=f"sqlite:///{storage}", direction="maximize", pruner=pruner, load_if_exists=True
     )
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
+    return study
 
 
 def _requeue_interrupted(study: optuna.Study) -> int:
